@@ -1,0 +1,20 @@
+"""flexmoe: an adaptive Mixture-of-Experts runtime for PyTorch."""
+
+from flexmoe.config import BalanceConfig, CapacityConfig, ExpertConfig, MoEConfig, Plan, RouterConfig
+from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, update_expert_biases
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalanceConfig",
+    "CapacityConfig",
+    "ExpertConfig",
+    "MoEConfig",
+    "MoELayer",
+    "MoEStats",
+    "Plan",
+    "RouterConfig",
+    "__version__",
+    "attach_aux_free_update",
+    "update_expert_biases",
+]

@@ -1,0 +1,283 @@
+"""Typed configuration of an MoE layer: frozen, keyword-only dataclasses, one per stage.
+
+Every value is validated in ``__post_init__`` and a bad value raises ``ValueError``
+naming the field and what was expected. Runtime objects (devices, process groups)
+are never config fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "BalanceConfig",
+    "CapacityConfig",
+    "ExpertConfig",
+    "MoEConfig",
+    "Plan",
+    "RouterConfig",
+    "validate_capacity_factor",
+    "validate_top_k",
+]
+
+RouterKind = Literal["softmax", "sigmoid", "cosine"]
+Activation = Literal["relu", "gelu", "silu", "swiglu", "geglu"]
+Backend = Literal["auto", "loop", "fused", "grouped_mm"]
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "silu", "swiglu", "geglu")
+GATED_ACTIVATIONS: tuple[str, ...] = ("swiglu", "geglu")
+BACKENDS: tuple[str, ...] = ("auto", "loop", "fused", "grouped_mm")
+ROUTER_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "cosine")
+
+
+def _require(condition: bool, name: str, expected: str, got: object) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {got!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_top_k(top_k: object, num_experts: int, name: str = "top_k") -> int:
+    """Check that ``top_k`` is an int in ``[1, num_experts]`` and return it."""
+    if not _is_int(top_k) or not 1 <= top_k <= num_experts:  # type: ignore[operator]
+        raise ValueError(f"{name} must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+    return top_k  # type: ignore[return-value]
+
+
+def validate_capacity_factor(capacity_factor: object, name: str = "capacity_factor") -> float:
+    """Check that ``capacity_factor`` is a finite real number and return it as a float.
+
+    ``> 0`` fixed capacity, ``< 0`` adaptive capacity capped at ``|cf|`` times the even
+    share, ``0`` dropless.
+    """
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise ValueError(
+            f"{name} must be a finite float (>0 fixed, <0 adaptive with cap, 0 dropless), "
+            f"got {capacity_factor!r}"
+        )
+    if not math.isfinite(capacity_factor):
+        raise ValueError(f"{name} must be finite (>0 fixed, <0 adaptive with cap, 0 dropless), got {capacity_factor!r}")
+    return float(capacity_factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """How tokens choose experts.
+
+    Attributes:
+        kind: ``"softmax"`` (softmax over experts, then top-k), ``"sigmoid"`` (independent
+            sigmoid scores, DeepSeek-V3) or ``"cosine"`` (cosine similarity between a
+            low-dimensional projection of the token and learned expert embeddings, X-MoE).
+        normalize_weights: renormalise the selected top-k weights to sum to one.
+        num_groups: split experts into this many groups (group-limited routing) ...
+        topk_groups: ... and let each token choose experts only from its best groups.
+        routed_scaling_factor: multiplies the final routing weights (DeepSeek-V3).
+        selection_bias: keep a per-expert bias that is added to the scores for the
+            top-k *choice* only, never to the weights (auxiliary-loss-free balancing).
+        noise_std: standard deviation of Gaussian noise added to the router logits
+            while training (noisy top-k). 0 disables it.
+        input_jitter: multiplicative uniform jitter ``U(1-eps, 1+eps)`` on the router
+            input while training (Switch Transformer). 0 disables it.
+        cosine_dim: projection dimension of the cosine router.
+        cosine_init_temperature: initial temperature of the cosine router (learned,
+            clamped below at 0.01).
+    """
+
+    kind: RouterKind = "softmax"
+    normalize_weights: bool = True
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False
+    noise_std: float = 0.0
+    input_jitter: float = 0.0
+    cosine_dim: int = 256
+    cosine_init_temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ROUTER_KINDS, "router.kind", f"one of {ROUTER_KINDS}", self.kind)
+        _require(_is_int(self.num_groups) and self.num_groups >= 1, "router.num_groups", "an int >= 1", self.num_groups)
+        _require(
+            _is_int(self.topk_groups) and 1 <= self.topk_groups <= self.num_groups,
+            "router.topk_groups",
+            f"an int in [1, num_groups={self.num_groups}]",
+            self.topk_groups,
+        )
+        _require(
+            math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+            "router.routed_scaling_factor",
+            "a finite float > 0",
+            self.routed_scaling_factor,
+        )
+        _require(self.noise_std >= 0, "router.noise_std", "a float >= 0", self.noise_std)
+        _require(0 <= self.input_jitter < 1, "router.input_jitter", "a float in [0, 1)", self.input_jitter)
+        _require(_is_int(self.cosine_dim) and self.cosine_dim >= 1, "router.cosine_dim", "an int >= 1", self.cosine_dim)
+        _require(
+            self.cosine_init_temperature > 0,
+            "router.cosine_init_temperature",
+            "a float > 0",
+            self.cosine_init_temperature,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapacityConfig:
+    """How many assignments each expert accepts.
+
+    Attributes:
+        capacity_factor: ``> 0``: fixed capacity ``ceil(cf * T * k / E)`` per expert,
+            the overflow is dropped and counted; ``< 0``: capacity is the real maximum
+            load of this step, capped at ``ceil(|cf| * T * k / E)``; ``0``: dropless.
+        batch_prioritized: when dropping, drop each expert's lowest-scored assignments
+            first (batch-prioritised routing). Otherwise first choices outrank second
+            choices, and within one choice rank earlier tokens win (GShard order).
+    """
+
+    capacity_factor: float = 0.0
+    batch_prioritized: bool = False
+
+    def __post_init__(self) -> None:
+        validate_capacity_factor(self.capacity_factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertConfig:
+    """The routed experts' FFN.
+
+    Attributes:
+        activation: ``relu``, ``gelu``, ``silu`` (``y = W2 act(W1 x)``) or the gated
+            ``swiglu`` / ``geglu`` (``y = W2 (act(Wg x) * (Wu x))``).
+        bias: give every expert projection a bias.
+        backend: grouped-GEMM backend. ``auto`` picks the fastest measured for the
+            device; ``loop`` is a per-expert loop under plain autograd; ``fused`` is a
+            per-expert loop with a hand-written backward and preallocated buffers;
+            ``grouped_mm`` uses ``torch._grouped_mm``.
+        num_shared_experts: number of always-on experts, fused into one dense FFN.
+        shared_hidden_dim: hidden size of that FFN (default ``num_shared_experts *
+            hidden_dim``).
+        shared_expert_gate: scale the shared output by a learned sigmoid gate
+            (Qwen2-MoE).
+    """
+
+    activation: Activation = "swiglu"
+    bias: bool = False
+    backend: Backend = "auto"
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    shared_expert_gate: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.activation in ACTIVATIONS, "activation", f"one of {ACTIVATIONS}", self.activation)
+        _require(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
+        _require(
+            _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+            "num_shared_experts",
+            "an int >= 0",
+            self.num_shared_experts,
+        )
+        if self.shared_hidden_dim is not None:
+            _require(
+                _is_int(self.shared_hidden_dim) and self.shared_hidden_dim >= 1,
+                "shared_hidden_dim",
+                "an int >= 1 or None",
+                self.shared_hidden_dim,
+            )
+
+    @property
+    def gated(self) -> bool:
+        """Whether the activation is a gated linear unit."""
+        return self.activation in GATED_ACTIVATIONS
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceConfig:
+    """Load-balancing terms.
+
+    Attributes:
+        load_balance_weight: weight of the Switch/GShard load-balance loss
+            ``E * sum_i f_i * P_i`` (1.0 at perfect balance). On by default (0.01).
+        z_loss_weight: weight of the router z-loss ``mean_t logsumexp(logits_t)^2``.
+        aux_free_rate: step size ``gamma`` of auxiliary-loss-free balancing:
+            ``b_i <- b_i + gamma * sign(mean(c) - c_i)`` after each optimizer step.
+            Requires ``RouterConfig.selection_bias``; 0 disables the update.
+    """
+
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    aux_free_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("load_balance_weight", "z_loss_weight", "aux_free_rate"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, name, "a finite float >= 0", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """How one forward call is executed in parallel; every plan computes the same layer.
+
+    Attributes:
+        r: sharing degree for sharded experts (``E < W``); ``None`` picks the default.
+            On a single device only ``None``/``0``/``1`` are meaningful.
+        d: pipelining degree (number of overlapped chunks).
+        exchange: all-to-all algorithm, ``"flat"`` or ``"2dh"``.
+    """
+
+    r: int | None = None
+    d: int = 1
+    exchange: Literal["flat", "2dh"] = "flat"
+
+    def __post_init__(self) -> None:
+        if self.r is not None:
+            _require(_is_int(self.r) and self.r >= 0, "plan.r", "an int >= 0 or None", self.r)
+        _require(_is_int(self.d) and self.d >= 1, "plan.d", "an int >= 1", self.d)
+        _require(self.exchange in ("flat", "2dh"), "plan.exchange", "'flat' or '2dh'", self.exchange)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Everything that defines an MoE layer.
+
+    Attributes:
+        dim: model dimension ``D`` (input and output).
+        hidden_dim: hidden dimension ``F`` of each routed expert.
+        num_experts: number of routed experts ``E``.
+        top_k: experts per token ``K``.
+        router, capacity, experts, balance: the per-stage settings.
+        check_finite: raise on non-finite inputs (costs a host sync).
+    """
+
+    dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int = 2
+    router: RouterConfig = field(default_factory=RouterConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.dim) and self.dim >= 1, "dim", "an int >= 1", self.dim)
+        _require(_is_int(self.hidden_dim) and self.hidden_dim >= 1, "hidden_dim", "an int >= 1", self.hidden_dim)
+        _require(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an int >= 1", self.num_experts)
+        validate_top_k(self.top_k, self.num_experts)
+        groups = self.router.num_groups
+        if self.num_experts % groups != 0:
+            raise ValueError(
+                f"router.num_groups must divide num_experts={self.num_experts}, got {groups!r}"
+            )
+        if groups > 1:
+            reachable = self.router.topk_groups * (self.num_experts // groups)
+            validate_top_k(self.top_k, reachable, name="top_k (with group-limited routing)")
+        if self.balance.aux_free_rate > 0 and not self.router.selection_bias:
+            raise ValueError(
+                "balance.aux_free_rate > 0 needs router.selection_bias=True (the bias it updates), "
+                f"got aux_free_rate={self.balance.aux_free_rate!r} with selection_bias=False"
+            )

@@ -1,0 +1,116 @@
+"""Capacity policy and the dispatch layout: which routed slots run, in expert-major order.
+
+Legend: T tokens, E experts, K top-k, S routed slots (S = T*K, slot s = t*K + k),
+N kept slots (N <= S).
+
+No dense ``[tokens, experts, capacity]`` one-hot tensor is ever built: the layout is a
+permutation of slot indices plus per-expert counts, computed with one stable sort.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["DispatchLayout", "compute_capacity", "make_layout"]
+
+
+def compute_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int, max_load: int) -> int | None:
+    """Per-expert capacity for one step, or ``None`` when nothing may be dropped.
+
+    ``cf > 0``: ``ceil(cf * T * K / E)``. ``cf < 0``: the real maximum load, capped at
+    ``ceil(|cf| * T * K / E)``. ``cf == 0``: dropless (``None``).
+    """
+    if capacity_factor == 0:
+        return None
+    even_share = num_tokens * top_k / num_experts
+    cap = math.ceil(abs(capacity_factor) * even_share)
+    if capacity_factor > 0:
+        return cap
+    return min(max_load, cap)
+
+
+@dataclass
+class DispatchLayout:
+    """Where every kept routed slot goes.
+
+    Attributes:
+        slot_ids_N: flat slot index ``t*K + k`` of each kept slot, expert-major; within
+            an expert, in priority order.
+        token_ids_N: the token of each kept slot (``slot_ids_N // K``).
+        tokens_per_expert_E: kept slots per expert (int64, on the input's device).
+        routed_per_expert_E: routed slots per expert before any drop.
+        counts: ``tokens_per_expert_E`` as host ints (the GEMM loop needs them).
+        capacity: the per-expert capacity used, ``None`` if dropless.
+        num_tokens, top_k: ``T`` and ``K`` of this step.
+    """
+
+    slot_ids_N: Tensor
+    token_ids_N: Tensor
+    tokens_per_expert_E: Tensor
+    routed_per_expert_E: Tensor
+    counts: list[int]
+    capacity: int | None
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_dropped(self) -> int:
+        """Routed slots that were dropped by the capacity limit."""
+        return self.num_tokens * self.top_k - len(self.slot_ids_N)
+
+
+def make_layout(
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    num_experts: int,
+    capacity_factor: float,
+    batch_prioritized: bool = False,
+) -> DispatchLayout:
+    """Sort the routed slots into expert-major order and apply the capacity policy.
+
+    Priority within an expert (who is kept when it overflows): by default, all first
+    choices before all second choices, and earlier tokens first within one choice
+    (GShard/Tutel order); with ``batch_prioritized``, higher routing weight first
+    (ties broken by that default order).
+    """
+    T, K = expert_ids_TK.shape
+    device = expert_ids_TK.device
+    # 1. Slots in default priority order: k-major, then token (slot = t*K + k).
+    slot_ids_P = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
+    if batch_prioritized:
+        scores_P = weights_TK.detach().t().reshape(-1)
+        slot_ids_P = slot_ids_P[torch.sort(scores_P, descending=True, stable=True).indices]
+    experts_P = expert_ids_TK.reshape(-1)[slot_ids_P]
+    # 2. One stable sort by expert keeps the priority order inside each expert.
+    experts_sorted, order = torch.sort(experts_P, stable=True)
+    slot_ids_S = slot_ids_P[order]
+    routed_per_expert_E = torch.bincount(experts_sorted, minlength=num_experts)
+    # NOTE: host sync — the counts decide the capacity and the GEMM segment sizes.
+    routed_counts: list[int] = routed_per_expert_E.tolist()
+    max_load = max(routed_counts) if routed_counts else 0
+    capacity = compute_capacity(capacity_factor, T, K, num_experts, max_load)
+    if capacity is None or capacity >= max_load:
+        kept_counts = routed_counts
+        slot_ids_N = slot_ids_S
+        tokens_per_expert_E = routed_per_expert_E
+    else:
+        # 3. Position of each slot inside its expert; keep the first `capacity`.
+        offsets_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
+        position_S = torch.arange(T * K, device=device) - offsets_E[experts_sorted]
+        slot_ids_N = slot_ids_S[position_S < capacity]
+        tokens_per_expert_E = routed_per_expert_E.clamp(max=capacity)
+        kept_counts = [min(c, capacity) for c in routed_counts]
+    return DispatchLayout(
+        slot_ids_N=slot_ids_N,
+        token_ids_N=torch.div(slot_ids_N, K, rounding_mode="floor"),
+        tokens_per_expert_E=tokens_per_expert_E,
+        routed_per_expert_E=routed_per_expert_E,
+        counts=kept_counts,
+        capacity=capacity,
+        num_tokens=T,
+        top_k=K,
+    )

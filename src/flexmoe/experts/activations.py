@@ -1,0 +1,56 @@
+"""Expert activations and their hand-written derivatives (for the fused backward).
+
+Legend: N rows, F expert hidden dim, H first-projection width (2F if gated, else F).
+Gated activations read ``h_NH`` as ``[gate | up]`` (the ``transformers`` order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexmoe.config import GATED_ACTIVATIONS
+
+__all__ = ["activate", "activate_backward"]
+
+
+def _base(activation: str) -> str:
+    return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+
+
+def _apply(name: str, h: Tensor) -> Tensor:
+    if name == "relu":
+        return F.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    return F.silu(h)
+
+
+def _apply_backward(name: str, grad: Tensor, h: Tensor) -> Tensor:
+    if name == "relu":
+        return grad * (h > 0).to(grad.dtype)
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    return torch.ops.aten.silu_backward(grad, h)
+
+
+def activate(h_NH: Tensor, activation: str) -> Tensor:
+    """``act(h)``, or ``act(gate) * up`` for gated activations."""
+    if activation in GATED_ACTIVATIONS:
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        return _apply(_base(activation), gate_NF).mul_(up_NF)
+    return _apply(activation, h_NH)
+
+
+def activate_backward(grad_NF: Tensor, h_NH: Tensor, activation: str) -> Tensor:
+    """Gradient w.r.t. ``h_NH`` of ``activate(h_NH)``, given the gradient of its output."""
+    if activation in GATED_ACTIVATIONS:
+        base = _base(activation)
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        grad_NH = torch.empty_like(h_NH)
+        grad_gate, grad_up = grad_NH.chunk(2, dim=-1)
+        torch.mul(grad_NF, _apply(base, gate_NF), out=grad_up)
+        grad_gate.copy_(_apply_backward(base, grad_NF * up_NF, gate_NF))
+        return grad_NH
+    return _apply_backward(activation, grad_NF, h_NH)

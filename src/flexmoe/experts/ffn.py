@@ -1,0 +1,156 @@
+"""Expert modules: the grouped routed experts, a custom-expert adapter, the shared FFN.
+
+Legend: N rows (expert-major), D model dim, F expert hidden dim, H first-projection
+width (2F gated, else F), E experts.
+
+Plugging in your own experts: pass any ``nn.Module`` with integer attributes
+``num_experts`` and ``dim`` whose ``forward(x_ND, counts)`` maps the expert-major rows
+(``counts[e]`` consecutive rows for expert ``e``) to outputs of the same shape; or pass
+an ``nn.ModuleList`` of ``E`` modules that each map ``[n, D] -> [n, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexmoe.config import GATED_ACTIVATIONS
+from flexmoe.experts.activations import activate
+from flexmoe.experts.backends import grouped_ffn, grouped_mm_available
+
+__all__ = ["DenseFFN", "GroupedExperts", "ModuleListExperts", "resolve_backend"]
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for ``auto``.
+
+    Measured (benchmarks/layer.py): on CPU the fused loop beats ``torch._grouped_mm``
+    (which loops over experts internally, with autograd temporaries) forward and
+    backward; on CUDA ``torch._grouped_mm`` is one kernel launch for all experts.
+    """
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and grouped_mm_available(device, dtype):
+        return "grouped_mm"
+    return "fused"
+
+
+class GroupedExperts(nn.Module):
+    """``E`` FFN experts stored as stacked weights and run as grouped GEMMs.
+
+    ``w_in`` is ``[E, H, D]`` and ``w_out`` is ``[E, D, F]`` (``nn.Linear``'s
+    ``[out, in]`` convention, the ``transformers`` layout); for gated activations the
+    rows of ``w_in`` are ``[gate; up]``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "swiglu",
+        bias: bool = False,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.backend = backend
+        width = 2 * hidden_dim if activation in GATED_ACTIVATIONS else hidden_dim
+        factory = {"device": device, "dtype": dtype}
+        self.w_in = nn.Parameter(torch.empty(num_experts, width, dim, **factory))  # type: ignore[arg-type]
+        self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))  # type: ignore[arg-type]
+        self.b_in = nn.Parameter(torch.empty(num_experts, width, **factory)) if bias else None  # type: ignore[arg-type]
+        self.b_out = nn.Parameter(torch.empty(num_experts, dim, **factory)) if bias else None  # type: ignore[arg-type]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default initialisation, per expert."""
+        for weight, bias in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x_ND: Tensor, counts: list[int], backend: str | None = None) -> Tensor:
+        """Apply expert ``e`` to its ``counts[e]`` consecutive rows of ``x_ND``."""
+        w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The GEMMs below run outside autocast's op dispatch, so cast explicitly.
+            dtype = torch.get_autocast_dtype(device_type)
+            x_ND, w_in, w_out = x_ND.to(dtype), w_in.to(dtype), w_out.to(dtype)
+            b_in = None if b_in is None else b_in.to(dtype)
+            b_out = None if b_out is None else b_out.to(dtype)
+        elif x_ND.dtype != w_in.dtype:
+            raise TypeError(
+                f"x has dtype {x_ND.dtype} but the experts' weights are {w_in.dtype}; "
+                "convert the layer with .to(dtype) or run under torch.autocast"
+            )
+        name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"activation={self.activation!r}, bias={self.b_in is not None}, backend={self.backend!r}"
+        )
+
+
+class ModuleListExperts(nn.Module):
+    """Adapter: ``E`` arbitrary modules, each applied to its own expert's rows."""
+
+    def __init__(self, experts: nn.ModuleList, dim: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.num_experts = len(experts)
+        self.dim = dim
+
+    def forward(self, x_ND: Tensor, counts: list[int], backend: str | None = None) -> Tensor:  # noqa: D102
+        outputs = []
+        for e, x_e in enumerate(x_ND.split(counts)):
+            if x_e.shape[0] == 0:
+                continue
+            y_e = self.experts[e](x_e)
+            if not isinstance(y_e, Tensor) or y_e.shape != x_e.shape:
+                shape = tuple(y_e.shape) if isinstance(y_e, Tensor) else type(y_e).__name__
+                raise ValueError(f"experts[{e}] must map [n, {self.dim}] to [n, {self.dim}], got {shape}")
+            outputs.append(y_e)
+        if not outputs:
+            return x_ND.new_zeros(0, self.dim)
+        return torch.cat(outputs)
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN (the shared, always-on experts), optionally scaled by a sigmoid gate."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        activation: str,
+        bias: bool = False,
+        gate: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        width = 2 * hidden_dim if activation in GATED_ACTIVATIONS else hidden_dim
+        self.activation = activation
+        self.w_in = nn.Linear(dim, width, bias=bias, device=device, dtype=dtype)
+        self.w_out = nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
+        self.gate = nn.Linear(dim, 1, bias=False, device=device, dtype=dtype) if gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:  # noqa: D102
+        y_TD = self.w_out(activate(self.w_in(x_TD), self.activation))
+        if self.gate is not None:
+            y_TD = y_TD * F.sigmoid(self.gate(x_TD))
+        return y_TD

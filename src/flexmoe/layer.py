@@ -1,0 +1,359 @@
+"""``MoELayer``: route -> plan -> permute -> experts -> combine, composed from the stages.
+
+Legend: T tokens, D model dim, E experts, K top-k, N kept routed slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flexmoe.config import (
+    BalanceConfig,
+    CapacityConfig,
+    ExpertConfig,
+    MoEConfig,
+    Plan,
+    RouterConfig,
+    validate_capacity_factor,
+    validate_top_k,
+)
+from flexmoe.dispatch import Dispatcher, LocalDispatcher, make_layout
+from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts, resolve_backend
+from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
+
+__all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "update_expert_biases"]
+
+
+@dataclass
+class MoEStats:
+    """What one forward call did.
+
+    Attributes:
+        num_tokens, top_k: ``T`` and ``K`` of the call.
+        capacity_factor: the capacity factor in force; ``capacity`` the per-expert
+            capacity it gave (``None`` when dropless).
+        routed_per_expert: routed assignments per expert before any drop (int64, CPU).
+        tokens_per_expert: assignments each expert actually processed (int64, CPU).
+        dropped: assignments dropped by the capacity limit.
+        load_max_over_mean: max / mean of ``routed_per_expert`` (1.0 is perfect balance).
+        plan: the parallel plan used; ``world_size`` the number of ranks it ran on.
+        backend: the expert GEMM backend used.
+        balance_loss, z_loss: the unweighted loss terms (detached), or ``None`` when off.
+    """
+
+    num_tokens: int
+    top_k: int
+    capacity_factor: float
+    capacity: int | None
+    routed_per_expert: Tensor
+    tokens_per_expert: Tensor
+    dropped: int
+    load_max_over_mean: float
+    plan: Plan
+    world_size: int
+    backend: str
+    balance_loss: Tensor | None = None
+    z_loss: Tensor | None = None
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN layer: input ``[..., dim]``, output the same shape.
+
+    Example:
+        >>> layer = MoELayer(dim=64, hidden_dim=128, num_experts=8, top_k=2)
+        >>> y = layer(torch.randn(4, 10, 64))
+        >>> loss = y.square().mean() + layer.aux_loss
+
+    Args:
+        dim: model dimension ``D``.
+        hidden_dim: hidden dimension of each routed expert.
+        num_experts: routed experts ``E``.
+        top_k: experts per token (overridable per call).
+        activation: ``relu``, ``gelu``, ``silu``, ``swiglu`` or ``geglu``.
+        bias: biases in the expert projections.
+        backend: expert GEMM backend (``auto``, ``fused``, ``loop``, ``grouped_mm``).
+        num_shared_experts, shared_hidden_dim, shared_expert_gate: always-on experts.
+        router: ``"softmax"``, ``"sigmoid"``, ``"cosine"`` or a full ``RouterConfig``.
+        capacity_factor: ``>0`` fixed, ``<0`` adaptive capped, ``0`` dropless
+            (overridable per call).
+        batch_prioritized: drop the lowest-scored assignments first.
+        load_balance_weight, z_loss_weight: weights of the auxiliary losses.
+        aux_free_rate: rate of auxiliary-loss-free balancing (needs a selection bias,
+            which it switches on); apply it with ``update_expert_bias()`` after each
+            optimizer step, or ``attach_aux_free_update(optimizer, model)``.
+        experts: a custom expert module (see ``flexmoe.experts.ffn``) instead of the
+            built-in grouped FFN.
+        check_finite: raise ``ValueError`` on non-finite input (costs a host sync).
+        device, dtype: where and in what dtype to create the expert parameters (the
+            router always keeps fp32 parameters).
+
+    After each forward, ``aux_loss`` holds the weighted auxiliary loss (a differentiable
+    scalar) and ``stats`` a ``MoEStats``.
+    """
+
+    aux_loss: Tensor
+    stats: MoEStats | None
+    _pending_counts_E: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        activation: str = "swiglu",
+        bias: bool = False,
+        backend: str = "auto",
+        num_shared_experts: int = 0,
+        shared_hidden_dim: int | None = None,
+        shared_expert_gate: bool = False,
+        router: str | RouterConfig = "softmax",
+        capacity_factor: float = 0.0,
+        batch_prioritized: bool = False,
+        load_balance_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+        aux_free_rate: float = 0.0,
+        experts: nn.Module | None = None,
+        check_finite: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(router, str):
+            router_config = RouterConfig(kind=router, selection_bias=aux_free_rate > 0)  # type: ignore[arg-type]
+        elif isinstance(router, RouterConfig):
+            router_config = router
+        else:
+            raise TypeError(f"router must be a router kind (str) or a RouterConfig, got {type(router).__name__}")
+        config = MoEConfig(
+            dim=dim,
+            hidden_dim=hidden_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            router=router_config,
+            capacity=CapacityConfig(capacity_factor=capacity_factor, batch_prioritized=batch_prioritized),
+            experts=ExpertConfig(
+                activation=activation,  # type: ignore[arg-type]
+                bias=bias,
+                backend=backend,  # type: ignore[arg-type]
+                num_shared_experts=num_shared_experts,
+                shared_hidden_dim=shared_hidden_dim,
+                shared_expert_gate=shared_expert_gate,
+            ),
+            balance=BalanceConfig(
+                load_balance_weight=load_balance_weight, z_loss_weight=z_loss_weight, aux_free_rate=aux_free_rate
+            ),
+            check_finite=check_finite,
+        )
+        super().__init__()
+        self._build(config, experts, device, dtype)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MoEConfig,
+        *,
+        experts: nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MoELayer:
+        """Build a layer from a complete ``MoEConfig``."""
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._build(config, experts, device, dtype)
+        return layer
+
+    def _build(
+        self,
+        config: MoEConfig,
+        experts: nn.Module | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.config = config
+        torch_device = None if device is None else torch.device(device)
+        self.router = build_router(config.dim, config.num_experts, config.router, torch_device)
+        self.experts = self._make_experts(config, experts, device, dtype)
+        ecfg = config.experts
+        self.shared_experts: DenseFFN | None = None
+        if ecfg.num_shared_experts > 0:
+            hidden = ecfg.shared_hidden_dim or ecfg.num_shared_experts * config.hidden_dim
+            self.shared_experts = DenseFFN(
+                config.dim, hidden, ecfg.activation, ecfg.bias, ecfg.shared_expert_gate, device, dtype
+            )
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.register_buffer(
+            "_pending_counts_E", torch.zeros(config.num_experts, dtype=torch.float64, device=device), persistent=False
+        )
+        self.aux_loss = torch.zeros(())
+        self.stats = None
+
+    @staticmethod
+    def _make_experts(
+        config: MoEConfig, experts: nn.Module | None, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> nn.Module:
+        if experts is None:
+            ecfg = config.experts
+            return GroupedExperts(
+                config.num_experts, config.dim, config.hidden_dim, ecfg.activation, ecfg.bias, ecfg.backend, device, dtype
+            )
+        if isinstance(experts, nn.ModuleList):
+            if len(experts) != config.num_experts:
+                raise ValueError(
+                    f"experts must hold num_experts={config.num_experts} modules, got {len(experts)}"
+                )
+            return ModuleListExperts(experts, config.dim)
+        if not isinstance(experts, nn.Module):
+            raise TypeError(f"experts must be an nn.Module or nn.ModuleList, got {type(experts).__name__}")
+        for name, expected in (("num_experts", config.num_experts), ("dim", config.dim)):
+            got = getattr(experts, name, None)
+            if got != expected:
+                raise ValueError(f"experts.{name} must be {expected} to match the layer, got {got!r}")
+        return experts
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        top_k: int | None = None,
+        capacity_factor: float | None = None,
+        plan: Plan | None = None,
+    ) -> Tensor:
+        """Apply the layer to ``x [..., dim]``; keyword arguments override this call only."""
+        cfg = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"x must have shape [..., dim={cfg.dim}], got {tuple(x.shape)}")
+        k = cfg.top_k if top_k is None else validate_top_k(top_k, cfg.num_experts)
+        if cfg.router.num_groups > 1 and top_k is not None:
+            reachable = cfg.router.topk_groups * (cfg.num_experts // cfg.router.num_groups)
+            validate_top_k(top_k, reachable, name="top_k (with group-limited routing)")
+        cf = cfg.capacity.capacity_factor if capacity_factor is None else validate_capacity_factor(capacity_factor)
+        if plan is None:
+            plan = Plan()
+        elif not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a flexmoe.Plan, got {type(plan).__name__}")
+        if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
+            raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
+
+        x_TD = x.reshape(-1, cfg.dim)
+        T = x_TD.shape[0]
+        backend = resolve_backend(cfg.experts.backend, x.device, x.dtype) if isinstance(
+            self.experts, GroupedExperts
+        ) else type(self.experts).__name__
+        if T == 0:
+            return self._empty_forward(x, k, cf, plan, backend)
+
+        # 1. route
+        route = self.router(x_TD, k)
+        # 2. plan the dispatch: expert-major order, capacity, drops
+        layout = make_layout(
+            route.expert_ids_TK, route.weights_TK, cfg.num_experts, cf, cfg.capacity.batch_prioritized
+        )
+        # 3. permute (+ exchange, for distributed dispatchers)
+        x_ND, counts, metadata = self.dispatcher.dispatch(x_TD, layout, plan)
+        # 4. experts
+        y_ND = self.experts(x_ND, counts)
+        # 5. combine (+ exchange back)
+        y_TD = self.dispatcher.combine(y_ND, route.weights_TK, layout, metadata)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+
+        self._balance(route.probs_TE, route.logits_TE, route.expert_ids_TK, layout.routed_per_expert_E)
+        routed = layout.routed_per_expert_E.detach().cpu()
+        routed_counts = routed.tolist()
+        mean_load = T * k / cfg.num_experts
+        self.stats = MoEStats(
+            num_tokens=T,
+            top_k=k,
+            capacity_factor=cf,
+            capacity=layout.capacity,
+            routed_per_expert=routed,
+            tokens_per_expert=layout.tokens_per_expert_E.detach().cpu(),
+            dropped=layout.num_dropped,
+            load_max_over_mean=max(routed_counts) / mean_load,
+            plan=plan,
+            world_size=1,
+            backend=backend,
+            balance_loss=self._last_terms[0],
+            z_loss=self._last_terms[1],
+        )
+        return y_TD.reshape(x.shape)
+
+    def _balance(self, probs_TE: Tensor, logits_TE: Tensor, expert_ids_TK: Tensor, routed_E: Tensor) -> None:
+        bcfg = self.config.balance
+        aux = probs_TE.new_zeros(())
+        balance = z = None
+        if bcfg.load_balance_weight > 0:
+            balance = load_balance_loss(probs_TE, expert_ids_TK)
+            aux = aux + bcfg.load_balance_weight * balance
+        if bcfg.z_loss_weight > 0:
+            z = router_z_loss(logits_TE)
+            aux = aux + bcfg.z_loss_weight * z
+        self.aux_loss = aux
+        self._last_terms = (
+            None if balance is None else balance.detach(),
+            None if z is None else z.detach(),
+        )
+        if self.training and bcfg.aux_free_rate > 0:
+            self._pending_counts_E += routed_E.to(self._pending_counts_E.dtype)
+
+    def _empty_forward(self, x: Tensor, k: int, cf: float, plan: Plan, backend: str) -> Tensor:
+        E = self.config.num_experts
+        self.aux_loss = x.new_zeros((), dtype=torch.float32)
+        zeros = torch.zeros(E, dtype=torch.int64)
+        self.stats = MoEStats(
+            num_tokens=0,
+            top_k=k,
+            capacity_factor=cf,
+            capacity=None if cf == 0 else 0,
+            routed_per_expert=zeros,
+            tokens_per_expert=zeros.clone(),
+            dropped=0,
+            load_max_over_mean=0.0,
+            plan=plan,
+            world_size=1,
+            backend=backend,
+        )
+        # Keep the graph connected so that backward through an empty batch works.
+        return x.new_zeros(x.shape) + 0.0 * x
+
+    # ------------------------------------------------------------- balancing
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Apply one aux-loss-free update from the loads seen since the last call.
+
+        ``b_i <- b_i + rate * sign(mean(c) - c_i)`` with ``c`` the routed counts summed
+        over the forward calls since the previous update (so gradient accumulation
+        counts every micro-batch). Does nothing if no training forward ran.
+        """
+        rate = self.config.balance.aux_free_rate
+        bias = self.router.expert_bias_E
+        if rate <= 0 or bias is None or not bool(self._pending_counts_E.any()):
+            return
+        bias.copy_(aux_free_bias_update(bias, self._pending_counts_E, rate))
+        self._pending_counts_E.zero_()
+
+
+def update_expert_biases(modules: nn.Module | Iterable[nn.Module]) -> None:
+    """Call ``update_expert_bias`` on every ``MoELayer`` in a model (or iterable of modules)."""
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, MoELayer):
+                module.update_expert_bias()
+
+
+def attach_aux_free_update(optimizer: torch.optim.Optimizer, model: nn.Module) -> object:
+    """Run ``update_expert_biases(model)`` after every ``optimizer.step()``; returns the hook handle."""
+    return optimizer.register_step_post_hook(lambda *_: update_expert_biases(model))

@@ -1,0 +1,25 @@
+"""Routing: routers, balancing losses and the aux-loss-free bias rule."""
+
+from flexmoe.routing.losses import aux_free_bias_update, load_balance_loss, router_z_loss
+from flexmoe.routing.routers import (
+    CosineRouter,
+    Router,
+    RouterOutput,
+    SigmoidRouter,
+    SoftmaxRouter,
+    build_router,
+    select_top_k,
+)
+
+__all__ = [
+    "CosineRouter",
+    "Router",
+    "RouterOutput",
+    "SigmoidRouter",
+    "SoftmaxRouter",
+    "aux_free_bias_update",
+    "build_router",
+    "load_balance_loss",
+    "router_z_loss",
+    "select_top_k",
+]

@@ -1,0 +1,46 @@
+"""Load-balancing terms: the Switch/GShard loss, the router z-loss, and the aux-loss-free bias rule.
+
+Legend: T tokens, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["aux_free_bias_update", "load_balance_loss", "router_z_loss"]
+
+
+def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
+    """Switch/GShard balance loss ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of the ``T*K`` routed assignments that chose expert ``i``
+    (before any capacity drop), ``P_i`` the mean of ``probs_TE[:, i]``. It is 1.0 when
+    both are uniform, for any ``K``. (``transformers``' Mixtral loss sums over the k
+    choices instead, so its value is ``K`` times this one.) Gradients flow through
+    ``P`` only; ``f`` is a count.
+    """
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    fraction_E = counts_E / expert_ids_TK.numel()
+    return E * torch.dot(fraction_E, probs_TE.mean(dim=0))
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss ``mean_t (log sum_i exp(logits_ti))^2``: keeps logits small."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def aux_free_bias_update(bias_E: Tensor, counts_E: Tensor, rate: float) -> Tensor:
+    """One step of auxiliary-loss-free balancing (DeepSeek-V3): ``b + rate * sign(mean(c) - c)``.
+
+    Under-loaded experts (count below the mean) get a larger selection bias, overloaded
+    ones a smaller one, each by exactly ``rate``; an expert exactly at the mean is left
+    alone. Pure: returns the new bias.
+    """
+    counts_E = counts_E.to(bias_E.dtype)
+    return bias_E + rate * torch.sign(counts_E.mean() - counts_E)

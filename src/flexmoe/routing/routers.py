@@ -1,0 +1,168 @@
+"""Routers: token -> (top-k expert ids, routing weights), with the scores the losses need.
+
+Legend: T tokens, D model dim, E experts, K top-k, R cosine-router dim, G expert groups.
+
+All router math runs in fp32 with autocast disabled, whatever the input dtype: the
+top-k choice is discrete and bf16 logits flip it for nearly tied experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexmoe.config import RouterConfig
+
+__all__ = ["CosineRouter", "Router", "RouterOutput", "SigmoidRouter", "SoftmaxRouter", "build_router", "select_top_k"]
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns for ``T`` tokens.
+
+    Attributes:
+        expert_ids_TK: chosen experts, int64, each row distinct.
+        weights_TK: routing weights of the chosen experts, fp32, differentiable.
+        logits_TE: raw router logits, fp32 (the z-loss uses them).
+        probs_TE: a per-token distribution over experts, fp32 (the balance loss uses it).
+    """
+
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    logits_TE: Tensor
+    probs_TE: Tensor
+
+
+def select_top_k(scores_TE: Tensor, top_k: int, num_groups: int = 1, topk_groups: int = 1, group_reduce: str = "max") -> Tensor:
+    """Indices of the ``top_k`` best experts per token, optionally group-limited.
+
+    With ``num_groups > 1`` the experts are split into ``G`` contiguous groups, each
+    group is scored by ``group_reduce`` over its members (``"max"``, DeepSeek-V2; or
+    ``"top2_sum"``, DeepSeek-V3), and only experts in the ``topk_groups`` best groups
+    are eligible.
+    """
+    if num_groups > 1:
+        T, E = scores_TE.shape
+        grouped_TGM = scores_TE.view(T, num_groups, E // num_groups)
+        if group_reduce == "top2_sum":
+            group_scores_TG = grouped_TGM.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
+        else:
+            group_scores_TG = grouped_TGM.amax(dim=-1)
+        best_groups = group_scores_TG.topk(topk_groups, dim=-1).indices
+        group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+        eligible_TE = group_mask_TG.repeat_interleave(E // num_groups, dim=1)
+        scores_TE = scores_TE.masked_fill(~eligible_TE, float("-inf"))
+    return scores_TE.topk(top_k, dim=-1, sorted=True).indices
+
+
+class Router(nn.Module):
+    """Base class: the shared parts (fp32 logits, noise, selection bias, top-k, weights).
+
+    Subclasses define ``logits`` and ``scores`` (the per-expert affinity from which the
+    weights are read).
+    """
+
+    group_reduce = "max"
+    expert_bias_E: Tensor
+
+    def __init__(self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_experts = num_experts
+        self.config = config
+        # The selection bias is state, not a parameter: it receives no gradient and is
+        # changed only by the aux-loss-free update rule.
+        self.register_buffer(
+            "expert_bias_E",
+            torch.zeros(num_experts, dtype=torch.float32, device=device) if config.selection_bias else None,
+        )
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits ``[T, E]`` in fp32."""
+        raise NotImplementedError
+
+    def scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scores_TE, probs_TE)``: the affinities weights are read from, and a distribution."""
+        probs_TE = logits_TE.softmax(dim=-1)
+        return probs_TE, probs_TE
+
+    def forward(self, x_TD: Tensor, top_k: int) -> RouterOutput:
+        """Route ``x_TD`` to ``top_k`` experts per token."""
+        cfg = self.config
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x32_TD = x_TD.float()
+            if self.training and cfg.input_jitter > 0:
+                x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1 - cfg.input_jitter, 1 + cfg.input_jitter)
+            logits_TE = self.logits(x32_TD)
+            if self.training and cfg.noise_std > 0:
+                logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
+            scores_TE, probs_TE = self.scores(logits_TE)
+            choice_TE = scores_TE.detach()
+            if self.expert_bias_E is not None:
+                choice_TE = choice_TE + self.expert_bias_E
+            expert_ids_TK = select_top_k(choice_TE, top_k, cfg.num_groups, cfg.topk_groups, self.group_reduce)
+            weights_TK = scores_TE.gather(1, expert_ids_TK)
+            if cfg.normalize_weights and top_k > 1:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            if cfg.routed_scaling_factor != 1.0:
+                weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RouterOutput(expert_ids_TK, weights_TK, logits_TE, probs_TE)
+
+
+class SoftmaxRouter(Router):
+    """``softmax(x W^T)`` over experts, then top-k (Switch, GShard, Mixtral, Qwen-MoE)."""
+
+    def __init__(self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> None:
+        super().__init__(dim, num_experts, config, device)
+        self.weight = nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+
+    def logits(self, x_TD: Tensor) -> Tensor:  # noqa: D102
+        return F.linear(x_TD, self.weight.float())
+
+
+class SigmoidRouter(SoftmaxRouter):
+    """Independent ``sigmoid(x W^T)`` scores per expert (DeepSeek-V3).
+
+    Group scores are the sum of each group's two best scores, as in DeepSeek-V3.
+    """
+
+    group_reduce = "top2_sum"
+
+    def scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+        scores_TE = logits_TE.sigmoid()
+        return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+class CosineRouter(Router):
+    """Cosine similarity between a projected token and learned expert embeddings (X-MoE).
+
+    ``logits = cos(P x, e_i) / tau`` with a learned temperature ``tau`` clamped below at
+    0.01, so that logits stay bounded whatever the norm of ``x``.
+    """
+
+    def __init__(self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> None:
+        super().__init__(dim, num_experts, config, device)
+        self.proj = nn.Parameter(torch.empty(config.cosine_dim, dim, device=device, dtype=torch.float32))
+        self.expert_embeddings = nn.Parameter(torch.empty(num_experts, config.cosine_dim, device=device, dtype=torch.float32))
+        self.log_temperature = nn.Parameter(
+            torch.full((), math.log(config.cosine_init_temperature), device=device, dtype=torch.float32)
+        )
+        nn.init.normal_(self.proj, std=dim**-0.5)
+        nn.init.orthogonal_(self.expert_embeddings)
+
+    def logits(self, x_TD: Tensor) -> Tensor:  # noqa: D102
+        h_TR = F.normalize(F.linear(x_TD, self.proj.float()), dim=-1)
+        e_ER = F.normalize(self.expert_embeddings.float(), dim=-1)
+        temperature = self.log_temperature.float().exp().clamp_min(0.01)
+        return F.linear(h_TR, e_ER) / temperature
+
+
+def build_router(dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> Router:
+    """The router module that ``config.kind`` names."""
+    kinds: dict[str, type[Router]] = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter, "cosine": CosineRouter}
+    return kinds[config.kind](dim, num_experts, config, device)
