@@ -1,0 +1,214 @@
+"""Single-device MoE layer benchmark: flexmoe vs transformers' Mixtral block vs the machine.
+
+For each case, in one run: time per step (median of interleaved repeats), achieved
+GFLOP/s, percentage of this machine's dense-GEMM throughput (measured in the same run),
+for memory-bound cases the percentage of the bandwidth roofline (bytes of expert
+weights touched / measured read bandwidth), and the ratio against transformers'
+``MixtralSparseMoeBlock`` holding the same weights, in each of its experts
+implementations (``eager``, ``grouped_mm``), when transformers is installed.
+
+    python benchmarks/layer.py                 # all cases
+    python benchmarks/layer.py --cases A C --repeats 9 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import environment, machine_limits, measure_interleaved, write_json  # noqa: E402
+
+import flexmoe  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    dim: int
+    hidden: int
+    experts: int
+    top_k: int
+    train: bool  # forward+backward if True, else forward under inference_mode
+    activation: str = "swiglu"
+
+    def describe(self) -> str:
+        mode = "fwd+bwd" if self.train else "fwd, no grad"
+        return (
+            f"{self.name}: tokens {self.tokens}, dim {self.dim}, hidden {self.hidden}, {self.experts} experts, "
+            f"top-{self.top_k}, {self.activation}, {mode}"
+        )
+
+
+CASES = {
+    "A": Case("A", 4096, 1024, 1024, 8, 2, True),
+    "B": Case("B", 2048, 1024, 256, 64, 8, True),
+    "C": Case("C", 64, 2048, 768, 128, 8, False),
+}
+
+
+def build_flexmoe(case: Case, backend: str) -> flexmoe.MoELayer:
+    return flexmoe.MoELayer(
+        case.dim,
+        case.hidden,
+        case.experts,
+        case.top_k,
+        activation=case.activation,
+        backend=backend,
+        load_balance_weight=0.0,  # the transformers block computes no aux loss either
+    )
+
+
+def build_hf(case: Case, layer: flexmoe.MoELayer, implementation: str) -> torch.nn.Module | None:
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = MixtralConfig(
+        hidden_size=case.dim,
+        intermediate_size=case.hidden,
+        num_local_experts=case.experts,
+        num_experts_per_tok=case.top_k,
+        experts_implementation=implementation,
+    )
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.w_in)
+        block.experts.down_proj.copy_(layer.experts.w_out)
+    return block
+
+
+def step_fn(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bool) -> Callable[[], Any]:
+    params = list(module.parameters())
+    if train:
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            module(x).backward(grad)
+
+        return step
+
+    def infer() -> None:
+        with torch.inference_mode():
+            module(x)
+
+    return infer
+
+
+def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    layer = build_flexmoe(case, "auto")
+    x = torch.randn(1, case.tokens, case.dim, requires_grad=case.train)
+    grad = torch.randn(1, case.tokens, case.dim)
+    candidates: dict[str, Callable[[], Any]] = {"flexmoe": step_fn(layer, x, grad, case.train)}
+    if with_loop:
+        loop_layer = build_flexmoe(case, "loop")
+        loop_layer.load_state_dict(layer.state_dict())
+        candidates["flexmoe[loop]"] = step_fn(loop_layer, x, grad, case.train)
+    hf_blocks = {}
+    for impl in ("eager", "grouped_mm"):
+        block = build_hf(case, layer, impl)
+        if block is not None:
+            hf_blocks[impl] = block
+            candidates[f"hf[{impl}]"] = step_fn(block, x, grad, case.train)
+
+    # Same math, same weights: check before timing.
+    with torch.no_grad():
+        ours = layer(x)
+        for impl, block in hf_blocks.items():
+            diff = (block(x) - ours).abs().max().item()
+            scale = ours.abs().max().item()
+            if diff > 1e-4 * max(scale, 1.0):
+                raise RuntimeError(f"case {case.name}: flexmoe and hf[{impl}] differ by {diff:.3g}")
+    stats = layer.stats
+    assert stats is not None
+    kept = int(stats.tokens_per_expert.sum())
+    width = 2 * case.hidden if case.activation in ("swiglu", "geglu") else case.hidden
+    flops = 2 * kept * case.dim * (width + case.hidden) * (3 if case.train else 1)
+    active = int((stats.tokens_per_expert > 0).sum())
+    weight_bytes = active * case.dim * (width + case.hidden) * layer.experts.w_in.element_size()
+
+    timings = measure_interleaved(candidates, warmup=1, repeats=repeats)
+    rows = {}
+    for name, timing in timings.items():
+        t = timing.median
+        row = {
+            "seconds": t,
+            "min": timing.min,
+            "max": timing.max,
+            "gflops": flops / t / 1e9,
+            "pct_dense_gemm": 100 * flops / t / limits.gemm_flops,
+        }
+        if not case.train:
+            row["pct_bandwidth_roofline"] = 100 * (weight_bytes / limits.read_bandwidth) / t
+        for impl in hf_blocks:
+            row[f"speedup_vs_hf_{impl}"] = timings[f"hf[{impl}]"].median / t
+        rows[name] = row
+    return {
+        "case": case.__dict__,
+        "flops_per_step": flops,
+        "expert_weight_bytes_touched": weight_bytes,
+        "active_experts": active,
+        "load_max_over_mean": stats.load_max_over_mean,
+        "results": rows,
+    }
+
+
+def print_case(case: Case, result: dict[str, Any]) -> None:
+    print(f"\n{case.describe()}")
+    print(
+        f"  {result['flops_per_step'] / 1e9:.1f} GFLOP/step, {result['active_experts']} active experts, "
+        f"load max/mean {result['load_max_over_mean']:.2f}, "
+        f"expert weights touched {result['expert_weight_bytes_touched'] / 1e9:.2f} GB"
+    )
+    header = f"  {'impl':<16}{'ms/step':>10}{'GFLOP/s':>10}{'% GEMM':>9}"
+    if not case.train:
+        header += f"{'% BW roof':>11}"
+    hf_keys = [k for k in next(iter(result["results"].values())) if k.startswith("speedup_vs_hf_")]
+    for key in hf_keys:
+        header += f"{'vs ' + key.removeprefix('speedup_vs_hf_'):>14}"
+    print(header)
+    for name, row in result["results"].items():
+        line = f"  {name:<16}{row['seconds'] * 1e3:>10.1f}{row['gflops']:>10.1f}{row['pct_dense_gemm']:>8.1f}%"
+        if not case.train:
+            line += f"{row['pct_bandwidth_roofline']:>10.1f}%"
+        for key in hf_keys:
+            line += f"{row[key]:>13.2f}x"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-loop", action="store_true", help="skip the per-expert autograd loop baseline")
+    parser.add_argument("--json", default=None, help="write all results to this file")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
+    limits = machine_limits()
+    print("machine:", limits.describe())
+    results = {}
+    for name in args.cases:
+        case = CASES[name]
+        results[name] = run_case(case, args.repeats, limits, with_loop=not args.no_loop)
+        print_case(case, results[name])
+    limits_after = machine_limits()
+    print("\nmachine after:", limits_after.describe(), "(large drift means the numbers above are noisy)")
+    write_json(args.json, {"environment": env, "limits": limits.__dict__, "limits_after": limits_after.__dict__, "cases": results})
+
+
+if __name__ == "__main__":
+    main()

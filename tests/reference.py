@@ -1,0 +1,317 @@
+"""A slow, plainly written Mixture-of-Experts: the oracle every fast path is tested against.
+
+Nothing here calls flexmoe's routing, dispatch or expert code. It reads only the layer's
+config and its parameters (by name), copies them (by default to float64), and computes
+the layer's output one token and one choice at a time, following the documented rules:
+
+1. routing: softmax / sigmoid / cosine scores per token; a selection bias added to the
+   scores for the *choice* only; group-limited selection (group score = max member, or
+   the sum of the two best members for the sigmoid router); top-k by score, ties to the
+   lower expert index; choice ``k`` is the ``k``-th best expert; weights are the chosen
+   scores, renormalised to sum to one when ``normalize_weights`` and ``K > 1``, then
+   times ``routed_scaling_factor``;
+2. capacity: ``cf > 0``: ``ceil(cf*T*K/E)``; ``cf < 0``: ``min(max routed load,
+   ceil(|cf|*T*K/E))``; ``cf == 0``: no drop. Default priority: all first choices before
+   second choices, earlier tokens first within one choice; ``batch_prioritized``: higher
+   routing weight first, ties by the default order;
+3. output: the weighted sum of the kept choices' expert FFNs, plus the shared FFN.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+ExpertFn = Callable[[int, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- params
+def reference_params(layer: nn.Module, dtype: torch.dtype = torch.float64) -> Params:
+    """Leaf copies (requiring grad) of the layer's parameters and its selection bias, by name."""
+    params: Params = {}
+    for name, p in layer.named_parameters():
+        params[name] = p.detach().to(dtype).clone().requires_grad_(True)
+    bias = getattr(layer.router, "expert_bias_E", None)
+    if bias is not None:
+        params["router.expert_bias_E"] = bias.detach().to(dtype).clone()
+    return params
+
+
+# ----------------------------------------------------------------------------- math
+def sigmoid(v: Tensor) -> Tensor:
+    return 1.0 / (1.0 + torch.exp(-v))
+
+
+def softmax(v: Tensor) -> Tensor:
+    e = torch.exp(v - v.max().detach())
+    return e / e.sum()
+
+
+def activation_fn(name: str, h: Tensor) -> Tensor:
+    """``act(h)``; gated activations read ``h`` as ``[gate | up]``."""
+    if name in ("swiglu", "geglu"):
+        half = h.shape[-1] // 2
+        gate, up = h[..., :half], h[..., half:]
+        return activation_fn("silu" if name == "swiglu" else "gelu", gate) * up
+    if name == "relu":
+        return h * (h > 0).to(h.dtype)
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "silu":
+        return h * sigmoid(h)
+    raise ValueError(name)
+
+
+def ffn(x_D: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None, act: str) -> Tensor:
+    """One FFN on one token: ``w_out @ act(w_in @ x + b_in) + b_out``."""
+    h = w_in @ x_D
+    if b_in is not None:
+        h = h + b_in
+    y = w_out @ activation_fn(act, h)
+    if b_out is not None:
+        y = y + b_out
+    return y
+
+
+# ----------------------------------------------------------------------------- routing
+@dataclass
+class Routing:
+    """Per-token choices: ``expert_ids[t][k]`` and the differentiable ``weights[t][k]``."""
+
+    expert_ids: list[list[int]]
+    weights: list[list[Tensor]]
+    probs: list[Tensor]
+    logits: list[Tensor]
+    # smallest gap between a chosen and an unchosen score (or group score): when it is
+    # tiny, fp32 and fp64 may legitimately choose differently.
+    choice_margin: float
+
+
+def _scores(config, params: Params, x_D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits_E, scores_E, probs_E)`` for one token."""
+    kind = config.router.kind
+    if kind == "cosine":
+        h = params["router.proj"] @ x_D
+        h = h / torch.sqrt((h * h).sum())
+        emb = params["router.expert_embeddings"]
+        emb = emb / torch.sqrt((emb * emb).sum(dim=1, keepdim=True))
+        temperature = torch.clamp(torch.exp(params["router.log_temperature"]), min=0.01)
+        logits = (emb @ h) / temperature
+    else:
+        logits = params["router.weight"] @ x_D
+    if kind == "sigmoid":
+        scores = sigmoid(logits)
+        return logits, scores, scores / scores.sum()
+    probs = softmax(logits)
+    return logits, probs, probs
+
+
+def _best(values: list[float], candidates: list[int], n: int) -> tuple[list[int], float]:
+    """The ``n`` best candidates by value (ties to the lower index), and the gap to the next."""
+    ranked = sorted(candidates, key=lambda i: (-values[i], i))
+    gap = math.inf if n >= len(ranked) else values[ranked[n - 1]] - values[ranked[n]]
+    return ranked[:n], gap
+
+
+def route(config, params: Params, x_TD: Tensor, top_k: int) -> Routing:
+    """Route every token with plain per-token code."""
+    rcfg = config.router
+    E = config.num_experts
+    ids_all, weights_all, probs_all, logits_all = [], [], [], []
+    margin = math.inf
+    for t in range(x_TD.shape[0]):
+        logits, scores, probs = _scores(config, params, x_TD[t])
+        choice = [float(s) for s in scores.detach()]
+        if rcfg.selection_bias:
+            choice = [c + float(b) for c, b in zip(choice, params["router.expert_bias_E"], strict=True)]
+        eligible = list(range(E))
+        if rcfg.num_groups > 1:
+            size = E // rcfg.num_groups
+            group_scores = []
+            for g in range(rcfg.num_groups):
+                members = sorted(choice[g * size : (g + 1) * size], reverse=True)
+                group_scores.append(sum(members[:2]) if rcfg.kind == "sigmoid" else members[0])
+            groups, gap = _best(group_scores, list(range(rcfg.num_groups)), rcfg.topk_groups)
+            margin = min(margin, gap)
+            eligible = [e for e in range(E) if e // size in groups]
+        chosen, gap = _best(choice, eligible, top_k)
+        margin = min(margin, gap)
+        weights = [scores[e] for e in chosen]
+        if rcfg.normalize_weights and top_k > 1:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        weights = [w * rcfg.routed_scaling_factor for w in weights]
+        ids_all.append(chosen)
+        weights_all.append(weights)
+        probs_all.append(probs)
+        logits_all.append(logits)
+    return Routing(ids_all, weights_all, probs_all, logits_all, margin)
+
+
+# ----------------------------------------------------------------------------- capacity
+def capacity(capacity_factor: float, T: int, K: int, E: int, loads: list[int]) -> int | None:
+    """Per-expert capacity, exactly (rational arithmetic), or ``None`` when dropless."""
+    if capacity_factor == 0:
+        return None
+    cap = math.ceil(abs(Fraction(capacity_factor)) * T * K / E)
+    if capacity_factor > 0:
+        return cap
+    return min(max(loads), cap)
+
+
+def kept_assignments(
+    expert_ids: list[list[int]],
+    weights: list[list[float]],
+    num_experts: int,
+    capacity_factor: float,
+    batch_prioritized: bool,
+) -> tuple[set[tuple[int, int]], int | None, float]:
+    """The kept ``(t, k)`` assignments, the capacity, and the priority margin.
+
+    The margin is the smallest non-zero gap of routing weights between the last kept and
+    the first dropped assignment of an overflowing expert (``inf`` if none matters):
+    with batch priority a tiny gap may legitimately order differently in fp32.
+    """
+    T = len(expert_ids)
+    K = len(expert_ids[0]) if T else 0
+    loads = [0] * num_experts
+    for row in expert_ids:
+        for e in row:
+            loads[e] += 1
+    cap = capacity(capacity_factor, T, K, num_experts, loads) if T else None
+    order = [(t, k) for k in range(K) for t in range(T)]
+    if batch_prioritized:
+        order = sorted(order, key=lambda tk: -weights[tk[0]][tk[1]])  # stable: ties keep default order
+    kept: set[tuple[int, int]] = set()
+    used = [0] * num_experts
+    last_kept: dict[int, float] = {}
+    margin = math.inf
+    for t, k in order:
+        e = expert_ids[t][k]
+        if cap is None or used[e] < cap:
+            used[e] += 1
+            kept.add((t, k))
+            last_kept[e] = weights[t][k]
+        elif batch_prioritized and e in last_kept:
+            gap = abs(last_kept[e] - weights[t][k])
+            if gap > 0:
+                margin = min(margin, gap)
+    return kept, cap, margin
+
+
+# ----------------------------------------------------------------------------- layer
+@dataclass
+class ReferenceOutput:
+    """The reference output and everything a test may want to check against."""
+
+    y_TD: Tensor
+    routing: Routing
+    kept: set[tuple[int, int]]
+    capacity: int | None
+    tokens_per_expert: list[int]
+    routed_per_expert: list[int]
+    priority_margin: float
+
+    @property
+    def margin(self) -> float:
+        """Smallest decision margin (choice or priority); tiny means fp32 may differ."""
+        return min(self.routing.choice_margin, self.priority_margin)
+
+
+def routed_expert(config, params: Params) -> ExpertFn:
+    """The built-in grouped FFN expert ``e`` applied to one token."""
+    act = config.experts.activation
+
+    def apply(e: int, x_D: Tensor) -> Tensor:
+        b_in = params.get("experts.b_in")
+        b_out = params.get("experts.b_out")
+        return ffn(
+            x_D,
+            params["experts.w_in"][e],
+            params["experts.w_out"][e],
+            None if b_in is None else b_in[e],
+            None if b_out is None else b_out[e],
+            act,
+        )
+
+    return apply
+
+
+def shared_expert(config, params: Params, x_D: Tensor) -> Tensor:
+    """The shared (always-on) FFN on one token, with its optional sigmoid gate."""
+    y = ffn(
+        x_D,
+        params["shared_experts.w_in.weight"],
+        params["shared_experts.w_out.weight"],
+        params.get("shared_experts.w_in.bias"),
+        params.get("shared_experts.w_out.bias"),
+        config.experts.activation,
+    )
+    if "shared_experts.gate.weight" in params:
+        y = y * sigmoid(params["shared_experts.gate.weight"][0] @ x_D)
+    return y
+
+
+def reference_moe(
+    config,
+    params: Params,
+    x: Tensor,
+    *,
+    top_k: int | None = None,
+    capacity_factor: float | None = None,
+    expert_fn: ExpertFn | None = None,
+) -> ReferenceOutput:
+    """The MoE layer's output for ``x [..., D]``, one token and one choice at a time."""
+    K = config.top_k if top_k is None else top_k
+    cf = config.capacity.capacity_factor if capacity_factor is None else capacity_factor
+    E = config.num_experts
+    x_TD = x.reshape(-1, config.dim)
+    routing = route(config, params, x_TD, K)
+    plain_weights = [[float(w.detach()) for w in row] for row in routing.weights]
+    kept, cap, priority_margin = kept_assignments(
+        routing.expert_ids, plain_weights, E, cf, config.capacity.batch_prioritized
+    )
+    expert = expert_fn or routed_expert(config, params)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros(config.dim, dtype=x_TD.dtype)
+        for k in range(K):
+            if (t, k) in kept:
+                y = y + routing.weights[t][k] * expert(routing.expert_ids[t][k], x_TD[t])
+        if config.experts.num_shared_experts > 0:
+            y = y + shared_expert(config, params, x_TD[t])
+        rows.append(y)
+    y_TD = torch.stack(rows) if rows else x_TD.new_zeros(0, config.dim)
+    routed = [0] * E
+    kept_counts = [0] * E
+    for t, row in enumerate(routing.expert_ids):
+        for k, e in enumerate(row):
+            routed[e] += 1
+            kept_counts[e] += (t, k) in kept
+    return ReferenceOutput(y_TD.reshape(x.shape), routing, kept, cap, kept_counts, routed, priority_margin)
+
+
+def reference_load_balance_loss(routing: Routing, num_experts: int) -> Tensor:
+    """``E * sum_i f_i * P_i`` with plain sums (``f`` counts choices before any drop)."""
+    T = len(routing.expert_ids)
+    K = len(routing.expert_ids[0])
+    total = 0.0
+    for i in range(num_experts):
+        f_i = sum(row.count(i) for row in routing.expert_ids) / (T * K)
+        P_i = sum(p[i] for p in routing.probs) / T
+        total = total + f_i * P_i
+    return num_experts * total
+
+
+def reference_z_loss(routing: Routing) -> Tensor:
+    """``mean_t (log sum_i exp(logits_ti))^2``."""
+    values = [torch.log(torch.exp(lg).sum()) ** 2 for lg in routing.logits]
+    return sum(values) / len(values)

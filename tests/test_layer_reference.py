@@ -1,0 +1,191 @@
+"""MoELayer against the plain reference MoE: outputs and gradients, fp32, bf16, autocast, every backend.
+
+Decisions are discrete (top-k choice, batch-priority order), so each example checks the
+reference's decision margins: an example whose chosen and unchosen scores are within
+1e-5 of each other (where fp32 and fp64 may legitimately decide differently) is
+rejected with ``assume``. Inputs are drawn so that this is rare (scores are O(1)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from flexmoe import CapacityConfig, ExpertConfig, MoEConfig, MoELayer, RouterConfig
+from tests.reference import ReferenceOutput, reference_moe, reference_params
+
+ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
+BACKENDS = ["loop", "fused", "grouped_mm"]
+# Dyadic factors: exactly representable, so ceil(cf*T*K/E) has one right answer.
+CAPACITY_FACTORS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 2.0, -0.25, -0.5, -1.0, -1.25, -2.0]
+MARGIN = 1e-5
+
+
+@dataclass
+class Case:
+    config: MoEConfig
+    shape: tuple[int, ...]
+    top_k: int | None
+    capacity_factor: float | None
+    seed: int
+
+
+@st.composite
+def cases(draw, backends: tuple[str, ...] = ("loop", "fused")) -> Case:
+    E = draw(st.integers(1, 8))
+    divisors = [g for g in range(1, E + 1) if E % g == 0]
+    num_groups = draw(st.sampled_from(divisors))
+    topk_groups = draw(st.integers(1, num_groups))
+    reachable = topk_groups * (E // num_groups)
+    kind = draw(st.sampled_from(["softmax", "sigmoid", "cosine"]))
+    router = RouterConfig(
+        kind=kind,
+        normalize_weights=draw(st.booleans()),
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+        selection_bias=draw(st.booleans()),
+        cosine_dim=draw(st.integers(2, 5)),
+    )
+    shared = draw(st.sampled_from([0, 0, 1, 2]))
+    experts = ExpertConfig(
+        activation=draw(st.sampled_from(ACTIVATIONS)),
+        bias=draw(st.booleans()),
+        backend=draw(st.sampled_from(backends)),
+        num_shared_experts=shared,
+        shared_hidden_dim=draw(st.sampled_from([None, 3])),
+        shared_expert_gate=draw(st.booleans()) if shared else False,
+    )
+    D = draw(st.integers(1, 7))
+    config = MoEConfig(
+        dim=D,
+        hidden_dim=draw(st.integers(1, 6)),
+        num_experts=E,
+        top_k=draw(st.integers(1, reachable)),
+        router=router,
+        capacity=CapacityConfig(
+            capacity_factor=draw(st.sampled_from(CAPACITY_FACTORS)), batch_prioritized=draw(st.booleans())
+        ),
+        experts=experts,
+    )
+    T = draw(st.sampled_from([1, 2, 3, 5, 7, 8, 11]))
+    leading = draw(st.sampled_from([(T,), (1, T), (T, 1)]))
+    return Case(
+        config=config,
+        shape=(*leading, D),
+        top_k=draw(st.one_of(st.none(), st.integers(1, reachable))),
+        capacity_factor=draw(st.one_of(st.none(), st.sampled_from(CAPACITY_FACTORS))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build(case: Case, dtype: torch.dtype = torch.float32) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
+    """The layer with random parameters (and selection bias), an input and an output cotangent."""
+    torch.manual_seed(case.seed)
+    layer = MoELayer.from_config(case.config)
+    if layer.router.expert_bias_E is not None:
+        # A selection bias comparable to the scores, so that it really changes choices.
+        layer.router.expert_bias_E.copy_(0.3 * torch.randn(case.config.num_experts))
+    layer = layer.to(dtype)
+    x = torch.randn(case.shape).to(dtype)
+    grad_y = torch.randn(case.shape)
+    return layer, x, grad_y
+
+
+def run_layer(layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case) -> tuple[torch.Tensor, dict]:
+    x = x.clone().requires_grad_(True)
+    y = layer(x, top_k=case.top_k, capacity_factor=case.capacity_factor)
+    (y.float() * grad_y).sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    grads["x"] = x.grad
+    return y, grads
+
+
+def run_reference(
+    layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case
+) -> tuple[ReferenceOutput, dict]:
+    params = reference_params(layer)
+    x64 = x.detach().double().requires_grad_(True)
+    out = reference_moe(layer.config, params, x64, top_k=case.top_k, capacity_factor=case.capacity_factor)
+    assume(out.margin > MARGIN)
+    (out.y_TD * grad_y.double()).sum().backward()
+    grads = {name: p.grad for name, p in params.items() if p.requires_grad}
+    grads["x"] = x64.grad
+    return out, grads
+
+
+def assert_close_scaled(
+    actual: torch.Tensor | None, expected: torch.Tensor | None, rel: float, floor: float, name: str
+) -> None:
+    """Elementwise ``|a - e| <= rel * (|e| + max|e|) + floor`` (a ``None`` grad means zero).
+
+    ``floor`` absorbs the rounding of O(1) terms that cancel to a tiny result.
+    """
+    if expected is None:
+        expected = torch.zeros_like(actual)
+    if actual is None:
+        actual = torch.zeros_like(expected)
+    assert actual.shape == expected.shape, name
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    tolerance = rel * (expected.abs() + scale) + floor
+    error = (actual - expected).abs()
+    assert bool((error <= tolerance).all()), (
+        f"{name}: max error {error.max().item():.3g}, scale {scale:.3g}\nactual={actual}\nexpected={expected}"
+    )
+
+
+def check_against_reference(
+    case: Case, dtype: torch.dtype, rel: float, floor: float, autocast: bool = False
+) -> None:
+    layer, x, grad_y = build(case, dtype)
+    reference, expected = run_reference(layer, x, grad_y, case)
+    if autocast:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            y, grads = run_layer(layer, x, grad_y, case)
+    else:
+        y, grads = run_layer(layer, x, grad_y, case)
+
+    assert y.shape == x.shape
+    assert y.dtype == (torch.bfloat16 if autocast else dtype)
+    stats = layer.stats
+    assert stats.routed_per_expert.tolist() == reference.routed_per_expert
+    assert stats.tokens_per_expert.tolist() == reference.tokens_per_expert
+    assert stats.capacity == reference.capacity
+    assert stats.dropped == x.numel() // x.shape[-1] * stats.top_k - len(reference.kept)
+    assert_close_scaled(y, reference.y_TD, rel, floor, "y")
+    assert set(grads) == set(expected), "the reference must cover every parameter"
+    for name, grad in expected.items():
+        assert_close_scaled(grads[name], grad, rel, floor, f"grad {name}")
+
+
+@settings(max_examples=60)
+@given(case=cases())
+def test_fp32_matches_reference(case: Case) -> None:
+    check_against_reference(case, torch.float32, rel=2e-5, floor=1e-5)
+
+
+@settings(max_examples=25)
+@given(case=cases(backends=["loop"]))
+def test_every_backend_matches_reference(case: Case) -> None:
+    for backend in BACKENDS:
+        config = dataclasses.replace(case.config, experts=dataclasses.replace(case.config.experts, backend=backend))
+        check_against_reference(dataclasses.replace(case, config=config), torch.float32, rel=2e-5, floor=1e-5)
+
+
+@settings(max_examples=30)
+@given(case=cases())
+def test_bf16_layer_matches_reference(case: Case) -> None:
+    # The reference computes in fp64 from the same bf16-rounded weights and input.
+    check_against_reference(case, torch.bfloat16, rel=4e-2, floor=1e-2)
+
+
+@settings(max_examples=25)
+@given(case=cases())
+def test_autocast_bf16_matches_reference(case: Case) -> None:
+    # fp32 parameters; the router stays fp32, the expert GEMMs run in bf16.
+    check_against_reference(case, torch.float32, rel=4e-2, floor=1e-2, autocast=True)
