@@ -186,7 +186,7 @@ def kept_assignments(
     for row in expert_ids:
         for e in row:
             loads[e] += 1
-    cap = capacity(capacity_factor, T, K, num_experts, loads) if T else None
+    cap = capacity(capacity_factor, T, K, num_experts, loads)
     order = [(t, k) for k in range(K) for t in range(T)]
     if batch_prioritized:
         order = sorted(order, key=lambda tk: -weights[tk[0]][tk[1]])  # stable: ties keep default order

@@ -261,11 +261,14 @@ class MoELayer(nn.Module):
             route.expert_ids_TK, route.weights_TK, cfg.num_experts, cf, cfg.capacity.batch_prioritized
         )
         # 3. permute (+ exchange, for distributed dispatchers)
-        x_ND, counts, metadata = self.dispatcher.dispatch(x_TD, layout, plan)
-        # 4. experts
-        y_ND = self.experts(x_ND, counts)
-        # 5. combine (+ exchange back)
-        y_TD = self.dispatcher.combine(y_ND, route.weights_TK, layout, metadata)
+        x_ND, row_weights_N, counts, metadata = self.dispatcher.dispatch(x_TD, route.weights_TK, layout, plan)
+        # 4. experts, each output row scaled by its routing weight
+        if getattr(self.experts, "accepts_row_weights", False):
+            y_ND = self.experts(x_ND, counts, row_weights_N)
+        else:
+            y_ND = self.experts(x_ND, counts) * row_weights_N.to(x_ND.dtype)[:, None]
+        # 5. combine (+ exchange back): per-token sum
+        y_TD = self.dispatcher.combine(y_ND, layout, metadata)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 

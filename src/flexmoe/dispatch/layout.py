@@ -46,6 +46,8 @@ class DispatchLayout:
         counts: ``tokens_per_expert_E`` as host ints (the GEMM loop needs them).
         capacity: the per-expert capacity used, ``None`` if dropless.
         num_tokens, top_k: ``T`` and ``K`` of this step.
+        inverse_S: when nothing was dropped, the kept-row index of every slot
+            (the inverse permutation of ``slot_ids_N``); ``None`` otherwise.
     """
 
     slot_ids_N: Tensor
@@ -56,6 +58,7 @@ class DispatchLayout:
     capacity: int | None
     num_tokens: int
     top_k: int
+    inverse_S: Tensor | None = None
 
     @property
     def num_dropped(self) -> int:
@@ -104,6 +107,10 @@ def make_layout(
         slot_ids_N = slot_ids_S[position_S < capacity]
         tokens_per_expert_E = routed_per_expert_E.clamp(max=capacity)
         kept_counts = [min(c, capacity) for c in routed_counts]
+    inverse_S = None
+    if len(slot_ids_N) == T * K:
+        inverse_S = torch.empty_like(slot_ids_N)
+        inverse_S[slot_ids_N] = torch.arange(T * K, device=device)
     return DispatchLayout(
         slot_ids_N=slot_ids_N,
         token_ids_N=torch.div(slot_ids_N, K, rounding_mode="floor"),
@@ -113,4 +120,5 @@ def make_layout(
         capacity=capacity,
         num_tokens=T,
         top_k=K,
+        inverse_S=inverse_S,
     )

@@ -5,8 +5,11 @@ width (2F gated, else F), E experts.
 
 Plugging in your own experts: pass any ``nn.Module`` with integer attributes
 ``num_experts`` and ``dim`` whose ``forward(x_ND, counts)`` maps the expert-major rows
-(``counts[e]`` consecutive rows for expert ``e``) to outputs of the same shape; or pass
-an ``nn.ModuleList`` of ``E`` modules that each map ``[n, D] -> [n, D]``.
+(``counts[e]`` consecutive rows for expert ``e``) to outputs of the same shape; the
+layer multiplies the outputs by the routing weights. (A module that sets
+``accepts_row_weights = True`` is called as ``forward(x_ND, counts, row_weights_N)``
+and must apply them itself.) Or pass an ``nn.ModuleList`` of ``E`` modules that each
+map ``[n, D] -> [n, D]``.
 """
 
 from __future__ import annotations
@@ -79,8 +82,12 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
-    def forward(self, x_ND: Tensor, counts: list[int], backend: str | None = None) -> Tensor:
-        """Apply expert ``e`` to its ``counts[e]`` consecutive rows of ``x_ND``."""
+    accepts_row_weights = True
+
+    def forward(
+        self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None = None, backend: str | None = None
+    ) -> Tensor:
+        """Apply expert ``e`` to its ``counts[e]`` consecutive rows, scaled by ``row_weights_N``."""
         w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
         device_type = x_ND.device.type
         if torch.is_autocast_enabled(device_type):
@@ -94,9 +101,11 @@ class GroupedExperts(nn.Module):
                 f"x has dtype {x_ND.dtype} but the experts' weights are {w_in.dtype}; "
                 "convert the layer with .to(dtype) or run under torch.autocast"
             )
+        if row_weights_N is not None:
+            row_weights_N = row_weights_N.to(x_ND.dtype)
         name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype)
         with torch.autocast(device_type, enabled=False):
-            return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation)
+            return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
@@ -114,7 +123,7 @@ class ModuleListExperts(nn.Module):
         self.num_experts = len(experts)
         self.dim = dim
 
-    def forward(self, x_ND: Tensor, counts: list[int], backend: str | None = None) -> Tensor:  # noqa: D102
+    def forward(self, x_ND: Tensor, counts: list[int]) -> Tensor:  # noqa: D102
         outputs = []
         for e, x_e in enumerate(x_ND.split(counts)):
             if x_e.shape[0] == 0:
