@@ -26,7 +26,8 @@ class Timing:
     repeats: int
 
     def __str__(self) -> str:
-        return f"{self.median * 1e3:9.2f} ms (min {self.min * 1e3:.2f}, max {self.max * 1e3:.2f}, n={self.repeats})"
+        spread = f"min {self.min * 1e3:.2f}, max {self.max * 1e3:.2f}"
+        return f"{self.median * 1e3:9.2f} ms ({spread}, n={self.repeats})"
 
 
 def _sync(device: torch.device) -> None:
@@ -34,7 +35,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7, device: torch.device | None = None) -> Timing:
+def measure(
+    fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7, device: torch.device | None = None
+) -> Timing:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     device = device or torch.device("cpu")
     for _ in range(warmup):
@@ -50,7 +53,11 @@ def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7, device:
 
 
 def measure_interleaved(
-    fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5, device: torch.device | None = None
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    device: torch.device | None = None,
 ) -> dict[str, Timing]:
     """Time several candidates round-robin, so that clock-speed drift hits all alike."""
     device = device or torch.device("cpu")
@@ -81,7 +88,9 @@ class MachineLimits:
         )
 
 
-def machine_limits(device: torch.device | None = None, dtype: torch.dtype = torch.float32, size: int = 2048) -> MachineLimits:
+def machine_limits(
+    device: torch.device | None = None, dtype: torch.dtype = torch.float32, size: int = 2048
+) -> MachineLimits:
     """Measure the dense-GEMM throughput and read bandwidth of this machine, now."""
     device = device or torch.device("cpu")
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -115,5 +124,11 @@ def environment() -> dict[str, Any]:
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
-        Path(path).write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+        Path(path).write_text(
+            json.dumps(
+                payload,
+                indent=2,
+                default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o),
+            )
+        )
         print(f"wrote {path}")

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, machine_limits, measure_interleaved, write_json  # noqa: E402
-
-import flexmoe  # noqa: E402
+import flexmoe
+from harness import environment, machine_limits, measure_interleaved, write_json
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,8 @@ class Case:
     def describe(self) -> str:
         mode = "fwd+bwd" if self.train else "fwd, no grad"
         return (
-            f"{self.name}: tokens {self.tokens}, dim {self.dim}, hidden {self.hidden}, {self.experts} experts, "
+            f"{self.name}: tokens {self.tokens}, dim {self.dim}, hidden {self.hidden}, "
+            f"{self.experts} experts, "
             f"top-{self.top_k}, {self.activation}, {mode}"
         )
 
@@ -180,7 +180,9 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         header += f"{'vs ' + key.removeprefix('speedup_vs_hf_'):>14}"
     print(header)
     for name, row in result["results"].items():
-        line = f"  {name:<16}{row['seconds'] * 1e3:>10.1f}{row['gflops']:>10.1f}{row['pct_dense_gemm']:>8.1f}%"
+        line = (
+            f"  {name:<16}{row['seconds'] * 1e3:>10.1f}{row['gflops']:>10.1f}{row['pct_dense_gemm']:>8.1f}%"
+        )
         if not case.train:
             line += f"{row['pct_bandwidth_roofline']:>10.1f}%"
         for key in hf_keys:
@@ -189,7 +191,9 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-loop", action="store_true", help="skip the per-expert autograd loop baseline")
@@ -207,7 +211,15 @@ def main(argv: list[str] | None = None) -> None:
         print_case(case, results[name])
     limits_after = machine_limits()
     print("\nmachine after:", limits_after.describe(), "(large drift means the numbers above are noisy)")
-    write_json(args.json, {"environment": env, "limits": limits.__dict__, "limits_after": limits_after.__dict__, "cases": results})
+    write_json(
+        args.json,
+        {
+            "environment": env,
+            "limits": limits.__dict__,
+            "limits_after": limits_after.__dict__,
+            "cases": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def activation_fn(name: str, h: Tensor) -> Tensor:
     raise ValueError(name)
 
 
-def ffn(x_D: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None, act: str) -> Tensor:
+def ffn(
+    x_D: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None, act: str
+) -> Tensor:
     """One FFN on one token: ``w_out @ act(w_in @ x + b_in) + b_out``."""
     h = w_in @ x_D
     if b_in is not None:

@@ -30,7 +30,9 @@ def routings(draw):
     return E, K, rows, weights, cf, draw(st.booleans())
 
 
-def as_tensors(K: int, rows: list[list[int]], weights: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(
+    K: int, rows: list[list[int]], weights: list[list[float]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), K)
     w = torch.tensor(weights, dtype=torch.float32).reshape(len(rows), K)
     return ids, w

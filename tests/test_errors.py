@@ -37,23 +37,25 @@ def test_integer_input() -> None:
 
 @pytest.mark.parametrize("x", [[[0.0] * D], None, "x"])
 def test_non_tensor_input(x) -> None:
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         make_layer()(x)
 
 
 def test_dtype_mismatch_without_autocast() -> None:
-    with pytest.raises(TypeError, match=r"x has dtype torch\.bfloat16 but the experts' weights are torch\.float32"):
+    with pytest.raises(
+        TypeError, match=r"x has dtype torch\.bfloat16 but the experts' weights are torch\.float32"
+    ):
         make_layer()(torch.randn(3, D, dtype=torch.bfloat16))
 
 
 def test_plan_of_wrong_type() -> None:
-    with pytest.raises(TypeError, match="plan must be a flexmoe.Plan"):
+    with pytest.raises(TypeError, match=r"plan must be a flexmoe\.Plan"):
         make_layer()(torch.randn(3, D), plan={"r": 1})
 
 
 @pytest.mark.parametrize("bad", [{"r": -1}, {"d": 0}, {"exchange": "ring"}])
 def test_bad_plan_values(bad) -> None:
-    with pytest.raises(ValueError, match="plan."):
+    with pytest.raises(ValueError, match=r"plan\."):
         Plan(**bad)
 
 
@@ -81,7 +83,9 @@ def test_top_k_beyond_reachable_groups() -> None:
 
 
 # ----------------------------------------------------------------- capacity_factor
-@pytest.mark.parametrize("capacity_factor", [float("nan"), float("inf"), -float("inf"), "1.0", True, None, [1.0]])
+@pytest.mark.parametrize(
+    "capacity_factor", [float("nan"), float("inf"), -float("inf"), "1.0", True, None, [1.0]]
+)
 def test_nonsense_capacity_factor_in_constructor(capacity_factor) -> None:
     with pytest.raises((ValueError, TypeError), match="capacity_factor must be"):
         make_layer(capacity_factor=capacity_factor)
@@ -106,7 +110,7 @@ def test_bad_backend() -> None:
 
 
 def test_bad_router_name() -> None:
-    with pytest.raises(ValueError, match="router.kind must be one of"):
+    with pytest.raises(ValueError, match=r"router\.kind must be one of"):
         make_layer(router="linear")
 
 
@@ -172,12 +176,12 @@ def test_custom_experts_with_mismatched_attributes(num_experts, dim, name) -> No
 
 
 def test_custom_experts_without_attributes() -> None:
-    with pytest.raises(ValueError, match="experts.num_experts must be"):
+    with pytest.raises(ValueError, match=r"experts\.num_experts must be"):
         make_layer(experts=nn.Linear(D, D))
 
 
 def test_experts_that_are_not_a_module() -> None:
-    with pytest.raises(TypeError, match="experts must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"experts must be an nn\.Module"):
         make_layer(experts=lambda x, counts: x)
 
 

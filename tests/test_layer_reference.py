@@ -96,7 +96,9 @@ def build(case: Case, dtype: torch.dtype = torch.float32) -> tuple[MoELayer, tor
     return layer, x, grad_y
 
 
-def run_layer(layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case) -> tuple[torch.Tensor, dict]:
+def run_layer(
+    layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case
+) -> tuple[torch.Tensor, dict]:
     x = x.clone().requires_grad_(True)
     y = layer(x, top_k=case.top_k, capacity_factor=case.capacity_factor)
     (y.float() * grad_y).sum().backward()
@@ -173,7 +175,9 @@ def test_fp32_matches_reference(case: Case) -> None:
 @given(case=cases(backends=["loop"]))
 def test_every_backend_matches_reference(case: Case) -> None:
     for backend in BACKENDS:
-        config = dataclasses.replace(case.config, experts=dataclasses.replace(case.config.experts, backend=backend))
+        config = dataclasses.replace(
+            case.config, experts=dataclasses.replace(case.config.experts, backend=backend)
+        )
         check_against_reference(dataclasses.replace(case, config=config), torch.float32, rel=2e-5, floor=1e-5)
 
 

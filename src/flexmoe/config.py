@@ -62,7 +62,9 @@ def validate_capacity_factor(capacity_factor: object, name: str = "capacity_fact
             f"got {capacity_factor!r}"
         )
     if not math.isfinite(capacity_factor):
-        raise ValueError(f"{name} must be finite (>0 fixed, <0 adaptive with cap, 0 dropless), got {capacity_factor!r}")
+        raise ValueError(
+            f"{name} must be finite (>0 fixed, <0 adaptive with cap, 0 dropless), got {capacity_factor!r}"
+        )
     return float(capacity_factor)
 
 
@@ -102,7 +104,12 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _require(self.kind in ROUTER_KINDS, "router.kind", f"one of {ROUTER_KINDS}", self.kind)
-        _require(_is_int(self.num_groups) and self.num_groups >= 1, "router.num_groups", "an int >= 1", self.num_groups)
+        _require(
+            _is_int(self.num_groups) and self.num_groups >= 1,
+            "router.num_groups",
+            "an int >= 1",
+            self.num_groups,
+        )
         _require(
             _is_int(self.topk_groups) and 1 <= self.topk_groups <= self.num_groups,
             "router.topk_groups",
@@ -117,7 +124,12 @@ class RouterConfig:
         )
         _require(self.noise_std >= 0, "router.noise_std", "a float >= 0", self.noise_std)
         _require(0 <= self.input_jitter < 1, "router.input_jitter", "a float in [0, 1)", self.input_jitter)
-        _require(_is_int(self.cosine_dim) and self.cosine_dim >= 1, "router.cosine_dim", "an int >= 1", self.cosine_dim)
+        _require(
+            _is_int(self.cosine_dim) and self.cosine_dim >= 1,
+            "router.cosine_dim",
+            "an int >= 1",
+            self.cosine_dim,
+        )
         _require(
             self.cosine_init_temperature > 0,
             "router.cosine_init_temperature",
@@ -265,14 +277,19 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _require(_is_int(self.dim) and self.dim >= 1, "dim", "an int >= 1", self.dim)
-        _require(_is_int(self.hidden_dim) and self.hidden_dim >= 1, "hidden_dim", "an int >= 1", self.hidden_dim)
-        _require(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an int >= 1", self.num_experts)
+        _require(
+            _is_int(self.hidden_dim) and self.hidden_dim >= 1, "hidden_dim", "an int >= 1", self.hidden_dim
+        )
+        _require(
+            _is_int(self.num_experts) and self.num_experts >= 1,
+            "num_experts",
+            "an int >= 1",
+            self.num_experts,
+        )
         validate_top_k(self.top_k, self.num_experts)
         groups = self.router.num_groups
         if self.num_experts % groups != 0:
-            raise ValueError(
-                f"router.num_groups must divide num_experts={self.num_experts}, got {groups!r}"
-            )
+            raise ValueError(f"router.num_groups must divide num_experts={self.num_experts}, got {groups!r}")
         if groups > 1:
             reachable = self.router.topk_groups * (self.num_experts // groups)
             validate_top_k(self.top_k, reachable, name="top_k (with group-limited routing)")

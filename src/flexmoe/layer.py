@@ -128,7 +128,9 @@ class MoELayer(nn.Module):
         elif isinstance(router, RouterConfig):
             router_config = router
         else:
-            raise TypeError(f"router must be a router kind (str) or a RouterConfig, got {type(router).__name__}")
+            raise TypeError(
+                f"router must be a router kind (str) or a RouterConfig, got {type(router).__name__}"
+            )
         config = MoEConfig(
             dim=dim,
             hidden_dim=hidden_dim,
@@ -145,7 +147,9 @@ class MoELayer(nn.Module):
                 shared_expert_gate=shared_expert_gate,
             ),
             balance=BalanceConfig(
-                load_balance_weight=load_balance_weight, z_loss_weight=z_loss_weight, aux_free_rate=aux_free_rate
+                load_balance_weight=load_balance_weight,
+                z_loss_weight=z_loss_weight,
+                aux_free_rate=aux_free_rate,
             ),
             check_finite=check_finite,
         )
@@ -189,19 +193,31 @@ class MoELayer(nn.Module):
             )
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.register_buffer(
-            "_pending_counts_E", torch.zeros(config.num_experts, dtype=torch.float64, device=device), persistent=False
+            "_pending_counts_E",
+            torch.zeros(config.num_experts, dtype=torch.float64, device=device),
+            persistent=False,
         )
         self.aux_loss = torch.zeros(())
         self.stats = None
 
     @staticmethod
     def _make_experts(
-        config: MoEConfig, experts: nn.Module | None, device: torch.device | str | None, dtype: torch.dtype | None
+        config: MoEConfig,
+        experts: nn.Module | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
     ) -> nn.Module:
         if experts is None:
             ecfg = config.experts
             return GroupedExperts(
-                config.num_experts, config.dim, config.hidden_dim, ecfg.activation, ecfg.bias, ecfg.backend, device, dtype
+                config.num_experts,
+                config.dim,
+                config.hidden_dim,
+                ecfg.activation,
+                ecfg.bias,
+                ecfg.backend,
+                device,
+                dtype,
             )
         if isinstance(experts, nn.ModuleList):
             if len(experts) != config.num_experts:
@@ -238,7 +254,11 @@ class MoELayer(nn.Module):
         if cfg.router.num_groups > 1 and top_k is not None:
             reachable = cfg.router.topk_groups * (cfg.num_experts // cfg.router.num_groups)
             validate_top_k(top_k, reachable, name="top_k (with group-limited routing)")
-        cf = cfg.capacity.capacity_factor if capacity_factor is None else validate_capacity_factor(capacity_factor)
+        cf = (
+            cfg.capacity.capacity_factor
+            if capacity_factor is None
+            else validate_capacity_factor(capacity_factor)
+        )
         if plan is None:
             plan = Plan()
         elif not isinstance(plan, Plan):
@@ -248,9 +268,11 @@ class MoELayer(nn.Module):
 
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
-        backend = resolve_backend(cfg.experts.backend, x.device, x.dtype) if isinstance(
-            self.experts, GroupedExperts
-        ) else type(self.experts).__name__
+        backend = (
+            resolve_backend(cfg.experts.backend, x.device, x.dtype)
+            if isinstance(self.experts, GroupedExperts)
+            else type(self.experts).__name__
+        )
         if T == 0:
             return self._empty_forward(x, k, cf, plan, backend)
 

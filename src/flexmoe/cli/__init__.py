@@ -11,7 +11,9 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flexmoe`` command."""
-    parser = argparse.ArgumentParser(prog="flexmoe", description="flexmoe: adaptive Mixture-of-Experts for PyTorch")
+    parser = argparse.ArgumentParser(
+        prog="flexmoe", description="flexmoe: adaptive Mixture-of-Experts for PyTorch"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a small MoE language model on one process and report")
     add_demo_arguments(demo)

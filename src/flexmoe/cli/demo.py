@@ -24,7 +24,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--expert-hidden", type=int, default=256)
-    parser.add_argument("--capacity-factor", type=float, default=0.0, help=">0 fixed, <0 adaptive cap, 0 dropless")
+    parser.add_argument(
+        "--capacity-factor", type=float, default=0.0, help=">0 fixed, <0 adaptive cap, 0 dropless"
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
@@ -64,7 +66,8 @@ def run_demo(args: argparse.Namespace) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(
         f"flexmoe demo: {len(corpus.train) / 1e6:.1f} MB of training bytes from {corpus.source}\n"
-        f"model: {config.num_layers} layers, dim {config.dim}, {config.num_experts} experts top-{config.top_k}, "
+        f"model: {config.num_layers} layers, dim {config.dim}, "
+        f"{config.num_experts} experts top-{config.top_k}, "
         f"{params / 1e6:.2f}M parameters; batch {args.batch_size}x{args.context} tokens, {args.steps} steps"
     )
     initial = _eval_loss(model, corpus, args.batch_size, args.context)
@@ -83,7 +86,9 @@ def run_demo(args: argparse.Namespace) -> None:
         window_tokens += tokens_per_step
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
-            loads = " ".join(f"{layer.stats.load_max_over_mean:.2f}" for layer in model.moe_layers() if layer.stats)
+            loads = " ".join(
+                f"{layer.stats.load_max_over_mean:.2f}" for layer in model.moe_layers() if layer.stats
+            )
             dropped = sum(layer.stats.dropped for layer in model.moe_layers() if layer.stats)
             print(
                 f"step {step:5d}  loss {loss.item():.3f}  aux {model.aux_loss().item():.4f}  "

@@ -18,7 +18,9 @@ from torch import Tensor
 __all__ = ["DispatchLayout", "compute_capacity", "make_layout"]
 
 
-def compute_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int, max_load: int) -> int | None:
+def compute_capacity(
+    capacity_factor: float, num_tokens: int, top_k: int, num_experts: int, max_load: int
+) -> int | None:
     """Per-expert capacity for one step, or ``None`` when nothing may be dropped.
 
     ``cf > 0``: ``ceil(cf * T * K / E)``. ``cf < 0``: the real maximum load, capped at

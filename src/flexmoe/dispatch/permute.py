@@ -34,23 +34,23 @@ def slots_to_tokens(rows_ND: Tensor, layout: DispatchLayout) -> Tensor:
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_TD: Tensor, layout: DispatchLayout) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x_TD: Tensor, layout: DispatchLayout) -> Tensor:
         ctx.layout = layout
         return x_TD.index_select(0, layout.token_ids_N)
 
     @staticmethod
-    def backward(ctx: Any, grad_ND: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_ND: Tensor) -> tuple[Tensor, None]:
         return slots_to_tokens(grad_ND, ctx.layout), None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, y_ND: Tensor, layout: DispatchLayout) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, y_ND: Tensor, layout: DispatchLayout) -> Tensor:
         ctx.layout = layout
         return slots_to_tokens(y_ND, layout)
 
     @staticmethod
-    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor, None]:
         return grad_TD.index_select(0, ctx.layout.token_ids_N), None
 
 

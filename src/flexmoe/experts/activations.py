@@ -30,9 +30,9 @@ def _apply(name: str, h: Tensor) -> Tensor:
 def _apply_backward(name: str, grad: Tensor, h: Tensor) -> Tensor:
     if name == "relu":
         return grad * (h > 0).to(grad.dtype)
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h)
-    return torch.ops.aten.silu_backward(grad, h)
+    op = torch.ops.aten.gelu_backward if name == "gelu" else torch.ops.aten.silu_backward
+    result: Tensor = op(grad, h)
+    return result
 
 
 def activate(h_NH: Tensor, activation: str) -> Tensor:
@@ -53,7 +53,9 @@ def activate_parts(h_NH: Tensor, activation: str) -> tuple[Tensor, Tensor | None
     return _apply(activation, h_NH), None
 
 
-def activate_backward(grad_NF: Tensor, h_NH: Tensor, activation: str, act_gate_NF: Tensor | None = None) -> Tensor:
+def activate_backward(
+    grad_NF: Tensor, h_NH: Tensor, activation: str, act_gate_NF: Tensor | None = None
+) -> Tensor:
     """Gradient w.r.t. ``h_NH`` of ``activate(h_NH)``, given the gradient of its output.
 
     For gated activations pass ``act_gate_NF`` (from ``activate_parts``) to avoid

@@ -25,7 +25,13 @@ from torch import Tensor
 
 from flexmoe.experts.activations import activate, activate_backward, activate_parts
 
-__all__ = ["grouped_ffn", "grouped_ffn_fused", "grouped_ffn_grouped_mm", "grouped_ffn_loop", "grouped_mm_available"]
+__all__ = [
+    "grouped_ffn",
+    "grouped_ffn_fused",
+    "grouped_ffn_grouped_mm",
+    "grouped_ffn_loop",
+    "grouped_mm_available",
+]
 
 
 def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -40,7 +46,9 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
 
 
 def _expert_of_row(counts: list[int], device: torch.device) -> Tensor:
-    return torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    return torch.repeat_interleave(
+        torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+    )
 
 
 def grouped_ffn_loop(
@@ -72,7 +80,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
     """The fused per-expert loop: GEMMs into preallocated buffers, activation recomputed."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x_ND: Tensor,
         w_in: Tensor,
@@ -110,7 +118,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
         return y_ND
 
     @staticmethod
-    def backward(ctx: Any, grad_y_ND: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y_ND: Tensor) -> tuple[Tensor | None, ...]:
         x_ND, h_NH, w_in, w_out, b_out, row_weights_N = ctx.saved_tensors
         segments = ctx.segments
         need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw = ctx.needs_input_grad[:6]
@@ -132,7 +140,11 @@ class _FusedGroupedFFN(torch.autograd.Function):
                         grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
             a_NF.mul_(w_N1)
             grad_a_NF.mul_(w_N1)
-        grad_w_out = _grad_weights(w_out, segments, lambda e, s, t, out: torch.mm(grad_y_ND[s:t].t(), a_NF[s:t], out=out)) if need_w_out else None
+        grad_w_out = None
+        if need_w_out:
+            grad_w_out = _empty_grad_like(w_out, segments)
+            for e, s, t in segments:
+                torch.mm(grad_y_ND[s:t].t(), a_NF[s:t], out=grad_w_out[e])
         del a_NF
 
         # 2. Through the activation.
@@ -140,7 +152,11 @@ class _FusedGroupedFFN(torch.autograd.Function):
         del grad_a_NF, act_gate_NF
 
         # 3. Through the up projection.
-        grad_w_in = _grad_weights(w_in, segments, lambda e, s, t, out: torch.mm(grad_h_NH[s:t].t(), x_ND[s:t], out=out)) if need_w_in else None
+        grad_w_in = None
+        if need_w_in:
+            grad_w_in = _empty_grad_like(w_in, segments)
+            for e, s, t in segments:
+                torch.mm(grad_h_NH[s:t].t(), x_ND[s:t], out=grad_w_in[e])
         grad_x_ND = None
         if need_x:
             grad_x_ND = torch.empty_like(x_ND)
@@ -154,15 +170,12 @@ class _FusedGroupedFFN(torch.autograd.Function):
         return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw, None, None
 
 
-def _grad_weights(weight: Tensor, segments: list[tuple[int, int, int]], gemm: Any) -> Tensor:
-    """Per-expert weight gradients written in place; experts with no rows get zeros."""
+def _empty_grad_like(weight: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
+    """Uninitialised per-expert gradient, zeroed only for experts that get no rows."""
     grad = torch.empty_like(weight)
-    active = [False] * weight.shape[0]
-    for e, s, t in segments:
-        gemm(e, s, t, grad[e])
-        active[e] = True
-    for e, is_active in enumerate(active):
-        if not is_active:
+    active = {e for e, _, _ in segments}
+    for e in range(weight.shape[0]):
+        if e not in active:
             grad[e].zero_()
     return grad
 

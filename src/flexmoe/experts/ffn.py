@@ -88,7 +88,10 @@ class GroupedExperts(nn.Module):
         self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None = None, backend: str | None = None
     ) -> Tensor:
         """Apply expert ``e`` to its ``counts[e]`` consecutive rows, scaled by ``row_weights_N``."""
-        w_in, w_out, b_in, b_out = self.w_in, self.w_out, self.b_in, self.b_out
+        w_in: Tensor = self.w_in
+        w_out: Tensor = self.w_out
+        b_in: Tensor | None = self.b_in
+        b_out: Tensor | None = self.b_out
         device_type = x_ND.device.type
         if torch.is_autocast_enabled(device_type):
             # The GEMMs below run outside autocast's op dispatch, so cast explicitly.
@@ -159,7 +162,7 @@ class DenseFFN(nn.Module):
         self.gate = nn.Linear(dim, 1, bias=False, device=device, dtype=dtype) if gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:  # noqa: D102
-        y_TD = self.w_out(activate(self.w_in(x_TD), self.activation))
+        y_TD: Tensor = self.w_out(activate(self.w_in(x_TD), self.activation))
         if self.gate is not None:
             y_TD = y_TD * F.sigmoid(self.gate(x_TD))
         return y_TD

@@ -24,7 +24,9 @@ class ByteCorpus:
     val: Tensor  # uint8 [n_val]
     source: str
 
-    def batch(self, split: str, batch_size: int, context: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def batch(
+        self, split: str, batch_size: int, context: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Random windows: inputs ``[B, context]`` and next-byte targets (int64)."""
         data = self.train if split == "train" else self.val
         if len(data) <= context + 1:
@@ -55,5 +57,5 @@ def stdlib_corpus(max_bytes: int = 8_000_000, val_fraction: float = 0.05) -> Byt
         raise FileNotFoundError(f"no Python source files found under {root}")
     blob = np.frombuffer(b"".join(pieces)[:max_bytes], dtype=np.uint8).copy()
     split = int(len(blob) * (1 - val_fraction))
-    data = torch.from_numpy(blob)
-    return ByteCorpus(train=data[:split], val=data[split:], source=str(root))
+    corpus = torch.from_numpy(blob)
+    return ByteCorpus(train=corpus[:split], val=corpus[split:], source=str(root))

@@ -56,9 +56,12 @@ class _Block(nn.Module):
     def forward(self, x_BLD: Tensor) -> Tensor:
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(self.norm_attn(x_BLD)).view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         x_BLD = x_BLD + self.proj(attn.transpose(1, 2).reshape(B, L, D))
-        return x_BLD + self.moe(self.norm_moe(x_BLD))
+        out: Tensor = x_BLD + self.moe(self.norm_moe(x_BLD))
+        return out
 
 
 class TinyMoELM(nn.Module):
@@ -76,12 +79,12 @@ class TinyMoELM(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers, in depth order."""
-        return [block.moe for block in self.blocks]  # type: ignore[union-attr]
+        return [module for module in self.modules() if isinstance(module, MoELayer)]
 
     def forward(self, tokens_BL: Tensor) -> Tensor:
         """Next-token logits ``[B, L, V]``."""
         L = tokens_BL.shape[1]
-        if L > self.config.context:
+        if self.config.context < L:
             raise ValueError(f"tokens must have length <= context={self.config.context}, got {L}")
         x_BLD = self.embed(tokens_BL) + self.position[:L]
         for block in self.blocks:

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from flexmoe.config import RouterConfig
 
-__all__ = ["CosineRouter", "Router", "RouterOutput", "SigmoidRouter", "SoftmaxRouter", "build_router", "select_top_k"]
+__all__ = [
+    "CosineRouter",
+    "Router",
+    "RouterOutput",
+    "SigmoidRouter",
+    "SoftmaxRouter",
+    "build_router",
+    "select_top_k",
+]
 
 
 @dataclass
@@ -37,7 +45,9 @@ class RouterOutput:
     probs_TE: Tensor
 
 
-def select_top_k(scores_TE: Tensor, top_k: int, num_groups: int = 1, topk_groups: int = 1, group_reduce: str = "max") -> Tensor:
+def select_top_k(
+    scores_TE: Tensor, top_k: int, num_groups: int = 1, topk_groups: int = 1, group_reduce: str = "max"
+) -> Tensor:
     """Indices of the ``top_k`` best experts per token, optionally group-limited.
 
     With ``num_groups > 1`` the experts are split into ``G`` contiguous groups, each
@@ -69,7 +79,9 @@ class Router(nn.Module):
     group_reduce = "max"
     expert_bias_E: Tensor
 
-    def __init__(self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> None:
+    def __init__(
+        self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.num_experts = num_experts
@@ -96,7 +108,9 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x32_TD = x_TD.float()
             if self.training and cfg.input_jitter > 0:
-                x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1 - cfg.input_jitter, 1 + cfg.input_jitter)
+                x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(
+                    1 - cfg.input_jitter, 1 + cfg.input_jitter
+                )
             logits_TE = self.logits(x32_TD)
             if self.training and cfg.noise_std > 0:
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
@@ -116,7 +130,9 @@ class Router(nn.Module):
 class SoftmaxRouter(Router):
     """``softmax(x W^T)`` over experts, then top-k (Switch, GShard, Mixtral, Qwen-MoE)."""
 
-    def __init__(self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> None:
+    def __init__(
+        self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None
+    ) -> None:
         super().__init__(dim, num_experts, config, device)
         self.weight = nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=torch.float32))
         nn.init.normal_(self.weight, std=dim**-0.5)
@@ -145,10 +161,14 @@ class CosineRouter(Router):
     0.01, so that logits stay bounded whatever the norm of ``x``.
     """
 
-    def __init__(self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> None:
+    def __init__(
+        self, dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None
+    ) -> None:
         super().__init__(dim, num_experts, config, device)
         self.proj = nn.Parameter(torch.empty(config.cosine_dim, dim, device=device, dtype=torch.float32))
-        self.expert_embeddings = nn.Parameter(torch.empty(num_experts, config.cosine_dim, device=device, dtype=torch.float32))
+        self.expert_embeddings = nn.Parameter(
+            torch.empty(num_experts, config.cosine_dim, device=device, dtype=torch.float32)
+        )
         self.log_temperature = nn.Parameter(
             torch.full((), math.log(config.cosine_init_temperature), device=device, dtype=torch.float32)
         )
@@ -162,7 +182,13 @@ class CosineRouter(Router):
         return F.linear(h_TR, e_ER) / temperature
 
 
-def build_router(dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None) -> Router:
+def build_router(
+    dim: int, num_experts: int, config: RouterConfig, device: torch.device | None = None
+) -> Router:
     """The router module that ``config.kind`` names."""
-    kinds: dict[str, type[Router]] = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter, "cosine": CosineRouter}
+    kinds: dict[str, type[Router]] = {
+        "softmax": SoftmaxRouter,
+        "sigmoid": SigmoidRouter,
+        "cosine": CosineRouter,
+    }
     return kinds[config.kind](dim, num_experts, config, device)
