@@ -8,7 +8,9 @@ from flexmoe.cli import main
 
 
 def test_demo_trains_and_reports(capsys):
-    main(["demo", "--steps", "30", "--batch-size", "8", "--context", "64", "--dim", "64", "--log-every", "10"])
+    main(
+        ["demo", "--steps", "30", "--batch-size", "8", "--context", "64", "--dim", "64", "--log-every", "10"]
+    )
     out = capsys.readouterr().out
     assert "step    30" in out
     match = re.search(r"eval loss ([0-9.]+) -> ([0-9.]+)", out)
@@ -19,7 +21,10 @@ def test_demo_trains_and_reports(capsys):
 
 def test_demo_rejects_bad_arguments():
     result = subprocess.run(
-        [sys.executable, "-m", "flexmoe.cli", "demo", "--steps", "0"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "flexmoe.cli", "demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode != 0
     assert "--steps must be >= 1" in result.stderr

@@ -18,11 +18,11 @@ CAPACITY_FACTORS = [0.0, 0.25, 0.5, 1.0, 1.25, 2.0, -0.25, -0.5, -1.0, -2.0]
 
 
 @st.composite
-def routings(draw):
+def routings(draw, min_tokens: int = 0):
     """Random routings: ``expert_ids [T, K]`` with distinct experts per row, weights, policy."""
     E = draw(st.integers(1, 6))
     K = draw(st.integers(1, E))
-    T = draw(st.integers(0, 12))
+    T = draw(st.integers(min_tokens, 12))
     rows = [draw(st.permutations(range(E)))[:K] for _ in range(T)]
     # Few distinct weight values, so batch priority meets exact ties too.
     weights = [[draw(st.sampled_from([0.1, 0.25, 0.5, 0.75, 0.9])) for _ in range(K)] for _ in range(T)]
@@ -77,7 +77,7 @@ def test_layout_properties(routing) -> None:
 
 
 @settings(max_examples=100)
-@given(routing=routings(), D=st.integers(1, 5), seed=st.integers(0, 2**16))
+@given(routing=routings(min_tokens=1), D=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_permute_combine_round_trip(routing, D: int, seed: int) -> None:
     E, K, rows, weights, cf, batch_prioritized = routing
     T = len(rows)
@@ -89,17 +89,31 @@ def test_permute_combine_round_trip(routing, D: int, seed: int) -> None:
     assert x_ND.shape == (len(layout.slot_ids_N), D)
     for n, t in enumerate(layout.token_ids_N.tolist()):
         assert torch.equal(x_ND[n], x[t])
-    # combine(permute(x)) weighs each token by the sum of its kept weights.
+    # combine(permute(x)) counts each token once per kept slot; weighting the rows
+    # first gives each token the sum of its kept weights.
     kept = {(s // K, s % K) for s in layout.slot_ids_N.tolist()}
+    kept_count = torch.tensor([sum((t, k) in kept for k in range(K)) for t in range(T)], dtype=torch.float64)
     kept_weight = torch.tensor(
         [sum(weights[t][k] for k in range(K) if (t, k) in kept) for t in range(T)], dtype=torch.float64
     )
-    y = combine(x_ND, w.double(), layout)
-    torch.testing.assert_close(y, x * kept_weight[:, None])
-    # With weights summing to one and no drop, the round trip is the identity.
-    if layout.num_dropped == 0:
-        uniform = torch.full((T, K), 1.0 / K, dtype=torch.float64)
-        torch.testing.assert_close(combine(x_ND, uniform, layout), x)
+    torch.testing.assert_close(combine(x_ND, layout), x * kept_count[:, None])
+    w_N = w.double().reshape(-1)[layout.slot_ids_N]
+    torch.testing.assert_close(combine(x_ND * w_N[:, None], layout), x * kept_weight[:, None])
+    # Both have hand-written backwards: check them numerically.
+    x_leaf = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: combine(permute(v, layout) * w_N[:, None], layout), (x_leaf,))
+
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_permute_combine_zero_tokens(K: int, capacity_factor: float) -> None:
+    layout = make_layout(torch.zeros(0, K, dtype=torch.int64), torch.zeros(0, K), 3, capacity_factor)
+    assert layout.num_dropped == 0 and layout.counts == [0, 0, 0]
+    x = torch.randn(0, 4, requires_grad=True)
+    y = combine(permute(x, layout), layout)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 4)
 
 
 @settings(max_examples=40)

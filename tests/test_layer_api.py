@@ -225,3 +225,18 @@ def test_non_contiguous_input() -> None:
     layer = make_layer()
     x = torch.randn(D, 7).t()
     torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+# ----------------------------------------------------------------- training-only noise
+@pytest.mark.parametrize("router", [RouterConfig(noise_std=1.0), RouterConfig(input_jitter=0.5)])
+def test_router_noise_only_while_training(router: RouterConfig) -> None:
+    layer = make_layer(router=router)
+    x = torch.randn(32, D)
+    layer.eval()
+    y_eval = layer(x)
+    # Without noise the layer equals the plain reference.
+    out = reference_moe(layer.config, reference_params(layer), x.double())
+    torch.testing.assert_close(y_eval.double(), out.y_TD.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x), y_eval, atol=0, rtol=0)
+    layer.train()
+    assert not torch.allclose(layer(x), y_eval)

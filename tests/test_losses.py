@@ -129,6 +129,19 @@ def test_update_expert_bias_counts_exactly_in_a_bf16_layer() -> None:
     torch.testing.assert_close(bias, torch.tensor([0.1, -0.1]), atol=1e-3, rtol=0)
 
 
+def test_small_rate_survives_bf16_conversion() -> None:
+    # DeepSeek-V3 uses rate 1e-3; after .to(bf16), a bias near 1 must still move by it
+    # (bf16 spacing at 1.0 is 2**-7, so a bf16 bias buffer would not move at all).
+    layer = make_balanced_layer(rate=1e-3).to(torch.bfloat16).train()
+    with torch.no_grad():
+        layer.router.expert_bias_E.fill_(1.0)
+    layer(torch.randn(11, 6, dtype=torch.bfloat16))
+    counts = layer.stats.routed_per_expert.clone()
+    layer.update_expert_bias()
+    expected = 1.0 + 1e-3 * torch.sign(counts.double().mean() - counts.double())
+    torch.testing.assert_close(layer.router.expert_bias_E.double(), expected, atol=1e-6, rtol=0)
+
+
 def test_attach_aux_free_update_runs_after_optimizer_step() -> None:
     layer = make_balanced_layer(rate=0.02)
     model = nn.Sequential(nn.Linear(6, 6), layer).train()

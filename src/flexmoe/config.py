@@ -76,7 +76,9 @@ class RouterConfig:
         kind: ``"softmax"`` (softmax over experts, then top-k), ``"sigmoid"`` (independent
             sigmoid scores, DeepSeek-V3) or ``"cosine"`` (cosine similarity between a
             low-dimensional projection of the token and learned expert embeddings, X-MoE).
-        normalize_weights: renormalise the selected top-k weights to sum to one.
+        normalize_weights: renormalise the selected top-k weights to sum to one (only
+            when ``top_k > 1``: a single renormalised weight would always be 1 and the
+            router would get no gradient, so top-1 keeps the raw score, as in Switch).
         num_groups: split experts into this many groups (group-limited routing) ...
         topk_groups: ... and let each token choose experts only from its best groups.
         routed_scaling_factor: multiplies the final routing weights (DeepSeek-V3).

@@ -22,7 +22,7 @@ from flexmoe.config import (
     validate_top_k,
 )
 from flexmoe.dispatch import Dispatcher, LocalDispatcher, make_layout
-from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts, resolve_backend
+from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 
 __all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "update_expert_biases"]
@@ -194,7 +194,7 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.register_buffer(
             "_pending_counts_E",
-            torch.zeros(config.num_experts, dtype=torch.float64, device=device),
+            torch.zeros(config.num_experts, dtype=torch.int64, device=device),
             persistent=False,
         )
         self.aux_loss = torch.zeros(())
@@ -268,11 +268,11 @@ class MoELayer(nn.Module):
 
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
-        backend = (
-            resolve_backend(cfg.experts.backend, x.device, x.dtype)
-            if isinstance(self.experts, GroupedExperts)
-            else type(self.experts).__name__
-        )
+        backend = type(self.experts).__name__
+        if isinstance(self.experts, GroupedExperts):
+            autocast = torch.is_autocast_enabled(x.device.type)
+            compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            backend = self.experts.resolved_backend(x.device, compute_dtype)
         if T == 0:
             return self._empty_forward(x, k, cf, plan, backend)
 
@@ -288,7 +288,11 @@ class MoELayer(nn.Module):
         if getattr(self.experts, "accepts_row_weights", False):
             y_ND = self.experts(x_ND, counts, row_weights_N)
         else:
-            y_ND = self.experts(x_ND, counts) * row_weights_N.to(x_ND.dtype)[:, None]
+            y_ND = self.experts(x_ND, counts)
+            if not isinstance(y_ND, Tensor) or y_ND.shape != x_ND.shape:
+                got = tuple(y_ND.shape) if isinstance(y_ND, Tensor) else type(y_ND).__name__
+                raise ValueError(f"experts must return the shape of its input {tuple(x_ND.shape)}, got {got}")
+            y_ND = y_ND * row_weights_N.to(y_ND.dtype)[:, None]
         # 5. combine (+ exchange back): per-token sum
         y_TD = self.dispatcher.combine(y_ND, layout, metadata)
         if self.shared_experts is not None:
@@ -331,7 +335,7 @@ class MoELayer(nn.Module):
             None if z is None else z.detach(),
         )
         if self.training and bcfg.aux_free_rate > 0:
-            self._pending_counts_E += routed_E.to(self._pending_counts_E.dtype)
+            self._pending_counts_E += routed_E
 
     def _empty_forward(self, x: Tensor, k: int, cf: float, plan: Plan, backend: str) -> Tensor:
         E = self.config.num_experts

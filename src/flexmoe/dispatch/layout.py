@@ -29,7 +29,10 @@ def compute_capacity(
     if capacity_factor == 0:
         return None
     even_share = num_tokens * top_k / num_experts
-    cap = math.ceil(abs(capacity_factor) * even_share)
+    exact = abs(capacity_factor) * even_share
+    # A factor like 1.1 is stored as 1.1000000000000000888; do not let that last bit
+    # round a capacity of exactly 5 up to 6.
+    cap = math.ceil(exact - 1e-9 * max(1.0, exact))
     if capacity_factor > 0:
         return cap
     return min(max_load, cap)

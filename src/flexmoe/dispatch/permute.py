@@ -29,7 +29,7 @@ def slots_to_tokens(rows_ND: Tensor, layout: DispatchLayout) -> Tensor:
         rows_SD = rows_ND.new_zeros(T * K, rows_ND.shape[-1]).index_copy_(0, layout.slot_ids_N, rows_ND)
     if K == 1:
         return rows_SD
-    return rows_SD.view(T, K, -1).sum(1)
+    return rows_SD.view(T, K, rows_ND.shape[-1]).sum(1)
 
 
 class _Permute(torch.autograd.Function):

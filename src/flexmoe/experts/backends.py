@@ -216,6 +216,21 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu"
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    ``_grouped_mm``'s backward rejects the stride-0 gradients that ``sum()`` produces.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 def grouped_ffn_grouped_mm(
     x_ND: Tensor,
     counts: list[int],
@@ -235,7 +250,7 @@ def grouped_ffn_grouped_mm(
     a_NF = activate(h_NH, activation)
     if row_weights_N is not None:
         a_NF = a_NF * row_weights_N[:, None]
-    y_ND = torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets)
+    y_ND = _ContiguousGrad.apply(torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets))
     if b_out is not None:
         bias_ND = b_out[expert_of_row]
         y_ND = y_ND + (bias_ND if row_weights_N is None else bias_ND * row_weights_N[:, None])

@@ -27,16 +27,24 @@ from flexmoe.experts.backends import grouped_ffn, grouped_mm_available
 __all__ = ["DenseFFN", "GroupedExperts", "ModuleListExperts", "resolve_backend"]
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ``auto``.
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()
+) -> str:
+    """The concrete backend that runs: ``auto`` resolved, ``grouped_mm`` only where it can.
 
     Measured (benchmarks/layer.py): on CPU the fused loop beats ``torch._grouped_mm``
     (which loops over experts internally, with autograd temporaries) forward and
     backward; on CUDA ``torch._grouped_mm`` is one kernel launch for all experts.
+    ``torch._grouped_mm`` needs every matrix width (``widths``: D, H, F) to be a
+    multiple of 16 bytes; where it is not, or the device lacks the kernel, the fused
+    loop runs instead (same results), and ``MoEStats.backend`` says so.
     """
+    usable = grouped_mm_available(device, dtype) and all(w * dtype.itemsize % 16 == 0 for w in widths)
+    if backend == "grouped_mm":
+        return "grouped_mm" if usable else "fused"
     if backend != "auto":
         return backend
-    if device.type == "cuda" and grouped_mm_available(device, dtype):
+    if device.type == "cuda" and usable:
         return "grouped_mm"
     return "fused"
 
@@ -106,9 +114,14 @@ class GroupedExperts(nn.Module):
             )
         if row_weights_N is not None:
             row_weights_N = row_weights_N.to(x_ND.dtype)
-        name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype)
+        name = self.resolved_backend(x_ND.device, x_ND.dtype, backend)
         with torch.autocast(device_type, enabled=False):
             return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N)
+
+    def resolved_backend(self, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
+        """The backend a forward on this device and dtype runs (see ``resolve_backend``)."""
+        widths = (self.dim, self.w_in.shape[1], self.hidden_dim)
+        return resolve_backend(backend or self.backend, device, dtype, widths)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (

@@ -42,5 +42,5 @@ def aux_free_bias_update(bias_E: Tensor, counts_E: Tensor, rate: float) -> Tenso
     ones a smaller one, each by exactly ``rate``; an expert exactly at the mean is left
     alone. Pure: returns the new bias.
     """
-    counts_E = counts_E.to(bias_E.dtype)
-    return bias_E + rate * torch.sign(counts_E.mean() - counts_E)
+    counts_E = counts_E.to(torch.float64)
+    return bias_E + rate * torch.sign(counts_E.mean() - counts_E).to(bias_E.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,16 @@ class Router(nn.Module):
             "expert_bias_E",
             torch.zeros(num_experts, dtype=torch.float32, device=device) if config.selection_bias else None,
         )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Router:
+        # The router's parameters and selection bias stay fp32 whatever dtype the model
+        # is converted to: bf16 would round a bias step of 1e-3 away and perturb the
+        # discrete top-k choice. Device moves apply as usual.
+        super()._apply(fn, recurse)
+        for tensor in [*self.parameters(recurse=False), *self.buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+        return self
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits ``[T, E]`` in fp32."""
