@@ -250,7 +250,7 @@ def grouped_ffn_grouped_mm(
     a_NF = activate(h_NH, activation)
     if row_weights_N is not None:
         a_NF = a_NF * row_weights_N[:, None]
-    y_ND = _ContiguousGrad.apply(torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets))
+    y_ND: Tensor = _ContiguousGrad.apply(torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets))
     if b_out is not None:
         bias_ND = b_out[expert_of_row]
         y_ND = y_ND + (bias_ND if row_weights_N is None else bias_ND * row_weights_N[:, None])
