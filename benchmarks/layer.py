@@ -139,7 +139,14 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
     active = int((stats.tokens_per_expert > 0).sum())
     weight_bytes = active * case.dim * (width + case.hidden) * layer.experts.w_in.element_size()
 
+    # The machine's dense-GEMM throughput, timed round-robin with the candidates so that
+    # clock-speed drift affects it alike: square fp32 GEMMs of about the step's FLOPs.
+    size = limits.gemm_size
+    a, b, out = (torch.randn(size, size) for _ in range(3))
+    gemm_reps = max(1, round(flops / (2 * size**3)))
+    candidates["dense GEMM"] = lambda: [torch.mm(a, b, out=out) for _ in range(gemm_reps)]
     timings = measure_interleaved(candidates, warmup=1, repeats=repeats)
+    gemm_flops = 2 * size**3 * gemm_reps / timings.pop("dense GEMM").median
     rows = {}
     for name, timing in timings.items():
         t = timing.median
@@ -148,7 +155,7 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
             "min": timing.min,
             "max": timing.max,
             "gflops": flops / t / 1e9,
-            "pct_dense_gemm": 100 * flops / t / limits.gemm_flops,
+            "pct_dense_gemm": 100 * flops / t / gemm_flops,
         }
         if not case.train:
             row["pct_bandwidth_roofline"] = 100 * (weight_bytes / limits.read_bandwidth) / t
@@ -157,6 +164,7 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
         rows[name] = row
     return {
         "case": case.__dict__,
+        "dense_gemm_gflops": gemm_flops / 1e9,
         "flops_per_step": flops,
         "expert_weight_bytes_touched": weight_bytes,
         "active_experts": active,
@@ -170,7 +178,8 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
     print(
         f"  {result['flops_per_step'] / 1e9:.1f} GFLOP/step, {result['active_experts']} active experts, "
         f"load max/mean {result['load_max_over_mean']:.2f}, "
-        f"expert weights touched {result['expert_weight_bytes_touched'] / 1e9:.2f} GB"
+        f"expert weights touched {result['expert_weight_bytes_touched'] / 1e9:.2f} GB; "
+        f"dense GEMM {result['dense_gemm_gflops']:.1f} GFLOP/s (timed alongside)"
     )
     header = f"  {'impl':<16}{'ms/step':>10}{'GFLOP/s':>10}{'% GEMM':>9}"
     if not case.train:

@@ -24,6 +24,7 @@ from flexmoe.config import (
 from flexmoe.dispatch import Dispatcher, LocalDispatcher, make_layout
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
+from flexmoe.workspace import WORKSPACE
 
 __all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "update_expert_biases"]
 
@@ -295,6 +296,7 @@ class MoELayer(nn.Module):
             y_ND = y_ND * row_weights_N.to(y_ND.dtype)[:, None]
         # 5. combine (+ exchange back): per-token sum
         y_TD = self.dispatcher.combine(y_ND, layout, metadata)
+        WORKSPACE.give(y_ND)  # kept only if nothing else (a hook, a saved tensor) holds it
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from flexmoe.dispatch.layout import DispatchLayout
+from flexmoe.workspace import WORKSPACE
 
 __all__ = ["combine", "permute", "slots_to_tokens"]
 
@@ -23,24 +24,33 @@ __all__ = ["combine", "permute", "slots_to_tokens"]
 def slots_to_tokens(rows_ND: Tensor, layout: DispatchLayout) -> Tensor:
     """``out[t] = sum_k rows[n(t, k)]`` over the kept slots of token ``t`` (no autograd)."""
     T, K = layout.num_tokens, layout.top_k
+    D = rows_ND.shape[-1]
+    if K == 1 and layout.inverse_S is not None:
+        return rows_ND.index_select(0, layout.inverse_S)
+    rows_SD = WORKSPACE.take((T * K, D), rows_ND.dtype, rows_ND.device)
     if layout.inverse_S is not None:
-        rows_SD = rows_ND.index_select(0, layout.inverse_S)
+        torch.index_select(rows_ND, 0, layout.inverse_S, out=rows_SD)
     else:
-        rows_SD = rows_ND.new_zeros(T * K, rows_ND.shape[-1]).index_copy_(0, layout.slot_ids_N, rows_ND)
+        rows_SD.zero_().index_copy_(0, layout.slot_ids_N, rows_ND)
     if K == 1:
         return rows_SD
-    return rows_SD.view(T, K, rows_ND.shape[-1]).sum(1)
+    out_TD = rows_SD.view(T, K, D).sum(1)
+    WORKSPACE.give(rows_SD)
+    return out_TD
 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_TD: Tensor, layout: DispatchLayout) -> Tensor:
         ctx.layout = layout
-        return x_TD.index_select(0, layout.token_ids_N)
+        x_ND = WORKSPACE.take((len(layout.token_ids_N), x_TD.shape[-1]), x_TD.dtype, x_TD.device)
+        return torch.index_select(x_TD, 0, layout.token_ids_N, out=x_ND)
 
     @staticmethod
     def backward(ctx: Any, grad_ND: Tensor) -> tuple[Tensor, None]:
-        return slots_to_tokens(grad_ND, ctx.layout), None
+        grad_TD = slots_to_tokens(grad_ND, ctx.layout)
+        WORKSPACE.give(grad_ND)
+        return grad_TD, None
 
 
 class _Combine(torch.autograd.Function):
@@ -51,7 +61,9 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor, None]:
-        return grad_TD.index_select(0, ctx.layout.token_ids_N), None
+        token_ids_N = ctx.layout.token_ids_N
+        grad_ND = WORKSPACE.take((len(token_ids_N), grad_TD.shape[-1]), grad_TD.dtype, grad_TD.device)
+        return torch.index_select(grad_TD, 0, token_ids_N, out=grad_ND), None
 
 
 def permute(x_TD: Tensor, layout: DispatchLayout) -> Tensor:
