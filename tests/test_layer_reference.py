@@ -195,3 +195,10 @@ def test_bf16_layer_matches_reference(case: Case) -> None:
 def test_autocast_bf16_matches_reference(case: Case) -> None:
     # fp32 parameters; the router stays fp32, the expert GEMMs run in bf16.
     check_against_reference(case, torch.float32, rel=4e-2, floor=1e-2, autocast=True)
+
+
+@settings(max_examples=20)
+@given(case=cases())
+def test_fp16_layer_matches_reference(case: Case) -> None:
+    # fp16 has 3 more mantissa bits than bf16 but a narrow range; the sizes here stay in range.
+    check_against_reference(case, torch.float16, rel=1e-2, floor=5e-3)
