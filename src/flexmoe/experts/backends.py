@@ -86,12 +86,15 @@ def _act_backward_into(name: str, grad: Tensor, h: Tensor, out: Tensor) -> Tenso
 
 
 class _FusedGroupedFFN(torch.autograd.Function):
-    """The fused per-expert loop.
+    """The fused per-expert loop over a transposed hidden layout.
 
-    The first projection is computed as ``P`` parts (``P = 2``: gate and up, for gated
-    units) into one ``[P, N, F]`` buffer, so that every elementwise op reads and writes
-    contiguous rows (strided half-views run 4x slower on CPU). Scratch buffers come
-    from the workspace pool; only ``x`` and the pre-activation are kept for backward.
+    The hidden activations live as ``[H, N]`` (hidden unit major): expert ``e``'s first
+    projection is one GEMM ``w_in[e] @ x_e^T`` written into the column block
+    ``[:, s:t]``. For gated units the gate and up halves are then the contiguous row
+    blocks ``[:F]`` and ``[F:]``, so every elementwise op runs on contiguous memory
+    (strided half-views run 4x slower on CPU), while each projection and its
+    gradients stay one GEMM per expert. Scratch buffers come from the workspace pool;
+    only ``x`` and the pre-activation are kept for backward.
     """
 
     @staticmethod
@@ -109,48 +112,44 @@ class _FusedGroupedFFN(torch.autograd.Function):
     ) -> Tensor:
         segments = segments_of(counts)
         N, D = x_ND.shape
-        F = w_out.shape[2]
-        P = w_in.shape[1] // F
+        H, F = w_in.shape[1], w_out.shape[2]
         device, dtype = x_ND.device, x_ND.dtype
-        h_PNF = WORKSPACE.take((P, N, F), dtype, device)
+        base = _BASE_ACTIVATION.get(activation, activation)
+        h_HN = WORKSPACE.take((H, N), dtype, device)
 
         def project_in(e: int, s: int, t: int) -> None:
-            for p in range(P):
-                rows = slice(p * F, (p + 1) * F)
-                if b_in is None:
-                    torch.mm(x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
-                else:
-                    torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
+            if b_in is None:
+                torch.mm(w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
+            else:
+                torch.addmm(b_in[e, :, None], w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
 
         for_each_segment(segments, project_in, device)
-        a_NF = _act_into(
-            _BASE_ACTIVATION.get(activation, activation), h_PNF[0], WORKSPACE.take((N, F), dtype, device)
-        )
-        if P == 2:
-            a_NF.mul_(h_PNF[1])
+        a_FN = _act_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+        if H == 2 * F:
+            a_FN.mul_(h_HN[F:])
         if row_weights_N is not None:
-            a_NF.mul_(row_weights_N[:, None])
+            a_FN.mul_(row_weights_N)
         y_ND = WORKSPACE.take((N, D), dtype, device)
 
         def project_out(e: int, s: int, t: int) -> None:
             if b_out is None:
-                torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
+                torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
             elif row_weights_N is None:
-                torch.addmm(b_out[e], a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
+                torch.addmm(b_out[e], a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
             else:
-                torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
+                torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
                 y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
 
         for_each_segment(segments, project_out, device)
-        WORKSPACE.give(a_NF)
+        WORKSPACE.give(a_FN)
         if not will_backward:
-            WORKSPACE.give(h_PNF)
+            WORKSPACE.give(h_HN)
             return y_ND
         # x is kept as an attribute, not through save_for_backward, so that backward can
         # hand its buffer back to the pool once done (nothing else modifies it: it is the
         # dispatcher's private expert-major copy).
         ctx.x_ND = x_ND
-        ctx.save_for_backward(h_PNF, w_in, w_out, b_out, row_weights_N)
+        ctx.save_for_backward(h_HN, w_in, w_out, b_out, row_weights_N)
         ctx.segments = segments
         ctx.activation = activation
         ctx.has_b_in = b_in is not None
@@ -164,90 +163,86 @@ class _FusedGroupedFFN(torch.autograd.Function):
                 "the fused expert backend frees its saved buffers after one backward; "
                 "use backend='loop' to backpropagate through the same graph twice"
             )
-        h_PNF, w_in, w_out, b_out, row_weights_N = ctx.saved_tensors
+        h_HN, w_in, w_out, b_out, row_weights_N = ctx.saved_tensors
         x_ND = ctx.x_ND
         segments = ctx.segments
         need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw = ctx.needs_input_grad[:6]
         grad_y_ND = grad_y_ND.contiguous()
-        P, N, F = h_PNF.shape
+        H, N = h_HN.shape
+        F = w_out.shape[2]
+        gated = H == 2 * F
         device, dtype = x_ND.device, x_ND.dtype
         base = _BASE_ACTIVATION.get(ctx.activation, ctx.activation)
 
         # 1. Recompute the activation: a = act(gate) * up (gated) or act(h).
-        act_gate_NF = _act_into(base, h_PNF[0], WORKSPACE.take((N, F), dtype, device))
-        a_NF = (
-            torch.mul(act_gate_NF, h_PNF[1], out=WORKSPACE.take((N, F), dtype, device))
-            if P == 2
-            else act_gate_NF
-        )
+        act_gate_FN = _act_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+        a_FN = act_gate_FN
+        if gated:
+            a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
 
         # 2. Through the down projection: the gradient of the (weighted) activation.
-        grad_a_NF = WORKSPACE.take((N, F), dtype, device)
+        grad_a_FN = WORKSPACE.take((F, N), dtype, device)
         for_each_segment(
-            segments, lambda e, s, t: torch.mm(grad_y_ND[s:t], w_out[e], out=grad_a_NF[s:t]), device
+            segments,
+            lambda e, s, t: torch.mm(w_out[e].t(), grad_y_ND[s:t].t(), out=grad_a_FN[:, s:t]),
+            device,
         )
         grad_rw = None
         if row_weights_N is not None:
-            w_N1 = row_weights_N[:, None]
             if need_rw:
                 # d/dw of w * (a @ W^T + b) = <grad_a, a> + <grad_y, b>.
-                product = torch.mul(grad_a_NF, a_NF, out=WORKSPACE.take((N, F), dtype, device))
-                grad_rw = product.sum(-1)
+                product = torch.mul(grad_a_FN, a_FN, out=WORKSPACE.take((F, N), dtype, device))
+                grad_rw = product.sum(0)
                 WORKSPACE.give(product)
                 if b_out is not None:
                     for e, s, t in segments:
                         grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
-            a_NF.mul_(w_N1)
-            grad_a_NF.mul_(w_N1)
+            a_FN.mul_(row_weights_N)
+            grad_a_FN.mul_(row_weights_N)
         grad_w_out = None
         if need_w_out:
             grad_w_out = _empty_grad_like(w_out, segments)
-            activation_NF = a_NF
+            weighted_a_FN = a_FN
             for_each_segment(
                 segments,
-                lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), activation_NF[s:t], out=grad_w_out[e]),
+                lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), weighted_a_FN[:, s:t].t(), out=grad_w_out[e]),
                 device,
             )
-        if P == 2:
-            WORKSPACE.give(a_NF)
+        if gated:
+            WORKSPACE.give(a_FN)
 
-        # 3. Through the activation, into the [P, N, F] gradient of the first projection.
-        grad_h_PNF = WORKSPACE.take((P, N, F), dtype, device)
-        if P == 2:
-            torch.mul(grad_a_NF, act_gate_NF, out=grad_h_PNF[1])
-            torch.mul(grad_a_NF, h_PNF[1], out=grad_h_PNF[0])
-            _act_backward_into(base, grad_h_PNF[0], h_PNF[0], grad_h_PNF[0])
+        # 3. Through the activation, into the [H, N] gradient of the first projection.
+        grad_h_HN = WORKSPACE.take((H, N), dtype, device)
+        if gated:
+            torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
+            torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
+            _act_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
         else:
-            _act_backward_into(base, grad_a_NF, h_PNF[0], grad_h_PNF[0])
-        WORKSPACE.give(grad_a_NF, act_gate_NF)
+            _act_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
+        WORKSPACE.give(grad_a_FN, act_gate_FN)
 
-        # 4. Through the first projection.
+        # 4. Through the first projection: one GEMM per expert for each gradient.
         grad_w_in = _empty_grad_like(w_in, segments) if need_w_in else None
         grad_x_ND = WORKSPACE.take(tuple(x_ND.shape), dtype, device) if need_x else None
 
         def project_in_backward(e: int, s: int, t: int) -> None:
-            for p in range(P):
-                rows = slice(p * F, (p + 1) * F)
-                if grad_w_in is not None:
-                    torch.mm(grad_h_PNF[p, s:t].t(), x_ND[s:t], out=grad_w_in[e, rows])
-                if grad_x_ND is not None:
-                    if p == 0:
-                        torch.mm(grad_h_PNF[p, s:t], w_in[e, rows], out=grad_x_ND[s:t])
-                    else:
-                        grad_x_ND[s:t].addmm_(grad_h_PNF[p, s:t], w_in[e, rows])
+            if grad_w_in is not None:
+                torch.mm(grad_h_HN[:, s:t], x_ND[s:t], out=grad_w_in[e])
+            if grad_x_ND is not None:
+                torch.mm(grad_h_HN[:, s:t].t(), w_in[e], out=grad_x_ND[s:t])
 
         for_each_segment(segments, project_in_backward, device)
         grad_b_in = None
         if ctx.has_b_in and need_b_in:
             grad_b_in = w_in.new_zeros(w_in.shape[:2])
             for e, s, t in segments:
-                grad_b_in[e] = grad_h_PNF[:, s:t].sum(1).reshape(-1)
+                grad_b_in[e] = grad_h_HN[:, s:t].sum(1)
         grad_b_out = None
         if b_out is not None and need_b_out:
             weighted = grad_y_ND if row_weights_N is None else grad_y_ND * row_weights_N[:, None]
             grad_b_out = _segment_sums(weighted, segments, w_out.shape[:2])
         del ctx.x_ND
-        WORKSPACE.give(grad_h_PNF, h_PNF, grad_y_ND, x_ND)
+        WORKSPACE.give(grad_h_HN, h_HN, grad_y_ND, x_ND)
         ctx.released = True
         return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw, None, None, None
 
