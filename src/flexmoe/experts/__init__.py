@@ -1,6 +1,6 @@
 """Experts: grouped FFN experts, GEMM backends, activations, custom-expert adapter."""
 
-from flexmoe.experts.activations import activate, activate_backward
+from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import grouped_ffn, grouped_mm_available
 from flexmoe.experts.ffn import DenseFFN, GroupedExperts, ModuleListExperts, resolve_backend
 
@@ -9,7 +9,6 @@ __all__ = [
     "GroupedExperts",
     "ModuleListExperts",
     "activate",
-    "activate_backward",
     "grouped_ffn",
     "grouped_mm_available",
     "resolve_backend",

@@ -1,7 +1,8 @@
-"""Expert activations and their hand-written derivatives (for the fused backward).
+"""Expert activations, and their out-of-place-free forms for the fused backend.
 
 Legend: N rows, F expert hidden dim, H first-projection width (2F if gated, else F).
-Gated activations read ``h_NH`` as ``[gate | up]`` (the ``transformers`` order).
+Gated activations read ``h`` as ``[gate | up]`` along the last dim (the ``transformers``
+order); the fused backend applies the base activation to the gate half itself.
 """
 
 from __future__ import annotations
@@ -12,14 +13,23 @@ from torch import Tensor
 
 from flexmoe.config import GATED_ACTIVATIONS
 
-__all__ = ["activate", "activate_backward", "activate_parts"]
+__all__ = ["activate", "activation_backward_into", "activation_into", "base_activation"]
 
 
-def _base(activation: str) -> str:
+def base_activation(activation: str) -> str:
+    """The pointwise function of an activation: ``swiglu -> silu``, ``geglu -> gelu``."""
     return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
 
 
-def _apply(name: str, h: Tensor) -> Tensor:
+def activate(h_NH: Tensor, activation: str) -> Tensor:
+    """``act(h)``, or ``act(gate) * up`` for gated activations."""
+    if activation in GATED_ACTIVATIONS:
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        return _pointwise(base_activation(activation), gate_NF) * up_NF
+    return _pointwise(activation, h_NH)
+
+
+def _pointwise(name: str, h: Tensor) -> Tensor:
     if name == "relu":
         return F.relu(h)
     if name == "gelu":
@@ -27,48 +37,19 @@ def _apply(name: str, h: Tensor) -> Tensor:
     return F.silu(h)
 
 
-def _apply_backward(name: str, grad: Tensor, h: Tensor) -> Tensor:
+def activation_into(name: str, h: Tensor, out: Tensor) -> Tensor:
+    """``out = act(h)`` for a pointwise ``name`` (``relu``, ``gelu``, ``silu``), no allocation."""
     if name == "relu":
-        return grad * (h > 0).to(grad.dtype)
-    op = torch.ops.aten.gelu_backward if name == "gelu" else torch.ops.aten.silu_backward
-    result: Tensor = op(grad, h)
-    return result
+        return torch.clamp_min(h, 0, out=out)
+    if name == "gelu":
+        return torch.ops.aten.gelu.out(h, out=out)  # type: ignore[no-any-return]
+    return torch.ops.aten.silu.out(h, out=out)  # type: ignore[no-any-return]
 
 
-def activate(h_NH: Tensor, activation: str) -> Tensor:
-    """``act(h)``, or ``act(gate) * up`` for gated activations."""
-    return activate_parts(h_NH, activation)[0]
-
-
-def activate_parts(h_NH: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
-    """``(activation output, act(gate))``; the second is ``None`` when not gated.
-
-    The backward of a gated unit needs ``act(gate)`` again; returning it lets the fused
-    backward compute it once.
-    """
-    if activation in GATED_ACTIVATIONS:
-        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
-        act_gate_NF = _apply(_base(activation), gate_NF)
-        return act_gate_NF * up_NF, act_gate_NF
-    return _apply(activation, h_NH), None
-
-
-def activate_backward(
-    grad_NF: Tensor, h_NH: Tensor, activation: str, act_gate_NF: Tensor | None = None
-) -> Tensor:
-    """Gradient w.r.t. ``h_NH`` of ``activate(h_NH)``, given the gradient of its output.
-
-    For gated activations pass ``act_gate_NF`` (from ``activate_parts``) to avoid
-    recomputing it.
-    """
-    if activation in GATED_ACTIVATIONS:
-        base = _base(activation)
-        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
-        if act_gate_NF is None:
-            act_gate_NF = _apply(base, gate_NF)
-        grad_NH = torch.empty_like(h_NH)
-        grad_gate, grad_up = grad_NH.chunk(2, dim=-1)
-        torch.mul(grad_NF, act_gate_NF, out=grad_up)
-        grad_gate.copy_(_apply_backward(base, grad_NF * up_NF, gate_NF))
-        return grad_NH
-    return _apply_backward(activation, grad_NF, h_NH)
+def activation_backward_into(name: str, grad: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """``out = grad * act'(h)`` for a pointwise ``name``; ``out`` may alias ``grad``."""
+    if name == "relu":
+        return torch.mul(grad, h > 0, out=out)
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=out)  # type: ignore[no-any-return]
+    return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=out)  # type: ignore[no-any-return]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexmoe.experts.activations import activate
+from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
 from flexmoe.experts.segments import for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
@@ -67,24 +67,6 @@ def grouped_ffn_loop(
     return torch.cat(outputs)
 
 
-def _act_into(name: str, h: Tensor, out: Tensor) -> Tensor:
-    """``out = act(h)`` without allocating."""
-    if name == "relu":
-        return torch.clamp_min(h, 0, out=out)
-    if name == "gelu":
-        return torch.ops.aten.gelu.out(h, out=out)  # type: ignore[no-any-return]
-    return torch.ops.aten.silu.out(h, out=out)  # type: ignore[no-any-return]
-
-
-def _act_backward_into(name: str, grad: Tensor, h: Tensor, out: Tensor) -> Tensor:
-    """``out = grad * act'(h)``; ``out`` may alias ``grad``."""
-    if name == "relu":
-        return torch.mul(grad, h > 0, out=out)
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=out)  # type: ignore[no-any-return]
-    return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=out)  # type: ignore[no-any-return]
-
-
 class _FusedGroupedFFN(torch.autograd.Function):
     """The fused per-expert loop over a transposed hidden layout.
 
@@ -114,7 +96,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
         N, D = x_ND.shape
         H, F = w_in.shape[1], w_out.shape[2]
         device, dtype = x_ND.device, x_ND.dtype
-        base = _BASE_ACTIVATION.get(activation, activation)
+        base = base_activation(activation)
         h_HN = WORKSPACE.take((H, N), dtype, device)
 
         def project_in(e: int, s: int, t: int) -> None:
@@ -124,7 +106,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
                 torch.addmm(b_in[e, :, None], w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
 
         for_each_segment(segments, project_in, device)
-        a_FN = _act_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+        a_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
         if H == 2 * F:
             a_FN.mul_(h_HN[F:])
         if row_weights_N is not None:
@@ -172,10 +154,10 @@ class _FusedGroupedFFN(torch.autograd.Function):
         F = w_out.shape[2]
         gated = H == 2 * F
         device, dtype = x_ND.device, x_ND.dtype
-        base = _BASE_ACTIVATION.get(ctx.activation, ctx.activation)
+        base = base_activation(ctx.activation)
 
         # 1. Recompute the activation: a = act(gate) * up (gated) or act(h).
-        act_gate_FN = _act_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+        act_gate_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
         a_FN = act_gate_FN
         if gated:
             a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
@@ -216,9 +198,9 @@ class _FusedGroupedFFN(torch.autograd.Function):
         if gated:
             torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
             torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
-            _act_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
+            activation_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
         else:
-            _act_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
+            activation_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
         WORKSPACE.give(grad_a_FN, act_gate_FN)
 
         # 4. Through the first projection: one GEMM per expert for each gradient.
@@ -245,9 +227,6 @@ class _FusedGroupedFFN(torch.autograd.Function):
         WORKSPACE.give(grad_h_HN, h_HN, grad_y_ND, x_ND)
         ctx.released = True
         return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw, None, None, None
-
-
-_BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
 
 
 def _empty_grad_like(weight: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
