@@ -73,3 +73,25 @@ def test_threaded_fused_in_inference_mode(two_threads):
     with torch.inference_mode():
         fused = grouped_ffn("fused", x, counts, w_in, w_out, None, None, "relu")
     torch.testing.assert_close(fused, grouped_ffn("loop", x, counts, w_in, w_out, None, None, "relu"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_path_matches_loop(threads, activation, bias):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        counts = [3, 0, 1, 5, 2, 4, 0, 2, 3, 1]
+        E, D, F = len(counts), 8, 12
+        H = 2 * F if activation in ("swiglu", "geglu") else F
+        w_in, w_out = torch.randn(E, H, D), torch.randn(E, D, F)
+        b_in, b_out = (torch.randn(E, H), torch.randn(E, D)) if bias else (None, None)
+        x, rw = torch.randn(sum(counts), D), torch.rand(sum(counts))
+        with torch.no_grad():
+            fused = grouped_ffn("fused", x, counts, w_in, w_out, b_in, b_out, activation, rw)
+            loop = grouped_ffn("loop", x, counts, w_in, w_out, b_in, b_out, activation, rw)
+        torch.testing.assert_close(fused, loop)
+    finally:
+        torch.set_num_threads(before)

@@ -246,6 +246,59 @@ def _segment_sums(rows_NX: Tensor, segments: list[tuple[int, int, int]], shape: 
     return sums
 
 
+def _fused_inference(
+    x_ND: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    row_weights_N: Tensor | None,
+    counts: list[int],
+    activation: str,
+) -> Tensor:
+    """The forward without autograd, in token-major layout.
+
+    Decode-sized segments (a few rows per expert) stream each expert's weights once;
+    BLAS does that best as ``x_e @ W^T`` into contiguous rows, measured 1.5x faster than
+    the transposed layout the training path uses. Gate and up halves are separate
+    GEMMs into a ``[P, N, F]`` buffer so the elementwise work stays contiguous.
+    """
+    segments = segments_of(counts)
+    N, D = x_ND.shape
+    F = w_out.shape[2]
+    P = w_in.shape[1] // F
+    device, dtype = x_ND.device, x_ND.dtype
+    h_PNF = WORKSPACE.take((P, N, F), dtype, device)
+
+    def project_in(e: int, s: int, t: int) -> None:
+        for p in range(P):
+            rows = slice(p * F, (p + 1) * F)
+            if b_in is None:
+                torch.mm(x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
+            else:
+                torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
+
+    for_each_segment(segments, project_in, device)
+    a_NF = activation_into(base_activation(activation), h_PNF[0], WORKSPACE.take((N, F), dtype, device))
+    if P == 2:
+        a_NF.mul_(h_PNF[1])
+    if row_weights_N is not None:
+        a_NF.mul_(row_weights_N[:, None])
+    y_ND = WORKSPACE.take((N, D), dtype, device)
+
+    def project_out(e: int, s: int, t: int) -> None:
+        torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
+        if b_out is not None:
+            if row_weights_N is None:
+                y_ND[s:t] += b_out[e]
+            else:
+                y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
+
+    for_each_segment(segments, project_out, device)
+    WORKSPACE.give(a_NF, h_PNF)
+    return y_ND
+
+
 def grouped_ffn_fused(
     x_ND: Tensor,
     counts: list[int],
@@ -263,6 +316,10 @@ def grouped_ffn_fused(
     """
     inputs = (x_ND, w_in, w_out, b_in, b_out, row_weights_N)
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not will_backward:
+        return _fused_inference(
+            x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation
+        )
     return _FusedGroupedFFN.apply(  # type: ignore[no-any-return]
         x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation, will_backward
     )
