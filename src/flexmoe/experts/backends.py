@@ -90,7 +90,6 @@ class _FusedGroupedFFN(torch.autograd.Function):
         row_weights_N: Tensor | None,
         counts: list[int],
         activation: str,
-        will_backward: bool,
     ) -> Tensor:
         segments = segments_of(counts)
         N, D = x_ND.shape
@@ -124,9 +123,6 @@ class _FusedGroupedFFN(torch.autograd.Function):
 
         for_each_segment(segments, project_out, device)
         WORKSPACE.give(a_FN)
-        if not will_backward:
-            WORKSPACE.give(h_HN)
-            return y_ND
         # x is kept as an attribute, not through save_for_backward, so that backward can
         # hand its buffer back to the pool once done (nothing else modifies it: it is the
         # dispatcher's private expert-major copy).
@@ -226,7 +222,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
         del ctx.x_ND
         WORKSPACE.give(grad_h_HN, h_HN, grad_y_ND, x_ND)
         ctx.released = True
-        return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw, None, None, None
+        return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw, None, None
 
 
 def _empty_grad_like(weight: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
@@ -321,7 +317,7 @@ def grouped_ffn_fused(
             x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation
         )
     return _FusedGroupedFFN.apply(  # type: ignore[no-any-return]
-        x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation, will_backward
+        x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation
     )
 
 
