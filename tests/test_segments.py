@@ -95,3 +95,28 @@ def test_inference_path_matches_loop(threads, activation, bias):
         torch.testing.assert_close(fused, loop)
     finally:
         torch.set_num_threads(before)
+
+
+def test_fused_second_backward_raises_clearly():
+    torch.manual_seed(0)
+    w_in = torch.randn(2, 8, 4, requires_grad=True)
+    w_out = torch.randn(2, 4, 8, requires_grad=True)
+    y = grouped_ffn("fused", torch.randn(5, 4), [2, 3], w_in, w_out, None, None, "relu")
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backend='loop'"):
+        y.sum().backward()
+
+
+def test_workspace_never_pools_shared_storage():
+    from flexmoe.workspace import Workspace
+
+    pool = Workspace()
+    buffer = pool.take((4, 4), torch.float32, torch.device("cpu"))
+    view = buffer[1:]  # another tensor shares the storage
+    pool.give(buffer)
+    assert pool.pooled_bytes() == 0
+    del view
+    pool.give(buffer)
+    assert pool.pooled_bytes() == 64
+    again = pool.take((2, 8), torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == buffer.data_ptr() and pool.pooled_bytes() == 0
