@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.config import (
+    GATED_ACTIVATIONS,
     BalanceConfig,
     CapacityConfig,
     ExpertConfig,
@@ -22,7 +23,9 @@ from flexmoe.config import (
     validate_top_k,
 )
 from flexmoe.dispatch import Dispatcher, LocalDispatcher, make_layout
+from flexmoe.dispatch.permute import combine, permute
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
+from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 from flexmoe.workspace import WORKSPACE
 
@@ -91,6 +94,19 @@ class MoELayer(nn.Module):
         check_finite: raise ``ValueError`` on non-finite input (costs a host sync).
         device, dtype: where and in what dtype to create the expert parameters (the
             router always keeps fp32 parameters).
+        group: the ``torch.distributed`` process group to spread the experts over
+            (default: the default group when initialised with several ranks; ``False``:
+            single-device). ``E >= W``: each rank stores ``E/W`` whole experts; ``E < W``:
+            each stores one ``W/E``-th of one expert's hidden units. Every rank must
+            construct and call the layer identically (checked; a mismatch raises on
+            every rank). The layer's output on each rank is its own tokens' output;
+            the whole computes the single-device layer on the ranks' concatenated
+            batches. Expert parameters are tagged for data parallelism (see
+            ``flexmoe.parallel.runtime``).
+        ranks_per_node: ``L`` for the hierarchical (``"2dh"``) exchange (default:
+            ``LOCAL_WORLD_SIZE``, else the whole group).
+        timeout: seconds to wait for any one collective before raising
+            ``CollectiveTimeoutError`` naming the layer and step (default: wait).
 
     After each forward, ``aux_loss`` holds the weighted auxiliary loss (a differentiable
     scalar) and ``stats`` a ``MoEStats``.
@@ -123,6 +139,9 @@ class MoELayer(nn.Module):
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        group: object = None,
+        ranks_per_node: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         if isinstance(router, str):
             router_config = RouterConfig(kind=router, selection_bias=aux_free_rate > 0)  # type: ignore[arg-type]
@@ -155,7 +174,7 @@ class MoELayer(nn.Module):
             check_finite=check_finite,
         )
         super().__init__()
-        self._build(config, experts, device, dtype)
+        self._build(config, experts, device, dtype, group, ranks_per_node, timeout)
 
     @classmethod
     def from_config(
@@ -165,13 +184,16 @@ class MoELayer(nn.Module):
         experts: nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        group: object = None,
+        ranks_per_node: int | None = None,
+        timeout: float | None = None,
     ) -> MoELayer:
-        """Build a layer from a complete ``MoEConfig``."""
+        """Build a layer from a complete ``MoEConfig`` (other arguments as in ``__init__``)."""
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._build(config, experts, device, dtype)
+        layer._build(config, experts, device, dtype, group, ranks_per_node, timeout)
         return layer
 
     def _build(
@@ -180,11 +202,23 @@ class MoELayer(nn.Module):
         experts: nn.Module | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        group: object = None,
+        ranks_per_node: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.config = config
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if ranks_per_node is not None and not (isinstance(ranks_per_node, int) and ranks_per_node >= 1):
+            raise ValueError(f"ranks_per_node must be an int >= 1 or None, got {ranks_per_node!r}")
         torch_device = None if device is None else torch.device(device)
         self.router = build_router(config.dim, config.num_experts, config.router, torch_device)
-        self.experts = self._make_experts(config, experts, device, dtype)
+        self._ep = ExpertParallel.create(
+            group, config.num_experts, config.hidden_dim, ranks_per_node, timeout
+        )
+        self.experts = self._make_experts(config, experts, device, dtype, self._ep)
+        if self._ep is not None:
+            self._setup_distributed(self._ep, torch_device)
         ecfg = config.experts
         self.shared_experts: DenseFFN | None = None
         if ecfg.num_shared_experts > 0:
@@ -207,32 +241,110 @@ class MoELayer(nn.Module):
         experts: nn.Module | None,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        ep: ExpertParallel | None = None,
     ) -> nn.Module:
+        num_experts, hidden_dim = config.num_experts, config.hidden_dim
+        what = "num_experts"
+        if ep is not None:
+            num_experts, hidden_dim = ep.placement.local_experts, ep.placement.local_hidden_dim
+            what = f"the {num_experts} experts this rank owns (num_experts / world size)"
+            if experts is not None and ep.placement.sharded:
+                raise ValueError(
+                    f"custom experts need num_experts >= world size ({config.num_experts} < "
+                    f"{ep.world_size}): sharding an expert across ranks needs the built-in experts"
+                )
         if experts is None:
             ecfg = config.experts
-            return GroupedExperts(
-                config.num_experts,
-                config.dim,
-                config.hidden_dim,
-                ecfg.activation,
-                ecfg.bias,
-                ecfg.backend,
-                device,
-                dtype,
+            built = GroupedExperts(
+                num_experts, config.dim, hidden_dim, ecfg.activation, ecfg.bias, ecfg.backend, device, dtype
             )
+            if ep is not None and ep.placement.sharded:
+                # Hidden shard s of its expert; w_out's columns are fan-in F, not F/S.
+                with torch.no_grad():
+                    bound = 1.0 / config.hidden_dim**0.5
+                    built.w_out.uniform_(-bound, bound)
+                    if built.b_out is not None:
+                        built.b_out.uniform_(-bound, bound)
+                if built.b_out is not None and ep.placement.shard_index != 0:
+                    built.b_out = None  # the output bias lives on shard 0 only
+            return built
         if isinstance(experts, nn.ModuleList):
-            if len(experts) != config.num_experts:
-                raise ValueError(
-                    f"experts must hold num_experts={config.num_experts} modules, got {len(experts)}"
-                )
+            if len(experts) != num_experts:
+                raise ValueError(f"experts must hold {what}={num_experts} modules, got {len(experts)}")
             return ModuleListExperts(experts, config.dim)
         if not isinstance(experts, nn.Module):
             raise TypeError(f"experts must be an nn.Module or nn.ModuleList, got {type(experts).__name__}")
-        for name, expected in (("num_experts", config.num_experts), ("dim", config.dim)):
+        for name, expected in (("num_experts", num_experts), ("dim", config.dim)):
             got = getattr(experts, name, None)
             if got != expected:
                 raise ValueError(f"experts.{name} must be {expected} to match the layer, got {got!r}")
         return experts
+
+    def _setup_distributed(self, ep: ExpertParallel, device: torch.device | None) -> None:
+        """Check that every rank built the same layer, share the router, tag expert parameters."""
+        cfg = self.config
+        fields = {
+            "dim": cfg.dim,
+            "hidden_dim": cfg.hidden_dim,
+            "num_experts": cfg.num_experts,
+            "top_k": cfg.top_k,
+            "ranks_per_node": ep.placement.ranks_per_node,
+            "custom experts": stable_hash(type(self.experts).__name__),
+            "configuration (router, capacity, experts, balance)": stable_hash(repr(cfg)),
+        }
+        ep.check_same({"num_tokens": 0, **fields}, device or torch.device("cpu"))
+        ep.broadcast_(self.router)
+        tag_expert_parameters(self.experts)
+        self._step = 0
+
+    @torch.no_grad()
+    def load_single_device_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load the ``state_dict`` of a single-device layer of the same configuration.
+
+        Each rank keeps the expert slices it stores, and everything else whole.
+        """
+        ep = self._ep
+        if ep is None:
+            self.load_state_dict(state_dict)
+            return
+        if not isinstance(self.experts, GroupedExperts):
+            raise ValueError("load_single_device_state_dict needs the built-in experts")
+        gated = self.config.experts.activation in GATED_ACTIVATIONS
+        local: dict[str, Tensor] = {}
+        for key, value in state_dict.items():
+            if key.startswith("experts."):
+                name = key.removeprefix("experts.")
+                part = ep.placement.local_slice(name, value, gated)
+                if part is not None:
+                    local[key] = part
+            else:
+                local[key] = value
+        self.load_state_dict(local)
+
+    def single_device_state_dict(self) -> dict[str, Tensor]:
+        """The ``state_dict`` of the equivalent single-device layer.
+
+        Expert slices are gathered from every rank: a collective, call it on every rank.
+        """
+        state = {key: value.detach() for key, value in self.state_dict().items()}
+        ep = self._ep
+        if ep is None:
+            return state
+        if not isinstance(self.experts, GroupedExperts):
+            raise ValueError("single_device_state_dict needs the built-in experts")
+        with torch.no_grad():
+            full = ep.gather_weights(self.experts, 0)
+        for key in [k for k in state if k.startswith("experts.")]:
+            del state[key]
+        for name, value in zip(("w_in", "w_out", "b_in", "b_out"), full, strict=True):
+            if value is not None:
+                state[f"experts.{name}"] = value.detach().clone()
+        return state
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the experts are spread over (1: single device)."""
+        return 1 if self._ep is None else self._ep.world_size
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -274,6 +386,8 @@ class MoELayer(nn.Module):
             autocast = torch.is_autocast_enabled(x.device.type)
             compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
             backend = self.experts.resolved_backend(x.device, compute_dtype)
+        if self._ep is not None:
+            return self._forward_distributed(self._ep, x, x_TD, k, cf, plan, backend)
         if T == 0:
             return self._empty_forward(x, k, cf, plan, backend)
 
@@ -321,12 +435,87 @@ class MoELayer(nn.Module):
         )
         return y_TD.reshape(x.shape)
 
-    def _balance(self, probs_TE: Tensor, logits_TE: Tensor, expert_ids_TK: Tensor, routed_E: Tensor) -> None:
+    def _forward_distributed(
+        self, ep: ExpertParallel, x: Tensor, x_TD: Tensor, k: int, cf: float, plan: Plan, backend: str
+    ) -> Tensor:
+        cfg = self.config
+        plan = ep.placement.resolve(plan)
+        ep.comm.step = self._step
+        self._step += 1
+        header = ep.check_same(
+            {
+                "num_tokens": x_TD.shape[0],
+                "top_k": k,
+                "capacity_factor": stable_hash(repr(float(cf))),
+                "plan": stable_hash(repr(plan)),
+                "grad mode": int(torch.is_grad_enabled()),
+                "dtype": stable_hash(str(x.dtype)),
+            },
+            x.device,
+        )
+        tokens_per_rank: list[int] = header[:, 0].tolist()
+        route = self.router(x_TD, k)
+        glayout = ep.layout(
+            route.expert_ids_TK,
+            route.weights_TK,
+            cfg.num_experts,
+            cf,
+            cfg.capacity.batch_prioritized,
+            tokens_per_rank,
+        )
+        layout = glayout.local
+        x_ND = permute(x_TD, layout)
+        row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
+        experts = self.experts
+        assert plan.r is not None
+        if plan.r == 0:  # every expert gathered here; no rows move
+            assert isinstance(experts, GroupedExperts)
+            weights = ep.gather_weights(experts, 0)
+            y_ND = experts.apply_weights(x_ND, layout.counts, weights, row_weights_N)
+        else:
+            if not isinstance(experts, GroupedExperts):
+                raise ValueError("custom experts support plan.r=1 only (whole experts, rows exchanged)")
+            y_ND = ep.run(x_ND, glayout.kept, plan, experts)
+            y_ND = y_ND * row_weights_N.to(y_ND.dtype)[:, None]
+        y_TD = combine(y_ND, layout)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+        T_global = glayout.num_tokens
+        fraction_E = glayout.routed_per_expert_E.to(torch.float64) / max(1, T_global * k)
+        self._balance(
+            route.probs_TE, route.logits_TE, route.expert_ids_TK, glayout.routed_per_expert_E, fraction_E
+        )
+        routed_counts = glayout.routed_per_expert_E.tolist()
+        self.stats = MoEStats(
+            num_tokens=T_global,
+            top_k=k,
+            capacity_factor=cf,
+            capacity=layout.capacity,
+            routed_per_expert=glayout.routed_per_expert_E,
+            tokens_per_expert=glayout.tokens_per_expert_E,
+            dropped=glayout.dropped,
+            load_max_over_mean=max(routed_counts) / (T_global * k / cfg.num_experts) if T_global else 0.0,
+            plan=plan,
+            world_size=ep.world_size,
+            backend=backend,
+            balance_loss=self._last_terms[0],
+            z_loss=self._last_terms[1],
+        )
+        return y_TD.reshape(x.shape)
+
+    def _balance(
+        self,
+        probs_TE: Tensor,
+        logits_TE: Tensor,
+        expert_ids_TK: Tensor,
+        routed_E: Tensor,
+        fraction_E: Tensor | None = None,
+    ) -> None:
         bcfg = self.config.balance
         aux = probs_TE.new_zeros(())
         balance = z = None
         if bcfg.load_balance_weight > 0:
-            balance = load_balance_loss(probs_TE, expert_ids_TK)
+            balance = load_balance_loss(probs_TE, expert_ids_TK, fraction_E)
             aux = aux + bcfg.load_balance_weight * balance
         if bcfg.z_loss_weight > 0:
             z = router_z_loss(logits_TE)
@@ -337,7 +526,7 @@ class MoELayer(nn.Module):
             None if z is None else z.detach(),
         )
         if self.training and bcfg.aux_free_rate > 0:
-            self._pending_counts_E += routed_E
+            self._pending_counts_E += routed_E.to(self._pending_counts_E.device)
 
     def _empty_forward(self, x: Tensor, k: int, cf: float, plan: Plan, backend: str) -> Tensor:
         E = self.config.num_experts

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DispatchLayout", "compute_capacity", "make_layout"]
+__all__ = ["DispatchLayout", "compute_capacity", "layout_from_sorted", "make_layout", "sort_slots"]
 
 
 def compute_capacity(
@@ -86,6 +86,32 @@ def make_layout(
     (ties broken by that default order).
     """
     T, K = expert_ids_TK.shape
+    slot_ids_S, experts_sorted, routed_per_expert_E = sort_slots(
+        expert_ids_TK, weights_TK, num_experts, batch_prioritized
+    )
+    # NOTE: host sync — the counts decide the capacity and the GEMM segment sizes.
+    routed_counts: list[int] = routed_per_expert_E.tolist()
+    max_load = max(routed_counts) if routed_counts else 0
+    capacity = compute_capacity(capacity_factor, T, K, num_experts, max_load)
+    keep_S = None
+    if capacity is not None and capacity < max_load:
+        # Position of each slot inside its expert; keep the first `capacity`.
+        offsets_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
+        position_S = torch.arange(T * K, device=expert_ids_TK.device) - offsets_E[experts_sorted]
+        keep_S = position_S < capacity
+    return layout_from_sorted(slot_ids_S, experts_sorted, routed_per_expert_E, keep_S, capacity, T, K)
+
+
+def sort_slots(
+    expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int, batch_prioritized: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Slots in expert-major priority order: ``(slot_ids_S, expert_of_each_S, routed_per_expert_E)``.
+
+    Default priority within an expert: all first choices, then all second choices, ...,
+    earlier tokens first within one choice; with ``batch_prioritized``, higher routing
+    weight first (ties broken by the default order).
+    """
+    T, K = expert_ids_TK.shape
     device = expert_ids_TK.device
     # 1. Slots in default priority order: k-major, then token (slot = t*K + k).
     slot_ids_P = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
@@ -95,23 +121,29 @@ def make_layout(
     experts_P = expert_ids_TK.reshape(-1)[slot_ids_P]
     # 2. One stable sort by expert keeps the priority order inside each expert.
     experts_sorted, order = torch.sort(experts_P, stable=True)
-    slot_ids_S = slot_ids_P[order]
-    routed_per_expert_E = torch.bincount(experts_sorted, minlength=num_experts)
-    # NOTE: host sync — the counts decide the capacity and the GEMM segment sizes.
-    routed_counts: list[int] = routed_per_expert_E.tolist()
-    max_load = max(routed_counts) if routed_counts else 0
-    capacity = compute_capacity(capacity_factor, T, K, num_experts, max_load)
-    if capacity is None or capacity >= max_load:
-        kept_counts = routed_counts
+    return slot_ids_P[order], experts_sorted, torch.bincount(experts_sorted, minlength=num_experts)
+
+
+def layout_from_sorted(
+    slot_ids_S: Tensor,
+    experts_sorted: Tensor,
+    routed_per_expert_E: Tensor,
+    keep_S: Tensor | None,
+    capacity: int | None,
+    num_tokens: int,
+    top_k: int,
+) -> DispatchLayout:
+    """The layout that keeps the sorted slots where ``keep_S`` is true (all if ``None``)."""
+    T, K = num_tokens, top_k
+    device = slot_ids_S.device
+    if keep_S is None:
         slot_ids_N = slot_ids_S
         tokens_per_expert_E = routed_per_expert_E
+        kept_counts: list[int] = routed_per_expert_E.tolist()
     else:
-        # 3. Position of each slot inside its expert; keep the first `capacity`.
-        offsets_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
-        position_S = torch.arange(T * K, device=device) - offsets_E[experts_sorted]
-        slot_ids_N = slot_ids_S[position_S < capacity]
-        tokens_per_expert_E = routed_per_expert_E.clamp(max=capacity)
-        kept_counts = [min(c, capacity) for c in routed_counts]
+        slot_ids_N = slot_ids_S[keep_S]
+        tokens_per_expert_E = torch.bincount(experts_sorted[keep_S], minlength=len(routed_per_expert_E))
+        kept_counts = tokens_per_expert_E.tolist()
     inverse_S = None
     if len(slot_ids_N) == T * K:
         inverse_S = torch.empty_like(slot_ids_N)

@@ -96,10 +96,22 @@ class GroupedExperts(nn.Module):
         self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None = None, backend: str | None = None
     ) -> Tensor:
         """Apply expert ``e`` to its ``counts[e]`` consecutive rows, scaled by ``row_weights_N``."""
-        w_in: Tensor = self.w_in
-        w_out: Tensor = self.w_out
-        b_in: Tensor | None = self.b_in
-        b_out: Tensor | None = self.b_out
+        weights = (self.w_in, self.w_out, self.b_in, self.b_out)
+        return self.apply_weights(x_ND, counts, weights, row_weights_N, backend)
+
+    def apply_weights(
+        self,
+        x_ND: Tensor,
+        counts: list[int],
+        weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+        row_weights_N: Tensor | None = None,
+        backend: str | None = None,
+    ) -> Tensor:
+        """``forward`` with other weights ``(w_in, w_out, b_in, b_out)`` in this module's layout.
+
+        Expert parallelism runs gathered or sliced weights through here.
+        """
+        w_in, w_out, b_in, b_out = weights
         device_type = x_ND.device.type
         if torch.is_autocast_enabled(device_type):
             # The GEMMs below run outside autocast's op dispatch, so cast explicitly.
@@ -114,7 +126,8 @@ class GroupedExperts(nn.Module):
             )
         if row_weights_N is not None:
             row_weights_N = row_weights_N.to(x_ND.dtype)
-        name = self.resolved_backend(x_ND.device, x_ND.dtype, backend)
+        widths = (w_in.shape[2], w_in.shape[1], w_out.shape[2])
+        name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype, widths)
         with torch.autocast(device_type, enabled=False):
             return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N)
 

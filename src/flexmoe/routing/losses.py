@@ -11,20 +11,23 @@ from torch import Tensor
 __all__ = ["aux_free_bias_update", "load_balance_loss", "router_z_loss"]
 
 
-def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
+def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, fraction_E: Tensor | None = None) -> Tensor:
     """Switch/GShard balance loss ``E * sum_i f_i * P_i``.
 
     ``f_i`` is the fraction of the ``T*K`` routed assignments that chose expert ``i``
     (before any capacity drop), ``P_i`` the mean of ``probs_TE[:, i]``. It is 1.0 when
     both are uniform, for any ``K``. (``transformers``' Mixtral loss sums over the k
     choices instead, so its value is ``K`` times this one.) Gradients flow through
-    ``P`` only; ``f`` is a count.
+    ``P`` only; ``f`` is a count. A distributed layer passes ``fraction_E`` of the
+    global batch, so that the mean of the ranks' losses is the global-batch loss.
     """
     T, E = probs_TE.shape
     if T == 0:
         return probs_TE.sum() * 0.0
-    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-    fraction_E = counts_E / expert_ids_TK.numel()
+    if fraction_E is None:
+        counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+        fraction_E = counts_E / expert_ids_TK.numel()
+    fraction_E = fraction_E.to(device=probs_TE.device, dtype=probs_TE.dtype)
     return E * torch.dot(fraction_E, probs_TE.mean(dim=0))
 
 

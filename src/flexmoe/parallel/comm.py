@@ -1,0 +1,186 @@
+"""Communication for expert parallelism: all-to-all exchanges (flat and 2DH) and weight gathers.
+
+Every collective the layer issues goes through a ``Communicator``: one background
+thread per layer that runs the collectives in submission order (so every rank issues
+them in the same order) while the caller's thread computes — this is how the
+pipelined exchange overlaps communication with expert GEMMs on every backend, gloo
+included. Waiting on a collective is bounded by the layer's timeout, and a timeout
+error names the layer, the step and the collective.
+
+Legend: W ranks in the group, L ranks per node, M[q][p] rows that rank q sends to rank p.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "CollectiveTimeoutError",
+    "Communicator",
+    "all_to_all",
+    "exchange",
+    "exchange_2dh",
+    "gather_index",
+]
+
+T = TypeVar("T")
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within the layer's timeout."""
+
+
+def all_to_all(x: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: Any) -> Tensor:
+    """Blocking variable-size all-to-all of rows: ``send_splits[p]`` rows of ``x`` go to rank ``p``."""
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
+    return out
+
+
+def gather_index(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> Tensor:
+    """Concatenation of ``arange(start, start + length)`` over the segments, as one index tensor."""
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    total = int(lengths_t.sum())
+    if total == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    starts_t = torch.tensor(starts, dtype=torch.int64)
+    seg_begin = torch.cumsum(lengths_t, 0) - lengths_t
+    index = torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(starts_t - seg_begin, lengths_t)
+    return index.to(device)
+
+
+def exchange(
+    x: Tensor, matrix: Sequence[Sequence[int]], rank: int, algorithm: str, ranks_per_node: int, group: Any
+) -> Tensor:
+    """Exchange rows by ``matrix``: ``matrix[q][p]`` rows go from rank ``q`` to rank ``p``.
+
+    ``x`` holds this rank's rows ordered by destination; the result holds the received
+    rows ordered by source.
+    """
+    if algorithm == "2dh":
+        return exchange_2dh(x, matrix, rank, ranks_per_node, group)
+    W = len(matrix)
+    return all_to_all(x, matrix[rank], [matrix[q][rank] for q in range(W)], group)
+
+
+def exchange_2dh(x: Tensor, matrix: Sequence[Sequence[int]], rank: int, L: int, group: Any) -> Tensor:
+    """Hierarchical (2DH) all-to-all: aggregate inside the node, then one exchange across nodes.
+
+    Same result as the flat exchange. Phase 1 sends, to each rank of this node with
+    local index ``l'``, everything this rank has for local index ``l'`` on *any* node;
+    a stride copy regroups what arrived by destination node; phase 2 sends one
+    aggregated message per node, to the rank with this rank's local index there. Each
+    phase is an all-to-all whose only non-empty messages stay inside a node (phase 1)
+    or go between same-local-index ranks (phase 2), so a rank sends ``L - 1`` plus
+    ``nodes - 1`` messages instead of ``W - 1``, each ``L`` times larger on average
+    (Tutel's 2DH, with the corrected stride index of algorithms.md).
+    """
+    W = len(matrix)
+    nodes = W // L
+    node, local = divmod(rank, L)
+
+    def block_index(sizes: list[int], order: list[int]) -> Tensor:
+        offsets = [0] * len(sizes)
+        acc = 0
+        for i, s in enumerate(sizes):
+            offsets[i] = acc
+            acc += s
+        return gather_index([offsets[i] for i in order], [sizes[i] for i in order], x.device)
+
+    # Phase 1: regroup my send blocks from (dest node, dest local) to (dest local, dest node).
+    mine = list(matrix[rank])
+    order1 = [n2 * L + l2 for l2 in range(L) for n2 in range(nodes)]
+    send1 = x.index_select(0, block_index(mine, order1))
+    send_splits1 = [0] * W
+    for l2 in range(L):
+        send_splits1[node * L + l2] = sum(mine[n2 * L + l2] for n2 in range(nodes))
+    recv_splits1 = [0] * W
+    # What arrives from (node, l): its blocks for (n2, my local), ordered by n2.
+    arrived_sizes: list[int] = []  # index (l, n2)
+    for l1 in range(L):
+        src = node * L + l1
+        sizes = [matrix[src][n2 * L + local] for n2 in range(nodes)]
+        recv_splits1[src] = sum(sizes)
+        arrived_sizes.extend(sizes)
+    recv1 = all_to_all(send1, send_splits1, recv_splits1, group)
+    # Stride copy: (source local l, dest node n2) -> (dest node n2, source local l).
+    order2 = [l1 * nodes + n2 for n2 in range(nodes) for l1 in range(L)]
+    send2 = recv1.index_select(0, block_index(arrived_sizes, order2))
+    send_splits2 = [0] * W
+    for n2 in range(nodes):
+        send_splits2[n2 * L + local] = sum(arrived_sizes[l1 * nodes + n2] for l1 in range(L))
+    recv_splits2 = [0] * W
+    for n1 in range(nodes):
+        recv_splits2[n1 * L + local] = sum(matrix[n1 * L + l1][rank] for l1 in range(L))
+    # Phase 2 delivers, from each node n1, the rows of its sources (n1, 0..L-1): source order.
+    return all_to_all(send2, send_splits2, recv_splits2, group)
+
+
+class Communicator:
+    """Runs a layer's collectives on one background thread, in submission order, with a timeout.
+
+    Args:
+        group: the process group.
+        name: the layer's name, used in error messages.
+        timeout: seconds to wait for any one collective (``None``: wait forever).
+    """
+
+    def __init__(self, group: Any, name: str, timeout: float | None) -> None:
+        self.group = group
+        self.name = name
+        self.timeout = timeout
+        self.step = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmoe-comm")
+            return self._executor
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` (a collective) behind the ones already submitted."""
+        grad_mode = torch.is_grad_enabled()
+
+        def run() -> T:
+            with torch.set_grad_enabled(grad_mode):
+                return fn(*args)
+
+        return self._pool().submit(run)
+
+    def wait(self, future: Future[T], what: str) -> T:
+        """The result of a submitted collective; raises ``CollectiveTimeoutError`` naming it."""
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            raise CollectiveTimeoutError(
+                f"MoELayer {self.name!r} step {self.step}: {what} did not complete within "
+                f"{self.timeout} s (is every rank running the same layers with the same plan?)"
+            ) from None
+        except RuntimeError as error:
+            raise RuntimeError(f"MoELayer {self.name!r} step {self.step}: {what} failed: {error}") from error
+
+    def run(self, fn: Callable[..., T], what: str, *args: Any) -> T:
+        """Submit and wait."""
+        return self.wait(self.submit(fn, *args), what)
+
+    def close(self) -> None:
+        """Stop the background thread (pending collectives still run)."""
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "a distributed MoELayer cannot be pickled or deep-copied; save its state_dict instead"
+        )

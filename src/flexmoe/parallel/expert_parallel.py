@@ -1,0 +1,296 @@
+"""The distributed expert stage: gather weights for the plan, exchange rows, run experts, return.
+
+``ExpertParallel.run`` maps this rank's kept expert-major rows ``x_N`` to the sum of
+the expert outputs for each row (unweighted; the layer applies routing weights and
+combines per token). Under plan ``(r, d, exchange)``:
+
+1. weights: ``r >= 1`` with ``g = S/r > 1``, or ``r = 0``: the shards of the gather
+   group are all-gathered (differentiably: their gradients are summed back onto the
+   stored shard); otherwise the stored weights are used as they are.
+2. rows: cut into ``d`` chunks; chunk ``i``'s all-to-all runs on the communicator
+   thread while the experts compute chunk ``i - 1``, and its return all-to-all while
+   they compute chunk ``i + 1``. Backward runs the same pipeline in reverse.
+3. partial outputs of a row (``r > 1`` slices of one expert) are summed on return.
+
+Legend: N kept rows on this rank, D model dim, W ranks.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from flexmoe.config import GATED_ACTIVATIONS, Plan
+from flexmoe.experts import GroupedExperts
+from flexmoe.parallel.comm import Communicator, all_to_all, exchange
+from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layout
+from flexmoe.parallel.placement import Chunk, Placement, build_chunks
+from flexmoe.parallel.runtime import DistributedContext, local_world_size, resolve_group
+
+__all__ = ["ExpertParallel", "Weights"]
+
+Weights = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+class _GatherShards(torch.autograd.Function):
+    """All-gather of one flat tensor inside ``members`` (this rank among them).
+
+    Backward sends each gathered piece's gradient back to its owner, who sums them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, members: list[int], comm: Communicator) -> Tensor:
+        W = dist.get_world_size(comm.group)
+        n = flat.numel()
+        splits = [n if p in members else 0 for p in range(W)]
+        ctx.members, ctx.comm, ctx.splits = members, comm, splits
+        send = flat.unsqueeze(0).expand(len(members), n).reshape(-1)
+        out = comm.run(all_to_all, "weight all-gather", send, splits, splits, comm.group)
+        return out.view(len(members), n)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        comm: Communicator = ctx.comm
+        back = comm.run(
+            all_to_all, "weight reduce-scatter", grad.reshape(-1), ctx.splits, ctx.splits, comm.group
+        )
+        return back.view(len(ctx.members), -1).sum(0), None, None
+
+
+class _ExchangeExperts(torch.autograd.Function):
+    """Pipelined exchange -> experts -> exchange back, with a pipelined backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x_N: Tensor, engine: _Engine, *weights: Tensor | None) -> Tensor:
+        needs_grad = any(ctx.needs_input_grad)
+        leaves: list[Tensor | None] = [
+            None if w is None else w.detach().requires_grad_(w.requires_grad) for w in weights
+        ]
+        saved: list[tuple[Tensor, Tensor] | None] = []
+
+        def compute(i: int, x_rows: Tensor) -> Tensor:
+            if x_rows.shape[0] == 0:
+                saved.append(None)
+                return x_rows.new_empty(x_rows.shape)
+            if not needs_grad:
+                return engine.compute(x_rows, i, leaves)
+            x_leaf = x_rows.detach().requires_grad_(ctx.needs_input_grad[0])
+            with torch.enable_grad():
+                y_rows = engine.compute(x_leaf, i, leaves)
+            saved.append((x_leaf, y_rows))
+            return y_rows.detach()
+
+        y_N = engine.pipeline(x_N, compute, "dispatch", "return")
+        ctx.engine, ctx.leaves, ctx.saved = engine, leaves, saved
+        return y_N
+
+    @staticmethod
+    def backward(ctx: Any, grad_y_N: Tensor) -> tuple[Tensor | None, ...]:
+        engine: _Engine = ctx.engine
+        leaves: list[Tensor | None] = ctx.leaves
+        wanted = [w for w in leaves if w is not None and w.requires_grad]
+        totals: list[Tensor | None] = [None] * len(wanted)
+
+        def compute(i: int, grad_rows: Tensor) -> Tensor:
+            item = ctx.saved[i]
+            if item is None:
+                return grad_rows.new_zeros(grad_rows.shape)
+            x_leaf, y_rows = item
+            inputs = ([x_leaf] if x_leaf.requires_grad else []) + wanted
+            grads = torch.autograd.grad(y_rows, inputs, grad_rows.to(y_rows.dtype), allow_unused=True)
+            offset = 1 if x_leaf.requires_grad else 0
+            for j, g in enumerate(grads[offset:]):
+                total = totals[j]
+                if g is not None:
+                    totals[j] = g if total is None else total + g
+            ctx.saved[i] = None
+            return grads[0] if x_leaf.requires_grad else grad_rows.new_zeros(x_leaf.shape)
+
+        grad_x_N = engine.pipeline(grad_y_N.contiguous(), compute, "backward return", "backward dispatch")
+        result: list[Tensor | None] = [grad_x_N if ctx.needs_input_grad[0] else None, None]
+        it = iter(totals)
+        for w in leaves:
+            if w is not None and w.requires_grad:
+                g = next(it)
+                result.append(torch.zeros_like(w) if g is None else g)
+            else:
+                result.append(None)
+        return tuple(result)
+
+
+class _Engine:
+    """One step's routes plus the compute callback, shared by forward and backward."""
+
+    def __init__(
+        self,
+        chunks: list[Chunk],
+        comm: Communicator,
+        plan: Plan,
+        ranks_per_node: int,
+        experts: GroupedExperts,
+    ) -> None:
+        self.chunks = chunks
+        self.comm = comm
+        self.plan = plan
+        self.ranks_per_node = ranks_per_node
+        self.experts = experts
+        self.rank = dist.get_rank(comm.group)
+
+    def compute(self, x_rows: Tensor, i: int, weights: list[Tensor | None]) -> Tensor:
+        w_in, w_out, b_in, b_out = weights
+        assert w_in is not None and w_out is not None
+        return self.experts.apply_weights(x_rows, self.chunks[i].unit_counts, (w_in, w_out, b_in, b_out))
+
+    def _exchange(self, rows: Tensor, matrix: list[list[int]]) -> Tensor:
+        return exchange(rows, matrix, self.rank, self.plan.exchange, self.ranks_per_node, self.comm.group)
+
+    def pipeline(self, src_N: Tensor, compute: Any, out_name: str, back_name: str) -> Tensor:
+        """Send each chunk's rows out, ``compute`` on what arrives, send results back, sum them."""
+        comm = self.comm
+        outgoing: list[Future[Tensor]] = []
+        for chunk in self.chunks:
+            rows = src_N.index_select(0, chunk.send_index)
+            outgoing.append(comm.submit(self._exchange, rows, chunk.matrix))
+        returning: list[Future[Tensor]] = []
+        for i, chunk in enumerate(self.chunks):
+            received = comm.wait(outgoing[i], f"{out_name} all-to-all (chunk {i + 1}/{len(self.chunks)})")
+            perm = chunk.recv_perm
+            unit_rows = received if perm is None else received.index_select(0, perm)
+            result = compute(i, unit_rows)
+            if perm is not None:
+                result = torch.empty_like(result).index_copy_(0, perm, result)
+            transposed = [list(col) for col in zip(*chunk.matrix, strict=True)]
+            returning.append(comm.submit(self._exchange, result, transposed))
+        out_N = src_N.new_zeros(src_N.shape)
+        for i, chunk in enumerate(self.chunks):
+            back = comm.wait(returning[i], f"{back_name} all-to-all (chunk {i + 1}/{len(self.chunks)})")
+            out_N.index_add_(0, chunk.send_index, back.to(out_N.dtype))
+        return out_N
+
+
+class ExpertParallel:
+    """A layer's expert parallelism: placement, communicator and the per-step expert stage."""
+
+    def __init__(self, context: DistributedContext, placement: Placement, comm: Communicator) -> None:
+        self.context = context
+        self.placement = placement
+        self.comm = comm
+
+    @classmethod
+    def create(
+        cls,
+        group: Any,
+        num_experts: int,
+        hidden_dim: int,
+        ranks_per_node: int | None,
+        timeout: float | None,
+    ) -> ExpertParallel | None:
+        """The expert parallelism for ``group`` (see ``resolve_group``), or ``None`` for one device."""
+        context = resolve_group(group)
+        if context is None:
+            return None
+        L = local_world_size(context.world_size) if ranks_per_node is None else ranks_per_node
+        if context.world_size < L:  # torchrun's node is larger than this group
+            L = context.world_size
+        placement = Placement(context.world_size, context.rank, num_experts, hidden_dim, L)
+        comm = Communicator(context.private_group, "moe", timeout)
+        return cls(context, placement, comm)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the group."""
+        return self.placement.world_size
+
+    def check_same(self, fields: dict[str, int], device: torch.device) -> Tensor:
+        """All-gather ``fields``; raise on every rank if any (but ``num_tokens``) differs."""
+        return check_header(self.comm, fields, device)
+
+    @torch.no_grad()
+    def broadcast_(self, module: nn.Module) -> None:
+        """Make ``module``'s parameters and buffers those of the group's first rank."""
+        source = dist.get_process_group_ranks(self.comm.group)[0]
+        for tensor in [*module.parameters(), *module.buffers()]:
+            self.comm.run(
+                lambda t=tensor: dist.broadcast(t.data, source, group=self.comm.group), "router broadcast"
+            )
+
+    def layout(
+        self,
+        expert_ids_TK: Tensor,
+        weights_TK: Tensor,
+        num_experts: int,
+        capacity_factor: float,
+        batch_prioritized: bool,
+        tokens_per_rank: list[int],
+    ) -> GlobalLayout:
+        """The step's global capacity decision (see ``flexmoe.parallel.layout``)."""
+        return make_global_layout(
+            expert_ids_TK,
+            weights_TK,
+            num_experts,
+            capacity_factor,
+            batch_prioritized,
+            tokens_per_rank,
+            self.comm,
+        )
+
+    def gather_weights(self, experts: GroupedExperts, r: int) -> Weights:
+        """The weights this rank computes with under sharing degree ``r`` (gathered if needed)."""
+        pl = self.placement
+        members = pl.gather_group(r)
+        own: Weights = (experts.w_in, experts.w_out, experts.b_in, experts.b_out)
+        if len(members) == 1:
+            return own
+        has_bias = experts.b_in is not None
+        El, D = pl.local_experts, experts.dim
+        pieces = [experts.w_in.reshape(-1), experts.w_out.reshape(-1)]
+        if has_bias:
+            assert experts.b_in is not None
+            own_b_out = experts.b_out if experts.b_out is not None else experts.b_in.new_zeros(El, D)
+            pieces += [experts.b_in.reshape(-1), own_b_out.reshape(-1)]
+        flat = torch.cat(pieces)
+        gathered = _GatherShards.apply(flat, members, self.comm)
+        shapes = [experts.w_in.shape, experts.w_out.shape]
+        if has_bias:
+            assert experts.b_in is not None
+            shapes += [experts.b_in.shape, torch.Size((El, D))]
+        sizes = [s.numel() for s in shapes]
+        parts = [
+            t.view(len(members), *shape) for t, shape in zip(gathered.split(sizes, 1), shapes, strict=True)
+        ]
+        gated = experts.activation in GATED_ACTIVATIONS
+        if not pl.sharded:  # r = 0 with whole experts: concatenate along the expert dimension.
+            if has_bias:
+                return tuple(t.flatten(0, 1) for t in parts)
+            return parts[0].flatten(0, 1), parts[1].flatten(0, 1), None, None
+        # Sharded: members hold consecutive hidden shards of n_e experts (n_sh shards each).
+        n_sh = min(len(members), pl.shards)
+        n_e = len(members) // n_sh
+        F_loc = pl.local_hidden_dim
+
+        def join_hidden(t: Tensor, hidden_axis: int) -> Tensor:
+            # t: [members, 1, ...] -> [n_e, ..., n_sh * width along hidden_axis]
+            t = t.view(n_e, n_sh, *t.shape[2:])
+            if gated and hidden_axis == 1:  # [gate_s; up_s] per shard -> [gate; up]
+                t = t.view(n_e, n_sh, 2, F_loc, *t.shape[3:]).transpose(1, 2)
+                return t.reshape(n_e, 2 * n_sh * F_loc, *t.shape[4:])
+            return torch.cat(t.unbind(1), dim=hidden_axis)
+
+        b_in = join_hidden(parts[2], 1) if has_bias else None
+        b_out = None
+        if has_bias and members[0] % pl.shards == 0:  # the slice holding hidden shard 0
+            b_out = parts[3].view(n_e, n_sh, D)[:, 0]
+        return join_hidden(parts[0], 1), join_hidden(parts[1], 2), b_in, b_out
+
+    def run(self, x_N: Tensor, kept: list[list[int]], plan: Plan, experts: GroupedExperts) -> Tensor:
+        """Expert outputs (unweighted) for this rank's kept rows, under a resolved ``plan`` (``r >= 1``)."""
+        assert plan.r is not None and plan.r >= 1
+        weights = self.gather_weights(experts, plan.r)
+        chunks = build_chunks(self.placement, kept, plan.r, plan.d, x_N.device)
+        engine = _Engine(chunks, self.comm, plan, self.placement.ranks_per_node, experts)
+        out: Tensor = _ExchangeExperts.apply(x_N, engine, *weights)
+        return out

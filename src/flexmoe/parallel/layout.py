@@ -1,0 +1,194 @@
+"""The capacity policy over a process group: the same drops as one device on the global batch.
+
+The global batch is the ranks' local batches concatenated in rank order. Capacity
+(``ceil(cf * T_global * K / E)``, or the adaptive cap) and which assignments it drops
+are decided exactly as ``flexmoe.dispatch.make_layout`` would decide them for that
+global batch, so a distributed layer computes the same function as a single-device
+one whatever the world size.
+
+Cost: one all-gather of a small header and of the per-(expert, choice) counts
+(``W * E * K`` integers). Batch-prioritised routing ranks assignments by score across
+all ranks, so it also all-gathers every rank's routing (``T * K`` ids and weights).
+
+Legend: W ranks, T local tokens, K top-k, E experts, S local routed slots (T*K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from flexmoe.dispatch.layout import (
+    DispatchLayout,
+    compute_capacity,
+    layout_from_sorted,
+    make_layout,
+    sort_slots,
+)
+from flexmoe.parallel.comm import Communicator
+
+__all__ = ["GlobalLayout", "make_global_layout"]
+
+
+@dataclass
+class GlobalLayout:
+    """A rank's dispatch layout plus the group-wide picture every rank agrees on.
+
+    Attributes:
+        local: this rank's kept slots (``local.capacity`` is the global capacity).
+        kept: ``kept[q][e]``, rows rank ``q`` keeps for expert ``e``.
+        tokens_per_rank: ``T`` of every rank.
+        routed_per_expert_E, tokens_per_expert_E: global counts before / after drops (CPU).
+    """
+
+    local: DispatchLayout
+    kept: list[list[int]]
+    tokens_per_rank: list[int]
+    routed_per_expert_E: Tensor
+    tokens_per_expert_E: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the global batch."""
+        return sum(self.tokens_per_rank)
+
+    @property
+    def dropped(self) -> int:
+        """Assignments dropped over the whole group."""
+        return int(self.routed_per_expert_E.sum() - self.tokens_per_expert_E.sum())
+
+
+def _all_gather(comm: Communicator, x: Tensor, what: str) -> Tensor:
+    def gather() -> Tensor:
+        W = dist.get_world_size(comm.group)
+        out = x.new_empty(W * x.numel())
+        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=comm.group)
+        return out.view(W, *x.shape)
+
+    return comm.run(gather, what)
+
+
+def check_header(comm: Communicator, fields: dict[str, int], device: torch.device) -> Tensor:
+    """All-gather ``fields`` (this call's token count and settings) and compare them.
+
+    Raises on every rank if any setting differs between ranks; returns the gathered
+    ``[W, len(fields)]`` table (CPU).
+    """
+    names = list(fields)
+    table = _all_gather(
+        comm, torch.tensor([fields[n] for n in names], dtype=torch.int64, device=device), "header all-gather"
+    ).cpu()
+    for j, name in enumerate(names):
+        if name == "num_tokens":
+            continue
+        column = table[:, j].tolist()
+        if len(set(column)) > 1:
+            raise RuntimeError(
+                f"MoELayer {comm.name!r} step {comm.step}: ranks disagree on {name}: {column} "
+                "(every rank must call the layer with the same settings and plan)"
+            )
+    return table
+
+
+def make_global_layout(
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    num_experts: int,
+    capacity_factor: float,
+    batch_prioritized: bool,
+    tokens_per_rank: list[int],
+    comm: Communicator,
+) -> GlobalLayout:
+    """Sort this rank's slots expert-major and keep exactly those the global policy keeps."""
+    T, K = expert_ids_TK.shape
+    E = num_experts
+    rank, W = dist.get_rank(comm.group), len(tokens_per_rank)
+    slot_ids_S, experts_S, routed_E = sort_slots(expert_ids_TK, weights_TK, E, batch_prioritized)
+    choice_S = slot_ids_S % K
+    # Per (expert, choice) counts of every rank: [W, E, K].
+    counts_EK = torch.bincount(experts_S * K + choice_S, minlength=E * K)
+    counts_WEK = _all_gather(comm, counts_EK, "routing-count all-gather").cpu().view(W, E, K)
+    routed_WE = counts_WEK.sum(2)
+    routed_global_E = routed_WE.sum(0)
+    T_global = sum(tokens_per_rank)
+    max_load = int(routed_global_E.max()) if E else 0
+    capacity = compute_capacity(capacity_factor, T_global, K, E, max_load)
+    keep_S = None
+    kept_WE = routed_WE
+    if capacity is not None and capacity < max_load:
+        if batch_prioritized:
+            keep_S, kept_WE = _keep_batch_prioritized(
+                expert_ids_TK, weights_TK, slot_ids_S, E, capacity_factor, tokens_per_rank, comm
+            )
+        else:
+            keep_S, kept_WE = _keep_default(counts_WEK, capacity, rank, experts_S, choice_S, T * K)
+    local = layout_from_sorted(slot_ids_S, experts_S, routed_E, keep_S, capacity, T, K)
+    return GlobalLayout(
+        local=local,
+        kept=kept_WE.tolist(),
+        tokens_per_rank=tokens_per_rank,
+        routed_per_expert_E=routed_global_E,
+        tokens_per_expert_E=kept_WE.sum(0),
+    )
+
+
+def _keep_default(
+    counts_WEK: Tensor, capacity: int, rank: int, experts_S: Tensor, choice_S: Tensor, num_slots: int
+) -> tuple[Tensor, Tensor]:
+    """Keep mask under the default priority over the global batch.
+
+    Choice ``k`` before ``k+1``, then global token order — so for expert ``e`` and
+    choice ``k`` the slots of lower ranks come first.
+    """
+    K = counts_WEK.shape[2]
+    per_choice_EK = counts_WEK.sum(0)
+    before_choice_EK = torch.cumsum(per_choice_EK, 1) - per_choice_EK  # earlier choices, all ranks
+    before_rank_WEK = torch.cumsum(counts_WEK, 0) - counts_WEK  # same choice, lower ranks
+    room_WEK = capacity - before_choice_EK.unsqueeze(0) - before_rank_WEK
+    kept_WEK = torch.minimum(room_WEK.clamp(min=0), counts_WEK)
+    # Within (expert, choice) this rank's slots are in token order: keep the first kept_WEK.
+    mine_EK = counts_WEK[rank].reshape(-1)
+    block_S = experts_S * K + choice_S
+    device = experts_S.device
+    block_start = (torch.cumsum(mine_EK, 0) - mine_EK).to(device)
+    position_S = torch.arange(num_slots, device=device) - block_start[block_S]
+    keep_S = position_S < kept_WEK[rank].reshape(-1).to(device)[block_S]
+    return keep_S, kept_WEK.sum(2)
+
+
+def _keep_batch_prioritized(
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    slot_ids_S: Tensor,
+    num_experts: int,
+    capacity_factor: float,
+    tokens_per_rank: list[int],
+    comm: Communicator,
+) -> tuple[Tensor, Tensor]:
+    """Rank every rank's assignments by score as one batch (gathers all routing)."""
+    T, K = expert_ids_TK.shape
+    W = len(tokens_per_rank)
+    rank = dist.get_rank(comm.group)
+    T_max = max(tokens_per_rank)
+    device = expert_ids_TK.device
+    packed = torch.zeros(T_max, 2 * K, dtype=torch.float64, device=device)
+    packed[:T, :K] = expert_ids_TK.to(torch.float64)
+    packed[:T, K:] = weights_TK.detach().to(torch.float64)
+    table = _all_gather(comm, packed, "routing all-gather").cpu()
+    ids = torch.cat([table[q, : tokens_per_rank[q], :K] for q in range(W)]).to(torch.int64)
+    weights = torch.cat([table[q, : tokens_per_rank[q], K:] for q in range(W)])
+    global_layout = make_layout(ids, weights, num_experts, capacity_factor, batch_prioritized=True)
+    kept_slots = global_layout.slot_ids_N
+    source_of_token = torch.repeat_interleave(torch.arange(W), torch.tensor(tokens_per_rank))
+    kept_experts = ids.reshape(-1)[kept_slots]
+    kept_sources = source_of_token[kept_slots // K]
+    kept_WE = torch.bincount(kept_sources * num_experts + kept_experts, minlength=W * num_experts)
+    start = sum(tokens_per_rank[:rank]) * K
+    kept_here = torch.zeros(T * K, dtype=torch.bool)
+    mine = kept_slots[(kept_slots >= start) & (kept_slots < start + T * K)] - start
+    kept_here[mine] = True
+    keep_S = kept_here.to(device)[slot_ids_S]
+    return keep_S, kept_WE.view(W, num_experts)

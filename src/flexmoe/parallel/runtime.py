@@ -1,0 +1,158 @@
+"""Process groups, launching, and the data-parallel recipe for expert parameters.
+
+Expert parameters of a distributed ``MoELayer`` are tagged (``is_expert_parameter``):
+each rank holds different experts (or shards), so data-parallel gradient averaging
+must skip them — their gradients already sum the contributions of every rank's
+tokens through the all-to-all. The recipe with DDP::
+
+    flexmoe.parallel.ddp_ignore_expert_parameters(model)   # before wrapping
+    ddp = DistributedDataParallel(model)
+    loss = ddp(x).mean()               # a per-rank mean, as usual with DDP
+    loss.backward()
+    flexmoe.parallel.scale_expert_gradients(model)   # /W: the mean over ranks, like DDP's
+    optimizer.step()
+
+DDP averages the other gradients over ranks; ``scale_expert_gradients`` divides the
+expert gradients by the same ``W`` so that every gradient is that of the mean of the
+per-rank losses. With FSDP, pass ``ignored_params=list(expert_parameters(model))``.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistributedContext",
+    "ddp_ignore_expert_parameters",
+    "expert_parameters",
+    "init_distributed",
+    "is_expert_parameter",
+    "resolve_group",
+    "scale_expert_gradients",
+    "stable_hash",
+    "tag_expert_parameters",
+]
+
+_EXPERT_TAG = "_flexmoe_expert"
+
+
+class DistributedContext:
+    """The group a layer runs on: the user's group, and a private twin for the layer's collectives.
+
+    The twin has the same ranks, so the layer's collectives (issued from its
+    communicator thread) never interleave with other collectives on the user's group,
+    such as DDP's gradient all-reduces.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
+        key = tuple(ranks)
+        if key not in _PRIVATE_GROUPS:
+            _PRIVATE_GROUPS[key] = dist.new_group(ranks, use_local_synchronization=True)
+        self.private_group = _PRIVATE_GROUPS[key]
+
+
+_PRIVATE_GROUPS: dict[tuple[int, ...], Any] = {}
+
+
+def resolve_group(group: Any) -> DistributedContext | None:
+    """``None`` for single-device; else the context of ``group`` ("world": the default group).
+
+    ``group=None`` means the default group when ``torch.distributed`` is initialised with
+    more than one rank, and single-device otherwise. ``group=False`` forces single-device.
+    """
+    if group is False:
+        return None
+    if group is None or group == "world":
+        if not (dist.is_available() and dist.is_initialized()):
+            if group == "world":
+                raise ValueError("group='world' needs torch.distributed to be initialised")
+            return None
+        group = dist.group.WORLD
+    elif not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialised")
+    if dist.get_world_size(group) == 1:
+        return None
+    return DistributedContext(group)
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise the default process group from ``torchrun``'s environment; returns ``(rank, world)``.
+
+    The backend follows the device: NCCL when CUDA is available (and the rank's GPU is
+    ``LOCAL_RANK``), gloo otherwise. A no-op returning ``(0, 1)`` outside ``torchrun``.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kwargs: dict[str, Any] = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, **kwargs)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_world_size(default: int) -> int:
+    """Ranks per node from ``LOCAL_WORLD_SIZE`` (set by ``torchrun``), else ``default``."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value else default
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process (``hash()`` is salted per process)."""
+    return zlib.crc32(text.encode())
+
+
+def tag_expert_parameters(module: nn.Module) -> None:
+    """Mark every parameter of ``module`` as an expert parameter."""
+    for param in module.parameters():
+        setattr(param, _EXPERT_TAG, True)
+
+
+def is_expert_parameter(param: nn.Parameter) -> bool:
+    """Whether ``param`` belongs to a distributed layer's experts (not data-parallel)."""
+    return bool(getattr(param, _EXPERT_TAG, False))
+
+
+def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The expert parameters of every distributed ``MoELayer`` in ``model``."""
+    for param in model.parameters():
+        if is_expert_parameter(param):
+            yield param
+
+
+def ddp_ignore_expert_parameters(model: nn.Module) -> list[str]:
+    """Tell ``DistributedDataParallel`` (before wrapping ``model``) to skip expert parameters.
+
+    Returns the ignored names.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, param in model.named_parameters() if is_expert_parameter(param)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
+
+
+@torch.no_grad()
+def scale_expert_gradients(model: nn.Module, factor: float | None = None) -> None:
+    """Multiply expert gradients by ``factor`` (default ``1 / world size``: DDP's mean)."""
+    if factor is None:
+        factor = 1.0 / dist.get_world_size() if dist.is_initialized() else 1.0
+    for param in expert_parameters(model):
+        if param.grad is not None:
+            param.grad.mul_(factor)

@@ -1,0 +1,148 @@
+"""Worker functions for the multi-process tests (importable by spawned processes).
+
+Each equivalence case builds a single-device ``MoELayer`` (the oracle) and a
+distributed one holding the same global weights, runs the global batch through the
+oracle and each rank's slice through the distributed layer under every plan, and
+compares outputs and gradients (input, every stored expert slice, router).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flexmoe import MoELayer, Plan
+from flexmoe.config import GATED_ACTIVATIONS
+from flexmoe.parallel.comm import exchange
+
+
+@dataclass
+class Case:
+    num_experts: int
+    top_k: int = 2
+    dim: int = 16
+    hidden_dim: int = 8
+    activation: str = "swiglu"
+    bias: bool = False
+    capacity_factor: float = 0.0
+    batch_prioritized: bool = False
+    tokens_per_rank: list[int] | None = None  # default: 6 on every rank
+    ranks_per_node: int | None = None
+    load_balance_weight: float = 0.01
+    router: str = "softmax"
+    seed: int = 0
+    plans: list[Plan] = field(default_factory=list)  # default: every valid plan
+
+
+def all_plans(layer: MoELayer) -> list[Plan]:
+    """Every valid ``(r, d, exchange)`` of a distributed layer, ``d`` in {1, 2, 4}."""
+    assert layer._ep is not None
+    plans = [Plan(r=0)]
+    for r in layer._ep.placement.valid_r()[1:]:
+        for d in (1, 2, 4):
+            for algorithm in ("flat", "2dh"):
+                plans.append(Plan(r=r, d=d, exchange=algorithm))  # type: ignore[arg-type]
+    return plans
+
+
+def _close(name: str, got: torch.Tensor | None, want: torch.Tensor | None, tol: float = 1e-5) -> None:
+    if want is None or got is None:
+        assert (
+            (got is None and want is None)
+            or (got is not None and not got.any())
+            or (want is not None and not want.any())
+        ), f"{name}: one gradient missing (got {got is not None}, want {want is not None})"
+        return
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def check_equivalence(rank: int, world: int, cases: list[Case]) -> int:
+    """Every case, every plan: outputs and gradients equal the single-device layer's."""
+    checked = 0
+    for case in cases:
+        checked += _check_case(rank, world, case)
+    return checked
+
+
+def _check_case(rank: int, world: int, case: Case) -> int:
+    torch.manual_seed(case.seed)
+    kwargs: dict[str, Any] = {
+        "activation": case.activation,
+        "bias": case.bias,
+        "capacity_factor": case.capacity_factor,
+        "batch_prioritized": case.batch_prioritized,
+        "load_balance_weight": case.load_balance_weight,
+        "router": case.router,
+    }
+    D, E, K = case.dim, case.num_experts, case.top_k
+    oracle = MoELayer(D, case.hidden_dim, E, K, group=False, **kwargs)
+    layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
+    layer.load_single_device_state_dict(oracle.state_dict())
+    tokens = case.tokens_per_rank or [6] * world
+    start, T = sum(tokens[:rank]), tokens[rank]
+    x_global = torch.randn(sum(tokens), D)
+    g_global = torch.randn(sum(tokens), D)
+    x_ref = x_global.clone().requires_grad_()
+    y_ref = oracle(x_ref)
+    (torch.sum(y_ref * g_global) + oracle.aux_loss).backward()
+    assert oracle.stats is not None
+    gated = case.activation in GATED_ACTIVATIONS
+    ptrs = {name: p.data_ptr() for name, p in layer.named_parameters()}
+    plans = case.plans or all_plans(layer)
+    for plan in plans:
+        layer.zero_grad(set_to_none=True)
+        x = x_global[start : start + T].clone().requires_grad_()
+        y = layer(x, plan=plan)
+        # Mean over ranks of the per-rank aux losses is the global-batch loss.
+        (torch.sum(y * g_global[start : start + T]) + layer.aux_loss / world).backward()
+        where = f"rank {rank}, {case}, {plan}"
+        _close(f"output ({where})", y, y_ref[start : start + T].detach())
+        assert x.grad is not None and x_ref.grad is not None
+        _close(f"input grad ({where})", x.grad, x_ref.grad[start : start + T])
+        for name in ("w_in", "w_out", "b_in", "b_out"):
+            ref_grad = getattr(oracle.experts, name)
+            want = None if ref_grad is None else layer._ep.placement.local_slice(name, ref_grad.grad, gated)  # type: ignore[union-attr]
+            param = getattr(layer.experts, name)
+            got = None if param is None else param.grad
+            if want is not None and got is None and param is not None:
+                got = torch.zeros_like(want)
+            _close(f"experts.{name} grad ({where})", got, want)
+        for name, param in layer.router.named_parameters():
+            grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+            dist.all_reduce(grad)
+            _close(f"router.{name} grad ({where})", grad, dict(oracle.router.named_parameters())[name].grad)
+        stats = layer.stats
+        assert stats is not None
+        assert torch.equal(stats.routed_per_expert, oracle.stats.routed_per_expert), where
+        assert torch.equal(stats.tokens_per_expert, oracle.stats.tokens_per_expert), where
+        assert stats.dropped == oracle.stats.dropped, where
+        assert stats.capacity == oracle.stats.capacity, where
+        assert stats.world_size == world and stats.plan.r is not None, where
+        # Switching plans moved no stored parameter.
+        assert {name: p.data_ptr() for name, p in layer.named_parameters()} == ptrs, where
+    return len(plans)
+
+
+def check_exchange(rank: int, world: int, ranks_per_node: int, seed: int) -> None:
+    """2DH equals the flat all-to-all for random (also empty) message sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randint(0, 4, (world, world), generator=generator).tolist()
+    matrix[0][world - 1] = 0
+    rows = sum(matrix[rank])
+    x = torch.arange(rows * 3, dtype=torch.float32).view(rows, 3) + 1000 * rank
+    flat = exchange(x, matrix, rank, "flat", ranks_per_node, None)
+    hier = exchange(x, matrix, rank, "2dh", ranks_per_node, None)
+    assert torch.equal(flat, hier), (rank, matrix)
+    # And the flat result really is the sources' rows, in source order.
+    expected = []
+    for q in range(world):
+        offset = sum(matrix[q][:rank])
+        expected.append(
+            torch.arange(offset, offset + matrix[q][rank]).repeat_interleave(3).view(-1, 3) * 3
+            + torch.arange(3)
+            + 1000 * q
+        )
+    torch.testing.assert_close(flat, torch.cat(expected).float())
