@@ -8,6 +8,7 @@ compares outputs and gradients (input, every stored expert slice, router).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +127,13 @@ def _check_case(rank: int, world: int, case: Case) -> int:
     return len(plans)
 
 
-def check_exchange(rank: int, world: int, ranks_per_node: int, seed: int) -> None:
+def check_exchange(rank: int, world: int, node_sizes: list[int]) -> None:
     """2DH equals the flat all-to-all for random (also empty) message sizes."""
+    for seed, ranks_per_node in enumerate(node_sizes):
+        _check_exchange(rank, world, ranks_per_node, seed)
+
+
+def _check_exchange(rank: int, world: int, ranks_per_node: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randint(0, 4, (world, world), generator=generator).tolist()
     matrix[0][world - 1] = 0
@@ -146,3 +152,81 @@ def check_exchange(rank: int, world: int, ranks_per_node: int, seed: int) -> Non
             + 1000 * q
         )
     torch.testing.assert_close(flat, torch.cat(expected).float())
+
+
+def check_mismatch(rank: int, world: int, what: str) -> str:
+    """A setting that differs between ranks raises on every rank (returns the message)."""
+    num_experts = 4 if what != "num_experts" or rank == 0 else 8
+    dim = 16 if what != "dim" or rank == 0 else 32
+    try:
+        layer = MoELayer(dim, 8, num_experts, 2, timeout=30)
+        plan = Plan(d=2 if what == "plan" and rank == 1 else 1)
+        top_k = 1 if what == "top_k" and rank == 1 else 2
+        layer(torch.randn(5, dim), plan=plan, top_k=top_k)
+    except RuntimeError as error:
+        return str(error)
+    raise AssertionError(f"rank {rank}: no error for a mismatched {what}")
+
+
+def check_timeout(rank: int, world: int) -> str:
+    """A rank that never joins a step: the others raise a timeout naming the layer and the step."""
+    layer = MoELayer(16, 8, 4, 2, timeout=2.0)
+    layer(torch.randn(4, 16))  # step 0 completes on both ranks
+    if rank == 1:
+        time.sleep(6.0)  # skip step 1 (longer than the timeout), then leave
+        return ""
+    from flexmoe.parallel import CollectiveTimeoutError
+
+    start = time.perf_counter()
+    try:
+        layer(torch.randn(4, 16))
+    except CollectiveTimeoutError as error:
+        assert time.perf_counter() - start < 10.0
+        return str(error)
+    raise AssertionError("rank 0: no timeout")
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, group: Any) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 16)
+        self.moe = MoELayer(16, 8, 4, 2, group=group, load_balance_weight=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(torch.tanh(self.inp(x)))  # type: ignore[no-any-return]
+
+
+def check_ddp(rank: int, world: int) -> None:
+    """DDP around a model with an expert-parallel layer: with expert parameters ignored by
+    DDP and scaled by 1/W, every gradient equals the single-device gradient of the mean
+    loss over the global batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from flexmoe.parallel import ddp_ignore_expert_parameters, is_expert_parameter, scale_expert_gradients
+
+    torch.manual_seed(0)
+    oracle = _Model(group=False)
+    model = _Model(group=None)
+    model.inp.load_state_dict(oracle.inp.state_dict())
+    model.moe.load_single_device_state_dict(oracle.moe.state_dict())
+    ignored = ddp_ignore_expert_parameters(model)
+    assert sorted(ignored) == ["moe.experts.w_in", "moe.experts.w_out"], ignored
+    assert not any(is_expert_parameter(p) for p in model.inp.parameters())
+    ddp = DistributedDataParallel(model)
+    T = 6
+    x_global, target = torch.randn(world * T, 16), torch.randn(world * T, 16)
+    (torch.nn.functional.mse_loss(oracle(x_global), target) + oracle.moe.aux_loss).backward()
+    for _ in range(2):  # a second step reuses DDP's buckets
+        ddp.zero_grad(set_to_none=True)
+        x, y = x_global[rank * T : (rank + 1) * T], target[rank * T : (rank + 1) * T]
+        (torch.nn.functional.mse_loss(ddp(x), y) + model.moe.aux_loss).backward()
+        scale_expert_gradients(model)
+        gated = True
+        for name, param in model.named_parameters():
+            want = dict(oracle.named_parameters())[name].grad
+            assert want is not None and param.grad is not None, name
+            if name.startswith("moe.experts."):
+                want = model.moe._ep.placement.local_slice(name.split(".")[-1], want, gated)  # type: ignore[union-attr]
+            torch.testing.assert_close(
+                param.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )

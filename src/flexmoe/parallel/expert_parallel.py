@@ -190,7 +190,7 @@ class ExpertParallel:
         timeout: float | None,
     ) -> ExpertParallel | None:
         """The expert parallelism for ``group`` (see ``resolve_group``), or ``None`` for one device."""
-        context = resolve_group(group)
+        context = resolve_group(group, timeout)
         if context is None:
             return None
         L = local_world_size(context.world_size) if ranks_per_node is None else ranks_per_node

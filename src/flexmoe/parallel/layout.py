@@ -65,7 +65,7 @@ def _all_gather(comm: Communicator, x: Tensor, what: str) -> Tensor:
     def gather() -> Tensor:
         W = dist.get_world_size(comm.group)
         out = x.new_empty(W * x.numel())
-        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=comm.group)
+        dist.all_gather_single(out, x.contiguous().view(-1), group=comm.group)
         return out.view(W, *x.shape)
 
     return comm.run(gather, what)

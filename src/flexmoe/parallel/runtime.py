@@ -49,24 +49,26 @@ class DistributedContext:
 
     The twin has the same ranks, so the layer's collectives (issued from its
     communicator thread) never interleave with other collectives on the user's group,
-    such as DDP's gradient all-reduces.
+    such as DDP's gradient all-reduces. With a ``timeout``, the twin's collectives
+    themselves give up after it, so no rank is left blocked on a peer that went away.
     """
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, timeout: float | None = None) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
-        key = tuple(ranks)
+        # Keyed by the default group too: a re-initialised torch.distributed needs new twins.
+        key = (id(dist.group.WORLD), tuple(dist.get_process_group_ranks(group)), timeout)
         if key not in _PRIVATE_GROUPS:
-            _PRIVATE_GROUPS[key] = dist.new_group(ranks, use_local_synchronization=True)
+            kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+            _PRIVATE_GROUPS[key] = dist.new_group(list(key[1]), use_local_synchronization=True, **kwargs)
         self.private_group = _PRIVATE_GROUPS[key]
 
 
-_PRIVATE_GROUPS: dict[tuple[int, ...], Any] = {}
+_PRIVATE_GROUPS: dict[tuple[int, tuple[int, ...], float | None], Any] = {}
 
 
-def resolve_group(group: Any) -> DistributedContext | None:
+def resolve_group(group: Any, timeout: float | None = None) -> DistributedContext | None:
     """``None`` for single-device; else the context of ``group`` ("world": the default group).
 
     ``group=None`` means the default group when ``torch.distributed`` is initialised with
@@ -84,7 +86,7 @@ def resolve_group(group: Any) -> DistributedContext | None:
         raise ValueError("group was given but torch.distributed is not initialised")
     if dist.get_world_size(group) == 1:
         return None
-    return DistributedContext(group)
+    return DistributedContext(group, timeout)
 
 
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:

@@ -1,0 +1,113 @@
+"""Expert parallelism on several gloo processes equals the single-device layer.
+
+Every valid plan (r, d in {1, 2, 4}, flat and 2DH exchange) for world sizes 2 and 4
+(8: marked slow), with dropless, fixed, adaptive and batch-prioritised capacity,
+gated and plain activations, biases and uneven per-rank batches: outputs and
+gradients (input, expert slices, router) match the single-device layer holding the
+same global weights on the concatenated global batch, and switching plans moves no
+parameter (see ``parallel_workers``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from flexmoe import MoELayer, Plan
+from flexmoe.parallel import Placement
+
+from .distributed import run_distributed
+from .parallel_workers import (
+    Case,
+    check_ddp,
+    check_equivalence,
+    check_exchange,
+    check_mismatch,
+    check_timeout,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+def _cases(world: int, experts: list[int]) -> list[Case]:
+    two_level = {2: 1, 4: 2, 8: 2}[world]  # ranks per node for the 2DH exchange: several nodes
+    cases = []
+    for E in experts:
+        K = min(2, E)
+        cases += [
+            Case(num_experts=E, top_k=K, ranks_per_node=two_level),
+            Case(num_experts=E, top_k=K, activation="gelu", bias=True, capacity_factor=1.0, seed=1),
+            Case(
+                num_experts=E,
+                top_k=K,
+                bias=True,
+                capacity_factor=-1.5,
+                seed=2,
+                tokens_per_rank=[5, 9, 0, 7, 3, 1, 8, 2][:world],
+                load_balance_weight=0.0,  # the per-rank loss mean is the global one only for equal batches
+                ranks_per_node=two_level,
+            ),
+            Case(num_experts=E, top_k=K, capacity_factor=0.75, batch_prioritized=True, seed=3),
+        ]
+    return cases
+
+
+def test_two_ranks_every_plan_equals_single_device():
+    # E = 4, 2: whole experts (2 and 1 per rank); E = 1: one expert in 2 hidden shards.
+    checked = run_distributed(check_equivalence, 2, _cases(2, [4, 2, 1]), timeout=300)
+    assert checked[0] == 2 * 4 * 7 + 4 * 13  # plans per case: 1 + 6 (S=1) or 1 + 12 (S=2)
+
+
+def test_four_ranks_every_plan_equals_single_device():
+    checked = run_distributed(check_equivalence, 4, _cases(4, [8, 4, 2, 1]), timeout=400)
+    assert checked[0] == 4 * (7 + 7 + 13 + 19)
+
+
+@pytest.mark.slow
+def test_eight_ranks_every_plan_equals_single_device():
+    run_distributed(check_equivalence, 8, _cases(8, [16, 2, 1]), timeout=600)
+
+
+def test_hierarchical_exchange_equals_flat():
+    run_distributed(check_exchange, 4, [1, 2, 4, 2])  # 4x1, 2x2, 1x4 nodes x ranks
+
+
+@pytest.mark.slow
+def test_hierarchical_exchange_equals_flat_eight_ranks():
+    run_distributed(check_exchange, 8, [2, 4, 1, 8])
+
+
+@pytest.mark.parametrize("what", ["num_experts", "dim", "plan", "top_k"])
+def test_mismatched_ranks_raise_everywhere(what):
+    messages = run_distributed(check_mismatch, 2, what)
+    for message in messages:
+        assert "ranks disagree on" in message and what.split("_")[0] in message, message
+
+
+def test_collective_timeout_names_layer_and_step():
+    message = run_distributed(check_timeout, 2, timeout=60)[0]
+    assert "MoELayer" in message and "step 1" in message and "2.0 s" in message, message
+
+
+def test_ddp_with_expert_parameters_excluded():
+    run_distributed(check_ddp, 2)
+
+
+def test_placement_rejects_uneven_layouts():
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        Placement(world_size=4, rank=0, num_experts=6, hidden_dim=8, ranks_per_node=4)
+    with pytest.raises(ValueError, match="multiple of num_experts"):
+        Placement(world_size=6, rank=0, num_experts=4, hidden_dim=8, ranks_per_node=6)
+    with pytest.raises(ValueError, match="hidden_dim=6 must be divisible"):
+        Placement(world_size=4, rank=0, num_experts=1, hidden_dim=6, ranks_per_node=4)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        Placement(world_size=4, rank=0, num_experts=4, hidden_dim=8, ranks_per_node=3)
+    placement = Placement(world_size=8, rank=5, num_experts=2, hidden_dim=8, ranks_per_node=4)
+    assert placement.valid_r() == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match=r"plan.r must be one of \[0, 1, 2, 4\]"):
+        placement.resolve(Plan(r=3))
+    assert placement.resolve(Plan()).r == 4  # default: rows move, weights never do
+
+
+def test_single_device_layer_ignores_group_false():
+    layer = MoELayer(8, 8, 4, 2, group=False)
+    assert layer.world_size == 1
