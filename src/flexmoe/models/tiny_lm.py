@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexmoe.config import Plan
 from flexmoe.layer import MoELayer
 
 __all__ = ["TinyMoELM", "TinyMoELMConfig"]
@@ -30,6 +31,7 @@ class TinyMoELMConfig:
     expert_hidden_dim: int = 256
     capacity_factor: float = 0.0
     load_balance_weight: float = 0.01
+    plan: Plan | None = None  # the MoE layers' parallel plan (distributed runs)
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:
@@ -40,6 +42,7 @@ class _Block(nn.Module):
     def __init__(self, config: TinyMoELMConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
+        self.plan = config.plan
         self.norm_attn = nn.LayerNorm(config.dim)
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
@@ -60,7 +63,7 @@ class _Block(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
         x_BLD = x_BLD + self.proj(attn.transpose(1, 2).reshape(B, L, D))
-        out: Tensor = x_BLD + self.moe(self.norm_moe(x_BLD))
+        out: Tensor = x_BLD + self.moe(self.norm_moe(x_BLD), plan=self.plan)
         return out
 
 

@@ -31,14 +31,20 @@ from torch import nn
 
 __all__ = [
     "DistributedContext",
+    "all_reduce_mean",
+    "clip_grad_norm_",
     "ddp_ignore_expert_parameters",
     "expert_parameters",
     "init_distributed",
+    "is_distributed",
     "is_expert_parameter",
+    "rank_and_world",
     "resolve_group",
     "scale_expert_gradients",
+    "shutdown",
     "stable_hash",
     "tag_expert_parameters",
+    "wrap_data_parallel",
 ]
 
 _EXPERT_TAG = "_flexmoe_expert"
@@ -158,3 +164,67 @@ def scale_expert_gradients(model: nn.Module, factor: float | None = None) -> Non
     for param in expert_parameters(model):
         if param.grad is not None:
             param.grad.mul_(factor)
+
+
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default group; ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of a number over the ranks (the number itself when not distributed)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def wrap_data_parallel(model: nn.Module) -> nn.Module:
+    """``DistributedDataParallel(model)`` that skips expert parameters (``model`` if not distributed)."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp_ignore_expert_parameters(model)
+    return DistributedDataParallel(model)
+
+
+def shutdown() -> None:
+    """Tear down the default process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` for a model with expert-parallel layers.
+
+    The norm is that of the whole model's gradient: the data-parallel gradients (equal
+    on every rank after DDP) count once, every rank's expert gradients are added up
+    over the ranks. Every rank gets the same norm and clipping factor, so replicas stay
+    identical. Returns the total norm.
+    """
+    dense = [p.grad for p in model.parameters() if p.grad is not None and not is_expert_parameter(p)]
+    experts = [p.grad for p in model.parameters() if p.grad is not None and is_expert_parameter(p)]
+    squares = torch.zeros(2, dtype=torch.float64)
+    for i, grads in enumerate((dense, experts)):
+        for grad in grads:
+            squares[i] += grad.detach().double().square().sum().cpu()
+    if experts and is_distributed():
+        expert_sq = squares[1:].clone()
+        dist.all_reduce(expert_sq)
+        squares[1] = expert_sq[0]
+    total = float(squares.sum().sqrt())
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for grad in (*dense, *experts):
+            grad.mul_(scale)
+    return total
