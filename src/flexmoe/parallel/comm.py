@@ -23,8 +23,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "TRAFFIC",
     "CollectiveTimeoutError",
     "Communicator",
+    "Traffic",
     "all_to_all",
     "exchange",
     "exchange_2dh",
@@ -38,8 +40,28 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete within the layer's timeout."""
 
 
+class Traffic:
+    """Bytes and messages this process has sent to other ranks through ``all_to_all``."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.messages = 0
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        self.bytes_sent = 0
+        self.messages = 0
+
+
+TRAFFIC = Traffic()
+
+
 def all_to_all(x: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group: Any) -> Tensor:
     """Blocking variable-size all-to-all of rows: ``send_splits[p]`` rows of ``x`` go to rank ``p``."""
+    me = dist.get_rank(group)
+    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+    TRAFFIC.bytes_sent += row_bytes * (sum(send_splits) - send_splits[me])
+    TRAFFIC.messages += sum(1 for p, n in enumerate(send_splits) if n and p != me)
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
     return out
