@@ -1,6 +1,9 @@
 """Every Python example in the README runs."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +19,23 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index):
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
+
+
+def test_readme_torchrun_example_runs_on_two_workers(tmp_path):
+    text = README.read_text()
+    block = re.search(r"<!-- torchrun example -->\n```python\n(.*?)```", text, flags=re.S)
+    assert block, "the README's torchrun example is missing"
+    script = tmp_path / "example.py"
+    script.write_text(block.group(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}/2: loss" in result.stdout, result.stdout
+    assert "plan used Plan(r=1, d=2, exchange='2dh')" in result.stdout, result.stdout
