@@ -11,6 +11,7 @@ parameter (see ``parallel_workers``).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flexmoe import MoELayer, Plan
 from flexmoe.parallel import Placement
@@ -53,8 +54,12 @@ def _cases(world: int, experts: list[int]) -> list[Case]:
 
 def test_two_ranks_every_plan_equals_single_device():
     # E = 4, 2: whole experts (2 and 1 per rank); E = 1: one expert in 2 hidden shards.
-    checked = run_distributed(check_equivalence, 2, _cases(2, [4, 2, 1]), timeout=300)
-    assert checked[0] == 2 * 4 * 7 + 4 * 13  # plans per case: 1 + 6 (S=1) or 1 + 12 (S=2)
+    bf16 = [
+        Case(num_experts=E, top_k=min(2, E), dtype=torch.bfloat16, seed=4, capacity_factor=1.25)
+        for E in (4, 1)
+    ]
+    checked = run_distributed(check_equivalence, 2, [*_cases(2, [4, 2, 1]), *bf16], timeout=300)
+    assert checked[0] == 2 * 4 * 7 + 4 * 13 + 7 + 13  # plans per case: 1 + 6 (S=1) or 1 + 12 (S=2)
 
 
 def test_four_ranks_every_plan_equals_single_device():
@@ -85,7 +90,7 @@ def test_mismatched_ranks_raise_everywhere(what):
 
 def test_collective_timeout_names_layer_and_step():
     message = run_distributed(check_timeout, 2, timeout=60)[0]
-    assert "MoELayer" in message and "step 1" in message and "2.0 s" in message, message
+    assert "MoELayer 'blocks.3.moe' step 1" in message and "2.0 s" in message, message
 
 
 def test_ddp_with_expert_parameters_excluded():

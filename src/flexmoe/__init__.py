@@ -1,7 +1,7 @@
 """flexmoe: an adaptive Mixture-of-Experts runtime for PyTorch."""
 
 from flexmoe.config import BalanceConfig, CapacityConfig, ExpertConfig, MoEConfig, Plan, RouterConfig
-from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, update_expert_biases
+from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, name_moe_layers, update_expert_biases
 
 __version__ = "0.1.0"
 
@@ -16,5 +16,6 @@ __all__ = [
     "RouterConfig",
     "__version__",
     "attach_aux_free_update",
+    "name_moe_layers",
     "update_expert_biases",
 ]

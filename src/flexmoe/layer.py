@@ -29,7 +29,7 @@ from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 from flexmoe.workspace import WORKSPACE
 
-__all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "update_expert_biases"]
+__all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
 
 
 @dataclass
@@ -296,6 +296,21 @@ class MoELayer(nn.Module):
         ep.broadcast_(self.router)
         tag_expert_parameters(self.experts)
         self._step = 0
+        global _DISTRIBUTED_LAYERS
+        ep.comm.name = f"moe{_DISTRIBUTED_LAYERS}"  # construction order: the same on every rank
+        _DISTRIBUTED_LAYERS += 1
+
+    @property
+    def name(self) -> str:
+        """The name collective errors use (``name_moe_layers`` sets the module path)."""
+        return "moe" if self._ep is None else self._ep.comm.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"name must be a non-empty str, got {value!r}")
+        if self._ep is not None:
+            self._ep.comm.name = value
 
     @torch.no_grad()
     def load_single_device_state_dict(self, state_dict: dict[str, Tensor]) -> None:
@@ -563,6 +578,16 @@ class MoELayer(nn.Module):
             return
         bias.copy_(aux_free_bias_update(bias, self._pending_counts_E, rate))
         self._pending_counts_E.zero_()
+
+
+_DISTRIBUTED_LAYERS = 0
+
+
+def name_moe_layers(model: nn.Module, prefix: str = "") -> None:
+    """Name every ``MoELayer`` in ``model`` by its module path (used in collective errors)."""
+    for path, module in model.named_modules(prefix=prefix):
+        if isinstance(module, MoELayer):
+            module.name = path or "moe"
 
 
 def update_expert_biases(modules: nn.Module | Iterable[nn.Module]) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexmoe.config import Plan
-from flexmoe.layer import MoELayer
+from flexmoe.layer import MoELayer, name_moe_layers
 
 __all__ = ["TinyMoELM", "TinyMoELMConfig"]
 
@@ -77,6 +77,7 @@ class TinyMoELM(nn.Module):
         self.position = nn.Parameter(torch.zeros(config.context, config.dim))
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(config.dim)
+        name_moe_layers(self)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.position, std=0.02)
 
