@@ -173,6 +173,22 @@ def check_mismatch(rank: int, world: int, what: str) -> str:
     raise AssertionError(f"rank {rank}: no error for a mismatched {what}")
 
 
+def check_bad_input(rank: int, world: int, what: str) -> str:
+    """One rank's bad input: it raises its own error, the others raise instead of waiting."""
+    layer = MoELayer(16, 8, 4, 2, timeout=30, check_finite=True)
+    x = torch.randn(5, 16)
+    if rank == 1:
+        x = {"dim": torch.randn(5, 12), "nan": x.index_fill(0, torch.tensor([2]), float("nan"))}[what]
+    try:
+        layer(x)
+    except (RuntimeError, ValueError) as error:
+        message = f"{type(error).__name__}: {error}"
+    else:
+        raise AssertionError(f"rank {rank}: no error")
+    layer(torch.randn(3, 16))  # the next step runs normally on every rank
+    return message
+
+
 def check_timeout(rank: int, world: int) -> str:
     """A rank that never joins a step: the others raise a timeout naming the layer and the step."""
     layer = MoELayer(16, 8, 4, 2, timeout=2.0)

@@ -19,6 +19,7 @@ from flexmoe.parallel import Placement
 from .distributed import run_distributed
 from .parallel_workers import (
     Case,
+    check_bad_input,
     check_ddp,
     check_equivalence,
     check_exchange,
@@ -86,6 +87,14 @@ def test_mismatched_ranks_raise_everywhere(what):
     messages = run_distributed(check_mismatch, 2, what)
     for message in messages:
         assert "ranks disagree on" in message and what.split("_")[0] in message, message
+
+
+@pytest.mark.parametrize("what", ["dim", "nan"])
+def test_one_rank_with_bad_input_stops_every_rank(what):
+    messages = run_distributed(check_bad_input, 2, what)
+    assert messages[0].startswith("RuntimeError") and "rank(s) [1] rejected their input" in messages[0]
+    expected = {"dim": "x must have shape [..., dim=16]", "nan": "non-finite"}[what]
+    assert messages[1].startswith("ValueError") and expected in messages[1], messages[1]
 
 
 def test_collective_timeout_names_layer_and_step():

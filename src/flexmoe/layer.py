@@ -22,11 +22,12 @@ from flexmoe.config import (
     validate_capacity_factor,
     validate_top_k,
 )
-from flexmoe.dispatch import Dispatcher, LocalDispatcher, make_layout
+from flexmoe.dispatch import Dispatcher, DispatchLayout, LocalDispatcher, make_layout
 from flexmoe.dispatch.permute import combine, permute
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
 from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
+from flexmoe.routing.routers import RouterOutput
 from flexmoe.workspace import WORKSPACE
 
 __all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
@@ -372,27 +373,17 @@ class MoELayer(nn.Module):
     ) -> Tensor:
         """Apply the layer to ``x [..., dim]``; keyword arguments override this call only."""
         cfg = self.config
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != cfg.dim:
-            raise ValueError(f"x must have shape [..., dim={cfg.dim}], got {tuple(x.shape)}")
-        k = cfg.top_k if top_k is None else validate_top_k(top_k, cfg.num_experts)
-        if cfg.router.num_groups > 1 and top_k is not None:
-            reachable = cfg.router.topk_groups * (cfg.num_experts // cfg.router.num_groups)
-            validate_top_k(top_k, reachable, name="top_k (with group-limited routing)")
-        cf = (
-            cfg.capacity.capacity_factor
-            if capacity_factor is None
-            else validate_capacity_factor(capacity_factor)
-        )
-        if plan is None:
-            plan = Plan()
-        elif not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a flexmoe.Plan, got {type(plan).__name__}")
-        if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
-            raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
+        if self._ep is None:
+            k, cf, plan = self._check_call(x, top_k, capacity_factor, plan)
+        else:
+            try:
+                k, cf, plan = self._check_call(x, top_k, capacity_factor, plan)
+                plan = self._ep.placement.resolve(plan)
+            except (TypeError, ValueError):
+                # Tell the other ranks (they would otherwise wait for this one), then raise.
+                self._ep.report_failure(self._step, _CALL_HEADER)
+                self._step += 1
+                raise
 
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
@@ -428,7 +419,49 @@ class MoELayer(nn.Module):
         WORKSPACE.give(y_ND)  # kept only if nothing else (a hook, a saved tensor) holds it
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+        return self._finish_local(x, y_TD, route, layout, T, k, cf, plan, backend)
 
+    def _check_call(
+        self, x: Tensor, top_k: int | None, capacity_factor: float | None, plan: Plan | None
+    ) -> tuple[int, float, Plan]:
+        """Validate one call's input and overrides; returns ``(top_k, capacity_factor, plan)``."""
+        cfg = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"x must have shape [..., dim={cfg.dim}], got {tuple(x.shape)}")
+        k = cfg.top_k if top_k is None else validate_top_k(top_k, cfg.num_experts)
+        if cfg.router.num_groups > 1 and top_k is not None:
+            reachable = cfg.router.topk_groups * (cfg.num_experts // cfg.router.num_groups)
+            validate_top_k(top_k, reachable, name="top_k (with group-limited routing)")
+        cf = (
+            cfg.capacity.capacity_factor
+            if capacity_factor is None
+            else validate_capacity_factor(capacity_factor)
+        )
+        if plan is None:
+            plan = Plan()
+        elif not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a flexmoe.Plan, got {type(plan).__name__}")
+        if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
+            raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
+        return k, cf, plan
+
+    def _finish_local(
+        self,
+        x: Tensor,
+        y_TD: Tensor,
+        route: RouterOutput,
+        layout: DispatchLayout,
+        T: int,
+        k: int,
+        cf: float,
+        plan: Plan,
+        backend: str,
+    ) -> Tensor:
+        cfg = self.config
         self._balance(route.probs_TE, route.logits_TE, route.expert_ids_TK, layout.routed_per_expert_E)
         routed = layout.routed_per_expert_E.detach().cpu()
         routed_counts = routed.tolist()
@@ -454,20 +487,18 @@ class MoELayer(nn.Module):
         self, ep: ExpertParallel, x: Tensor, x_TD: Tensor, k: int, cf: float, plan: Plan, backend: str
     ) -> Tensor:
         cfg = self.config
-        plan = ep.placement.resolve(plan)
         ep.comm.step = self._step
         self._step += 1
-        header = ep.check_same(
-            {
-                "num_tokens": x_TD.shape[0],
-                "top_k": k,
-                "capacity_factor": stable_hash(repr(float(cf))),
-                "plan": stable_hash(repr(plan)),
-                "grad mode": int(torch.is_grad_enabled()),
-                "dtype": stable_hash(str(x.dtype)),
-            },
-            x.device,
+        values = (
+            x_TD.shape[0],
+            1,
+            k,
+            stable_hash(repr(float(cf))),
+            stable_hash(repr(plan)),
+            int(torch.is_grad_enabled()),
+            stable_hash(str(x.dtype)),
         )
+        header = ep.check_same(dict(zip(_CALL_HEADER, values, strict=True)), x.device)
         tokens_per_rank: list[int] = header[:, 0].tolist()
         route = self.router(x_TD, k)
         glayout = ep.layout(
@@ -581,6 +612,8 @@ class MoELayer(nn.Module):
 
 
 _DISTRIBUTED_LAYERS = 0
+# What every rank sends before each distributed call (the same keys on every rank).
+_CALL_HEADER = ("num_tokens", "input_ok", "top_k", "capacity_factor", "plan", "grad mode", "dtype")
 
 
 def name_moe_layers(model: nn.Module, prefix: str = "") -> None:

@@ -17,6 +17,7 @@ Legend: N kept rows on this rank, D model dim, W ranks.
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import Future
 from typing import Any
 
@@ -204,6 +205,15 @@ class ExpertParallel:
     def world_size(self) -> int:
         """Ranks in the group."""
         return self.placement.world_size
+
+    def report_failure(self, step: int, keys: tuple[str, ...]) -> None:
+        """Join this step's header exchange (fields ``keys``) flagging a rejected input.
+
+        The other ranks then raise too instead of waiting for this one.
+        """
+        self.comm.step = step
+        with contextlib.suppress(RuntimeError):  # expected: this rank is among those that failed
+            self.check_same({key: 0 for key in keys}, torch.device("cpu"))
 
     def check_same(self, fields: dict[str, int], device: torch.device) -> Tensor:
         """All-gather ``fields``; raise on every rank if any (but ``num_tokens``) differs."""

@@ -81,8 +81,15 @@ def check_header(comm: Communicator, fields: dict[str, int], device: torch.devic
     table = _all_gather(
         comm, torch.tensor([fields[n] for n in names], dtype=torch.int64, device=device), "header all-gather"
     ).cpu()
+    if "input_ok" in names:
+        failed = (table[:, names.index("input_ok")] == 0).nonzero().flatten().tolist()
+        if failed:
+            raise RuntimeError(
+                f"MoELayer {comm.name!r} step {comm.step}: rank(s) {failed} rejected their input "
+                "(their own error says why); every rank stops this step"
+            )
     for j, name in enumerate(names):
-        if name == "num_tokens":
+        if name in ("num_tokens", "input_ok"):
             continue
         column = table[:, j].tolist()
         if len(set(column)) > 1:
