@@ -232,3 +232,9 @@ def test_non_finite_is_silent_by_default() -> None:
     y = layer(x)
     assert y.shape == x.shape
     assert torch.isfinite(y[[0, 1, 3]]).all(), "a NaN token must not poison the other tokens"
+
+
+def test_single_device_rejects_sharding_degrees():
+    layer = MoELayer(8, 8, 4, 2)
+    with pytest.raises(ValueError, match=r"plan.r must be None, 0 or 1 on a single device, got 2"):
+        layer(torch.randn(3, 8), plan=Plan(r=2))

@@ -445,6 +445,8 @@ class MoELayer(nn.Module):
             plan = Plan()
         elif not isinstance(plan, Plan):
             raise TypeError(f"plan must be a flexmoe.Plan, got {type(plan).__name__}")
+        if self._ep is None and plan.r not in (None, 0, 1):
+            raise ValueError(f"plan.r must be None, 0 or 1 on a single device, got {plan.r}")
         if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
             raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
         return k, cf, plan
