@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flexmoe import MoELayer, Plan
+from flexmoe import MoELayer, Plan, RerouteConfig, RouterConfig
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.parallel.comm import exchange
 
@@ -36,6 +36,8 @@ class Case:
     router: str = "softmax"
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    skew: str | None = None  # "one": every token picks expert 0 first; "zipf"; "never": last expert unused
+    rerouting: RerouteConfig | None = None
     plans: list[Plan] = field(default_factory=list)  # default: every valid plan
 
 
@@ -78,9 +80,20 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         "batch_prioritized": case.batch_prioritized,
         "load_balance_weight": case.load_balance_weight,
         "router": case.router,
+        "rerouting": case.rerouting,
     }
     D, E, K = case.dim, case.num_experts, case.top_k
+    if case.skew is not None:
+        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True)
     oracle = MoELayer(D, case.hidden_dim, E, K, group=False, **kwargs)
+    if case.skew is not None:
+        # The selection bias steers the choice only (weights stay the sigmoid scores).
+        bias = {
+            "one": torch.tensor([100.0] + [0.0] * (E - 1)),
+            "zipf": 4.0 * -torch.log(torch.arange(1, E + 1, dtype=torch.float32)) * 1.2,
+            "never": torch.tensor([0.0] * (E - 1) + [-100.0]),
+        }[case.skew]
+        oracle.router.expert_bias_E.copy_(bias)
     layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
     layer.load_single_device_state_dict(oracle.state_dict())
     oracle.to(case.dtype)
@@ -127,6 +140,19 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         assert stats.dropped == oracle.stats.dropped, where
         assert stats.capacity == oracle.stats.capacity, where
         assert stats.world_size == world and stats.plan.r is not None, where
+        assert stats.plan.reroute == (stats.expert_copies > 0), where
+        if plan.reroute and case.skew == "one" and case.top_k == 1:
+            assert stats.plan.reroute and stats.rerouted_rows > 0, where  # everything on one rank
+        if plan.reroute is False:
+            assert not stats.plan.reroute, where
+        if stats.rows_per_rank is not None:
+            assert sum(stats.rows_per_rank) == int(oracle.stats.tokens_per_expert.sum()), where
+            bounds = case.rerouting or RerouteConfig()
+            if stats.plan.reroute and bounds.max_rows_per_rank is not None:
+                assert max(stats.rows_per_rank) <= bounds.max_rows_per_rank, where
+            if stats.plan.reroute and bounds.max_copies_per_rank is not None:
+                assert stats.copies_per_rank is not None
+                assert max(stats.copies_per_rank) <= bounds.max_copies_per_rank, where
         # Switching plans moved no stored parameter.
         assert {name: p.data_ptr() for name, p in layer.named_parameters()} == ptrs, where
     return len(plans)

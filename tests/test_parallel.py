@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexmoe import MoELayer, Plan
+from flexmoe import MoELayer, Plan, RerouteConfig
 from flexmoe.parallel import Placement
 
 from .distributed import run_distributed
@@ -125,3 +125,46 @@ def test_placement_rejects_uneven_layouts():
 def test_single_device_layer_ignores_group_false():
     layer = MoELayer(8, 8, 4, 2, group=False)
     assert layer.world_size == 1
+
+
+def _skew_cases(world: int) -> list[Case]:
+    forced = [Plan(reroute=True, d=d) for d in (1, 2)] + [Plan(reroute=None), Plan(reroute=False)]
+    tight = RerouteConfig(max_rows_per_rank=28, max_copies_per_rank=1)  # mean: 24 rows per rank
+    cases = []
+    for E in (world, 2 * world):
+        for skew, seed, K in (("one", 5, 1), ("zipf", 6, 2), ("never", 7, 2)):
+            cases.append(
+                Case(num_experts=E, top_k=K, skew=skew, seed=seed, tokens_per_rank=[24] * world, plans=forced)
+            )
+        cases.append(
+            Case(
+                num_experts=E,
+                top_k=1,
+                skew="one",
+                seed=8,
+                tokens_per_rank=[24] * world,
+                rerouting=tight,
+                plans=forced,
+            )
+        )
+        cases.append(
+            Case(
+                num_experts=E,
+                skew="zipf",
+                seed=9,
+                capacity_factor=1.0,
+                bias=True,
+                activation="gelu",
+                tokens_per_rank=[30, 10, 20, 24][:world],
+                load_balance_weight=0.0,
+                plans=forced,
+            )
+        )
+    return cases
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rerouting_under_extreme_skew_equals_single_device(world):
+    # All tokens to one expert, Zipf, one expert never chosen; forced, automatic and off;
+    # memory bounds asserted on the executed plan (see parallel_workers).
+    run_distributed(check_equivalence, world, _skew_cases(world), timeout=300)

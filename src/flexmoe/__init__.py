@@ -1,6 +1,14 @@
 """flexmoe: an adaptive Mixture-of-Experts runtime for PyTorch."""
 
-from flexmoe.config import BalanceConfig, CapacityConfig, ExpertConfig, MoEConfig, Plan, RouterConfig
+from flexmoe.config import (
+    BalanceConfig,
+    CapacityConfig,
+    ExpertConfig,
+    MoEConfig,
+    Plan,
+    RerouteConfig,
+    RouterConfig,
+)
 from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, name_moe_layers, update_expert_biases
 
 __version__ = "0.1.0"
@@ -13,6 +21,7 @@ __all__ = [
     "MoELayer",
     "MoEStats",
     "Plan",
+    "RerouteConfig",
     "RouterConfig",
     "__version__",
     "attach_aux_free_update",

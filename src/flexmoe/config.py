@@ -19,6 +19,7 @@ __all__ = [
     "ExpertConfig",
     "MoEConfig",
     "Plan",
+    "RerouteConfig",
     "RouterConfig",
     "validate_capacity_factor",
     "validate_top_k",
@@ -241,17 +242,64 @@ class Plan:
             On a single device only ``None``/``0``/``1`` are meaningful.
         d: pipelining degree (number of overlapped chunks).
         exchange: all-to-all algorithm, ``"flat"`` or ``"2dh"``.
+        reroute: least-loaded rerouting of hot experts' rows (expert parallelism with
+            whole experts): ``True`` forces it, ``False`` forbids it, ``None`` lets the
+            layer's ``RerouteConfig`` decide from this step's load.
     """
 
     r: int | None = None
     d: int = 1
     exchange: Literal["flat", "2dh"] = "flat"
+    reroute: bool | None = None
 
     def __post_init__(self) -> None:
         if self.r is not None:
             _require(_is_int(self.r) and self.r >= 0, "plan.r", "an int >= 0 or None", self.r)
         _require(_is_int(self.d) and self.d >= 1, "plan.d", "an int >= 1", self.d)
         _require(self.exchange in ("flat", "2dh"), "plan.exchange", "'flat' or '2dh'", self.exchange)
+        _require(self.reroute in (None, True, False), "plan.reroute", "True, False or None", self.reroute)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RerouteConfig:
+    """When and how far a distributed layer reroutes hot experts' rows (``flexmoe.parallel.rerouting``).
+
+    Attributes:
+        enabled: allow rerouting when a call's plan leaves it to the layer.
+        threshold: reroute only if the busiest rank has at least this many times the
+            mean rows per rank (LLEP's lambda) ...
+        min_gain: ... and the predicted step time drops by at least this fraction.
+        alpha: the per-rank row target is ``alpha`` times the mean (LLEP's alpha).
+        min_chunk: smallest piece of an expert sent to another rank (rows).
+        max_copies_per_rank: hard bound on expert copies a rank receives per step.
+        max_rows_per_rank: hard bound on rows a rank computes per step.
+        gemm_flops: expert GEMM throughput per rank (FLOP/s) for the cost estimate.
+        link_bytes_per_s, link_latency_s: the link between ranks, for the cost estimate.
+    """
+
+    enabled: bool = True
+    threshold: float = 1.3
+    min_gain: float = 0.05
+    alpha: float = 1.0
+    min_chunk: int = 1
+    max_copies_per_rank: int | None = None
+    max_rows_per_rank: int | None = None
+    gemm_flops: float = 5e10
+    link_bytes_per_s: float = 1e9
+    link_latency_s: float = 5e-5
+
+    def __post_init__(self) -> None:
+        _require(self.threshold >= 1.0, "threshold", "a float >= 1", self.threshold)
+        _require(0.0 <= self.min_gain < 1.0, "min_gain", "a float in [0, 1)", self.min_gain)
+        _require(self.alpha >= 1.0, "alpha", "a float >= 1", self.alpha)
+        _require(_is_int(self.min_chunk) and self.min_chunk >= 1, "min_chunk", "an int >= 1", self.min_chunk)
+        for name in ("max_copies_per_rank", "max_rows_per_rank"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(_is_int(value) and value >= 0, name, "an int >= 0 or None", value)
+        for name in ("gemm_flops", "link_bytes_per_s"):
+            _require(getattr(self, name) > 0, name, "a positive float", getattr(self, name))
+        _require(self.link_latency_s >= 0, "link_latency_s", "a float >= 0", self.link_latency_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +312,7 @@ class MoEConfig:
         num_experts: number of routed experts ``E``.
         top_k: experts per token ``K``.
         router, capacity, experts, balance: the per-stage settings.
+        reroute: least-loaded rerouting of a distributed layer (ignored on one device).
         check_finite: raise on non-finite inputs (costs a host sync).
     """
 
@@ -275,6 +324,7 @@ class MoEConfig:
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    reroute: RerouteConfig = field(default_factory=RerouteConfig)
     check_finite: bool = False
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ Legend: T tokens, D model dim, E experts, K top-k, N kept routed slots.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from flexmoe.config import (
     ExpertConfig,
     MoEConfig,
     Plan,
+    RerouteConfig,
     RouterConfig,
     validate_capacity_factor,
     validate_top_k,
@@ -26,6 +28,7 @@ from flexmoe.dispatch import Dispatcher, DispatchLayout, LocalDispatcher, make_l
 from flexmoe.dispatch.permute import combine, permute
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
 from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
+from flexmoe.parallel.rerouting import ReroutePlan, plan_rerouting, predicted_times
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 from flexmoe.routing.routers import RouterOutput
 from flexmoe.workspace import WORKSPACE
@@ -48,6 +51,11 @@ class MoEStats:
         plan: the parallel plan used; ``world_size`` the number of ranks it ran on.
         backend: the expert GEMM backend used.
         balance_loss, z_loss: the unweighted loss terms (detached), or ``None`` when off.
+        rows_per_rank, native_rows_per_rank: expert rows each rank computed, and would
+            have computed without rerouting (distributed layers with whole experts).
+        rerouted_rows, expert_copies: rows computed away from their expert's rank, and
+            expert weight copies sent, this call; ``copies_per_rank`` the copies each
+            rank received.
     """
 
     num_tokens: int
@@ -63,6 +71,11 @@ class MoEStats:
     backend: str
     balance_loss: Tensor | None = None
     z_loss: Tensor | None = None
+    rows_per_rank: list[int] | None = None
+    native_rows_per_rank: list[int] | None = None
+    rerouted_rows: int = 0
+    expert_copies: int = 0
+    copies_per_rank: list[int] | None = None
 
 
 class MoELayer(nn.Module):
@@ -108,6 +121,9 @@ class MoELayer(nn.Module):
             ``LOCAL_WORLD_SIZE``, else the whole group).
         timeout: seconds to wait for any one collective before raising
             ``CollectiveTimeoutError`` naming the layer and step (default: wait).
+        rerouting: when and how far to reroute hot experts' rows to less loaded ranks
+            (a ``flexmoe.RerouteConfig``; default: when the busiest rank has 1.3x the
+            mean rows and the estimate says it pays). ``Plan(reroute=...)`` forces it.
 
     After each forward, ``aux_loss`` holds the weighted auxiliary loss (a differentiable
     scalar) and ``stats`` a ``MoEStats``.
@@ -143,7 +159,10 @@ class MoELayer(nn.Module):
         group: object = None,
         ranks_per_node: int | None = None,
         timeout: float | None = None,
+        rerouting: RerouteConfig | None = None,
     ) -> None:
+        if rerouting is not None and not isinstance(rerouting, RerouteConfig):
+            raise TypeError(f"rerouting must be a flexmoe.RerouteConfig, got {type(rerouting).__name__}")
         if isinstance(router, str):
             router_config = RouterConfig(kind=router, selection_bias=aux_free_rate > 0)  # type: ignore[arg-type]
         elif isinstance(router, RouterConfig):
@@ -172,6 +191,7 @@ class MoELayer(nn.Module):
                 z_loss_weight=z_loss_weight,
                 aux_free_rate=aux_free_rate,
             ),
+            reroute=rerouting or RerouteConfig(),
             check_finite=check_finite,
         )
         super().__init__()
@@ -248,11 +268,10 @@ class MoELayer(nn.Module):
         what = "num_experts"
         if ep is not None:
             num_experts, hidden_dim = ep.placement.local_experts, ep.placement.local_hidden_dim
-            what = f"the {num_experts} experts this rank owns (num_experts / world size)"
-            if experts is not None and ep.placement.sharded:
+            if experts is not None:
                 raise ValueError(
-                    f"custom experts need num_experts >= world size ({config.num_experts} < "
-                    f"{ep.world_size}): sharding an expert across ranks needs the built-in experts"
+                    "experts: custom expert modules run on a single device only (group=False); "
+                    "a distributed layer needs the built-in grouped experts"
                 )
         if experts is None:
             ecfg = config.experts
@@ -515,15 +534,14 @@ class MoELayer(nn.Module):
         x_ND = permute(x_TD, layout)
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         experts = self.experts
-        assert plan.r is not None
+        assert plan.r is not None and isinstance(experts, GroupedExperts)
+        reroute = self._plan_rerouting(ep, plan, glayout.tokens_per_expert_E.tolist())
+        plan = dataclasses.replace(plan, reroute=reroute is not None)
         if plan.r == 0:  # every expert gathered here; no rows move
-            assert isinstance(experts, GroupedExperts)
             weights = ep.gather_weights(experts, 0)
             y_ND = experts.apply_weights(x_ND, layout.counts, weights, row_weights_N)
         else:
-            if not isinstance(experts, GroupedExperts):
-                raise ValueError("custom experts support plan.r=1 only (whole experts, rows exchanged)")
-            y_ND = ep.run(x_ND, glayout.kept, plan, experts)
+            y_ND = ep.run(x_ND, glayout.kept, plan, experts, reroute)
             y_ND = y_ND * row_weights_N.to(y_ND.dtype)[:, None]
         y_TD = combine(y_ND, layout)
         if self.shared_experts is not None:
@@ -549,7 +567,54 @@ class MoELayer(nn.Module):
             balance_loss=self._last_terms[0],
             z_loss=self._last_terms[1],
         )
+        if not ep.placement.sharded and plan.r == 1:
+            El = ep.placement.local_experts
+            kept_E = glayout.tokens_per_expert_E.tolist()
+            native = [sum(kept_E[p * El : (p + 1) * El]) for p in range(ep.world_size)]
+            self.stats.native_rows_per_rank = native
+            self.stats.rows_per_rank = native if reroute is None else reroute.rows_per_rank
+            self.stats.copies_per_rank = [0] * ep.world_size
+            if reroute is not None:
+                self.stats.rerouted_rows = reroute.moved_rows
+                self.stats.expert_copies = reroute.num_copies
+                self.stats.copies_per_rank = [len(c) for c in reroute.copies]
         return y_TD.reshape(x.shape)
+
+    def _plan_rerouting(self, ep: ExpertParallel, plan: Plan, loads: list[int]) -> ReroutePlan | None:
+        """The step's rerouting: forced by the plan, or chosen when the estimate says it pays."""
+        rc = self.config.reroute
+        if not plan.reroute and (plan.reroute is False or not rc.enabled):
+            return None
+        if plan.r != 1 or ep.placement.sharded:
+            return None
+        bounds = {"max_rows_per_rank": rc.max_rows_per_rank, "max_copies_per_rank": rc.max_copies_per_rank}
+        try:
+            candidate = plan_rerouting(loads, ep.world_size, alpha=rc.alpha, min_chunk=rc.min_chunk, **bounds)
+        except ValueError:
+            if plan.reroute:
+                raise
+            return None  # the bounds cannot hold this step either way: plain expert parallelism
+        if not candidate.transfers:
+            return None
+        if plan.reroute:
+            return candidate
+        if candidate.imbalance_before < rc.threshold:
+            return None
+        experts = self.experts
+        assert isinstance(experts, GroupedExperts)
+        width, D, F = experts.w_in.shape[1], self.config.dim, experts.hidden_dim
+        row_flops = 3 * 2 * D * (width + F)  # forward and backward GEMMs of one row
+        per_expert = sum(p[0].numel() * p.element_size() for p in experts.parameters())
+        plain, rerouted = predicted_times(
+            candidate,
+            ep.placement.local_experts,
+            row_flops,
+            per_expert,
+            rc.gemm_flops,
+            rc.link_bytes_per_s,
+            rc.link_latency_s,
+        )
+        return candidate if rerouted <= plain * (1.0 - rc.min_gain) else None
 
     def _balance(
         self,

@@ -29,7 +29,8 @@ from flexmoe.config import GATED_ACTIVATIONS, Plan
 from flexmoe.experts import GroupedExperts
 from flexmoe.parallel.comm import Communicator, all_to_all, exchange
 from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layout
-from flexmoe.parallel.placement import Chunk, Placement, build_chunks
+from flexmoe.parallel.placement import Chunk, Placement, build_chunks, plan_pieces
+from flexmoe.parallel.rerouting import ReroutePlan, reroute_pieces
 from flexmoe.parallel.runtime import DistributedContext, local_world_size, resolve_group
 
 __all__ = ["ExpertParallel", "Weights"]
@@ -60,6 +61,43 @@ class _GatherShards(torch.autograd.Function):
             all_to_all, "weight reduce-scatter", grad.reshape(-1), ctx.splits, ctx.splits, comm.group
         )
         return back.view(len(ctx.members), -1).sum(0), None, None
+
+
+class _SendCopies(torch.autograd.Function):
+    """Send rows of ``own`` (this rank's experts, packed one per row) to ranks needing copies.
+
+    Backward sums the copies' gradients back onto the owner's rows.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        own: Tensor,
+        send_rows: Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+        comm: Communicator,
+    ) -> Tensor:
+        ctx.save_for_backward(send_rows)
+        ctx.splits, ctx.comm, ctx.rows = (send_splits, recv_splits), comm, own.shape[0]
+        send = own.index_select(0, send_rows)
+        return comm.run(all_to_all, "expert copy all-to-all", send, send_splits, recv_splits, comm.group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (send_rows,) = ctx.saved_tensors
+        send_splits, recv_splits = ctx.splits
+        comm: Communicator = ctx.comm
+        back = comm.run(
+            all_to_all,
+            "expert copy gradient all-to-all",
+            grad.contiguous(),
+            recv_splits,
+            send_splits,
+            comm.group,
+        )
+        own_grad = back.new_zeros((ctx.rows, back.shape[1])).index_add_(0, send_rows, back)
+        return own_grad, None, None, None, None
 
 
 class _ExchangeExperts(torch.autograd.Function):
@@ -296,11 +334,56 @@ class ExpertParallel:
             b_out = parts[3].view(n_e, n_sh, D)[:, 0]
         return join_hidden(parts[0], 1), join_hidden(parts[1], 2), b_in, b_out
 
-    def run(self, x_N: Tensor, kept: list[list[int]], plan: Plan, experts: GroupedExperts) -> Tensor:
+    def with_copies(self, experts: GroupedExperts, reroute: ReroutePlan) -> Weights:
+        """The rank's own experts followed by the copies ``reroute`` sends it (differentiably)."""
+        pl = self.placement
+        El, me, W = pl.local_experts, pl.rank, pl.world_size
+        own = [experts.w_in, experts.w_out, experts.b_in, experts.b_out]
+        present = [t for t in own if t is not None]
+        packed = torch.cat([t.reshape(El, -1) for t in present], dim=1)
+        send_rows: list[int] = []
+        send_splits = [0] * W
+        for p in range(W):
+            for e in reroute.copies[p]:
+                if e // El == me:
+                    send_rows.append(e - me * El)
+                    send_splits[p] += 1
+        recv_splits = [sum(1 for e in reroute.copies[me] if e // El == q) for q in range(W)]
+        index = torch.tensor(send_rows, dtype=torch.int64, device=packed.device)
+        copies = _SendCopies.apply(packed, index, send_splits, recv_splits, self.comm)
+        n = copies.shape[0]
+        widths = [t[0].numel() for t in present]
+        parts = iter(copies.split(widths, dim=1))
+        out: list[Tensor | None] = []
+        for t in own:
+            if t is None:
+                out.append(None)
+            else:
+                out.append(torch.cat([t, next(parts).reshape(n, *t.shape[1:])]))
+        w_in, w_out, b_in, b_out = out
+        assert w_in is not None and w_out is not None
+        return w_in, w_out, b_in, b_out
+
+    def run(
+        self,
+        x_N: Tensor,
+        kept: list[list[int]],
+        plan: Plan,
+        experts: GroupedExperts,
+        reroute: ReroutePlan | None = None,
+    ) -> Tensor:
         """Expert outputs (unweighted) for this rank's kept rows, under a resolved ``plan`` (``r >= 1``)."""
         assert plan.r is not None and plan.r >= 1
-        weights = self.gather_weights(experts, plan.r)
-        chunks = build_chunks(self.placement, kept, plan.r, plan.d, x_N.device)
+        pl = self.placement
+        if reroute is None:
+            weights = self.gather_weights(experts, plan.r)
+            pieces = plan_pieces(pl, kept, plan.r)
+            units = pl.local_experts
+        else:
+            weights = self.with_copies(experts, reroute)
+            pieces = reroute_pieces(kept, reroute, pl.local_experts)
+            units = pl.local_experts + len(reroute.copies[pl.rank])
+        chunks = build_chunks(pl.world_size, pl.rank, kept, pieces, units, plan.d, x_N.device)
         engine = _Engine(chunks, self.comm, plan, self.placement.ranks_per_node, experts)
         out: Tensor = _ExchangeExperts.apply(x_N, engine, *weights)
         return out

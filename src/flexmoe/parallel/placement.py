@@ -19,6 +19,7 @@ ways; the ``r`` groups each see every row and their partial outputs are summed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from flexmoe.config import Plan
 from flexmoe.parallel.comm import gather_index
 
-__all__ = ["Chunk", "Placement", "build_chunks", "split_sizes"]
+__all__ = ["Chunk", "Placement", "build_chunks", "plan_pieces", "split_sizes"]
 
 
 def split_sizes(count: int, parts: int) -> list[int]:
@@ -113,9 +114,15 @@ class Placement:
                 f"plan.r must be one of {self.valid_r()} for {self.num_experts} experts on "
                 f"{self.world_size} ranks (0 or a divisor of S={self.shards}), got {plan.r}"
             )
+        reroutable = not self.sharded and r == 1
+        if plan.reroute and not reroutable:
+            raise ValueError(
+                "plan.reroute=True needs expert parallelism with whole experts (num_experts >= world "
+                f"size) and r=1; got {self.num_experts} experts on {self.world_size} ranks, r={r}"
+            )
         if r == 0:  # no rows are exchanged: nothing to pipeline
-            return Plan(r=0, d=1, exchange="flat")
-        return Plan(r=r, d=plan.d, exchange=plan.exchange)
+            return Plan(r=0, d=1, exchange="flat", reroute=False)
+        return Plan(r=r, d=plan.d, exchange=plan.exchange, reroute=plan.reroute if reroutable else False)
 
     def group_size(self, r: int) -> int:
         """``g``: ranks whose shards one all-gather group joins (``r = 0``: the whole world)."""
@@ -181,38 +188,68 @@ class Chunk:
     unit_counts: list[int]
 
 
-def build_chunks(
-    placement: Placement, kept: list[list[int]], r: int, d: int, device: torch.device
-) -> list[Chunk]:
-    """Routes of one step: ``kept[q][e]`` is the number of rows source ``q`` keeps for expert ``e``.
+Piece = tuple[int, int, int, int]  # (destination rank, its unit, start in the segment, rows)
 
+
+def plan_pieces(placement: Placement, kept: list[list[int]], r: int) -> PiecesFn:
+    """Where each source's rows of each expert go under sharing degree ``r`` (no rerouting).
+
+    To the expert's owner, or split ``g`` ways among a gather group, once per group.
+    """
+    targets = [placement.targets(e, r) for e in range(placement.num_experts)]
+    g = 1 if not placement.sharded else placement.group_size(r)
+
+    def pieces(q: int, e: int) -> list[Piece]:
+        parts = split_sizes(kept[q][e], g)
+        starts = (0, *accumulate(parts))
+        return [(dest, unit, starts[member], parts[member]) for dest, unit, member in targets[e]]
+
+    return pieces
+
+
+PiecesFn = Callable[[int, int], list[Piece]]
+
+
+def build_chunks(
+    world_size: int,
+    rank: int,
+    kept: list[list[int]],
+    pieces: PiecesFn,
+    units: int,
+    d: int,
+    device: torch.device,
+) -> list[Chunk]:
+    """Routes of one step, cut into ``d`` chunks.
+
+    ``kept[q][e]`` is the number of rows source ``q`` keeps for expert ``e`` (its
+    expert-major rows are the segments ``e = 0, 1, ...``); ``pieces(q, e)`` says which
+    part of that segment goes to which rank's unit; this rank computes ``units`` units.
     Every rank computes the same global picture from the same ``kept`` (exchanged with
     the routing metadata), so no count exchange precedes the row exchange.
     """
-    W, E, me = placement.world_size, placement.num_experts, placement.rank
-    units = placement.local_experts
-    targets = [placement.targets(e, r) for e in range(E)]
-    g = 1 if not placement.sharded else placement.group_size(r)
+    W, me = world_size, rank
+    E = len(kept[0]) if kept else 0
     matrices = [[[0] * W for _ in range(W)] for _ in range(d)]
     send_segments: list[tuple[list[int], list[int]]] = [([], []) for _ in range(d)]
     recv_sizes = [[[0] * units for _ in range(W)] for _ in range(d)]  # [chunk][source][unit]
     for q in range(W):
-        offset = 0
-        for e in range(E):
-            count = kept[q][e]
-            parts = split_sizes(count, g)
-            part_starts = [offset + start for start in (0, *accumulate(parts))]
-            for dest, unit, member in targets[e]:
-                start = part_starts[member]
-                for i, size in enumerate(split_sizes(parts[member], d)):
-                    matrices[i][q][dest] += size
-                    if q == me and size:
-                        send_segments[i][0].append(start)
-                        send_segments[i][1].append(size)
-                    if dest == me:
-                        recv_sizes[i][q][unit] += size
-                    start += size
-            offset += count
+        offsets = (0, *accumulate(kept[q]))
+        # Sent ordered by destination, then its unit, then position.
+        ordered = sorted(
+            (dest, unit, offsets[e] + start, rows)
+            for e in range(E)
+            for dest, unit, start, rows in pieces(q, e)
+            if rows
+        )
+        for dest, unit, start, rows in ordered:
+            for i, size in enumerate(split_sizes(rows, d)):
+                matrices[i][q][dest] += size
+                if q == me and size:
+                    send_segments[i][0].append(start)
+                    send_segments[i][1].append(size)
+                if dest == me:
+                    recv_sizes[i][q][unit] += size
+                start += size
     chunks = []
     for i in range(d):
         sizes = recv_sizes[i]

@@ -1,0 +1,233 @@
+"""Least-loaded rerouting (LLEP's least-loaded assignment, with hard memory bounds).
+
+Under skewed routing the rank owning a hot expert computes far more rows than the
+others and sets the pace of every step. Rerouting keeps the routing (the layer's
+output is unchanged) but lets other ranks compute part of a hot expert's rows with a
+copy of its weights; the copies' gradients are summed back onto the owner.
+
+``plan_rerouting`` is a pure function of the global per-expert row counts, so every
+rank computes the same plan without communicating. Each expert's rows, in global order
+(source rank, then the source's own order), are cut into contiguous intervals, the
+owner's first. The algorithm (algorithms.md §2, LLA):
+
+1. ``cap = ceil(alpha * total / W)``; ``pending[p]`` = rows of the experts ``p`` owns
+   that are not yet placed; experts are placed in decreasing load.
+2. The owner keeps what fits under ``cap`` (counting what it already took and what it
+   still owns); the rest spills to the other ranks in increasing order of load, each
+   taking what fits under its own ``cap`` — a chunk is taken only if it is at least
+   ``min_chunk`` rows or the whole remainder, and only by a rank that may hold another
+   copy.
+3. A remainder nobody can take under ``cap`` goes to the least-loaded ranks that still
+   have room under ``max_rows_per_rank``.
+
+Unlike the published algorithm, the memory bounds are hard: no rank computes more than
+``max_rows_per_rank`` rows (when set) or holds more than ``max_copies_per_rank``
+copies; a step that cannot satisfy them raises ``ValueError`` naming the bound.
+
+Legend: W ranks, E experts, El experts per rank (expert ``e`` lives on rank ``e // El``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["ReroutePlan", "plan_rerouting", "predicted_times", "reroute_pieces"]
+
+
+@dataclass
+class ReroutePlan:
+    """Which rank computes which rows of which expert.
+
+    Attributes:
+        intervals: ``intervals[e]``: ``(rank, start, stop)`` pieces of expert ``e``'s global
+            rows, contiguous and covering ``[0, load_e)``; the owner's piece first.
+        copies: ``copies[p]``: experts (sorted) whose weights rank ``p`` receives.
+        rows_per_rank: rows each rank computes.
+        native_rows_per_rank: rows each rank would compute without rerouting.
+    """
+
+    intervals: list[list[tuple[int, int, int]]]
+    copies: list[list[int]]
+    rows_per_rank: list[int]
+    native_rows_per_rank: list[int]
+    moved_rows: int = 0
+    transfers: list[tuple[int, int]] = field(default_factory=list)  # (expert, receiving rank)
+
+    @property
+    def num_copies(self) -> int:
+        """Expert copies sent this step."""
+        return len(self.transfers)
+
+    @property
+    def imbalance_before(self) -> float:
+        """Max over mean rows per rank without rerouting."""
+        return _imbalance(self.native_rows_per_rank)
+
+    @property
+    def imbalance_after(self) -> float:
+        """Max over mean rows per rank with this plan."""
+        return _imbalance(self.rows_per_rank)
+
+
+def _imbalance(rows: list[int]) -> float:
+    total = sum(rows)
+    return max(rows) * len(rows) / total if total else 1.0
+
+
+def plan_rerouting(
+    loads: list[int],
+    world_size: int,
+    *,
+    alpha: float = 1.0,
+    min_chunk: int = 1,
+    max_rows_per_rank: int | None = None,
+    max_copies_per_rank: int | None = None,
+) -> ReroutePlan:
+    """The least-loaded assignment of expert rows to ranks (see the module docstring)."""
+    E, W = len(loads), world_size
+    if E % W != 0:
+        raise ValueError(f"rerouting needs whole experts per rank: {E} experts on {W} ranks")
+    if alpha < 1.0:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    El = E // W
+    total = sum(loads)
+    native = [sum(loads[p * El : (p + 1) * El]) for p in range(W)]
+    limit = math.inf if max_rows_per_rank is None else max_rows_per_rank
+    copy_limit = math.inf if max_copies_per_rank is None else max_copies_per_rank
+    if total > W * limit:
+        raise ValueError(
+            f"max_rows_per_rank={max_rows_per_rank} cannot hold this step's {total} rows on {W} ranks"
+        )
+    cap = min(math.ceil(alpha * total / W), limit)
+    pending = list(native)
+    assigned = [0] * W
+    copies: list[list[int]] = [[] for _ in range(W)]
+    intervals: list[list[tuple[int, int, int]]] = [[] for _ in range(E)]
+    transfers: list[tuple[int, int]] = []
+
+    def give(e: int, rank: int, start: int, size: int) -> None:
+        intervals[e].append((rank, start, start + size))
+        assigned[rank] += size
+        if rank != e // El and e not in copies[rank]:
+            copies[rank].append(e)
+            transfers.append((e, rank))
+
+    for e in sorted(range(E), key=lambda i: (-loads[i], i)):
+        load, owner = loads[e], e // El
+        pending[owner] -= load
+        room = cap - assigned[owner] - pending[owner]
+        keep = int(min(load, max(room, 0)))
+        if keep or load == 0:
+            give(e, owner, 0, keep)
+        offset, remainder = keep, load - keep
+        # Spill to the least-loaded ranks that may hold another copy.
+        while remainder:
+            order = sorted(
+                (p for p in range(W) if p != owner and len(copies[p]) < copy_limit),
+                key=lambda p: (assigned[p] + pending[p], p),
+            )
+            for p in order:
+                chunk = int(min(remainder, cap - assigned[p] - pending[p]))
+                if chunk > 0 and (chunk >= min_chunk or chunk == remainder):
+                    give(e, p, offset, chunk)
+                    offset, remainder = offset + chunk, remainder - chunk
+                    break
+            else:
+                break
+        # What nobody could take under cap: the least-loaded ranks with room under the hard
+        # bound (the owner included; it needs no copy).
+        while remainder:
+            candidates = [
+                p
+                for p in range(W)
+                if assigned[p] + pending[p] < limit
+                and (p == owner or e in copies[p] or len(copies[p]) < copy_limit)
+            ]
+            if not candidates:
+                raise ValueError(
+                    f"rerouting cannot place expert {e}'s rows within max_rows_per_rank="
+                    f"{max_rows_per_rank} and max_copies_per_rank={max_copies_per_rank}"
+                )
+            p = min(candidates, key=lambda q: (assigned[q] + pending[q], q != owner, q))
+            chunk = int(min(remainder, limit - assigned[p] - pending[p]))
+            give(e, p, offset, chunk)
+            offset, remainder = offset + chunk, remainder - chunk
+        intervals[e] = _merge(intervals[e])
+    for rank_copies in copies:
+        rank_copies.sort()
+    rows = list(assigned)
+    return ReroutePlan(
+        intervals=intervals,
+        copies=copies,
+        rows_per_rank=rows,
+        native_rows_per_rank=native,
+        moved_rows=sum(b - a for e in range(E) for p, a, b in intervals[e] if p != e // El),
+        transfers=transfers,
+    )
+
+
+def _merge(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Join adjacent pieces of one rank (a remainder forced onto the rank that took the last chunk)."""
+    merged: list[tuple[int, int, int]] = []
+    for rank, start, stop in pieces:
+        if merged and merged[-1][0] == rank and merged[-1][2] == start:
+            merged[-1] = (rank, merged[-1][1], stop)
+        elif stop > start or not merged:
+            merged.append((rank, start, stop))
+    return merged
+
+
+def predicted_times(
+    plan: ReroutePlan,
+    experts_per_rank: int,
+    row_flops: float,
+    copy_bytes: float,
+    gemm_flops: float,
+    link_bytes_per_s: float,
+    link_latency_s: float,
+) -> tuple[float, float]:
+    """Predicted expert-stage time of a training step ``(plain EP, rerouted)``.
+
+    The slowest rank sets the pace: its rows times ``row_flops / gemm_flops``; a rerouted
+    step adds, on each rank, the copies it sends or receives, each paid twice (weights
+    forward, their gradients backward) at the link's latency and bandwidth.
+    """
+    W = len(plan.rows_per_rank)
+    per_row = row_flops / gemm_flops
+    per_copy = 2 * (link_latency_s + copy_bytes / link_bytes_per_s)
+    moves = [0] * W
+    for expert, rank in plan.transfers:
+        moves[rank] += 1
+        moves[expert // experts_per_rank] += 1
+    plain = max(plan.native_rows_per_rank) * per_row
+    rerouted = max(rows * per_row + m * per_copy for rows, m in zip(plan.rows_per_rank, moves, strict=True))
+    return plain, rerouted
+
+
+def reroute_pieces(
+    kept: list[list[int]], plan: ReroutePlan, experts_per_rank: int
+) -> Callable[[int, int], list[tuple[int, int, int, int]]]:
+    """``pieces(q, e)`` for ``build_chunks``: source ``q``'s rows of expert ``e``, cut by the plan.
+
+    The plan's intervals are over the expert's global rows, sources in rank order.
+    """
+    W, E, El = len(kept), len(plan.intervals), experts_per_rank
+    before = [[0] * E for _ in range(W + 1)]  # rows of e on ranks below q
+    for q in range(W):
+        for e in range(E):
+            before[q + 1][e] = before[q][e] + kept[q][e]
+    unit = [{e: El + i for i, e in enumerate(copies)} for copies in plan.copies]
+
+    def pieces(q: int, e: int) -> list[tuple[int, int, int, int]]:
+        lo_q, hi_q = before[q][e], before[q + 1][e]
+        out = []
+        for rank, a, b in plan.intervals[e]:
+            lo, hi = max(a, lo_q), min(b, hi_q)
+            if hi > lo:
+                u = e - rank * El if e // El == rank else unit[rank][e]
+                out.append((rank, u, lo - lo_q, hi - lo))
+        return out
+
+    return pieces

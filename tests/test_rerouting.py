@@ -1,0 +1,139 @@
+"""The least-loaded rerouting plan: exact coverage, hard memory bounds, never worse than plain EP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flexmoe.parallel.placement import build_chunks
+from flexmoe.parallel.rerouting import plan_rerouting, predicted_times, reroute_pieces
+
+
+@st.composite
+def loads_and_world(draw: st.DrawFn) -> tuple[list[int], int]:
+    W = draw(st.sampled_from([2, 3, 4, 8]))
+    El = draw(st.integers(1, 4))
+    kind = draw(st.sampled_from(["uniform", "hot", "zipf", "empty"]))
+    E = W * El
+    if kind == "uniform":
+        loads = draw(st.lists(st.integers(0, 60), min_size=E, max_size=E))
+    elif kind == "hot":
+        loads = [0] * E
+        loads[draw(st.integers(0, E - 1))] = draw(st.integers(1, 2000))
+    elif kind == "zipf":
+        s = draw(st.floats(0.5, 2.0))
+        scale = draw(st.integers(10, 2000))
+        loads = [int(scale / (i + 1) ** s) for i in range(E)]
+    else:
+        loads = [0] * E
+    return loads, W
+
+
+def _check_exact_cover(plan, loads: list[int], W: int) -> None:
+    El = len(loads) // W
+    assigned = [0] * W
+    for e, pieces in enumerate(plan.intervals):
+        position = 0
+        for rank, start, stop in pieces:
+            assert start == position and stop >= start, (e, pieces)  # contiguous, in order
+            assigned[rank] += stop - start
+            if rank != e // El and stop > start:
+                assert e in plan.copies[rank], (e, rank)  # computed away => a copy was sent
+            position = stop
+        assert position == loads[e], (e, pieces)  # covers exactly [0, load)
+        if pieces and pieces[0][2] > pieces[0][1] and any(p[0] == e // El for p in pieces):
+            assert pieces[0][0] == e // El  # the owner's piece comes first
+    assert assigned == plan.rows_per_rank
+    assert sum(assigned) == sum(loads)
+    for rank, copies in enumerate(plan.copies):
+        assert all(e // El != rank for e in copies)  # never a copy of one's own expert
+    assert sorted(plan.transfers) == sorted((e, p) for p in range(W) for e in plan.copies[p])
+
+
+@given(loads_and_world(), st.floats(1.0, 1.5))
+def test_plan_covers_every_row_exactly_once(case, alpha):
+    loads, W = case
+    plan = plan_rerouting(loads, W, alpha=alpha)
+    _check_exact_cover(plan, loads, W)
+    assert max(plan.rows_per_rank) <= max(plan.native_rows_per_rank)  # never worse than plain EP
+
+
+@given(loads_and_world(), st.integers(0, 3), st.floats(1.0, 2.0))
+def test_hard_bounds_hold_or_the_plan_refuses(case, max_copies, slack):
+    loads, W = case
+    max_rows = int(slack * -(-sum(loads) // W)) + 1
+    try:
+        plan = plan_rerouting(loads, W, max_rows_per_rank=max_rows, max_copies_per_rank=max_copies)
+    except ValueError as error:
+        assert "max_rows_per_rank" in str(error)
+        return
+    _check_exact_cover(plan, loads, W)
+    assert max(plan.rows_per_rank) <= max_rows
+    assert all(len(c) <= max_copies for c in plan.copies)
+
+
+def test_balanced_load_moves_nothing():
+    plan = plan_rerouting([10, 10, 10, 10, 10, 10, 10, 10], 4)
+    assert plan.transfers == [] and plan.moved_rows == 0
+    assert plan.rows_per_rank == plan.native_rows_per_rank == [20, 20, 20, 20]
+
+
+def test_one_hot_expert_is_spread_evenly():
+    plan = plan_rerouting([1000, 0, 0, 0], 4)
+    assert plan.rows_per_rank == [250, 250, 250, 250]
+    assert plan.intervals[0] == [(0, 0, 250), (1, 250, 500), (2, 500, 750), (3, 750, 1000)]
+    assert sorted(plan.transfers) == [(0, 1), (0, 2), (0, 3)]
+    assert plan.imbalance_before == 4.0 and plan.imbalance_after == 1.0
+
+
+def test_min_chunk_avoids_small_gemm_pieces():
+    # 3 ranks, target 84 rows each: expert 0's 66 extra rows fit as 36 + 30 on ranks 1 and 2,
+    # but with min_chunk=40 neither piece qualifies and the whole remainder goes to rank 1.
+    loads = [150, 48, 52]
+    assert plan_rerouting(loads, 3, min_chunk=1).intervals[0] == [(0, 0, 84), (1, 84, 120), (2, 120, 150)]
+    assert plan_rerouting(loads, 3, min_chunk=40).intervals[0] == [(0, 0, 84), (1, 84, 150)]
+
+
+def test_infeasible_bounds_name_the_argument():
+    with pytest.raises(ValueError, match="max_rows_per_rank=10 cannot hold this step's 100 rows on 4 ranks"):
+        plan_rerouting([100, 0, 0, 0], 4, max_rows_per_rank=10)
+    with pytest.raises(ValueError, match="max_copies_per_rank=0"):
+        plan_rerouting([100, 0, 0, 0], 4, max_rows_per_rank=30, max_copies_per_rank=0)
+
+
+def test_estimate_prefers_rerouting_only_when_compute_dominates():
+    plan = plan_rerouting([1000, 0, 0, 0], 4)
+    heavy_rows = predicted_times(plan, 1, 1e9, 1e6, 1e11, 1e9, 1e-5)
+    assert heavy_rows[1] < heavy_rows[0]
+    huge_weights = predicted_times(plan, 1, 1e3, 1e10, 1e11, 1e9, 1e-5)
+    assert huge_weights[1] > huge_weights[0]
+
+
+@given(loads_and_world(), st.integers(1, 3), st.data())
+def test_routes_send_every_row_to_the_rank_the_plan_says(case, d, data):
+    loads, W = case
+    E = len(loads)
+    El = E // W
+    # Split each expert's rows among the sources at random.
+    kept = [[0] * E for _ in range(W)]
+    for e, load in enumerate(loads):
+        cuts = sorted(data.draw(st.lists(st.integers(0, load), min_size=W - 1, max_size=W - 1)))
+        bounds = [0, *cuts, load]
+        for q in range(W):
+            kept[q][e] = bounds[q + 1] - bounds[q]
+    plan = plan_rerouting(loads, W)
+    pieces = reroute_pieces(kept, plan, El)
+    totals = [0] * W
+    for rank in range(W):
+        units = El + len(plan.copies[rank])
+        chunks = build_chunks(W, rank, kept, pieces, units, d, torch.device("cpu"))
+        totals[rank] = sum(sum(c.unit_counts) for c in chunks)
+        for chunk in chunks:
+            assert sum(chunk.send_splits) == len(chunk.send_index)
+            assert sum(chunk.recv_splits) == sum(chunk.unit_counts)
+        # Every row of this rank is sent exactly once.
+        sent = torch.cat([c.send_index for c in chunks]).sort().values
+        assert torch.equal(sent, torch.arange(sum(kept[rank])))
+    assert totals == plan.rows_per_rank
