@@ -1,0 +1,45 @@
+"""Run the MoE blocks of ``transformers`` models on flexmoe, with the same weights.
+
+    import flexmoe.hf
+
+    conversion = flexmoe.hf.convert(model)  # in place; every sparse-MoE block -> FlexMoEBlock
+    ...                                       # train, evaluate, generate
+    flexmoe.hf.revert(model)                 # the original blocks, with the current weights
+
+``SUPPORTED`` and ``REFUSED`` (in ``flexmoe.hf.families``) list every block class of the
+installed ``transformers`` (``discover_moe_blocks()`` finds them) with how it maps onto
+a ``MoELayer`` or why it does not. ``register_experts_implementation()`` adds a
+``"flexmoe"`` experts implementation to ``transformers``' registry for the blocks that
+keep their own routing.
+
+Needs ``transformers>=5`` (``pip install 'flexmoe[hf]'``), imported only when used.
+"""
+
+from flexmoe.hf.block import FlexMoEBlock
+from flexmoe.hf.convert import Conversion, convert, find_moe_blocks, is_moe_block, revert
+from flexmoe.hf.discover import MoEBlockClass, discover_moe_blocks
+from flexmoe.hf.experts_impl import (
+    EXPERTS_IMPLEMENTATION,
+    flexmoe_experts_forward,
+    register_experts_implementation,
+)
+from flexmoe.hf.families import REFUSED, SUPPORTED, Family, UnsupportedMoEError, family_of
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "REFUSED",
+    "SUPPORTED",
+    "Conversion",
+    "Family",
+    "FlexMoEBlock",
+    "MoEBlockClass",
+    "UnsupportedMoEError",
+    "convert",
+    "discover_moe_blocks",
+    "family_of",
+    "find_moe_blocks",
+    "flexmoe_experts_forward",
+    "is_moe_block",
+    "register_experts_implementation",
+    "revert",
+]

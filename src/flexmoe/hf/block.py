@@ -1,0 +1,398 @@
+"""``FlexMoEBlock``: a ``transformers`` sparse-MoE block running on a flexmoe ``MoELayer``.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K top-k.
+
+The block holds the *same* tensors as the block it replaces, with no copy on one
+device: the ``MoELayer``'s router weight is the ``transformers`` router's weight
+Parameter, its ``experts.w_in`` / ``experts.w_out`` are ``gate_up_proj [E, 2F, D]`` /
+``down_proj [E, D, F]`` (flexmoe's layout: rows ``[gate; up]``), and a selection bias
+(``e_score_correction_bias``) is the same storage. Shared experts, their gate and any
+output norm are the ``transformers`` modules themselves, registered under their
+``transformers`` names. Gradients therefore land on the original Parameters, and
+putting the original block back (``restore``) needs no copy either.
+
+Over a process group each rank keeps only the experts it owns (copies of its slices);
+the original full expert tensors are released and ``restore`` gathers them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from flexmoe.config import BalanceConfig, CapacityConfig, ExpertConfig, MoEConfig, RouterConfig
+from flexmoe.hf import _transformers
+from flexmoe.hf.families import (
+    Family,
+    UnsupportedMoEError,
+    activation_of,
+    expert_layout_problem,
+    family_of,
+    resolve,
+)
+from flexmoe.layer import MoELayer
+from flexmoe.routing import RouterOutput
+
+__all__ = ["BlockPlan", "ConversionOptions", "FlexMoEBlock", "plan_block"]
+
+
+class ConversionOptions:
+    """The flexmoe settings a conversion applies to every block (see ``flexmoe.hf.convert``)."""
+
+    def __init__(
+        self,
+        *,
+        group: object = False,
+        backend: str = "auto",
+        capacity_factor: float = 0.0,
+        load_balance_weight: float = 0.0,
+        aux_free_rate: float = 0.0,
+        record_router_logits: bool = True,
+    ) -> None:
+        self.group = group
+        self.backend = backend
+        self.capacity_factor = capacity_factor
+        self.load_balance_weight = load_balance_weight
+        self.aux_free_rate = aux_free_rate
+        self.record_router_logits = record_router_logits
+
+
+def _active_router_logits() -> list[Tensor] | None:
+    """The list ``transformers`` is collecting router logits into right now, or ``None``.
+
+    ``transformers`` records ``router_logits`` (for ``output_router_logits`` and its
+    load-balancing loss) with forward hooks on the router modules; a converted block
+    no longer calls its router module, so it appends its logits to the same collector.
+    """
+    try:
+        capturing = _transformers.load("transformers.utils.output_capturing")
+        collected = capturing._active_collector.get()
+    except (ImportError, AttributeError):  # a transformers without output capturing
+        return None
+    if isinstance(collected, dict):
+        logits = collected.get("router_logits")
+        if isinstance(logits, list):
+            return logits
+    return None
+
+
+def _record_router_logits(module: nn.Module, inputs: tuple[Any, ...], output: RouterOutput) -> None:
+    logits = _active_router_logits()
+    if logits is not None:
+        logits.append(output.logits_TE)
+
+
+@dataclass
+class BlockPlan:
+    """A checked conversion of one block: the flexmoe configuration and the tensors to share."""
+
+    block: nn.Module
+    path: str
+    family: Family
+    config: MoEConfig
+    router_weight: nn.Parameter
+    w_in: nn.Parameter
+    w_out: nn.Parameter
+    bias: Tensor | None
+    extras: dict[str, nn.Module | None]
+
+
+def plan_block(block: nn.Module, options: ConversionOptions, path: str = "") -> BlockPlan:
+    """Check that ``block`` converts and work out how, without changing anything.
+
+    Raises ``UnsupportedMoEError`` (the class and the reason) when it does not convert,
+    ``ValueError`` when an option does not fit it.
+    """
+    name = type(block).__name__
+    try:
+        family = family_of(type(block))
+    except UnsupportedMoEError as error:
+        raise UnsupportedMoEError(name, error.reason, path) from None
+
+    def refuse(reason: str) -> UnsupportedMoEError:
+        return UnsupportedMoEError(name, reason, path)
+
+    experts = getattr(block, "experts", None)
+    if not isinstance(experts, nn.Module):
+        raise refuse("it has no experts module")
+    problem = expert_layout_problem(block, experts)
+    if problem is None and family.check is not None:
+        problem = family.check(block)
+    if problem is not None:
+        raise refuse(problem)
+    w_in_EHD: nn.Parameter = getattr(experts, "gate_up_proj")  # noqa: B009 (checked above)
+    w_out_EDF: nn.Parameter = getattr(experts, "down_proj")  # noqa: B009
+    E, H, D = w_in_EHD.shape
+    router_weight = resolve(block, family.router_weight or f"{family.router}.weight")
+    if not isinstance(router_weight, nn.Parameter) or tuple(router_weight.shape) != (E, D):
+        shape = tuple(router_weight.shape) if isinstance(router_weight, Tensor) else router_weight
+        raise refuse(f"its router weight is {shape!r}, expected a Parameter of shape {(E, D)}")
+    router_config, bias = _router_config(block, family, options, refuse)
+    top_k = int(resolve(block, family.top_k or f"{family.router}.top_k"))
+    if router_config.normalize_weights and top_k == 1:
+        raise refuse(
+            "renormalised top-1 routing gives every token weight 1 (no router gradient); flexmoe keeps "
+            "the raw score for top-1"
+        )
+    experts_config = ExpertConfig(
+        activation=activation_of(experts),  # type: ignore[arg-type]
+        backend=options.backend,  # type: ignore[arg-type]
+    )
+    balance = BalanceConfig(
+        load_balance_weight=options.load_balance_weight, aux_free_rate=options.aux_free_rate
+    )
+    capacity = CapacityConfig(capacity_factor=options.capacity_factor)
+    try:
+        config = MoEConfig(
+            dim=D,
+            hidden_dim=H // 2,
+            num_experts=E,
+            top_k=top_k,
+            router=router_config,
+            capacity=capacity,
+            experts=experts_config,
+            balance=balance,
+        )
+    except ValueError as error:
+        raise refuse(f"its configuration has no flexmoe equivalent ({error})") from error
+    extras = {
+        attribute.split(".")[-1]: _module_or_none(resolve(block, attribute))
+        for attribute in (family.shared, family.shared_gate, family.post_norm)
+        if attribute
+    }
+    return BlockPlan(block, path, family, config, router_weight, w_in_EHD, w_out_EDF, bias, extras)
+
+
+class FlexMoEBlock(nn.Module):
+    """A ``transformers`` sparse-MoE block computed by a flexmoe ``MoELayer`` with the same weights.
+
+    ``forward(hidden_states [..., D]) -> [..., D]``, like the block it replaces:
+    ``moe(x)`` (routed experts) ``+ shared(x)`` (times ``sigmoid(shared_gate(x))``),
+    then ``post_norm``. ``moe.stats`` and ``moe.aux_loss`` report each call.
+
+    Build it with ``FlexMoEBlock.build(plan_block(block, options), options)``;
+    ``restore()`` returns the original block with the current weights.
+
+    Attributes:
+        moe: the ``MoELayer`` (routed experts and router).
+        original_class: the replaced block's class name.
+        family: the ``Family`` it was converted with.
+    """
+
+    moe: MoELayer
+
+    def __init__(
+        self,
+        moe: MoELayer,
+        original: nn.Module,
+        family: Family,
+        extras: dict[str, nn.Module | None],
+    ) -> None:
+        super().__init__()
+        self.moe = moe
+        self.family = family
+        self.original_class = type(original).__name__
+        # Not a child: the original block's router and experts must not run, nor appear
+        # twice in parameters(); it is kept only to be put back.
+        self._original: tuple[nn.Module] = (original,)
+        self._shared_name = (family.shared or "").split(".")[-1] or None
+        self._shared_gate_name = (family.shared_gate or "").split(".")[-1] or None
+        self._post_norm_name = (family.post_norm or "").split(".")[-1] or None
+        for name, module in extras.items():
+            if module is not None:
+                self.add_module(name, module)
+        self._restorers: list[Callable[[], None]] = []
+        self._hook = moe.router.register_forward_hook(_record_router_logits)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """The block's output for ``hidden_states [..., D]``."""
+        y = self.moe(hidden_states)
+        shared = self._child(self._shared_name)
+        if shared is not None:
+            shared_y = shared(hidden_states)
+            gate = self._child(self._shared_gate_name)
+            if gate is not None:
+                shared_y = torch.sigmoid(gate(hidden_states)) * shared_y
+            y = y + shared_y
+        post_norm = self._child(self._post_norm_name)
+        if post_norm is not None:
+            y = post_norm(y)
+        return cast(Tensor, y)
+
+    def _child(self, name: str | None) -> nn.Module | None:
+        return None if name is None else self._modules.get(name)
+
+    @property
+    def original(self) -> nn.Module:
+        """The replaced ``transformers`` block (its router and experts hold the same Parameters)."""
+        return self._original[0]
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"original={self.original_class}"
+
+    # ------------------------------------------------------------- conversion
+    @classmethod
+    def build(cls, plan: BlockPlan, options: ConversionOptions) -> FlexMoEBlock:
+        """The flexmoe block for a checked ``plan`` (see ``plan_block``)."""
+        if options.group is False:
+            moe = _share_single_device(plan)
+            converted = cls(moe, plan.block, plan.family, plan.extras)
+        else:
+            moe = MoELayer.from_config(
+                plan.config, device=plan.w_in.device, dtype=plan.w_in.dtype, group=options.group
+            )
+            converted = cls(moe, plan.block, plan.family, plan.extras)
+            converted._shard_experts(plan)
+        converted._remember_router_dtype(plan)
+        if plan.bias is not None:
+            converted._remember_bias(plan)
+        return converted
+
+    # ------------------------------------------------------------ restoration
+    def restore(self) -> nn.Module:
+        """The original block, holding the current weights (a collective when distributed).
+
+        On one device the Parameters are the same objects, so this only undoes what a
+        dtype or device conversion of the flexmoe modules changed on their own (a
+        selection-bias buffer, the dtype of the router weight). Over a process group
+        the full expert tensors are gathered from every rank: call it on every rank.
+        """
+        for restorer in self._restorers:
+            restorer()
+        self._hook.remove()
+        return self.original
+
+    def _shard_experts(self, plan: BlockPlan) -> None:
+        """Keep this rank's expert slices (copies), share the router, release the full tensors."""
+        moe, w_in, w_out = self.moe, plan.w_in, plan.w_out
+        state = {
+            "router.weight": plan.router_weight.detach(),
+            "experts.w_in": w_in.detach(),
+            "experts.w_out": w_out.detach(),
+        }
+        if plan.bias is not None:
+            state["router.expert_bias_E"] = plan.bias.detach().reshape(-1)
+        moe.load_single_device_state_dict(state)
+        moe.router.weight = plan.router_weight
+        if plan.bias is not None:
+            moe.router._buffers["expert_bias_E"] = _bias_view(plan.bias)
+        shapes = (w_in.shape, w_out.shape)
+        # Only this rank's slices stay in memory; restore() gathers the rest.
+        w_in.data = w_in.data.new_empty(0)
+        w_out.data = w_out.data.new_empty(0)
+
+        def gather_experts() -> None:
+            state = moe.single_device_state_dict()  # a collective: every rank calls restore()
+            for param, key, shape in zip(
+                (w_in, w_out), ("experts.w_in", "experts.w_out"), shapes, strict=True
+            ):
+                param.data = state[key].to(param.dtype).reshape(shape)
+
+        self._restorers.append(gather_experts)
+
+    def _remember_router_dtype(self, plan: BlockPlan) -> None:
+        # flexmoe keeps router parameters in fp32 through .to(dtype); the transformers
+        # router computes in the model's dtype, so it gets that dtype back.
+        router_weight, w_in = plan.router_weight, plan.w_in
+        follows_model = router_weight.dtype == w_in.dtype
+
+        def restore_dtype() -> None:
+            if follows_model and router_weight.dtype != w_in.dtype:
+                router_weight.data = router_weight.data.to(w_in.dtype)
+
+        self._restorers.append(restore_dtype)
+
+    def _remember_bias(self, plan: BlockPlan) -> None:
+        assert plan.bias is not None and plan.family.selection_bias is not None
+        owner_path, _, name = plan.family.selection_bias.rpartition(".")
+        owner = resolve(plan.block, owner_path) if owner_path else plan.block
+        router = self.moe.router
+
+        def restore_bias() -> None:
+            original = getattr(owner, name)
+            current = router.expert_bias_E
+            if current.data_ptr() == original.data_ptr():
+                return  # still the same storage
+            # flexmoe's copy was moved or cast on its own (.to on the converted model).
+            value = current.detach().to(original.dtype).reshape(original.shape)
+            if isinstance(original, nn.Parameter):
+                original.data = value
+            else:
+                setattr(owner, name, value)
+
+        self._restorers.append(restore_bias)
+
+
+def _module_or_none(value: object) -> nn.Module | None:
+    return value if isinstance(value, nn.Module) else None
+
+
+def _bias_view(bias: Tensor) -> Tensor:
+    """The selection bias as an ``[E]`` tensor sharing its storage (the same object when possible)."""
+    if not isinstance(bias, nn.Parameter) and bias.dim() == 1:
+        return bias
+    return bias.detach().view(-1)
+
+
+def _router_config(
+    block: nn.Module, family: Family, options: ConversionOptions, refuse: Callable[[str], UnsupportedMoEError]
+) -> tuple[RouterConfig, Tensor | None]:
+    scores = family.scores(block) if callable(family.scores) else family.scores
+    normalize = bool(resolve(block, family.normalize))
+    scale = resolve(block, family.scale)
+    scale = 1.0 if scale is None else float(scale)
+    groups: tuple[int, int] | None
+    if callable(family.groups):
+        groups = family.groups(block)
+    elif family.groups is not None:
+        num_groups, topk_groups = (resolve(block, path) for path in family.groups)
+        groups = None if num_groups is None else (int(num_groups), int(topk_groups or num_groups))
+    else:
+        groups = None
+    bias = resolve(block, family.selection_bias) if family.selection_bias else None
+    if bias is not None and not isinstance(bias, Tensor):
+        raise refuse(f"its selection bias is a {type(bias).__name__}, not a tensor")
+    if options.aux_free_rate > 0 and bias is None:
+        raise ValueError(
+            f"aux_free_rate={options.aux_free_rate} needs a selection bias (e_score_correction_bias) in the "
+            f"model, and {type(block).__name__} has none"
+        )
+    num_groups, topk_groups = groups or (1, 1)
+    try:
+        config = RouterConfig(
+            kind=scores,
+            normalize_weights=normalize,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            routed_scaling_factor=scale,
+            selection_bias=bias is not None,
+        )
+    except ValueError as error:
+        raise refuse(f"its router has no flexmoe equivalent ({error})") from error
+    return config, bias
+
+
+def _share_single_device(plan: BlockPlan) -> MoELayer:
+    """A ``MoELayer`` whose tensors are the plan's (built on the meta device: nothing allocated)."""
+    moe = MoELayer.from_config(plan.config, device="meta", group=False)
+    moe.router.weight = plan.router_weight
+    moe.experts.w_in = plan.w_in
+    moe.experts.w_out = plan.w_out
+    if plan.bias is not None:
+        moe.router._buffers["expert_bias_E"] = _bias_view(plan.bias)
+    moe.register_buffer(
+        "_pending_counts_E",
+        torch.zeros(plan.config.num_experts, dtype=torch.int64, device=plan.w_in.device),
+        persistent=False,
+    )
+    left = [name for name, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
+    if left and not plan.w_in.is_meta:
+        raise AssertionError(
+            f"flexmoe.hf left {left} unallocated: MoELayer has a tensor this code does not share"
+        )
+    return moe
