@@ -33,6 +33,7 @@ __all__ = [
     "grouped_ffn_grouped_mm",
     "grouped_ffn_loop",
     "grouped_mm_available",
+    "weighted_activation",
 ]
 
 
@@ -275,11 +276,7 @@ def _fused_inference(
                 torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
 
     for_each_segment(segments, project_in, device)
-    a_NF = activation_into(base_activation(activation), h_PNF[0], WORKSPACE.take((N, F), dtype, device))
-    if P == 2:
-        a_NF.mul_(h_PNF[1])
-    if row_weights_N is not None:
-        a_NF.mul_(row_weights_N[:, None])
+    a_NF = weighted_activation(h_PNF, activation, row_weights_N)
     y_ND = WORKSPACE.take((N, D), dtype, device)
 
     def project_out(e: int, s: int, t: int) -> None:
@@ -293,6 +290,22 @@ def _fused_inference(
     for_each_segment(segments, project_out, device)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
+
+
+def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:
+    """``act(h[0]) * h[1]`` (gated) or ``act(h[0])``, times the row weights, into a pooled buffer.
+
+    ``h_PNF`` holds the first projection as ``P`` contiguous ``[N, F]`` blocks (``P = 2``
+    for gated activations: gate, then up).
+    """
+    _, N, F = h_PNF.shape
+    out_NF = WORKSPACE.take((N, F), h_PNF.dtype, h_PNF.device)
+    a_NF = activation_into(base_activation(activation), h_PNF[0], out_NF)
+    if h_PNF.shape[0] == 2:
+        a_NF.mul_(h_PNF[1])
+    if row_weights_N is not None:
+        a_NF.mul_(row_weights_N[:, None])
+    return a_NF
 
 
 def grouped_ffn_fused(

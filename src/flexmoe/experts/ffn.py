@@ -19,10 +19,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import grouped_ffn, grouped_mm_available
+from flexmoe.experts.packed import PackedExpertWeights, packed_ffn_inference, packed_inference_supported
 
 __all__ = ["DenseFFN", "GroupedExperts", "ModuleListExperts", "resolve_backend"]
 
@@ -55,7 +57,12 @@ class GroupedExperts(nn.Module):
     ``w_in`` is ``[E, H, D]`` and ``w_out`` is ``[E, D, F]`` (``nn.Linear``'s
     ``[out, in]`` convention, the ``transformers`` layout); for gated activations the
     rows of ``w_in`` are ``[gate; up]``.
+
+    ``prepare_for_inference()`` opts in to a faster CPU forward without autograd on a
+    second, pre-packed copy of the weights (see ``flexmoe.experts.packed``).
     """
+
+    _packed: PackedExpertWeights | None = None  # built by prepare_for_inference()
 
     def __init__(
         self,
@@ -96,6 +103,9 @@ class GroupedExperts(nn.Module):
         self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None = None, backend: str | None = None
     ) -> Tensor:
         """Apply expert ``e`` to its ``counts[e]`` consecutive rows, scaled by ``row_weights_N``."""
+        y_ND = self._forward_packed(x_ND, counts, row_weights_N, backend)
+        if y_ND is not None:
+            return y_ND
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
         return self.apply_weights(x_ND, counts, weights, row_weights_N, backend)
 
@@ -135,6 +145,74 @@ class GroupedExperts(nn.Module):
         """The backend a forward on this device and dtype runs (see ``resolve_backend``)."""
         widths = (self.dim, self.w_in.shape[1], self.hidden_dim)
         return resolve_backend(backend or self.backend, device, dtype, widths)
+
+    def prepare_for_inference(self) -> bool:
+        """Build pre-packed copies of the expert weights for fast CPU forwards without autograd.
+
+        Opt-in because the copies take as much memory again as ``w_in`` and ``w_out``.
+        Once prepared, a forward with gradients disabled (``torch.no_grad``,
+        ``torch.inference_mode``), on CPU, outside autocast, in the weights' dtype, whose
+        backend resolves to ``fused`` (the CPU default) runs on the packed copies: same
+        results up to floating-point rounding, about 1.6x faster for decode-sized
+        batches (see ``flexmoe.experts.packed``). Every other forward runs as before.
+
+        The copies are dropped, never used stale, once the weights change: any in-place
+        write that bumps their version counter (``copy_``, ``load_state_dict``, optimizer
+        steps), a ``torch.optim`` optimizer step over them (``fused=True`` included),
+        replaced tensors (``.data =``, ``.to()``), and ``train()``. Writes through
+        ``.data`` are not detected: call this again after them. Call it again to re-pack
+        after any change; ``release_inference_weights()`` frees the copies.
+
+        Returns whether the copies were built: ``False`` (and nothing kept) where the
+        device or dtype has no packed path (not CPU, PyTorch without oneDNN, dtypes
+        other than fp32, or bf16 without native CPU support).
+        """
+        self.release_inference_weights()
+        if not packed_inference_supported(self.w_in.device, self.w_in.dtype):
+            return False
+        self._packed = PackedExpertWeights(self.w_in, self.w_out)
+        return True
+
+    def release_inference_weights(self) -> None:
+        """Free the packed copies built by ``prepare_for_inference`` (if any)."""
+        if self._packed is not None:
+            self._packed.invalidate()
+        self._packed = None
+
+    @property
+    def inference_prepared(self) -> bool:
+        """Whether packed copies exist and still match the current weights."""
+        return self._packed is not None and self._packed.matches(self.w_in, self.w_out)
+
+    def train(self, mode: bool = True) -> Self:
+        """``nn.Module.train``; switching to training mode releases the packed inference weights."""
+        if mode:
+            self.release_inference_weights()
+        return super().train(mode)
+
+    def _forward_packed(
+        self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None, backend: str | None
+    ) -> Tensor | None:
+        """The forward on the packed weights, or ``None`` where it does not apply."""
+        packed = self._packed
+        if packed is None:
+            return None
+        if not packed.matches(self.w_in, self.w_out):
+            self.release_inference_weights()  # the weights changed: never use the copies again
+            return None
+        if (
+            torch.is_grad_enabled()
+            or x_ND.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")
+            or x_ND.dtype != self.w_in.dtype
+            or self.resolved_backend(x_ND.device, x_ND.dtype, backend) != "fused"
+        ):
+            return None
+        if row_weights_N is not None:
+            row_weights_N = row_weights_N.to(x_ND.dtype)
+        return packed_ffn_inference(
+            x_ND, counts, packed, self.w_in, self.w_out, self.b_in, self.b_out, self.activation, row_weights_N
+        )
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
