@@ -5,7 +5,9 @@ GFLOP/s, percentage of this machine's dense-GEMM throughput (measured in the sam
 for memory-bound cases the percentage of the bandwidth roofline (bytes of expert
 weights touched / measured read bandwidth), and the ratio against transformers'
 ``MixtralSparseMoeBlock`` holding the same weights, in each of its experts
-implementations (``eager``, ``grouped_mm``), when transformers is installed.
+implementations (``eager``, ``grouped_mm``), when transformers is installed. Cases without
+gradients also time ``flexmoe[prepared]``: the same layer and weights after the opt-in
+``experts.prepare_for_inference()`` (oneDNN-packed weight copies, see flexmoe.experts.packed).
 
     python benchmarks/layer.py                 # all cases
     python benchmarks/layer.py --cases A C --repeats 9 --json out.json
@@ -112,6 +114,15 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
     x = torch.randn(1, case.tokens, case.dim, requires_grad=case.train)
     grad = torch.randn(1, case.tokens, case.dim)
     candidates: dict[str, Callable[[], Any]] = {"flexmoe": step_fn(layer, x, grad, case.train)}
+    checked: dict[str, torch.nn.Module] = {}
+    if not case.train:
+        # The same weights (shared, not copied) with the opt-in packed inference copy.
+        prepared = build_flexmoe(case, "auto")
+        prepared.load_state_dict(layer.state_dict(), assign=True)
+        assert isinstance(prepared.experts, flexmoe.experts.GroupedExperts)
+        if prepared.experts.prepare_for_inference():
+            candidates["flexmoe[prepared]"] = step_fn(prepared, x, grad, case.train)
+            checked["flexmoe[prepared]"] = prepared
     if with_loop:
         loop_layer = build_flexmoe(case, "loop")
         loop_layer.load_state_dict(layer.state_dict())
@@ -124,13 +135,14 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
             candidates[f"hf[{impl}]"] = step_fn(block, x, grad, case.train)
 
     # Same math, same weights: check before timing.
+    checked.update({f"hf[{impl}]": block for impl, block in hf_blocks.items()})
     with torch.no_grad():
         ours = layer(x)
-        for impl, block in hf_blocks.items():
-            diff = (block(x) - ours).abs().max().item()
+        for name, module in checked.items():
+            diff = (module(x) - ours).abs().max().item()
             scale = ours.abs().max().item()
             if diff > 1e-4 * max(scale, 1.0):
-                raise RuntimeError(f"case {case.name}: flexmoe and hf[{impl}] differ by {diff:.3g}")
+                raise RuntimeError(f"case {case.name}: flexmoe and {name} differ by {diff:.3g}")
     stats = layer.stats
     assert stats is not None
     kept = int(stats.tokens_per_expert.sum())
@@ -181,7 +193,7 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         f"expert weights touched {result['expert_weight_bytes_touched'] / 1e9:.2f} GB; "
         f"dense GEMM {result['dense_gemm_gflops']:.1f} GFLOP/s (timed alongside)"
     )
-    header = f"  {'impl':<16}{'ms/step':>10}{'GFLOP/s':>10}{'% GEMM':>9}"
+    header = f"  {'impl':<18}{'ms/step':>10}{'GFLOP/s':>10}{'% GEMM':>9}"
     if not case.train:
         header += f"{'% BW roof':>11}"
     hf_keys = [k for k in next(iter(result["results"].values())) if k.startswith("speedup_vs_hf_")]
@@ -190,7 +202,7 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
     print(header)
     for name, row in result["results"].items():
         line = (
-            f"  {name:<16}{row['seconds'] * 1e3:>10.1f}{row['gflops']:>10.1f}{row['pct_dense_gemm']:>8.1f}%"
+            f"  {name:<18}{row['seconds'] * 1e3:>10.1f}{row['gflops']:>10.1f}{row['pct_dense_gemm']:>8.1f}%"
         )
         if not case.train:
             line += f"{row['pct_bandwidth_roofline']:>10.1f}%"
