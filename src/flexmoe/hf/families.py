@@ -407,6 +407,7 @@ REFUSED: dict[str, str] = {
     "SwitchTransformersSparseMLP": _SWITCH,
     "PhimoeSparseMoeBlock": "SparseMixer routing (a sampled, straight-through top-2), not a top-k of scores",
     "VitPoseBackboneMoeMLP": "not routed: each sample's expert is chosen by its dataset index",
+    "VitPoseNaiveMoe": "not routed: each sample's expert is chosen by its dataset index",
     "ZayaSparseMoeBlock": "an MLP router with state carried between layers, and a skip expert",
 }
 
