@@ -278,3 +278,48 @@ def check_ddp(rank: int, world: int) -> None:
             torch.testing.assert_close(
                 param.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
             )
+
+
+def checkpoint_model(
+    num_experts: int = 4, bias: bool = False, group: Any = False
+) -> tuple[torch.nn.Sequential, torch.optim.Optimizer]:
+    """A small model with one MoE layer, and its AdamW."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 2, bias=bias, group=group)
+    )
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def checkpoint_reshard_step(
+    rank: int, world: int, load_from: str, save_to: str, seed: int, num_experts: int = 4, bias: bool = False
+) -> float:
+    """Load a checkpoint written at another world size, train one step on the global batch
+    (this rank's share), save; returns the global loss."""
+    from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+    from flexmoe.parallel import scale_expert_gradients
+
+    torch.manual_seed(100 + rank)  # anything: the checkpoint overwrites it
+    model, optimizer = checkpoint_model(num_experts=num_experts, bias=bias, group=None)
+    load_checkpoint(load_from, model, optimizer)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    T = 12 // world
+    xs, ys = x[rank * T : (rank + 1) * T], y[rank * T : (rank + 1) * T]
+    # The global loss is the mean over ranks of the per-rank means (equal shares).
+    loss = torch.nn.functional.mse_loss(model(xs), ys) + model[1].aux_loss
+    optimizer.zero_grad()
+    loss.backward()
+    for p in model[0].parameters():  # data-parallel parameters: average over ranks
+        assert p.grad is not None
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    for p in model[1].router.parameters():
+        assert p.grad is not None
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    scale_expert_gradients(model)
+    optimizer.step()
+    save_checkpoint(save_to, model, optimizer, step=seed)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / world

@@ -9,7 +9,9 @@ from flexmoe.parallel.comm import CollectiveTimeoutError
 from flexmoe.parallel.expert_parallel import ExpertParallel
 from flexmoe.parallel.placement import Placement
 from flexmoe.parallel.runtime import (
+    all_ranks_ok,
     all_reduce_mean,
+    barrier,
     clip_grad_norm_,
     ddp_ignore_expert_parameters,
     expert_parameters,
@@ -28,7 +30,9 @@ __all__ = [
     "CollectiveTimeoutError",
     "ExpertParallel",
     "Placement",
+    "all_ranks_ok",
     "all_reduce_mean",
+    "barrier",
     "clip_grad_norm_",
     "ddp_ignore_expert_parameters",
     "expert_parameters",

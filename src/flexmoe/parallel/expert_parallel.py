@@ -288,24 +288,36 @@ class ExpertParallel:
 
     def gather_weights(self, experts: GroupedExperts, r: int) -> Weights:
         """The weights this rank computes with under sharing degree ``r`` (gathered if needed)."""
+        own: Weights = (experts.w_in, experts.w_out, experts.b_in, experts.b_out)
+        return self.gather_like(own, experts, r)
+
+    def gather_like(
+        self, tensors: Weights, experts: GroupedExperts, r: int, has_bias: bool | None = None
+    ) -> Weights:
+        """Gather tensors shaped like ``experts``' parameters as ``gather_weights`` does.
+
+        The parameters themselves, their gradients or optimizer state. Differentiable; a
+        collective over the gather group of ``r`` (every rank calls it).
+        """
         pl = self.placement
         members = pl.gather_group(r)
-        own: Weights = (experts.w_in, experts.w_out, experts.b_in, experts.b_out)
         if len(members) == 1:
-            return own
-        has_bias = experts.b_in is not None
+            return tensors
+        if has_bias is None:
+            has_bias = experts.b_in is not None
         El, D = pl.local_experts, experts.dim
-        pieces = [experts.w_in.reshape(-1), experts.w_out.reshape(-1)]
+        w_in_t, w_out_t, b_in_t, b_out_t = tensors
+        pieces = [w_in_t.reshape(-1), w_out_t.reshape(-1)]
         if has_bias:
-            assert experts.b_in is not None
-            own_b_out = experts.b_out if experts.b_out is not None else experts.b_in.new_zeros(El, D)
-            pieces += [experts.b_in.reshape(-1), own_b_out.reshape(-1)]
+            assert b_in_t is not None
+            own_b_out = b_out_t if b_out_t is not None else b_in_t.new_zeros(El, D)
+            pieces += [b_in_t.reshape(-1), own_b_out.reshape(-1)]
         flat = torch.cat(pieces)
         gathered = _GatherShards.apply(flat, members, self.comm)
-        shapes = [experts.w_in.shape, experts.w_out.shape]
+        shapes = [w_in_t.shape, w_out_t.shape]
         if has_bias:
-            assert experts.b_in is not None
-            shapes += [experts.b_in.shape, torch.Size((El, D))]
+            assert b_in_t is not None
+            shapes += [b_in_t.shape, torch.Size((El, D))]
         sizes = [s.numel() for s in shapes]
         parts = [
             t.view(len(members), *shape) for t, shape in zip(gathered.split(sizes, 1), shapes, strict=True)

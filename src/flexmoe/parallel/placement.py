@@ -155,8 +155,11 @@ class Placement:
         """
         if not self.sharded:
             return full[self.first_expert : self.first_expert + self.local_experts]
-        e, s, F_loc = self.first_expert, self.shard_index, self.local_hidden_dim
-        one = full[e : e + 1]
+        return self.shard_of(name, full[self.first_expert : self.first_expert + 1], gated)
+
+    def shard_of(self, name: str, one: Tensor, gated: bool) -> Tensor | None:
+        """The rank's hidden shard of one whole expert's ``name`` (``one``: ``[1, ...]``)."""
+        s, F_loc = self.shard_index, self.local_hidden_dim
         if name in ("w_in", "b_in"):
             if gated:
                 halves: Tensor = one.unflatten(1, (2, self.hidden_dim))

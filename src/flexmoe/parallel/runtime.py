@@ -31,7 +31,9 @@ from torch import nn
 
 __all__ = [
     "DistributedContext",
+    "all_ranks_ok",
     "all_reduce_mean",
+    "barrier",
     "clip_grad_norm_",
     "ddp_ignore_expert_parameters",
     "expert_parameters",
@@ -228,3 +230,18 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
         for grad in (*dense, *experts):
             grad.mul_(scale)
     return total
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group (a no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a collective; ``ok`` itself when not distributed)."""
+    if not is_distributed():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0

@@ -1,0 +1,145 @@
+"""Checkpoints: exact round trips (weights and optimizer state), re-sharding across world sizes,
+atomic saves that an interruption cannot corrupt, clear refusals of mismatched models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import flexmoe
+from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+from .distributed import run_distributed
+from .parallel_workers import checkpoint_model, checkpoint_reshard_step
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    loss = nn.functional.mse_loss(model(x), y) + model[1].aux_loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def test_round_trip_resumes_training_exactly(tmp_path):
+    torch.manual_seed(0)
+    model, optimizer = checkpoint_model(bias=True)
+    _train_step(model, optimizer, 1)
+    save_checkpoint(tmp_path, model, optimizer, step=1, extra={"note": "hi"})
+    uninterrupted = [_train_step(model, optimizer, s) for s in (2, 3)]
+
+    torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
+    restored, restored_opt = checkpoint_model(bias=True)
+    manifest = load_checkpoint(tmp_path, restored, restored_opt)
+    assert manifest["step"] == 1 and manifest["extra"] == {"note": "hi"}
+    resumed = [_train_step(restored, restored_opt, s) for s in (2, 3)]
+    assert resumed == uninterrupted
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_experts_are_stored_per_expert_with_a_manifest(tmp_path):
+    model, optimizer = checkpoint_model()
+    _train_step(model, optimizer, 1)
+    path = save_checkpoint(tmp_path, model, optimizer, step=7)
+    assert path.name == "step-000007" and latest_checkpoint(tmp_path) == path
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["layers"]["1"]["num_experts"] == 4
+    keys = manifest["files"]["experts-rank0.safetensors"]
+    assert "1.experts.w_in.e3" in keys and "optim/1.experts.w_in/exp_avg.e3" in keys
+    assert "1.experts.w_in" not in manifest["files"]["model.safetensors"]
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model, optimizer = checkpoint_model()
+    save_checkpoint(tmp_path, model, optimizer, step=1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model, optimizer, 1)
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def dies_midway(tensors, filename, *args, **kwargs):
+        if filename.endswith("model.safetensors"):
+            with open(filename, "wb") as f:
+                f.write(b"half a file")  # the process dies while writing
+            raise KeyboardInterrupt("killed")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, optimizer, step=2)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    fresh, fresh_opt = checkpoint_model()
+    assert load_checkpoint(tmp_path, fresh, fresh_opt)["step"] == 1
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    # The next save of that step cleans up the partial directory and completes.
+    save_checkpoint(tmp_path, model, optimizer, step=2)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_keeps_the_newest_checkpoints(tmp_path):
+    model, optimizer = checkpoint_model()
+    for step in range(4):
+        save_checkpoint(tmp_path, model, optimizer, step=step, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002", "step-000003"]
+
+
+def test_mismatched_model_is_refused(tmp_path):
+    model, _ = checkpoint_model()
+    save_checkpoint(tmp_path, model, step=0)
+    other = nn.Sequential(nn.Linear(16, 16), flexmoe.MoELayer(16, 8, 8, 2))
+    with pytest.raises(CheckpointError, match="MoE layer '1': num_experts is 4 in the checkpoint but 8"):
+        load_checkpoint(tmp_path, other)
+    wider = nn.Sequential(nn.Linear(16, 32), flexmoe.MoELayer(16, 8, 4, 2))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(tmp_path, wider)
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_checkpoint(tmp_path / "nowhere", model)
+
+
+def test_reshards_between_world_sizes(tmp_path):
+    # 1 device -> 2 ranks (2 experts each) -> 4 ranks (1 expert each) -> 1 device, training
+    # one step at each stage (weights and AdamW state); every stage matches one device.
+    torch.manual_seed(0)
+    reference, reference_opt = checkpoint_model(num_experts=4)
+    save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
+    losses = [_train_step(reference, reference_opt, 10 + s) for s in range(2)]
+    got = run_distributed(checkpoint_reshard_step, 2, str(tmp_path / "w1"), str(tmp_path / "w2"), 10)
+    assert got[0] == pytest.approx(losses[0], rel=1e-5)
+    got = run_distributed(checkpoint_reshard_step, 4, str(tmp_path / "w2"), str(tmp_path / "w4"), 11)
+    assert got[0] == pytest.approx(losses[1], rel=1e-5)
+    final, final_opt = checkpoint_model(num_experts=4)
+    assert load_checkpoint(tmp_path / "w4", final, final_opt)["world_size"] == 4
+    for (name, a), b in zip(reference.state_dict().items(), final.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reshards_sharded_experts(tmp_path):
+    # 2 experts with biases on 4 ranks: each expert's hidden units split 2 ways (b_out on shard 0).
+    torch.manual_seed(0)
+    reference, reference_opt = checkpoint_model(num_experts=2, bias=True)
+    _train_step(reference, reference_opt, 9)  # non-zero AdamW state to carry over
+    save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
+    loss = _train_step(reference, reference_opt, 10)
+    args = (str(tmp_path / "w1"), str(tmp_path / "w4"), 10, 2, True)
+    assert run_distributed(checkpoint_reshard_step, 4, *args)[0] == pytest.approx(loss, rel=1e-5)
+    final, final_opt = checkpoint_model(num_experts=2, bias=True)
+    load_checkpoint(tmp_path / "w4", final, final_opt)
+    for (name, a), b in zip(reference.state_dict().items(), final.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for p_ref, p_new in zip(reference.parameters(), final.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(final_opt.state[p_new][key], reference_opt.state[p_ref][key])
