@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from flexmoe.hf.block import BlockPlan, ConversionOptions, FlexMoEBlock, plan_block
-from flexmoe.hf.discover import discover_moe_blocks
 from flexmoe.hf.families import REFUSED, SUPPORTED, UnsupportedMoEError
 from flexmoe.layer import name_moe_layers
 
@@ -19,27 +17,19 @@ __all__ = ["Conversion", "convert", "find_moe_blocks", "is_moe_block", "revert"]
 def is_moe_block(module: nn.Module) -> bool:
     """Whether ``module`` is a sparse-MoE block.
 
-    That is a class of ``SUPPORTED`` or ``REFUSED``, a block class that
-    ``discover_moe_blocks`` finds in the installed ``transformers``, or any module with an
-    ``experts`` module and a ``gate`` or ``router`` module.
+    That is a ``transformers`` class of ``SUPPORTED`` or ``REFUSED``, or any module with
+    an ``experts`` module and a ``gate`` or ``router`` module (a block of a newer
+    ``transformers`` or of remote code, which ``convert`` then refuses as not verified).
     """
     if isinstance(module, FlexMoEBlock):
         return False
     name = type(module).__name__
-    if type(module).__module__.startswith("transformers.models."):
-        if name in SUPPORTED or name in REFUSED:
-            return True
-        if name in _discovered_names():
-            return True  # a block of a newer transformers: refused as not verified
+    if type(module).__module__.startswith("transformers.models.") and (name in SUPPORTED or name in REFUSED):
+        return True
     has_router = isinstance(getattr(module, "gate", None), nn.Module) or isinstance(
         getattr(module, "router", None), nn.Module
     )
     return has_router and isinstance(getattr(module, "experts", None), nn.Module)
-
-
-@functools.lru_cache(maxsize=1)
-def _discovered_names() -> frozenset[str]:
-    return frozenset(block.name for block in discover_moe_blocks())
 
 
 def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
