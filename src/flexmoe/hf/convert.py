@@ -10,6 +10,7 @@ from torch import nn
 from flexmoe.hf.block import BlockPlan, ConversionOptions, FlexMoEBlock, plan_block
 from flexmoe.hf.families import REFUSED, SUPPORTED, UnsupportedMoEError
 from flexmoe.layer import name_moe_layers
+from flexmoe.parallel.runtime import resolve_group
 
 __all__ = ["Conversion", "convert", "find_moe_blocks", "is_moe_block", "revert"]
 
@@ -104,7 +105,8 @@ def convert(
             or ``None`` for the default group: spread every block's experts over the
             ranks (expert parallelism); each rank keeps only its experts' weights and
             releases the original full expert tensors (``revert`` gathers them back).
-            Every rank must convert the same model the same way.
+            Every rank must convert the same model the same way. ``None`` outside
+            ``torch.distributed`` (or with one rank) is the same as ``False``.
         backend: flexmoe's expert GEMM backend (``auto``, ``fused``, ``loop``, ``grouped_mm``).
         capacity_factor: ``0`` (default) is dropless, like ``transformers``; see ``MoELayer``.
         load_balance_weight: weight of flexmoe's balance loss in each ``block.moe.aux_loss``
@@ -116,6 +118,8 @@ def convert(
     Returns:
         A ``Conversion``: the converted blocks by path, the refused ones, and ``revert()``.
     """
+    if group is not False and resolve_group(group) is None:
+        group = False  # torch.distributed not initialised, or a one-rank group: share, don't copy
     options = ConversionOptions(
         group=group,
         backend=backend,
