@@ -1,28 +1,66 @@
-"""The main job runs end to end and learns."""
+"""The main job (`flexmoe train`) runs end to end on 1 and 2 workers, learns, checkpoints, resumes
+on another worker count with the same loss, and its report renders."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flexmoe.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--steps", "6", "--log-every", "3", "--batch-size", "4", "--context", "32", "--dim", "32"]
 
-def test_demo_trains_and_reports(capsys):
+
+def test_train_learns_and_writes_a_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    shape = ["--batch-size", "8", "--context", "64", "--dim", "64", "--log-every", "10", "--eval-every", "20"]
     main(
-        ["demo", "--steps", "30", "--batch-size", "8", "--context", "64", "--dim", "64", "--log-every", "10"]
+        ["train", "--steps", "30", *shape, "--checkpoint-every", "20", "--run-dir", str(run), "--no-progress"]
     )
     out = capsys.readouterr().out
-    assert "step    30" in out
+    assert "step    30" in out and "step    20  eval loss" in out
     match = re.search(r"eval loss ([0-9.]+) -> ([0-9.]+)", out)
     assert match, out
     initial, final = map(float, match.groups())
     assert final < initial - 0.5  # bytes of Python source are far from uniform
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["final_eval_loss"] == pytest.approx(final, abs=1e-3)
+    assert json.loads((run / "config.json").read_text())["experts"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [10, 20, 30]
+    assert len(records[1]["layers"]) == 2 and len(records[1]["layers"][0]["routed"]) == 8
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000020", "step-000030"]
+
+    main(["report", str(run)])
+    for name in ("report.html", "loss.png", "throughput.png", "load_layer0.png", "load_layer1.png"):
+        assert (run / name).stat().st_size > 1000, name
+    for name in ("dropped.png", "plans.png"):
+        assert (run / name).stat().st_size > 1000, name
+    page = (run / "report.html").read_text()
+    assert page.count("<img") == 6 and "final_eval_loss" in page
 
 
-def test_demo_rejects_bad_arguments():
+def test_options_come_from_a_config_file(tmp_path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text("steps = 4\nbatch-size = 2\ncontext = 16\ndim = 32\nlog_every = 2\nexperts = 4\n")
+    main(
+        ["train", "--config", str(config), "--steps", "3", "--run-dir", str(tmp_path / "r"), "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert "4 experts top-2" in out and "done: 3 steps" in out  # the command line wins for --steps
+    config.write_text("stepz = 4\n")
+    with pytest.raises(SystemExit, match="unknown option 'stepz'"):
+        main(["train", "--config", str(config)])
+
+
+def test_train_rejects_bad_arguments():
     result = subprocess.run(
-        [sys.executable, "-m", "flexmoe.cli", "demo", "--steps", "0"],
+        [sys.executable, "-m", "flexmoe.cli", "train", "--steps", "0"],
         capture_output=True,
         text=True,
         check=False,
@@ -31,15 +69,29 @@ def test_demo_rejects_bad_arguments():
     assert "--steps must be >= 1" in result.stderr
 
 
-SMALL = ["--steps", "6", "--log-every", "3", "--batch-size", "4", "--context", "32", "--dim", "32"]
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
 
 
-def test_distributed_main_job_runs_on_two_workers():
-    # The README's distributed main-job command, shortened.
-    root = Path(__file__).resolve().parents[1]
+def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, capsys):
+    # The README's distributed main-job command, shortened; then its checkpoint resumes on
+    # one worker, and a one-worker checkpoint resumes on two: the loss after loading matches.
+    two = tmp_path / "two"
     result = subprocess.run(
-        ["bash", "scripts/main.sh", "--workers", "2", *SMALL, "--plan-d", "2", "--exchange", "2dh"],
-        cwd=root,
+        [
+            "bash",
+            "scripts/main.sh",
+            "--workers",
+            "2",
+            *SMALL,
+            "--plan-d",
+            "2",
+            "--exchange",
+            "2dh",
+            "--run-dir",
+            str(two),
+        ],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
@@ -49,4 +101,33 @@ def test_distributed_main_job_runs_on_two_workers():
     out = result.stdout
     assert "2 worker(s)" in out and "8 experts over 2 workers (4 per worker)" in out, out
     assert "step     6" in out and "done: 6 steps" in out, out
-    assert "plan Plan(r=1, d=2, exchange='2dh')" in out, out
+    assert "plan Plan(r=1, d=2, exchange='2dh', reroute=None)" in out, out
+
+    one = tmp_path / "one"
+    main(["train", *SMALL, "--resume", str(two), "--run-dir", str(one), "--no-progress"])
+    assert "resumed from" in capsys.readouterr().out
+    assert _summary(one)["initial_eval_loss"] == pytest.approx(_summary(two)["final_eval_loss"], rel=1e-5)
+
+    # And back: the one-worker checkpoint on two workers.
+    again = tmp_path / "again"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexmoe.cli",
+            "train",
+            "--workers",
+            "2",
+            *SMALL,
+            "--resume",
+            str(one),
+            "--run-dir",
+            str(again),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _summary(again)["initial_eval_loss"] == pytest.approx(_summary(one)["final_eval_loss"], rel=1e-5)

@@ -38,4 +38,4 @@ def test_readme_torchrun_example_runs_on_two_workers(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         assert f"rank {rank}/2: loss" in result.stdout, result.stdout
-    assert "plan used Plan(r=1, d=2, exchange='2dh')" in result.stdout, result.stdout
+    assert "plan used Plan(r=1, d=2, exchange='2dh', reroute=False)" in result.stdout, result.stdout

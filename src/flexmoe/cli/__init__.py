@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from flexmoe.cli.demo import add_demo_arguments, run_demo
+from flexmoe.cli.report import add_report_arguments, run_report
+from flexmoe.cli.train import add_train_arguments, config_file_defaults, run_train
 
 __all__ = ["main"]
 
@@ -15,9 +16,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="flexmoe", description="flexmoe: adaptive Mixture-of-Experts for PyTorch"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small MoE language model on one process and report")
-    add_demo_arguments(demo)
+    trainers = {
+        "train": commands.add_parser(
+            "train", help="train a small MoE language model on real offline text (1 or N workers)"
+        ),
+        "demo": commands.add_parser("demo", help="a shorter `flexmoe train` (150 steps)"),
+    }
+    add_train_arguments(trainers["train"])
+    add_train_arguments(trainers["demo"], steps=150)
+    report = commands.add_parser("report", help="HTML page and plots of a `flexmoe train` run")
+    add_report_arguments(report)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        run_demo(args)
+    if args.command in trainers:
+        defaults = config_file_defaults(trainers[args.command], args.config)
+        if defaults:  # the file's values become defaults; the command line still wins
+            trainers[args.command].set_defaults(**defaults)
+            args = parser.parse_args(argv)
+        run_train(args)
+    elif args.command == "report":
+        run_report(args)
     return 0
