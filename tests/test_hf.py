@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -205,3 +206,20 @@ def test_flexmoe_experts_implementation() -> None:
         out_flexmoe.loss.backward()
         for (name, p), q in zip(original.named_parameters(), on_flexmoe.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_converted_model_deepcopies_and_pickles() -> None:
+    model = tiny_model("deepseek_v3")
+    hf.convert(model)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        hf.revert(copied)  # restores the copy's own original blocks, not the source model's
+        assert type(copied.model.layers[1].mlp).__name__ == "DeepseekV3MoE"
+        assert isinstance(model.model.layers[1].mlp, hf.FlexMoEBlock)
+        with torch.no_grad():
+            torch.testing.assert_close(copied(ids).logits, expected, atol=ATOL, rtol=1e-5)

@@ -191,6 +191,7 @@ class FlexMoEBlock(nn.Module):
         original: nn.Module,
         family: Family,
         extras: dict[str, nn.Module | None],
+        router_follows_model: bool = True,
     ) -> None:
         super().__init__()
         self.moe = moe
@@ -205,8 +206,11 @@ class FlexMoEBlock(nn.Module):
         for name, module in extras.items():
             if module is not None:
                 self.add_module(name, module)
-        self._restorers: list[Callable[[], None]] = []
-        self._hook = moe.router.register_forward_hook(_record_router_logits)
+        # What restore() needs besides the original block (kept as plain data, so that
+        # deepcopy and pickling of a converted model carry it along).
+        self._router_follows_model = router_follows_model
+        self._full_expert_shapes: tuple[torch.Size, torch.Size] | None = None
+        moe.router.register_forward_hook(_record_router_logits)
 
     # ---------------------------------------------------------------- forward
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -239,33 +243,15 @@ class FlexMoEBlock(nn.Module):
     @classmethod
     def build(cls, plan: BlockPlan, options: ConversionOptions) -> FlexMoEBlock:
         """The flexmoe block for a checked ``plan`` (see ``plan_block``)."""
+        follows = plan.router_weight.dtype == plan.w_in.dtype
         if options.group is False:
-            moe = _share_single_device(plan)
-            converted = cls(moe, plan.block, plan.family, plan.extras)
-        else:
-            moe = MoELayer.from_config(
-                plan.config, device=plan.w_in.device, dtype=plan.w_in.dtype, group=options.group
-            )
-            converted = cls(moe, plan.block, plan.family, plan.extras)
-            converted._shard_experts(plan)
-        converted._remember_router_dtype(plan)
-        if plan.bias is not None:
-            converted._remember_bias(plan)
+            return cls(_share_single_device(plan), plan.block, plan.family, plan.extras, follows)
+        moe = MoELayer.from_config(
+            plan.config, device=plan.w_in.device, dtype=plan.w_in.dtype, group=options.group
+        )
+        converted = cls(moe, plan.block, plan.family, plan.extras, follows)
+        converted._shard_experts(plan)
         return converted
-
-    # ------------------------------------------------------------ restoration
-    def restore(self) -> nn.Module:
-        """The original block, holding the current weights (a collective when distributed).
-
-        On one device the Parameters are the same objects, so this only undoes what a
-        dtype or device conversion of the flexmoe modules changed on their own (a
-        selection-bias buffer, the dtype of the router weight). Over a process group
-        the full expert tensors are gathered from every rank: call it on every rank.
-        """
-        for restorer in self._restorers:
-            restorer()
-        self._hook.remove()
-        return self.original
 
     def _shard_experts(self, plan: BlockPlan) -> None:
         """Keep this rank's expert slices (copies), share the router, release the full tensors."""
@@ -281,51 +267,53 @@ class FlexMoEBlock(nn.Module):
         moe.router.weight = plan.router_weight
         if plan.bias is not None:
             moe.router._buffers["expert_bias_E"] = _bias_view(plan.bias)
-        shapes = (w_in.shape, w_out.shape)
+        self._full_expert_shapes = (w_in.shape, w_out.shape)
         # Only this rank's slices stay in memory; restore() gathers the rest.
         w_in.data = w_in.data.new_empty(0)
         w_out.data = w_out.data.new_empty(0)
 
-        def gather_experts() -> None:
-            state = moe.single_device_state_dict()  # a collective: every rank calls restore()
-            for param, key, shape in zip(
-                (w_in, w_out), ("experts.w_in", "experts.w_out"), shapes, strict=True
+    # ------------------------------------------------------------ restoration
+    def restore(self) -> nn.Module:
+        """The original block, holding the current weights (a collective when distributed).
+
+        On one device the Parameters are the same objects, so this only undoes what a
+        dtype or device conversion of the flexmoe modules changed on their own (a
+        selection-bias buffer, the dtype of the router weight). Over a process group
+        the full expert tensors are gathered from every rank: call it on every rank.
+        """
+        original, family = self.original, self.family
+        experts: Any = original.experts
+        if self._full_expert_shapes is not None:
+            state = self.moe.single_device_state_dict()  # a collective: every rank calls restore()
+            keys = ("experts.w_in", "experts.w_out")
+            for name, key, shape in zip(
+                ("gate_up_proj", "down_proj"), keys, self._full_expert_shapes, strict=True
             ):
+                param = getattr(experts, name)
                 param.data = state[key].to(param.dtype).reshape(shape)
+        # flexmoe keeps its router in fp32 through .to(dtype); the transformers router
+        # computes in the model's dtype, so it gets that dtype back.
+        router_weight = resolve(original, family.router_weight or f"{family.router}.weight")
+        model_dtype = experts.gate_up_proj.dtype
+        if self._router_follows_model and router_weight.dtype != model_dtype:
+            router_weight.data = router_weight.data.to(model_dtype)
+        if family.selection_bias is not None:
+            self._restore_bias(original, family.selection_bias)
+        return original
 
-        self._restorers.append(gather_experts)
-
-    def _remember_router_dtype(self, plan: BlockPlan) -> None:
-        # flexmoe keeps router parameters in fp32 through .to(dtype); the transformers
-        # router computes in the model's dtype, so it gets that dtype back.
-        router_weight, w_in = plan.router_weight, plan.w_in
-        follows_model = router_weight.dtype == w_in.dtype
-
-        def restore_dtype() -> None:
-            if follows_model and router_weight.dtype != w_in.dtype:
-                router_weight.data = router_weight.data.to(w_in.dtype)
-
-        self._restorers.append(restore_dtype)
-
-    def _remember_bias(self, plan: BlockPlan) -> None:
-        assert plan.bias is not None and plan.family.selection_bias is not None
-        owner_path, _, name = plan.family.selection_bias.rpartition(".")
-        owner = resolve(plan.block, owner_path) if owner_path else plan.block
-        router = self.moe.router
-
-        def restore_bias() -> None:
-            original = getattr(owner, name)
-            current = router.expert_bias_E
-            if current.data_ptr() == original.data_ptr():
-                return  # still the same storage
-            # flexmoe's copy was moved or cast on its own (.to on the converted model).
-            value = current.detach().to(original.dtype).reshape(original.shape)
-            if isinstance(original, nn.Parameter):
-                original.data = value
-            else:
-                setattr(owner, name, value)
-
-        self._restorers.append(restore_bias)
+    def _restore_bias(self, original: nn.Module, path: str) -> None:
+        owner_path, _, name = path.rpartition(".")
+        owner = resolve(original, owner_path) if owner_path else original
+        bias = getattr(owner, name)
+        current = self.moe.router.expert_bias_E
+        if current.data_ptr() == bias.data_ptr():
+            return  # still the same storage
+        # flexmoe's copy was moved or cast on its own (.to on the converted model).
+        value = current.detach().to(bias.dtype).reshape(bias.shape)
+        if isinstance(bias, nn.Parameter):
+            bias.data = value
+        else:
+            setattr(owner, name, value)
 
 
 def _module_or_none(value: object) -> nn.Module | None:
