@@ -192,20 +192,43 @@ def test_configurations_flexmoe_does_not_reproduce_are_refused(
         hf.convert(tiny_model("mixtral", **overrides))
 
 
+def _phimoe_and_gpt_oss(experts_implementation: str) -> list[torch.nn.Module]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 24, "num_local_experts": 4}
+    common.update({"num_experts_per_tok": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    models = []
+    for model_type, extra in (
+        ("phimoe", {}),  # routing that convert refuses (SparseMixer)
+        ("gpt_oss", {"head_dim": 8, "layer_types": ["full_attention", "sliding_attention"]}),  # fallback
+    ):
+        config = AutoConfig.for_model(model_type, num_hidden_layers=2, **common, **extra)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, experts_implementation=experts_implementation)
+        models.append(model.eval())
+    return models
+
+
 def test_flexmoe_experts_implementation() -> None:
     assert hf.register_experts_implementation() == "flexmoe"
+    ids = _ids(seed=4)
     for model_type in ("mixtral", "qwen2_moe"):
         original = tiny_model(model_type, experts_implementation="eager")
         on_flexmoe = copy.deepcopy(original)
         on_flexmoe.set_experts_implementation("flexmoe")
         assert on_flexmoe.config._experts_implementation == "flexmoe"
-        ids = _ids(seed=4)
         out_original, out_flexmoe = original(ids, labels=ids), on_flexmoe(ids, labels=ids)
         torch.testing.assert_close(out_flexmoe.logits, out_original.logits, atol=ATOL, rtol=1e-5)
         out_original.loss.backward()
         out_flexmoe.loss.backward()
         for (name, p), q in zip(original.named_parameters(), on_flexmoe.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=1e-4, msg=name)
+    # Blocks that convert() refuses keep their own routing on flexmoe's experts, and
+    # expert layouts flexmoe does not compute fall back to transformers' grouped_mm.
+    pairs = zip(_phimoe_and_gpt_oss("eager"), _phimoe_and_gpt_oss("flexmoe"), strict=True)
+    for original, on_flexmoe in pairs:
+        with torch.no_grad():
+            torch.testing.assert_close(on_flexmoe(ids).logits, original(ids).logits, atol=ATOL, rtol=1e-5)
 
 
 def test_converted_model_deepcopies_and_pickles() -> None:
