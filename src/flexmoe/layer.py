@@ -312,7 +312,7 @@ class MoELayer(nn.Module):
             "custom experts": stable_hash(type(self.experts).__name__),
             "configuration (router, capacity, experts, balance)": stable_hash(repr(cfg)),
         }
-        ep.check_same({"num_tokens": 0, **fields}, device or torch.device("cpu"))
+        ep.check_same({"num_tokens": 0, **fields})
         ep.broadcast_(self.router)
         tag_expert_parameters(self.experts)
         self._step = 0
@@ -519,7 +519,7 @@ class MoELayer(nn.Module):
             int(torch.is_grad_enabled()),
             stable_hash(str(x.dtype)),
         )
-        header = ep.check_same(dict(zip(_CALL_HEADER, values, strict=True)), x.device)
+        header = ep.check_same(dict(zip(_CALL_HEADER, values, strict=True)))
         tokens_per_rank: list[int] = header[:, 0].tolist()
         route = self.router(x_TD, k)
         glayout = ep.layout(

@@ -244,6 +244,13 @@ class ExpertParallel:
         """Ranks in the group."""
         return self.placement.world_size
 
+    @property
+    def meta_device(self) -> torch.device:
+        """Where small metadata tensors live for this group's backend (NCCL: the current GPU)."""
+        if dist.get_backend(self.comm.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def report_failure(self, step: int, keys: tuple[str, ...]) -> None:
         """Join this step's header exchange (fields ``keys``) flagging a rejected input.
 
@@ -251,20 +258,25 @@ class ExpertParallel:
         """
         self.comm.step = step
         with contextlib.suppress(RuntimeError):  # expected: this rank is among those that failed
-            self.check_same({key: 0 for key in keys}, torch.device("cpu"))
+            self.check_same({key: 0 for key in keys})
 
-    def check_same(self, fields: dict[str, int], device: torch.device) -> Tensor:
+    def check_same(self, fields: dict[str, int]) -> Tensor:
         """All-gather ``fields``; raise on every rank if any (but ``num_tokens``) differs."""
-        return check_header(self.comm, fields, device)
+        return check_header(self.comm, fields, self.meta_device)
 
     @torch.no_grad()
     def broadcast_(self, module: nn.Module) -> None:
         """Make ``module``'s parameters and buffers those of the group's first rank."""
         source = dist.get_process_group_ranks(self.comm.group)[0]
+        device = self.meta_device
         for tensor in [*module.parameters(), *module.buffers()]:
-            self.comm.run(
-                lambda t=tensor: dist.broadcast(t.data, source, group=self.comm.group), "router broadcast"
-            )
+            staged = tensor.detach().to(device)
+
+            def send(t: Tensor = staged) -> None:
+                dist.broadcast(t, source, group=self.comm.group)
+
+            self.comm.run(send, "router broadcast")
+            tensor.copy_(staged)
 
     def layout(
         self,
