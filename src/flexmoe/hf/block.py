@@ -17,6 +17,7 @@ the original full expert tensors are released and ``restore`` gathers them back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -40,39 +41,36 @@ from flexmoe.routing import RouterOutput
 __all__ = ["BlockPlan", "ConversionOptions", "FlexMoEBlock", "plan_block"]
 
 
+@dataclass(frozen=True, kw_only=True)
 class ConversionOptions:
     """The flexmoe settings a conversion applies to every block (see ``flexmoe.hf.convert``)."""
 
-    def __init__(
-        self,
-        *,
-        group: object = False,
-        backend: str = "auto",
-        capacity_factor: float = 0.0,
-        load_balance_weight: float = 0.0,
-        aux_free_rate: float = 0.0,
-        record_router_logits: bool = True,
-    ) -> None:
-        self.group = group
-        self.backend = backend
-        self.capacity_factor = capacity_factor
-        self.load_balance_weight = load_balance_weight
-        self.aux_free_rate = aux_free_rate
-        self.record_router_logits = record_router_logits
+    backend: str = "auto"
+    capacity_factor: float = 0.0
+    load_balance_weight: float = 0.0
+    aux_free_rate: float = 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _router_logits_collector() -> Any:
+    """``transformers``' context variable of the outputs being collected, or ``None``.
+
+    ``transformers`` records ``router_logits`` (for ``output_router_logits`` and its
+    load-balancing loss) with forward hooks on its router modules, appending to the
+    collector of the running forward; a converted block no longer calls its router
+    module, so it appends its own logits there (``_active_collector`` is internal to
+    ``transformers.utils.output_capturing``; without it, nothing is recorded).
+    """
+    try:
+        return _transformers.load("transformers.utils.output_capturing")._active_collector
+    except (ImportError, AttributeError):
+        return None
 
 
 def _active_router_logits() -> list[Tensor] | None:
-    """The list ``transformers`` is collecting router logits into right now, or ``None``.
-
-    ``transformers`` records ``router_logits`` (for ``output_router_logits`` and its
-    load-balancing loss) with forward hooks on the router modules; a converted block
-    no longer calls its router module, so it appends its logits to the same collector.
-    """
-    try:
-        capturing = _transformers.load("transformers.utils.output_capturing")
-        collected = capturing._active_collector.get()
-    except (ImportError, AttributeError):  # a transformers without output capturing
-        return None
+    """The list ``transformers`` is collecting router logits into right now, or ``None``."""
+    collector = _router_logits_collector()
+    collected = None if collector is None else collector.get()
     if isinstance(collected, dict):
         logits = collected.get("router_logits")
         if isinstance(logits, list):
@@ -174,7 +172,7 @@ class FlexMoEBlock(nn.Module):
     ``moe(x)`` (routed experts) ``+ shared(x)`` (times ``sigmoid(shared_gate(x))``),
     then ``post_norm``. ``moe.stats`` and ``moe.aux_loss`` report each call.
 
-    Build it with ``FlexMoEBlock.build(plan_block(block, options), options)``;
+    Build it with ``FlexMoEBlock.build(plan_block(block, options), group)``;
     ``restore()`` returns the original block with the current weights.
 
     Attributes:
@@ -241,14 +239,12 @@ class FlexMoEBlock(nn.Module):
 
     # ------------------------------------------------------------- conversion
     @classmethod
-    def build(cls, plan: BlockPlan, options: ConversionOptions) -> FlexMoEBlock:
-        """The flexmoe block for a checked ``plan`` (see ``plan_block``)."""
+    def build(cls, plan: BlockPlan, group: object = False) -> FlexMoEBlock:
+        """The flexmoe block for a checked ``plan`` (see ``plan_block``); ``group=False``: one device."""
         follows = plan.router_weight.dtype == plan.w_in.dtype
-        if options.group is False:
+        if group is False:
             return cls(_share_single_device(plan), plan.block, plan.family, plan.extras, follows)
-        moe = MoELayer.from_config(
-            plan.config, device=plan.w_in.device, dtype=plan.w_in.dtype, group=options.group
-        )
+        moe = MoELayer.from_config(plan.config, device=plan.w_in.device, dtype=plan.w_in.dtype, group=group)
         converted = cls(moe, plan.block, plan.family, plan.extras, follows)
         converted._shard_experts(plan)
         return converted

@@ -121,7 +121,6 @@ def convert(
     if group is not False and resolve_group(group) is None:
         group = False  # torch.distributed not initialised, or a one-rank group: share, don't copy
     options = ConversionOptions(
-        group=group,
         backend=backend,
         capacity_factor=capacity_factor,
         load_balance_weight=load_balance_weight,
@@ -139,7 +138,7 @@ def convert(
     if not plans and not conversion.refused:
         raise ValueError(f"{type(model).__name__} has no sparse-MoE block to convert")
     for plan in plans:
-        new = FlexMoEBlock.build(plan, options)
+        new = FlexMoEBlock.build(plan, group)
         _replace(model, plan.path, new)
         conversion.blocks[plan.path] = new
     if group is not False:
