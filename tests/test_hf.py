@@ -246,3 +246,15 @@ def test_converted_model_deepcopies_and_pickles() -> None:
         assert isinstance(model.model.layers[1].mlp, hf.FlexMoEBlock)
         with torch.no_grad():
             torch.testing.assert_close(copied(ids).logits, expected, atol=ATOL, rtol=1e-5)
+
+
+def test_bad_arguments_raise_before_anything_changes() -> None:
+    model = tiny_model("mixtral")
+    block = model.model.layers[0].mlp
+    with pytest.raises(ValueError, match="itself is a sparse-MoE block"):
+        hf.convert(block)
+    with pytest.raises(ValueError, match="backend"):
+        hf.convert(model, backend="bogus")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        hf.convert(model, capacity_factor=float("nan"))
+    assert model.model.layers[0].mlp is block

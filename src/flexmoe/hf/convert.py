@@ -129,6 +129,8 @@ def convert(
     plans: list[BlockPlan] = []
     conversion = Conversion(model)
     for path, block in find_moe_blocks(model):
+        if not path:
+            raise ValueError("the model itself is a sparse-MoE block: convert a model that contains it")
         try:
             plans.append(plan_block(block, options, path))
         except UnsupportedMoEError as error:
@@ -167,6 +169,4 @@ def revert(model: nn.Module) -> nn.Module:
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    if not name:
-        raise ValueError("the model itself is a sparse-MoE block: convert a model that contains it")
     setattr(parent, name, new)
