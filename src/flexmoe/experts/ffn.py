@@ -15,11 +15,11 @@ map ``[n, D] -> [n, D]``.
 from __future__ import annotations
 
 import math
+from typing import Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from typing_extensions import Self
 
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
