@@ -1,0 +1,157 @@
+"""Scoring every candidate plan, picking the best, and sweeping device counts.
+
+Candidates (``candidates``): every valid ``r`` (0 and the divisors of ``S``),
+``d`` in ``degrees``, flat and 2DH exchange, and rerouting on and off (whole
+experts only). Baselines (``baselines``): what a non-adaptive system runs — the
+default placement (plain EP, or EP+MP for sharded experts), a fixed capacity factor
+of 1.0 or 1.25 with padded buffers, no overlap, flat all-to-all.
+
+The best plan is the fastest candidate that fits the memory budget (the fastest
+overall, flagged, if none fits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from flexmoe.parallel.placement import Placement
+from flexmoe.planner.cluster import Cluster
+from flexmoe.planner.costmodel import Machine
+from flexmoe.planner.rerouting import plan_rerouting
+from flexmoe.planner.simulate import Candidate, Prediction, _kept_rows, simulate
+from flexmoe.planner.workload import Load, MoEWorkload
+
+__all__ = ["DEGREES", "STATIC_CAPACITIES", "PlanReport", "baselines", "candidates", "plan", "sweep"]
+
+DEGREES = (1, 2, 4, 8)
+STATIC_CAPACITIES = (1.0, 1.25)
+
+
+def candidates(
+    workload: MoEWorkload,
+    world_size: int,
+    degrees: Iterable[int] = DEGREES,
+    rerouting: bool = True,
+    exchanges: Iterable[str] = ("flat", "2dh"),
+) -> list[Candidate]:
+    """Flexmoe's candidate plans for ``workload`` on ``world_size`` ranks."""
+    placement = Placement(world_size, 0, workload.num_experts, workload.hidden_dim, world_size)
+    out: list[Candidate] = []
+    for r in placement.valid_r():
+        if r == 0:
+            out.append(Candidate(r=0))
+            continue
+        for d in degrees:
+            for exchange in exchanges:
+                out.append(Candidate(r=r, d=d, exchange=exchange))
+                if rerouting and not placement.sharded and world_size > 1:
+                    out.append(Candidate(r=r, d=d, exchange=exchange, rerouting=True))
+    return out
+
+
+def baselines(workload: MoEWorkload, world_size: int) -> list[Candidate]:
+    """The static baselines: default placement, fixed capacity 1.0 / 1.25, padded, ``d = 1``, flat."""
+    placement = Placement(world_size, 0, workload.num_experts, workload.hidden_dim, world_size)
+    return [Candidate(r=placement.shards, static_capacity=cf) for cf in STATIC_CAPACITIES]
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """Every candidate's prediction for one (cluster, workload, load, world size).
+
+    Attributes:
+        world_size: ``W``.
+        load: the routing load's name.
+        predictions: flexmoe's candidates, fastest first.
+        baselines: the static baselines.
+        default: flexmoe's default plan (``r = S``, ``d = 1``, flat, no rerouting) with the
+            workload's capacity policy: what the layer runs when nobody tunes it.
+    """
+
+    world_size: int
+    load: str
+    predictions: list[Prediction]
+    baselines: list[Prediction]
+    default: Prediction
+
+    @property
+    def best(self) -> Prediction:
+        """The fastest candidate that fits in memory (else the fastest)."""
+        fitting = [p for p in self.predictions if p.fits]
+        return fitting[0] if fitting else self.predictions[0]
+
+    def speedups(self) -> dict[str, float]:
+        """Baseline time over the best plan's time, per baseline label."""
+        return {b.candidate.label: b.time / self.best.time for b in self.baselines}
+
+    def find(self, label: str) -> Prediction:
+        """The prediction of the candidate with this label."""
+        for p in [*self.predictions, *self.baselines]:
+            if p.candidate.label == label:
+                return p
+        raise KeyError(f"no candidate labelled {label!r}")
+
+
+def plan(
+    cluster: Cluster,
+    workload: MoEWorkload,
+    load: Load,
+    world_size: int,
+    *,
+    ranks_per_node: int | None = None,
+    memory_budget: float | None = None,
+    plans: Sequence[Candidate] | None = None,
+    degrees: Iterable[int] = DEGREES,
+    rerouting: bool = True,
+) -> PlanReport:
+    """Score the candidates (``plans``, default ``candidates(...)``) and the static baselines."""
+    machine = Machine.create(cluster, world_size, ranks_per_node)
+    chosen = list(plans) if plans is not None else candidates(workload, world_size, degrees, rerouting)
+    reroute = None
+    if any(c.rerouting for c in chosen):
+        kept_E, _, _ = _kept_rows(workload, load, world_size, None)
+        reroute = plan_rerouting(kept_E, world_size)
+
+    def run(c: Candidate) -> Prediction:
+        return simulate(
+            cluster,
+            workload,
+            load,
+            world_size,
+            c,
+            memory_budget=memory_budget,
+            machine=machine,
+            rerouting_plan=reroute,
+        )
+
+    predictions = sorted((run(c) for c in chosen), key=lambda p: p.time)
+    static = baselines(workload, world_size)
+    default = run(Candidate(r=static[0].r))
+    return PlanReport(world_size, load.name, predictions, [run(c) for c in static], default)
+
+
+def sweep(
+    cluster: Cluster,
+    workload: MoEWorkload,
+    load: Load | Callable[[int], Load],
+    device_counts: Sequence[int],
+    *,
+    experts_per_device: float | None = None,
+    memory_budget: float | None = None,
+) -> list[PlanReport]:
+    """``plan`` at each device count.
+
+    ``experts_per_device`` scales the expert count with the devices (``E = that * W``;
+    1 for a GShard-style layer with one expert per device); ``load`` is then a
+    function of ``E`` (such as ``lambda E: Load.zipf(E, 1.2)``). Otherwise the
+    workload is used as it is and ``load`` may be a ``Load``.
+    """
+    reports = []
+    for W in device_counts:
+        wl = workload
+        if experts_per_device is not None:
+            wl = replace(workload, num_experts=max(1, round(experts_per_device * W)))
+        step_load = load(wl.num_experts) if callable(load) else load
+        reports.append(plan(cluster, wl, step_load, W, memory_budget=memory_budget))
+    return reports

@@ -1,0 +1,435 @@
+"""One plan's predicted step on a cluster: a time breakdown, the exchange's messages, peak memory.
+
+``simulate`` composes the primitives of ``costmodel`` in the order the layer runs
+(``flexmoe.layer`` and ``flexmoe.parallel.expert_parallel``), for a training step
+(forward then backward) or a forward:
+
+1. host: the runtime's fixed cost per step, and per pipelined chunk.
+2. metadata: the header and routing-count all-gathers (``E*K`` int64 per rank) that
+   make capacity decisions global (flexmoe's plans; static baselines have fixed
+   shapes and skip them).
+3. routing (router GEMM, softmax, top-k), permute (gather rows expert-major).
+4. weight gather: ``r = 0`` (every expert), or ``g = S/r > 1`` shards of a sharded
+   expert, all-gathered before the experts (forward) and reduce-scattered after
+   (backward): ``(g - 1)`` messages of this rank's stored parameters each way.
+5. rerouting (``rerouting=True``): planning on the host (the layer's least-loaded
+   algorithm), an all-to-all of expert copies from their owners to the ranks that take
+   spilled rows, and of their gradients back.
+6. the pipelined exchange → experts → exchange back, ``d`` chunks per pass
+   (``costmodel.pipeline_time``); the straggler rank's expert time paces every chunk.
+7. combine (weight rows, scatter-add per token).
+
+Capacity: flexmoe's plans keep ``min(count, C)`` rows per expert with the global
+capacity of ``flexmoe.dispatch.layout.compute_capacity`` and send only kept rows. A
+static baseline pads: every source sends exactly ``C_local = ceil(cf*T*K/E)`` rows
+per expert (what a fixed-shape system such as GShard or Fairseq does) and drops the
+rest, so its time does not depend on the load but its dropped fraction does.
+
+Memory (per rank, the largest): stored expert weights (+ gradients when training),
+gathered weights and rerouted copies (+ their gradients), activations saved for
+backward (local rows, received rows, the experts' hidden activations, outputs) and
+the all-to-all buffers. Optimizer state and the rest of the model are not counted:
+pass ``memory_budget`` for what one layer may use.
+
+Legend: W ranks, E experts, El experts per rank, S = W/E shards per expert,
+T tokens per rank, K top-k, D dim, F hidden, H = 2F gated else F, b bytes/element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from flexmoe.config import Plan
+from flexmoe.parallel.placement import Placement
+from flexmoe.planner.cluster import Cluster
+from flexmoe.planner.costmodel import (
+    ExchangeCost,
+    Machine,
+    all_gather_time,
+    exchange_cost,
+    gemm_time,
+    pipeline_time,
+    stream_time,
+)
+from flexmoe.planner.rerouting import Rerouting, plan_rerouting
+from flexmoe.planner.workload import Load, MoEWorkload
+
+__all__ = ["REROUTE_PLANNING", "Breakdown", "Candidate", "Prediction", "simulate"]
+
+# Host time to plan rerouting: fixed + per expert (sorting, least-loaded choice). An
+# assumption, of the order of ``flexmoe.parallel.rerouting.plan_rerouting`` in Python.
+REROUTE_PLANNING = (1e-4, 1e-6)
+# Read+write passes over the gathered weights per direction (see ``_weight_exchange_time``).
+GATHER_COPY_PASSES = 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan the planner scores: flexmoe's ``Plan(r, d, exchange)`` plus rerouting, or a static baseline.
+
+    ``static_capacity`` set: a non-adaptive system with that fixed capacity factor and
+    padded buffers (``r`` must then be the default ``S``, ``d = 1``, flat exchange).
+    """
+
+    r: int
+    d: int = 1
+    exchange: str = "flat"
+    rerouting: bool = False
+    static_capacity: float | None = None
+
+    @property
+    def is_static(self) -> bool:
+        """Whether this is a static baseline."""
+        return self.static_capacity is not None
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name."""
+        if self.static_capacity is not None:
+            return f"static cf={self.static_capacity:g}"
+        if self.r == 0:
+            return "r=0 (DP)"
+        text = f"r={self.r} d={self.d} {self.exchange}"
+        return text + " +reroute" if self.rerouting else text
+
+    def to_plan(self) -> Plan:
+        """The layer's ``Plan`` for this candidate (rerouting is a separate switch)."""
+        return Plan(r=self.r, d=self.d, exchange=self.exchange)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Seconds per step, by stage (``exchange`` and ``experts`` before overlap; ``total`` after)."""
+
+    host: float
+    metadata: float
+    routing: float
+    permute: float
+    weight_gather: float
+    rerouting: float
+    exchange: float
+    experts: float
+    overlap_saved: float
+    combine: float
+
+    @property
+    def total(self) -> float:
+        """The step time."""
+        return (
+            self.host
+            + self.metadata
+            + self.routing
+            + self.permute
+            + self.weight_gather
+            + self.rerouting
+            + self.exchange
+            + self.experts
+            - self.overlap_saved
+            + self.combine
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A candidate's predicted step.
+
+    Attributes:
+        candidate: what was simulated.
+        breakdown: seconds by stage; ``time`` is its total.
+        exchange: one all-to-all (one direction, one chunk): time, messages, sizes.
+        exchanges_per_step: row all-to-all calls per step (both directions, all chunks, passes).
+        row_bytes: bytes of rows the busiest rank sends per step.
+        weight_bytes: bytes of weights (gathers, copies and their gradients) per rank per step.
+        peak_memory: bytes on the fullest rank.
+        fits: ``peak_memory`` within the budget.
+        dropped_fraction: routed assignments dropped by capacity.
+        straggler_rows: rows the busiest rank computes.
+        overlap: fraction of the shorter of exchange and experts that pipelining hid.
+        rerouted_copies: expert copies sent (rerouting).
+    """
+
+    candidate: Candidate
+    breakdown: Breakdown
+    exchange: ExchangeCost
+    exchanges_per_step: int
+    row_bytes: float
+    weight_bytes: float
+    peak_memory: float
+    fits: bool
+    dropped_fraction: float
+    straggler_rows: float
+    overlap: float
+    rerouted_copies: int
+
+    @property
+    def time(self) -> float:
+        """Predicted seconds per step."""
+        return self.breakdown.total
+
+
+def _placement(workload: MoEWorkload, machine: Machine) -> Placement:
+    # Rank 0's view: only the rank-independent fields are used here.
+    return Placement(machine.world_size, 0, workload.num_experts, workload.hidden_dim, machine.ranks_per_node)
+
+
+def _kept_rows(
+    workload: MoEWorkload, load: Load, W: int, static_capacity: float | None
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """``(rows computed per expert, rows each source sends per expert, dropped fraction)``."""
+    T, K, E = workload.tokens_per_device, workload.top_k, workload.num_experts
+    routed_E = load.rows_per_expert(workload, W)
+    total = float(routed_E.sum())
+    if static_capacity is not None:  # padded: every source sends exactly C_local rows per expert
+        local = math.ceil(static_capacity * T * K / E - 1e-9)
+        per_source = np.minimum(routed_E / W, local)
+        dropped = total - W * float(per_source.sum())
+        padded = np.full(E, float(local))
+        return padded * W, padded, dropped / total
+    cf = workload.capacity_factor
+    kept = routed_E
+    if cf != 0:
+        cap = abs(cf) * W * T * K / E
+        capacity = float(math.ceil(cap - 1e-9 * max(1.0, cap)))
+        if cf < 0:
+            capacity = min(capacity, float(routed_E.max()))
+        kept = np.minimum(routed_E, capacity)
+    return kept, kept / W, (total - float(kept.sum())) / total
+
+
+def _expert_times(
+    rows_RU: NDArray[np.float64],
+    hidden: int,
+    workload: MoEWorkload,
+    machine: Machine,
+    units_R: NDArray[np.int64] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Forward and backward expert time per rank for ``rows_RU[rank, unit]`` rows of width ``hidden``.
+
+    With ``units_R``, ``rows_RU`` is ``[W, 1]``: each rank runs ``units_R`` units of that many rows.
+    """
+    D, b, dtype = workload.dim, workload.bytes_per_element, workload.dtype
+    H = 2 * hidden if workload.gated else hidden
+    m = rows_RU
+    up = gemm_time(m, D, H, b, machine, dtype)  # [m, D] @ [D, H]
+    down = gemm_time(m, hidden, D, b, machine, dtype)  # [m, F] @ [F, D]
+    # The activation (SiLU/GELU of the gate, times the up half when gated): one
+    # transcendental per hidden unit forward; backward recomputes it and takes its derivative.
+    act = stream_time(m * (H + hidden) * b, machine, ops=2, transcendentals=m * hidden)
+    act_bwd = stream_time(m * (2 * H + hidden) * b, machine, ops=4, transcendentals=2 * m * hidden)
+    # Backward: input and weight gradients of each GEMM (the weight gradient is the
+    # transposed product with the same FLOPs and bytes: [k, m] @ [m, n]).
+    forward = (up + act + down).sum(1)
+    backward = (2 * up + act_bwd + 2 * down).sum(1)
+    if units_R is not None:
+        forward, backward = forward * units_R, backward * units_R
+    return forward, backward
+
+
+def _weight_exchange_time(params: float, group: int, b: int, machine: Machine) -> float:
+    """All-gather (or reduce-scatter) of ``params`` elements among ``group`` consecutive ranks."""
+    if group <= 1:
+        return 0.0
+    Lp = machine.ranks_per_physical_node
+    intra = min(group, Lp) - 1
+    inter = group - 1 - intra
+    nbytes = params * b
+    lat_i, bw_i = machine.link(False)
+    lat_e, bw_e = machine.link(True)
+    link_time = max(intra * (lat_i + nbytes / bw_i), inter * (lat_e + nbytes / bw_e))
+    # Copies of the gathered weights around the collective (``gather_weights``): the
+    # send buffer, the split into parameters and their join per expert; backward, the
+    # gradients' join and the sum onto the stored shard. Three read+write passes each way.
+    assemble = float(stream_time(GATHER_COPY_PASSES * 2.0 * group * nbytes, machine, ops=GATHER_COPY_PASSES))
+    return machine.collective_overhead + link_time + assemble
+
+
+def _copy_time(reroute: Rerouting, expert_bytes: float, machine: Machine) -> float:
+    """The expert-copy all-to-all (owners send each copy to its rank), one direction.
+
+    As in ``flexmoe.parallel.expert_parallel``: one all-to-all in which an owner sends
+    every copy of its experts, so a hot expert's owner sends all of them.
+    """
+    if reroute.num_copies == 0:
+        return 0.0
+    W, El = machine.world_size, reroute.experts_per_rank
+    Lp = machine.ranks_per_physical_node
+    out = np.zeros((2, W))  # [intra, inter] bytes sent per rank
+    into = np.zeros((2, W))
+    messages = np.zeros((2, W))
+    for expert, rank in reroute.transfers:
+        owner = expert // El
+        kind = int(not machine.single_node and owner // Lp != rank // Lp)
+        out[kind, owner] += expert_bytes
+        into[kind, rank] += expert_bytes
+        messages[kind, owner] += 1
+        messages[kind, rank] += 1
+    worst = 0.0
+    for kind in (0, 1):
+        latency, bandwidth = machine.link(bool(kind))
+        worst = max(
+            worst, float((messages[kind] * latency + np.maximum(out[kind], into[kind]) / bandwidth).max())
+        )
+    return machine.collective_overhead + worst
+
+
+def simulate(
+    cluster: Cluster,
+    workload: MoEWorkload,
+    load: Load,
+    world_size: int,
+    candidate: Candidate,
+    *,
+    ranks_per_node: int | None = None,
+    memory_budget: float | None = None,
+    machine: Machine | None = None,
+    rerouting_plan: Rerouting | None = None,
+) -> Prediction:
+    """Predict one step of ``workload`` on ``world_size`` ranks of ``cluster`` under ``candidate``.
+
+    ``machine`` and ``rerouting_plan`` may be passed in when scoring many candidates
+    of one (cluster, workload, load) to skip recomputing them.
+    """
+    machine = machine or Machine.create(cluster, world_size, ranks_per_node)
+    W = machine.world_size
+    placement = _placement(workload, machine)
+    c = candidate
+    if c.r not in placement.valid_r():
+        raise ValueError(f"candidate r={c.r} is not valid here: r must be one of {placement.valid_r()}")
+    if c.d < 1 or c.exchange not in ("flat", "2dh"):
+        raise ValueError(f"candidate needs d >= 1 and exchange 'flat' or '2dh', got d={c.d}, {c.exchange!r}")
+    if c.rerouting and (placement.sharded or c.r == 0 or c.is_static):
+        raise ValueError(
+            "rerouting applies to whole experts (num_experts >= world size) with r = 1, not baselines"
+        )
+    E, D, b = workload.num_experts, workload.dim, workload.bytes_per_element
+    T, K, F = workload.tokens_per_device, workload.top_k, workload.hidden_dim
+    S, El = placement.shards, placement.local_experts
+    passes = 2 if workload.training else 1
+    d = 1 if c.r == 0 else c.d
+    kept_E, _, dropped = _kept_rows(workload, load, W, c.static_capacity)
+    local_rows = float(kept_E.sum()) / W  # rows each rank permutes and combines
+    row_bytes = D * b
+    expert_bytes = workload.expert_params * b
+
+    # Who computes what: rows per rank and unit, the unit's hidden width, rows per source.
+    reroute: Rerouting | None = None
+    units_R: NDArray[np.int64] | None = None
+    if c.r == 0:  # every expert gathered here: this rank's own rows, no exchange
+        rows_RU = (kept_E / W)[None, :]
+        hidden = F
+    elif not placement.sharded:
+        rows_RU = kept_E.reshape(W, El)
+        hidden = F
+        if c.rerouting:
+            reroute = rerouting_plan or plan_rerouting(kept_E, W)
+            units_R = reroute.units_R
+            rows_RU = (reroute.rows_R / units_R)[:, None]
+    else:
+        g = placement.group_size(c.r)
+        rows_RU = np.repeat(kept_E / g, S)[:, None]  # rank p computes 1/g of expert p // S's rows
+        hidden = F // c.r
+    rows_R = rows_RU.sum(1) if units_R is None else rows_RU[:, 0] * units_R
+    a_R = rows_R / W if c.r != 0 else np.zeros(W)
+
+    # 6. the pipelined exchange and experts (per chunk: 1/d of every message and unit).
+    xchg = exchange_cost(a_R / d, row_bytes, machine, c.exchange)
+    fwd_R, bwd_R = _expert_times(rows_RU / d, hidden, workload, machine, units_R)
+    eta = cluster.overlap_efficiency
+    fwd_pipe, _ = pipeline_time(xchg.time, float(fwd_R.max()), xchg.time, d, eta)
+    exchange_s = 2 * d * xchg.time
+    experts_s = d * float(fwd_R.max())
+    pipe_s = fwd_pipe
+    if workload.training:
+        bwd_pipe, _ = pipeline_time(xchg.time, float(bwd_R.max()), xchg.time, d, eta)
+        exchange_s *= 2
+        experts_s += d * float(bwd_R.max())
+        pipe_s += bwd_pipe
+    overlap_saved = exchange_s + experts_s - pipe_s
+    if workload.training and d > 1:
+        # Backward sums each chunk's weight gradients (``_ExchangeExperts.backward``).
+        grads_R = units_R if units_R is not None else (rows_RU > 0).sum(1)
+        unit_params = D * ((2 * hidden if workload.gated else hidden) + hidden)
+        experts_s += float(
+            stream_time(3.0 * (d - 1) * float(grads_R.max()) * unit_params * b, machine, ops=d - 1)
+        )
+
+    # 1-3. host, metadata, routing, permute, combine.
+    host = cluster.step_overhead / machine.share
+    if c.r != 0:
+        host += passes * d * cluster.chunk_overhead / machine.share
+    metadata = 0.0
+    if not c.is_static and W > 1:
+        metadata = all_gather_time(6 * 8, W, machine, not machine.single_node)
+        metadata += all_gather_time(E * K * 8, W, machine, not machine.single_node)
+    router_dtype = "fp32" if "fp32" in cluster.device.flops else workload.dtype
+    routing = float(gemm_time(T, D, E, 4, machine, router_dtype)) + float(
+        stream_time(3.0 * T * E * 4, machine, ops=4)
+    )
+    permute = float(stream_time(2.0 * local_rows * row_bytes, machine))
+    combine = float(stream_time(3.0 * local_rows * row_bytes + T * row_bytes, machine, ops=2))
+    if workload.training:
+        routing += 2 * float(gemm_time(T, D, E, 4, machine, router_dtype)) + float(
+            stream_time(3.0 * T * E * 4, machine, ops=4)
+        )
+        permute *= 2
+        combine *= 2
+
+    # 4. weight gathers.
+    stored = El * workload.expert_params if not placement.sharded else workload.expert_params / S
+    group = W if c.r == 0 else (placement.group_size(c.r) if placement.sharded else 1)
+    gather = passes * _weight_exchange_time(stored, group, b, machine)
+    weight_bytes = passes * (group - 1) * stored * b
+
+    # 5. rerouting.
+    reroute_s = 0.0
+    copies = 0
+    if c.rerouting and reroute is not None:
+        planning, per_expert = REROUTE_PLANNING
+        reroute_s = (planning + per_expert * E) / machine.share + passes * _copy_time(
+            reroute, expert_bytes, machine
+        )
+        copies = reroute.num_copies
+        owners = np.bincount([e // El for e, _ in reroute.transfers], minlength=W)
+        weight_bytes += passes * float(np.maximum(owners, reroute.copies_R).max()) * expert_bytes
+
+    breakdown = Breakdown(
+        host=host,
+        metadata=metadata,
+        routing=routing,
+        permute=permute,
+        weight_gather=gather,
+        rerouting=reroute_s,
+        exchange=exchange_s,
+        experts=experts_s,
+        overlap_saved=overlap_saved,
+        combine=combine,
+    )
+
+    # Peak memory of the fullest rank.
+    copies_R = reroute.copies_R if reroute is not None else np.zeros(W)
+    H_unit = 2 * hidden if workload.gated else hidden
+    weights = stored * b * passes + (group - 1) * stored * b * passes + copies_R * expert_bytes * passes
+    local = (2 * T + 2 * local_rows) * row_bytes
+    expert_side = rows_R * (2 * D + H_unit + hidden) * b
+    buffers = (local_rows * max(c.r, 1) + rows_R) * row_bytes * (2 if c.exchange == "2dh" else 1)
+    peak = float(np.max(weights + local + expert_side + (buffers if c.r != 0 else 0.0)))
+    budget = cluster.device.memory_bytes if memory_budget is None else memory_budget
+    shorter = min(exchange_s, experts_s)
+    return Prediction(
+        candidate=c,
+        breakdown=breakdown,
+        exchange=xchg,
+        exchanges_per_step=0 if c.r == 0 else 2 * d * passes * (2 if c.exchange == "2dh" else 1),
+        row_bytes=2 * d * passes * xchg.bytes_out,
+        weight_bytes=weight_bytes,
+        peak_memory=peak,
+        fits=peak <= budget,
+        dropped_fraction=dropped,
+        straggler_rows=float(rows_R.max()),
+        overlap=overlap_saved / shorter if shorter > 0 else 0.0,
+        rerouted_copies=copies,
+    )
