@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flexmoe.cli.calibrate import add_calibrate_arguments, run_calibrate
+from flexmoe.cli.plan import add_plan_arguments, run_plan
 from flexmoe.cli.report import add_report_arguments, run_report
 from flexmoe.cli.train import add_train_arguments, config_file_defaults, run_train
 
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(trainers["demo"], steps=150)
     report = commands.add_parser("report", help="HTML page and plots of a `flexmoe train` run")
     add_report_arguments(report)
+    add_plan_arguments(commands.add_parser("plan", help="predict and compare MoE plans on a cluster"))
+    add_calibrate_arguments(commands.add_parser("calibrate", help="measure this machine for `flexmoe plan`"))
     args = parser.parse_args(argv)
     if args.command in trainers:
         defaults = config_file_defaults(trainers[args.command], args.config)
@@ -35,4 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         run_train(args)
     elif args.command == "report":
         run_report(args)
+    elif args.command == "plan":
+        run_plan(args)
+    elif args.command == "calibrate":
+        run_calibrate(args)
     return 0

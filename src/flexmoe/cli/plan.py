@@ -1,0 +1,224 @@
+r"""``flexmoe plan``: predict an MoE layer's plans on a cluster, or sweep device counts.
+
+    flexmoe plan --cluster a100-80gb-hdr200 --devices 256 --load zipf:1.2
+    flexmoe plan --sweep-devices 16,32,64,128,256,512,1024,2048 --experts-per-device 1 \\
+        --load zipf:1.2 --plot docs/planner-zipf
+
+Prints the best plan, a table of candidates (time, exchange, experts, overlap,
+weight gathers, rerouting, messages, memory, drops) and the speedup over the static
+baselines; with ``--sweep-devices``, one row per device count and (``--plot``) a PNG
+and an SVG of step time and speedup per strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from flexmoe.planner import Load, MoEWorkload, load_cluster, plan, preset_names, read_routing_trace, sweep
+from flexmoe.planner.report import format_plan, format_sweep, plot_sweep, sweep_rows
+
+__all__ = ["add_plan_arguments", "parse_load", "run_plan"]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the plan command's options."""
+    where = parser.add_argument_group("cluster")
+    where.add_argument(
+        "--cluster",
+        default="a100-80gb-hdr200",
+        help=f"a preset ({', '.join(preset_names())}), 'this-machine' (after `flexmoe calibrate`) "
+        "or a JSON file",
+    )
+    where.add_argument("--devices", type=int, default=64, help="devices (ranks) for a single prediction")
+    where.add_argument("--sweep-devices", type=_int_list, default=None, help="e.g. 16,32,64,...,2048")
+    where.add_argument(
+        "--ranks-per-node", type=int, default=None, help="2DH grouping when every rank is on one machine"
+    )
+    where.add_argument(
+        "--memory-budget-gb", type=float, default=None, help="memory one layer may use per device"
+    )
+    layer = parser.add_argument_group("layer")
+    layer.add_argument("--dim", type=int, default=2048)
+    layer.add_argument("--hidden", type=int, default=2048, help="hidden dim per expert")
+    layer.add_argument("--experts", type=int, default=None, help="experts (default: one per device)")
+    layer.add_argument(
+        "--experts-per-device", type=float, default=None, help="scale the experts with the devices (sweeps)"
+    )
+    layer.add_argument("--top-k", type=int, default=2)
+    layer.add_argument(
+        "--gated", action=argparse.BooleanOptionalAction, default=False, help="SwiGLU-style experts"
+    )
+    layer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    layer.add_argument("--tokens", type=int, default=16384, help="tokens per device")
+    layer.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=0.0,
+        help="flexmoe's policy: >0 fixed, <0 adaptive cap, 0 dropless",
+    )
+    layer.add_argument("--inference", action="store_true", help="forward only")
+    search = parser.add_argument_group("routing and search")
+    search.add_argument(
+        "--load",
+        default="uniform",
+        help="uniform | zipf:S | hot:SHARE:COUNT | trace:PATH[:LAYER] (a routing trace, its mean load)",
+    )
+    search.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="spread Zipf's hot experts over ranks (-1: hottest on rank 0)",
+    )
+    search.add_argument("--degrees", type=_int_list, default=[1, 2, 4, 8], help="pipelining degrees d")
+    search.add_argument("--no-rerouting", action="store_true", help="leave rerouting out of the candidates")
+    out = parser.add_argument_group("output")
+    out.add_argument("--top", type=int, default=12, help="candidates to list")
+    out.add_argument("--plot", default=None, help="with --sweep-devices: write PLOT.png and PLOT.svg")
+    out.add_argument("--json", default=None, help="also write the predictions as JSON")
+
+
+def parse_load(spec: str, num_experts: int, shuffle_seed: int | None) -> Load:
+    """A ``Load`` from the command line's ``--load`` text."""
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "uniform" and not rest:
+            return Load.uniform(num_experts)
+        if kind == "zipf":
+            return Load.zipf(num_experts, float(rest), shuffle_seed)
+        if kind == "hot":
+            share, count = rest.split(":")
+            return Load.hot_experts(num_experts, float(share), int(count), shuffle_seed)
+        if kind == "trace":
+            path, _, layer = rest.partition(":")
+            trace = read_routing_trace(path)
+            if trace.num_experts != num_experts:
+                raise ValueError(f"the trace has {trace.num_experts} experts, the layer {num_experts}")
+            return Load.from_counts(trace.mean_counts(layer or None), name=f"trace {path}")
+    except (ValueError, TypeError, OSError) as error:
+        raise SystemExit(f"flexmoe plan: bad --load {spec!r}: {error}") from None
+    raise SystemExit(
+        f"flexmoe plan: bad --load {spec!r}: expected uniform, zipf:S, hot:SHARE:COUNT or trace:PATH"
+    )
+
+
+def _workload(args: argparse.Namespace, experts: int) -> MoEWorkload:
+    try:
+        return MoEWorkload(
+            dim=args.dim,
+            hidden_dim=args.hidden,
+            num_experts=experts,
+            top_k=args.top_k,
+            gated=args.gated,
+            dtype=args.dtype,
+            tokens_per_device=args.tokens,
+            capacity_factor=args.capacity_factor,
+            training=not args.inference,
+        )
+    except ValueError as error:
+        raise SystemExit(f"flexmoe plan: {error}") from None
+
+
+def run_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the command; returns what it printed as data (also written with ``--json``)."""
+    try:
+        cluster = load_cluster(args.cluster)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"flexmoe plan: {error}") from None
+    seed = None if args.shuffle_seed < 0 else args.shuffle_seed
+    budget = None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9
+    print(f"cluster {cluster.name}: {cluster.device.name}, {cluster.devices_per_node} per node")
+    if args.sweep_devices:
+        per_device = args.experts_per_device
+        if per_device is None and args.experts is None:
+            per_device = 1.0
+        experts = args.experts or max(1, round((per_device or 1) * args.sweep_devices[0]))
+        workload = _workload(args, experts)
+        print(_describe(workload, args))
+        started = time.perf_counter()
+        try:
+            reports = sweep(
+                cluster,
+                workload,
+                (lambda E: parse_load(args.load, E, seed))
+                if per_device
+                else parse_load(args.load, experts, seed),
+                args.sweep_devices,
+                experts_per_device=per_device,
+                memory_budget=budget,
+            )
+        except ValueError as error:
+            raise SystemExit(f"flexmoe plan: {error}") from None
+        print(format_sweep(reports))
+        print(f"({time.perf_counter() - started:.2f} s for {len(reports)} device counts)")
+        result: dict[str, Any] = {"sweep": sweep_rows(reports)}
+        if args.plot:
+            title = f"{_describe(workload, args)} on {cluster.name}"
+            written = plot_sweep(reports, args.plot, title=title)
+            print("wrote " + ", ".join(str(p) for p in written))
+    else:
+        experts = args.experts or max(1, round((args.experts_per_device or 1) * args.devices))
+        workload = _workload(args, experts)
+        print(_describe(workload, args))
+        load = parse_load(args.load, experts, seed)
+        try:
+            report = plan(
+                cluster,
+                workload,
+                load,
+                args.devices,
+                ranks_per_node=args.ranks_per_node,
+                memory_budget=budget,
+                degrees=args.degrees,
+                rerouting=not args.no_rerouting,
+            )
+        except ValueError as error:
+            raise SystemExit(f"flexmoe plan: {error}") from None
+        print(format_plan(report, args.top))
+        result = {
+            "best": report.best.candidate.label,
+            "best_s": report.best.time,
+            "speedups": report.speedups(),
+            "candidates": [
+                {
+                    "plan": p.candidate.label,
+                    "step_s": p.time,
+                    "peak_memory_bytes": p.peak_memory,
+                    "fits": p.fits,
+                }
+                for p in [*report.predictions, *report.baselines]
+            ],
+        }
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return result
+
+
+def _describe(workload: MoEWorkload, args: argparse.Namespace) -> str:
+    kind = "gated" if workload.gated else "plain"
+    experts = (
+        f"{args.experts_per_device:g} expert(s) per device"
+        if args.experts_per_device
+        else f"{workload.num_experts} experts"
+    )
+    if args.sweep_devices and args.experts is None and args.experts_per_device is None:
+        experts = "1 expert per device"
+    return (
+        f"layer: dim {workload.dim}, hidden {workload.hidden_dim} ({kind}), {experts}, top-{workload.top_k}, "
+        f"{workload.dtype}, {workload.tokens_per_device} tokens per device, capacity factor "
+        f"{workload.capacity_factor:g}, {'training' if workload.training else 'inference'}; load {args.load}"
+    )
