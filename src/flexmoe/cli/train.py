@@ -276,6 +276,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
     window_start, window_tokens = start, 0
     step = first_step - 1
     final = initial
+    step_start = start
     for step in range(first_step, args.steps + 1):
         x, y = corpus.batch("train", args.batch_size, args.context, generator)
         logits = trained(x)
@@ -289,9 +290,15 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
         window_tokens += tokens_per_step
         layers = [layer.stats for layer in model.moe_layers() if layer.stats is not None]
         worst = max(s.load_max_over_mean for s in layers)
-        progress.update(
-            {"loss": f"{loss.item():.3f}", "load": f"{worst:.2f}", "plan": _plan_text(layers[-1].plan)}
-        )
+        tick = time.perf_counter()
+        postfix = {
+            "loss": f"{loss.item():.3f}",
+            "tok/s": f"{tokens_per_step / (tick - step_start):.0f}",
+            "load": f"{worst:.2f}",
+            "plan": _plan_text(layers[-1].plan),
+        }
+        progress.update(postfix)
+        step_start = tick
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
             mean_loss = all_reduce_mean(loss.item())  # a collective: every worker runs it
