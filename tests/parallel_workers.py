@@ -323,3 +323,17 @@ def checkpoint_reshard_step(
     total = loss.detach().clone()
     dist.all_reduce(total)
     return float(total) / world
+
+
+def check_failures(rank: int, world: int) -> dict[str, str]:
+    """Every failure case in turn on the same processes (each must leave the group usable)."""
+    messages = {what: check_mismatch(rank, world, what) for what in ("num_experts", "dim", "plan", "top_k")}
+    for what in ("dim", "nan"):
+        messages[f"input {what}"] = check_bad_input(rank, world, what)
+    return messages
+
+
+def check_eight_ranks(rank: int, world: int, node_sizes: list[int], cases: list[Case]) -> int:
+    """The exchange check and the equivalence cases on one set of processes."""
+    check_exchange(rank, world, node_sizes)
+    return check_equivalence(rank, world, cases)
