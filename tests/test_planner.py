@@ -193,7 +193,13 @@ def test_capacity_and_static_baselines():
     assert fixed.dropped_fraction == pytest.approx((2800 - 1000) / 4000)
     static = simulate(cluster, layer, hot, 4, Candidate(r=1, static_capacity=1.25))
     assert static.straggler_rows == pytest.approx(4 * 313)  # padded: ceil(1.25 * 1000 / 4) per source
+    # Per source, expert 0 gets 700 +- sqrt(700) rows, far above 313: all the excess is dropped;
+    # the cold experts' 100 +- 10 never reach 313.
     assert static.dropped_fraction == pytest.approx(4 * (700 - 313) / 4000)
+    # Uniform routing at capacity factor 1.0: a source's 250 +- sqrt(250) rows per expert
+    # overflow 250 by sigma * phi(0) = 15.8 * 0.399 on average.
+    even = simulate(cluster, layer, Load.uniform(4), 4, Candidate(r=1, static_capacity=1.0))
+    assert even.dropped_fraction == pytest.approx(math.sqrt(250) / math.sqrt(2 * math.pi) / 250)
     assert static.breakdown.metadata == 0.0 and dropless.breakdown.metadata > 0
     assert [c.static_capacity for c in baselines(layer, 4)] == [1.0, 1.25]
 
@@ -444,3 +450,21 @@ def test_hand_formula_constants_are_consistent():
     W, L = 64, 8
     assert pytest.approx(63 / 14) == (W - 1) / ((L - 1) + (W // L - 1))
     assert math.isclose(7 / 8 + 7 / 8, 1.75)
+
+
+def test_rerouting_follows_the_layers_settings():
+    from flexmoe.config import RerouteConfig
+
+    cluster = load_cluster("a100-80gb-hdr200")
+    layer = MoEWorkload(
+        dim=1024, hidden_dim=1024, num_experts=64, top_k=2, gated=False, tokens_per_device=4096
+    )
+    hot = Load.zipf(64, 1.2)
+    default = plan(cluster, layer, hot, 64).find("r=1 d=1 flat +reroute")
+    bounded = plan(
+        cluster, layer, hot, 64, reroute_config=RerouteConfig(min_chunk=1024, max_copies_per_rank=1)
+    )
+    assert bounded.find("r=1 d=1 flat +reroute").rerouted_copies < default.rerouted_copies
+    # Bounds that cannot hold the step: the layer runs plain EP, so no rerouting candidate.
+    impossible = plan(cluster, layer, hot, 64, reroute_config=RerouteConfig(max_rows_per_rank=1))
+    assert not any(p.candidate.rerouting for p in impossible.predictions)

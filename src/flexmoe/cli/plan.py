@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any
 
+from flexmoe.config import RerouteConfig
 from flexmoe.planner import Load, MoEWorkload, load_cluster, plan, preset_names, read_routing_trace, sweep
 from flexmoe.planner.report import format_plan, format_sweep, plot_sweep, sweep_rows
 
@@ -84,6 +85,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     search.add_argument("--degrees", type=_int_list, default=[1, 2, 4, 8], help="pipelining degrees d")
     search.add_argument("--no-rerouting", action="store_true", help="leave rerouting out of the candidates")
+    search.add_argument(
+        "--reroute-min-chunk",
+        type=int,
+        default=None,
+        help="rerouting: smallest piece moved (layer default 1)",
+    )
+    search.add_argument(
+        "--reroute-max-copies", type=int, default=None, help="rerouting: expert copies a rank may receive"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, default=12, help="candidates to list")
     out.add_argument("--plot", default=None, help="with --sweep-devices: write PLOT.png and PLOT.svg")
@@ -138,6 +148,12 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"flexmoe plan: {error}") from None
     seed = None if args.shuffle_seed < 0 else args.shuffle_seed
+    try:
+        reroute = RerouteConfig(
+            min_chunk=args.reroute_min_chunk or 1, max_copies_per_rank=args.reroute_max_copies
+        )
+    except ValueError as error:
+        raise SystemExit(f"flexmoe plan: {error}") from None
     budget = None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9
     print(f"cluster {cluster.name}: {cluster.device.name}, {cluster.devices_per_node} per node")
     if args.sweep_devices:
@@ -158,6 +174,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
                 args.sweep_devices,
                 experts_per_device=per_device,
                 memory_budget=budget,
+                reroute_config=reroute,
             )
         except ValueError as error:
             raise SystemExit(f"flexmoe plan: {error}") from None
@@ -183,6 +200,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
                 memory_budget=budget,
                 degrees=args.degrees,
                 rerouting=not args.no_rerouting,
+                reroute_config=reroute,
             )
         except ValueError as error:
             raise SystemExit(f"flexmoe plan: {error}") from None

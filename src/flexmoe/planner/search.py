@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from flexmoe.config import RerouteConfig
 from flexmoe.parallel.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import Machine
 from flexmoe.planner.rerouting import plan_rerouting
-from flexmoe.planner.simulate import Candidate, Prediction, _kept_rows, simulate
+from flexmoe.planner.simulate import Candidate, Prediction, _kept_rows, reroute_settings, simulate
 from flexmoe.planner.workload import Load, MoEWorkload
 
 __all__ = ["DEGREES", "STATIC_CAPACITIES", "PlanReport", "baselines", "candidates", "plan", "sweep"]
@@ -104,14 +105,23 @@ def plan(
     plans: Sequence[Candidate] | None = None,
     degrees: Iterable[int] = DEGREES,
     rerouting: bool = True,
+    reroute_config: RerouteConfig | None = None,
 ) -> PlanReport:
-    """Score the candidates (``plans``, default ``candidates(...)``) and the static baselines."""
+    """Score the candidates (``plans``, default ``candidates(...)``) and the static baselines.
+
+    Rerouting candidates use ``reroute_config`` (the layer's settings, default its
+    defaults); when its bounds cannot hold the step they are left out, as the layer
+    then runs plain expert parallelism.
+    """
     machine = Machine.create(cluster, world_size, ranks_per_node)
     chosen = list(plans) if plans is not None else candidates(workload, world_size, degrees, rerouting)
     reroute = None
     if any(c.rerouting for c in chosen):
         kept_E, _, _ = _kept_rows(workload, load, world_size, None)
-        reroute = plan_rerouting(kept_E, world_size)
+        try:
+            reroute = plan_rerouting(kept_E, world_size, **reroute_settings(reroute_config))
+        except ValueError:
+            chosen = [c for c in chosen if not c.rerouting]
 
     def run(c: Candidate) -> Prediction:
         return simulate(
@@ -123,6 +133,7 @@ def plan(
             memory_budget=memory_budget,
             machine=machine,
             rerouting_plan=reroute,
+            reroute_config=reroute_config,
         )
 
     predictions = sorted((run(c) for c in chosen), key=lambda p: p.time)
@@ -139,6 +150,7 @@ def sweep(
     *,
     experts_per_device: float | None = None,
     memory_budget: float | None = None,
+    reroute_config: RerouteConfig | None = None,
 ) -> list[PlanReport]:
     """``plan`` at each device count.
 
@@ -153,5 +165,7 @@ def sweep(
         if experts_per_device is not None:
             wl = replace(workload, num_experts=max(1, round(experts_per_device * W)))
         step_load = load(wl.num_experts) if callable(load) else load
-        reports.append(plan(cluster, wl, step_load, W, memory_budget=memory_budget))
+        reports.append(
+            plan(cluster, wl, step_load, W, memory_budget=memory_budget, reroute_config=reroute_config)
+        )
     return reports

@@ -23,7 +23,11 @@ Capacity: flexmoe's plans keep ``min(count, C)`` rows per expert with the global
 capacity of ``flexmoe.dispatch.layout.compute_capacity`` and send only kept rows. A
 static baseline pads: every source sends exactly ``C_local = ceil(cf*T*K/E)`` rows
 per expert (what a fixed-shape system such as GShard or Fairseq does) and drops the
-rest, so its time does not depend on the load but its dropped fraction does.
+rest, so its time does not depend on the load but its dropped fraction does; a
+source's count fluctuates around its mean (Poisson-like), so even uniform routing
+overflows ``C_local`` at capacity factor 1.0. (Global counts, which flexmoe's
+capacity uses, fluctuate ``sqrt(W)`` times less relative to their mean; they are
+taken at their mean.)
 
 Memory (per rank, the largest): stored expert weights (+ gradients when training),
 gathered weights and rerouted copies (+ their gradients), activations saved for
@@ -39,11 +43,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from flexmoe.config import Plan
+from flexmoe.config import Plan, RerouteConfig
 from flexmoe.parallel.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import (
@@ -58,7 +63,7 @@ from flexmoe.planner.costmodel import (
 from flexmoe.planner.rerouting import Rerouting, plan_rerouting
 from flexmoe.planner.workload import Load, MoEWorkload
 
-__all__ = ["REROUTE_PLANNING", "Breakdown", "Candidate", "Prediction", "simulate"]
+__all__ = ["REROUTE_PLANNING", "Breakdown", "Candidate", "Prediction", "reroute_settings", "simulate"]
 
 # Host time to plan rerouting: fixed + per expert (sorting, least-loaded choice). An
 # assumption, of the order of ``flexmoe.parallel.rerouting.plan_rerouting`` in Python.
@@ -176,6 +181,32 @@ def _placement(workload: MoEWorkload, machine: Machine) -> Placement:
     return Placement(machine.world_size, 0, workload.num_experts, workload.hidden_dim, machine.ranks_per_node)
 
 
+def reroute_settings(config: RerouteConfig | None) -> dict[str, Any]:
+    """The arguments of ``plan_rerouting`` that a layer with ``config`` uses."""
+    c = config or RerouteConfig()
+    return {
+        "alpha": c.alpha,
+        "min_chunk": c.min_chunk,
+        "max_rows_per_rank": c.max_rows_per_rank,
+        "max_copies_per_rank": c.max_copies_per_rank,
+    }
+
+
+def _expected_overflow(mean: NDArray[np.float64], capacity: float) -> NDArray[np.float64]:
+    """``E[max(0, X - capacity)]`` for counts ``X`` around ``mean``, Poisson spread (normal approximation).
+
+    A source's count for one expert fluctuates from step to step even under uniform
+    routing; a fixed per-source capacity drops the part above it (GShard's drops at
+    capacity factor 1.0).
+    """
+    sigma = np.sqrt(np.maximum(mean, 1e-12))
+    z = (capacity - mean) / sigma
+    pdf = np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    tail = 0.5 * np.vectorize(math.erfc)(z / math.sqrt(2))
+    result: NDArray[np.float64] = np.maximum(0.0, (mean - capacity) * tail + sigma * pdf)
+    return result
+
+
 def _kept_rows(
     workload: MoEWorkload, load: Load, W: int, static_capacity: float | None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
@@ -185,10 +216,9 @@ def _kept_rows(
     total = float(routed_E.sum())
     if static_capacity is not None:  # padded: every source sends exactly C_local rows per expert
         local = math.ceil(static_capacity * T * K / E - 1e-9)
-        per_source = np.minimum(routed_E / W, local)
-        dropped = total - W * float(per_source.sum())
+        overflow = _expected_overflow(routed_E / W, float(local))
         padded = np.full(E, float(local))
-        return padded * W, padded, dropped / total
+        return padded * W, padded, W * float(overflow.sum()) / total
     cf = workload.capacity_factor
     kept = routed_E
     if cf != 0:
@@ -287,11 +317,14 @@ def simulate(
     memory_budget: float | None = None,
     machine: Machine | None = None,
     rerouting_plan: Rerouting | None = None,
+    reroute_config: RerouteConfig | None = None,
 ) -> Prediction:
     """Predict one step of ``workload`` on ``world_size`` ranks of ``cluster`` under ``candidate``.
 
-    ``machine`` and ``rerouting_plan`` may be passed in when scoring many candidates
-    of one (cluster, workload, load) to skip recomputing them.
+    ``reroute_config``: the layer's rerouting settings (``alpha``, ``min_chunk`` and the
+    hard bounds of ``flexmoe.config.RerouteConfig``; default: its defaults). ``machine``
+    and ``rerouting_plan`` may be passed in when scoring many candidates of one
+    (cluster, workload, load) to skip recomputing them.
     """
     machine = machine or Machine.create(cluster, world_size, ranks_per_node)
     W = machine.world_size
@@ -325,7 +358,7 @@ def simulate(
         rows_RU = kept_E.reshape(W, El)
         hidden = F
         if c.rerouting:
-            reroute = rerouting_plan or plan_rerouting(kept_E, W)
+            reroute = rerouting_plan or plan_rerouting(kept_E, W, **reroute_settings(reroute_config))
             units_R = reroute.units_R
             rows_RU = (reroute.rows_R / units_R)[:, None]
     else:
