@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def sweep_rows(reports: Sequence[PlanReport]) -> list[dict[str, object]]:
             "best_plan": r.best.candidate.label,
             "best_s": r.best.time,
             "best_fits": r.best.fits,
+            "best_dropped": r.best.dropped_fraction,
             "default_plan_s": r.default.time,
         }
         for b in r.baselines:
@@ -80,8 +82,9 @@ def sweep_rows(reports: Sequence[PlanReport]) -> list[dict[str, object]]:
 def format_sweep(reports: Sequence[PlanReport]) -> str:
     """A table across device counts: best plan, its time, the baselines' and the speedups."""
     names = [b.candidate.label for b in reports[0].baselines]
-    header = f"{'devices':>7s} {'best plan':24s} {'best ms':>9s} {'flat d=1':>9s} " + " ".join(
-        f"{n + ' ms':>15s} {'speedup':>7s} {'dropped':>7s}" for n in names
+    header = (
+        f"{'devices':>7s} {'best plan':24s} {'best ms':>9s} {'dropped':>7s} {'flat d=1':>9s} "
+        + " ".join(f"{n + ' ms':>15s} {'speedup':>7s} {'dropped':>7s}" for n in names)
     )
     lines = [header, "-" * len(header)]
     for row in sweep_rows(reports):
@@ -92,7 +95,7 @@ def format_sweep(reports: Sequence[PlanReport]) -> str:
         fits = "" if row["best_fits"] else " (OOM)"
         lines.append(
             f"{row['devices']:7d} {str(row['best_plan']) + fits:24s} {row['best_s'] * 1e3:9.2f} "  # type: ignore[operator]
-            f"{row['default_plan_s'] * 1e3:9.2f} {cells}"  # type: ignore[operator]
+            f"{row['best_dropped'] * 100:6.1f}% {row['default_plan_s'] * 1e3:9.2f} {cells}"  # type: ignore[operator]
         )
     lines.append(
         "flat d=1: flexmoe's default plan (no pipelining, flat all-to-all, no rerouting), "
@@ -128,10 +131,11 @@ def plot_sweep(reports: Sequence[PlanReport], path: str | Path, title: str = "")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax_t.set_ylabel("predicted step time (ms, fwd + bwd)")
+    ax_t.set_yscale("log")
     ax_s.set_ylabel("speedup (baseline time / adaptive time)")
     ax_s.axhline(1.0, color="gray", lw=0.8)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, 130), fontsize=9)
     fig.tight_layout()
     base = Path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
