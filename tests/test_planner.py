@@ -468,3 +468,12 @@ def test_rerouting_follows_the_layers_settings():
     # Bounds that cannot hold the step: the layer runs plain EP, so no rerouting candidate.
     impossible = plan(cluster, layer, hot, 64, reroute_config=RerouteConfig(max_rows_per_rank=1))
     assert not any(p.candidate.rerouting for p in impossible.predictions)
+
+
+def test_the_docs_example_runs(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "planner.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/planner.md", "exec"), {})
+    assert "r=1" in capsys.readouterr().out
