@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from flexmoe import Plan
 from flexmoe.parallel import Placement
@@ -477,3 +478,19 @@ def test_the_docs_example_runs(capsys):
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/planner.md", "exec"), {})
     assert "r=1" in capsys.readouterr().out
+
+
+def test_workload_of_a_layer_config_and_scoring_a_live_step():
+    from flexmoe import MoELayer
+
+    layer = MoELayer(32, 64, 8, 2, capacity_factor=1.25, group=False)
+    workload = MoEWorkload.from_config(layer.config, tokens_per_device=128)
+    assert (workload.dim, workload.hidden_dim, workload.num_experts, workload.top_k) == (32, 64, 8, 2)
+    assert workload.gated and workload.capacity_factor == 1.25 and workload.dtype == "fp32"
+    # What a tuner does with this step's counts: score chosen plans on its cluster.
+    layer(torch.randn(128, 32))
+    assert layer.stats is not None
+    load = Load.from_counts(layer.stats.routed_per_expert.tolist())
+    chosen = [Candidate(r=1, d=1), Candidate(r=1, d=2, exchange="2dh"), Candidate(r=1, rerouting=True)]
+    report = plan(load_cluster("h100-80gb-ndr400"), workload, load, 8, plans=chosen)
+    assert {p.candidate for p in report.predictions} == set(chosen)

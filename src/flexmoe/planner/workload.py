@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from flexmoe.config import GATED_ACTIVATIONS, MoEConfig
 from flexmoe.planner.cluster import DTYPE_BYTES
 
 __all__ = ["Load", "MoEWorkload"]
@@ -65,6 +66,23 @@ class MoEWorkload:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if not math.isfinite(self.capacity_factor):
             raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor!r}")
+
+    @classmethod
+    def from_config(
+        cls, config: MoEConfig, tokens_per_device: int, dtype: str = "fp32", training: bool = True
+    ) -> MoEWorkload:
+        """The workload of a layer built from ``config`` (what the online tuner scores)."""
+        return cls(
+            dim=config.dim,
+            hidden_dim=config.hidden_dim,
+            num_experts=config.num_experts,
+            top_k=config.top_k,
+            gated=config.experts.activation in GATED_ACTIVATIONS,
+            dtype=dtype,
+            tokens_per_device=tokens_per_device,
+            capacity_factor=config.capacity.capacity_factor,
+            training=training,
+        )
 
     @property
     def bytes_per_element(self) -> int:
