@@ -29,7 +29,7 @@ pytestmark = pytest.mark.distributed
 TOLERANCE = 0.30
 TIE = 0.15
 ATTEMPTS = 3
-ROUNDS = 5
+ROUNDS = 4
 
 
 def _compare(cluster: Cluster, case: BenchCase, measured: list[MeasuredPlan]) -> list[str]:
