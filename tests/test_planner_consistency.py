@@ -62,6 +62,7 @@ def _compare(cluster: Cluster, case: BenchCase, measured: list[MeasuredPlan]) ->
     return problems
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("world", [2, 4])
 def test_predicted_step_times_match_measured_gloo_runs(world):
     case = BenchCase(world=world)
@@ -76,6 +77,7 @@ def test_predicted_step_times_match_measured_gloo_runs(world):
     pytest.fail(f"{world} workers: " + "; ".join(problems))
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_sharded_experts_match_measured_gloo_runs():
     case = BenchCase(world=4, experts=2)  # 2 experts in 2 hidden shards: r in {0, 1, 2}
