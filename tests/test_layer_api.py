@@ -240,3 +240,15 @@ def test_router_noise_only_while_training(router: RouterConfig) -> None:
     torch.testing.assert_close(layer(x), y_eval, atol=0, rtol=0)
     layer.train()
     assert not torch.allclose(layer(x), y_eval)
+
+
+def test_prepare_for_inference_keeps_the_layer_exact():
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(32, 16, 8, 2).eval()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want = layer(x)
+        prepared = layer.prepare_for_inference()
+        got = layer(x)
+    assert prepared == layer.experts.prepare_for_inference()  # platform-dependent, but consistent
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -376,6 +376,16 @@ class MoELayer(nn.Module):
                 state[f"experts.{name}"] = value.detach().clone()
         return state
 
+    def prepare_for_inference(self) -> bool:
+        """Pre-pack the expert weights for fast CPU inference (see ``GroupedExperts.prepare_for_inference``).
+
+        Opt-in: the packed copies take as much memory again as the expert weights; they
+        are dropped automatically when the weights change. Returns whether they were built.
+        """
+        if not isinstance(self.experts, GroupedExperts):
+            return False
+        return self.experts.prepare_for_inference()
+
     @property
     def world_size(self) -> int:
         """Ranks the experts are spread over (1: single device)."""
