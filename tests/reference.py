@@ -317,3 +317,81 @@ def reference_z_loss(routing: Routing) -> Tensor:
     """``mean_t (log sum_i exp(logits_ti))^2``."""
     values = [torch.log(torch.exp(lg).sum()) ** 2 for lg in routing.logits]
     return sum(values) / len(values)
+
+
+def reference_rerouting(
+    loads: list[int],
+    W: int,
+    *,
+    alpha: float = 1.0,
+    min_chunk: int = 1,
+    max_rows_per_rank: int | None = None,
+    max_copies_per_rank: int | None = None,
+) -> tuple[list[list[tuple[int, int, int]]], list[int], list[tuple[int, int]]]:
+    """Least-loaded rerouting as algorithms.md states it, re-sorting the ranks for every chunk.
+
+    Returns ``(intervals per expert, rows per rank, transfers)``; raises ``ValueError``
+    when the hard bounds cannot hold. The layer's heap-based planner must agree exactly.
+    """
+    E = len(loads)
+    El = E // W
+    total = sum(loads)
+    native = [sum(loads[p * El : (p + 1) * El]) for p in range(W)]
+    limit = math.inf if max_rows_per_rank is None else max_rows_per_rank
+    copy_limit = math.inf if max_copies_per_rank is None else max_copies_per_rank
+    if total > W * limit:
+        raise ValueError("max_rows_per_rank too small")
+    cap = min(math.ceil(alpha * total / W), limit)
+    pending, assigned = list(native), [0] * W
+    copies: list[set[int]] = [set() for _ in range(W)]
+    intervals: list[list[tuple[int, int, int]]] = [[] for _ in range(E)]
+    transfers: list[tuple[int, int]] = []
+
+    def give(e: int, rank: int, start: int, size: int) -> None:
+        intervals[e].append((rank, start, start + size))
+        assigned[rank] += size
+        if rank != e // El and e not in copies[rank]:
+            copies[rank].add(e)
+            transfers.append((e, rank))
+
+    for e in sorted(range(E), key=lambda i: (-loads[i], i)):
+        load, owner = loads[e], e // El
+        pending[owner] -= load
+        keep = int(min(load, max(cap - assigned[owner] - pending[owner], 0)))
+        if keep or load == 0:
+            give(e, owner, 0, keep)
+        offset, remainder = keep, load - keep
+        while remainder:
+            order = sorted(
+                (p for p in range(W) if p != owner and len(copies[p]) < copy_limit),
+                key=lambda p: (assigned[p] + pending[p], p),
+            )
+            for p in order:
+                chunk = int(min(remainder, cap - assigned[p] - pending[p]))
+                if chunk > 0 and (chunk >= min_chunk or chunk == remainder):
+                    give(e, p, offset, chunk)
+                    offset, remainder = offset + chunk, remainder - chunk
+                    break
+            else:
+                break
+        while remainder:
+            candidates = [
+                p
+                for p in range(W)
+                if assigned[p] + pending[p] < limit
+                and (p == owner or e in copies[p] or len(copies[p]) < copy_limit)
+            ]
+            if not candidates:
+                raise ValueError("bounds cannot hold")
+            p = min(candidates, key=lambda q: (assigned[q] + pending[q], q != owner, q))
+            chunk = int(min(remainder, limit - assigned[p] - pending[p]))
+            give(e, p, offset, chunk)
+            offset, remainder = offset + chunk, remainder - chunk
+        merged: list[tuple[int, int, int]] = []
+        for rank, start, stop in intervals[e]:
+            if merged and merged[-1][0] == rank and merged[-1][2] == start:
+                merged[-1] = (rank, merged[-1][1], stop)
+            elif stop > start or not merged:
+                merged.append((rank, start, stop))
+        intervals[e] = merged
+    return intervals, assigned, transfers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -9,6 +11,8 @@ from hypothesis import strategies as st
 
 from flexmoe.parallel.placement import build_chunks
 from flexmoe.parallel.rerouting import plan_rerouting, predicted_times, reroute_pieces
+
+from .reference import reference_rerouting
 
 
 @st.composite
@@ -50,6 +54,34 @@ def _check_exact_cover(plan, loads: list[int], W: int) -> None:
     for rank, copies in enumerate(plan.copies):
         assert all(e // El != rank for e in copies)  # never a copy of one's own expert
     assert sorted(plan.transfers) == sorted((e, p) for p in range(W) for e in plan.copies[p])
+
+
+@given(
+    loads_and_world(),
+    st.floats(1.0, 1.5),
+    st.sampled_from([1, 8]),
+    st.sampled_from([None, 0, 1, 2]),
+    st.sampled_from([None, 1.0, 1.5]),
+)
+def test_plan_equals_the_reference(case, alpha, min_chunk, max_copies, rows_factor):
+    loads, W = case
+    max_rows = None if rows_factor is None else math.ceil(rows_factor * sum(loads) / W)
+    kwargs = {
+        "alpha": alpha,
+        "min_chunk": min_chunk,
+        "max_copies_per_rank": max_copies,
+        "max_rows_per_rank": max_rows,
+    }
+    try:
+        intervals, rows, transfers = reference_rerouting(loads, W, **kwargs)
+    except ValueError:
+        with pytest.raises(ValueError):
+            plan_rerouting(loads, W, **kwargs)
+        return
+    plan = plan_rerouting(loads, W, **kwargs)
+    assert plan.intervals == intervals
+    assert plan.rows_per_rank == rows
+    assert plan.transfers == transfers
 
 
 @given(loads_and_world(), st.floats(1.0, 1.5))

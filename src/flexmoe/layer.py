@@ -582,10 +582,10 @@ class MoELayer(nn.Module):
             kept_E = glayout.tokens_per_expert_E.tolist()
             native = [sum(kept_E[p * El : (p + 1) * El]) for p in range(ep.world_size)]
             self.stats.native_rows_per_rank = native
-            self.stats.rows_per_rank = native if reroute is None else reroute.rows_per_rank
+            self.stats.rows_per_rank = native if reroute is None else [int(r) for r in reroute.rows_per_rank]
             self.stats.copies_per_rank = [0] * ep.world_size
             if reroute is not None:
-                self.stats.rerouted_rows = reroute.moved_rows
+                self.stats.rerouted_rows = int(reroute.moved_rows)
                 self.stats.expert_copies = reroute.num_copies
                 self.stats.copies_per_rank = [len(c) for c in reroute.copies]
         return y_TD.reshape(x.shape)

@@ -24,13 +24,19 @@ Unlike the published algorithm, the memory bounds are hard: no rank computes mor
 ``max_rows_per_rank`` rows (when set) or holds more than ``max_copies_per_rank``
 copies; a step that cannot satisfy them raises ``ValueError`` naming the bound.
 
+The same function plans the layer's steps (integer rows) and the simulator's
+(``flexmoe.planner``: expected rows, floats, up to thousands of ranks); a heap keeps
+the least-loaded rank at hand, so a plan costs ``O((E + chunks) log W)``. The tests
+check it against a plain re-sorting reference (tests/reference.py).
+
 Legend: W ranks, E experts, El experts per rank (expert ``e`` lives on rank ``e // El``).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["ReroutePlan", "plan_rerouting", "predicted_times", "reroute_pieces"]
@@ -48,11 +54,11 @@ class ReroutePlan:
         native_rows_per_rank: rows each rank would compute without rerouting.
     """
 
-    intervals: list[list[tuple[int, int, int]]]
+    intervals: list[list[tuple[int, float, float]]]
     copies: list[list[int]]
-    rows_per_rank: list[int]
-    native_rows_per_rank: list[int]
-    moved_rows: int = 0
+    rows_per_rank: list[float]
+    native_rows_per_rank: list[float]
+    moved_rows: float = 0
     transfers: list[tuple[int, int]] = field(default_factory=list)  # (expert, receiving rank)
 
     @property
@@ -71,21 +77,27 @@ class ReroutePlan:
         return _imbalance(self.rows_per_rank)
 
 
-def _imbalance(rows: list[int]) -> float:
+def _imbalance(rows: list[float]) -> float:
     total = sum(rows)
     return max(rows) * len(rows) / total if total else 1.0
 
 
 def plan_rerouting(
-    loads: list[int],
+    loads: Sequence[float],
     world_size: int,
     *,
     alpha: float = 1.0,
-    min_chunk: int = 1,
-    max_rows_per_rank: int | None = None,
+    min_chunk: float = 1,
+    max_rows_per_rank: float | None = None,
     max_copies_per_rank: int | None = None,
 ) -> ReroutePlan:
-    """The least-loaded assignment of expert rows to ranks (see the module docstring)."""
+    """The least-loaded assignment of expert rows to ranks (see the module docstring).
+
+    ``loads`` are row counts (ints: the layer) or expected rows (floats: the planner);
+    arithmetic stays in their type. The least-loaded rank comes from a heap keyed by
+    ``(load, rank)`` (entries go stale when a rank's load changes and are skipped), so
+    a plan costs ``O((E + chunks) log W)``, not a sort of the ranks per chunk.
+    """
     E, W = len(loads), world_size
     if E % W != 0:
         raise ValueError(f"rerouting needs whole experts per rank: {E} experts on {W} ranks")
@@ -101,76 +113,88 @@ def plan_rerouting(
             f"max_rows_per_rank={max_rows_per_rank} cannot hold this step's {total} rows on {W} ranks"
         )
     cap = min(math.ceil(alpha * total / W), limit)
-    pending = list(native)
-    assigned = [0] * W
-    copies: list[list[int]] = [[] for _ in range(W)]
-    intervals: list[list[tuple[int, int, int]]] = [[] for _ in range(E)]
+    pending = list(native)  # rows of each rank's own experts not yet placed
+    assigned = [0 * total] * W
+    copies: list[set[int]] = [set() for _ in range(W)]
+    intervals: list[list[tuple[int, float, float]]] = [[] for _ in range(E)]
     transfers: list[tuple[int, int]] = []
+    heap = [(native[p], p) for p in range(W)]  # (assigned + pending, rank), possibly stale
+    heapq.heapify(heap)
 
-    def give(e: int, rank: int, start: int, size: int) -> None:
+    def load_of(p: int) -> float:
+        return assigned[p] + pending[p]
+
+    def give(e: int, rank: int, start: float, size: float) -> None:
         intervals[e].append((rank, start, start + size))
         assigned[rank] += size
         if rank != e // El and e not in copies[rank]:
-            copies[rank].append(e)
+            copies[rank].add(e)
             transfers.append((e, rank))
+        heapq.heappush(heap, (load_of(rank), rank))
 
     for e in sorted(range(E), key=lambda i: (-loads[i], i)):
         load, owner = loads[e], e // El
         pending[owner] -= load
+        heapq.heappush(heap, (load_of(owner), owner))
         room = cap - assigned[owner] - pending[owner]
-        keep = int(min(load, max(room, 0)))
+        keep = min(load, room) if room > 0 else 0 * load
         if keep or load == 0:
-            give(e, owner, 0, keep)
+            give(e, owner, 0 * load, keep)
         offset, remainder = keep, load - keep
         # Spill to the least-loaded ranks that may hold another copy.
-        while remainder:
-            order = sorted(
-                (p for p in range(W) if p != owner and len(copies[p]) < copy_limit),
-                key=lambda p: (assigned[p] + pending[p], p),
-            )
-            for p in order:
-                chunk = int(min(remainder, cap - assigned[p] - pending[p]))
+        while remainder > 0:
+            popped: list[tuple[float, int]] = []
+            taken = False
+            while heap:
+                key, p = heapq.heappop(heap)
+                if key != load_of(p):
+                    continue  # stale: the rank's current entry is also in the heap
+                popped.append((key, p))
+                if p == owner or len(copies[p]) >= copy_limit:
+                    continue
+                chunk = min(remainder, cap - key)
                 if chunk > 0 and (chunk >= min_chunk or chunk == remainder):
                     give(e, p, offset, chunk)
                     offset, remainder = offset + chunk, remainder - chunk
+                    taken = True
                     break
-            else:
+                if chunk <= 0:
+                    break  # every rank after this one is at least as full
+            for item in popped:
+                heapq.heappush(heap, item)
+            if not taken:
                 break
         # What nobody could take under cap: the least-loaded ranks with room under the hard
         # bound (the owner included; it needs no copy).
-        while remainder:
-            candidates = [
+        while remainder > 0:
+            eligible = [
                 p
                 for p in range(W)
-                if assigned[p] + pending[p] < limit
-                and (p == owner or e in copies[p] or len(copies[p]) < copy_limit)
+                if load_of(p) < limit and (p == owner or e in copies[p] or len(copies[p]) < copy_limit)
             ]
-            if not candidates:
+            if not eligible:
                 raise ValueError(
                     f"rerouting cannot place expert {e}'s rows within max_rows_per_rank="
                     f"{max_rows_per_rank} and max_copies_per_rank={max_copies_per_rank}"
                 )
-            p = min(candidates, key=lambda q: (assigned[q] + pending[q], q != owner, q))
-            chunk = int(min(remainder, limit - assigned[p] - pending[p]))
+            p = min(eligible, key=lambda q: (load_of(q), q != owner, q))
+            chunk = min(remainder, limit - load_of(p))
             give(e, p, offset, chunk)
             offset, remainder = offset + chunk, remainder - chunk
         intervals[e] = _merge(intervals[e])
-    for rank_copies in copies:
-        rank_copies.sort()
-    rows = list(assigned)
     return ReroutePlan(
         intervals=intervals,
-        copies=copies,
-        rows_per_rank=rows,
+        copies=[sorted(c) for c in copies],
+        rows_per_rank=assigned,
         native_rows_per_rank=native,
         moved_rows=sum(b - a for e in range(E) for p, a, b in intervals[e] if p != e // El),
         transfers=transfers,
     )
 
 
-def _merge(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def _merge(pieces: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
     """Join adjacent pieces of one rank (a remainder forced onto the rank that took the last chunk)."""
-    merged: list[tuple[int, int, int]] = []
+    merged: list[tuple[int, float, float]] = []
     for rank, start, stop in pieces:
         if merged and merged[-1][0] == rank and merged[-1][2] == start:
             merged[-1] = (rank, merged[-1][1], stop)
@@ -224,7 +248,7 @@ def reroute_pieces(
         lo_q, hi_q = before[q][e], before[q + 1][e]
         out = []
         for rank, a, b in plan.intervals[e]:
-            lo, hi = max(a, lo_q), min(b, hi_q)
+            lo, hi = max(int(a), lo_q), min(int(b), hi_q)
             if hi > lo:
                 u = e - rank * El if e // El == rank else unit[rank][e]
                 out.append((rank, u, lo - lo_q, hi - lo))
