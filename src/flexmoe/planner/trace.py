@@ -1,7 +1,7 @@
-"""The routing-trace format: per-layer, per-step expert counts, one JSON object per line.
+"""Routing traces: per-layer, per-step expert counts in one JSON object per line.
 
-A trace file (``.jsonl``, or ``.jsonl.gz`` compressed) starts with a header line,
-then holds one record per (step, layer)::
+**Format.** A trace file (``.jsonl``, or ``.jsonl.gz`` compressed) starts with a
+header line, then holds one record per (step, layer)::
 
     {"format": "flexmoe-routing-trace", "version": 1, "num_experts": 8, "top_k": 2,
      "world_size": 4, "meta": {...}}
@@ -10,33 +10,58 @@ then holds one record per (step, layer)::
      "counts_per_rank": [[...], [...], [...], [...]]}
 
 - ``counts[e]``: assignments routed to expert ``e`` in that step, over all ranks,
-  before any capacity drop (``layer.stats.routed_per_expert``); they sum to
-  ``tokens * top_k``.
+  before any capacity drop (``layer.stats.routed_per_expert`` summed over the step's
+  forward calls); they sum to ``tokens * top_k``, and none exceeds ``tokens`` (a
+  token picks ``top_k`` distinct experts).
 - ``tokens``: tokens of the global batch in that step.
 - ``counts_per_rank`` (optional): the same per source rank, ``[W][E]``.
 - ``world_size`` and ``meta`` (free-form, such as the model name) are optional.
 
-Lines are appended as the run goes (a crash keeps every finished step); readers
-ignore unknown keys, so later versions can add fields. The writer is the stub the
-online tuner's recorder fills; the simulator replays a trace with ``Load.from_counts``
-(one step) or ``RoutingTrace.mean_counts`` (a whole layer).
+Lines are appended and flushed step by step, so a crash keeps every finished step: the
+reader accepts a file cut anywhere (a partial last line, a gzip stream without its
+end) and sets ``RoutingTrace.truncated``; appending to such a file first rewrites it
+without the cut tail. Readers ignore unknown keys, so later versions can add fields.
+
+**Recording.** ``RoutingRecorder(model, path)`` hooks every ``MoELayer`` of a model
+and writes one record per layer per ``step()`` (``flexmoe train --trace PATH`` does
+this for its runs). **Replaying** (``flexmoe.planner.replay``): the simulator predicts
+every recorded step (``simulate_trace``, ``flexmoe plan --load trace:PATH --per-step``),
+and ``expert_ids_from_counts`` + ``force_routing`` make a real layer route a recorded
+step's counts exactly. ``RoutingTrace.mean_counts`` gives a layer's average load
+(``flexmoe plan --load trace:PATH[:LAYER]``).
+
+Legend: E experts.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator, Sequence
+import os
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
+from torch import nn
 
-__all__ = ["TRACE_FORMAT", "RoutingTrace", "RoutingTraceWriter", "TraceRecord", "read_routing_trace"]
+from flexmoe.layer import MoELayer
+
+__all__ = [
+    "TRACE_FORMAT",
+    "RoutingRecorder",
+    "RoutingTrace",
+    "RoutingTraceWriter",
+    "TraceRecord",
+    "read_routing_trace",
+]
 
 TRACE_FORMAT = "flexmoe-routing-trace"
+TRACE_VERSION = 1
 
 
 def _open(path: Path, mode: str) -> IO[str]:
@@ -58,13 +83,18 @@ class TraceRecord:
 
 @dataclass
 class RoutingTrace:
-    """A read trace: its header fields and records in file order."""
+    """A read trace: its header fields and records in file order.
+
+    ``truncated`` is set when the file ended inside a line or a gzip stream (a run
+    that crashed while writing); the records are then the complete ones before it.
+    """
 
     num_experts: int
     top_k: int
     world_size: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     records: list[TraceRecord] = field(default_factory=list)
+    truncated: bool = False
 
     @property
     def layers(self) -> list[str]:
@@ -73,6 +103,8 @@ class RoutingTrace:
 
     def steps(self, layer: str | None = None) -> list[TraceRecord]:
         """Records of ``layer`` (default: the first layer), in step order."""
+        if not self.records:
+            raise ValueError("the trace holds no records")
         name = self.layers[0] if layer is None else layer
         chosen = [r for r in self.records if r.layer == name]
         if not chosen:
@@ -86,10 +118,64 @@ class RoutingTrace:
         return mean
 
 
+def _check_counts(
+    counts: Sequence[int], num_experts: int, top_k: int, tokens: int | None, tokens_name: str = "tokens"
+) -> int:
+    """Validate one step's counts (ints); returns its token count (``sum / top_k`` when not given)."""
+    if len(counts) != num_experts:
+        raise ValueError(f"counts must have num_experts={num_experts} entries, got {len(counts)}")
+    if min(counts) < 0:
+        raise ValueError(f"counts must be >= 0, got {list(counts)}")
+    total = sum(counts)
+    if tokens is None:
+        if total % top_k:
+            raise ValueError(f"counts must sum to a multiple of top_k={top_k}, got a sum of {total}")
+        tokens = total // top_k
+    elif total != tokens * top_k:
+        raise ValueError(
+            f"counts must sum to {tokens_name}*top_k={tokens}*{top_k}={tokens * top_k}, got {total}"
+        )
+    if max(counts) > tokens:
+        raise ValueError(
+            f"counts must each be <= {tokens_name}={tokens} (a token picks top_k distinct experts), "
+            f"got {max(counts)}"
+        )
+    return tokens
+
+
+def _header_line(num_experts: int, top_k: int, world_size: int | None, meta: dict[str, Any] | None) -> str:
+    header: dict[str, Any] = {
+        "format": TRACE_FORMAT,
+        "version": TRACE_VERSION,
+        "num_experts": num_experts,
+        "top_k": top_k,
+    }
+    if world_size is not None:
+        header["world_size"] = world_size
+    if meta:
+        header["meta"] = meta
+    return json.dumps(header) + "\n"
+
+
+def _record_line(record: TraceRecord) -> str:
+    item: dict[str, Any] = {
+        "step": record.step,
+        "layer": record.layer,
+        "tokens": record.tokens,
+        "counts": list(record.counts),
+    }
+    if record.counts_per_rank is not None:
+        item["counts_per_rank"] = [list(row) for row in record.counts_per_rank]
+    return json.dumps(item, separators=(",", ":")) + "\n"
+
+
 class RoutingTraceWriter:
     """Appends records to a trace file; writes the header when the file is new or empty.
 
-    Use as a context manager, or call ``close()``.
+    Appending to an existing trace checks that it has the same ``num_experts`` and
+    ``top_k``; when it was cut by a crash, or ``keep_before_step`` is given and it
+    holds records of that step or later (a run resumed from an earlier checkpoint),
+    it is first rewritten without them. Use as a context manager, or call ``close()``.
     """
 
     def __init__(
@@ -99,7 +185,13 @@ class RoutingTraceWriter:
         top_k: int,
         world_size: int | None = None,
         meta: dict[str, Any] | None = None,
+        keep_before_step: int | None = None,
     ) -> None:
+        for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k must be <= num_experts={num_experts}, got {top_k}")
         self.path = Path(path)
         self.num_experts = num_experts
         self.top_k = top_k
@@ -111,20 +203,25 @@ class RoutingTraceWriter:
                     f"{self.path} holds a trace of {existing.num_experts} experts, top-{existing.top_k}; "
                     f"cannot append {num_experts} experts, top-{top_k}"
                 )
+            kept = existing.records
+            if keep_before_step is not None:
+                kept = [r for r in kept if r.step < keep_before_step]
+            if existing.truncated or len(kept) < len(existing.records):
+                self._rewrite(existing, kept)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = _open(self.path, "a")
         if fresh:
-            header: dict[str, Any] = {
-                "format": TRACE_FORMAT,
-                "version": 1,
-                "num_experts": num_experts,
-                "top_k": top_k,
-            }
-            if world_size is not None:
-                header["world_size"] = world_size
-            if meta:
-                header["meta"] = meta
-            self._file.write(json.dumps(header) + "\n")
+            self._file.write(_header_line(num_experts, top_k, world_size, meta))
+            self._file.flush()
+
+    def _rewrite(self, trace: RoutingTrace, records: list[TraceRecord]) -> None:
+        """Replace the file by its header and ``records`` (atomically: a temporary file, renamed)."""
+        partial = self.path.with_name(".partial-" + self.path.name)  # keeps the .gz ending
+        with _open(partial, "w") as file:
+            file.write(_header_line(trace.num_experts, trace.top_k, trace.world_size, trace.meta))
+            for record in records:
+                file.write(_record_line(record))
+        os.replace(partial, self.path)
 
     def write(
         self,
@@ -133,20 +230,26 @@ class RoutingTraceWriter:
         counts: Sequence[int],
         tokens: int | None = None,
         counts_per_rank: Sequence[Sequence[int]] | None = None,
+        *,
+        flush: bool = True,
     ) -> None:
-        """Append one record; ``tokens`` defaults to ``sum(counts) / top_k``."""
-        if len(counts) != self.num_experts:
-            raise ValueError(f"counts must have num_experts={self.num_experts} entries, got {len(counts)}")
+        """Append one record; ``tokens`` defaults to ``sum(counts) / top_k``.
+
+        Raises ``ValueError`` when the counts cannot be one step's routing (wrong
+        length, negative, a sum other than ``tokens * top_k``, a count over ``tokens``).
+        ``flush=False`` leaves the line buffered (call ``flush()`` after the step's last record).
+        """
         values = [int(c) for c in counts]
-        record: dict[str, Any] = {
-            "step": int(step),
-            "layer": str(layer),
-            "tokens": int(tokens) if tokens is not None else sum(values) // self.top_k,
-            "counts": values,
-        }
+        tokens = _check_counts(values, self.num_experts, self.top_k, tokens)
+        per_rank = None
         if counts_per_rank is not None:
-            record["counts_per_rank"] = [[int(c) for c in row] for row in counts_per_rank]
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            per_rank = tuple(tuple(int(c) for c in row) for row in counts_per_rank)
+        self._file.write(_record_line(TraceRecord(int(step), str(layer), tokens, tuple(values), per_rank)))
+        if flush:
+            self._file.flush()
+
+    def flush(self) -> None:
+        """Hand the written lines to the operating system (a crash after this keeps them)."""
         self._file.flush()
 
     def close(self) -> None:
@@ -160,46 +263,195 @@ class RoutingTraceWriter:
         self.close()
 
 
-def _records(lines: Iterator[str], path: Path) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
+def _lines(file: IO[str]) -> Iterator[tuple[str, bool]]:
+    """``(line, complete)`` pairs; a gzip stream cut short just ends (``complete=False`` last)."""
+    try:
+        for line in file:
+            yield line, line.endswith("\n")
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        # The writer flushes the compressor after each step, so everything before the
+        # cut decompresses; only the stream's end marker is missing.
+        yield "", False
 
 
 def read_routing_trace(path: str | Path) -> RoutingTrace:
-    """Read a trace file; raises ``ValueError`` on a bad header or record."""
+    """Read a trace file; raises ``ValueError`` on a bad header or record.
+
+    A file cut short by a crash (a partial last line, an unfinished gzip stream)
+    reads as its complete records with ``truncated=True``.
+    """
     path = Path(path)
+    trace: RoutingTrace | None = None
     with _open(path, "r") as file:
-        items = _records(iter(file), path)
-        header = next(items, None)
-        if header is None or header.get("format") != TRACE_FORMAT:
-            raise ValueError(f"{path}: not a flexmoe routing trace (no {TRACE_FORMAT!r} header line)")
-        trace = RoutingTrace(
-            num_experts=int(header["num_experts"]),
-            top_k=int(header["top_k"]),
-            world_size=header.get("world_size"),
-            meta=dict(header.get("meta", {})),
-        )
-        for item in items:
-            counts = tuple(int(c) for c in item["counts"])
-            if len(counts) != trace.num_experts:
-                raise ValueError(
-                    f"{path}: step {item.get('step')} layer {item.get('layer')!r} has {len(counts)} counts, "
-                    f"the header says {trace.num_experts} experts"
+        for number, (line, complete) in enumerate(_lines(file), 1):
+            if not complete:
+                if trace is not None:
+                    trace.truncated = True
+                break
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
+            if trace is None:
+                if not isinstance(item, dict) or item.get("format") != TRACE_FORMAT:
+                    break
+                trace = RoutingTrace(
+                    num_experts=int(item["num_experts"]),
+                    top_k=int(item["top_k"]),
+                    world_size=item.get("world_size"),
+                    meta=dict(item.get("meta", {})),
                 )
-            per_rank = item.get("counts_per_rank")
-            trace.records.append(
-                TraceRecord(
-                    step=int(item["step"]),
-                    layer=str(item["layer"]),
-                    tokens=int(item["tokens"]),
-                    counts=counts,
-                    counts_per_rank=None
-                    if per_rank is None
-                    else tuple(tuple(int(c) for c in r) for r in per_rank),
-                )
-            )
+                continue
+            trace.records.append(_parse_record(item, trace, f"{path}:{number}"))
+    if trace is None:
+        raise ValueError(f"{path}: not a flexmoe routing trace (no {TRACE_FORMAT!r} header line)")
     return trace
+
+
+def _parse_record(item: dict[str, Any], trace: RoutingTrace, where: str) -> TraceRecord:
+    try:
+        counts = tuple(int(c) for c in item["counts"])
+        per_rank = item.get("counts_per_rank")
+        record = TraceRecord(
+            step=int(item["step"]),
+            layer=str(item["layer"]),
+            tokens=int(item["tokens"]),
+            counts=counts,
+            counts_per_rank=None if per_rank is None else tuple(tuple(int(c) for c in r) for r in per_rank),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{where}: not a trace record ({error!r})") from error
+    if len(counts) != trace.num_experts:
+        raise ValueError(
+            f"{where}: step {record.step} layer {record.layer!r} has {len(counts)} counts, "
+            f"the header says {trace.num_experts} experts"
+        )
+    return record
+
+
+class RoutingRecorder:
+    """Records the routing of every ``MoELayer`` in ``model`` to a trace file.
+
+    One record per layer per **step**. A step ends at each ``step()`` call, or, with
+    ``optimizer=``, after each ``optimizer.step()`` (a post hook). The forward calls
+    between two steps are summed, so gradient accumulation gives one record per layer
+    and optimizer step. Only forwards in training mode count (``model.eval()``
+    forwards, such as evaluations, are not recorded); a layer that ran no training
+    forward in a step writes no record for it. Counts of forwards after the last step
+    are dropped by ``close()``.
+
+    Steps are numbered from ``start_step`` (``step(n)`` numbers one explicitly). Layers
+    are named by their module path in ``model``. Every layer must have the same
+    ``num_experts`` and ``top_k`` (one header per file; record a sub-module otherwise),
+    and no forward may override ``top_k``.
+
+    Distributed: ``layer.stats`` already holds the counts over all ranks, so every
+    rank must build the recorder (the hooks are local) but only ``rank`` 0 opens and
+    writes the file (default ``rank``/``world_size``: the default process group's).
+    Per-rank counts (``counts_per_rank``) are not recorded.
+
+    Cost: one host copy of ``E`` counts per layer per forward (the layer's stats are
+    already on the host on one device), one line per layer and a flush per step.
+
+    Example::
+
+        with RoutingRecorder(model, "trace.jsonl.gz", optimizer=optimizer):
+            for x, y in batches:
+                loss_fn(model(x), y).backward()
+                optimizer.step()  # writes one record per MoE layer
+                optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | Path,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        start_step: int = 0,
+        meta: dict[str, Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        layers = [(name or "moe", m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+        if not layers:
+            raise ValueError("model has no flexmoe.MoELayer to record")
+        shapes = {name: (m.config.num_experts, m.config.top_k) for name, m in layers}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(
+                "model: every recorded MoELayer must have the same (num_experts, top_k), got "
+                + ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+                + "; record one sub-module at a time"
+            )
+        self.num_experts, self.top_k = next(iter(shapes.values()))
+        if rank is None or world_size is None:
+            from flexmoe.parallel import rank_and_world
+
+            default_rank, default_world = rank_and_world()
+            rank = default_rank if rank is None else rank
+            world_size = default_world if world_size is None else world_size
+        self.path = Path(path)
+        self.rank = rank
+        self.next_step = start_step
+        self.layer_names = [name for name, _ in layers]
+        self._counts = {name: torch.zeros(self.num_experts, dtype=torch.int64) for name in self.layer_names}
+        self._tokens = dict.fromkeys(self.layer_names, 0)
+        self._writer: RoutingTraceWriter | None = None
+        if rank == 0:
+            self._writer = RoutingTraceWriter(
+                self.path, self.num_experts, self.top_k, world_size, meta, keep_before_step=start_step
+            )
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers]
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            assert isinstance(module, MoELayer)
+            stats = module.stats
+            if not module.training or stats is None:
+                return
+            if stats.top_k != self.top_k:
+                raise ValueError(
+                    f"RoutingRecorder: layer {name!r} ran with top_k={stats.top_k}, the trace is "
+                    f"top-{self.top_k}; a trace cannot hold per-call top_k overrides"
+                )
+            self._counts[name] += stats.routed_per_expert.to("cpu", torch.int64)
+            self._tokens[name] += stats.num_tokens
+
+        return record
+
+    def step(self, step: int | None = None) -> None:
+        """End a step: write one record per layer that ran, numbered ``step`` (default: the next)."""
+        number = self.next_step if step is None else step
+        if self._writer is not None:
+            for name in self.layer_names:
+                if self._tokens[name]:
+                    counts = self._counts[name].tolist()
+                    self._writer.write(number, name, counts, self._tokens[name], flush=False)
+            self._writer.flush()
+        for name in self.layer_names:
+            self._counts[name].zero_()
+            self._tokens[name] = 0
+        self.next_step = number + 1
+
+    def close(self) -> None:
+        """Remove the hooks and close the file (forwards since the last ``step()`` are not written)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> RoutingRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
