@@ -11,8 +11,9 @@ header line, then holds one record per (step, layer)::
 
 - ``counts[e]``: assignments routed to expert ``e`` in that step, over all ranks,
   before any capacity drop (``layer.stats.routed_per_expert`` summed over the step's
-  forward calls); they sum to ``tokens * top_k``, and none exceeds ``tokens`` (a
-  token picks ``top_k`` distinct experts).
+  forward calls); they sum to ``tokens * top_k`` (checked on write). In a recorded
+  step none exceeds ``tokens`` (a token picks ``top_k`` distinct experts), which
+  replaying the step in a layer needs.
 - ``tokens``: tokens of the global batch in that step.
 - ``counts_per_rank`` (optional): the same per source rank, ``[W][E]``.
 - ``world_size`` and ``meta`` (free-form, such as the model name) are optional.
@@ -119,9 +120,17 @@ class RoutingTrace:
 
 
 def _check_counts(
-    counts: Sequence[int], num_experts: int, top_k: int, tokens: int | None, tokens_name: str = "tokens"
+    counts: Sequence[int],
+    num_experts: int,
+    top_k: int,
+    tokens: int | None,
+    tokens_name: str = "tokens",
+    distinct: bool = True,
 ) -> int:
-    """Validate one step's counts (ints); returns its token count (``sum / top_k`` when not given)."""
+    """Validate one step's counts (ints); returns its token count (``sum / top_k`` when not given).
+
+    ``distinct``: also check that no count exceeds the tokens (each token's experts distinct).
+    """
     if len(counts) != num_experts:
         raise ValueError(f"counts must have num_experts={num_experts} entries, got {len(counts)}")
     if min(counts) < 0:
@@ -135,7 +144,7 @@ def _check_counts(
         raise ValueError(
             f"counts must sum to {tokens_name}*top_k={tokens}*{top_k}={tokens * top_k}, got {total}"
         )
-    if max(counts) > tokens:
+    if distinct and max(counts) > tokens:
         raise ValueError(
             f"counts must each be <= {tokens_name}={tokens} (a token picks top_k distinct experts), "
             f"got {max(counts)}"
@@ -236,11 +245,12 @@ class RoutingTraceWriter:
         """Append one record; ``tokens`` defaults to ``sum(counts) / top_k``.
 
         Raises ``ValueError`` when the counts cannot be one step's routing (wrong
-        length, negative, a sum other than ``tokens * top_k``, a count over ``tokens``).
+        length, negative, a sum other than ``tokens * top_k``). A count over ``tokens``
+        is accepted here (hand-made loads), but cannot be replayed in a layer.
         ``flush=False`` leaves the line buffered (call ``flush()`` after the step's last record).
         """
         values = [int(c) for c in counts]
-        tokens = _check_counts(values, self.num_experts, self.top_k, tokens)
+        tokens = _check_counts(values, self.num_experts, self.top_k, tokens, distinct=False)
         per_rank = None
         if counts_per_rank is not None:
             per_rank = tuple(tuple(int(c) for c in row) for row in counts_per_rank)
