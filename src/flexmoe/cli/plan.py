@@ -7,7 +7,9 @@ r"""``flexmoe plan``: predict an MoE layer's plans on a cluster, or sweep device
 Prints the best plan, a table of candidates (time, exchange, experts, overlap,
 weight gathers, rerouting, messages, memory, drops) and the speedup over the static
 baselines; with ``--sweep-devices``, one row per device count and (``--plot``) a PNG
-and an SVG of step time and speedup per strategy.
+and an SVG of step time and speedup per strategy; with ``--load trace:PATH[:LAYER]
+--per-step``, each plan's median, p90 and max over the recorded steps of a routing
+trace and the per-step best plan (``flexmoe.planner.replay.simulate_trace``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ import time
 from typing import Any
 
 from flexmoe.config import RerouteConfig
-from flexmoe.planner import Load, MoEWorkload, load_cluster, plan, preset_names, read_routing_trace, sweep
+from flexmoe.planner import (
+    Cluster,
+    Load,
+    MoEWorkload,
+    load_cluster,
+    plan,
+    preset_names,
+    read_routing_trace,
+    sweep,
+)
+from flexmoe.planner.replay import format_trace_simulation, simulate_trace
 from flexmoe.planner.report import format_plan, format_sweep, plot_sweep, sweep_rows
 
 __all__ = ["add_plan_arguments", "parse_load", "run_plan"]
@@ -76,6 +88,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         "--load",
         default="uniform",
         help="uniform | zipf:S | hot:SHARE:COUNT | trace:PATH[:LAYER] (a routing trace, its mean load)",
+    )
+    search.add_argument(
+        "--per-step",
+        action="store_true",
+        help="with --load trace:PATH[:LAYER]: predict every recorded step (median, p90, per-step best)",
     )
     search.add_argument(
         "--shuffle-seed",
@@ -157,6 +174,8 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     budget = None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9
     print(f"cluster {cluster.name}: {cluster.device.name}, {cluster.devices_per_node} per node")
     if args.sweep_devices:
+        if args.per_step:
+            raise SystemExit("flexmoe plan: --per-step predicts one device count; leave out --sweep-devices")
         per_device = args.experts_per_device
         if per_device is None and args.experts is None:
             per_device = 1.0
@@ -185,6 +204,8 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
             title = f"{_describe(workload, args)} on {cluster.name}"
             written = plot_sweep(reports, args.plot, title=title)
             print("wrote " + ", ".join(str(p) for p in written))
+    elif args.per_step:
+        return _write_json(args, _run_per_step(args, cluster, budget, reroute))
     else:
         experts = args.experts or max(1, round((args.experts_per_device or 1) * args.devices))
         workload = _workload(args, experts)
@@ -219,11 +240,60 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
                 for p in [*report.predictions, *report.baselines]
             ],
         }
+    return _write_json(args, result)
+
+
+def _write_json(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2, default=str)
         print(f"wrote {args.json}")
     return result
+
+
+def _run_per_step(
+    args: argparse.Namespace,
+    cluster: Cluster,
+    budget: float | None,
+    reroute: RerouteConfig,
+) -> dict[str, Any]:
+    """``--per-step``: every recorded step of a trace's layer through the simulator.
+
+    The layer has the trace's expert count unless ``--experts`` says otherwise.
+    """
+    kind, _, rest = args.load.partition(":")
+    if kind != "trace" or not rest:
+        raise SystemExit(f"flexmoe plan: --per-step needs --load trace:PATH[:LAYER], got {args.load!r}")
+    path, _, layer = rest.partition(":")
+    try:
+        trace = read_routing_trace(path)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"flexmoe plan: bad --load {args.load!r}: {error}") from None
+    workload = _workload(args, args.experts or trace.num_experts)
+    print(_describe(workload, args))
+    try:
+        simulation = simulate_trace(
+            cluster,
+            workload,
+            trace,
+            args.devices,
+            layer=layer or None,
+            ranks_per_node=args.ranks_per_node,
+            memory_budget=budget,
+            degrees=args.degrees,
+            rerouting=not args.no_rerouting,
+            reroute_config=reroute,
+        )
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"flexmoe plan: bad --load {args.load!r}: {error}") from None
+    print(f"{args.devices} devices, trace {path}")
+    print(format_trace_simulation(simulation, args.top))
+    return {
+        "layer": simulation.layer,
+        "steps": simulation.steps,
+        "plans": simulation.summary(),
+        "step_times_s": {c.label: simulation.times_SP[:, p].tolist() for p, c in enumerate(simulation.plans)},
+    }
 
 
 def _describe(workload: MoEWorkload, args: argparse.Namespace) -> str:
