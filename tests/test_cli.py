@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flexmoe.cli import main
+from flexmoe.planner.trace import read_routing_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "6", "--log-every", "3", "--batch-size", "4", "--context", "32", "--dim", "32"]
@@ -56,6 +57,26 @@ def test_options_come_from_a_config_file(tmp_path, capsys):
     config.write_text("stepz = 4\n")
     with pytest.raises(SystemExit, match="unknown option 'stepz'"):
         main(["train", "--config", str(config)])
+
+
+def test_train_records_a_routing_trace_and_a_resume_replaces_the_redone_steps(tmp_path, capsys):
+    run = tmp_path / "run"
+    config = tmp_path / "train.toml"
+    config.write_text('trace = "routing.jsonl.gz"\n')  # relative: inside the run directory
+    args = ["--config", str(config), *SMALL, "--eval-every", "2", "--run-dir", str(run), "--no-progress"]
+    main(["train", *args, "--checkpoint-every", "3"])
+    trace = read_routing_trace(run / "routing.jsonl.gz")
+    assert trace.layers == ["blocks.0.moe", "blocks.1.moe"] and (trace.num_experts, trace.top_k) == (8, 2)
+    assert [r.step for r in trace.records] == [s for s in range(1, 7) for _ in range(2)]  # evals not recorded
+    assert all(r.tokens == 4 * 32 and sum(r.counts) == 4 * 32 * 2 for r in trace.records)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = next(r for r in logged if r.get("step") == 6 and "layers" in r)
+    assert [list(r.counts) for r in trace.records[-2:]] == [layer["routed"] for layer in last["layers"]]
+    # Resumed from step 3: the trace keeps steps 1-3 and records 4-5 again.
+    main(["train", *args, "--resume", str(run / "checkpoints" / "step-000003"), "--steps", "5"])
+    assert "recording the routing" in capsys.readouterr().out
+    steps = [r.step for r in read_routing_trace(run / "routing.jsonl.gz").records]
+    assert steps == [s for s in range(1, 6) for _ in range(2)]
 
 
 def test_train_rejects_bad_arguments():

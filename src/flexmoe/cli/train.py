@@ -4,7 +4,8 @@ The corpus is the Python standard library's own source files (every machine with
 Python has them). The run directory collects what people want to look at afterwards:
 ``config.json`` (every setting), ``metrics.jsonl`` (loss, tokens/s, per-layer
 per-expert loads, drops and plans over time), ``checkpoints/`` (atomic, re-shardable;
-see ``flexmoe.checkpoint``) and ``summary.json``; ``flexmoe report RUN_DIR`` renders it.
+see ``flexmoe.checkpoint``), ``summary.json`` and, with ``--trace PATH``, a routing
+trace of every training step (``flexmoe.planner.trace``); ``flexmoe report RUN_DIR`` renders it.
 
 ``--workers N`` trains on ``N`` local processes (gloo on CPU, NCCL on GPUs) launched
 with ``torchrun``: the MoE layers' experts are spread over the workers (expert
@@ -44,9 +45,11 @@ from flexmoe.parallel import (
     shutdown,
     wrap_data_parallel,
 )
+from flexmoe.planner.trace import RoutingRecorder
 
 __all__ = ["add_train_arguments", "config_file_defaults", "evaluate", "run_train"]
 
+_PATH_OPTIONS = ("run_dir", "resume", "trace")
 _POSITIVE = ("steps", "batch_size", "context", "log_every", "workers", "plan_d", "eval_every", "eval_batches")
 
 
@@ -75,6 +78,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, steps: int = 400) ->
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/train-<time>")
     parser.add_argument("--resume", type=Path, default=None, help="a run (or checkpoint) directory")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="record the routing (per-layer per-step expert counts) to this .jsonl or .jsonl.gz file; "
+        "a relative path is inside the run directory",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--workers", type=int, default=1, help="local worker processes (expert + data parallel); 1: no launch"
@@ -104,7 +114,7 @@ def config_file_defaults(parser: argparse.ArgumentParser, path: Path | None) -> 
         dest = key.replace("-", "_")
         if dest not in known or dest in ("config", "help"):
             raise SystemExit(f"--config {path}: unknown option {key!r}")
-        defaults[dest] = Path(value) if dest in ("run_dir", "resume") and value is not None else value
+        defaults[dest] = Path(value) if dest in _PATH_OPTIONS and value is not None else value
     return defaults
 
 
@@ -266,6 +276,16 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
         )
     if first_step > 1:
         say(f"resumed from {args.resume} at step {first_step - 1}")
+    recorder = None
+    if args.trace is not None:
+        # Train steps are numbered from 1; a resumed run replaces what the trace holds
+        # from its first step on (a crashed run may have recorded past its checkpoint).
+        trace_path = args.trace if args.trace.is_absolute() else run_dir / args.trace
+        meta = {"command": "flexmoe train", "batch_size": args.batch_size, "context": args.context}
+        recorder = RoutingRecorder(
+            model, trace_path, start_step=first_step, meta=meta, rank=rank, world_size=world
+        )
+        say(f"recording the routing of every step to {trace_path}")
     initial = evaluate(trained, corpus, args.batch_size, args.context, args.eval_batches, rank, world)
     say(f"initial eval loss {initial:.3f} (uniform over bytes would be {math.log(256):.3f})")
     if metrics is not None:
@@ -287,6 +307,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if recorder is not None:
+            recorder.step(step)  # one record per MoE layer (eval forwards are not recorded)
         window_tokens += tokens_per_step
         layers = [layer.stats for layer in model.moe_layers() if layer.stats is not None]
         worst = max(s.load_max_over_mean for s in layers)
@@ -341,6 +363,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
                 run_dir / "checkpoints", model, optimizer, step=step, extra={"settings": settings}
             )
     progress.close()
+    if recorder is not None:
+        recorder.close()
     elapsed = time.perf_counter() - start
     steps_run = max(0, args.steps - first_step + 1)
     final = evaluate(trained, corpus, args.batch_size, args.context, args.eval_batches, rank, world)
@@ -362,6 +386,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
         "world_size": world,
         "checkpoint": str(checkpoint),
         "expert_backend": last.backend if last else None,
+        "trace": None if recorder is None else str(recorder.path),
     }
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
