@@ -38,7 +38,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     skew: str | None = None  # "one": every token picks expert 0 first; "zipf"; "never": last expert unused
     rerouting: RerouteConfig | None = None
-    plans: list[Plan] = field(default_factory=list)  # default: every valid plan
+    plans: list[Plan | str] = field(default_factory=list)  # default: every valid plan; "auto": the tuner
 
 
 def all_plans(layer: MoELayer) -> list[Plan]:
@@ -141,6 +141,14 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         assert stats.capacity == oracle.stats.capacity, where
         assert stats.world_size == world and stats.plan.r is not None, where
         assert stats.plan.reroute == (stats.expert_copies > 0), where
+        if isinstance(plan, str):  # "auto": every rank took the same decision
+            decisions: list[Any] = [None] * world
+            assert stats.tuner is not None, where
+            dist.all_gather_object(decisions, (stats.tuner.plan, stats.tuner.phase, stats.tuner.bucket))
+            assert all(d == decisions[0] for d in decisions), (where, decisions)
+            assert stats.plan.reroute == bool(stats.tuner.plan.reroute), where
+            assert {name: p.data_ptr() for name, p in layer.named_parameters()} == ptrs, where
+            continue
         if plan.reroute and case.skew == "one" and case.top_k == 1:
             assert stats.plan.reroute and stats.rerouted_rows > 0, where  # everything on one rank
         if plan.reroute is False:
@@ -337,3 +345,32 @@ def check_eight_ranks(rank: int, world: int, node_sizes: list[int], cases: list[
     """The exchange check and the equivalence cases on one set of processes."""
     check_exchange(rank, world, node_sizes)
     return check_equivalence(rank, world, cases)
+
+
+def run_tuner(rank: int, world: int, num_experts: int, schedule: list[str], tuner: Any) -> list[Any]:
+    """Training steps of one layer with ``plan="auto"`` under a schedule of skews.
+
+    ``schedule[i]``: the routing of step ``i`` (``"uniform"`` or ``"one"``: every token
+    chooses experts 0 and 1, both on rank 0). Returns, per step, ``(phase, plan, bucket, predicted_s,
+    previous_s)`` of ``layer.stats.tuner`` (every rank's must agree: checked here).
+    """
+    torch.manual_seed(0)
+    E = num_experts
+    layer = MoELayer(
+        32, 64, E, 2, router=RouterConfig(kind="sigmoid", selection_bias=True), plan="auto", tuner=tuner
+    )
+    out = []
+    for step, skew in enumerate(schedule):
+        bias = torch.tensor([100.0, 100.0] + [0.0] * (E - 2)) if skew == "one" else torch.zeros(E)
+        layer.router.expert_bias_E.copy_(bias)
+        torch.manual_seed(1000 * step + rank)
+        x = torch.randn(64, 32, requires_grad=True)
+        layer(x).square().mean().backward()
+        assert layer.stats is not None and layer.stats.tuner is not None
+        d = layer.stats.tuner
+        row = (d.phase, d.plan, d.bucket, d.predicted_s, d.previous_s)
+        rows: list[Any] = [None] * world
+        dist.all_gather_object(rows, row)
+        assert all(r == rows[0] for r in rows), rows
+        out.append(row)
+    return out

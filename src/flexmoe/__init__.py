@@ -8,6 +8,7 @@ from flexmoe.config import (
     Plan,
     RerouteConfig,
     RouterConfig,
+    TunerConfig,
 )
 from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, name_moe_layers, update_expert_biases
 
@@ -23,6 +24,7 @@ __all__ = [
     "Plan",
     "RerouteConfig",
     "RouterConfig",
+    "TunerConfig",
     "__version__",
     "attach_aux_free_update",
     "name_moe_layers",

@@ -21,6 +21,7 @@ __all__ = [
     "Plan",
     "RerouteConfig",
     "RouterConfig",
+    "TunerConfig",
     "validate_capacity_factor",
     "validate_top_k",
 ]
@@ -273,8 +274,9 @@ class RerouteConfig:
         min_chunk: smallest piece of an expert sent to another rank (rows).
         max_copies_per_rank: hard bound on expert copies a rank receives per step.
         max_rows_per_rank: hard bound on rows a rank computes per step.
-        gemm_flops: expert GEMM throughput per rank (FLOP/s) for the cost estimate.
-        link_bytes_per_s, link_latency_s: the link between ranks, for the cost estimate.
+
+    Whether rerouting pays is the cost model's call (``flexmoe.planner.simulate`` on the
+    layer's cluster, ``TunerConfig.cluster``): the same model ``plan="auto"`` scores with.
     """
 
     enabled: bool = True
@@ -284,9 +286,6 @@ class RerouteConfig:
     min_chunk: int = 1
     max_copies_per_rank: int | None = None
     max_rows_per_rank: int | None = None
-    gemm_flops: float = 5e10
-    link_bytes_per_s: float = 1e9
-    link_latency_s: float = 5e-5
 
     def __post_init__(self) -> None:
         _require(self.threshold >= 1.0, "threshold", "a float >= 1", self.threshold)
@@ -297,9 +296,62 @@ class RerouteConfig:
             value = getattr(self, name)
             if value is not None:
                 _require(_is_int(value) and value >= 0, name, "an int >= 0 or None", value)
-        for name in ("gemm_flops", "link_bytes_per_s"):
-            _require(getattr(self, name) > 0, name, "a positive float", getattr(self, name))
-        _require(self.link_latency_s >= 0, "link_latency_s", "a float >= 0", self.link_latency_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunerConfig:
+    """The cost model and the online tuner of a distributed layer (``flexmoe.parallel.tuner``).
+
+    Attributes:
+        cluster: the cost model's machine: a preset name, ``"this-machine"`` (the file
+            ``flexmoe calibrate`` writes) or a cluster JSON path; ``None``: the
+            calibration if there is one, else a rough model of the device (with a
+            warning). The first rank's cluster is used by all.
+        measure_top: with ``plan="auto"``, candidates measured online per load bucket
+            (the best predicted ones), besides plain expert parallelism.
+        measure_steps: steps each measured candidate runs; the first is a warm-up, the
+            median of the others is its time.
+        pipelining: pipelining degrees ``d`` the tuner considers.
+        bucket_width: load buckets are ``log2`` of the busiest rank's rows over the mean,
+            in steps of this width (and ``log2`` of the rows, in steps of 0.5): a new
+            bucket is searched, a known one reuses its winner.
+        drift: re-tune a bucket when its winner's recent median time moves this far
+            (a fraction) from the time it won with.
+    """
+
+    cluster: str | None = None
+    measure_top: int = 2
+    measure_steps: int = 3
+    pipelining: tuple[int, ...] = (1, 2, 4)
+    bucket_width: float = 0.25
+    drift: float = 0.3
+
+    def __post_init__(self) -> None:
+        _require(
+            self.cluster is None or isinstance(self.cluster, str), "cluster", "a str or None", self.cluster
+        )
+        _require(
+            _is_int(self.measure_top) and self.measure_top >= 0,
+            "measure_top",
+            "an int >= 0",
+            self.measure_top,
+        )
+        _require(
+            _is_int(self.measure_steps) and self.measure_steps >= 1,
+            "measure_steps",
+            "an int >= 1",
+            self.measure_steps,
+        )
+        _require(
+            isinstance(self.pipelining, tuple)
+            and len(self.pipelining) > 0
+            and all(_is_int(d) and d >= 1 for d in self.pipelining),
+            "pipelining",
+            "a non-empty tuple of ints >= 1",
+            self.pipelining,
+        )
+        _require(self.bucket_width > 0, "bucket_width", "a float > 0", self.bucket_width)
+        _require(self.drift > 0, "drift", "a float > 0", self.drift)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +365,7 @@ class MoEConfig:
         top_k: experts per token ``K``.
         router, capacity, experts, balance: the per-stage settings.
         reroute: least-loaded rerouting of a distributed layer (ignored on one device).
+        tuner: the cost model and online plan tuner of a distributed layer.
         check_finite: raise on non-finite inputs (costs a host sync).
     """
 
@@ -325,6 +378,7 @@ class MoEConfig:
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     reroute: RerouteConfig = field(default_factory=RerouteConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
     check_finite: bool = False
 
     def __post_init__(self) -> None:

@@ -71,6 +71,11 @@ def _all_gather(comm: Communicator, x: Tensor, what: str) -> Tensor:
     return comm.run(gather, what)
 
 
+# Header fields that may differ between ranks: the rank's tokens, whether its input was
+# accepted, and its measured time of the previous call (the online tuner's feedback).
+HEADER_FREE_FIELDS = ("num_tokens", "input_ok", "previous_us")
+
+
 def check_header(comm: Communicator, fields: dict[str, int], device: torch.device) -> Tensor:
     """All-gather ``fields`` (this call's token count and settings) and compare them.
 
@@ -89,7 +94,7 @@ def check_header(comm: Communicator, fields: dict[str, int], device: torch.devic
                 "(their own error says why); every rank stops this step"
             )
     for j, name in enumerate(names):
-        if name in ("num_tokens", "input_ok"):
+        if name in HEADER_FREE_FIELDS:
             continue
         column = table[:, j].tolist()
         if len(set(column)) > 1:

@@ -39,7 +39,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ReroutePlan", "plan_rerouting", "predicted_times", "reroute_pieces"]
+__all__ = ["ReroutePlan", "plan_rerouting", "reroute_pieces"]
 
 
 @dataclass
@@ -201,33 +201,6 @@ def _merge(pieces: list[tuple[int, float, float]]) -> list[tuple[int, float, flo
         elif stop > start or not merged:
             merged.append((rank, start, stop))
     return merged
-
-
-def predicted_times(
-    plan: ReroutePlan,
-    experts_per_rank: int,
-    row_flops: float,
-    copy_bytes: float,
-    gemm_flops: float,
-    link_bytes_per_s: float,
-    link_latency_s: float,
-) -> tuple[float, float]:
-    """Predicted expert-stage time of a training step ``(plain EP, rerouted)``.
-
-    The slowest rank sets the pace: its rows times ``row_flops / gemm_flops``; a rerouted
-    step adds, on each rank, the copies it sends or receives, each paid twice (weights
-    forward, their gradients backward) at the link's latency and bandwidth.
-    """
-    W = len(plan.rows_per_rank)
-    per_row = row_flops / gemm_flops
-    per_copy = 2 * (link_latency_s + copy_bytes / link_bytes_per_s)
-    moves = [0] * W
-    for expert, rank in plan.transfers:
-        moves[rank] += 1
-        moves[expert // experts_per_rank] += 1
-    plain = max(plan.native_rows_per_rank) * per_row
-    rerouted = max(rows * per_row + m * per_copy for rows, m in zip(plan.rows_per_rank, moves, strict=True))
-    return plain, rerouted
 
 
 def reroute_pieces(
