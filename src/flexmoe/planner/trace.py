@@ -352,7 +352,10 @@ class RoutingRecorder:
     forward in a step writes no record for it. Counts of forwards after the last step
     are dropped by ``close()``.
 
-    Steps are numbered from ``start_step`` (``step(n)`` numbers one explicitly). Layers
+    Steps are numbered from ``start_step`` (``step(n)`` numbers one explicitly). An
+    existing trace at ``path`` (same experts and top-k) is continued: its records
+    before ``start_step`` stay and those from ``start_step`` on are replaced (a run
+    resumed from a checkpoint redoes them; with the default 0, the file starts over). Layers
     are named by their module path in ``model``. Every layer must have the same
     ``num_experts`` and ``top_k`` (one header per file; record a sub-module otherwise),
     and no forward may override ``top_k``.
