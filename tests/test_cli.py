@@ -140,6 +140,10 @@ def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, 
             "--workers",
             "2",
             *SMALL,
+            "--steps",
+            "9",  # three more steps, with the online tuner
+            "--plan",
+            "auto",
             "--resume",
             str(one),
             "--run-dir",
@@ -151,4 +155,7 @@ def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, 
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "plan auto (the online tuner)" in result.stdout, result.stdout
+    tuned = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    assert any(layer["tuner"] == "search" for r in tuned if "layers" in r for layer in r["layers"])
     assert _summary(again)["initial_eval_loss"] == pytest.approx(_summary(one)["final_eval_loss"], rel=1e-5)

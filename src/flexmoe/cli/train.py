@@ -89,6 +89,12 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, steps: int = 400) ->
     parser.add_argument(
         "--workers", type=int, default=1, help="local worker processes (expert + data parallel); 1: no launch"
     )
+    parser.add_argument(
+        "--plan",
+        choices=["fixed", "auto"],
+        default="fixed",
+        help="fixed: the plan of --plan-r/--plan-d/--exchange/--reroute; auto: the online tuner picks it",
+    )
     parser.add_argument("--plan-r", type=int, default=None, help="plan sharing degree r (default: layer's)")
     parser.add_argument("--plan-d", type=int, default=1, help="plan pipelining degree d")
     parser.add_argument("--exchange", choices=["flat", "2dh"], default="flat", help="all-to-all algorithm")
@@ -229,9 +235,11 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
         expert_hidden_dim=args.expert_hidden,
         capacity_factor=args.capacity_factor,
         load_balance_weight=args.load_balance_weight,
-        plan=Plan(r=args.plan_r, d=args.plan_d, exchange=args.exchange, reroute=reroute)
-        if world > 1
-        else None,
+        plan=None
+        if world == 1
+        else "auto"
+        if args.plan == "auto"
+        else Plan(r=args.plan_r, d=args.plan_d, exchange=args.exchange, reroute=reroute),
     )
     model = TinyMoELM(config)
     trained = wrap_data_parallel(model)
@@ -270,9 +278,14 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
     if world > 1:
         layer = model.moe_layers()[0]
         assert layer._ep is not None and config.plan is not None
+        plan_text = (
+            "auto (the online tuner)"
+            if isinstance(config.plan, str)
+            else str(layer._ep.placement.resolve(config.plan))
+        )
         say(
             f"expert parallel: {config.num_experts} experts over {world} workers "
-            f"({layer.experts.num_experts} per worker), plan {layer._ep.placement.resolve(config.plan)}"
+            f"({layer.experts.num_experts} per worker), plan {plan_text}"
         )
     if first_step > 1:
         say(f"resumed from {args.resume} at step {first_step - 1}")
@@ -345,6 +358,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
                             "assignments": s.num_tokens * s.top_k,
                             "load_max_over_mean": s.load_max_over_mean,
                             "plan": _plan_text(s.plan),
+                            "tuner": s.tuner.phase if s.tuner is not None else None,
                             "rerouted_rows": s.rerouted_rows,
                         }
                         for s in layers

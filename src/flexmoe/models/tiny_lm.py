@@ -31,7 +31,7 @@ class TinyMoELMConfig:
     expert_hidden_dim: int = 256
     capacity_factor: float = 0.0
     load_balance_weight: float = 0.01
-    plan: Plan | None = None  # the MoE layers' parallel plan (distributed runs)
+    plan: Plan | str | None = None  # the MoE layers' parallel plan (distributed runs); "auto": the tuner
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:
