@@ -8,6 +8,7 @@ compares outputs and gradients (input, every stored expert slice, router).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -374,3 +375,224 @@ def run_tuner(rank: int, world: int, num_experts: int, schedule: list[str], tune
         assert all(r == rows[0] for r in rows), rows
         out.append(row)
     return out
+
+
+# --------------------------------------------------------------------------- placement
+def _placed_layers(case: Case, placement: list[int], before_load: bool) -> tuple[MoELayer, MoELayer]:
+    """A single-device oracle and a distributed layer with the same global weights, placed."""
+    torch.manual_seed(case.seed)
+    kwargs: dict[str, Any] = {
+        "activation": case.activation,
+        "bias": case.bias,
+        "capacity_factor": case.capacity_factor,
+        "batch_prioritized": case.batch_prioritized,
+        "load_balance_weight": case.load_balance_weight,
+        "rerouting": case.rerouting,
+    }
+    D, E, K = case.dim, case.num_experts, case.top_k
+    if case.skew is not None:
+        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True)
+    oracle = MoELayer(D, case.hidden_dim, E, K, group=False, **kwargs)
+    if case.skew == "zipf":
+        oracle.router.expert_bias_E.copy_(4.0 * -torch.log(torch.arange(1, E + 1, dtype=torch.float32)) * 1.2)
+    layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
+    if before_load:  # place the (random) weights, then load: each rank keeps its placed slots
+        layer.apply_placement(placement)
+        layer.load_single_device_state_dict(oracle.state_dict())
+    else:  # load, then move the loaded weights
+        layer.load_single_device_state_dict(oracle.state_dict())
+        report = layer.apply_placement(placement)
+        El = E // dist.get_world_size()
+        moved = sum(1 for e, s in enumerate(placement) if s // El != e // El)
+        assert report.experts_moved == moved, (report, placement)
+    assert layer.expert_placement == placement
+    return oracle, layer
+
+
+def check_placed_equivalence(rank: int, world: int, cases: list[tuple[Case, list[int], bool]]) -> int:
+    """Under a non-identity placement, every listed plan: outputs, gradients, stats and the
+    gathered state dict equal the single-device layer's."""
+    checked = 0
+    for case, placement, before_load in cases:
+        oracle, layer = _placed_layers(case, placement, before_load)
+        stored = layer.stored_experts
+        El = case.num_experts // world
+        assert sorted(stored) == sorted(e for e, s in enumerate(placement) if s // El == rank)
+        full = layer.single_device_state_dict()
+        for key, value in oracle.state_dict().items():
+            torch.testing.assert_close(full[key], value, rtol=0, atol=0, msg=key)
+        tokens = case.tokens_per_rank or [6] * world
+        start, T = sum(tokens[:rank]), tokens[rank]
+        x_global, g_global = torch.randn(sum(tokens), case.dim), torch.randn(sum(tokens), case.dim)
+        x_ref = x_global.clone().requires_grad_()
+        y_ref = oracle(x_ref)
+        (torch.sum(y_ref * g_global) + oracle.aux_loss).backward()
+        assert oracle.stats is not None and x_ref.grad is not None
+        for plan in case.plans:
+            layer.zero_grad(set_to_none=True)
+            x = x_global[start : start + T].clone().requires_grad_()
+            y = layer(x, plan=plan)
+            (torch.sum(y * g_global[start : start + T]) + layer.aux_loss / world).backward()
+            where = f"rank {rank}, {case}, placement {placement}, {plan}"
+            _close(f"output ({where})", y, y_ref[start : start + T].detach())
+            assert x.grad is not None
+            _close(f"input grad ({where})", x.grad, x_ref.grad[start : start + T])
+            for name in ("w_in", "w_out", "b_in", "b_out"):
+                param, ref = getattr(layer.experts, name), getattr(oracle.experts, name)
+                if param is None:
+                    continue
+                _close(f"experts.{name} grad ({where})", param.grad, ref.grad[stored])
+            for name, param in layer.router.named_parameters():
+                grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+                dist.all_reduce(grad)
+                _close(
+                    f"router.{name} grad ({where})", grad, dict(oracle.router.named_parameters())[name].grad
+                )
+            stats = layer.stats
+            assert stats is not None
+            assert torch.equal(stats.routed_per_expert, oracle.stats.routed_per_expert), where
+            assert torch.equal(stats.tokens_per_expert, oracle.stats.tokens_per_expert), where
+            assert (stats.dropped, stats.capacity) == (oracle.stats.dropped, oracle.stats.capacity), where
+            if stats.rows_per_rank is not None:
+                kept = oracle.stats.tokens_per_expert.tolist()
+                native = [sum(kept[e] for e, s in enumerate(placement) if s // El == p) for p in range(world)]
+                assert stats.native_rows_per_rank == native, where  # rows go where the placement says
+                bounds = case.rerouting or RerouteConfig()
+                if stats.plan.reroute and bounds.max_rows_per_rank is not None:
+                    assert max(stats.rows_per_rank) <= bounds.max_rows_per_rank, where
+                if stats.plan.reroute and bounds.max_copies_per_rank is not None:
+                    assert stats.copies_per_rank is not None
+                    assert max(stats.copies_per_rank) <= bounds.max_copies_per_rank, where
+            checked += 1
+    return checked
+
+
+class _PlacedModel(torch.nn.Module):
+    def __init__(self, num_experts: int, group: Any) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 16)
+        self.moe = MoELayer(16, 8, num_experts, 2, bias=True, group=group, capacity_factor=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(torch.tanh(self.inp(x)))  # type: ignore[no-any-return]
+
+
+def _placed_training(
+    rank: int, world: int, num_experts: int, steps: int, moves: dict[int, list[int]], with_optimizer: bool
+) -> tuple[list[float], dict[str, torch.Tensor], list[Any]]:
+    """Train a distributed model on every rank's share of a fixed global batch stream;
+    at step ``s`` in ``moves``, after backward and before the optimizer step, apply
+    ``moves[s]`` (the gradients, weights and AdamW moments move). Returns the global
+    losses, the gathered single-device state and the move reports."""
+    from flexmoe.parallel import scale_expert_gradients
+
+    torch.manual_seed(0)
+    reference = _PlacedModel(num_experts, group=False)  # the oracle's initial weights
+    model = _PlacedModel(num_experts, group=None)
+    model.inp.load_state_dict(reference.inp.state_dict())
+    model.moe.load_single_device_state_dict(reference.moe.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    T = 24 // world
+    losses, reports = [], []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        x, target = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+        xs, ys = x[rank * T : (rank + 1) * T], target[rank * T : (rank + 1) * T]
+        loss = torch.nn.functional.mse_loss(model(xs), ys) + model.moe.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        for p in [*model.inp.parameters(), *model.moe.router.parameters()]:
+            assert p.grad is not None
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        scale_expert_gradients(model)
+        if step in moves:
+            reports.append(model.moe.apply_placement(moves[step], optimizer if with_optimizer else None))
+        optimizer.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / world)
+    return losses, model.moe.single_device_state_dict() | {"inp": model.inp.weight.detach()}, reports
+
+
+def check_placement_training(rank: int, world: int, num_experts: int, moves: dict[int, list[int]]) -> Any:
+    """Training with placement changes mid-way equals training without them and the single
+    device (losses and weights); moving without the optimizer's state does not."""
+    steps = max(moves) + 3
+    torch.manual_seed(0)
+    oracle = _PlacedModel(num_experts, group=False)
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=1e-2)
+    oracle_losses = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        x, target = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+        loss = torch.nn.functional.mse_loss(oracle(x), target) + oracle.moe.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        oracle_losses.append(float(loss.detach()))
+    oracle_state = oracle.moe.state_dict() | {"inp": oracle.inp.weight.detach()}
+    plain_losses, plain_state, _ = _placed_training(rank, world, num_experts, steps, {}, True)
+    moved_losses, moved_state, reports = _placed_training(rank, world, num_experts, steps, moves, True)
+    _, lost_state, _ = _placed_training(rank, world, num_experts, steps, moves, False)
+    torch.testing.assert_close(moved_losses, plain_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moved_losses, oracle_losses, rtol=1e-5, atol=1e-6)
+    for key, want in oracle_state.items():
+        torch.testing.assert_close(plain_state[key], want, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(moved_state[key], want, rtol=1e-4, atol=1e-5, msg=key)
+    # Moving the weights without their AdamW moments changes training: the test can fail.
+    diverged = max(float((lost_state[k] - oracle_state[k]).abs().max()) for k in oracle_state)
+    assert diverged > 1e-3, diverged
+    return [dataclasses.asdict(r) for r in reports]
+
+
+def checkpoint_placed_step(
+    rank: int,
+    world: int,
+    load_from: str,
+    save_to: str,
+    seed: int,
+    load_placement: list[int],
+    save_placement: list[int],
+) -> float:
+    """``checkpoint_reshard_step`` with placements: placed before loading, re-placed
+    (with the optimizer's state) before saving."""
+    from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+    from flexmoe.parallel import scale_expert_gradients
+
+    torch.manual_seed(100 + rank)
+    model, optimizer = checkpoint_model(num_experts=len(load_placement), bias=True, group=None)
+    model[1].apply_placement(load_placement)
+    load_checkpoint(load_from, model, optimizer)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    T = 12 // world
+    loss = torch.nn.functional.mse_loss(model(x[rank * T : (rank + 1) * T]), y[rank * T : (rank + 1) * T])
+    loss = loss + model[1].aux_loss
+    optimizer.zero_grad()
+    loss.backward()
+    for p in [*model[0].parameters(), *model[1].router.parameters()]:
+        assert p.grad is not None
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    scale_expert_gradients(model)
+    optimizer.step()
+    model[1].apply_placement(save_placement, optimizer)
+    save_checkpoint(save_to, model, optimizer, step=seed)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+def check_placement_suite(
+    rank: int,
+    world: int,
+    cases: list[tuple[Case, list[int], bool]],
+    training: tuple[int, dict[int, list[int]]],
+    checkpoint: tuple[str, str, int, list[int], list[int]],
+) -> tuple[int, Any, float]:
+    """The placement checks on one set of processes: equivalence, training, checkpoints."""
+    checked = check_placed_equivalence(rank, world, cases)
+    reports = check_placement_training(rank, world, *training)
+    loss = checkpoint_placed_step(rank, world, *checkpoint)
+    return checked, reports, loss

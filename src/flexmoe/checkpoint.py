@@ -93,21 +93,18 @@ def _whole_experts(layer: MoELayer, tensors: tuple[Tensor | None, ...]) -> dict[
     experts = layer.experts
     assert isinstance(experts, GroupedExperts)
     ep = layer._ep
-    if ep is None:
-        first, count = 0, layer.config.num_experts
-        whole = tensors
-    elif not ep.placement.sharded:
-        first, count = ep.placement.first_expert, ep.placement.local_experts
+    stored = layer.stored_experts  # logical expert of each stored row (any placement)
+    if ep is None or not ep.placement.sharded:
         whole = tensors
     else:
         # Gather the expert's S shards (r=1: one group per expert); shard 0's rank writes it.
         gathered = ep.gather_like(tensors, experts, 1, has_bias=experts.b_in is not None)  # type: ignore[arg-type]
         if ep.placement.shard_index != 0:
             return {}
-        first, count, whole = ep.placement.first_expert, 1, gathered
+        whole = gathered
     out: dict[int, dict[str, Tensor]] = {}
-    for i in range(count):
-        out[first + i] = {
+    for i, expert in enumerate(stored):
+        out[expert] = {
             name: t[i].detach().contiguous()
             for name, t in zip(EXPERT_NAMES, whole, strict=True)
             if t is not None
@@ -122,7 +119,7 @@ def _local_from_whole(layer: MoELayer, name: str, get: Callable[[int], Tensor]) 
         return torch.stack([get(e) for e in range(layer.config.num_experts)])
     pl = ep.placement
     if not pl.sharded:
-        return torch.stack([get(e) for e in range(pl.first_expert, pl.first_expert + pl.local_experts)])
+        return torch.stack([get(e) for e in layer.stored_experts])
     gated = layer.config.experts.activation in GATED_ACTIVATIONS
     return pl.shard_of(name, get(pl.first_expert).unsqueeze(0), gated)
 

@@ -6,7 +6,7 @@ Legend: T tokens, D model dim, E experts, K top-k, N kept routed slots.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from flexmoe.config import (
     Plan,
     RerouteConfig,
     RouterConfig,
+    TunerConfig,
     validate_capacity_factor,
     validate_top_k,
 )
@@ -28,7 +29,11 @@ from flexmoe.dispatch import Dispatcher, DispatchLayout, LocalDispatcher, make_l
 from flexmoe.dispatch.permute import combine, permute
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
 from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
-from flexmoe.parallel.rerouting import ReroutePlan, plan_rerouting, predicted_times
+from flexmoe.parallel.layout import GlobalLayout
+from flexmoe.parallel.placement import PlacementAdvice, advise_placement, check_placement, experts_by_rank
+from flexmoe.parallel.rebalance import MoveReport, move_experts
+from flexmoe.parallel.rerouting import ReroutePlan, plan_rerouting
+from flexmoe.parallel.tuner import CostModel, Stopwatch, Tuner, TunerDecision, build_tuner, cost_model
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 from flexmoe.routing.routers import RouterOutput
 from flexmoe.workspace import WORKSPACE
@@ -44,7 +49,8 @@ class MoEStats:
         num_tokens, top_k: ``T`` and ``K`` of the call.
         capacity_factor: the capacity factor in force; ``capacity`` the per-expert
             capacity it gave (``None`` when dropless).
-        routed_per_expert: routed assignments per expert before any drop (int64, CPU).
+        routed_per_expert: routed assignments per expert before any drop (int64, CPU),
+            indexed by the router's (logical) expert ids whatever the placement.
         tokens_per_expert: assignments each expert actually processed (int64, CPU).
         dropped: assignments dropped by the capacity limit.
         load_max_over_mean: max / mean of ``routed_per_expert`` (1.0 is perfect balance).
@@ -56,6 +62,9 @@ class MoEStats:
         rerouted_rows, expert_copies: rows computed away from their expert's rank, and
             expert weight copies sent, this call; ``copies_per_rank`` the copies each
             rank received.
+        tuner: with ``plan="auto"``, the online tuner's decision for this call (a
+            ``flexmoe.parallel.tuner.TunerDecision``: bucket, phase, predicted time,
+            the previous call's measured time), else ``None``.
     """
 
     num_tokens: int
@@ -76,6 +85,7 @@ class MoEStats:
     rerouted_rows: int = 0
     expert_copies: int = 0
     copies_per_rank: list[int] | None = None
+    tuner: TunerDecision | None = None
 
 
 class MoELayer(nn.Module):
@@ -123,7 +133,13 @@ class MoELayer(nn.Module):
             ``CollectiveTimeoutError`` naming the layer and step (default: wait).
         rerouting: when and how far to reroute hot experts' rows to less loaded ranks
             (a ``flexmoe.RerouteConfig``; default: when the busiest rank has 1.3x the
-            mean rows and the estimate says it pays). ``Plan(reroute=...)`` forces it.
+            mean rows and the cost model says it pays). ``Plan(reroute=...)`` forces it.
+        plan: the plan of calls that pass none: a ``flexmoe.Plan``, or ``"auto"`` for the
+            online tuner (``flexmoe.parallel.tuner``: scores plans with the cost model,
+            measures the best few, caches the winner per load bucket). Also settable
+            as ``layer.plan``.
+        tuner: the cost model's machine and the tuner's settings (a
+            ``flexmoe.TunerConfig``; default: the calibration of this machine).
 
     After each forward, ``aux_loss`` holds the weighted auxiliary loss (a differentiable
     scalar) and ``stats`` a ``MoEStats``.
@@ -160,9 +176,13 @@ class MoELayer(nn.Module):
         ranks_per_node: int | None = None,
         timeout: float | None = None,
         rerouting: RerouteConfig | None = None,
+        plan: Plan | str | None = None,
+        tuner: TunerConfig | None = None,
     ) -> None:
         if rerouting is not None and not isinstance(rerouting, RerouteConfig):
             raise TypeError(f"rerouting must be a flexmoe.RerouteConfig, got {type(rerouting).__name__}")
+        if tuner is not None and not isinstance(tuner, TunerConfig):
+            raise TypeError(f"tuner must be a flexmoe.TunerConfig, got {type(tuner).__name__}")
         if isinstance(router, str):
             router_config = RouterConfig(kind=router, selection_bias=aux_free_rate > 0)  # type: ignore[arg-type]
         elif isinstance(router, RouterConfig):
@@ -192,10 +212,12 @@ class MoELayer(nn.Module):
                 aux_free_rate=aux_free_rate,
             ),
             reroute=rerouting or RerouteConfig(),
+            tuner=tuner or TunerConfig(),
             check_finite=check_finite,
         )
         super().__init__()
         self._build(config, experts, device, dtype, group, ranks_per_node, timeout)
+        self.plan = plan
 
     @classmethod
     def from_config(
@@ -208,6 +230,7 @@ class MoELayer(nn.Module):
         group: object = None,
         ranks_per_node: int | None = None,
         timeout: float | None = None,
+        plan: Plan | str | None = None,
     ) -> MoELayer:
         """Build a layer from a complete ``MoEConfig`` (other arguments as in ``__init__``)."""
         if not isinstance(config, MoEConfig):
@@ -215,6 +238,7 @@ class MoELayer(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._build(config, experts, device, dtype, group, ranks_per_node, timeout)
+        layer.plan = plan
         return layer
 
     def _build(
@@ -228,6 +252,10 @@ class MoELayer(nn.Module):
         timeout: float | None = None,
     ) -> None:
         self.config = config
+        self._default_plan: Plan | str | None = None
+        self._tuner: Tuner | None = None  # built at the first "auto" call (collective)
+        self._cost: CostModel | None = None  # built at the first rerouting decision (collective)
+        self._watch: Stopwatch | None = None
         if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if ranks_per_node is not None and not (isinstance(ranks_per_node, int) and ranks_per_node >= 1):
@@ -253,6 +281,11 @@ class MoELayer(nn.Module):
             torch.zeros(config.num_experts, dtype=torch.int64, device=device),
             persistent=False,
         )
+        # Where each logical expert is stored (see ``apply_placement``). Not a buffer: the
+        # state_dict stays as it was (portable copies, ``single_device_state_dict`` and
+        # checkpoints, are per logical expert whatever the placement).
+        self._placement: list[int] | None = None  # None: the identity
+        self._slot_index: Tensor | None = None  # the placement as a tensor, on the last device used
         self.aux_loss = torch.zeros(())
         self.stats = None
 
@@ -336,7 +369,8 @@ class MoELayer(nn.Module):
     def load_single_device_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Load the ``state_dict`` of a single-device layer of the same configuration.
 
-        Each rank keeps the expert slices it stores, and everything else whole.
+        Each rank keeps the expert slices it stores (under the current placement), and
+        everything else whole.
         """
         ep = self._ep
         if ep is None:
@@ -346,9 +380,13 @@ class MoELayer(nn.Module):
             raise ValueError("load_single_device_state_dict needs the built-in experts")
         gated = self.config.experts.activation in GATED_ACTIVATIONS
         local: dict[str, Tensor] = {}
+        stored = None if self._placement is None else torch.tensor(self.stored_experts)
         for key, value in state_dict.items():
             if key.startswith("experts."):
                 name = key.removeprefix("experts.")
+                if stored is not None:  # whole experts in this rank's slots
+                    local[key] = value.index_select(0, stored.to(value.device))
+                    continue
                 part = ep.placement.local_slice(name, value, gated)
                 if part is not None:
                     local[key] = part
@@ -368,13 +406,150 @@ class MoELayer(nn.Module):
         if not isinstance(self.experts, GroupedExperts):
             raise ValueError("single_device_state_dict needs the built-in experts")
         with torch.no_grad():
-            full = ep.gather_weights(self.experts, 0)
+            full = ep.gather_weights(self.experts, 0)  # physical slot order
         for key in [k for k in state if k.startswith("experts.")]:
             del state[key]
         for name, value in zip(("w_in", "w_out", "b_in", "b_out"), full, strict=True):
             if value is not None:
+                if self._placement is not None:  # back to logical order
+                    value = value.index_select(0, self._slots_on(value.device))
                 state[f"experts.{name}"] = value.detach().clone()
         return state
+
+    # ------------------------------------------------------------- placement
+    @property
+    def expert_placement(self) -> list[int]:
+        """``slot_of_expert``: the physical slot of each logical expert (rank ``slot // (E/W)``).
+
+        The identity until ``apply_placement`` changes it; always the identity on one
+        device or with sharded experts (``E < W``).
+        """
+        return list(range(self.config.num_experts)) if self._placement is None else list(self._placement)
+
+    @property
+    def stored_experts(self) -> list[int]:
+        """The logical experts this rank stores, in the order of its expert parameters' rows.
+
+        Sharded experts (``E < W``): the one expert this rank holds a shard of.
+        """
+        ep = self._ep
+        if ep is None:
+            return list(range(self.config.num_experts))
+        pl = ep.placement
+        if pl.sharded:
+            return [pl.first_expert]
+        return experts_by_rank(self.expert_placement, pl.world_size)[pl.rank]
+
+    def apply_placement(
+        self, slot_of_expert: Sequence[int] | Tensor, optimizer: torch.optim.Optimizer | None = None
+    ) -> MoveReport:
+        """Store logical expert ``e`` in slot ``slot_of_expert[e]`` from now on; a collective.
+
+        Call it between steps, on every rank with the same placement (checked), e.g. one
+        from ``flexmoe.parallel.placement.balanced_placement`` or a ``Rebalancer``. The
+        rows of every expert that changes slot move to their new rank: its parameters,
+        their ``.grad`` if any, and with ``optimizer`` every per-parameter state tensor
+        shaped like them (AdamW's moments). Rows are written in place: the parameter
+        objects and their storage stay the same, so the optimizer and DDP keep working.
+        Without ``optimizer``, its state would stay with the slot, not the expert:
+        pass the optimizer whenever it holds state for these parameters.
+
+        The layer then computes exactly what it computed before (the router and its ids
+        stay logical; ``stats`` per expert stay in logical order; only where rows are
+        computed changes). Returns a ``MoveReport`` (experts and bytes moved, seconds).
+
+        Raises ``ValueError`` for a non-permutation, on one device for anything but the
+        identity, or with sharded experts (``E < W``: each expert already spans ``W/E``
+        ranks, so a permutation would not change any rank's load).
+        """
+        E = self.config.num_experts
+        slots = check_placement(
+            slot_of_expert.tolist() if isinstance(slot_of_expert, Tensor) else slot_of_expert,
+            E,
+            1 if self._ep is None else self._ep.world_size if not self._ep.placement.sharded else 1,
+        )
+        ep = self._ep
+        if ep is None or ep.placement.sharded:
+            if slots != list(range(E)):
+                where = "on one device" if ep is None else f"with sharded experts ({E} < W={ep.world_size})"
+                raise ValueError(f"apply_placement: only the identity placement exists {where}")
+            return MoveReport(0, 0, 0, 0, 0, 0, 0, 0.0)
+        ep.check_same({"num_tokens": 0, "placement": stable_hash(repr(slots))})
+        experts = self.experts
+        assert isinstance(experts, GroupedExperts)
+        params = [p for p in (experts.w_in, experts.w_out, experts.b_in, experts.b_out) if p is not None]
+        report = move_experts(params, self.expert_placement, slots, ep.comm, optimizer)
+        self._placement = None if slots == list(range(E)) else slots
+        self._slot_index = None
+        return report
+
+    def placement_advice(
+        self,
+        loads: Sequence[float],
+        optimizer: torch.optim.Optimizer | None = None,
+        horizon_steps: int = 100,
+        min_gain: float = 0.05,
+        *,
+        gemm_flops: float = 5e10,
+        link_bytes_per_s: float = 1e9,
+        link_latency_s: float = 5e-5,
+    ) -> PlacementAdvice:
+        """A balanced placement for per-expert ``loads``, and whether moving to it pays.
+
+        See ``flexmoe.parallel.placement.advise_placement``: the move must pay back within
+        ``horizon_steps`` steps. Bytes per expert: its parameters plus, with
+        ``optimizer``, its state tensors; a row costs the forward and backward GEMM
+        FLOPs of one expert row at ``gemm_flops`` per rank; the link moves
+        ``link_bytes_per_s`` with ``link_latency_s`` per message (defaults: a rough
+        CPU-class rank on a 1 GB/s link; pass a calibrated machine's numbers).
+        """
+        ep = self._ep
+        if ep is None or ep.placement.sharded:
+            raise ValueError("placement_advice needs a distributed layer with whole experts (E >= W)")
+        experts = self.experts
+        assert isinstance(experts, GroupedExperts)
+        per_expert = 0
+        for p in experts.parameters():
+            per_expert += p[0].numel() * p.element_size()
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            per_expert += sum(
+                v[0].numel() * v.element_size()
+                for v in state.values()
+                if isinstance(v, Tensor) and v.shape == p.shape and v.dim() > 0
+            )
+        width, D, F = experts.w_in.shape[1], self.config.dim, experts.hidden_dim
+        row_flops = 3 * 2 * D * (width + F)  # forward and backward GEMMs of one row
+        return advise_placement(
+            loads,
+            self.expert_placement,
+            ep.world_size,
+            bytes_per_expert=per_expert,
+            seconds_per_row=row_flops / gemm_flops,
+            link_bytes_per_s=link_bytes_per_s,
+            link_latency_s=link_latency_s,
+            horizon_steps=horizon_steps,
+            min_gain=min_gain,
+        )
+
+    def _to_slots(self, expert_ids_TK: Tensor) -> Tensor:
+        """Logical expert ids -> physical slots (the identity needs no work)."""
+        if self._placement is None:
+            return expert_ids_TK
+        return self._slots_on(expert_ids_TK.device)[expert_ids_TK]
+
+    def _to_logical(self, per_slot_E: Tensor) -> Tensor:
+        """Per-slot counts -> per-logical-expert counts."""
+        if self._placement is None:
+            return per_slot_E
+        return per_slot_E[self._slots_on(per_slot_E.device)]
+
+    def _slots_on(self, device: torch.device) -> Tensor:
+        """``slot_of_expert`` as an int64 tensor on ``device`` (cached)."""
+        index = self._slot_index
+        if index is None or index.device != device:
+            index = torch.tensor(self.expert_placement, dtype=torch.int64, device=device)
+            self._slot_index = index
+        return index
 
     def prepare_for_inference(self) -> bool:
         """Pre-pack the expert weights for fast CPU inference (see ``GroupedExperts.prepare_for_inference``).
@@ -385,6 +560,24 @@ class MoELayer(nn.Module):
         if not isinstance(self.experts, GroupedExperts):
             return False
         return self.experts.prepare_for_inference()
+
+    @property
+    def plan(self) -> Plan | str | None:
+        """The plan of calls that pass none: a ``Plan``, ``"auto"`` (the tuner) or ``None`` (``Plan()``)."""
+        return self._default_plan
+
+    @plan.setter
+    def plan(self, value: Plan | str | None) -> None:
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"plan must be a flexmoe.Plan, 'auto' or None, got {value!r}")
+        if value is not None and not isinstance(value, Plan | str):
+            raise TypeError(f"plan must be a flexmoe.Plan, 'auto' or None, got {type(value).__name__}")
+        self._default_plan = value
+
+    @property
+    def tuner(self) -> Tuner | None:
+        """The online tuner (after the first ``plan="auto"`` call of a distributed layer), else ``None``."""
+        return self._tuner
 
     @property
     def world_size(self) -> int:
@@ -398,16 +591,18 @@ class MoELayer(nn.Module):
         *,
         top_k: int | None = None,
         capacity_factor: float | None = None,
-        plan: Plan | None = None,
+        plan: Plan | str | None = None,
     ) -> Tensor:
         """Apply the layer to ``x [..., dim]``; keyword arguments override this call only."""
         cfg = self.config
         if self._ep is None:
             k, cf, plan = self._check_call(x, top_k, capacity_factor, plan)
+            plan = Plan() if plan == "auto" else plan
         else:
             try:
                 k, cf, plan = self._check_call(x, top_k, capacity_factor, plan)
-                plan = self._ep.placement.resolve(plan)
+                if isinstance(plan, Plan):
+                    plan = self._ep.placement.resolve(plan)
             except (TypeError, ValueError):
                 # Tell the other ranks (they would otherwise wait for this one), then raise.
                 self._ep.report_failure(self._step, _CALL_HEADER)
@@ -423,6 +618,7 @@ class MoELayer(nn.Module):
             backend = self.experts.resolved_backend(x.device, compute_dtype)
         if self._ep is not None:
             return self._forward_distributed(self._ep, x, x_TD, k, cf, plan, backend)
+        assert isinstance(plan, Plan)
         if T == 0:
             return self._empty_forward(x, k, cf, plan, backend)
 
@@ -451,8 +647,8 @@ class MoELayer(nn.Module):
         return self._finish_local(x, y_TD, route, layout, T, k, cf, plan, backend)
 
     def _check_call(
-        self, x: Tensor, top_k: int | None, capacity_factor: float | None, plan: Plan | None
-    ) -> tuple[int, float, Plan]:
+        self, x: Tensor, top_k: int | None, capacity_factor: float | None, plan: Plan | str | None
+    ) -> tuple[int, float, Plan | str]:
         """Validate one call's input and overrides; returns ``(top_k, capacity_factor, plan)``."""
         cfg = self.config
         if not isinstance(x, Tensor):
@@ -471,10 +667,12 @@ class MoELayer(nn.Module):
             else validate_capacity_factor(capacity_factor)
         )
         if plan is None:
-            plan = Plan()
-        elif not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a flexmoe.Plan, got {type(plan).__name__}")
-        if self._ep is None and plan.r not in (None, 0, 1):
+            plan = Plan() if self._default_plan is None else self._default_plan
+        if isinstance(plan, str) and plan != "auto":
+            raise ValueError(f"plan must be a flexmoe.Plan or 'auto', got {plan!r}")
+        if not isinstance(plan, Plan | str):
+            raise TypeError(f"plan must be a flexmoe.Plan or 'auto', got {type(plan).__name__}")
+        if self._ep is None and isinstance(plan, Plan) and plan.r not in (None, 0, 1):
             raise ValueError(f"plan.r must be None, 0 or 1 on a single device, got {plan.r}")
         if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
             raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
@@ -515,11 +713,16 @@ class MoELayer(nn.Module):
         return y_TD.reshape(x.shape)
 
     def _forward_distributed(
-        self, ep: ExpertParallel, x: Tensor, x_TD: Tensor, k: int, cf: float, plan: Plan, backend: str
+        self, ep: ExpertParallel, x: Tensor, x_TD: Tensor, k: int, cf: float, plan: Plan | str, backend: str
     ) -> Tensor:
         cfg = self.config
         ep.comm.step = self._step
         self._step += 1
+        if self._watch is None:
+            self._watch = Stopwatch(x.device)
+        watch = self._watch
+        previous_us = round(1e6 * watch.read())
+        x_TD = watch.start(x_TD)
         values = (
             x_TD.shape[0],
             1,
@@ -528,12 +731,17 @@ class MoELayer(nn.Module):
             stable_hash(repr(plan)),
             int(torch.is_grad_enabled()),
             stable_hash(str(x.dtype)),
+            previous_us,
         )
         header = ep.check_same(dict(zip(_CALL_HEADER, values, strict=True)))
         tokens_per_rank: list[int] = header[:, 0].tolist()
+        previous_s = float(header[:, _CALL_HEADER.index("previous_us")].max()) / 1e6  # the slowest rank
         route = self.router(x_TD, k)
+        # Everything from here to the combine runs on physical slots (see apply_placement):
+        # drops are decided per expert in an order that ignores its id, so they are unchanged.
+        slot_ids_TK = self._to_slots(route.expert_ids_TK)
         glayout = ep.layout(
-            route.expert_ids_TK,
+            slot_ids_TK,
             route.weights_TK,
             cfg.num_experts,
             cf,
@@ -544,8 +752,22 @@ class MoELayer(nn.Module):
         x_ND = permute(x_TD, layout)
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         experts = self.experts
-        assert plan.r is not None and isinstance(experts, GroupedExperts)
-        reroute = self._plan_rerouting(ep, plan, glayout.tokens_per_expert_E.tolist())
+        decision: TunerDecision | None = None
+        if plan == "auto":
+            if self._tuner is None:
+                self._tuner = build_tuner(ep, cfg, x.device)
+            decision = self._tuner.choose(
+                glayout.routed_per_expert_E.tolist(),
+                glayout.num_tokens,
+                k,
+                cf,
+                torch.is_grad_enabled(),
+                x.dtype,
+                previous_s,
+            )
+            plan = ep.placement.resolve(decision.plan)
+        assert isinstance(plan, Plan) and plan.r is not None and isinstance(experts, GroupedExperts)
+        reroute = self._plan_rerouting(ep, plan, glayout, k, cf, x.dtype)
         plan = dataclasses.replace(plan, reroute=reroute is not None)
         if plan.r == 0:  # every expert gathered here; no rows move
             weights = ep.gather_weights(experts, 0)
@@ -557,18 +779,17 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         T_global = glayout.num_tokens
-        fraction_E = glayout.routed_per_expert_E.to(torch.float64) / max(1, T_global * k)
-        self._balance(
-            route.probs_TE, route.logits_TE, route.expert_ids_TK, glayout.routed_per_expert_E, fraction_E
-        )
-        routed_counts = glayout.routed_per_expert_E.tolist()
+        routed_E = self._to_logical(glayout.routed_per_expert_E)
+        fraction_E = routed_E.to(torch.float64) / max(1, T_global * k)
+        self._balance(route.probs_TE, route.logits_TE, route.expert_ids_TK, routed_E, fraction_E)
+        routed_counts = routed_E.tolist()
         self.stats = MoEStats(
             num_tokens=T_global,
             top_k=k,
             capacity_factor=cf,
             capacity=layout.capacity,
-            routed_per_expert=glayout.routed_per_expert_E,
-            tokens_per_expert=glayout.tokens_per_expert_E,
+            routed_per_expert=routed_E,
+            tokens_per_expert=self._to_logical(glayout.tokens_per_expert_E),
             dropped=glayout.dropped,
             load_max_over_mean=max(routed_counts) / (T_global * k / cfg.num_experts) if T_global else 0.0,
             plan=plan,
@@ -588,15 +809,19 @@ class MoELayer(nn.Module):
                 self.stats.rerouted_rows = int(reroute.moved_rows)
                 self.stats.expert_copies = reroute.num_copies
                 self.stats.copies_per_rank = [len(c) for c in reroute.copies]
-        return y_TD.reshape(x.shape)
+        self.stats.tuner = decision
+        return watch.stop(y_TD).reshape(x.shape)
 
-    def _plan_rerouting(self, ep: ExpertParallel, plan: Plan, loads: list[int]) -> ReroutePlan | None:
-        """The step's rerouting: forced by the plan, or chosen when the estimate says it pays."""
+    def _plan_rerouting(
+        self, ep: ExpertParallel, plan: Plan, glayout: GlobalLayout, k: int, cf: float, dtype: torch.dtype
+    ) -> ReroutePlan | None:
+        """The step's rerouting: forced by the plan, or chosen when the cost model says it pays."""
         rc = self.config.reroute
         if not plan.reroute and (plan.reroute is False or not rc.enabled):
             return None
         if plan.r != 1 or ep.placement.sharded:
             return None
+        loads: list[int] = glayout.tokens_per_expert_E.tolist()
         bounds = {"max_rows_per_rank": rc.max_rows_per_rank, "max_copies_per_rank": rc.max_copies_per_rank}
         try:
             candidate = plan_rerouting(loads, ep.world_size, alpha=rc.alpha, min_chunk=rc.min_chunk, **bounds)
@@ -610,21 +835,19 @@ class MoELayer(nn.Module):
             return candidate
         if candidate.imbalance_before < rc.threshold:
             return None
-        experts = self.experts
-        assert isinstance(experts, GroupedExperts)
-        width, D, F = experts.w_in.shape[1], self.config.dim, experts.hidden_dim
-        row_flops = 3 * 2 * D * (width + F)  # forward and backward GEMMs of one row
-        per_expert = sum(p[0].numel() * p.element_size() for p in experts.parameters())
-        plain, rerouted = predicted_times(
-            candidate,
-            ep.placement.local_experts,
-            row_flops,
-            per_expert,
-            rc.gemm_flops,
-            rc.link_bytes_per_s,
-            rc.link_latency_s,
-        )
-        return candidate if rerouted <= plain * (1.0 - rc.min_gain) else None
+        if self._cost is None:
+            self._cost = cost_model(ep, self.config, glayout.routed_per_expert_E.device)
+        from flexmoe.planner.simulate import Candidate
+
+        counts: list[int] = glayout.routed_per_expert_E.tolist()
+        training = torch.is_grad_enabled()
+
+        def predict(reroute: bool) -> float:
+            assert self._cost is not None
+            option = Candidate(r=1, d=plan.d, exchange=plan.exchange, rerouting=reroute)
+            return self._cost.predict(option, counts, glayout.num_tokens, k, cf, training, dtype)
+
+        return candidate if predict(True) <= predict(False) * (1.0 - rc.min_gain) else None
 
     def _balance(
         self,
@@ -690,7 +913,16 @@ class MoELayer(nn.Module):
 
 _DISTRIBUTED_LAYERS = 0
 # What every rank sends before each distributed call (the same keys on every rank).
-_CALL_HEADER = ("num_tokens", "input_ok", "top_k", "capacity_factor", "plan", "grad mode", "dtype")
+_CALL_HEADER = (
+    "num_tokens",
+    "input_ok",
+    "top_k",
+    "capacity_factor",
+    "plan",
+    "grad mode",
+    "dtype",
+    "previous_us",  # this rank's measured time of the previous call (the tuner's feedback)
+)
 
 
 def name_moe_layers(model: nn.Module, prefix: str = "") -> None:

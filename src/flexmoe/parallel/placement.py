@@ -19,7 +19,7 @@ ways; the ``r`` groups each see every row and their partial outputs are summed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -29,7 +29,24 @@ from torch import Tensor
 from flexmoe.config import Plan
 from flexmoe.parallel.comm import gather_index
 
-__all__ = ["Chunk", "Placement", "build_chunks", "plan_pieces", "split_sizes"]
+__all__ = [
+    "Chunk",
+    "Placement",
+    "PlacementAdvice",
+    "advise_placement",
+    "affinity_placement",
+    "balanced_placement",
+    "build_chunks",
+    "check_placement",
+    "coactivation_counts",
+    "experts_by_rank",
+    "identity_placement",
+    "moved_experts",
+    "plan_pieces",
+    "rank_loads",
+    "same_rank_fraction",
+    "split_sizes",
+]
 
 
 def split_sizes(count: int, parts: int) -> list[int]:
@@ -273,3 +290,303 @@ def build_chunks(
             )
         )
     return chunks
+
+
+# ---------------------------------------------------------------------------------------
+# Re-placing experts between steps (E >= W, whole experts).
+#
+# A *placement* is a permutation ``slot_of_expert[e]``: logical expert ``e`` (the id the
+# router picks, the index in single-device tensors and checkpoints) is stored in physical
+# slot ``s``, on rank ``s // El`` at local index ``s % El``. The identity is the storage
+# described in the module docstring. The functions below are pure: every rank computes
+# the same placement from the same (global) inputs, without communicating.
+# ---------------------------------------------------------------------------------------
+
+
+def identity_placement(num_experts: int) -> list[int]:
+    """The initial placement: expert ``e`` in slot ``e``."""
+    return list(range(num_experts))
+
+
+def check_placement(slot_of_expert: Sequence[int], num_experts: int, world_size: int) -> list[int]:
+    """``slot_of_expert`` as a list of ints, or ``ValueError`` unless it is a permutation of ``range(E)``."""
+    slots = [int(s) for s in slot_of_expert]
+    if sorted(slots) != list(range(num_experts)):
+        raise ValueError(
+            f"a placement must be a permutation of range(num_experts={num_experts}) "
+            f"(slot of each logical expert), got {slots}"
+        )
+    if num_experts % world_size != 0:
+        raise ValueError(
+            f"placements need whole experts on every rank: num_experts={num_experts} is not a multiple "
+            f"of the world size {world_size}"
+        )
+    return slots
+
+
+def experts_by_rank(slot_of_expert: Sequence[int], world_size: int) -> list[list[int]]:
+    """``[rank][local index]``: the logical expert in each slot."""
+    El = len(slot_of_expert) // world_size
+    out = [[-1] * El for _ in range(world_size)]
+    for e, s in enumerate(slot_of_expert):
+        out[s // El][s % El] = e
+    return out
+
+
+def rank_loads(loads: Sequence[float], slot_of_expert: Sequence[int], world_size: int) -> list[float]:
+    """Rows (or any per-expert load) each rank computes under a placement, without rerouting."""
+    El = len(loads) // world_size
+    out = [0.0] * world_size
+    for e, s in enumerate(slot_of_expert):
+        out[s // El] += float(loads[e])
+    return out
+
+
+def _canonical(bins: list[list[int]], current: Sequence[int] | None, world_size: int) -> list[int]:
+    """Slots for ``bins`` (unlabelled groups of El experts), keeping experts where they are.
+
+    Bins are matched to ranks greedily by how many of their experts a rank already holds
+    (largest overlap first), so a re-plan moves no expert it does not have to. Inside a
+    rank, experts that stay keep their slot; the others fill the free slots in
+    increasing id order (so with ``current=None``, or one rank, slots ascend with ids).
+    """
+    W, El = world_size, len(bins[0]) if bins else 0
+    E = W * El
+    current = identity_placement(E) if current is None else list(current)
+    overlap = [[sum(1 for e in b if current[e] // El == p) for p in range(W)] for b in bins]
+    pairs = sorted((-overlap[i][p], i, p) for i in range(W) for p in range(W))
+    rank_of_bin: dict[int, int] = {}
+    taken: set[int] = set()
+    for _, i, p in pairs:
+        if i not in rank_of_bin and p not in taken:
+            rank_of_bin[i], taken = p, taken | {p}
+    slots = [-1] * E
+    for i, members in enumerate(bins):
+        p = rank_of_bin[i]
+        staying = [e for e in members if current[e] // El == p]
+        for e in staying:
+            slots[e] = current[e]
+        free = sorted(set(range(p * El, (p + 1) * El)) - {current[e] for e in staying})
+        for e, s in zip(sorted(set(members) - set(staying)), free, strict=True):
+            slots[e] = s
+    return slots
+
+
+def balanced_placement(
+    loads: Sequence[float], world_size: int, current: Sequence[int] | None = None
+) -> list[int]:
+    """A placement that evens the per-rank load (``E/W`` experts per rank), from per-expert loads.
+
+    1. Longest-processing-time packing (EPLB's ``balanced_packing``): experts in
+       decreasing load, each to the lightest rank that still has a free slot.
+    2. Pairwise swaps between the busiest rank and any other, while one lowers the
+       busiest rank's load (LPT's result is within 4/3 of optimal; swaps close part of
+       the rest on small ``E``).
+    3. Bins are matched to ranks to keep experts where ``current`` has them (see
+       ``_canonical``): the least data moves for the same balance.
+    4. If ``current`` is already as balanced, it is returned unchanged (no move for no gain).
+
+    ``loads``: e.g. a moving average of routed rows per expert (``LoadTracker``).
+    Deterministic (ties break by expert id, then rank).
+    """
+    E, W = len(loads), world_size
+    check_placement(identity_placement(E), E, W)
+    El = E // W
+    bins: list[list[int]] = [[] for _ in range(W)]
+    totals = [0.0] * W
+    # 1. LPT with exactly El experts per rank.
+    for e in sorted(range(E), key=lambda i: (-float(loads[i]), i)):
+        p = min((q for q in range(W) if len(bins[q]) < El), key=lambda q: (totals[q], q))
+        bins[p].append(e)
+        totals[p] += float(loads[e])
+    # 2. Swaps: the best swap between the busiest rank and another, while it helps.
+    for _ in range(4 * E):
+        h = max(range(W), key=lambda q: (totals[q], -q))
+        best: tuple[float, int, int, int] | None = None
+        for q in range(W):
+            if q == h:
+                continue
+            for a in bins[h]:
+                for b in bins[q]:
+                    delta = float(loads[a]) - float(loads[b])
+                    peak = max(totals[h] - delta, totals[q] + delta)
+                    if delta > 0 and peak < totals[h] - 1e-9 and (best is None or peak < best[0]):
+                        best = (peak, q, a, b)
+        if best is None:
+            break
+        _, q, a, b = best
+        bins[h][bins[h].index(a)], bins[q][bins[q].index(b)] = b, a
+        delta = float(loads[a]) - float(loads[b])
+        totals[h] -= delta
+        totals[q] += delta
+    # 3. Label the bins by the ranks that already hold most of them.
+    placement = _canonical(bins, current, W)
+    # 4. No move for no gain.
+    if current is not None and max(rank_loads(loads, current, W)) <= max(totals) + 1e-9 * (1 + max(totals)):
+        return list(current)
+    return placement
+
+
+def coactivation_counts(
+    expert_ids_TK: Tensor, next_expert_ids_TK: Tensor, num_experts: int, next_num_experts: int | None = None
+) -> Tensor:
+    """``C[a, b]``: tokens routed to expert ``a`` in one layer and ``b`` in the next (``[E, E']``, int64).
+
+    Every pair of one token's choices counts once (``K * K'`` pairs per token).
+    """
+    E2 = num_experts if next_num_experts is None else next_num_experts
+    if expert_ids_TK.shape[0] != next_expert_ids_TK.shape[0]:
+        raise ValueError(
+            f"co-activation needs the same tokens in both layers, got {expert_ids_TK.shape[0]} and "
+            f"{next_expert_ids_TK.shape[0]} tokens"
+        )
+    pairs = expert_ids_TK.unsqueeze(2) * E2 + next_expert_ids_TK.unsqueeze(1)  # [T, K, K']
+    flat = torch.bincount(pairs.reshape(-1).to(torch.int64).cpu(), minlength=num_experts * E2)
+    return flat.view(num_experts, E2)
+
+
+def same_rank_fraction(
+    coactivation: Tensor, slot_of_expert: Sequence[int], next_slot_of_expert: Sequence[int], world_size: int
+) -> float:
+    """Fraction of consecutive-layer hops (``coactivation`` pairs) whose two experts share a rank."""
+    E, E2 = coactivation.shape
+    El, El2 = E // world_size, E2 // world_size
+    rank_a = torch.tensor([s // El for s in slot_of_expert])
+    rank_b = torch.tensor([s // El2 for s in next_slot_of_expert])
+    same = rank_a.unsqueeze(1) == rank_b.unsqueeze(0)
+    total = float(coactivation.sum())
+    return float(coactivation.to(torch.float64)[same].sum()) / total if total else 1.0
+
+
+def affinity_placement(
+    loads: Sequence[Sequence[float]],
+    coactivation: Sequence[Tensor],
+    world_size: int,
+    *,
+    tolerance: float = 0.1,
+    current: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
+    """Placements of consecutive layers that keep a token's experts on one rank, within a load bound.
+
+    ``loads[l]``: per-expert load of layer ``l``; ``coactivation[l]``: ``[E, E']`` pair
+    counts between layer ``l`` and ``l + 1`` (``coactivation_counts``). The objective is
+    ExFlow's (algorithms.md §4): the hops of a token from its expert in layer ``l`` to
+    its expert in ``l + 1`` that stay on one rank. ExFlow solves an integer program; this
+    is a greedy layer-by-layer heuristic with a hard balance bound:
+
+    1. Layer 0: ``balanced_placement``.
+    2. Layer ``l + 1``: ``affinity[b][p]`` = hops into ``b`` from layer-``l`` experts on
+       rank ``p``. Experts in decreasing load each go to the rank of highest affinity
+       among those with a free slot whose load stays within ``(1 + tolerance)`` times
+       the balanced placement's busiest rank (else to the lightest rank with a free slot).
+
+    Every layer's busiest rank stays within that bound of the load-only placement,
+    except when the greedy order leaves no rank under it (then the lightest is used).
+    """
+    W, L = world_size, len(loads)
+    if len(coactivation) != max(0, L - 1):
+        raise ValueError(
+            f"coactivation must hold one matrix per consecutive pair of layers ({L - 1}), "
+            f"got {len(coactivation)}"
+        )
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    first = balanced_placement(loads[0], W, None if current is None else current[0])
+    out = [first]
+    for layer in range(1, L):
+        layer_loads = [float(v) for v in loads[layer]]
+        E = len(layer_loads)
+        El = E // W
+        balanced = balanced_placement(layer_loads, W)
+        bound = max(rank_loads(layer_loads, balanced, W)) * (1 + tolerance) + 1e-9
+        previous, C = out[-1], coactivation[layer - 1].to(torch.float64)
+        El_prev = len(previous) // W
+        prev_rank = torch.tensor([s // El_prev for s in previous])
+        # affinity[b, p] = sum over a on rank p of C[a, b]
+        affinity = torch.zeros(E, W, dtype=torch.float64).index_add_(1, prev_rank, C.t())
+        bins: list[list[int]] = [[] for _ in range(W)]
+        totals = [0.0] * W
+        for b in sorted(range(E), key=lambda i: (-layer_loads[i], i)):
+            free = [p for p in range(W) if len(bins[p]) < El]
+            within = [p for p in free if totals[p] + layer_loads[b] <= bound]
+            if within:
+                p = max(within, key=lambda q: (float(affinity[b, q]), -totals[q], -q))
+            else:
+                p = min(free, key=lambda q: (totals[q], q))
+            bins[p].append(b)
+            totals[p] += layer_loads[b]
+        # Ranks are meaningful here (relative to the previous layer): bin p is rank p.
+        slots = [-1] * E
+        for p, members in enumerate(bins):
+            for i, b in enumerate(sorted(members)):
+                slots[b] = p * El + i
+        out.append(slots)
+    return out
+
+
+@dataclass(frozen=True)
+class PlacementAdvice:
+    """Whether re-placing experts pays, by the estimate of ``advise_placement``.
+
+    Attributes:
+        placement: the proposed ``slot_of_expert``.
+        rows_per_rank_before, rows_per_rank_after: predicted load per rank (current / proposed).
+        experts_moved: logical experts whose rank changes.
+        step_seconds_saved: predicted expert-stage time saved per step (busiest rank).
+        move_seconds: predicted time of the move (busiest rank's bytes over the link).
+        pays: ``step_seconds_saved * horizon_steps > move_seconds`` and the busiest
+            rank's load drops by at least ``min_gain``.
+    """
+
+    placement: list[int]
+    rows_per_rank_before: list[float]
+    rows_per_rank_after: list[float]
+    experts_moved: int
+    step_seconds_saved: float
+    move_seconds: float
+    pays: bool
+
+
+def moved_experts(old: Sequence[int], new: Sequence[int], world_size: int) -> list[int]:
+    """Logical experts whose rank differs between two placements."""
+    El = len(old) // world_size
+    return [e for e in range(len(old)) if old[e] // El != new[e] // El]
+
+
+def advise_placement(
+    loads: Sequence[float],
+    current: Sequence[int],
+    world_size: int,
+    *,
+    bytes_per_expert: float,
+    seconds_per_row: float,
+    link_bytes_per_s: float,
+    link_latency_s: float,
+    horizon_steps: int,
+    min_gain: float = 0.05,
+) -> PlacementAdvice:
+    """Propose ``balanced_placement(loads)`` and predict whether moving to it pays.
+
+    The expert stage waits for the busiest rank, so a step saves ``(max rows before -
+    max rows after) * seconds_per_row``. The move sends every moved expert's bytes
+    (parameters, optimizer state) once; a rank's time is its larger direction (sent or
+    received) over the link, plus one latency per tensor exchanged (approximated by 8).
+    It pays if the saving over ``horizon_steps`` (the steps until the next re-plan)
+    exceeds the move. Loads per rank ignore rerouting: with rerouting on, placement
+    lowers the copies a step needs rather than the step's critical path.
+    """
+    new = balanced_placement(loads, world_size, current)
+    before = rank_loads(loads, current, world_size)
+    after = rank_loads(loads, new, world_size)
+    moved = moved_experts(current, new, world_size)
+    El = len(loads) // world_size
+    out, inc = [0] * world_size, [0] * world_size
+    for e in moved:
+        out[current[e] // El] += 1
+        inc[new[e] // El] += 1
+    busiest = max(max(o, i) for o, i in zip(out, inc, strict=True)) if moved else 0
+    move_seconds = busiest * bytes_per_expert / link_bytes_per_s + (8 * link_latency_s if moved else 0.0)
+    saved = (max(before) - max(after)) * seconds_per_row
+    relative = (max(before) - max(after)) / max(before) if max(before) > 0 else 0.0
+    pays = bool(moved) and relative >= min_gain and saved * horizon_steps > move_seconds
+    return PlacementAdvice(new, before, after, len(moved), saved, move_seconds, pays)
