@@ -596,3 +596,43 @@ def check_placement_suite(
     reports = check_placement_training(rank, world, *training)
     loss = checkpoint_placed_step(rank, world, *checkpoint)
     return checked, reports, loss
+
+
+def check_rebalancer(rank: int, world: int) -> list[list[int]]:
+    """A ``Rebalancer`` separates a skewed layer's hot experts (0 and 1, both on rank 0)
+    while training, and the trained weights equal the single device's. Returns the
+    layer's placement after each step."""
+    from flexmoe.parallel import scale_expert_gradients
+    from flexmoe.parallel.rebalance import Rebalancer
+
+    router = RouterConfig(kind="sigmoid", selection_bias=True)
+    torch.manual_seed(0)
+    oracle = MoELayer(16, 8, 4, 2, router=router, group=False)
+    oracle.router.expert_bias_E.copy_(torch.tensor([3.0, 3.0, 0.0, 0.0]))
+    layer = MoELayer(16, 8, 4, 2, router=router)
+    layer.load_single_device_state_dict(oracle.state_dict())
+    models = {"oracle": oracle, "layer": layer}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-2) for name, m in models.items()}
+    rebalancer = Rebalancer(layer, optimizers["layer"], every=2, gemm_flops=1e6)
+    placements = []
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8 * world, 16, generator=g)
+        for name, model in models.items():
+            xs = x if name == "oracle" else x[rank * 8 : (rank + 1) * 8]
+            loss = model(xs).square().mean() + model.aux_loss
+            optimizers[name].zero_grad()
+            loss.backward()
+        for p in layer.router.parameters():
+            assert p.grad is not None
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        scale_expert_gradients(layer)
+        for optimizer in optimizers.values():
+            optimizer.step()
+        rebalancer.step()
+        placements.append(layer.expert_placement)
+    for key, want in oracle.state_dict().items():
+        torch.testing.assert_close(layer.single_device_state_dict()[key], want, rtol=1e-4, atol=1e-5, msg=key)
+    assert rebalancer.reports and rebalancer.reports[0][0] == 2, rebalancer.reports
+    return placements

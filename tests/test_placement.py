@@ -36,7 +36,7 @@ from flexmoe.parallel.placement import (
 from flexmoe.parallel.rebalance import CoactivationRecorder, LoadTracker
 
 from .distributed import run_distributed
-from .parallel_workers import Case, check_placement_suite, checkpoint_model
+from .parallel_workers import Case, check_placement_suite, check_rebalancer, checkpoint_model
 
 
 # ------------------------------------------------------------------ planners (pure)
@@ -279,3 +279,11 @@ def test_four_ranks_placed_layer_training_and_checkpoints(tmp_path):
     assert checked == 5 + 3 + 5
     assert got_loss == pytest.approx(loss, rel=1e-5)
     _check_reloaded(tmp_path, reference, reference_opt)
+
+
+@pytest.mark.distributed
+def test_rebalancer_separates_hot_experts_while_training():
+    placements = run_distributed(check_rebalancer, 2, timeout=120)[0]
+    assert placements[0] == [0, 1, 2, 3]  # before the first re-plan
+    El = 2
+    assert placements[-1][0] // El != placements[-1][1] // El  # the hot pair now on two ranks

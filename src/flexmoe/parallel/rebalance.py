@@ -318,6 +318,8 @@ class Rebalancer:
         decay: the load average's decay per step.
         min_gain: the busiest rank's load must drop by at least this fraction.
         recorder: co-activation counts for affinity placement (optional).
+        gemm_flops, link_bytes_per_s, link_latency_s: the machine, for the advice (see
+            ``MoELayer.placement_advice``).
     """
 
     def __init__(
@@ -329,6 +331,9 @@ class Rebalancer:
         decay: float = 0.9,
         min_gain: float = 0.05,
         recorder: CoactivationRecorder | None = None,
+        gemm_flops: float = 5e10,
+        link_bytes_per_s: float = 1e9,
+        link_latency_s: float = 5e-5,
     ) -> None:
         from flexmoe.layer import MoELayer
 
@@ -341,6 +346,11 @@ class Rebalancer:
         self.every = every
         self.min_gain = min_gain
         self.recorder = recorder
+        self.machine = {
+            "gemm_flops": gemm_flops,
+            "link_bytes_per_s": link_bytes_per_s,
+            "link_latency_s": link_latency_s,
+        }
         self.trackers = [LoadTracker(layer.config.num_experts, decay) for layer in self.layers]
         self.steps = 0
         self.reports: list[tuple[int, str, MoveReport]] = []  # (step, layer name, report)
@@ -355,7 +365,10 @@ class Rebalancer:
             return []
         made: list[MoveReport] = []
         if self.recorder is not None and len(self.layers) > 1:
-            advice = self.layers[0].placement_advice(self.trackers[0].loads, self.optimizer, self.every)
+            first = self.layers[0]
+            advice = first.placement_advice(
+                self.trackers[0].loads, self.optimizer, self.every, self.min_gain, **self.machine
+            )
             if advice.pays:
                 counts = self.recorder.counts()
                 placements = affinity_placement(
@@ -370,7 +383,9 @@ class Rebalancer:
             self.recorder.reset()
             return made
         for layer, tracker in zip(self.layers, self.trackers, strict=True):
-            advice = layer.placement_advice(tracker.loads, self.optimizer, self.every, self.min_gain)
+            advice = layer.placement_advice(
+                tracker.loads, self.optimizer, self.every, self.min_gain, **self.machine
+            )
             if advice.pays:
                 made.append(layer.apply_placement(advice.placement, optimizer=self.optimizer))
                 self.reports.append((self.steps, layer.name, made[-1]))
