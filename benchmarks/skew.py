@@ -1,15 +1,21 @@
-"""Skewed routing on 2 worker processes: plain expert parallelism vs least-loaded rerouting vs automatic.
+"""Skewed routing on 2 worker processes: plain expert parallelism, every fixed plan, rerouting, and the tuner.
 
-Routing is forced to a skew with the router's selection bias (it changes which experts
-are chosen, never the weights): ``uniform``, ``zipf1.2`` (log-weights ``-1.2 log(e+1)``
-added to the scores: expert ``e`` preferred roughly like ``(e+1)^-1.2``) and ``extreme``
-(every token chooses experts 0 and 1, both on rank 0). For
-each skew and each mode (``Plan(reroute=False)``, ``True``, ``None`` = the layer
-decides), prints in one run: the median training-step time (slowest rank), the rows
-the busiest rank computed, the copies sent, each rank's peak resident memory during
-those steps (Linux VmHWM, reset before each mode), and the speed-up over plain EP.
+Routing is forced (``flexmoe.planner.replay.force_routing``: the router still runs and
+weighs the forced experts): ``uniform``, ``zipf1.2`` (each token draws its ``K``
+distinct experts with probabilities ``~ (rank+1)^-1.2``, the planner's
+``Load.zipf``, whose expert ranks are shuffled with a fixed seed) and ``extreme``
+(every token chooses experts 0 and 1, both on rank 0). For each skew, every fixed plan
+(``r`` in {0, 1}, ``d`` in {1, 2, 4}, rerouting off/on), the layer's own rerouting
+decision (``Plan()``: the cost model decides) and ``plan="auto"`` (the online tuner,
+after its search) run in one process group. Printed: the median training-step time
+(forward+backward, slowest rank), the cost model's prediction for that plan on the
+step's counts and its error, the speed-up over plain EP, rows of the busiest rank,
+copies sent, and each rank's peak resident memory (Linux VmHWM, reset before each
+mode's warm-up); then, per skew, auto against the best fixed plan and against plain
+EP. After the warm-up (auto: its search), the modes run round-robin, one step each per
+round, so that drift on a shared machine hits every mode alike.
 
-    python benchmarks/skew.py                # 2 processes, one per core
+    python benchmarks/skew.py --calibrate    # measure this machine first (about 10 s)
     python benchmarks/skew.py --tokens 4096 --repeats 7
 """
 
@@ -32,20 +38,35 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flexmoe import MoELayer, Plan, RouterConfig
+from flexmoe import MoELayer, Plan, TunerConfig
+from flexmoe.parallel.tuner import CostModel
+from flexmoe.planner import Load, load_cluster
+from flexmoe.planner.calibrate import calibrate, default_calibration_path
+from flexmoe.planner.replay import force_routing
+from flexmoe.planner.simulate import Candidate
 from harness import environment, write_json
 
-MODES = {"plain EP": False, "rerouting": True, "auto": None}
+FIXED = [
+    Candidate(r=1),  # plain expert parallelism: first
+    Candidate(r=1, d=2),
+    Candidate(r=1, d=4),
+    Candidate(r=1, rerouting=True),
+    Candidate(r=1, d=2, rerouting=True),
+    Candidate(r=1, d=4, rerouting=True),
+    Candidate(r=0),
+]
 
 
-def _skew_bias(name: str, num_experts: int) -> torch.Tensor:
+def _routing(name: str, tokens: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """Expert ids ``[tokens, top_k]`` (distinct per token) drawn under skew ``name``."""
+    if name == "extreme":  # every token chooses experts 0 .. K-1, all on rank 0
+        return torch.arange(top_k).expand(tokens, top_k).clone()
     if name == "uniform":
-        return torch.zeros(num_experts)
-    if name == "extreme":  # every token chooses experts 0 and 1: all rows on rank 0 (with >= 2 per rank)
-        return torch.tensor([100.0, 100.0] + [0.0] * (num_experts - 2))
-    s = float(name.removeprefix("zipf"))
-    # Log-weights added to the sigmoid scores: expert e is preferred roughly like (e+1)^-s.
-    return -s * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float32))
+        share = Load.uniform(num_experts).share_E
+    else:  # zipfS: the planner's Zipf load (expert ranks shuffled with its fixed seed)
+        share = Load.zipf(num_experts, float(name.removeprefix("zipf"))).share_E
+    weights = torch.as_tensor(share, dtype=torch.float64).expand(tokens, num_experts)
+    return torch.multinomial(weights, top_k, generator=torch.Generator().manual_seed(seed))
 
 
 def _reset_peak() -> None:
@@ -69,49 +90,85 @@ def _max_over_ranks(value: float) -> float:
     return float(t.item())
 
 
+def _label(c: Candidate) -> str:
+    return "plain EP" if c == FIXED[0] else c.label
+
+
+def _candidate(plan: Plan) -> Candidate:
+    assert plan.r is not None
+    return Candidate(
+        r=plan.r, d=plan.d if plan.r else 1, exchange=plan.exchange, rerouting=bool(plan.reroute)
+    )
+
+
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, results: Any) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(args.seed)
-        router = RouterConfig(kind="sigmoid", selection_bias=True)
+        tuner = TunerConfig(cluster=args.cluster)
         layer = MoELayer(
-            args.dim, args.hidden, args.experts, args.top_k, router=router, load_balance_weight=0.0
+            args.dim, args.hidden, args.experts, args.top_k, load_balance_weight=0.0, tuner=tuner
         )
+        cost = CostModel(load_cluster(args.cluster), layer.config, world, world)
         x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
+        modes: list[tuple[str, Plan | str]] = [(_label(c), c.to_plan()) for c in FIXED]
+        modes = [
+            (name, Plan(r=p.r, d=p.d, reroute=c.rerouting)) for (name, p), c in zip(modes, FIXED, strict=True)
+        ]
+        modes += [("layer decides", Plan()), ("auto", "auto")]
         rows = []
+
+        def step(plan: Plan | str, ids: torch.Tensor) -> float:
+            layer.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            dist.barrier()
+            start = time.perf_counter()
+            with force_routing(layer, ids):
+                layer(xi, plan=plan).sum().backward()
+            return _max_over_ranks(time.perf_counter() - start)
+
         for skew in args.skews:
-            with torch.no_grad():
-                layer.router.expert_bias_E.copy_(_skew_bias(skew, args.experts))
-            for mode, reroute in MODES.items():
-                plan = Plan(reroute=reroute)
-                times = []
+            ids = _routing(skew, args.tokens, args.experts, args.top_k, seed=1000 * args.seed + rank)
+            peaks: dict[str, list[float]] = {}
+            for mode, plan in modes:  # warm-up (auto: its search), and each mode's peak memory
                 _reset_peak()
-                for i in range(args.repeats + 1):
-                    layer.zero_grad(set_to_none=True)
-                    xi = x.clone().requires_grad_()
-                    dist.barrier()
-                    start = time.perf_counter()
-                    layer(xi, plan=plan).sum().backward()
-                    elapsed = _max_over_ranks(time.perf_counter() - start)
-                    if i > 0:
-                        times.append(elapsed)
-                stats = layer.stats
-                assert stats is not None and stats.rows_per_rank is not None
-                peaks = [0.0] * world
-                peaks[rank] = _peak_mib()
-                table = torch.tensor(peaks, dtype=torch.float64)
+                for _ in range(args.tuner_steps if plan == "auto" else 1):
+                    step(plan, ids)
+                table = torch.zeros(world, dtype=torch.float64)
+                table[rank] = _peak_mib()
                 dist.all_reduce(table)
+                peaks[mode] = table.tolist()
+            times: dict[str, list[float]] = {mode: [] for mode, _ in modes}
+            predicted: dict[str, list[float]] = {mode: [] for mode, _ in modes}
+            last: dict[str, Any] = {}
+            for _ in range(args.repeats):  # round-robin: drift on a shared machine hits every mode alike
+                for mode, plan in modes:
+                    times[mode].append(step(plan, ids))
+                    stats = layer.stats
+                    assert stats is not None
+                    counts = stats.routed_per_expert.tolist()
+                    used = _candidate(stats.plan)
+                    total = args.tokens * world
+                    predicted[mode].append(cost.predict(used, counts, total, args.top_k, 0.0, True, x.dtype))
+                    last[mode] = stats
+            for mode, _ in modes:
+                stats = last[mode]
                 rows.append(
                     {
                         "skew": skew,
                         "mode": mode,
-                        "step_s": statistics.median(times),
-                        "max_rows": max(stats.rows_per_rank),
-                        "native_max_rows": max(stats.native_rows_per_rank or stats.rows_per_rank),
+                        "plan": _label(_candidate(stats.plan)),
+                        "step_s": statistics.median(times[mode]),
+                        "predicted_s": statistics.median(predicted[mode]),
+                        "max_rows": max(stats.rows_per_rank) if stats.rows_per_rank else None,
+                        "native_max_rows": max(stats.native_rows_per_rank)
+                        if stats.native_rows_per_rank
+                        else None,
                         "copies": stats.expert_copies,
                         "rerouted": bool(stats.plan.reroute),
-                        "peak_mib": table.tolist(),
+                        "peak_mib": peaks[mode],
+                        "tuner_phase": stats.tuner.phase if stats.tuner else None,
                     }
                 )
         if rank == 0:
@@ -131,10 +188,22 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--skews", nargs="+", default=["uniform", "zipf1.2", "extreme"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds (one step of every mode each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tuner-steps", type=int, default=12, help="calls auto runs before it is timed (its search)"
+    )
+    parser.add_argument(
+        "--cluster", default="this-machine", help="the cost model's machine (default: calibrated)"
+    )
+    parser.add_argument(
+        "--calibrate", action="store_true", help="calibrate this machine first (flexmoe calibrate)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.calibrate or (args.cluster == "this-machine" and not default_calibration_path().exists()):
+        print("calibrating this machine ...", flush=True)
+        calibrate(workers=args.world, layer=(args.dim, args.hidden), tokens=args.tokens)
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -155,19 +224,35 @@ def main() -> None:
         f"fp32, {args.tokens} tokens per rank, forward+backward; {args.world} gloo processes, 1 thread each"
     )
     header = (
-        f"{'skew':9s} {'mode':10s} {'step ms':>9s} {'vs plain':>8s} {'max rows':>9s} {'(plain)':>8s} "
-        f"{'copies':>6s} {'rerouted':>8s}  peak MiB per rank"
+        f"{'skew':9s} {'mode':17s} {'plan':17s} {'step ms':>8s} {'pred ms':>8s} {'error':>6s} "
+        f"{'vs plain':>8s} {'max rows':>8s} {'copies':>6s}  peak MiB per rank"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         plain = next(r for r in rows if r["skew"] == row["skew"] and r["mode"] == "plain EP")
         peaks = " ".join(f"{p:7.0f}" for p in row["peak_mib"])
+        error = row["predicted_s"] / row["step_s"] - 1
         print(
-            f"{row['skew']:9s} {row['mode']:10s} {row['step_s'] * 1e3:9.1f} "
-            f"{plain['step_s'] / row['step_s']:7.2f}x {row['max_rows']:9d} {row['native_max_rows']:8d} "
-            f"{row['copies']:6d} {row['rerouted']!s:>8s}  {peaks}"
+            f"{row['skew']:9s} {row['mode']:17s} {row['plan']:17s} {row['step_s'] * 1e3:8.1f} "
+            f"{row['predicted_s'] * 1e3:8.1f} {100 * error:+5.0f}% {plain['step_s'] / row['step_s']:7.2f}x "
+            f"{row['max_rows'] if row['max_rows'] is not None else '-':>8} {row['copies']:6d}  {peaks}"
         )
+    print()
+    for skew in args.skews:
+        of = [r for r in rows if r["skew"] == skew]
+        fixed = [r for r in of if r["mode"] not in ("auto", "layer decides")]
+        best = min(fixed, key=lambda r: r["step_s"])
+        auto = next(r for r in of if r["mode"] == "auto")
+        plain = next(r for r in of if r["mode"] == "plain EP")
+        reroute = next(r for r in of if r["mode"] == "r=1 d=1 flat +reroute")
+        print(
+            f"{skew:9s} auto chose {auto['plan']}: {best['step_s'] / auto['step_s']:.2f}x the best "
+            f"fixed plan ({best['mode']}), {plain['step_s'] / auto['step_s']:.2f}x plain EP; "
+            f"rerouting {plain['step_s'] / reroute['step_s']:.2f}x plain EP"
+        )
+    errors = [abs(r["predicted_s"] / r["step_s"] - 1) for r in rows]
+    print(f"cost model: median |error| {100 * statistics.median(errors):.0f}%, max {100 * max(errors):.0f}%")
     write_json(args.json, {"args": vars(args), "environment": environment(), "rows": rows})
 
 

@@ -137,6 +137,31 @@ def test_advice_pays_only_when_the_gain_outweighs_the_move():
     assert not balanced.pays and balanced.experts_moved == 0
 
 
+def test_advice_with_a_cost_model_sees_rows_in_slot_order():
+    from flexmoe import MoEConfig
+    from flexmoe.parallel.tuner import CostModel
+    from flexmoe.planner import load_cluster
+    from flexmoe.planner.simulate import Candidate
+
+    loads = [4000.0, 4000.0, 10.0, 10.0]  # both hot experts on rank 0 of 2
+    seen: list[list[float]] = []
+    cost = CostModel(
+        load_cluster("a100-80gb-hdr200"), MoEConfig(dim=1024, hidden_dim=4096, num_experts=4), 2, 2
+    )
+
+    def step_seconds(rows: list[float]) -> float:
+        seen.append(rows)
+        return cost.predict(Candidate(r=1), rows, 4010, 2, 0.0, True, torch.bfloat16)
+
+    args = {"bytes_per_expert": 1e6, "link_bytes_per_s": 1e9, "link_latency_s": 1e-5, "horizon_steps": 100}
+    advice = advise_placement(loads, identity_placement(4), 2, step_seconds=step_seconds, **args)
+    assert seen[0] == loads and sorted(seen[1][:2]) == [10.0, 4000.0]  # the proposal splits them
+    assert advice.pays and advice.step_seconds_saved > 0
+    assert advice.step_seconds_saved == pytest.approx(step_seconds(loads) - step_seconds(seen[1]))
+    with pytest.raises(ValueError, match="step_seconds"):
+        advise_placement(loads, identity_placement(4), 2, **args)
+
+
 def test_bad_placements_are_refused():
     with pytest.raises(ValueError, match="permutation of range"):
         check_placement([0, 0, 1, 2], 4, 2)

@@ -489,19 +489,16 @@ class MoELayer(nn.Module):
         optimizer: torch.optim.Optimizer | None = None,
         horizon_steps: int = 100,
         min_gain: float = 0.05,
-        *,
-        gemm_flops: float = 5e10,
-        link_bytes_per_s: float = 1e9,
-        link_latency_s: float = 5e-5,
     ) -> PlacementAdvice:
         """A balanced placement for per-expert ``loads``, and whether moving to it pays.
 
         See ``flexmoe.parallel.placement.advise_placement``: the move must pay back within
-        ``horizon_steps`` steps. Bytes per expert: its parameters plus, with
-        ``optimizer``, its state tensors; a row costs the forward and backward GEMM
-        FLOPs of one expert row at ``gemm_flops`` per rank; the link moves
-        ``link_bytes_per_s`` with ``link_latency_s`` per message (defaults: a rough
-        CPU-class rank on a 1 GB/s link; pass a calibrated machine's numbers).
+        ``horizon_steps`` steps. Predicted by the layer's cost model (the one the tuner
+        and rerouting use: ``TunerConfig.cluster``): a training step of plain expert
+        parallelism with ``loads`` in the current and in the proposed slots, and the
+        move as the busiest rank's bytes (parameters plus, with ``optimizer``, its state
+        tensors) over the cluster's link. Collective the first time (the cost model's
+        cluster is the first rank's): every rank calls it.
         """
         ep = self._ep
         if ep is None or ep.placement.sharded:
@@ -517,16 +514,27 @@ class MoELayer(nn.Module):
                 for v in state.values()
                 if isinstance(v, Tensor) and v.shape == p.shape and v.dim() > 0
             )
-        width, D, F = experts.w_in.shape[1], self.config.dim, experts.hidden_dim
-        row_flops = 3 * 2 * D * (width + F)  # forward and backward GEMMs of one row
+        if self._cost is None:
+            self._cost = cost_model(ep, self.config, experts.w_in.device)
+        cost = self._cost
+        from flexmoe.planner.simulate import Candidate
+
+        k, cf = self.config.top_k, self.config.capacity.capacity_factor
+        tokens = max(1, round(sum(loads) / k))
+        dtype = experts.w_in.dtype
+
+        def step_seconds(rows: list[float]) -> float:
+            return cost.predict(Candidate(r=1), rows, tokens, k, cf, True, dtype)  # type: ignore[arg-type]
+
+        latency, bandwidth = cost.machine.link(not cost.machine.single_node)
         return advise_placement(
             loads,
             self.expert_placement,
             ep.world_size,
             bytes_per_expert=per_expert,
-            seconds_per_row=row_flops / gemm_flops,
-            link_bytes_per_s=link_bytes_per_s,
-            link_latency_s=link_latency_s,
+            step_seconds=step_seconds,
+            link_bytes_per_s=bandwidth,
+            link_latency_s=latency,
             horizon_steps=horizon_steps,
             min_gain=min_gain,
         )

@@ -22,6 +22,7 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hidden", type=int, default=DEFAULT_LAYER[1], help="expert hidden dim of that layer"
     )
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per process of that layer")
     parser.add_argument(
         "--output", default=None, help=f"where to write (default {default_calibration_path()})"
     )
@@ -35,12 +36,15 @@ def run_calibrate(args: argparse.Namespace) -> None:
         raise SystemExit(f"flexmoe calibrate: --rounds must be >= 1, got {args.rounds}")
     started = time.perf_counter()
     path = args.output or default_calibration_path()
-    cluster = calibrate(args.workers, path, rounds=args.rounds, layer=(args.dim, args.hidden))
+    cluster = calibrate(
+        args.workers, path, rounds=args.rounds, layer=(args.dim, args.hidden), tokens=args.tokens
+    )
     d, link = cluster.device, cluster.intra_node
     print(f"measured on {args.workers} processes in {time.perf_counter() - started:.1f} s: {d.name}")
     print(
         f"  GEMM fp32 {d.flops['fp32'] / 1e9:.1f} GFLOP/s per core (bf16 {d.flops['bf16'] / 1e9:.2f}), "
-        f"half rate at {d.gemm_half_rows:.0f} rows, {d.gemm_efficiency:.0%} of it inside a layer; "
+        f"half rate at {d.gemm_half_rows:.0f} rows, {d.gemm_efficiency:.0%} of it inside a layer, "
+        f"x{d.solo_speedup:.2f} alone; "
         f"memory {d.memory_bandwidth / 1e9:.1f} GB/s; SiLU {(d.elementwise_rate or 0) / 1e9:.2f} Gelem/s"
     )
     print(

@@ -45,6 +45,7 @@ __all__ = [
     "plan_pieces",
     "rank_loads",
     "same_rank_fraction",
+    "slot_loads",
     "split_sizes",
 ]
 
@@ -532,7 +533,8 @@ class PlacementAdvice:
         placement: the proposed ``slot_of_expert``.
         rows_per_rank_before, rows_per_rank_after: predicted load per rank (current / proposed).
         experts_moved: logical experts whose rank changes.
-        step_seconds_saved: predicted expert-stage time saved per step (busiest rank).
+        step_seconds_saved: predicted time saved per step (the cost model's, or the busiest
+            rank's expert stage with ``seconds_per_row``).
         move_seconds: predicted time of the move (busiest rank's bytes over the link).
         pays: ``step_seconds_saved * horizon_steps > move_seconds`` and the busiest
             rank's load drops by at least ``min_gain``.
@@ -547,6 +549,14 @@ class PlacementAdvice:
     pays: bool
 
 
+def slot_loads(loads: Sequence[float], slot_of_expert: Sequence[int]) -> list[float]:
+    """Per-expert ``loads`` in physical slot order (what the layer's exchange sees)."""
+    out = [0.0] * len(loads)
+    for e, slot in enumerate(slot_of_expert):
+        out[slot] = float(loads[e])
+    return out
+
+
 def moved_experts(old: Sequence[int], new: Sequence[int], world_size: int) -> list[int]:
     """Logical experts whose rank differs between two placements."""
     El = len(old) // world_size
@@ -559,7 +569,8 @@ def advise_placement(
     world_size: int,
     *,
     bytes_per_expert: float,
-    seconds_per_row: float,
+    seconds_per_row: float | None = None,
+    step_seconds: Callable[[list[float]], float] | None = None,
     link_bytes_per_s: float,
     link_latency_s: float,
     horizon_steps: int,
@@ -567,10 +578,12 @@ def advise_placement(
 ) -> PlacementAdvice:
     """Propose ``balanced_placement(loads)`` and predict whether moving to it pays.
 
-    The expert stage waits for the busiest rank, so a step saves ``(max rows before -
-    max rows after) * seconds_per_row``. The move sends every moved expert's bytes
-    (parameters, optimizer state) once; a rank's time is its larger direction (sent or
-    received) over the link, plus one latency per tensor exchanged (approximated by 8).
+    A step's time under a placement: ``step_seconds(rows per slot)`` (the layer's cost
+    model, ``MoELayer.placement_advice``), or, with ``seconds_per_row``, the busiest
+    rank's rows times it (the expert stage waits for the busiest rank). The move sends
+    every moved expert's bytes (parameters, optimizer state) once; a rank's time is its
+    larger direction (sent or received) over the link, plus one latency per tensor
+    exchanged (approximated by 8).
     It pays if the saving over ``horizon_steps`` (the steps until the next re-plan)
     exceeds the move. Loads per rank ignore rerouting: with rerouting on, placement
     lowers the copies a step needs rather than the step's critical path.
@@ -586,7 +599,12 @@ def advise_placement(
         inc[new[e] // El] += 1
     busiest = max(max(o, i) for o, i in zip(out, inc, strict=True)) if moved else 0
     move_seconds = busiest * bytes_per_expert / link_bytes_per_s + (8 * link_latency_s if moved else 0.0)
-    saved = (max(before) - max(after)) * seconds_per_row
+    if step_seconds is not None:
+        saved = step_seconds(slot_loads(loads, current)) - step_seconds(slot_loads(loads, new))
+    elif seconds_per_row is not None:
+        saved = (max(before) - max(after)) * seconds_per_row
+    else:
+        raise ValueError("advise_placement needs step_seconds (a cost model) or seconds_per_row")
     relative = (max(before) - max(after)) / max(before) if max(before) > 0 else 0.0
     pays = bool(moved) and relative >= min_gain and saved * horizon_steps > move_seconds
     return PlacementAdvice(new, before, after, len(moved), saved, move_seconds, pays)

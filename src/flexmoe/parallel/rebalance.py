@@ -314,12 +314,13 @@ class Rebalancer:
     Args:
         model: a model holding distributed ``MoELayer``s.
         optimizer: the optimizer whose state moves with the experts (or ``None``).
-        every: steps between re-plans (also the horizon the move must pay back over).
+        every: steps between re-plans.
+        horizon_steps: steps a move must pay back over (default: ``every``).
         decay: the load average's decay per step.
         min_gain: the busiest rank's load must drop by at least this fraction.
         recorder: co-activation counts for affinity placement (optional).
-        gemm_flops, link_bytes_per_s, link_latency_s: the machine, for the advice (see
-            ``MoELayer.placement_advice``).
+
+    The advice is each layer's cost model (``MoELayer.placement_advice``).
     """
 
     def __init__(
@@ -331,9 +332,7 @@ class Rebalancer:
         decay: float = 0.9,
         min_gain: float = 0.05,
         recorder: CoactivationRecorder | None = None,
-        gemm_flops: float = 5e10,
-        link_bytes_per_s: float = 1e9,
-        link_latency_s: float = 5e-5,
+        horizon_steps: int | None = None,
     ) -> None:
         from flexmoe.layer import MoELayer
 
@@ -346,11 +345,9 @@ class Rebalancer:
         self.every = every
         self.min_gain = min_gain
         self.recorder = recorder
-        self.machine = {
-            "gemm_flops": gemm_flops,
-            "link_bytes_per_s": link_bytes_per_s,
-            "link_latency_s": link_latency_s,
-        }
+        self.horizon_steps = every if horizon_steps is None else horizon_steps
+        if self.horizon_steps < 1:
+            raise ValueError(f"horizon_steps must be >= 1, got {horizon_steps}")
         self.trackers = [LoadTracker(layer.config.num_experts, decay) for layer in self.layers]
         self.steps = 0
         self.reports: list[tuple[int, str, MoveReport]] = []  # (step, layer name, report)
@@ -367,7 +364,7 @@ class Rebalancer:
         if self.recorder is not None and len(self.layers) > 1:
             first = self.layers[0]
             advice = first.placement_advice(
-                self.trackers[0].loads, self.optimizer, self.every, self.min_gain, **self.machine
+                self.trackers[0].loads, self.optimizer, self.horizon_steps, self.min_gain
             )
             if advice.pays:
                 counts = self.recorder.counts()
@@ -383,9 +380,7 @@ class Rebalancer:
             self.recorder.reset()
             return made
         for layer, tracker in zip(self.layers, self.trackers, strict=True):
-            advice = layer.placement_advice(
-                tracker.loads, self.optimizer, self.every, self.min_gain, **self.machine
-            )
+            advice = layer.placement_advice(tracker.loads, self.optimizer, self.horizon_steps, self.min_gain)
             if advice.pays:
                 made.append(layer.apply_placement(advice.placement, optimizer=self.optimizer))
                 self.reports.append((self.steps, layer.name, made[-1]))

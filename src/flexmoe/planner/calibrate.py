@@ -5,7 +5,9 @@ measuring at once, as the ranks of a job run), repeated in ``rounds`` and reduce
 medians (rates: the mean over ranks; collective times: the slowest rank):
 
 1. dense GEMM FLOP/s (fp32 at expert-like shapes, bf16 briefly), streaming copy
-   bandwidth, SiLU throughput, and the dispatch cost of a tiny op;
+   bandwidth, SiLU throughput, and the dispatch cost of a tiny op; the GEMM rate of
+   each rank in turn while the others sleep (``solo_speedup``: CPU cores share memory
+   bandwidth and clocks);
 2. the gloo all-to-all through the layer's communicator thread: the thread's
    hand-off cost, the latency per message of back-to-back small all-to-alls, and the
    bandwidth from two large sizes;
@@ -14,7 +16,7 @@ medians (rates: the mean over ranks; collective times: the slowest rank):
    costs negligible; the per-step, per-chunk, per-kernel and per-collective host costs
    are fitted so that the cost model explains them (least squares, non-negative; the
    per-kernel cost is at least the tiny op's, the per-collective at least the hand-off);
-4. a small real layer (the given widths, 128 tokens per rank): ``gemm_efficiency`` is the
+4. a small real layer (the given widths, 128 tokens per rank by default): ``gemm_efficiency`` is the
    fraction of the GEMM probe's rate its expert compute reaches inside the layer
    (allocations, autograd, the communicator thread), from its ``d = 1`` time; and
    ``overlap_efficiency`` the value for which the model's ratio of ``d = 4`` to ``d = 1``
@@ -56,7 +58,7 @@ from flexmoe.planner.local import run_local
 __all__ = ["DEFAULT_LAYER", "Probes", "calibrate", "cluster_from_samples", "default_calibration_path"]
 
 _LOCAL_RANKS = 64  # ranks one machine may host in a simulation ("devices per node")
-_RATES = ("fp32_flops", "fp32_flops_small", "bf16_flops", "stream", "silu")
+_RATES = ("fp32_flops", "fp32_flops_solo", "fp32_flops_small", "bf16_flops", "stream", "silu")
 _SMALL_ROWS = 64
 # Tiny layers for the host-cost fit: (experts per rank, pipelining degree, exchange).
 _TINY = ((2, 1, "flat"), (2, 4, "flat"), (8, 1, "flat"), (2, 1, "2dh"))
@@ -94,11 +96,13 @@ def _step(layer: Any, x: torch.Tensor, plan: Any) -> None:
 class Probes:
     """One rank's calibration probes; ``sample()`` runs each once (every rank calls it together)."""
 
-    def __init__(self, rank: int, world: int, widths: tuple[int, int] = DEFAULT_LAYER) -> None:
+    def __init__(
+        self, rank: int, world: int, widths: tuple[int, int] = DEFAULT_LAYER, tokens: int = _MID_TOKENS
+    ) -> None:
         from flexmoe import MoELayer
         from flexmoe.parallel.comm import Communicator
 
-        self.world = world
+        self.world, self.rank = world, rank
         self.comm = Communicator(None, "calibrate", timeout=120)
         shapes = [(512, 256, 1024), (512, 1024, 256)]  # an expert's two projections, 512 rows
         self.gemm_flops = sum(2.0 * m * k * n for m, k, n in shapes)
@@ -119,7 +123,6 @@ class Probes:
         self.tiny_x = torch.randn(_TINY_TOKENS, _TINY_DIM, generator=torch.Generator().manual_seed(rank))
         self.counts: list[list[float]] = [[] for _ in _TINY]
         dim, hidden = widths
-        tokens = _MID_TOKENS
         torch.manual_seed(0)
         self.mid = MoELayer(dim, hidden, 2 * world, 2, load_balance_weight=0.0, ranks_per_node=world)
         self.mid_x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(rank))
@@ -148,7 +151,15 @@ class Probes:
         # Sustained, not burst: on a shared machine a 10 ms GEMM often runs unpreempted,
         # a layer step of 100+ ms does not; 8 rounds of the two projections last that long.
         self._barrier()
-        out["fp32_flops"] = 8 * self.gemm_flops / _clock(lambda: gemms(8))
+        busy = _clock(lambda: gemms(8))
+        out["fp32_flops"] = 8 * self.gemm_flops / busy
+        # The same GEMMs on one rank while the others sleep (not spin): each rank in turn.
+        for turn in range(self.world):
+            self._barrier()
+            if turn == self.rank:
+                out["fp32_flops_solo"] = 8 * self.gemm_flops / _clock(lambda: gemms(8))
+            else:
+                time.sleep(3 * busy)
         repeat = 8 * 512 // _SMALL_ROWS  # the same FLOPs in GEMMs of few rows
         out["fp32_flops_small"] = (
             8 * self.gemm_flops / _clock(lambda: [a @ b for _ in range(repeat) for a, b in self.small_mats])
@@ -194,9 +205,9 @@ class Probes:
 
 
 def _calibrate_worker(
-    rank: int, world: int, rounds: int, layer: tuple[int, int]
+    rank: int, world: int, rounds: int, layer: tuple[int, int], tokens: int = _MID_TOKENS
 ) -> tuple[list[dict[str, float]], list[list[float]]]:
-    probes = Probes(rank, world, layer)
+    probes = Probes(rank, world, layer, tokens)
     probes.sample()  # warm-up
     samples = [probes.sample() for _ in range(rounds)]
     probes.close()
@@ -253,7 +264,12 @@ def _predict(
 
 
 def _fit_host_costs(
-    cluster: Cluster, m: dict[str, float], counts: list[list[float]], workers: int, layer: tuple[int, int]
+    cluster: Cluster,
+    m: dict[str, float],
+    counts: list[list[float]],
+    workers: int,
+    layer: tuple[int, int],
+    tokens: int = _MID_TOKENS,
 ) -> Cluster:
     """Fit the host costs to the tiny layers, then the small layer's ``gemm_efficiency`` and overlap.
 
@@ -275,7 +291,7 @@ def _fit_host_costs(
     mid_counts = counts[len(_TINY)]
 
     def mid(c: Cluster, d: int) -> float:
-        return _predict(c, workers, 2, (d, "flat"), mid_counts, (*layer, _MID_TOKENS))
+        return _predict(c, workers, 2, (d, "flat"), mid_counts, (*layer, tokens))
 
     fitted = cluster
     for _ in range(2):  # the host costs and the efficiency depend a little on each other
@@ -342,6 +358,7 @@ def cluster_from_samples(
     workers: int,
     layer: tuple[int, int] = DEFAULT_LAYER,
     slots: int | None = None,
+    tokens: int = _MID_TOKENS,
 ) -> Cluster:
     """The ``Cluster`` of this machine from ``samples[rank][round]`` of ``Probes.sample``."""
     if slots is None:
@@ -382,6 +399,7 @@ def cluster_from_samples(
         op_overhead=m["op"] * share,
         elementwise_rate=m["silu"] / share,
         gemm_half_rows=half_rows,
+        solo_speedup=max(1.0, m.get("fp32_flops_solo", m["fp32_flops"]) / m["fp32_flops"]),
     )
     cluster = Cluster(
         name="this-machine",
@@ -399,12 +417,14 @@ def cluster_from_samples(
                 "gemm_half_rows; bf16 [64,256]x[256,256]"
             ),
             "device.gemm_half_rows": f"{how}: from the fp32 GEMM rates at 512 and {_SMALL_ROWS} rows",
+            "device.solo_speedup": f"{how}: the fp32 GEMM rate of one rank while the others sleep, over it "
+            "while all compute",
             "device.memory_bandwidth": f"{how}: clone of a 24 MiB fp32 buffer (read + write bytes)",
             "device.elementwise_rate": f"{how}: SiLU of 2^20 fp32 elements",
             "device.op_overhead": f"{how}: fitted to tiny MoELayer steps, at least a tiny add's cost",
             "device.gemm_efficiency": (
                 f"{how}: fitted to a small MoELayer (dim {layer[0]}, hidden {layer[1]}, "
-                f"{_MID_TOKENS} tokens per rank), d=1"
+                f"{tokens} tokens per rank), d=1"
             ),
             "device.memory_bytes": "physical memory of this machine divided by its cores",
             "intra_node": (
@@ -416,7 +436,7 @@ def cluster_from_samples(
             "compute_slots_per_node": "cores this process may run on (sched_getaffinity)",
             "overlap_efficiency": (
                 f"{how}: fitted to a small MoELayer (dim {layer[0]}, hidden {layer[1]}, "
-                f"{_MID_TOKENS} tokens per rank) with d=4 against d=1"
+                f"{tokens} tokens per rank) with d=4 against d=1"
             ),
             "collective_overhead": (
                 f"{how}: fitted to tiny MoELayer steps (flat and 2DH), at least the hand-off of a no-op "
@@ -430,7 +450,7 @@ def cluster_from_samples(
         notes=f"medians per rank while {workers} ranks ran: "
         + ", ".join(f"{k}={v:.4g}" for k, v in m.items()),
     )
-    return _fit_host_costs(cluster, m, counts, workers, layer)
+    return _fit_host_costs(cluster, m, counts, workers, layer, tokens)
 
 
 def calibrate(
@@ -439,18 +459,22 @@ def calibrate(
     rounds: int = 5,
     save: bool = True,
     layer: tuple[int, int] = DEFAULT_LAYER,
+    tokens: int = _MID_TOKENS,
 ) -> Cluster:
     """Measure this machine on ``workers`` local gloo processes; store (unless ``save=False``) and return it.
 
-    ``layer``: ``(dim, expert hidden dim)`` of the small layer whose GEMM efficiency and
-    overlap are fitted (use the widths of the layers you will plan).
+    ``layer``: ``(dim, expert hidden dim)`` and ``tokens`` per rank of the small layer
+    whose GEMM efficiency and overlap are fitted (use the widths and batch of the layers
+    you will plan: a GEMM's efficiency grows with its rows).
     """
     if not isinstance(workers, int) or workers < 2:
         raise ValueError(f"workers must be an int >= 2 (the all-to-all needs two processes), got {workers!r}")
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    results = run_local(_calibrate_worker, workers, rounds, layer, timeout=300)
-    cluster = cluster_from_samples([r[0] for r in results], results[0][1], workers, layer)
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+    results = run_local(_calibrate_worker, workers, rounds, layer, tokens, timeout=600)
+    cluster = cluster_from_samples([r[0] for r in results], results[0][1], workers, layer, tokens=tokens)
     if save:
         cluster.save(path or default_calibration_path())
     return cluster

@@ -98,6 +98,10 @@ class DeviceSpec:
         gemm_half_rows: rows ``m`` at which a GEMM ``[m, k] @ [k, n]`` reaches half of
             its large-``m`` rate (Hockney's n-half: packing and edge costs amortised over
             the rows); 0 when the roofline's memory term covers small GEMMs (GPUs).
+        solo_speedup: how much faster one rank computes while the other ranks of its
+            node are idle than while all of them compute (CPU cores share memory
+            bandwidth, caches and clock headroom; 1 for accelerators). A straggler
+            speeds up as the others finish (see ``flexmoe.planner.simulate``).
     """
 
     name: str
@@ -109,6 +113,7 @@ class DeviceSpec:
     op_overhead: float
     elementwise_rate: float | None = None
     gemm_half_rows: float = 0.0
+    solo_speedup: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.flops:
@@ -125,6 +130,8 @@ class DeviceSpec:
         if self.elementwise_rate is not None:
             _positive(self.elementwise_rate, "elementwise_rate")
         _non_negative(self.gemm_half_rows, "gemm_half_rows")
+        if not self.solo_speedup >= 1.0:
+            raise ValueError(f"solo_speedup must be >= 1, got {self.solo_speedup!r}")
 
     def gemm_rate(self, dtype: str) -> float:
         """Achieved FLOP/s of a large GEMM in ``dtype``."""

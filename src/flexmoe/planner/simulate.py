@@ -16,7 +16,8 @@
    algorithm), an all-to-all of expert copies from their owners to the ranks that take
    spilled rows, and of their gradients back.
 6. the pipelined exchange → experts → exchange back, ``d`` chunks per pass
-   (``costmodel.pipeline_time``); the straggler rank's expert time paces every chunk.
+   (``costmodel.pipeline_time``); the straggler rank's expert time paces every chunk
+   (``paced_time``: on CPU nodes it speeds up as the other ranks finish).
 7. combine (weight rows, scatter-add per token).
 
 Capacity: flexmoe's plans keep ``min(count, C)`` rows per expert with the global
@@ -63,7 +64,15 @@ from flexmoe.planner.costmodel import (
 from flexmoe.planner.rerouting import Rerouting, plan_rerouting
 from flexmoe.planner.workload import Load, MoEWorkload
 
-__all__ = ["REROUTE_PLANNING", "Breakdown", "Candidate", "Prediction", "reroute_settings", "simulate"]
+__all__ = [
+    "REROUTE_PLANNING",
+    "Breakdown",
+    "Candidate",
+    "Prediction",
+    "paced_time",
+    "reroute_settings",
+    "simulate",
+]
 
 # Host time to plan rerouting: fixed + per expert (sorting, least-loaded choice). An
 # assumption, of the order of ``flexmoe.parallel.rerouting.plan_rerouting`` in Python.
@@ -259,6 +268,29 @@ def _expert_times(
     return forward, backward
 
 
+def paced_time(work_R: NDArray[np.float64], machine: Machine) -> float:
+    """When the slowest rank finishes ``work_R`` (seconds each at the all-busy rate).
+
+    Ranks of one physical node share it: with ``n`` of its ``L`` ranks still computing,
+    each runs ``1 + (s - 1) * (L - n) / (L - 1)`` times faster than with all ``L`` busy
+    (``s`` = ``DeviceSpec.solo_speedup``; 1 on accelerators, where this is the maximum).
+    Ranks finish in order of their work; the node's clock advances piecewise.
+    """
+    s = machine.cluster.device.solo_speedup
+    L = min(machine.ranks_per_physical_node, work_R.size)
+    if s == 1.0 or L < 2:
+        return float(work_R.max()) if work_R.size else 0.0
+    slowest = 0.0
+    for start in range(0, work_R.size, L):
+        clock, done = 0.0, 0.0
+        for i, work in enumerate(np.sort(work_R[start : start + L])):
+            active = L - i
+            clock += (work - done) / (1.0 + (s - 1.0) * (L - active) / (L - 1))
+            done = work
+        slowest = max(slowest, clock)
+    return slowest
+
+
 def _weight_exchange_time(params: float, group: int, b: int, machine: Machine) -> float:
     """All-gather (or reduce-scatter) of ``params`` elements among ``group`` consecutive ranks."""
     if group <= 1:
@@ -372,14 +404,15 @@ def simulate(
     xchg = exchange_cost(a_R / d, row_bytes, machine, c.exchange)
     fwd_R, bwd_R = _expert_times(rows_RU / d, hidden, workload, machine, units_R)
     eta = cluster.overlap_efficiency
-    fwd_pipe, _ = pipeline_time(xchg.time, float(fwd_R.max()), xchg.time, d, eta)
+    fwd_s, bwd_s = paced_time(fwd_R, machine), paced_time(bwd_R, machine)
+    fwd_pipe, _ = pipeline_time(xchg.time, fwd_s, xchg.time, d, eta)
     exchange_s = 2 * d * xchg.time
-    experts_s = d * float(fwd_R.max())
+    experts_s = d * fwd_s
     pipe_s = fwd_pipe
     if workload.training:
-        bwd_pipe, _ = pipeline_time(xchg.time, float(bwd_R.max()), xchg.time, d, eta)
+        bwd_pipe, _ = pipeline_time(xchg.time, bwd_s, xchg.time, d, eta)
         exchange_s *= 2
-        experts_s += d * float(bwd_R.max())
+        experts_s += d * bwd_s
         pipe_s += bwd_pipe
     overlap_saved = exchange_s + experts_s - pipe_s
     if workload.training and d > 1:
