@@ -637,3 +637,70 @@ def check_rebalancer(rank: int, world: int) -> list[list[int]]:
         torch.testing.assert_close(layer.single_device_state_dict()[key], want, rtol=1e-4, atol=1e-5, msg=key)
     assert rebalancer.reports and rebalancer.reports[0][0] == 2, rebalancer.reports
     return placements
+
+
+def check_replicas(rank: int, world: int) -> list[tuple[int, int]]:
+    """Persistent replicas under extreme skew: the layer equals the single device in
+    inference and training; a replica serves without a transfer while the owner's weights
+    are unchanged and is refreshed after they change. Returns ``(copies sent, replica
+    hits)`` per call."""
+    from flexmoe.parallel.placement import replica_placement
+
+    torch.manual_seed(0)
+    E = 2 * world
+    router = RouterConfig(kind="sigmoid", selection_bias=True)
+    bias = torch.tensor([100.0] + [0.0] * (E - 1))  # every token's first choice: expert 0 (rank 0)
+    oracle = MoELayer(16, 8, E, 2, router=router, group=False)
+    oracle.router.expert_bias_E.copy_(bias)
+    rc = RerouteConfig(max_copies_per_rank=1)
+    layer = MoELayer(16, 8, E, 2, router=router, rerouting=rc)
+    layer.load_single_device_state_dict(oracle.state_dict())
+    loads = [float(c) for c in [world * 24.0] + [24.0 * world / (E - 1)] * (E - 1)]
+    replicas = replica_placement(loads, layer.expert_placement, world, per_rank=1)
+    assert all(0 in replicas[p] for p in range(1, world)), replicas  # the hot expert, everywhere
+    try:
+        layer.set_replicas([[1, 2]] + [[]] * (world - 1))
+        raise AssertionError("two replicas on a rank with max_copies_per_rank=1 were accepted")
+    except ValueError as error:
+        assert "max_copies_per_rank=1" in str(error), error
+    layer.set_replicas(replicas)
+    assert layer.replicas == replicas
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (oracle, layer)]
+    log = []
+
+    def infer(step: int) -> None:
+        x = torch.randn(24 * world, 16, generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            want = oracle(x)[rank * 24 : (rank + 1) * 24]
+            got = layer(x[rank * 24 : (rank + 1) * 24], plan=Plan(reroute=True))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert layer.stats is not None and layer.stats.plan.reroute
+        assert max(layer.stats.copies_per_rank or [0]) <= 1  # the memory bound, replicas included
+        log.append((layer.stats.expert_copies, layer.stats.replica_hits))
+
+    def train(step: int) -> None:
+        x = torch.randn(24 * world, 16, generator=torch.Generator().manual_seed(100 + step))
+        for opt in optimizers:
+            opt.zero_grad()
+        oracle(x).square().sum().backward()
+        y = layer(x[rank * 24 : (rank + 1) * 24], plan=Plan(reroute=True))
+        y.square().sum().backward()
+        assert layer.stats is not None
+        log.append((layer.stats.expert_copies, layer.stats.replica_hits))
+        for p in layer.router.parameters():
+            assert p.grad is not None
+            dist.all_reduce(p.grad)
+        for name in ("w_in", "w_out"):
+            want = layer._ep.placement.local_slice(name, getattr(oracle.experts, name).grad, True)  # type: ignore[union-attr]
+            torch.testing.assert_close(getattr(layer.experts, name).grad, want, rtol=1e-4, atol=1e-5)
+        for opt in optimizers:
+            opt.step()
+
+    infer(0)  # fills the replicas
+    infer(1)  # served by them
+    train(2)  # sends anyway (gradients go back), then the weights change
+    infer(3)  # stale: refreshed
+    infer(4)  # served again
+    for key, want in oracle.state_dict().items():
+        torch.testing.assert_close(layer.single_device_state_dict()[key], want, rtol=1e-5, atol=1e-6, msg=key)
+    return log

@@ -327,11 +327,13 @@ def reference_rerouting(
     min_chunk: int = 1,
     max_rows_per_rank: int | None = None,
     max_copies_per_rank: int | None = None,
+    held: list[list[int]] | None = None,
 ) -> tuple[list[list[tuple[int, int, int]]], list[int], list[tuple[int, int]]]:
     """Least-loaded rerouting as algorithms.md states it, re-sorting the ranks for every chunk.
 
     Returns ``(intervals per expert, rows per rank, transfers)``; raises ``ValueError``
     when the hard bounds cannot hold. The layer's heap-based planner must agree exactly.
+    ``held[p]``: replicas rank ``p`` holds (no transfer; they count towards its copies).
     """
     E = len(loads)
     El = E // W
@@ -344,15 +346,20 @@ def reference_rerouting(
     cap = min(math.ceil(alpha * total / W), limit)
     pending, assigned = list(native), [0] * W
     copies: list[set[int]] = [set() for _ in range(W)]
+    replicas = [set(h) for h in held] if held else [set() for _ in range(W)]
     intervals: list[list[tuple[int, int, int]]] = [[] for _ in range(E)]
     transfers: list[tuple[int, int]] = []
+
+    def may_hold(p: int, e: int) -> bool:
+        return e in copies[p] or e in replicas[p] or len(copies[p] | replicas[p]) < copy_limit
 
     def give(e: int, rank: int, start: int, size: int) -> None:
         intervals[e].append((rank, start, start + size))
         assigned[rank] += size
         if rank != e // El and e not in copies[rank]:
             copies[rank].add(e)
-            transfers.append((e, rank))
+            if e not in replicas[rank]:
+                transfers.append((e, rank))
 
     for e in sorted(range(E), key=lambda i: (-loads[i], i)):
         load, owner = loads[e], e // El
@@ -363,7 +370,7 @@ def reference_rerouting(
         offset, remainder = keep, load - keep
         while remainder:
             order = sorted(
-                (p for p in range(W) if p != owner and len(copies[p]) < copy_limit),
+                (p for p in range(W) if p != owner and may_hold(p, e)),
                 key=lambda p: (assigned[p] + pending[p], p),
             )
             for p in order:
@@ -376,10 +383,7 @@ def reference_rerouting(
                 break
         while remainder:
             candidates = [
-                p
-                for p in range(W)
-                if assigned[p] + pending[p] < limit
-                and (p == owner or e in copies[p] or len(copies[p]) < copy_limit)
+                p for p in range(W) if assigned[p] + pending[p] < limit and (p == owner or may_hold(p, e))
             ]
             if not candidates:
                 raise ValueError("bounds cannot hold")

@@ -36,7 +36,7 @@ from flexmoe.parallel.placement import (
 from flexmoe.parallel.rebalance import CoactivationRecorder, LoadTracker
 
 from .distributed import run_distributed
-from .parallel_workers import Case, check_placement_suite, check_rebalancer, checkpoint_model
+from .parallel_workers import Case, check_placement_suite, check_rebalancer, check_replicas, checkpoint_model
 
 
 # ------------------------------------------------------------------ planners (pure)
@@ -312,3 +312,31 @@ def test_rebalancer_separates_hot_experts_while_training():
     assert placements[0] == [0, 1, 2, 3]  # before the first re-plan
     El = 2
     assert placements[-1][0] // El != placements[-1][1] // El  # the hot pair now on two ranks
+
+
+def test_replica_placement_copies_the_hot_experts():
+    from flexmoe.parallel.placement import replica_placement
+
+    loads = [400.0, 10.0, 10.0, 10.0, 300.0, 10.0, 10.0, 10.0]  # hot: 0 (rank 0), 4 (rank 2) of 4
+    replicas = replica_placement(loads, identity_placement(8), 4, per_rank=1)
+    assert sum(len(r) for r in replicas) >= 2 and all(len(r) <= 1 for r in replicas)
+    held = {e for r in replicas for e in r}
+    assert 0 in held and held <= {0, 4, 5}  # rank 2 (experts 4, 5) is over the mean too
+    assert all(e not in replicas[e // 2] for e in held)  # never a replica of its own expert
+    swapped = [2, 1, 0, 3, 4, 5, 6, 7]  # experts 0 and 2 trade slots: ids stay logical
+    moved = replica_placement(loads, swapped, 4, per_rank=1)
+    assert 0 in {e for r in moved for e in r} and all(0 not in r for r in moved[1:2])
+    with pytest.raises(ValueError, match="per_rank"):
+        replica_placement(loads, identity_placement(8), 4, per_rank=-1)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicas_serve_inference_without_transfers_and_stay_exact(world):
+    log = run_distributed(check_replicas, world, timeout=120)[0]
+    (fill, fill_hits), (serve, hits), (train, _), (refresh, refresh_hits), (again, again_hits) = log
+    assert fill > 0 and fill_hits == 0  # first use: the copies travel and are kept
+    assert serve == 0 and hits >= world - 1  # unchanged weights: no transfer at all
+    assert train > 0  # a training step sends (gradients go back to the owner)
+    assert refresh > 0 and refresh_hits == 0  # the optimizer changed the owner's weights
+    assert again == 0 and again_hits >= world - 1

@@ -62,15 +62,24 @@ def _check_exact_cover(plan, loads: list[int], W: int) -> None:
     st.sampled_from([1, 8]),
     st.sampled_from([None, 0, 1, 2]),
     st.sampled_from([None, 1.0, 1.5]),
+    st.data(),
 )
-def test_plan_equals_the_reference(case, alpha, min_chunk, max_copies, rows_factor):
+def test_plan_equals_the_reference(case, alpha, min_chunk, max_copies, rows_factor, data):
     loads, W = case
+    E, El = len(loads), len(loads) // W
     max_rows = None if rows_factor is None else math.ceil(rows_factor * sum(loads) / W)
+    held = None
+    if data.draw(st.booleans(), label="replicas"):  # persistent replicas of other ranks' experts
+        held = [
+            sorted(data.draw(st.sets(st.sampled_from([e for e in range(E) if e // El != p]), max_size=2)))
+            for p in range(W)
+        ]
     kwargs = {
         "alpha": alpha,
         "min_chunk": min_chunk,
         "max_copies_per_rank": max_copies,
         "max_rows_per_rank": max_rows,
+        "held": held,
     }
     try:
         intervals, rows, transfers = reference_rerouting(loads, W, **kwargs)
@@ -82,6 +91,19 @@ def test_plan_equals_the_reference(case, alpha, min_chunk, max_copies, rows_fact
     assert plan.intervals == intervals
     assert plan.rows_per_rank == rows
     assert plan.transfers == transfers
+    if held is not None:
+        assert not any(e in held[p] for e, p in plan.transfers)  # a replica is never sent
+
+
+def test_replicas_save_the_transfer_and_count_towards_the_copy_bound():
+    loads = [1000, 0, 0, 0]  # everything on expert 0 (rank 0 of 4)
+    fresh = plan_rerouting(loads, 4)
+    assert sorted(fresh.transfers) == [(0, 1), (0, 2), (0, 3)]
+    held = plan_rerouting(loads, 4, held=[[], [0], [0], []])
+    assert held.rows_per_rank == fresh.rows_per_rank and held.transfers == [(0, 3)]
+    assert held.copies == fresh.copies  # the same pieces: rank 3 gets a copy sent
+    full = plan_rerouting(loads, 4, held=[[], [0], [0], [1]], max_copies_per_rank=1)
+    assert full.copies[3] == [] and full.transfers == []  # rank 3's slot is taken by its replica
 
 
 @given(loads_and_world(), st.floats(1.0, 1.5))

@@ -62,6 +62,7 @@ class MoEStats:
         rerouted_rows, expert_copies: rows computed away from their expert's rank, and
             expert weight copies sent, this call; ``copies_per_rank`` the copies each
             rank received.
+        replica_hits: copies served by persistent replicas (``set_replicas``), not sent.
         tuner: with ``plan="auto"``, the online tuner's decision for this call (a
             ``flexmoe.parallel.tuner.TunerDecision``: bucket, phase, predicted time,
             the previous call's measured time), else ``None``.
@@ -85,6 +86,7 @@ class MoEStats:
     rerouted_rows: int = 0
     expert_copies: int = 0
     copies_per_rank: list[int] | None = None
+    replica_hits: int = 0
     tuner: TunerDecision | None = None
 
 
@@ -256,6 +258,9 @@ class MoELayer(nn.Module):
         self._tuner: Tuner | None = None  # built at the first "auto" call (collective)
         self._cost: CostModel | None = None  # built at the first rerouting decision (collective)
         self._watch: Stopwatch | None = None
+        self._replicas: list[list[int]] | None = None  # logical experts each rank keeps copies of
+        self._replica_rows: dict[int, Tensor] = {}  # this rank's replicas: logical expert -> packed row
+        self._replica_stamps: dict[tuple[int, int], tuple[int, int]] = {}  # (rank, expert) -> owner stamp
         if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         if ranks_per_node is not None and not (isinstance(ranks_per_node, int) and ranks_per_node >= 1):
@@ -482,6 +487,111 @@ class MoELayer(nn.Module):
         self._placement = None if slots == list(range(E)) else slots
         self._slot_index = None
         return report
+
+    def set_replicas(self, replicas: Sequence[Sequence[int]] | None) -> None:
+        """Keep persistent copies of hot experts on other ranks (EPLB-style replicas); a collective.
+
+        ``replicas[p]``: the logical experts rank ``p`` keeps a copy of (``None``: none).
+        Every rank passes the same table (checked). A replica is a copy the least-loaded
+        rerouting (``flexmoe.parallel.rerouting``) may give rows to without sending the
+        expert's weights: it is filled the first time it is used, then reused for as
+        long as the owner's weights are unchanged — every forward without grad
+        (inference, evaluation) until the next optimizer step or load. A training step
+        sends the copy anyway (its gradient must go back to the owner, and the weights
+        change after it). Replicas count towards ``RerouteConfig.max_copies_per_rank``.
+        The layer's output is the same with or without replicas; ``stats.replica_hits``
+        counts the copies they served. Plan them from observed load with
+        ``flexmoe.parallel.placement.replica_placement``.
+        """
+        ep = self._ep
+        if ep is None or ep.placement.sharded:
+            if replicas:
+                raise ValueError("set_replicas needs a distributed layer with whole experts (E >= W)")
+            return
+        W, E = ep.world_size, self.config.num_experts
+        table: list[list[int]] | None = None
+        if replicas is not None:
+            if len(replicas) != W:
+                raise ValueError(
+                    f"replicas must list the experts of each of the {W} ranks, got {len(replicas)}"
+                )
+            table = []
+            for p, experts in enumerate(replicas):
+                row = sorted({int(e) for e in experts})
+                if any(not 0 <= e < E for e in row):
+                    raise ValueError(f"replicas[{p}] must hold expert ids in [0, {E}), got {list(experts)}")
+                bound = self.config.reroute.max_copies_per_rank
+                if bound is not None and len(row) > bound:
+                    raise ValueError(
+                        f"replicas[{p}] holds {len(row)} experts, more than max_copies_per_rank={bound}"
+                    )
+                table.append(row)
+        ep.check_same({"replicas": stable_hash(repr(table))})
+        self._replicas = table if table and any(table) else None
+        self._replica_rows.clear()
+        self._replica_stamps.clear()
+
+    @property
+    def replicas(self) -> list[list[int]] | None:
+        """The persistent replicas (``set_replicas``): logical experts per rank, or ``None``."""
+        return None if self._replicas is None else [list(r) for r in self._replicas]
+
+    def _weights_stamp(self) -> tuple[int, int]:
+        """The stamp of the experts stored here: (sum of in-place versions, storage hash)."""
+        params = list(self.experts.parameters())
+        version = sum(int(p._version) for p in params)
+        return version, stable_hash(repr([p.data_ptr() for p in params]))
+
+    def _held_slots(self, ep: ExpertParallel) -> list[list[int]] | None:
+        """Each rank's replicas as slots (what the rerouting planner sees), or ``None``."""
+        if self._replicas is None:
+            return None
+        slot = self.expert_placement
+        return [sorted(slot[e] for e in row) for row in self._replicas]
+
+    def _replica_sends(
+        self, ep: ExpertParallel, reroute: ReroutePlan, held: list[list[int]], stamps: list[list[int]]
+    ) -> tuple[list[tuple[int, int]], dict[int, Tensor]]:
+        """The copies that travel this step, and this rank's fresh replicas (slot -> packed row).
+
+        A replica ``(p, e)`` serves without a transfer when the step takes no gradient
+        and its owner's weights are those it was filled from (every rank keeps the same
+        book of fills, so all agree without communicating).
+        """
+        El = ep.placement.local_experts
+        logical = {s: e for e, s in enumerate(self.expert_placement)}
+        grad = torch.is_grad_enabled()
+        sends = list(reroute.transfers)
+        cached: dict[int, Tensor] = {}
+        for p, copies in enumerate(reroute.copies):
+            for s in copies:
+                if s not in held[p]:
+                    continue
+                e = logical[s]
+                fresh = not grad and self._replica_stamps.get((p, e)) == tuple(stamps[s // El])
+                if not fresh:
+                    sends.append((s, p))
+                elif p == ep.placement.rank:
+                    cached[s] = self._replica_rows[e]  # booked fresh => filled here
+        return sends, cached
+
+    def _keep_replicas(
+        self,
+        ep: ExpertParallel,
+        sends: list[tuple[int, int]],
+        held: list[list[int]],
+        stamps: list[list[int]],
+        received: dict[int, Tensor],
+    ) -> None:
+        """Book the replicas filled by this step's transfers (every rank), keep this rank's rows."""
+        El, me = ep.placement.local_experts, ep.placement.rank
+        logical = {s: e for e, s in enumerate(self.expert_placement)}
+        for s, p in sends:
+            if s in held[p]:
+                e = logical[s]
+                self._replica_stamps[(p, e)] = tuple(stamps[s // El])  # type: ignore[assignment]
+                if p == me:
+                    self._replica_rows[e] = received[s]
 
     def placement_advice(
         self,
@@ -740,10 +850,12 @@ class MoELayer(nn.Module):
             int(torch.is_grad_enabled()),
             stable_hash(str(x.dtype)),
             previous_us,
+            *self._weights_stamp(),
         )
         header = ep.check_same(dict(zip(_CALL_HEADER, values, strict=True)))
         tokens_per_rank: list[int] = header[:, 0].tolist()
         previous_s = float(header[:, _CALL_HEADER.index("previous_us")].max()) / 1e6  # the slowest rank
+        stamps = header[:, _CALL_HEADER.index("weights_version") :].tolist()  # [W, 2]
         route = self.router(x_TD, k)
         # Everything from here to the combine runs on physical slots (see apply_placement):
         # drops are decided per expert in an order that ignores its id, so they are unchanged.
@@ -775,11 +887,20 @@ class MoELayer(nn.Module):
             )
             plan = ep.placement.resolve(decision.plan)
         assert isinstance(plan, Plan) and plan.r is not None and isinstance(experts, GroupedExperts)
-        reroute = self._plan_rerouting(ep, plan, glayout, k, cf, x.dtype)
+        held = self._held_slots(ep)
+        reroute = self._plan_rerouting(ep, plan, glayout, k, cf, x.dtype, held)
         plan = dataclasses.replace(plan, reroute=reroute is not None)
+        replica_hits = 0
         if plan.r == 0:  # every expert gathered here; no rows move
             weights = ep.gather_weights(experts, 0)
             y_ND = experts.apply_weights(x_ND, layout.counts, weights, row_weights_N)
+        elif reroute is not None and held is not None:
+            sends, cached = self._replica_sends(ep, reroute, held, stamps)
+            replica_hits = sum(len(c) for c in reroute.copies) - len(sends)
+            received: dict[int, Tensor] = {}
+            y_ND = ep.run(x_ND, glayout.kept, plan, experts, reroute, sends, cached, received)
+            y_ND = y_ND * row_weights_N.to(y_ND.dtype)[:, None]
+            self._keep_replicas(ep, sends, held, stamps, received)
         else:
             y_ND = ep.run(x_ND, glayout.kept, plan, experts, reroute)
             y_ND = y_ND * row_weights_N.to(y_ND.dtype)[:, None]
@@ -815,29 +936,47 @@ class MoELayer(nn.Module):
             self.stats.copies_per_rank = [0] * ep.world_size
             if reroute is not None:
                 self.stats.rerouted_rows = int(reroute.moved_rows)
-                self.stats.expert_copies = reroute.num_copies
+                self.stats.expert_copies = sum(len(c) for c in reroute.copies) - replica_hits
+                self.stats.replica_hits = replica_hits
                 self.stats.copies_per_rank = [len(c) for c in reroute.copies]
         self.stats.tuner = decision
         return watch.stop(y_TD).reshape(x.shape)
 
     def _plan_rerouting(
-        self, ep: ExpertParallel, plan: Plan, glayout: GlobalLayout, k: int, cf: float, dtype: torch.dtype
+        self,
+        ep: ExpertParallel,
+        plan: Plan,
+        glayout: GlobalLayout,
+        k: int,
+        cf: float,
+        dtype: torch.dtype,
+        held: list[list[int]] | None = None,
     ) -> ReroutePlan | None:
-        """The step's rerouting: forced by the plan, or chosen when the cost model says it pays."""
+        """The step's rerouting: forced by the plan, or chosen when the cost model says it pays.
+
+        ``held``: each rank's persistent replicas (slots), which need no transfer.
+        """
         rc = self.config.reroute
         if not plan.reroute and (plan.reroute is False or not rc.enabled):
             return None
         if plan.r != 1 or ep.placement.sharded:
             return None
         loads: list[int] = glayout.tokens_per_expert_E.tolist()
-        bounds = {"max_rows_per_rank": rc.max_rows_per_rank, "max_copies_per_rank": rc.max_copies_per_rank}
         try:
-            candidate = plan_rerouting(loads, ep.world_size, alpha=rc.alpha, min_chunk=rc.min_chunk, **bounds)
+            candidate = plan_rerouting(
+                loads,
+                ep.world_size,
+                alpha=rc.alpha,
+                min_chunk=rc.min_chunk,
+                max_rows_per_rank=rc.max_rows_per_rank,
+                max_copies_per_rank=rc.max_copies_per_rank,
+                held=held,
+            )
         except ValueError:
             if plan.reroute:
                 raise
             return None  # the bounds cannot hold this step either way: plain expert parallelism
-        if not candidate.transfers:
+        if not candidate.moved_rows:
             return None
         if plan.reroute:
             return candidate
@@ -930,6 +1069,8 @@ _CALL_HEADER = (
     "grad mode",
     "dtype",
     "previous_us",  # this rank's measured time of the previous call (the tuner's feedback)
+    "weights_version",  # this rank's stored experts: sum of their in-place versions ...
+    "weights_storage",  # ... and a hash of their storage (persistent replicas are fresh while both hold)
 )
 
 

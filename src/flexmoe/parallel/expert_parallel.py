@@ -358,24 +358,58 @@ class ExpertParallel:
             b_out = parts[3].view(n_e, n_sh, D)[:, 0]
         return join_hidden(parts[0], 1), join_hidden(parts[1], 2), b_in, b_out
 
-    def with_copies(self, experts: GroupedExperts, reroute: ReroutePlan) -> Weights:
-        """The rank's own experts followed by the copies ``reroute`` sends it (differentiably)."""
+    def with_copies(
+        self,
+        experts: GroupedExperts,
+        reroute: ReroutePlan,
+        sends: list[tuple[int, int]] | None = None,
+        cached: dict[int, Tensor] | None = None,
+        received: dict[int, Tensor] | None = None,
+    ) -> Weights:
+        """The rank's own experts followed by the copies ``reroute`` gives it (differentiably).
+
+        ``sends``: the ``(expert, rank)`` copies that travel this step (default: the plan's
+        transfers; every rank passes the same list); a copy this rank uses but is not
+        sent comes from ``cached`` (its persistent replicas: packed rows, no gradient).
+        The rows received are put in ``received`` (expert -> packed row) when given.
+        """
         pl = self.placement
         El, me, W = pl.local_experts, pl.rank, pl.world_size
+        sends = reroute.transfers if sends is None else sends
         own = [experts.w_in, experts.w_out, experts.b_in, experts.b_out]
         present = [t for t in own if t is not None]
         packed = torch.cat([t.reshape(El, -1) for t in present], dim=1)
-        send_rows: list[int] = []
-        send_splits = [0] * W
-        for p in range(W):
-            for e in reroute.copies[p]:
-                if e // El == me:
-                    send_rows.append(e - me * El)
-                    send_splits[p] += 1
-        recv_splits = [sum(1 for e in reroute.copies[me] if e // El == q) for q in range(W)]
-        index = torch.tensor(send_rows, dtype=torch.int64, device=packed.device)
-        copies = _SendCopies.apply(packed, index, send_splits, recv_splits, self.comm)
-        n = copies.shape[0]
+        mine = sorted(e for e, p in sends if p == me)  # sources in rank order = experts in order
+        rows: dict[int, Tensor] = {}
+        got: Tensor | None = None
+        if sends:  # a collective: every rank knows the same list
+            send_rows: list[int] = []
+            send_splits = [0] * W
+            for p in range(W):
+                for e in sorted(e for e, q in sends if q == p):
+                    if e // El == me:
+                        send_rows.append(e - me * El)
+                        send_splits[p] += 1
+            recv_splits = [sum(1 for e in mine if e // El == q) for q in range(W)]
+            index = torch.tensor(send_rows, dtype=torch.int64, device=packed.device)
+            got = _SendCopies.apply(packed, index, send_splits, recv_splits, self.comm)
+            rows = dict(zip(mine, got.unbind(0), strict=True))
+            if received is not None:
+                received.update({e: row.detach() for e, row in rows.items()})
+        parts_by_expert = []
+        for e in reroute.copies[me]:
+            if e in rows:
+                parts_by_expert.append(rows[e])
+            elif cached is not None and e in cached:
+                parts_by_expert.append(cached[e].to(packed.dtype))
+            else:
+                raise RuntimeError(f"expert {e}'s copy is neither sent to rank {me} nor held by it")
+        n = len(parts_by_expert)
+        copies = torch.stack(parts_by_expert) if n else packed.new_empty((0, packed.shape[1]))
+        if got is not None:
+            # Keep the all-to-all in this rank's graph even if it received nothing: every
+            # rank must join its backward (the gradients' all-to-all).
+            copies = torch.cat([got[:0], copies])
         widths = [t[0].numel() for t in present]
         parts = iter(copies.split(widths, dim=1))
         out: list[Tensor | None] = []
@@ -395,8 +429,14 @@ class ExpertParallel:
         plan: Plan,
         experts: GroupedExperts,
         reroute: ReroutePlan | None = None,
+        sends: list[tuple[int, int]] | None = None,
+        cached: dict[int, Tensor] | None = None,
+        received: dict[int, Tensor] | None = None,
     ) -> Tensor:
-        """Expert outputs (unweighted) for this rank's kept rows, under a resolved ``plan`` (``r >= 1``)."""
+        """Expert outputs (unweighted) for this rank's kept rows, under a resolved ``plan`` (``r >= 1``).
+
+        ``sends``, ``cached``, ``received``: persistent replicas (see ``with_copies``).
+        """
         assert plan.r is not None and plan.r >= 1
         pl = self.placement
         if reroute is None:
@@ -404,7 +444,7 @@ class ExpertParallel:
             pieces = plan_pieces(pl, kept, plan.r)
             units = pl.local_experts
         else:
-            weights = self.with_copies(experts, reroute)
+            weights = self.with_copies(experts, reroute, sends, cached, received)
             pieces = reroute_pieces(kept, reroute, pl.local_experts)
             units = pl.local_experts + len(reroute.copies[pl.rank])
         chunks = build_chunks(pl.world_size, pl.rank, kept, pieces, units, plan.d, x_N.device)

@@ -72,8 +72,9 @@ def _all_gather(comm: Communicator, x: Tensor, what: str) -> Tensor:
 
 
 # Header fields that may differ between ranks: the rank's tokens, whether its input was
-# accepted, and its measured time of the previous call (the online tuner's feedback).
-HEADER_FREE_FIELDS = ("num_tokens", "input_ok", "previous_us")
+# accepted, its measured time of the previous call (the online tuner's feedback) and the
+# stamp of its stored experts (persistent replicas stay fresh while it holds).
+HEADER_FREE_FIELDS = ("num_tokens", "input_ok", "previous_us", "weights_version", "weights_storage")
 
 
 def check_header(comm: Communicator, fields: dict[str, int], device: torch.device) -> Tensor:

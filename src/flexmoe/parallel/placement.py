@@ -44,6 +44,7 @@ __all__ = [
     "moved_experts",
     "plan_pieces",
     "rank_loads",
+    "replica_placement",
     "same_rank_fraction",
     "slot_loads",
     "split_sizes",
@@ -555,6 +556,37 @@ def slot_loads(loads: Sequence[float], slot_of_expert: Sequence[int]) -> list[fl
     for e, slot in enumerate(slot_of_expert):
         out[slot] = float(loads[e])
     return out
+
+
+def replica_placement(
+    loads: Sequence[float],
+    slot_of_expert: Sequence[int],
+    world_size: int,
+    per_rank: int,
+    *,
+    alpha: float = 1.0,
+    min_chunk: float = 1,
+) -> list[list[int]]:
+    """Which experts each rank should keep replicas of, for per-expert ``loads`` (logical ids).
+
+    The copies the layer's least-loaded rerouting would make for this load with at most
+    ``per_rank`` copies per rank (EPLB's replication of the hottest experts, decided by
+    the same algorithm that uses them): pass ``loads`` averaged over steps
+    (``flexmoe.parallel.rebalance.LoadTracker``) to ``MoELayer.set_replicas``.
+    """
+    from flexmoe.parallel.rerouting import plan_rerouting
+
+    if not isinstance(per_rank, int) or per_rank < 0:
+        raise ValueError(f"per_rank must be an int >= 0, got {per_rank!r}")
+    logical = {slot: e for e, slot in enumerate(slot_of_expert)}
+    plan = plan_rerouting(
+        slot_loads(loads, slot_of_expert),
+        world_size,
+        alpha=alpha,
+        min_chunk=min_chunk,
+        max_copies_per_rank=per_rank,
+    )
+    return [sorted(logical[slot] for slot in copies) for copies in plan.copies]
 
 
 def moved_experts(old: Sequence[int], new: Sequence[int], world_size: int) -> list[int]:

@@ -90,8 +90,13 @@ def plan_rerouting(
     min_chunk: float = 1,
     max_rows_per_rank: float | None = None,
     max_copies_per_rank: int | None = None,
+    held: Sequence[Sequence[int]] | None = None,
 ) -> ReroutePlan:
     """The least-loaded assignment of expert rows to ranks (see the module docstring).
+
+    ``held[p]``: experts whose copies rank ``p`` already holds (persistent replicas): a
+    piece given to such a rank needs no transfer, and they count towards its
+    ``max_copies_per_rank`` whether used or not (they occupy its memory).
 
     ``loads`` are row counts (ints: the layer) or expected rows (floats: the planner);
     arithmetic stays in their type. The least-loaded rank comes from a heap keyed by
@@ -116,6 +121,13 @@ def plan_rerouting(
     pending = list(native)  # rows of each rank's own experts not yet placed
     assigned = [0 * total] * W
     copies: list[set[int]] = [set() for _ in range(W)]
+    kept = [set(h) for h in held] if held is not None else [set() for _ in range(W)]
+    if len(kept) != W:
+        raise ValueError(f"held must list the replicas of each of the {W} ranks, got {len(kept)} lists")
+
+    def full(p: int, e: int) -> bool:  # may rank p not take a piece of e (no room for its copy)?
+        return e not in copies[p] and e not in kept[p] and len(copies[p] | kept[p]) >= copy_limit
+
     intervals: list[list[tuple[int, float, float]]] = [[] for _ in range(E)]
     transfers: list[tuple[int, int]] = []
     heap = [(native[p], p) for p in range(W)]  # (assigned + pending, rank), possibly stale
@@ -129,7 +141,8 @@ def plan_rerouting(
         assigned[rank] += size
         if rank != e // El and e not in copies[rank]:
             copies[rank].add(e)
-            transfers.append((e, rank))
+            if e not in kept[rank]:
+                transfers.append((e, rank))
         heapq.heappush(heap, (load_of(rank), rank))
 
     for e in sorted(range(E), key=lambda i: (-loads[i], i)):
@@ -150,7 +163,7 @@ def plan_rerouting(
                 if key != load_of(p):
                     continue  # stale: the rank's current entry is also in the heap
                 popped.append((key, p))
-                if p == owner or len(copies[p]) >= copy_limit:
+                if p == owner or full(p, e):
                     continue
                 chunk = min(remainder, cap - key)
                 if chunk > 0 and (chunk >= min_chunk or chunk == remainder):
@@ -167,11 +180,7 @@ def plan_rerouting(
         # What nobody could take under cap: the least-loaded ranks with room under the hard
         # bound (the owner included; it needs no copy).
         while remainder > 0:
-            eligible = [
-                p
-                for p in range(W)
-                if load_of(p) < limit and (p == owner or e in copies[p] or len(copies[p]) < copy_limit)
-            ]
+            eligible = [p for p in range(W) if load_of(p) < limit and (p == owner or not full(p, e))]
             if not eligible:
                 raise ValueError(
                     f"rerouting cannot place expert {e}'s rows within max_rows_per_rank="
