@@ -72,7 +72,8 @@ def check_equivalence(rank: int, world: int, cases: list[Case]) -> int:
     return checked
 
 
-def _check_case(rank: int, world: int, case: Case) -> int:
+def _case_layers(case: Case) -> tuple[MoELayer, MoELayer]:
+    """The case's single-device oracle (skew applied) and a distributed layer (not loaded)."""
     torch.manual_seed(case.seed)
     kwargs: dict[str, Any] = {
         "activation": case.activation,
@@ -96,6 +97,12 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         }[case.skew]
         oracle.router.expert_bias_E.copy_(bias)
     layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
+    return oracle, layer
+
+
+def _check_case(rank: int, world: int, case: Case) -> int:
+    oracle, layer = _case_layers(case)
+    D = case.dim
     layer.load_single_device_state_dict(oracle.state_dict())
     oracle.to(case.dtype)
     layer.to(case.dtype)
@@ -380,22 +387,8 @@ def run_tuner(rank: int, world: int, num_experts: int, schedule: list[str], tune
 # --------------------------------------------------------------------------- placement
 def _placed_layers(case: Case, placement: list[int], before_load: bool) -> tuple[MoELayer, MoELayer]:
     """A single-device oracle and a distributed layer with the same global weights, placed."""
-    torch.manual_seed(case.seed)
-    kwargs: dict[str, Any] = {
-        "activation": case.activation,
-        "bias": case.bias,
-        "capacity_factor": case.capacity_factor,
-        "batch_prioritized": case.batch_prioritized,
-        "load_balance_weight": case.load_balance_weight,
-        "rerouting": case.rerouting,
-    }
-    D, E, K = case.dim, case.num_experts, case.top_k
-    if case.skew is not None:
-        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True)
-    oracle = MoELayer(D, case.hidden_dim, E, K, group=False, **kwargs)
-    if case.skew == "zipf":
-        oracle.router.expert_bias_E.copy_(4.0 * -torch.log(torch.arange(1, E + 1, dtype=torch.float32)) * 1.2)
-    layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
+    oracle, layer = _case_layers(case)
+    E = case.num_experts
     if before_load:  # place the (random) weights, then load: each rank keeps its placed slots
         layer.apply_placement(placement)
         layer.load_single_device_state_dict(oracle.state_dict())

@@ -5,9 +5,10 @@ measuring at once, as the ranks of a job run), repeated in ``rounds`` and reduce
 medians (rates: the mean over ranks; collective times: the slowest rank):
 
 1. dense GEMM FLOP/s (fp32 at expert-like shapes, bf16 briefly), streaming copy
-   bandwidth, SiLU throughput, and the dispatch cost of a tiny op; the small layer's
-   expert GEMMs (step 4) on all ranks at once and on each rank in turn while the others
-   sleep (``solo_speedup``: CPU cores share caches, memory bandwidth and clocks);
+   bandwidth, SiLU throughput, and the dispatch cost of a tiny op; single-device steps
+   of the small layer's experts (step 4) on all ranks at once and on each rank in turn
+   while the others sleep (``solo_speedup``: CPU cores share caches, memory bandwidth
+   and clocks);
 2. the gloo all-to-all through the layer's communicator thread: the thread's
    hand-off cost, the latency per message of back-to-back small all-to-alls, and the
    bandwidth from two large sizes;
@@ -60,8 +61,8 @@ __all__ = ["DEFAULT_LAYER", "Probes", "calibrate", "cluster_from_samples", "defa
 _LOCAL_RANKS = 64  # ranks one machine may host in a simulation ("devices per node")
 _RATES = (
     "fp32_flops",
-    "fp32_flops_layer",
-    "fp32_flops_layer_solo",
+    "layer_steps",
+    "layer_steps_solo",
     "fp32_flops_small",
     "bf16_flops",
     "stream",
@@ -134,10 +135,9 @@ class Probes:
         torch.manual_seed(0)
         self.mid = MoELayer(dim, hidden, 2 * world, 2, load_balance_weight=0.0, ranks_per_node=world)
         self.mid_x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(rank))
-        # One expert's GEMMs in that layer (about ``tokens`` rows per expert).
-        layer_shapes = [(tokens, dim, 2 * hidden), (tokens, hidden, dim)]
-        self.layer_flops = sum(2.0 * m * k * n for m, k, n in layer_shapes)
-        self.layer_mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in layer_shapes]
+        # The same experts' work on one device (about ``tokens`` rows per expert).
+        self.local = MoELayer(dim, hidden, 2, 2, load_balance_weight=0.0, group=False)
+        self.local_x = self.mid_x.clone().requires_grad_()
         self.mid_counts: list[float] = []
 
     def _barrier(self) -> None:
@@ -164,16 +164,17 @@ class Probes:
         # a layer step of 100+ ms does not; 8 rounds of the two projections last that long.
         self._barrier()
         out["fp32_flops"] = 8 * self.gemm_flops / _clock(lambda: gemms(8))
-        # The small layer's expert GEMMs on every rank at once, then on one rank while the
-        # others sleep (not spin), each rank in turn: how much faster a lone rank computes.
-        layer_gemms = lambda: [a @ b for a, b in self.layer_mats]  # noqa: E731
+        # A single-device step of the small layer's experts on every rank at once, then on
+        # one rank while the others sleep (not spin), each rank in turn: how much faster a
+        # lone rank computes (shared caches, memory bandwidth and clocks).
+        step = functools.partial(_step, self.local, self.local_x, None)
         self._barrier()
-        busy = _clock(layer_gemms)
-        out["fp32_flops_layer"] = self.layer_flops / busy
+        busy = _clock(step)
+        out["layer_steps"] = 1.0 / busy
         for turn in range(self.world):
             self._barrier()
             if turn == self.rank:
-                out["fp32_flops_layer_solo"] = self.layer_flops / _clock(layer_gemms)
+                out["layer_steps_solo"] = 1.0 / _clock(step)
             else:
                 time.sleep(2 * busy)
         repeat = 8 * 512 // _SMALL_ROWS  # the same FLOPs in GEMMs of few rows
@@ -415,7 +416,7 @@ def cluster_from_samples(
         op_overhead=m["op"] * share,
         elementwise_rate=m["silu"] / share,
         gemm_half_rows=half_rows,
-        solo_speedup=max(1.0, m.get("fp32_flops_layer_solo", 1.0) / m.get("fp32_flops_layer", 1.0)),
+        solo_speedup=max(1.0, m.get("layer_steps_solo", 1.0) / m.get("layer_steps", 1.0)),
     )
     cluster = Cluster(
         name="this-machine",
@@ -433,8 +434,8 @@ def cluster_from_samples(
                 "gemm_half_rows; bf16 [64,256]x[256,256]"
             ),
             "device.gemm_half_rows": f"{how}: from the fp32 GEMM rates at 512 and {_SMALL_ROWS} rows",
-            "device.solo_speedup": f"{how}: the small layer's expert GEMMs on one rank while the others "
-            "sleep, over their rate while every rank computes them",
+            "device.solo_speedup": f"{how}: steps of the small layer's experts on one device (one rank "
+            "while the others sleep, over all ranks at once)",
             "device.memory_bandwidth": f"{how}: clone of a 24 MiB fp32 buffer (read + write bytes)",
             "device.elementwise_rate": f"{how}: SiLU of 2^20 fp32 elements",
             "device.op_overhead": f"{how}: fitted to tiny MoELayer steps, at least a tiny add's cost",
