@@ -98,6 +98,18 @@ def test_a_known_bucket_is_not_searched_again_and_a_new_one_is():
     assert len(tuner.winners) == 2
 
 
+def test_under_skew_the_best_rerouting_plan_is_measured_even_if_ranked_low():
+    predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 15.0, BOTH: 16.0, GATHER: 8.0}  # a mis-ranking model
+    measured = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 8.0}
+    tuner, _ = _tuner(predicted, measure_top=2, measure_steps=2)
+    decisions = _drive(tuner, SKEWED, measured, 9)  # GATHER, PIPE, PLAIN, then REROUTE
+    assert [d.plan for d in decisions if d.phase == "search"][-2:] == [Plan(r=1, reroute=True)] * 2
+    assert decisions[-1].phase == "tuned" and decisions[-1].plan == Plan(r=1, reroute=True)
+    even, _ = _tuner(predicted, measure_top=2, measure_steps=2)
+    searched = {d.plan for d in _drive(even, EVEN, measured, 7) if d.phase == "search"}
+    assert not any(p.reroute for p in searched)  # balanced: rerouting is not forced into the search
+
+
 def test_plain_expert_parallelism_wins_when_nothing_measures_faster():
     predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
     measured = {PLAIN: 10.0, PIPE: 11.0, REROUTE: 12.0, BOTH: 12.0, GATHER: 20.0}
@@ -198,14 +210,19 @@ def test_auto_equals_single_device_under_skew(world):
 
 @pytest.mark.distributed
 def test_auto_searches_each_bucket_once_and_agrees_on_every_rank():
-    tuner = TunerConfig(cluster="a100-80gb-hdr200", measure_top=1, measure_steps=2, pipelining=(1, 2))
-    schedule = ["one"] * 7 + ["uniform"] * 6 + ["one"] * 3
+    # drift off: millisecond steps vary by more than 30 % here; drift has its own unit test
+    tuner = TunerConfig(
+        cluster="a100-80gb-hdr200", measure_top=1, measure_steps=2, pipelining=(1, 2), drift=100.0
+    )
+    schedule = ["one"] * 9 + ["uniform"] * 6 + ["one"] * 3
     rows = run_distributed(run_tuner, 2, 4, schedule, tuner, timeout=120)[0]
     phases = [r[0] for r in rows]
-    # Skewed bucket: 2 candidates x 2 calls, then tuned; a uniform bucket: its own search;
-    # back to the skewed load: its winner, no search.
-    assert phases[:4] == ["search"] * 4 and phases[4:7] == ["tuned"] * 3
-    assert phases[7] == "search" and rows[7][2] != rows[0][2]
-    assert phases[13:] == ["tuned"] * 3 and rows[13][1] == rows[6][1]
+    # Skewed bucket: 2 or 3 candidates (the best rerouting plan joins if not among them)
+    # x 2 calls, then tuned; a uniform bucket: its own search; back to the skewed load:
+    # its winner, no search.
+    n = phases.index("tuned")
+    assert n in (4, 6) and phases[:n] == ["search"] * n and phases[n:9] == ["tuned"] * (9 - n), phases
+    assert phases[9] == "search" and rows[9][2] != rows[0][2]
+    assert phases[15:] == ["tuned"] * 3 and rows[15][1] == rows[8][1]
     assert all(r[4] > 0 for r in rows[1:])  # every call after the first got the previous time
     assert all(r[3] > 0 for r in rows)

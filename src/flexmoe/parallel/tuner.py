@@ -15,8 +15,10 @@ plan is ``"auto"``:
    call's ``top_k``, capacity factor, dtype and whether it trains);
 2. a bucket seen for the first time is searched: every valid candidate is scored with
    the cost model, and the ``measure_top`` best, plus plain expert parallelism (so the
-   winner is never measurably slower than it), each run ``measure_steps`` calls; the
-   first call of each is a warm-up, the median of the rest is its time;
+   winner is never measurably slower than it) and, when the busiest rank has at least
+   ``RerouteConfig.threshold`` times the mean rows, the best rerouting plan (so that a
+   mis-ranked family is still tried), each run ``measure_steps`` calls; the first call
+   of each is a warm-up, the median of the rest is its time;
 3. the fastest measured candidate becomes the bucket's winner: later calls in the
    bucket use it without searching;
 4. a winner whose recent median time moves more than ``drift`` from the time it won
@@ -330,6 +332,7 @@ class Tuner:
         candidates: list[Candidate],
         plain: Candidate,
         experts_per_rank: int,
+        reroute_threshold: float = 1.3,
     ) -> None:
         if plain not in candidates:
             raise ValueError(f"plain expert parallelism {plain} must be among the candidates")
@@ -338,6 +341,7 @@ class Tuner:
         self.candidates = candidates
         self.plain = plain
         self.experts_per_rank = experts_per_rank
+        self.reroute_threshold = reroute_threshold
         self.winners: dict[tuple[Any, ...], _Winner] = {}
         self.searches: dict[tuple[Any, ...], _Search] = {}
         self._last: tuple[tuple[Any, ...], Candidate] | None = None
@@ -390,12 +394,17 @@ class Tuner:
                 return "retune"
         return None
 
-    def _start_search(self, key: tuple[Any, ...], predict: Any) -> _Search:
+    def _start_search(self, key: tuple[Any, ...], predict: Any, imbalance: float) -> _Search:
         predicted = {c: predict(c) for c in self.candidates}
         ranked = sorted(self.candidates, key=lambda c: (predicted[c], self.candidates.index(c)))
         queue = ranked[: self.config.measure_top]
         if self.plain not in queue:
             queue.append(self.plain)
+        # Skewed load: measure the best rerouting plan too, whatever the model says (the
+        # model ranks, measurements decide; a mis-ranked family would never be tried).
+        rerouting = [c for c in ranked if c.rerouting]
+        if imbalance >= self.reroute_threshold and rerouting and not any(c.rerouting for c in queue):
+            queue.append(rerouting[0])
         search = _Search(queue=queue, predicted={c: predicted[c] for c in queue})
         self.searches[key] = search
         return search
@@ -422,7 +431,7 @@ class Tuner:
         if winner is not None:
             candidate = winner.candidate
         else:
-            search = self.searches.get(key) or self._start_search(key, predict)
+            search = self.searches.get(key) or self._start_search(key, predict, self.imbalance(counts_E))
             steps = self.config.measure_steps
             choice = search.next(steps)
             if choice is None:  # every queued candidate measured: the fastest wins
@@ -500,7 +509,7 @@ def build_tuner(ep: ExpertParallel, config: MoEConfig, device: torch.device) -> 
         placement.valid_r(), placement.shards, placement.sharded, multi_node, config.tuner, config.reroute
     )
     El = 0 if placement.sharded else placement.local_experts
-    return Tuner(cost, config.tuner, candidates, plain, El)
+    return Tuner(cost, config.tuner, candidates, plain, El, config.reroute.threshold)
 
 
 def cost_model(ep: ExpertParallel, config: MoEConfig, device: torch.device) -> CostModel:
