@@ -110,6 +110,17 @@ def test_under_skew_the_best_rerouting_plan_is_measured_even_if_ranked_low():
     assert not any(p.reroute for p in searched)  # balanced: rerouting is not forced into the search
 
 
+def test_the_model_breaks_ties_within_the_noise_but_not_beyond():
+    predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
+    tie = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 10.15, BOTH: 12.0, GATHER: 20.0}  # 1.5 % apart
+    tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2)
+    assert _drive(tuner, SKEWED, tie, 5)[-1].plan == Plan(r=1, reroute=True)  # predicted faster
+    beyond = dict(tie)
+    beyond[REROUTE] = 10.8  # 8 % slower than plain: measurement decides
+    tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2)
+    assert _drive(tuner, SKEWED, beyond, 5)[-1].plan == Plan(r=1, reroute=False)
+
+
 def test_plain_expert_parallelism_wins_when_nothing_measures_faster():
     predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
     measured = {PLAIN: 10.0, PIPE: 11.0, REROUTE: 12.0, BOTH: 12.0, GATHER: 20.0}

@@ -19,8 +19,10 @@ plan is ``"auto"``:
    ``RerouteConfig.threshold`` times the mean rows, the best rerouting plan (so that a
    mis-ranked family is still tried), each run ``measure_steps`` calls; the first call
    of each is a warm-up, the median of the rest is its time;
-3. the fastest measured candidate becomes the bucket's winner: later calls in the
-   bucket use it without searching;
+3. the fastest measured candidate becomes the bucket's winner — among candidates
+   measured within the noise of the fastest (the largest relative spread of one
+   candidate's samples, between 2 % and 5 %), the one the model predicts fastest —
+   and later calls in the bucket use it without searching;
 4. a winner whose recent median time moves more than ``drift`` from the time it won
    with is searched again (the machine or the workload changed under it); a load that
    moves to another bucket reuses or searches that bucket.
@@ -317,6 +319,20 @@ class _Winner:
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=5))
 
 
+# Measured times closer than this (relative) are a tie that the model breaks: at least
+# NOISE_FLOOR, at most NOISE_CAP, else the largest relative spread of one candidate's samples.
+NOISE_FLOOR, NOISE_CAP = 0.02, 0.05
+
+
+def _spread(samples: dict[Any, list[float]]) -> float:
+    spreads = [
+        (max(kept) - min(kept)) / statistics.median(kept)
+        for kept in (v[1:] if len(v) > 1 else v for v in samples.values())
+        if kept and statistics.median(kept) > 0
+    ]
+    return max(spreads, default=0.0)
+
+
 def _median_after_warmup(samples: list[float]) -> float:
     kept = samples[1:] if len(samples) > 1 else samples
     return statistics.median(kept)
@@ -434,9 +450,13 @@ class Tuner:
             search = self.searches.get(key) or self._start_search(key, predict, self.imbalance(counts_E))
             steps = self.config.measure_steps
             choice = search.next(steps)
-            if choice is None:  # every queued candidate measured: the fastest wins
+            if choice is None:  # every queued candidate measured: the fastest wins ...
                 times = {c: _median_after_warmup(search.samples[c]) for c in search.queue}
-                best = min(search.queue, key=lambda c: (times[c], search.queue.index(c)))
+                fastest = min(times.values())
+                # ... unless others measured within the noise: then the model breaks the tie.
+                noise = min(NOISE_CAP, max(NOISE_FLOOR, _spread(search.samples)))
+                close = [c for c in search.queue if times[c] <= fastest * (1.0 + noise)]
+                best = min(close, key=lambda c: (search.predicted[c], times[c], search.queue.index(c)))
                 self.winners[key] = _Winner(best, times[best], search.predicted[best])
                 del self.searches[key]
                 log.info(
