@@ -163,15 +163,20 @@ def _check_case(rank: int, world: int, case: Case) -> int:
             assert not stats.plan.reroute, where
         if stats.rows_per_rank is not None:
             assert sum(stats.rows_per_rank) == int(oracle.stats.tokens_per_expert.sum()), where
-            bounds = case.rerouting or RerouteConfig()
-            if stats.plan.reroute and bounds.max_rows_per_rank is not None:
-                assert max(stats.rows_per_rank) <= bounds.max_rows_per_rank, where
-            if stats.plan.reroute and bounds.max_copies_per_rank is not None:
-                assert stats.copies_per_rank is not None
-                assert max(stats.copies_per_rank) <= bounds.max_copies_per_rank, where
+            _check_bounds(stats, case, where)
         # Switching plans moved no stored parameter.
         assert {name: p.data_ptr() for name, p in layer.named_parameters()} == ptrs, where
     return len(plans)
+
+
+def _check_bounds(stats: Any, case: Case, where: str) -> None:
+    """A rerouted step kept the memory bounds: rows per rank and expert copies per rank."""
+    bounds = case.rerouting or RerouteConfig()
+    if stats.plan.reroute and bounds.max_rows_per_rank is not None:
+        assert max(stats.rows_per_rank) <= bounds.max_rows_per_rank, where
+    if stats.plan.reroute and bounds.max_copies_per_rank is not None:
+        assert stats.copies_per_rank is not None
+        assert max(stats.copies_per_rank) <= bounds.max_copies_per_rank, where
 
 
 def check_exchange(rank: int, world: int, node_sizes: list[int]) -> None:
@@ -450,12 +455,7 @@ def check_placed_equivalence(rank: int, world: int, cases: list[tuple[Case, list
                 kept = oracle.stats.tokens_per_expert.tolist()
                 native = [sum(kept[e] for e, s in enumerate(placement) if s // El == p) for p in range(world)]
                 assert stats.native_rows_per_rank == native, where  # rows go where the placement says
-                bounds = case.rerouting or RerouteConfig()
-                if stats.plan.reroute and bounds.max_rows_per_rank is not None:
-                    assert max(stats.rows_per_rank) <= bounds.max_rows_per_rank, where
-                if stats.plan.reroute and bounds.max_copies_per_rank is not None:
-                    assert stats.copies_per_rank is not None
-                    assert max(stats.copies_per_rank) <= bounds.max_copies_per_rank, where
+                _check_bounds(stats, case, where)
             checked += 1
     return checked
 
