@@ -5,10 +5,7 @@ measuring at once, as the ranks of a job run), repeated in ``rounds`` and reduce
 medians (rates: the mean over ranks; collective times: the slowest rank):
 
 1. dense GEMM FLOP/s (fp32 at expert-like shapes, bf16 briefly), streaming copy
-   bandwidth, SiLU throughput, and the dispatch cost of a tiny op; single-device steps
-   of the small layer's experts (step 4) on all ranks at once and on each rank in turn
-   while the others sleep (``solo_speedup``: CPU cores share caches, memory bandwidth
-   and clocks);
+   bandwidth, SiLU throughput, and the dispatch cost of a tiny op;
 2. the gloo all-to-all through the layer's communicator thread: the thread's
    hand-off cost, the latency per message of back-to-back small all-to-alls, and the
    bandwidth from two large sizes;
@@ -23,7 +20,10 @@ medians (rates: the mean over ranks; collective times: the slowest rank):
    ``overlap_efficiency`` the value for which the model's ratio of ``d = 4`` to ``d = 1``
    matches the measured one (negative when pipelining makes a step slower than its
    chunking costs explain, as on CPU ranks whose communication needs the cores that
-   compute).
+   compute); and ``solo_speedup`` the value for which the model's time of the same layer
+   with every row on rank 0 (the other ranks idle but for the exchange; no rerouting)
+   matches the measured one (a lone busy CPU rank has the machine's caches, memory
+   bandwidth, clock headroom and spare cores for its communication to itself).
 
 Rates are per rank while ``workers`` ranks run, stored per compute slot (core) so
 that the simulator can predict more ranks than cores by sharing
@@ -61,8 +61,6 @@ __all__ = ["DEFAULT_LAYER", "Probes", "calibrate", "cluster_from_samples", "defa
 _LOCAL_RANKS = 64  # ranks one machine may host in a simulation ("devices per node")
 _RATES = (
     "fp32_flops",
-    "layer_steps",
-    "layer_steps_solo",
     "fp32_flops_small",
     "bf16_flops",
     "stream",
@@ -135,10 +133,9 @@ class Probes:
         torch.manual_seed(0)
         self.mid = MoELayer(dim, hidden, 2 * world, 2, load_balance_weight=0.0, ranks_per_node=world)
         self.mid_x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(rank))
-        # The same experts' work on one device (about ``tokens`` rows per expert).
-        self.local = MoELayer(dim, hidden, 2, 2, load_balance_weight=0.0, group=False)
-        self.local_x = self.mid_x.clone().requires_grad_()
+
         self.mid_counts: list[float] = []
+        self.skewed_counts: list[float] = []
 
     def _barrier(self) -> None:
         from flexmoe.parallel import all_reduce_mean
@@ -164,19 +161,6 @@ class Probes:
         # a layer step of 100+ ms does not; 8 rounds of the two projections last that long.
         self._barrier()
         out["fp32_flops"] = 8 * self.gemm_flops / _clock(lambda: gemms(8))
-        # A single-device step of the small layer's experts on every rank at once, then on
-        # one rank while the others sleep (not spin), each rank in turn: how much faster a
-        # lone rank computes (shared caches, memory bandwidth and clocks).
-        step = functools.partial(_step, self.local, self.local_x, None)
-        self._barrier()
-        busy = _clock(step)
-        out["layer_steps"] = 1.0 / busy
-        for turn in range(self.world):
-            self._barrier()
-            if turn == self.rank:
-                out["layer_steps_solo"] = 1.0 / _clock(step)
-            else:
-                time.sleep(2 * busy)
         repeat = 8 * 512 // _SMALL_ROWS  # the same FLOPs in GEMMs of few rows
         out["fp32_flops_small"] = (
             8 * self.gemm_flops / _clock(lambda: [a @ b for _ in range(repeat) for a, b in self.small_mats])
@@ -210,11 +194,22 @@ class Probes:
             out[f"mid_d{d}"] = _clock(functools.partial(_step, self.mid, x, Plan(r=1, d=d)))
         assert self.mid.stats is not None
         self.mid_counts = [float(c) for c in self.mid.stats.routed_per_expert.tolist()]
+        # The same layer with every row on rank 0 (its experts 0 and 1), the other ranks
+        # idle but for the exchange (no rerouting): how much faster a lone busy rank is.
+        from flexmoe.planner.replay import force_routing
+
+        x = self.mid_x.clone().requires_grad_()
+        ids = torch.tensor([[0, 1]]).expand(x.shape[0], 2)
+        with force_routing(self.mid, ids):
+            self._barrier()
+            out["mid_skewed"] = _clock(functools.partial(_step, self.mid, x, Plan(r=1, d=1, reroute=False)))
+        assert self.mid.stats is not None and not self.mid.stats.plan.reroute
+        self.skewed_counts = [float(c) for c in self.mid.stats.routed_per_expert.tolist()]
         return out
 
     def routed_counts(self) -> list[list[float]]:
-        """Routed counts per expert of the tiny layers, then of the small layer (for the fits)."""
-        return [*self.counts, self.mid_counts]
+        """Routed counts per expert of the tiny layers, then of the small layer, even and skewed."""
+        return [*self.counts, self.mid_counts, self.skewed_counts]
 
     def close(self) -> None:
         """Stop the communicator thread."""
@@ -335,7 +330,27 @@ def _fit_host_costs(
     at0 = mid(replace(fitted, overlap_efficiency=0.0), 4)
     at1 = mid(replace(fitted, overlap_efficiency=1.0), 4)
     eta = (at0 - target) / (at0 - at1) if at0 != at1 else 0.0
-    return replace(fitted, overlap_efficiency=min(1.0, max(-1.0, eta)))
+    fitted = replace(fitted, overlap_efficiency=min(1.0, max(-1.0, eta)))
+    # 4. a lone busy rank: the skewed small layer (every row on rank 0) against the model,
+    # whose straggler speeds up by ``solo_speedup`` while the others idle.
+    if "mid_skewed" in m and len(counts) > len(_TINY) + 1:
+        skewed = counts[len(_TINY) + 1]
+
+        def lone(speedup: float) -> float:
+            c = replace(fitted, device=replace(fitted.device, solo_speedup=speedup))
+            return _predict(c, workers, 2, (1, "flat"), skewed, (*layer, tokens))
+
+        lo, hi = 1.0, 4.0
+        if lone(lo) <= m["mid_skewed"]:
+            hi = lo
+        for _ in range(30):
+            mid_s = (lo + hi) / 2
+            if lone(mid_s) > m["mid_skewed"]:
+                lo = mid_s
+            else:
+                hi = mid_s
+        fitted = replace(fitted, device=replace(fitted.device, solo_speedup=(lo + hi) / 2))
+    return fitted
 
 
 def _with(cluster: Cluster, costs: tuple[float, ...]) -> Cluster:
@@ -416,7 +431,7 @@ def cluster_from_samples(
         op_overhead=m["op"] * share,
         elementwise_rate=m["silu"] / share,
         gemm_half_rows=half_rows,
-        solo_speedup=max(1.0, m.get("layer_steps_solo", 1.0) / m.get("layer_steps", 1.0)),
+        solo_speedup=1.0,  # fitted below
     )
     cluster = Cluster(
         name="this-machine",
@@ -434,8 +449,8 @@ def cluster_from_samples(
                 "gemm_half_rows; bf16 [64,256]x[256,256]"
             ),
             "device.gemm_half_rows": f"{how}: from the fp32 GEMM rates at 512 and {_SMALL_ROWS} rows",
-            "device.solo_speedup": f"{how}: steps of the small layer's experts on one device (one rank "
-            "while the others sleep, over all ranks at once)",
+            "device.solo_speedup": f"{how}: fitted to the small layer with every row on rank 0 (the "
+            "others idle but for the exchange; no rerouting), d=1",
             "device.memory_bandwidth": f"{how}: clone of a 24 MiB fp32 buffer (read + write bytes)",
             "device.elementwise_rate": f"{how}: SiLU of 2^20 fp32 elements",
             "device.op_overhead": f"{how}: fitted to tiny MoELayer steps, at least a tiny add's cost",
