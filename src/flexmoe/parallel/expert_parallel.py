@@ -63,41 +63,101 @@ class _GatherShards(torch.autograd.Function):
         return back.view(len(ctx.members), -1).sum(0), None, None
 
 
-class _SendCopies(torch.autograd.Function):
-    """Send rows of ``own`` (this rank's experts, packed one per row) to ranks needing copies.
+class _WithCopies(torch.autograd.Function):
+    """The rank's own expert tensors followed by the copies of other ranks' experts it computes.
 
-    Backward sums the copies' gradients back onto the owner's rows.
+    ``own`` are the present parameter tensors (``w_in``, ``w_out``, then both biases or
+    none), each ``[El, ...]``. Forward sends the rows of ``send_local`` (this rank's
+    experts, in destination-rank order) to the ranks that need copies and appends, to
+    each tensor, the ``order`` copies: received rows (``"got", i``) or this rank's
+    fresh persistent replicas (``"cached", packed row``: constants, no gradient).
+    Backward returns each tensor's first ``El`` rows of gradient as they are and adds the
+    received copies' gradients onto the sent experts' rows: only the sent experts are
+    packed, nothing of full size is zeroed, packed or summed.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        own: Tensor,
-        send_rows: Tensor,
-        send_splits: list[int],
-        recv_splits: list[int],
-        comm: Communicator,
-    ) -> Tensor:
-        ctx.save_for_backward(send_rows)
-        ctx.splits, ctx.comm, ctx.rows = (send_splits, recv_splits), comm, own.shape[0]
-        send = own.index_select(0, send_rows)
-        return comm.run(all_to_all, "expert copy all-to-all", send, send_splits, recv_splits, comm.group)
+    def forward(ctx: Any, spec: dict[str, Any], *own: Tensor) -> tuple[Tensor, ...]:
+        comm: Communicator = spec["comm"]
+        send_local: Tensor = spec["send_local"]
+        widths = [t[0].numel() for t in own]
+        got = None
+        if spec["exchange"]:  # a collective: every rank joins it when any copy travels
+            send = torch.cat(
+                [
+                    t.index_select(0, send_local).reshape(len(send_local), w)
+                    for t, w in zip(own, widths, strict=True)
+                ],
+                1,
+            )
+            got = comm.run(
+                all_to_all,
+                "expert copy all-to-all",
+                send,
+                spec["send_splits"],
+                spec["recv_splits"],
+                comm.group,
+            )
+            received = spec["received"]
+            if received is not None:
+                received.update({e: row for e, row in zip(spec["mine"], got.unbind(0), strict=True)})
+        rows: list[Tensor] = []
+        for kind, i, row in spec["order"]:
+            if kind == "got":
+                assert got is not None
+                rows.append(got[i])
+            else:
+                rows.append(row.to(own[0].dtype))
+        ctx.spec, ctx.widths = spec, widths
+        ctx.got_slots = [j for j, (kind, _, _) in enumerate(spec["order"]) if kind == "got"]
+        ctx.got_index = [i for kind, i, _ in spec["order"] if kind == "got"]
+        if not rows:
+            return tuple(own)
+        copies = torch.stack(rows)
+        parts = copies.split(widths, dim=1)
+        return tuple(
+            torch.cat([t, part.reshape(len(rows), *t.shape[1:])]) for t, part in zip(own, parts, strict=True)
+        )
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        (send_rows,) = ctx.saved_tensors
-        send_splits, recv_splits = ctx.splits
-        comm: Communicator = ctx.comm
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        spec = ctx.spec
+        El = spec["local_experts"]
+        own = [None if g is None else g[:El] for g in grads]
+        if not spec["exchange"]:
+            return (None, *own)
+        comm: Communicator = spec["comm"]
+        n_got = len(spec["mine"])
+        ref = next(g for g in grads if g is not None)
+        width = sum(ctx.widths)
+        # The gradients of the copies this rank received, in the order they arrived.
+        send = ref.new_zeros((n_got, width))
+        for slot, i in zip(ctx.got_slots, ctx.got_index, strict=True):
+            send[i] = torch.cat(
+                [
+                    (g[El + slot].reshape(-1) if g is not None else ref.new_zeros(w))
+                    for g, w in zip(grads, ctx.widths, strict=True)
+                ]
+            )
         back = comm.run(
             all_to_all,
             "expert copy gradient all-to-all",
-            grad.contiguous(),
-            recv_splits,
-            send_splits,
+            send,
+            spec["recv_splits"],
+            spec["send_splits"],
             comm.group,
         )
-        own_grad = back.new_zeros((ctx.rows, back.shape[1])).index_add_(0, send_rows, back)
-        return own_grad, None, None, None, None
+        if back.shape[0]:
+            index = spec["send_local"]
+            out: list[Tensor | None] = []
+            for g, part in zip(own, back.split(ctx.widths, dim=1), strict=True):
+                # The incoming gradient is _ExchangeExperts' fresh buffer (nothing else
+                # holds it), so its own-expert rows are summed into in place.
+                if g is not None:
+                    g = g.index_add_(0, index, part.reshape(len(index), *g.shape[1:]).to(g.dtype))
+                out.append(g)
+            own = out
+        return (None, *own)
 
 
 class _ExchangeExperts(torch.autograd.Function):
@@ -378,48 +438,42 @@ class ExpertParallel:
         sends = reroute.transfers if sends is None else sends
         own = [experts.w_in, experts.w_out, experts.b_in, experts.b_out]
         present = [t for t in own if t is not None]
-        packed = torch.cat([t.reshape(El, -1) for t in present], dim=1)
         mine = sorted(e for e, p in sends if p == me)  # sources in rank order = experts in order
-        rows: dict[int, Tensor] = {}
-        got: Tensor | None = None
-        if sends:  # a collective: every rank knows the same list
-            send_rows: list[int] = []
-            send_splits = [0] * W
-            for p in range(W):
-                for e in sorted(e for e, q in sends if q == p):
-                    if e // El == me:
-                        send_rows.append(e - me * El)
-                        send_splits[p] += 1
-            recv_splits = [sum(1 for e in mine if e // El == q) for q in range(W)]
-            index = torch.tensor(send_rows, dtype=torch.int64, device=packed.device)
-            got = _SendCopies.apply(packed, index, send_splits, recv_splits, self.comm)
-            rows = dict(zip(mine, got.unbind(0), strict=True))
-            if received is not None:
-                received.update({e: row.detach() for e, row in rows.items()})
-        parts_by_expert = []
+        send_local: list[int] = []
+        send_splits = [0] * W
+        for p in range(W):
+            for e in sorted(e for e, q in sends if q == p):
+                if e // El == me:
+                    send_local.append(e - me * El)
+                    send_splits[p] += 1
+        order: list[tuple[str, int, Tensor | None]] = []
         for e in reroute.copies[me]:
-            if e in rows:
-                parts_by_expert.append(rows[e])
+            if e in mine:
+                order.append(("got", mine.index(e), None))
             elif cached is not None and e in cached:
-                parts_by_expert.append(cached[e].to(packed.dtype))
+                order.append(("cached", -1, cached[e]))
             else:
                 raise RuntimeError(f"expert {e}'s copy is neither sent to rank {me} nor held by it")
-        n = len(parts_by_expert)
-        copies = torch.stack(parts_by_expert) if n else packed.new_empty((0, packed.shape[1]))
-        if got is not None:
-            # Keep the all-to-all in this rank's graph even if it received nothing: every
-            # rank must join its backward (the gradients' all-to-all).
-            copies = torch.cat([got[:0], copies])
-        widths = [t[0].numel() for t in present]
-        parts = iter(copies.split(widths, dim=1))
-        out: list[Tensor | None] = []
-        for t in own:
-            if t is None:
-                out.append(None)
-            else:
-                out.append(torch.cat([t, next(parts).reshape(n, *t.shape[1:])]))
-        w_in, w_out, b_in, b_out = out
-        assert w_in is not None and w_out is not None
+        spec = {
+            "comm": self.comm,
+            "exchange": bool(sends),  # every rank knows the same list
+            "local_experts": El,
+            "send_local": torch.tensor(send_local, dtype=torch.int64, device=present[0].device),
+            "send_splits": send_splits,
+            "recv_splits": [sum(1 for e in mine if e // El == q) for q in range(W)],
+            "mine": mine,
+            "order": order,
+            "received": None,
+        }
+        got_rows: dict[int, Tensor] = {}
+        if received is not None:
+            spec["received"] = got_rows
+        out = iter(_WithCopies.apply(spec, *present))
+        if received is not None:
+            received.update({e: row.detach() for e, row in got_rows.items()})
+        w_in, w_out = next(out), next(out)
+        b_in = next(out) if experts.b_in is not None else None
+        b_out = next(out) if experts.b_out is not None else None
         return w_in, w_out, b_in, b_out
 
     def run(
