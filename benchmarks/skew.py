@@ -13,7 +13,9 @@ step's counts and its error, the speed-up over plain EP, rows of the busiest ran
 copies sent, and each rank's peak resident memory (Linux VmHWM, reset before each
 mode's warm-up); then, per skew, auto against the best fixed plan and against plain
 EP. After the warm-up (auto: its search), the modes run round-robin, one step each per
-round, so that drift on a shared machine hits every mode alike.
+round, so that drift on a shared machine hits every mode alike; "paired" ratios are
+medians over rounds of the ratio within a round (robust to drift between rounds),
+beside the ratio of medians.
 
     python benchmarks/skew.py --calibrate    # measure this machine first (about 10 s)
     python benchmarks/skew.py --tokens 4096 --repeats 7
@@ -160,6 +162,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
                         "mode": mode,
                         "plan": _label(_candidate(stats.plan)),
                         "step_s": statistics.median(times[mode]),
+                        "times_s": times[mode],
                         "predicted_s": statistics.median(predicted[mode]),
                         "max_rows": max(stats.rows_per_rank) if stats.rows_per_rank else None,
                         "native_max_rows": max(stats.native_rows_per_rank)
@@ -175,6 +178,15 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
             results.put(rows)
     finally:
         dist.destroy_process_group()
+
+
+def _paired(base: dict[str, Any], row: dict[str, Any]) -> float:
+    """Median over rounds of ``base``'s time over ``row``'s in the same round.
+
+    The modes of one round run back to back, so a ratio within a round cancels the
+    machine's drift between rounds (which a ratio of medians does not).
+    """
+    return statistics.median(b / t for b, t in zip(base["times_s"], row["times_s"], strict=True))
 
 
 def main() -> None:
@@ -225,7 +237,7 @@ def main() -> None:
     )
     header = (
         f"{'skew':9s} {'mode':17s} {'plan':17s} {'step ms':>8s} {'pred ms':>8s} {'error':>6s} "
-        f"{'vs plain':>8s} {'max rows':>8s} {'copies':>6s}  peak MiB per rank"
+        f"{'vs plain':>8s} {'paired':>6s} {'max rows':>8s} {'copies':>6s}  peak MiB per rank"
     )
     print(header)
     print("-" * len(header))
@@ -236,6 +248,7 @@ def main() -> None:
         print(
             f"{row['skew']:9s} {row['mode']:17s} {row['plan']:17s} {row['step_s'] * 1e3:8.1f} "
             f"{row['predicted_s'] * 1e3:8.1f} {100 * error:+5.0f}% {plain['step_s'] / row['step_s']:7.2f}x "
+            f"{_paired(plain, row):5.2f}x "
             f"{row['max_rows'] if row['max_rows'] is not None else '-':>8} {row['copies']:6d}  {peaks}"
         )
     print()
@@ -248,8 +261,9 @@ def main() -> None:
         reroute = next(r for r in of if r["mode"] == "r=1 d=1 flat +reroute")
         print(
             f"{skew:9s} auto chose {auto['plan']}: {best['step_s'] / auto['step_s']:.2f}x the best "
-            f"fixed plan ({best['mode']}), {plain['step_s'] / auto['step_s']:.2f}x plain EP; "
-            f"rerouting {plain['step_s'] / reroute['step_s']:.2f}x plain EP"
+            f"fixed plan ({best['mode']}; paired {_paired(best, auto):.2f}x), "
+            f"{plain['step_s'] / auto['step_s']:.2f}x plain EP (paired {_paired(plain, auto):.2f}x); "
+            f"rerouting {plain['step_s'] / reroute['step_s']:.2f}x plain EP (paired {_paired(plain, reroute):.2f}x)"
         )
     errors = [abs(r["predicted_s"] / r["step_s"] - 1) for r in rows]
     print(f"cost model: median |error| {100 * statistics.median(errors):.0f}%, max {100 * max(errors):.0f}%")

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from flexmoe.workspace import WORKSPACE
+
 __all__ = [
     "TRAFFIC",
     "CollectiveTimeoutError",
@@ -62,7 +64,7 @@ def all_to_all(x: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
     row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
     TRAFFIC.bytes_sent += row_bytes * (sum(send_splits) - send_splits[me])
     TRAFFIC.messages += sum(1 for p, n in enumerate(send_splits) if n and p != me)
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    out = WORKSPACE.take((sum(recv_splits), *x.shape[1:]), x.dtype, x.device)
     dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
     return out
 

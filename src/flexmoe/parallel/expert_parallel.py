@@ -32,6 +32,7 @@ from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layo
 from flexmoe.parallel.placement import Chunk, Placement, build_chunks, plan_pieces
 from flexmoe.parallel.rerouting import ReroutePlan, reroute_pieces
 from flexmoe.parallel.runtime import DistributedContext, local_world_size, resolve_group
+from flexmoe.workspace import WORKSPACE
 
 __all__ = ["ExpertParallel", "Weights"]
 
@@ -248,26 +249,49 @@ class _Engine:
         return exchange(rows, matrix, self.rank, self.plan.exchange, self.ranks_per_node, self.comm.group)
 
     def pipeline(self, src_N: Tensor, compute: Any, out_name: str, back_name: str) -> Tensor:
-        """Send each chunk's rows out, ``compute`` on what arrives, send results back, sum them."""
+        """Send each chunk's rows out, ``compute`` on what arrives, send results back, sum them.
+
+        The transient row buffers (sent, received, reordered, returned) come from the
+        workspace pool and go back to it once their exchange is done (re-faulting fresh
+        multi-MiB buffers every step costs more than the copies that fill them on CPU).
+        """
         comm = self.comm
+        width, dtype, device = src_N.shape[1:], src_N.dtype, src_N.device
         outgoing: list[Future[Tensor]] = []
+        sent: list[Tensor] = []
         for chunk in self.chunks:
-            rows = src_N.index_select(0, chunk.send_index)
+            rows = WORKSPACE.take((chunk.send_index.numel(), *width), dtype, device)
+            torch.index_select(src_N, 0, chunk.send_index, out=rows)
+            sent.append(rows)
             outgoing.append(comm.submit(self._exchange, rows, chunk.matrix))
         returning: list[Future[Tensor]] = []
         for i, chunk in enumerate(self.chunks):
             received = comm.wait(outgoing[i], f"{out_name} all-to-all (chunk {i + 1}/{len(self.chunks)})")
+            WORKSPACE.give(sent[i])
             perm = chunk.recv_perm
-            unit_rows = received if perm is None else received.index_select(0, perm)
-            result = compute(i, unit_rows)
+            unit_rows = received
             if perm is not None:
-                result = torch.empty_like(result).index_copy_(0, perm, result)
+                unit_rows = WORKSPACE.take(tuple(received.shape), received.dtype, device)
+                torch.index_select(received, 0, perm, out=unit_rows)
+                WORKSPACE.give(received)
+            del received
+            result = compute(i, unit_rows)
+            del unit_rows
+            if perm is not None:
+                ordered = WORKSPACE.take(tuple(result.shape), result.dtype, device)
+                ordered.index_copy_(0, perm, result)
+                WORKSPACE.give(result)  # kept only if nothing (autograd) still holds it
+                result = ordered
             transposed = [list(col) for col in zip(*chunk.matrix, strict=True)]
+            sent[i] = result
             returning.append(comm.submit(self._exchange, result, transposed))
+            del result
         out_N = src_N.new_zeros(src_N.shape)
         for i, chunk in enumerate(self.chunks):
             back = comm.wait(returning[i], f"{back_name} all-to-all (chunk {i + 1}/{len(self.chunks)})")
+            WORKSPACE.give(sent[i])
             out_N.index_add_(0, chunk.send_index, back.to(out_N.dtype))
+            WORKSPACE.give(back)
         return out_N
 
 
