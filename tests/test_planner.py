@@ -158,7 +158,7 @@ def test_weight_gather_by_hand():
     layer = small_layer(num_experts=4)
     p = simulate(cluster, layer, Load.uniform(4), 4, Candidate(r=0))
     nbytes = 400 * 4  # one expert's weights, fp32
-    one_way = 3 * (1e-6 + nbytes / 1e9) + 3 * 2 * 4 * nbytes / 1e11  # link + three copy passes of 4 experts
+    one_way = 3 * (1e-6 + nbytes / 1e9) + (4 + 1) * nbytes / 1e11  # link + the blocks copied (group + 1)
     assert p.breakdown.weight_gather == pytest.approx(2 * one_way)
     assert p.breakdown.exchange == 0.0
     assert p.weight_bytes == pytest.approx(2 * 3 * nbytes)

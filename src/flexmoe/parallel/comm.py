@@ -29,10 +29,12 @@ __all__ = [
     "CollectiveTimeoutError",
     "Communicator",
     "Traffic",
+    "all_gather_rows",
     "all_to_all",
     "exchange",
     "exchange_2dh",
     "gather_index",
+    "reduce_scatter_rows",
 ]
 
 T = TypeVar("T")
@@ -67,6 +69,63 @@ def all_to_all(x: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]
     out = WORKSPACE.take((sum(recv_splits), *x.shape[1:]), x.dtype, x.device)
     dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=group)
     return out
+
+
+def all_gather_rows(x: Tensor, group: Any) -> Tensor:
+    """Blocking all-gather along dim 0: every rank's ``x`` (same shape), in rank order.
+
+    On gloo an all-to-all moves the bytes several times faster than its all-gather
+    (measured on loopback: 16 MiB in 9 vs 55 ms), so gloo sends ``x`` to every other
+    rank by all-to-all; other backends use their all-gather.
+    """
+    W, me = dist.get_world_size(group), dist.get_rank(group)
+    n = x.shape[0]
+    TRAFFIC.bytes_sent += x.numel() * x.element_size() * (W - 1)
+    TRAFFIC.messages += W - 1
+    out = x.new_empty((W * n, *x.shape[1:]))
+    x = x.contiguous()
+    if dist.get_backend(group) != "gloo":
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, x, group=group)
+        return out
+    if W == 2:  # receive the other rank's block in place; ours is a local copy
+        other = 1 - me
+        splits = [n if p == other else 0 for p in range(W)]
+        out[me * n : (me + 1) * n].copy_(x)
+        dist.all_to_all_single(out[other * n : (other + 1) * n], x, splits, splits, group=group)
+        return out
+    send = x.repeat(W, *[1] * (x.dim() - 1))
+    dist.all_to_all_single(out, send, [n] * W, [n] * W, group=group)
+    return out
+
+
+def reduce_scatter_rows(x: Tensor, group: Any) -> Tensor:
+    """Blocking reduce-scatter along dim 0: rank ``p`` gets the sum of every rank's block ``p``.
+
+    On gloo by all-to-all (see ``all_gather_rows``) and a sum; else the backend's own.
+    """
+    W, me = dist.get_world_size(group), dist.get_rank(group)
+    n = x.shape[0] // W
+    TRAFFIC.bytes_sent += x[:n].numel() * x.element_size() * (W - 1)
+    TRAFFIC.messages += W - 1
+    x = x.contiguous()
+    if dist.get_backend(group) != "gloo":
+        out = x.new_empty((n, *x.shape[1:]))
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        scatter(out, x, group=group)
+        return out
+    if W == 2:  # send the other rank's block; add what it sends for ours
+        other = 1 - me
+        splits = [n if p == other else 0 for p in range(W)]
+        got = WORKSPACE.take((n, *x.shape[1:]), x.dtype, x.device)
+        dist.all_to_all_single(got, x[other * n : (other + 1) * n], splits, splits, group=group)
+        total = x[me * n : (me + 1) * n] + got
+    else:
+        got = WORKSPACE.take(tuple(x.shape), x.dtype, x.device)
+        dist.all_to_all_single(got, x, [n] * W, [n] * W, group=group)
+        total = got.view(W, n, *x.shape[1:]).sum(0)
+    WORKSPACE.give(got)
+    return total
 
 
 def gather_index(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> Tensor:

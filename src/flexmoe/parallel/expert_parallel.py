@@ -27,7 +27,13 @@ from torch import Tensor, nn
 
 from flexmoe.config import GATED_ACTIVATIONS, Plan
 from flexmoe.experts import GroupedExperts
-from flexmoe.parallel.comm import Communicator, all_to_all, exchange
+from flexmoe.parallel.comm import (
+    Communicator,
+    all_gather_rows,
+    all_to_all,
+    exchange,
+    reduce_scatter_rows,
+)
 from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layout
 from flexmoe.parallel.placement import Chunk, Placement, build_chunks, plan_pieces
 from flexmoe.parallel.rerouting import ReroutePlan, reroute_pieces
@@ -62,6 +68,25 @@ class _GatherShards(torch.autograd.Function):
             all_to_all, "weight reduce-scatter", grad.reshape(-1), ctx.splits, ctx.splits, comm.group
         )
         return back.view(len(ctx.members), -1).sum(0), None, None
+
+
+class _GatherExperts(torch.autograd.Function):
+    """All-gather of whole experts (``r = 0``): ``[El, ...]`` on each rank -> ``[W * El, ...]``.
+
+    Rank-major along the expert dimension, which is exactly the gathered layout, so
+    nothing is packed or split; backward reduce-scatters the gradient (each rank gets
+    the sum of every rank's gradient for its own experts).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, own: Tensor, comm: Communicator, what: str) -> Tensor:
+        ctx.comm, ctx.what = comm, what
+        return comm.run(all_gather_rows, f"{what} all-gather", own, comm.group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        comm: Communicator = ctx.comm
+        return comm.run(reduce_scatter_rows, f"{ctx.what} reduce-scatter", grad, comm.group), None, None
 
 
 class _WithCopies(torch.autograd.Function):
@@ -403,6 +428,21 @@ class ExpertParallel:
             has_bias = experts.b_in is not None
         El, D = pl.local_experts, experts.dim
         w_in_t, w_out_t, b_in_t, b_out_t = tensors
+        if not pl.sharded:  # r = 0 with whole experts: one all-gather per tensor, no packing
+            assert len(members) == pl.world_size
+            names = ("w_in", "w_out", "b_in", "b_out")
+            out: list[Tensor | None] = []
+            for name, t in zip(names, (w_in_t, w_out_t, b_in_t, b_out_t), strict=True):
+                if has_bias and name == "b_out" and t is None:
+                    assert b_in_t is not None
+                    t = b_in_t.new_zeros(El, D)
+                if t is None or (name.startswith("b") and not has_bias):
+                    out.append(None)
+                    continue
+                out.append(_GatherExperts.apply(t, self.comm, f"weight ({name})"))
+            w_in_g, w_out_g, b_in_g, b_out_g = out
+            assert w_in_g is not None and w_out_g is not None
+            return w_in_g, w_out_g, b_in_g, b_out_g
         pieces = [w_in_t.reshape(-1), w_out_t.reshape(-1)]
         if has_bias:
             assert b_in_t is not None
@@ -419,10 +459,6 @@ class ExpertParallel:
             t.view(len(members), *shape) for t, shape in zip(gathered.split(sizes, 1), shapes, strict=True)
         ]
         gated = experts.activation in GATED_ACTIVATIONS
-        if not pl.sharded:  # r = 0 with whole experts: concatenate along the expert dimension.
-            if has_bias:
-                return tuple(t.flatten(0, 1) for t in parts)
-            return parts[0].flatten(0, 1), parts[1].flatten(0, 1), None, None
         # Sharded: members hold consecutive hidden shards of n_e experts (n_sh shards each).
         n_sh = min(len(members), pl.shards)
         n_e = len(members) // n_sh

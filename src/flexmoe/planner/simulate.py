@@ -77,7 +77,7 @@ __all__ = [
 # Host time to plan rerouting: fixed + per expert (sorting, least-loaded choice). An
 # assumption, of the order of ``flexmoe.parallel.rerouting.plan_rerouting`` in Python.
 REROUTE_PLANNING = (1e-4, 1e-6)
-# Read+write passes over the gathered weights per direction (see ``_weight_exchange_time``).
+# Read+write passes over gathered expert shards per direction (see ``_weight_exchange_time``).
 GATHER_COPY_PASSES = 3
 
 
@@ -291,8 +291,16 @@ def paced_time(work_R: NDArray[np.float64], machine: Machine) -> float:
     return slowest
 
 
-def _weight_exchange_time(params: float, group: int, b: int, machine: Machine) -> float:
-    """All-gather (or reduce-scatter) of ``params`` elements among ``group`` consecutive ranks."""
+def _weight_exchange_time(params: float, group: int, b: int, machine: Machine, whole: bool) -> float:
+    """All-gather (or reduce-scatter) of ``params`` elements among ``group`` consecutive ranks.
+
+    ``whole``: whole experts (``r = 0``), gathered tensor by tensor straight into the
+    expert-major layout (``flexmoe.parallel.comm.all_gather_rows``): about ``group + 1``
+    block copies per direction (this rank's block placed, or the received gradients
+    summed). Otherwise hidden shards of sharded experts: the packed send buffer, the
+    split into parameters and their join per expert, and backward the gradients' join
+    and the sum onto the stored shard (``GATHER_COPY_PASSES`` read+write passes).
+    """
     if group <= 1:
         return 0.0
     Lp = machine.ranks_per_physical_node
@@ -302,10 +310,11 @@ def _weight_exchange_time(params: float, group: int, b: int, machine: Machine) -
     lat_i, bw_i = machine.link(False)
     lat_e, bw_e = machine.link(True)
     link_time = max(intra * (lat_i + nbytes / bw_i), inter * (lat_e + nbytes / bw_e))
-    # Copies of the gathered weights around the collective (``gather_weights``): the
-    # send buffer, the split into parameters and their join per expert; backward, the
-    # gradients' join and the sum onto the stored shard. Three read+write passes each way.
-    assemble = float(stream_time(GATHER_COPY_PASSES * 2.0 * group * nbytes, machine, ops=GATHER_COPY_PASSES))
+    if whole:
+        assemble = float(stream_time((group + 1) * nbytes, machine, ops=2))
+    else:
+        passes = GATHER_COPY_PASSES
+        assemble = float(stream_time(passes * 2.0 * group * nbytes, machine, ops=passes))
     return machine.collective_overhead + link_time + assemble
 
 
@@ -447,7 +456,7 @@ def simulate(
     # 4. weight gathers.
     stored = El * workload.expert_params if not placement.sharded else workload.expert_params / S
     group = W if c.r == 0 else (placement.group_size(c.r) if placement.sharded else 1)
-    gather = passes * _weight_exchange_time(stored, group, b, machine)
+    gather = passes * _weight_exchange_time(stored, group, b, machine, whole=not placement.sharded)
     weight_bytes = passes * (group - 1) * stored * b
 
     # 5. rerouting.
