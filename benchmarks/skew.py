@@ -263,7 +263,8 @@ def main() -> None:
             f"{skew:9s} auto chose {auto['plan']}: {best['step_s'] / auto['step_s']:.2f}x the best "
             f"fixed plan ({best['mode']}; paired {_paired(best, auto):.2f}x), "
             f"{plain['step_s'] / auto['step_s']:.2f}x plain EP (paired {_paired(plain, auto):.2f}x); "
-            f"rerouting {plain['step_s'] / reroute['step_s']:.2f}x plain EP (paired {_paired(plain, reroute):.2f}x)"
+            f"rerouting {plain['step_s'] / reroute['step_s']:.2f}x plain EP "
+            f"(paired {_paired(plain, reroute):.2f}x)"
         )
     errors = [abs(r["predicted_s"] / r["step_s"] - 1) for r in rows]
     print(f"cost model: median |error| {100 * statistics.median(errors):.0f}%, max {100 * max(errors):.0f}%")

@@ -145,6 +145,32 @@ def test_drift_retunes(caplog):
     assert any("re-tuning" in r.message for r in caplog.records)
 
 
+def test_drift_is_measured_from_the_winners_steady_state():
+    predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
+    tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2, drift=0.3)
+    # Search (REROUTE wins with 5.0), then a steady state 40 % slower than the search
+    # measured (within 2 * drift: it becomes the reference) with +-20 % noise around it.
+    reroute_times = [5.0] * 5 + [7.0] * 5 + [5.6, 8.4, 7.0, 8.4, 5.6, 7.0, 8.4, 5.6]
+    decisions = _drive_times(tuner, predicted, reroute_times)
+    assert decisions[4].phase == "tuned" and decisions[4].plan == Plan(r=1, reroute=True)
+    assert all(d.phase == "tuned" for d in decisions[4:])
+    # A sustained change of more than 30 % from that reference re-tunes.
+    later = _drive_times(tuner, predicted, [9.8] * 6, previous=5.6)
+    assert [d.phase for d in later].count("retune") == 1
+
+
+def _drive_times(
+    tuner: Tuner, measured: dict[Candidate, float], reroute_times: list[float], previous: float = 0.0
+) -> list:
+    """One call per entry of ``reroute_times``: what REROUTE takes at that call; others ``measured``."""
+    decisions = []
+    for t in reroute_times:
+        d = tuner.choose(SKEWED, 50, 2, 0.0, True, torch.float32, previous)
+        decisions.append(d)
+        previous = t if d.plan == Plan(r=1, reroute=True) else measured[PLAIN]
+    return decisions
+
+
 def test_buckets_follow_imbalance_and_size():
     tuner, _ = _tuner({c: 1.0 for c in ALL})
     key = tuner.bucket(SKEWED, 2, 0.0, True, torch.float32)

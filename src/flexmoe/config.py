@@ -315,13 +315,14 @@ class TunerConfig:
         bucket_width: load buckets are ``log2`` of the busiest rank's rows over the mean,
             in steps of this width (and ``log2`` of the rows, in steps of 0.5): a new
             bucket is searched, a known one reuses its winner.
-        drift: re-tune a bucket when its winner's recent median time moves this far
-            (a fraction) from the time it won with.
+        drift: re-tune a bucket when the median of its winner's last 5 calls moves this
+            far (a fraction) from the median of the first 5 after it won (or, for those
+            first 5, more than twice this far from the time it won with).
     """
 
     cluster: str | None = None
     measure_top: int = 2
-    measure_steps: int = 3
+    measure_steps: int = 4
     pipelining: tuple[int, ...] = (1, 2, 4)
     bucket_width: float = 0.25
     drift: float = 0.3
