@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="rounds (one step of every mode each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--tuner-steps", type=int, default=12, help="calls auto runs before it is timed (its search)"
+        "--tuner-steps", type=int, default=24, help="calls auto runs before it is timed (its search)"
     )
     parser.add_argument(
         "--cluster", default="this-machine", help="the cost model's machine (default: calibrated)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import pytest
 import torch
@@ -171,6 +172,17 @@ def test_routes_send_every_row_to_the_rank_the_plan_says(case, d, data):
             kept[q][e] = bounds[q + 1] - bounds[q]
     plan = plan_rerouting(loads, W)
     pieces = reroute_pieces(kept, plan, El)
+    for e in range(E):
+        share = [sum(b - a for p, a, b in plan.intervals[e] if p == rank) for rank in range(W)]
+        for q in range(W):
+            cut = pieces(q, e)
+            # Source q's rows are covered once, in order, and each rank gets its share ...
+            assert [start for _, _, start, _ in cut] == list(accumulate([0] + [n for *_, n in cut]))[:-1]
+            assert sum(n for *_, n in cut) == kept[q][e]
+            # ... computing as many of its own rows as its share holds (they do not travel).
+            assert sum(n for p, _, _, n in cut if p == q) == min(share[q], kept[q][e])
+        for rank in range(W):
+            assert sum(n for q in range(W) for p, _, _, n in pieces(q, e) if p == rank) == share[rank]
     totals = [0] * W
     for rank in range(W):
         units = El + len(plan.copies[rank])

@@ -6,9 +6,10 @@ output is unchanged) but lets other ranks compute part of a hot expert's rows wi
 copy of its weights; the copies' gradients are summed back onto the owner.
 
 ``plan_rerouting`` is a pure function of the global per-expert row counts, so every
-rank computes the same plan without communicating. Each expert's rows, in global order
-(source rank, then the source's own order), are cut into contiguous intervals, the
-owner's first. The algorithm (algorithms.md §2, LLA):
+rank computes the same plan without communicating. Each expert's rows are cut into
+intervals (how many rows each rank computes, the owner's share first); which rows fill
+a share is ``reroute_pieces``'s choice: a rank's own rows of the expert first, so they
+do not travel. The algorithm (algorithms.md §2, LLA):
 
 1. ``cap = ceil(alpha * total / W)``; ``pending[p]`` = rows of the experts ``p`` owns
    that are not yet placed; experts are placed in decreasing load.
@@ -217,23 +218,47 @@ def reroute_pieces(
 ) -> Callable[[int, int], list[tuple[int, int, int, int]]]:
     """``pieces(q, e)`` for ``build_chunks``: source ``q``'s rows of expert ``e``, cut by the plan.
 
-    The plan's intervals are over the expert's global rows, sources in rank order.
+    The plan fixes how many of expert ``e``'s rows each rank computes, not which: each
+    rank first takes its own rows of the expert (as many as its share holds), so they do
+    not travel; the rest of every share is filled from the remaining rows, sources in
+    rank order. Deterministic in ``kept``, so every rank cuts the same way.
     """
     W, E, El = len(kept), len(plan.intervals), experts_per_rank
-    before = [[0] * E for _ in range(W + 1)]  # rows of e on ranks below q
-    for q in range(W):
-        for e in range(E):
-            before[q + 1][e] = before[q][e] + kept[q][e]
     unit = [{e: El + i for i, e in enumerate(copies)} for copies in plan.copies]
+    table: list[list[list[tuple[int, int, int, int]]]] = [[[] for _ in range(E)] for _ in range(W)]
+    for e in range(E):
+        share: dict[int, int] = {}  # rank -> rows of e it computes, in the plan's order
+        for rank, a, b in plan.intervals[e]:
+            share[rank] = share.get(rank, 0) + int(b) - int(a)
+        left = [kept[q][e] for q in range(W)]
+        if sum(share.values()) != sum(left):
+            raise ValueError(
+                f"the rerouting plan covers {sum(share.values())} rows of expert {e}, kept {sum(left)}"
+            )
+        flows = [[0] * W for _ in range(W)]  # flows[q][p]: rows of source q computed by rank p
+        room = {}
+        for rank, size in share.items():
+            own = min(size, left[rank])
+            flows[rank][rank], left[rank], room[rank] = own, left[rank] - own, size - own
+        q = 0
+        for rank in share:
+            while room[rank] > 0:
+                while left[q] == 0:
+                    q += 1
+                n = min(room[rank], left[q])
+                flows[q][rank] += n
+                left[q] -= n
+                room[rank] -= n
+        for q in range(W):
+            offset = 0
+            for rank in range(W):
+                n = flows[q][rank]
+                if n:
+                    u = e - rank * El if e // El == rank else unit[rank][e]
+                    table[q][e].append((rank, u, offset, n))
+                    offset += n
 
     def pieces(q: int, e: int) -> list[tuple[int, int, int, int]]:
-        lo_q, hi_q = before[q][e], before[q + 1][e]
-        out = []
-        for rank, a, b in plan.intervals[e]:
-            lo, hi = max(int(a), lo_q), min(int(b), hi_q)
-            if hi > lo:
-                u = e - rank * El if e // El == rank else unit[rank][e]
-                out.append((rank, u, lo - lo_q, hi - lo))
-        return out
+        return table[q][e]
 
     return pieces
