@@ -12,8 +12,10 @@ after its search) run in one process group. Printed: the median training-step ti
 step's counts and its error, the speed-up over plain EP, rows of the busiest rank,
 copies sent, and each rank's peak resident memory (Linux VmHWM, reset before each
 mode's warm-up); then, per skew, auto against the best fixed plan and against plain
-EP. After the warm-up (auto: its search), the modes run round-robin, one step each per
-round, so that drift on a shared machine hits every mode alike; "paired" ratios are
+EP. After the warm-up (auto: its search), the modes run round-robin, one timed step
+each per round after ``--settle`` untimed ones (a training job repeats one plan, so a
+step is timed with that plan's buffers in place, not right after another mode's), so
+that drift on a shared machine hits every mode alike; "paired" ratios are
 medians over rounds of the ratio within a round (robust to drift between rounds),
 beside the ratio of medians.
 
@@ -146,6 +148,8 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
             last: dict[str, Any] = {}
             for _ in range(args.repeats):  # round-robin: drift on a shared machine hits every mode alike
                 for mode, plan in modes:
+                    for _ in range(args.settle):  # untimed: the plan's buffers, as in steady training
+                        step(plan, ids)
                     times[mode].append(step(plan, ids))
                     stats = layer.stats
                     assert stats is not None
@@ -201,6 +205,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--skews", nargs="+", default=["uniform", "zipf1.2", "extreme"])
     parser.add_argument("--repeats", type=int, default=7, help="rounds (one step of every mode each)")
+    parser.add_argument(
+        "--settle", type=int, default=1, help="untimed steps of a mode before its timed step in each round"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tuner-steps", type=int, default=24, help="calls auto runs before it is timed (its search)"
