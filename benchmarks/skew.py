@@ -5,7 +5,8 @@ weighs the forced experts): ``uniform``, ``zipf1.2`` (each token draws its ``K``
 distinct experts with probabilities ``~ (rank+1)^-1.2``, the planner's
 ``Load.zipf``, whose expert ranks are shuffled with a fixed seed) and ``extreme``
 (every token chooses experts 0 and 1, both on rank 0). For each skew, every fixed plan
-(``r`` in {0, 1}, ``d`` in {1, 2, 4}, rerouting off/on), the layer's own rerouting
+(``r`` in {0, 1}, ``d`` in {1, 2, 4}; rerouting off, least-loaded, or shadowing with
+``d`` in {1, 2}), the layer's own rerouting
 decision (``Plan()``: the cost model decides) and ``plan="auto"`` (the online tuner,
 after its search) run in one process group. Printed: the median training-step time
 (forward+backward, slowest rank), the cost model's prediction for that plan on the
@@ -57,6 +58,8 @@ FIXED = [
     Candidate(r=1, rerouting=True),
     Candidate(r=1, d=2, rerouting=True),
     Candidate(r=1, d=4, rerouting=True),
+    Candidate(r=1, rerouting=True, shadow=True),
+    Candidate(r=1, d=2, rerouting=True, shadow=True),
     Candidate(r=0),
 ]
 
@@ -101,7 +104,11 @@ def _label(c: Candidate) -> str:
 def _candidate(plan: Plan) -> Candidate:
     assert plan.r is not None
     return Candidate(
-        r=plan.r, d=plan.d if plan.r else 1, exchange=plan.exchange, rerouting=bool(plan.reroute)
+        r=plan.r,
+        d=plan.d if plan.r else 1,
+        exchange=plan.exchange,
+        rerouting=bool(plan.reroute),
+        shadow=plan.reroute == "shadow",
     )
 
 
@@ -118,7 +125,8 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
         x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
         modes: list[tuple[str, Plan | str]] = [(_label(c), c.to_plan()) for c in FIXED]
         modes = [
-            (name, Plan(r=p.r, d=p.d, reroute=c.rerouting)) for (name, p), c in zip(modes, FIXED, strict=True)
+            (name, Plan(r=p.r, d=p.d, reroute=c.reroute_kind))
+            for (name, p), c in zip(modes, FIXED, strict=True)
         ]
         modes += [("layer decides", Plan()), ("auto", "auto")]
         rows = []
@@ -173,7 +181,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
                         if stats.native_rows_per_rank
                         else None,
                         "copies": stats.expert_copies,
-                        "rerouted": bool(stats.plan.reroute),
+                        "rerouted": stats.plan.reroute,
                         "peak_mib": peaks[mode],
                         "tuner_phase": stats.tuner.phase if stats.tuner else None,
                     }
@@ -266,12 +274,18 @@ def main() -> None:
         auto = next(r for r in of if r["mode"] == "auto")
         plain = next(r for r in of if r["mode"] == "plain EP")
         reroute = next(r for r in of if r["mode"] == "r=1 d=1 flat +reroute")
+        shadow = next(r for r in of if r["mode"] == "r=1 d=1 flat +shadow")
+        decides = next(r for r in of if r["mode"] == "layer decides")
         print(
             f"{skew:9s} auto chose {auto['plan']}: {best['step_s'] / auto['step_s']:.2f}x the best "
             f"fixed plan ({best['mode']}; paired {_paired(best, auto):.2f}x), "
-            f"{plain['step_s'] / auto['step_s']:.2f}x plain EP (paired {_paired(plain, auto):.2f}x); "
-            f"rerouting {plain['step_s'] / reroute['step_s']:.2f}x plain EP "
-            f"(paired {_paired(plain, reroute):.2f}x)"
+            f"{plain['step_s'] / auto['step_s']:.2f}x plain EP (paired {_paired(plain, auto):.2f}x)"
+        )
+        print(
+            f"{'':9s} vs plain EP: least-loaded rerouting {plain['step_s'] / reroute['step_s']:.2f}x "
+            f"(paired {_paired(plain, reroute):.2f}x), shadowing {plain['step_s'] / shadow['step_s']:.2f}x "
+            f"(paired {_paired(plain, shadow):.2f}x), the layer's decision ({decides['plan']}) "
+            f"{plain['step_s'] / decides['step_s']:.2f}x (paired {_paired(plain, decides):.2f}x)"
         )
     errors = [abs(r["predicted_s"] / r["step_s"] - 1) for r in rows]
     print(f"cost model: median |error| {100 * statistics.median(errors):.0f}%, max {100 * max(errors):.0f}%")

@@ -148,17 +148,20 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         assert stats.dropped == oracle.stats.dropped, where
         assert stats.capacity == oracle.stats.capacity, where
         assert stats.world_size == world and stats.plan.r is not None, where
-        assert stats.plan.reroute == (stats.expert_copies > 0), where
+        assert bool(stats.plan.reroute) == (stats.expert_copies > 0), where
+        assert (stats.plan.reroute == "shadow") == bool(stats.shadowed_experts), where
         if isinstance(plan, str):  # "auto": every rank took the same decision
             decisions: list[Any] = [None] * world
             assert stats.tuner is not None, where
             dist.all_gather_object(decisions, (stats.tuner.plan, stats.tuner.phase, stats.tuner.bucket))
             assert all(d == decisions[0] for d in decisions), (where, decisions)
-            assert stats.plan.reroute == bool(stats.tuner.plan.reroute), where
+            assert bool(stats.plan.reroute) == bool(stats.tuner.plan.reroute), where
             assert {name: p.data_ptr() for name, p in layer.named_parameters()} == ptrs, where
             continue
         if plan.reroute and case.skew == "one" and case.top_k == 1:
             assert stats.plan.reroute and stats.rerouted_rows > 0, where  # everything on one rank
+            if plan.reroute == "shadow":  # every rank computes its own rows of expert 0
+                assert stats.shadowed_experts == [0], where
         if plan.reroute is False:
             assert not stats.plan.reroute, where
         if stats.rows_per_rank is not None:

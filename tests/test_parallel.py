@@ -123,7 +123,8 @@ def test_single_device_layer_ignores_group_false():
 
 
 def _skew_cases(world: int) -> list[Case]:
-    forced = [Plan(reroute=True, d=d) for d in (1, 2)] + [Plan(reroute=None), Plan(reroute=False)]
+    forced = [Plan(reroute=kind, d=d) for kind in (True, "shadow") for d in (1, 2)]
+    forced += [Plan(reroute=None), Plan(reroute=False)]
     tight = RerouteConfig(max_rows_per_rank=28, max_copies_per_rank=1)  # mean: 24 rows per rank
     cases = []
     for E in (world, 2 * world):
@@ -160,6 +161,7 @@ def _skew_cases(world: int) -> list[Case]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rerouting_under_extreme_skew_equals_single_device(world):
-    # All tokens to one expert, Zipf, one expert never chosen; forced, automatic and off;
-    # memory bounds asserted on the executed plan (see parallel_workers).
+    # All tokens to one expert, Zipf, one expert never chosen; least-loaded and shadowing
+    # forced, automatic and off; memory bounds asserted on the executed plan (see
+    # parallel_workers).
     run_distributed(check_equivalence, world, _skew_cases(world), timeout=300)

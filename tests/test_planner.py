@@ -7,6 +7,7 @@ expected value is written out from the formula in ``flexmoe.planner.costmodel`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -211,7 +212,8 @@ def test_candidates_cover_the_plan_space():
     labels = {c.label for c in candidates(sharded, 8)}  # S = 4: r in {0, 1, 2, 4}, no rerouting
     assert "r=0 (DP)" in labels and len(labels) == 1 + 3 * 4 * 2
     whole = candidates(MoEWorkload(dim=8, hidden_dim=8, num_experts=8, top_k=1, tokens_per_device=8), 8)
-    assert len(whole) == 1 + 4 * 2 * 2 and sum(c.rerouting for c in whole) == 8
+    assert len(whole) == 1 + 4 * 2 * 3 and sum(c.rerouting for c in whole) == 16
+    assert sum(c.shadow for c in whole) == 8 and all(c.rerouting for c in whole if c.shadow)
 
 
 # --- rerouting --------------------------------------------------------------------------------
@@ -267,7 +269,14 @@ def test_monotone_in_tokens(preset, load):
                 simulate(cluster, replace(layer, tokens_per_device=T), shares, W, c).time
                 for T in (512, 2048, 8192)
             ]
-            assert times == sorted(times), (W, c.label, times)
+            if c.shadow:
+                # Shadowing's plan changes discretely with the batch (which ranks take the
+                # remainders): at 256 ranks the busiest rank's copy count, which dominates
+                # its GEMM time at these sizes, moves by a few. Within 2 %.
+                assert all(b >= 0.98 * a for a, b in itertools.pairwise(times)), (W, c.label, times)
+                assert times[-1] > times[0], (W, c.label, times)
+            else:
+                assert times == sorted(times), (W, c.label, times)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -328,7 +337,7 @@ def test_rerouting_never_beneficial_under_uniform_load(preset):
         report = plan(cluster, layer, Load.uniform(E), W)
         for p in report.predictions:
             if p.candidate.rerouting:
-                off = report.find(p.candidate.label.replace(" +reroute", ""))
+                off = report.find(p.candidate.label.replace(" +reroute", "").replace(" +shadow", ""))
                 assert p.time > off.time and p.rerouted_copies == 0
         assert not report.best.candidate.rerouting
 
@@ -343,7 +352,7 @@ def test_a_2048_device_sweep_point_takes_under_two_seconds():
         report = plan(cluster, layer, load, 2048)
         elapsed = time.perf_counter() - started
         assert elapsed < 2.0, (load.name, elapsed)
-        assert len(report.predictions) == 1 + 4 * 2 * 2
+        assert len(report.predictions) == 1 + 4 * 2 * 3
 
 
 # --- data: clusters, loads, traces ------------------------------------------------------------

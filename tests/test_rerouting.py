@@ -195,3 +195,65 @@ def test_routes_send_every_row_to_the_rank_the_plan_says(case, d, data):
         sent = torch.cat([c.send_index for c in chunks]).sort().values
         assert torch.equal(sent, torch.arange(sum(kept[rank])))
     assert totals == plan.rows_per_rank
+
+
+def _split_among_sources(loads: list[int], W: int, data: st.DataObject) -> list[list[int]]:
+    """Each expert's rows cut among the ``W`` sources at random: ``kept[q][e]``."""
+    kept = [[0] * len(loads) for _ in range(W)]
+    for e, load in enumerate(loads):
+        cuts = sorted(data.draw(st.lists(st.integers(0, load), min_size=W - 1, max_size=W - 1)))
+        bounds = [0, *cuts, load]
+        for q in range(W):
+            kept[q][e] = bounds[q + 1] - bounds[q]
+    return kept
+
+
+@given(loads_and_world(), st.sampled_from([None, 0, 1, 2]), st.sampled_from([None, 1.0, 1.5]), st.data())
+def test_shadowing_moves_no_rows_of_shadowed_experts(case, max_copies, slack, data):
+    loads, W = case
+    El = len(loads) // W
+    kept = _split_among_sources(loads, W, data)
+    rows_bound = None if slack is None else math.ceil(slack * sum(loads) / W)
+    try:
+        plan = plan_rerouting(
+            loads, W, sources=kept, max_copies_per_rank=max_copies, max_rows_per_rank=rows_bound
+        )
+    except ValueError as error:
+        assert "max_" in str(error)  # only the bounds may refuse a step
+        return
+    _check_exact_cover(plan, loads, W)
+    assert max(plan.rows_per_rank) <= max(plan.native_rows_per_rank)  # never worse than plain EP
+    if max_copies is not None:
+        assert all(len(c) <= max_copies for c in plan.copies)
+    if rows_bound is not None:
+        assert max(plan.rows_per_rank) <= rows_bound
+    pieces = reroute_pieces(kept, plan, El)
+    for e, takes in plan.shadowed.items():
+        for q, rows in takes:
+            # A shadowing rank computes (at least) the rows it took of its own: none travel.
+            assert q != e // El and 0 < rows <= kept[q][e]
+            assert sum(n for p, _, _, n in pieces(q, e) if p == q) >= rows, (e, q, pieces(q, e))
+    assert plan.kind == ("shadow" if plan.shadowed else "lla")
+
+
+def test_shadowing_the_extreme_skew_keeps_every_row_home():
+    # 2 ranks, 4 experts each; every token of both ranks chooses experts 0 and 1 (rank 0).
+    loads = [4096, 4096] + [0] * 6
+    kept = [[2048, 2048] + [0] * 6, [2048, 2048] + [0] * 6]
+    plan = plan_rerouting(loads, 2, sources=kept)
+    assert plan.shadowed == {0: [(1, 2048)], 1: [(1, 2048)]} and plan.copies == [[], [0, 1]]
+    assert plan.rows_per_rank == [4096, 4096]
+    pieces = reroute_pieces(kept, plan, 4)
+    assert all(p == q for q in range(2) for e in range(2) for p, *_ in pieces(q, e))
+    # Least-loaded rerouting balances it with one copy, but half the rows travel.
+    lla = plan_rerouting(loads, 2)
+    assert lla.copies == [[], [0]] and not lla.shadowed
+    lla_pieces = reroute_pieces(kept, lla, 4)
+    assert sum(n for q in range(2) for e in range(2) for p, _, _, n in lla_pieces(q, e) if p != q) == 4096
+
+
+def test_shadowing_needs_sources_of_every_rank_and_expert():
+    with pytest.raises(ValueError, match="sources must be 2 lists of 4 row counts"):
+        plan_rerouting([10, 0, 0, 0], 2, sources=[[10, 0, 0, 0]])
+    with pytest.raises(ValueError, match="sources of expert 0 sum to 9, not its load 10"):
+        plan_rerouting([10, 0, 0, 0], 2, sources=[[5, 0, 0, 0], [4, 0, 0, 0]])

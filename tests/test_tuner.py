@@ -9,6 +9,7 @@ gradients, under extreme and Zipf skew), and every rank takes the same decisions
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -52,18 +53,22 @@ SKEWED = [90, 10, 0, 0]  # rank 0 holds 100 of 100 rows: imbalance 2
 EVEN = [30, 20, 25, 25]
 
 
+def _candidate_of(plan: Plan, candidates: list[Candidate]) -> Candidate:
+    """The candidate among ``candidates`` that a decision's ``plan`` runs."""
+    return next(
+        c
+        for c in candidates
+        if c.to_plan() == dataclasses.replace(plan, reroute=None) and c.reroute_kind == plan.reroute
+    )
+
+
 def _drive(tuner: Tuner, counts: list[int], measured: dict[Candidate, float], steps: int) -> list:
     """``steps`` calls on ``counts``; each call's candidate "takes" ``measured[candidate]``."""
     decisions, previous = [], 0.0
     for _ in range(steps):
         d = tuner.choose(counts, 50, 2, 0.0, True, torch.float32, previous)
         decisions.append(d)
-        candidate = next(
-            c
-            for c in ALL
-            if c.to_plan() == Plan(r=d.plan.r, d=d.plan.d, exchange=d.plan.exchange)
-            and c.rerouting == d.plan.reroute
-        )
+        candidate = _candidate_of(d.plan, list(measured))
         previous = measured[candidate]
     return decisions
 
@@ -75,11 +80,11 @@ def test_search_measures_the_best_predicted_and_plain_then_reuses_the_fastest():
     decisions = _drive(tuner, SKEWED, measured, 14)
     searched = [d.plan for d in decisions if d.phase == "search"]
     # The two best predicted (REROUTE, BOTH), then plain EP, three calls each, in that order.
-    expected = [Plan(r=1, reroute=True)] * 3 + [Plan(r=1, d=2, reroute=True)] * 3
+    expected = [Plan(r=1, reroute="lla")] * 3 + [Plan(r=1, d=2, reroute="lla")] * 3
     assert searched == expected + [Plan(r=1, reroute=False)] * 3
     tuned = decisions[9:]
     assert all(d.phase == "tuned" for d in tuned)
-    assert all(d.plan == Plan(r=1, d=2, reroute=True) for d in tuned)  # fastest measured, not predicted
+    assert all(d.plan == Plan(r=1, d=2, reroute="lla") for d in tuned)  # fastest measured, not predicted
     assert tuned[0].predicted_s == 6.0 and decisions[1].previous_s == 7.0
 
 
@@ -103,18 +108,36 @@ def test_under_skew_the_best_rerouting_plan_is_measured_even_if_ranked_low():
     measured = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 8.0}
     tuner, _ = _tuner(predicted, measure_top=2, measure_steps=2)
     decisions = _drive(tuner, SKEWED, measured, 9)  # GATHER, PIPE, PLAIN, then REROUTE
-    assert [d.plan for d in decisions if d.phase == "search"][-2:] == [Plan(r=1, reroute=True)] * 2
-    assert decisions[-1].phase == "tuned" and decisions[-1].plan == Plan(r=1, reroute=True)
+    assert [d.plan for d in decisions if d.phase == "search"][-2:] == [Plan(r=1, reroute="lla")] * 2
+    assert decisions[-1].phase == "tuned" and decisions[-1].plan == Plan(r=1, reroute="lla")
     even, _ = _tuner(predicted, measure_top=2, measure_steps=2)
     searched = {d.plan for d in _drive(even, EVEN, measured, 7) if d.phase == "search"}
     assert not any(p.reroute for p in searched)  # balanced: rerouting is not forced into the search
+
+
+def test_under_skew_each_rerouting_kind_gets_measured():
+    shadow = Candidate(r=1, rerouting=True, shadow=True)
+    predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 8.0, shadow: 12.0}
+    measured = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 7.0, BOTH: 7.5, GATHER: 8.0, shadow: 4.0}
+    cost = FakeCost(predicted)
+    tuner = Tuner(cost, TunerConfig(measure_top=2, measure_steps=2), [*ALL, shadow], PLAIN, 2)  # type: ignore[arg-type]
+    decisions = []
+    previous = 0.0
+    for _ in range(10):
+        d = tuner.choose(SKEWED, 50, 2, 0.0, True, torch.float32, previous)
+        decisions.append(d)
+        previous = measured[_candidate_of(d.plan, list(measured))]
+    searched = [d.plan.reroute for d in decisions if d.phase == "search"]
+    # REROUTE and BOTH (best predicted), plain, then the best shadowing plan though ranked last.
+    assert searched == ["lla"] * 4 + [False] * 2 + ["shadow"] * 2
+    assert decisions[-1].phase == "tuned" and decisions[-1].plan == Plan(r=1, reroute="shadow")
 
 
 def test_the_model_breaks_ties_within_the_noise_but_not_beyond():
     predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
     tie = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 10.15, BOTH: 12.0, GATHER: 20.0}  # 1.5 % apart
     tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2)
-    assert _drive(tuner, SKEWED, tie, 5)[-1].plan == Plan(r=1, reroute=True)  # predicted faster
+    assert _drive(tuner, SKEWED, tie, 5)[-1].plan == Plan(r=1, reroute="lla")  # predicted faster
     beyond = dict(tie)
     beyond[REROUTE] = 10.8  # 8 % slower than plain: measurement decides
     tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2)
@@ -152,7 +175,7 @@ def test_drift_is_measured_from_the_winners_steady_state():
     # measured (within 2 * drift: it becomes the reference) with +-20 % noise around it.
     reroute_times = [5.0] * 5 + [7.0] * 5 + [5.6, 8.4, 7.0, 8.4, 5.6, 7.0, 8.4, 5.6]
     decisions = _drive_times(tuner, predicted, reroute_times)
-    assert decisions[4].phase == "tuned" and decisions[4].plan == Plan(r=1, reroute=True)
+    assert decisions[4].phase == "tuned" and decisions[4].plan == Plan(r=1, reroute="lla")
     assert all(d.phase == "tuned" for d in decisions[4:])
     # A sustained change of more than 30 % from that reference re-tunes.
     later = _drive_times(tuner, predicted, [9.8] * 6, previous=5.6)
@@ -167,7 +190,7 @@ def _drive_times(
     for t in reroute_times:
         d = tuner.choose(SKEWED, 50, 2, 0.0, True, torch.float32, previous)
         decisions.append(d)
-        previous = t if d.plan == Plan(r=1, reroute=True) else measured[PLAIN]
+        previous = t if d.plan == Plan(r=1, reroute="lla") else measured[PLAIN]
     return decisions
 
 
@@ -184,7 +207,10 @@ def test_buckets_follow_imbalance_and_size():
 def test_candidates():
     config, rc = TunerConfig(pipelining=(1, 2)), RerouteConfig()
     whole, plain = candidates_for([0, 1], 1, False, False, config, rc)
-    assert plain == PLAIN and set(whole) == {GATHER, PLAIN, PIPE, REROUTE, BOTH}
+    shadows = {Candidate(r=1, d=d, rerouting=True, shadow=True) for d in (1, 2)}
+    assert plain == PLAIN and set(whole) == {GATHER, PLAIN, PIPE, REROUTE, BOTH} | shadows
+    lla, _ = candidates_for([0, 1], 1, False, False, config, RerouteConfig(kinds=("lla",)))
+    assert set(lla) == {GATHER, PLAIN, PIPE, REROUTE, BOTH}
     off, _ = candidates_for([0, 1], 1, False, False, config, RerouteConfig(enabled=False))
     assert not any(c.rerouting for c in off)
     sharded, plain = candidates_for([0, 1, 2], 2, True, True, config, rc)
@@ -254,11 +280,11 @@ def test_auto_searches_each_bucket_once_and_agrees_on_every_rank():
     schedule = ["one"] * 9 + ["uniform"] * 6 + ["one"] * 3
     rows = run_distributed(run_tuner, 2, 4, schedule, tuner, timeout=120)[0]
     phases = [r[0] for r in rows]
-    # Skewed bucket: 2 or 3 candidates (the best rerouting plan joins if not among them)
-    # x 2 calls, then tuned; a uniform bucket: its own search; back to the skewed load:
-    # its winner, no search.
+    # Skewed bucket: 2 to 4 candidates (the best plan of each rerouting kind joins if
+    # none of its kind is among them) x 2 calls, then tuned; a uniform bucket: its own
+    # search; back to the skewed load: its winner, no search.
     n = phases.index("tuned")
-    assert n in (4, 6) and phases[:n] == ["search"] * n and phases[n:9] == ["tuned"] * (9 - n), phases
+    assert n in (4, 6, 8) and phases[:n] == ["search"] * n and phases[n:9] == ["tuned"] * (9 - n), phases
     assert phases[9] == "search" and rows[9][2] != rows[0][2]
     assert phases[15:] == ["tuned"] * 3 and rows[15][1] == rows[8][1]
     assert all(r[4] > 0 for r in rows[1:])  # every call after the first got the previous time

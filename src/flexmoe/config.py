@@ -243,22 +243,30 @@ class Plan:
             On a single device only ``None``/``0``/``1`` are meaningful.
         d: pipelining degree (number of overlapped chunks).
         exchange: all-to-all algorithm, ``"flat"`` or ``"2dh"``.
-        reroute: least-loaded rerouting of hot experts' rows (expert parallelism with
-            whole experts): ``True`` forces it, ``False`` forbids it, ``None`` lets the
-            layer's ``RerouteConfig`` decide from this step's load.
+        reroute: rerouting of hot experts' rows (expert parallelism with whole
+            experts): ``True`` or ``"lla"`` forces least-loaded rerouting, ``"shadow"``
+            forces shadowing (every rank computes its own rows of the hot experts; see
+            ``flexmoe.parallel.rerouting``), ``False`` forbids both, ``None`` lets the
+            layer's ``RerouteConfig`` decide from this step's load. After a call,
+            ``stats.plan.reroute`` is what ran: ``"lla"``, ``"shadow"`` or ``False``.
     """
 
     r: int | None = None
     d: int = 1
     exchange: Literal["flat", "2dh"] = "flat"
-    reroute: bool | None = None
+    reroute: bool | Literal["lla", "shadow"] | None = None
 
     def __post_init__(self) -> None:
         if self.r is not None:
             _require(_is_int(self.r) and self.r >= 0, "plan.r", "an int >= 0 or None", self.r)
         _require(_is_int(self.d) and self.d >= 1, "plan.d", "an int >= 1", self.d)
         _require(self.exchange in ("flat", "2dh"), "plan.exchange", "'flat' or '2dh'", self.exchange)
-        _require(self.reroute in (None, True, False), "plan.reroute", "True, False or None", self.reroute)
+        _require(
+            self.reroute is None or isinstance(self.reroute, bool) or self.reroute in ("lla", "shadow"),
+            "plan.reroute",
+            "True, False, None, 'lla' or 'shadow'",
+            self.reroute,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,8 +282,12 @@ class RerouteConfig:
         min_chunk: smallest piece of an expert sent to another rank (rows).
         max_copies_per_rank: hard bound on expert copies a rank receives per step.
         max_rows_per_rank: hard bound on rows a rank computes per step.
+        kinds: the rerouting plans the layer may choose from: ``"lla"`` (least-loaded:
+            few copies, rows travel to them) and ``"shadow"`` (hot experts copied to every
+            rank that has rows for them, which computes its own rows: no row traffic,
+            more copies).
 
-    Whether rerouting pays is the cost model's call (``flexmoe.planner.simulate`` on the
+    Whether rerouting pays, and which kind, is the cost model's call (``flexmoe.planner.simulate`` on the
     layer's cluster, ``TunerConfig.cluster``): the same model ``plan="auto"`` scores with.
     """
 
@@ -286,8 +298,15 @@ class RerouteConfig:
     min_chunk: int = 1
     max_copies_per_rank: int | None = None
     max_rows_per_rank: int | None = None
+    kinds: tuple[str, ...] = ("lla", "shadow")
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.kinds, tuple) and len(self.kinds) > 0 and set(self.kinds) <= {"lla", "shadow"},
+            "kinds",
+            "a non-empty tuple of 'lla' and/or 'shadow'",
+            self.kinds,
+        )
         _require(self.threshold >= 1.0, "threshold", "a float >= 1", self.threshold)
         _require(0.0 <= self.min_gain < 1.0, "min_gain", "a float in [0, 1)", self.min_gain)
         _require(self.alpha >= 1.0, "alpha", "a float >= 1", self.alpha)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,8 @@ class MoEStats:
             expert weight copies sent, this call; ``copies_per_rank`` the copies each
             rank received.
         replica_hits: copies served by persistent replicas (``set_replicas``), not sent.
+        shadowed_experts: experts shadowed this call (``plan.reroute == "shadow"``): every
+            rank computed its own rows of them with a copy.
         tuner: with ``plan="auto"``, the online tuner's decision for this call (a
             ``flexmoe.parallel.tuner.TunerDecision``: bucket, phase, predicted time,
             the previous call's measured time), else ``None``.
@@ -84,6 +86,7 @@ class MoEStats:
     rows_per_rank: list[int] | None = None
     native_rows_per_rank: list[int] | None = None
     rerouted_rows: int = 0
+    shadowed_experts: list[int] = field(default_factory=list)
     expert_copies: int = 0
     copies_per_rank: list[int] | None = None
     replica_hits: int = 0
@@ -889,7 +892,7 @@ class MoELayer(nn.Module):
         assert isinstance(plan, Plan) and plan.r is not None and isinstance(experts, GroupedExperts)
         held = self._held_slots(ep)
         reroute = self._plan_rerouting(ep, plan, glayout, k, cf, x.dtype, held)
-        plan = dataclasses.replace(plan, reroute=reroute is not None)
+        plan = dataclasses.replace(plan, reroute=False if reroute is None else reroute.kind)
         replica_hits = 0
         if plan.r == 0:  # every expert gathered here; no rows move
             weights = ep.gather_weights(experts, 0)
@@ -939,6 +942,8 @@ class MoELayer(nn.Module):
                 self.stats.expert_copies = sum(len(c) for c in reroute.copies) - replica_hits
                 self.stats.replica_hits = replica_hits
                 self.stats.copies_per_rank = [len(c) for c in reroute.copies]
+                logical = {slot: e for e, slot in enumerate(self.expert_placement)}
+                self.stats.shadowed_experts = sorted(logical[s] for s in reroute.shadowed)
         self.stats.tuner = decision
         return watch.stop(y_TD).reshape(x.shape)
 
@@ -954,33 +959,40 @@ class MoELayer(nn.Module):
     ) -> ReroutePlan | None:
         """The step's rerouting: forced by the plan, or chosen when the cost model says it pays.
 
-        ``held``: each rank's persistent replicas (slots), which need no transfer.
+        ``held``: each rank's persistent replicas (slots), which need no transfer. The
+        kinds tried are the forced one (``True`` is ``"lla"``) or ``RerouteConfig.kinds``;
+        unforced, the cost model picks the fastest of them and plain expert parallelism.
         """
         rc = self.config.reroute
-        if not plan.reroute and (plan.reroute is False or not rc.enabled):
+        forced = plan.reroute
+        if forced is False or (forced is None and not rc.enabled):
             return None
         if plan.r != 1 or ep.placement.sharded:
             return None
+        kinds = rc.kinds if forced is None else ("lla",) if forced is True else (str(forced),)
         loads: list[int] = glayout.tokens_per_expert_E.tolist()
-        try:
-            candidate = plan_rerouting(
-                loads,
-                ep.world_size,
-                alpha=rc.alpha,
-                min_chunk=rc.min_chunk,
-                max_rows_per_rank=rc.max_rows_per_rank,
-                max_copies_per_rank=rc.max_copies_per_rank,
-                held=held,
-            )
-        except ValueError:
-            if plan.reroute:
-                raise
-            return None  # the bounds cannot hold this step either way: plain expert parallelism
-        if not candidate.moved_rows:
-            return None
-        if plan.reroute:
-            return candidate
-        if candidate.imbalance_before < rc.threshold:
+        plans: dict[str, ReroutePlan] = {}
+        for kind in kinds:
+            try:
+                candidate = plan_rerouting(
+                    loads,
+                    ep.world_size,
+                    alpha=rc.alpha,
+                    min_chunk=rc.min_chunk,
+                    max_rows_per_rank=rc.max_rows_per_rank,
+                    max_copies_per_rank=rc.max_copies_per_rank,
+                    held=held,
+                    sources=glayout.kept if kind == "shadow" else None,
+                )
+            except ValueError:
+                if forced is not None:
+                    raise
+                continue  # the bounds cannot hold this step this way
+            if candidate.moved_rows and (kind == "lla" or candidate.shadowed or forced is not None):
+                plans[kind] = candidate
+        if forced is not None or not plans:
+            return next(iter(plans.values()), None)
+        if next(iter(plans.values())).imbalance_before < rc.threshold:
             return None
         if self._cost is None:
             self._cost = cost_model(ep, self.config, glayout.routed_per_expert_E.device)
@@ -989,12 +1001,15 @@ class MoELayer(nn.Module):
         counts: list[int] = glayout.routed_per_expert_E.tolist()
         training = torch.is_grad_enabled()
 
-        def predict(reroute: bool) -> float:
+        def predict(kind: str | None) -> float:
             assert self._cost is not None
-            option = Candidate(r=1, d=plan.d, exchange=plan.exchange, rerouting=reroute)
+            option = Candidate(
+                r=1, d=plan.d, exchange=plan.exchange, rerouting=kind is not None, shadow=kind == "shadow"
+            )
             return self._cost.predict(option, counts, glayout.num_tokens, k, cf, training, dtype)
 
-        return candidate if predict(True) <= predict(False) * (1.0 - rc.min_gain) else None
+        best = min(plans, key=predict)
+        return plans[best] if predict(best) <= predict(None) * (1.0 - rc.min_gain) else None
 
     def _balance(
         self,

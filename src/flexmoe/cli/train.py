@@ -99,7 +99,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, steps: int = 400) ->
     parser.add_argument("--plan-d", type=int, default=1, help="plan pipelining degree d")
     parser.add_argument("--exchange", choices=["flat", "2dh"], default="flat", help="all-to-all algorithm")
     parser.add_argument(
-        "--reroute", choices=["auto", "on", "off"], default="auto", help="least-loaded rerouting under skew"
+        "--reroute",
+        choices=["auto", "on", "shadow", "off"],
+        default="auto",
+        help="rerouting under skew: the cost model decides (auto), least-loaded (on), shadowing, or none",
     )
 
 
@@ -224,7 +227,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
     # rank 0's anyway); expert parameters differ per rank: each rank holds other experts.
     torch.manual_seed(args.seed + rank)
     corpus = stdlib_corpus()
-    reroute = {"auto": None, "on": True, "off": False}[args.reroute]
+    reroute = {"auto": None, "on": True, "shadow": "shadow", "off": False}[args.reroute]
     config = TinyMoELMConfig(
         context=args.context,
         dim=args.dim,
@@ -416,5 +419,5 @@ def _plan_text(plan: Plan) -> str:
     parts = [] if plan.r is None else [f"r={plan.r}"]
     parts += [f"d={plan.d}", plan.exchange]
     if plan.reroute:
-        parts.append("reroute")
+        parts.append("shadow" if plan.reroute == "shadow" else "reroute")
     return ",".join(parts)

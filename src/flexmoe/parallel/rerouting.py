@@ -21,6 +21,14 @@ do not travel. The algorithm (algorithms.md §2, LLA):
 3. A remainder nobody can take under ``cap`` goes to the least-loaded ranks that still
    have room under ``max_rows_per_rank``.
 
+**Shadowing** (``sources`` given: each rank's rows of each expert). Before step 2, hot
+experts may be *shadowed*, FasterMoE's answer to the same skew: while an expert's owner
+is above ``cap`` (experts in decreasing load), every other rank computes its own rows
+of that expert with a copy of its weights (as many as fit under its ``cap`` and the
+bounds), so none of them travel; the owner keeps the rest. Shadowing trades more
+copies (up to ``W - 1`` per expert) for no row traffic; LLA then places what is left.
+Which of the two pays is the cost model's call (``flexmoe.planner.simulate``).
+
 Unlike the published algorithm, the memory bounds are hard: no rank computes more than
 ``max_rows_per_rank`` rows (when set) or holds more than ``max_copies_per_rank``
 copies; a step that cannot satisfy them raises ``ValueError`` naming the bound.
@@ -39,6 +47,7 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 __all__ = ["ReroutePlan", "plan_rerouting", "reroute_pieces"]
 
@@ -53,6 +62,10 @@ class ReroutePlan:
         copies: ``copies[p]``: experts (sorted) whose weights rank ``p`` receives.
         rows_per_rank: rows each rank computes.
         native_rows_per_rank: rows each rank would compute without rerouting.
+        moved_rows: rows computed away from their expert's rank.
+        transfers: ``(expert, receiving rank)`` of every copy sent, in the order they were made.
+        shadowed: ``{expert: [(rank, rows), ...]}``: the rows of its own that each other
+            rank computes of a shadowed expert (they do not travel; see the module docstring).
     """
 
     intervals: list[list[tuple[int, float, float]]]
@@ -60,7 +73,13 @@ class ReroutePlan:
     rows_per_rank: list[float]
     native_rows_per_rank: list[float]
     moved_rows: float = 0
-    transfers: list[tuple[int, int]] = field(default_factory=list)  # (expert, receiving rank)
+    transfers: list[tuple[int, int]] = field(default_factory=list)
+    shadowed: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> Literal["lla", "shadow"]:
+        """``"shadow"`` when some expert is shadowed, else ``"lla"``."""
+        return "shadow" if self.shadowed else "lla"
 
     @property
     def num_copies(self) -> int:
@@ -92,8 +111,12 @@ def plan_rerouting(
     max_rows_per_rank: float | None = None,
     max_copies_per_rank: int | None = None,
     held: Sequence[Sequence[int]] | None = None,
+    sources: Sequence[Sequence[float]] | None = None,
 ) -> ReroutePlan:
     """The least-loaded assignment of expert rows to ranks (see the module docstring).
+
+    ``sources[q][e]``: rows of expert ``e`` that come from rank ``q`` (summing to
+    ``loads[e]``): given, hot experts are shadowed first (see the module docstring).
 
     ``held[p]``: experts whose copies rank ``p`` already holds (persistent replicas): a
     piece given to such a rank needs no transfer, and they count towards its
@@ -126,8 +149,10 @@ def plan_rerouting(
     if len(kept) != W:
         raise ValueError(f"held must list the replicas of each of the {W} ranks, got {len(kept)} lists")
 
+    slots = [len(k) for k in kept]  # len(copies[p] | kept[p]): the copies rank p holds
+
     def full(p: int, e: int) -> bool:  # may rank p not take a piece of e (no room for its copy)?
-        return e not in copies[p] and e not in kept[p] and len(copies[p] | kept[p]) >= copy_limit
+        return slots[p] >= copy_limit and e not in copies[p] and e not in kept[p]
 
     intervals: list[list[tuple[int, float, float]]] = [[] for _ in range(E)]
     transfers: list[tuple[int, int]] = []
@@ -137,22 +162,57 @@ def plan_rerouting(
     def load_of(p: int) -> float:
         return assigned[p] + pending[p]
 
-    def give(e: int, rank: int, start: float, size: float) -> None:
+    def give(e: int, rank: int, start: float, size: float, push: bool = True) -> None:
         intervals[e].append((rank, start, start + size))
         assigned[rank] += size
         if rank != e // El and e not in copies[rank]:
             copies[rank].add(e)
             if e not in kept[rank]:
                 transfers.append((e, rank))
-        heapq.heappush(heap, (load_of(rank), rank))
+                slots[rank] += 1
+        if push:
+            heapq.heappush(heap, (load_of(rank), rank))
 
-    for e in sorted(range(E), key=lambda i: (-loads[i], i)):
-        load, owner = loads[e], e // El
+    order = sorted(range(E), key=lambda i: (-loads[i], i))
+    shadowed: dict[int, list[tuple[int, float]]] = {}
+    remaining = list(loads)
+    if sources is not None:
+        if len(sources) != W or any(len(row) != E for row in sources):
+            raise ValueError(f"sources must be {W} lists of {E} row counts (one per rank and expert)")
+        for e, column in enumerate(zip(*sources, strict=True)):
+            if abs(sum(column) - loads[e]) > 1e-9 * max(1, abs(loads[e])):
+                raise ValueError(f"sources of expert {e} sum to {sum(column)}, not its load {loads[e]}")
+        for e in order:
+            load, owner = loads[e], e // El
+            if load_of(owner) <= cap:
+                continue  # its owner is not overloaded (any more)
+            takes: list[tuple[int, float]] = []
+            for q in range(W):
+                own = sources[q][e]
+                if q == owner or own <= 0 or full(q, e):
+                    continue
+                take = min(own, cap - load_of(q))
+                if take > 0 and (take >= min_chunk or take == own):
+                    takes.append((q, take))
+            if not takes:
+                continue
+            shadowed[e] = takes
+            taken = sum(t for _, t in takes)
+            pending[owner] -= taken
+            offset = remaining[e] = load - taken  # the rest: [0, remaining), placed below
+            for q, take in takes:
+                give(e, q, offset, take, push=False)
+                offset += take
+        heap = [(load_of(p), p) for p in range(W)]
+        heapq.heapify(heap)
+
+    for e in order:
+        load, owner = remaining[e], e // El  # a shadowed expert: the rows left to place
         pending[owner] -= load
         heapq.heappush(heap, (load_of(owner), owner))
         room = cap - assigned[owner] - pending[owner]
         keep = min(load, room) if room > 0 else 0 * load
-        if keep or load == 0:
+        if keep or (load == 0 and e not in shadowed):
             give(e, owner, 0 * load, keep)
         offset, remainder = keep, load - keep
         # Spill to the least-loaded ranks that may hold another copy.
@@ -191,7 +251,7 @@ def plan_rerouting(
             chunk = min(remainder, limit - load_of(p))
             give(e, p, offset, chunk)
             offset, remainder = offset + chunk, remainder - chunk
-        intervals[e] = _merge(intervals[e])
+        intervals[e] = _merge(sorted(intervals[e], key=lambda piece: piece[1]))
     return ReroutePlan(
         intervals=intervals,
         copies=[sorted(c) for c in copies],
@@ -199,6 +259,7 @@ def plan_rerouting(
         native_rows_per_rank=native,
         moved_rows=sum(b - a for e in range(E) for p, a, b in intervals[e] if p != e // El),
         transfers=transfers,
+        shadowed=dict(sorted(shadowed.items())),
     )
 
 

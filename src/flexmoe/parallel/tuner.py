@@ -16,9 +16,9 @@ plan is ``"auto"``:
 2. a bucket seen for the first time is searched: every valid candidate is scored with
    the cost model, and the ``measure_top`` best, plus plain expert parallelism (so the
    winner is never measurably slower than it) and, when the busiest rank has at least
-   ``RerouteConfig.threshold`` times the mean rows, the best rerouting plan (so that a
-   mis-ranked family is still tried), each run ``measure_steps`` calls; the first call
-   of each is a warm-up, the median of the rest is its time;
+   ``RerouteConfig.threshold`` times the mean rows, the best plan of each rerouting
+   kind (so that a mis-ranked family is still tried), each run ``measure_steps``
+   calls; the first call of each is a warm-up, the median of the rest is its time;
 3. the fastest measured candidate becomes the bucket's winner — among candidates
    measured within the noise of the fastest (the largest relative spread of one
    candidate's samples, between 2 % and 5 %), the one the model predicts fastest —
@@ -433,11 +433,13 @@ class Tuner:
         queue = ranked[: self.config.measure_top]
         if self.plain not in queue:
             queue.append(self.plain)
-        # Skewed load: measure the best rerouting plan too, whatever the model says (the
-        # model ranks, measurements decide; a mis-ranked family would never be tried).
-        rerouting = [c for c in ranked if c.rerouting]
-        if imbalance >= self.reroute_threshold and rerouting and not any(c.rerouting for c in queue):
-            queue.append(rerouting[0])
+        # Skewed load: measure the best plan of each rerouting kind too, whatever the model
+        # says (the model ranks, measurements decide; a mis-ranked family would never be tried).
+        if imbalance >= self.reroute_threshold:
+            for shadow in (False, True):
+                kind = [c for c in ranked if c.rerouting and c.shadow == shadow]
+                if kind and not any(c.rerouting and c.shadow == shadow for c in queue):
+                    queue.append(kind[0])
         search = _Search(queue=queue, predicted={c: predicted[c] for c in queue})
         self.searches[key] = search
         return search
@@ -502,7 +504,7 @@ class Tuner:
         decision = TunerDecision(
             bucket=key,
             phase=phase,
-            plan=dataclasses.replace(candidate.to_plan(), reroute=candidate.rerouting),
+            plan=dataclasses.replace(candidate.to_plan(), reroute=candidate.reroute_kind),
             predicted_s=predict(candidate),
             previous_s=previous_s,
             imbalance=self.imbalance(counts_E),
@@ -530,7 +532,10 @@ def candidates_for(
             for exchange in exchanges if r != 0 else ("flat",):
                 out.append(Candidate(r=r, d=d, exchange=exchange))
                 if reroute.enabled and not sharded and r == 1:
-                    out.append(Candidate(r=r, d=d, exchange=exchange, rerouting=True))
+                    for kind in reroute.kinds:
+                        out.append(
+                            Candidate(r=r, d=d, exchange=exchange, rerouting=True, shadow=kind == "shadow")
+                        )
     plain = Candidate(r=shards, d=1, exchange="flat")
     if plain not in out:
         out.insert(0, plain)

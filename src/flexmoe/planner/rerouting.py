@@ -10,6 +10,7 @@ Legend: W ranks, E experts, El = E/W experts per rank (expert ``e`` on rank ``e 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ class Rerouting:
         copies_R: expert copies each rank receives.
         transfers: ``(expert, receiving rank)`` of every copy, in the order they were made.
         experts_per_rank: ``El``.
+        shadow_rows_R: rows of shadowed experts each rank computes (zero without shadowing).
+        shadow_local_R: of those, the rows that come from the rank's own tokens.
     """
 
     rows_R: NDArray[np.float64]
@@ -38,11 +41,30 @@ class Rerouting:
     copies_R: NDArray[np.int64]
     transfers: tuple[tuple[int, int], ...]
     experts_per_rank: int
+    shadow_rows_R: NDArray[np.float64] | None = None
+    shadow_local_R: NDArray[np.float64] | None = None
+
+    def received_rows(self) -> NDArray[np.float64]:
+        """Rows each rank receives from other ranks, sources spread evenly.
+
+        Of an expert that is not shadowed a rank computes ``1/W`` of the rows from its
+        own tokens (the rest arrive); of a shadowed one, its own rows are known.
+        """
+        W = self.rows_R.size
+        if self.shadow_rows_R is None or self.shadow_local_R is None:
+            return self.rows_R * (W - 1) / W
+        plain = self.rows_R - self.shadow_rows_R
+        return plain * (W - 1) / W + self.shadow_rows_R - self.shadow_local_R
 
     @property
     def num_copies(self) -> int:
         """Expert copies sent in total."""
         return len(self.transfers)
+
+    @functools.cached_property
+    def transfers_T2(self) -> NDArray[np.int64]:
+        """``transfers`` as an int array ``[copies, 2]`` (expert, receiving rank)."""
+        return np.asarray(self.transfers, dtype=np.int64).reshape(-1, 2)
 
     @property
     def units_R(self) -> NDArray[np.int64]:
@@ -58,24 +80,40 @@ def plan_rerouting(
     min_chunk: float = 1.0,
     max_rows_per_rank: float | None = None,
     max_copies_per_rank: int | None = None,
+    shadow: bool = False,
 ) -> Rerouting:
     """The layer's least-loaded plan for expected rows ``loads_E`` (see the module docstring).
 
+    ``shadow``: the layer's shadowing plan, every source holding ``1/W`` of each
+    expert's rows (the simulator's assumption about where rows come from).
     Raises ``ValueError`` when the bounds cannot hold the step (as the layer does).
     """
     loads = [float(x) for x in loads_E]
+    W = world_size
     plan = _layer.plan_rerouting(
         loads,
-        world_size,
+        W,
         alpha=alpha,
         min_chunk=min_chunk,
         max_rows_per_rank=max_rows_per_rank,
         max_copies_per_rank=max_copies_per_rank,
+        sources=[[x / W for x in loads]] * W if shadow else None,
     )
+    El = len(loads) // W
+    shadow_rows, shadow_local = np.zeros(W), np.zeros(W)
+    for e, takes in plan.shadowed.items():
+        for rank, start, stop in plan.intervals[e]:
+            shadow_rows[rank] += stop - start
+        for rank, rows in takes:  # a shadowing rank's rows are its own ...
+            shadow_local[rank] += rows
+        owner = e // El  # ... and the owner computes its own first
+        shadow_local[owner] += min(loads[e] / W, sum(b - a for p, a, b in plan.intervals[e] if p == owner))
     return Rerouting(
         rows_R=np.asarray(plan.rows_per_rank, dtype=np.float64),
         native_rows_R=np.asarray(plan.native_rows_per_rank, dtype=np.float64),
         copies_R=np.asarray([len(c) for c in plan.copies], dtype=np.int64),
         transfers=tuple(plan.transfers),
-        experts_per_rank=len(loads) // world_size,
+        experts_per_rank=El,
+        shadow_rows_R=shadow_rows,
+        shadow_local_R=shadow_local,
     )

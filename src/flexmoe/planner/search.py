@@ -1,8 +1,8 @@
 """Scoring every candidate plan, picking the best, and sweeping device counts.
 
 Candidates (``candidates``): every valid ``r`` (0 and the divisors of ``S``),
-``d`` in ``degrees``, flat and 2DH exchange, and rerouting on and off (whole
-experts only). Baselines (``baselines``): what a non-adaptive system runs — the
+``d`` in ``degrees``, flat and 2DH exchange, and rerouting off, least-loaded or
+shadowing (whole experts only). Baselines (``baselines``): what a non-adaptive system runs — the
 default placement (plain EP, or EP+MP for sharded experts), a fixed capacity factor
 of 1.0 or 1.25 with padded buffers, no overlap, flat all-to-all.
 
@@ -19,7 +19,7 @@ from flexmoe.config import RerouteConfig
 from flexmoe.parallel.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import Machine
-from flexmoe.planner.rerouting import plan_rerouting
+from flexmoe.planner.rerouting import Rerouting, plan_rerouting
 from flexmoe.planner.simulate import Candidate, Prediction, _kept_rows, reroute_settings, simulate
 from flexmoe.planner.workload import Load, MoEWorkload
 
@@ -48,6 +48,7 @@ def candidates(
                 out.append(Candidate(r=r, d=d, exchange=exchange))
                 if rerouting and not placement.sharded and world_size > 1:
                     out.append(Candidate(r=r, d=d, exchange=exchange, rerouting=True))
+                    out.append(Candidate(r=r, d=d, exchange=exchange, rerouting=True, shadow=True))
     return out
 
 
@@ -115,13 +116,16 @@ def plan(
     """
     machine = Machine.create(cluster, world_size, ranks_per_node)
     chosen = list(plans) if plans is not None else candidates(workload, world_size, degrees, rerouting)
-    reroute = None
-    if any(c.rerouting for c in chosen):
-        kept_E, _, _ = _kept_rows(workload, load, world_size, None)
-        try:
-            reroute = plan_rerouting(kept_E, world_size, **reroute_settings(reroute_config))
-        except ValueError:
-            chosen = [c for c in chosen if not c.rerouting]
+    reroute: dict[bool, Rerouting] = {}  # by shadow
+    for shadow in (False, True):
+        if any(c.rerouting and c.shadow == shadow for c in chosen):
+            kept_E, _, _ = _kept_rows(workload, load, world_size, None)
+            try:
+                reroute[shadow] = plan_rerouting(
+                    kept_E, world_size, shadow=shadow, **reroute_settings(reroute_config)
+                )
+            except ValueError:
+                chosen = [c for c in chosen if not (c.rerouting and c.shadow == shadow)]
 
     def run(c: Candidate) -> Prediction:
         return simulate(
@@ -132,7 +136,7 @@ def plan(
             c,
             memory_budget=memory_budget,
             machine=machine,
-            rerouting_plan=reroute,
+            rerouting_plan=reroute.get(c.shadow) if c.rerouting else None,
             reroute_config=reroute_config,
         )
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -94,6 +94,7 @@ class Candidate:
     exchange: str = "flat"
     rerouting: bool = False
     static_capacity: float | None = None
+    shadow: bool = False  # with rerouting: the shadowing kind (``flexmoe.parallel.rerouting``)
 
     @property
     def is_static(self) -> bool:
@@ -108,7 +109,14 @@ class Candidate:
         if self.r == 0:
             return "r=0 (DP)"
         text = f"r={self.r} d={self.d} {self.exchange}"
-        return text + " +reroute" if self.rerouting else text
+        if not self.rerouting:
+            return text
+        return text + (" +shadow" if self.shadow else " +reroute")
+
+    @property
+    def reroute_kind(self) -> Literal["lla", "shadow"] | bool:
+        """``Plan.reroute`` for this candidate: ``"lla"``, ``"shadow"`` or ``False``."""
+        return ("shadow" if self.shadow else "lla") if self.rerouting else False
 
     def to_plan(self) -> Plan:
         """The layer's ``Plan`` for this candidate (rerouting is a separate switch)."""
@@ -331,13 +339,13 @@ def _copy_time(reroute: Rerouting, expert_bytes: float, machine: Machine) -> flo
     out = np.zeros((2, W))  # [intra, inter] bytes sent per rank
     into = np.zeros((2, W))
     messages = np.zeros((2, W))
-    for expert, rank in reroute.transfers:
-        owner = expert // El
-        kind = int(not machine.single_node and owner // Lp != rank // Lp)
-        out[kind, owner] += expert_bytes
-        into[kind, rank] += expert_bytes
-        messages[kind, owner] += 1
-        messages[kind, rank] += 1
+    expert, rank = reroute.transfers_T2.T
+    owner = expert // El
+    kind = (owner // Lp != rank // Lp).astype(np.int64) if not machine.single_node else np.zeros_like(owner)
+    np.add.at(out, (kind, owner), expert_bytes)
+    np.add.at(into, (kind, rank), expert_bytes)
+    np.add.at(messages, (kind, owner), 1)
+    np.add.at(messages, (kind, rank), 1)
     worst = 0.0
     for kind in (0, 1):
         latency, bandwidth = machine.link(bool(kind))
@@ -379,6 +387,8 @@ def simulate(
         raise ValueError(
             "rerouting applies to whole experts (num_experts >= world size) with r = 1, not baselines"
         )
+    if c.shadow and not c.rerouting:
+        raise ValueError("candidate shadow=True needs rerouting=True (shadowing is a kind of rerouting)")
     E, D, b = workload.num_experts, workload.dim, workload.bytes_per_element
     T, K, F = workload.tokens_per_device, workload.top_k, workload.hidden_dim
     S, El = placement.shards, placement.local_experts
@@ -399,7 +409,9 @@ def simulate(
         rows_RU = kept_E.reshape(W, El)
         hidden = F
         if c.rerouting:
-            reroute = rerouting_plan or plan_rerouting(kept_E, W, **reroute_settings(reroute_config))
+            reroute = rerouting_plan or plan_rerouting(
+                kept_E, W, shadow=c.shadow, **reroute_settings(reroute_config)
+            )
             units_R = reroute.units_R
             rows_RU = (reroute.rows_R / units_R)[:, None]
     else:
@@ -407,7 +419,11 @@ def simulate(
         rows_RU = np.repeat(kept_E / g, S)[:, None]  # rank p computes 1/g of expert p // S's rows
         hidden = F // c.r
     rows_R = rows_RU.sum(1) if units_R is None else rows_RU[:, 0] * units_R
-    a_R = rows_R / W if c.r != 0 else np.zeros(W)
+    # Rows each source sends each rank (the exchange's model: its own come free); a
+    # shadowing rank's own rows stay home.
+    a_R = rows_R / W if reroute is None else reroute.received_rows() / max(W - 1, 1)
+    if c.r == 0:
+        a_R = np.zeros(W)
 
     # 6. the pipelined exchange and experts (per chunk: 1/d of every message and unit).
     xchg = exchange_cost(a_R / d, row_bytes, machine, c.exchange)
@@ -468,7 +484,7 @@ def simulate(
             reroute, expert_bytes, machine
         )
         copies = reroute.num_copies
-        owners = np.bincount([e // El for e, _ in reroute.transfers], minlength=W)
+        owners = np.bincount(reroute.transfers_T2[:, 0] // El, minlength=W)
         weight_bytes += passes * float(np.maximum(owners, reroute.copies_R).max()) * expert_bytes
 
     breakdown = Breakdown(
