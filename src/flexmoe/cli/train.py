@@ -29,7 +29,7 @@ import time
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +227,13 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> None:
     # rank 0's anyway); expert parameters differ per rank: each rank holds other experts.
     torch.manual_seed(args.seed + rank)
     corpus = stdlib_corpus()
-    reroute = {"auto": None, "on": True, "shadow": "shadow", "off": False}[args.reroute]
+    reroutes: dict[str, bool | Literal["shadow"] | None] = {
+        "auto": None,
+        "on": True,
+        "shadow": "shadow",
+        "off": False,
+    }
+    reroute = reroutes[args.reroute]
     config = TinyMoELMConfig(
         context=args.context,
         dim=args.dim,
