@@ -181,3 +181,13 @@ def test_qwen_routing_settings(top_k: int, normalize: bool, shared: bool, tokens
             hf.convert(nn.Sequential(block))
         return
     assert_block_equivalent(block, seed=seed, tokens=tokens)
+
+
+def test_bailing_hybrid_converts_without_a_swiglu_limit_and_is_refused_with_one() -> None:
+    block_class = _load("BailingHybridMoE")
+    assert_block_equivalent(tiny_block(block_class, swiglu_limits=None, num_hidden_layers=2))
+    limited = tiny_block(block_class, swiglu_limits=[7.0, 7.0], num_hidden_layers=2)
+    if getattr(limited.experts, "limit", None) is None:
+        pytest.skip("this transformers' BailingHybrid experts have no SwiGLU limit")
+    with pytest.raises(hf.UnsupportedMoEError, match="clamped SwiGLU"):
+        hf.convert(nn.Sequential(limited))

@@ -5,7 +5,7 @@ Every block class that ``discover_moe_blocks`` finds is in exactly one of ``SUPP
 forward by the tests) or ``REFUSED`` (with the reason); a class in neither (a newer
 ``transformers``, remote code) is refused as not verified.
 
-The semantics were read from each family's ``modeling_*.py`` in transformers 5.24.
+The semantics were read from each family's ``modeling_*.py`` in transformers 5.24 and 5.25.
 Router vocabulary, in the order the router applies it:
 
 - ``scores``: ``softmax`` over all experts, or an independent ``sigmoid`` per expert.
@@ -273,6 +273,7 @@ SUPPORTED: dict[str, Family] = {
     "GlmMoeDsaMoE": _DEEPSEEK_V3,
     "ExaoneMoeSparseMoEBlock": _DEEPSEEK_V3,
     "MiMoV2FlashMoE": _DEEPSEEK_V3,
+    "MiniCPM5MoeMoE": _DEEPSEEK_V3,
     "AXK1MoE": Family(
         scores="sigmoid",
         normalize="gate.norm_topk_prob",
@@ -346,6 +347,11 @@ _SWITCH = (
     "(Switch/NLLB routing), not stacked expert weights"
 )
 
+_LOGIT_CHOICE = (
+    "experts are chosen by router logits plus a bias but weighted by the sigmoid of the logits; "
+    "flexmoe adds the selection bias to the scores"
+)
+
 REFUSED: dict[str, str] = {
     "AriaTextMoELayer": (
         "experts are stored transposed (gate_up_proj [E, D, 2F]); flexmoe would need a transposed copy "
@@ -364,6 +370,10 @@ REFUSED: dict[str, str] = {
     "DiffusionGemmaDecoderTextLayer": _INLINED,
     "DiffusionGemmaEncoderTextLayer": _INLINED,
     "Gemma4TextDecoderLayer": _INLINED,
+    "ErgoMoE": (
+        "non-gated relu^2 experts stored transposed, each expert's output RMS-normalised with its own "
+        "learned scale before the weighted sum"
+    ),
     "DogeCDMoE": (
         "product-key retrieval of single-neuron experts stored as embedding tables, not a top-k over "
         "FFN experts"
@@ -387,10 +397,8 @@ REFUSED: dict[str, str] = {
     "JetMoeAttention": "a mixture of attention heads (MoA), not a feed-forward MoE",
     "JetMoeMoA": "a mixture of attention heads (MoA), not a feed-forward MoE",
     "JetMoeMoE": "JetMoE's own parallel-experts layout (input_linear / output_linear) with an output bias",
-    "Kolibri1SparseMoeBlock": (
-        "experts are chosen by router logits plus a bias but weighted by the sigmoid of the logits; "
-        "flexmoe adds the selection bias to the scores"
-    ),
+    "Kolibri1SparseMoeBlock": _LOGIT_CHOICE,
+    "Kolibri1_1SparseMoeBlock": _LOGIT_CHOICE,
     "Llama4TextMoe": (
         "scales each expert's input (not its output) by a sigmoid router score, and returns "
         "(output, router_logits)"
@@ -452,6 +460,11 @@ def expert_layout_problem(block: nn.Module, experts: nn.Module) -> str | None:
     return problem
 
 
+# Experts classes whose ``_apply_gate`` clamps the gate and up halves at ``self.limit`` and
+# is the plain gated unit when ``limit`` is ``None`` (transformers 5.25's Ling 2.5 experts).
+_PLAIN_GATE_WITHOUT_LIMIT = frozenset({"BailingHybridExperts"})
+
+
 def experts_problem(experts: nn.Module) -> str | None:
     """Why a ``transformers`` experts module does not run on flexmoe's expert kernels, or ``None``.
 
@@ -478,7 +491,11 @@ def experts_problem(experts: nn.Module) -> str | None:
     moe = _transformers.load("transformers.integrations.moe")
     apply_gate = getattr(type(experts), "_apply_gate", moe._default_apply_gate)
     if apply_gate is not moe._default_apply_gate:
-        return "its experts define their own gated activation (_apply_gate)"
+        if type(experts).__name__ not in _PLAIN_GATE_WITHOUT_LIMIT:
+            return "its experts define their own gated activation (_apply_gate)"
+        limit = getattr(experts, "limit", None)
+        if limit is not None:
+            return f"clamped SwiGLU experts (limit={limit}), which flexmoe's expert kernels do not compute"
     if activation_of(experts) is None:
         act = getattr(experts, "act_fn", None)
         return f"expert activation {type(act).__name__} (flexmoe computes SiLU and exact GELU gated units)"
