@@ -109,6 +109,8 @@ def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, 
             "2",
             "--exchange",
             "2dh",
+            "--reroute",
+            "shadow",
             "--run-dir",
             str(two),
         ],
@@ -122,7 +124,10 @@ def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, 
     out = result.stdout
     assert "2 worker(s)" in out and "8 experts over 2 workers (4 per worker)" in out, out
     assert "step     6" in out and "done: 6 steps" in out, out
-    assert "plan Plan(r=1, d=2, exchange='2dh', reroute=None)" in out, out
+    assert "plan Plan(r=1, d=2, exchange='2dh', reroute='shadow')" in out, out
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    plans = {layer["plan"] for r in logged if "layers" in r for layer in r["layers"]}
+    assert plans and all(p.startswith("r=1,d=2,2dh") and "reroute" not in p for p in plans), plans
 
     one = tmp_path / "one"
     main(["train", *SMALL, "--resume", str(two), "--run-dir", str(one), "--no-progress"])
