@@ -8,6 +8,10 @@ weights touched / measured read bandwidth), and the ratio against transformers'
 implementations (``eager``, ``grouped_mm``), when transformers is installed. Cases without
 gradients also time ``flexmoe[prepared]``: the same layer and weights after the opt-in
 ``experts.prepare_for_inference()`` (oneDNN-packed weight copies, see flexmoe.experts.packed).
+``GEMMs only[seq|par]`` time the step's expert GEMMs alone on its real per-expert row
+counts (no routing, permutation, activation or allocation), one after another on all
+cores or whole GEMMs on separate cores: the floor of any implementation built on those
+BLAS calls, hence a bound on the speed-up any of them can reach over another.
 
     python benchmarks/layer.py                 # all cases
     python benchmarks/layer.py --cases A C --repeats 9 --json out.json
@@ -26,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flexmoe
+from flexmoe.experts.segments import for_each_segment, segments_of
 from harness import environment, machine_limits, measure_interleaved, write_json
 
 
@@ -108,6 +113,45 @@ def step_fn(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, train:
     return infer
 
 
+def expert_gemms_only(
+    layer: flexmoe.MoELayer, counts: list[int], train: bool, parallel: bool
+) -> Callable[[], None]:
+    """The step's expert GEMMs and nothing else: a floor for any implementation built on them.
+
+    One BLAS call per GEMM and expert (forward: ``x W_in^T``, ``a W_out^T``; backward also
+    ``g W_out``, ``g^T a``, ``dh W_in``, ``dh^T x``) on the step's real per-expert row
+    counts, into buffers allocated once: no routing, permutation, activation, combine
+    or allocation. ``parallel`` runs whole GEMMs on separate cores (flexmoe's segment
+    runner, when the segments balance), otherwise one after another on all cores.
+    """
+    w_in, w_out = layer.experts.w_in.detach(), layer.experts.w_out.detach()
+    num_rows, (width, dim), hidden = sum(counts), w_in.shape[1:], w_out.shape[2]
+    x, g, y, dx = (torch.randn(num_rows, dim) for _ in range(4))
+    h, dh = torch.randn(num_rows, width), torch.randn(num_rows, width)
+    a, da = torch.randn(num_rows, hidden), torch.randn(num_rows, hidden)
+    dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    segments = segments_of(counts)
+
+    def work(e: int, s: int, t: int) -> None:
+        torch.mm(x[s:t], w_in[e].t(), out=h[s:t])
+        torch.mm(a[s:t], w_out[e].t(), out=y[s:t])
+        if train:
+            torch.mm(g[s:t], w_out[e], out=da[s:t])
+            torch.mm(g[s:t].t(), a[s:t], out=dw_out[e])
+            torch.mm(dh[s:t], w_in[e], out=dx[s:t])
+            torch.mm(dh[s:t].t(), x[s:t], out=dw_in[e])
+
+    def step() -> None:
+        with torch.no_grad():
+            if parallel:
+                for_each_segment(segments, work, x.device)
+            else:
+                for segment in segments:
+                    work(*segment)
+
+    return step
+
+
 def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     layer = build_flexmoe(case, "auto")
@@ -150,6 +194,10 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
     flops = 2 * kept * case.dim * (width + case.hidden) * (3 if case.train else 1)
     active = int((stats.tokens_per_expert > 0).sum())
     weight_bytes = active * case.dim * (width + case.hidden) * layer.experts.w_in.element_size()
+
+    counts = [int(n) for n in stats.tokens_per_expert.tolist()]
+    candidates["GEMMs only[seq]"] = expert_gemms_only(layer, counts, case.train, parallel=False)
+    candidates["GEMMs only[par]"] = expert_gemms_only(layer, counts, case.train, parallel=True)
 
     # The machine's dense-GEMM throughput, timed round-robin with the candidates so that
     # clock-speed drift affects it alike: square fp32 GEMMs of about the step's FLOPs.
@@ -209,6 +257,14 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         for key in hf_keys:
             line += f"{row[key]:>13.2f}x"
         print(line)
+    rows = result["results"]
+    floor = min(rows["GEMMs only[seq]"]["seconds"], rows["GEMMs only[par]"]["seconds"])
+    summary = f"  the expert GEMMs alone (faster schedule): {floor * 1e3:.1f} ms; flexmoe is at "
+    summary += f"{100 * floor / rows['flexmoe']['seconds']:.0f} % of that floor"
+    if "hf[grouped_mm]" in rows:
+        bound = rows["hf[grouped_mm]"]["seconds"] / floor
+        summary += f"; no implementation on these GEMMs can beat grouped_mm by more than {bound:.2f}x"
+    print(summary)
 
 
 def main(argv: list[str] | None = None) -> None:
