@@ -250,6 +250,34 @@ def test_cost_model_prefers_rerouting_only_when_compute_dominates():
     assert rerouted > plain
 
 
+def test_cost_model_scores_the_layers_own_plan_with_its_held_replicas():
+    from flexmoe import MoEConfig
+    from flexmoe.parallel.rerouting import plan_rerouting as layer_plan
+    from flexmoe.planner.rerouting import plan_rerouting as planner_plan
+    from flexmoe.planner.rerouting import summarize
+
+    cluster = load_cluster("a100-80gb-hdr200")
+    W, tokens = 4, 4 * 4096
+    counts = [tokens, 0, 0, 0, 0, 0, 0, 0]  # top-1, every row on expert 0 (rank 0)
+    cost = CostModel(cluster, MoEConfig(dim=1024, hidden_dim=4096, num_experts=8, top_k=1), W, 4)
+    args = (counts, tokens, 1, 0.0, False, torch.bfloat16)
+    option = Candidate(r=1, rerouting=True)
+    # Sources spread evenly: the summary of the layer's plan is the simulator's own plan.
+    plan = layer_plan(counts, W)
+    ours, simulators = summarize(plan, counts, W), planner_plan(counts, W)
+    assert ours.transfers == simulators.transfers and ours.rows_R.tolist() == simulators.rows_R.tolist()
+    assert cost.predict(option, *args, rerouting_plan=ours) == cost.predict(option, *args)
+    # Ranks 1-3 hold replicas of expert 0: the same rows, no copy travels (inference).
+    held_plan = layer_plan(counts, W, held=[[], [0], [0], [0]])
+    assert held_plan.rows_per_rank == plan.rows_per_rank and not held_plan.transfers
+    with_replicas = cost.predict(option, *args, rerouting_plan=summarize(held_plan, counts, W))
+    assert with_replicas < cost.predict(option, *args)
+    # A training step sends them anyway (their gradients go back to the owner).
+    every = [(e, p) for p, copies in enumerate(held_plan.copies) for e in copies]
+    sent = summarize(held_plan, counts, W, transfers=every)
+    assert sent.num_copies == 3 and sent.transfers_T2.tolist() == [[0, 1], [0, 2], [0, 3]]
+
+
 # --- distributed ----------------------------------------------------------------------------
 
 

@@ -996,17 +996,33 @@ class MoELayer(nn.Module):
             return None
         if self._cost is None:
             self._cost = cost_model(ep, self.config, glayout.routed_per_expert_E.device)
+        from flexmoe.planner.rerouting import summarize
         from flexmoe.planner.simulate import Candidate
 
         counts: list[int] = glayout.routed_per_expert_E.tolist()
         training = torch.is_grad_enabled()
+        kept = glayout.kept
 
         def predict(kind: str | None) -> float:
             assert self._cost is not None
             option = Candidate(
                 r=1, d=plan.d, exchange=plan.exchange, rerouting=kind is not None, shadow=kind == "shadow"
             )
-            return self._cost.predict(option, counts, glayout.num_tokens, k, cf, training, dtype)
+            actual = None
+            if kind is not None:  # the plan itself: its real sources, copies and held replicas
+                chosen = plans[kind]
+                # A training step sends held replicas too (their gradients go to the owner).
+                every = [(e, p) for p, copies in enumerate(chosen.copies) for e in copies]
+                actual = summarize(
+                    chosen,
+                    loads,
+                    ep.world_size,
+                    own_rows=lambda q, e: kept[q][e],
+                    transfers=every if training else None,
+                )
+            return self._cost.predict(
+                option, counts, glayout.num_tokens, k, cf, training, dtype, rerouting_plan=actual
+            )
 
         best = min(plans, key=predict)
         return plans[best] if predict(best) <= predict(None) * (1.0 - rc.min_gain) else None

@@ -60,6 +60,7 @@ from flexmoe.config import GATED_ACTIVATIONS, MoEConfig, Plan, RerouteConfig, Tu
 if TYPE_CHECKING:
     from flexmoe.parallel.expert_parallel import ExpertParallel
     from flexmoe.planner.cluster import Cluster
+    from flexmoe.planner.rerouting import Rerouting
     from flexmoe.planner.simulate import Candidate
 
 __all__ = ["CostModel", "Stopwatch", "Tuner", "TunerDecision", "resolve_cluster", "rough_cluster"]
@@ -175,11 +176,13 @@ class CostModel:
         training: bool,
         dtype: torch.dtype,
         reroute: RerouteConfig | None = None,
+        rerouting_plan: Rerouting | None = None,
     ) -> float:
         """Seconds of the call (forward, plus backward when ``training``) under ``candidate``.
 
         ``counts_E``: the step's routed assignments per expert over all ranks; ``tokens``:
-        the global batch.
+        the global batch. ``rerouting_plan``: the step's actual rerouting (the layer's plan,
+        ``flexmoe.planner.rerouting.summarize``) instead of one planned from the counts.
         """
         from flexmoe.planner.simulate import simulate
         from flexmoe.planner.workload import Load, MoEWorkload
@@ -206,6 +209,7 @@ class CostModel:
             candidate,
             machine=self.machine,
             reroute_config=reroute or cfg.reroute,
+            rerouting_plan=rerouting_plan,
         )
         return prediction.time
 

@@ -11,7 +11,7 @@ Legend: W ranks, E experts, El = E/W experts per rank (expert ``e`` on rank ``e 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from flexmoe.parallel import rerouting as _layer
 
-__all__ = ["Rerouting", "plan_rerouting"]
+__all__ = ["Rerouting", "plan_rerouting", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,32 @@ def plan_rerouting(
         max_copies_per_rank=max_copies_per_rank,
         sources=[[x / W for x in loads]] * W if shadow else None,
     )
+    return summarize(plan, loads, W)
+
+
+def summarize(
+    plan: _layer.ReroutePlan,
+    loads_E: Sequence[float],
+    world_size: int,
+    *,
+    own_rows: Callable[[int, int], float] | None = None,
+    transfers: Sequence[tuple[int, int]] | None = None,
+) -> Rerouting:
+    """The cost model's summary of one of the layer's plans.
+
+    ``own_rows(rank, expert)``: rows of ``expert`` that come from ``rank``'s own tokens
+    (default: ``1/W`` of its load, the simulator's assumption). ``transfers``: the copies
+    that travel (default ``plan.transfers``: held replicas do not; a training step sends
+    them anyway, so the layer passes every copy then).
+    """
+    loads = [float(x) for x in loads_E]
+    W = world_size
     El = len(loads) // W
+    if own_rows is None:
+
+        def own_rows(rank: int, e: int) -> float:
+            return loads[e] / W
+
     shadow_rows, shadow_local = np.zeros(W), np.zeros(W)
     for e, takes in plan.shadowed.items():
         for rank, start, stop in plan.intervals[e]:
@@ -107,12 +132,13 @@ def plan_rerouting(
         for rank, rows in takes:  # a shadowing rank's rows are its own ...
             shadow_local[rank] += rows
         owner = e // El  # ... and the owner computes its own first
-        shadow_local[owner] += min(loads[e] / W, sum(b - a for p, a, b in plan.intervals[e] if p == owner))
+        computed = sum(b - a for p, a, b in plan.intervals[e] if p == owner)
+        shadow_local[owner] += min(own_rows(owner, e), computed)
     return Rerouting(
         rows_R=np.asarray(plan.rows_per_rank, dtype=np.float64),
         native_rows_R=np.asarray(plan.native_rows_per_rank, dtype=np.float64),
         copies_R=np.asarray([len(c) for c in plan.copies], dtype=np.int64),
-        transfers=tuple(plan.transfers),
+        transfers=tuple(plan.transfers if transfers is None else transfers),
         experts_per_rank=El,
         shadow_rows_R=shadow_rows,
         shadow_local_R=shadow_local,
