@@ -144,6 +144,13 @@ def test_the_model_breaks_ties_within_the_noise_but_not_beyond():
     assert _drive(tuner, SKEWED, beyond, 5)[-1].plan == Plan(r=1, reroute=False)
 
 
+def test_a_tie_in_both_measurement_and_prediction_goes_to_the_measured_fastest():
+    predicted = {PLAIN: 10.0, PIPE: 12.0, REROUTE: 9.95, BOTH: 12.0, GATHER: 20.0}  # 0.5 % apart
+    measured = {PLAIN: 10.0, PIPE: 12.0, REROUTE: 10.15, BOTH: 12.0, GATHER: 20.0}  # 1.5 % apart
+    tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2)
+    assert _drive(tuner, SKEWED, measured, 5)[-1].plan == Plan(r=1, reroute=False)
+
+
 def test_plain_expert_parallelism_wins_when_nothing_measures_faster():
     predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
     measured = {PLAIN: 10.0, PIPE: 11.0, REROUTE: 12.0, BOTH: 12.0, GATHER: 20.0}

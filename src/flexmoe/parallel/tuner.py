@@ -327,7 +327,8 @@ class _Winner:
     baseline: float | None = None  # median of the first full window of ``recent``
 
 
-# Measured times closer than this (relative) are a tie that the model breaks: at least
+# Measured times closer than this (relative) are a tie that the model breaks (when its
+# predictions differ by more than this too; else the measured fastest wins): at least
 # NOISE_FLOOR, at most NOISE_CAP, else the largest relative spread of one candidate's samples.
 NOISE_FLOOR, NOISE_CAP = 0.02, 0.05
 
@@ -479,7 +480,10 @@ class Tuner:
                 # ... unless others measured within the noise: then the model breaks the tie.
                 noise = min(NOISE_CAP, max(NOISE_FLOOR, _spread(search.samples)))
                 close = [c for c in search.queue if times[c] <= fastest * (1.0 + noise)]
-                best = min(close, key=lambda c: (search.predicted[c], times[c], search.queue.index(c)))
+                # ... when it predicts a clear difference; a tie in both: the measured fastest.
+                favoured = min(search.predicted[c] for c in close) * (1.0 + noise)
+                close = [c for c in close if search.predicted[c] <= favoured]
+                best = min(close, key=lambda c: (times[c], search.queue.index(c)))
                 self.winners[key] = _Winner(best, times[best], search.predicted[best])
                 del self.searches[key]
                 log.info(
