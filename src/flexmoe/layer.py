@@ -30,7 +30,13 @@ from flexmoe.dispatch.permute import combine, permute
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
 from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
 from flexmoe.parallel.layout import GlobalLayout
-from flexmoe.parallel.placement import PlacementAdvice, advise_placement, check_placement, experts_by_rank
+from flexmoe.parallel.placement import (
+    Placement,
+    PlacementAdvice,
+    advise_placement,
+    check_placement,
+    experts_by_rank,
+)
 from flexmoe.parallel.rebalance import MoveReport, move_experts
 from flexmoe.parallel.rerouting import ReroutePlan, plan_rerouting
 from flexmoe.parallel.tuner import CostModel, Stopwatch, Tuner, TunerDecision, build_tuner, cost_model
@@ -401,6 +407,70 @@ class MoELayer(nn.Module):
             else:
                 local[key] = value
         self.load_state_dict(local)
+
+    def single_device_expert_grads(self) -> dict[str, Tensor | None]:
+        """The gradients of the expert parameters in the single-device layout, by name.
+
+        ``{"w_in": ..., "w_out": ..., "b_in": ..., "b_out": ...}`` as the equivalent
+        single-device layer would hold them (logical expert order; ``None`` where there is
+        no such parameter or no gradient). Distributed: gathered from every rank, a
+        collective (call it on every rank).
+        """
+        experts = self.experts
+        if not isinstance(experts, GroupedExperts):
+            raise ValueError("single_device_expert_grads needs the built-in grouped experts")
+        names = ("w_in", "w_out", "b_in", "b_out")
+        params = [getattr(experts, name) for name in names]
+        ep = self._ep
+        if ep is None:
+            return {
+                n: None if p is None or p.grad is None else p.grad.detach()
+                for n, p in zip(names, params, strict=True)
+            }
+        grads = [None if p is None else p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has_bias = experts.b_in is not None
+        with torch.no_grad():
+            full = ep.gather_like(tuple(grads), experts, 0, has_bias=has_bias)  # type: ignore[arg-type]
+        out: dict[str, Tensor | None] = {}
+        for name, value in zip(names, full, strict=True):
+            if value is not None and self._placement is not None:  # back to logical order
+                value = value.index_select(0, self._slots_on(value.device))
+            out[name] = None if value is None else value.detach().clone()
+        return out
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where this distributed layer's experts are stored (``None`` on one device)."""
+        return None if self._ep is None else self._ep.placement
+
+    def resolve_plan(self, plan: Plan | None = None) -> Plan:
+        """``plan`` (default ``Plan()``) with its defaults filled in for this layer, validated."""
+        plan = Plan() if plan is None else plan
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a flexmoe.Plan, got {type(plan).__name__}")
+        if self._ep is None:
+            if plan.r not in (None, 0, 1):
+                raise ValueError(f"plan.r must be None, 0 or 1 on a single device, got {plan.r}")
+            return Plan(r=1 if plan.r is None else plan.r, d=plan.d, exchange=plan.exchange, reroute=False)
+        return self._ep.placement.resolve(plan)
+
+    def valid_plans(
+        self, degrees: Sequence[int] = (1, 2, 4), exchanges: Sequence[str] = ("flat", "2dh")
+    ) -> list[Plan]:
+        """Every distinct resolved plan this layer can run with these pipelining degrees and exchanges.
+
+        One device: ``[Plan(r=1, ...)]`` only (``d`` and the exchange do not apply there).
+        """
+        if self._ep is None:
+            return [self.resolve_plan()]
+        plans: list[Plan] = []
+        for r in self._ep.placement.valid_r():
+            for d in degrees:
+                for exchange in exchanges:
+                    plan = self._ep.placement.resolve(Plan(r=r, d=d, exchange=exchange))  # type: ignore[arg-type]
+                    if plan not in plans:
+                        plans.append(plan)
+        return plans
 
     def single_device_state_dict(self) -> dict[str, Tensor]:
         """The ``state_dict`` of the equivalent single-device layer.
