@@ -41,13 +41,7 @@ from harness import environment, write_json
 
 
 def _plans(layer: MoELayer) -> list[Plan]:
-    assert layer._ep is not None
-    plans = [Plan(r=0)]
-    for r in layer._ep.placement.valid_r()[1:]:
-        for d in (1, 2, 4):
-            for exchange in ("flat", "2dh"):
-                plans.append(Plan(r=r, d=d, exchange=exchange))  # type: ignore[arg-type]
-    return plans
+    return layer.valid_plans(degrees=(1, 2, 4), exchanges=("flat", "2dh"))
 
 
 def _max_over_ranks(value: float) -> float:
@@ -84,7 +78,8 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
         torch.manual_seed(args.seed)
         kwargs = {"load_balance_weight": 0.0, "ranks_per_node": args.ranks_per_node}
         layer = MoELayer(args.dim, args.hidden, args.experts, args.top_k, **kwargs)  # type: ignore[arg-type]
-        assert layer._ep is not None
+        placement = layer.placement
+        assert placement is not None
         x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
         params = sum(p.numel() for p in layer.experts.parameters())
         rows = []
@@ -101,14 +96,12 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
                 if i > 0:  # the first run warms up
                     times.append(_max_over_ranks(elapsed))
                     sent.append(_mean_over_ranks(TRAFFIC.bytes_sent))
-            resolved = layer._ep.placement.resolve(plan)
-            predicted = predict_traffic(
-                layer._ep.placement, resolved, args.tokens, args.top_k, args.dim, params, 4
-            )
+            resolved = layer.resolve_plan(plan)
+            predicted = predict_traffic(placement, resolved, args.tokens, args.top_k, args.dim, params, 4)
             rows.append((resolved, statistics.median(times), statistics.median(sent), predicted.total))
         bandwidth = _a2a_bandwidth(1 << 20, 5)
         if rank == 0:
-            results.put((rows, bandwidth, layer._ep.placement.resolve(Plan())))
+            results.put((rows, bandwidth, layer.resolve_plan(Plan())))
     finally:
         dist.destroy_process_group()
 

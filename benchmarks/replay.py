@@ -31,16 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flexmoe import MoELayer
+from flexmoe import MoELayer, Plan
 from flexmoe.cli import main as flexmoe_main
-from flexmoe.planner import Candidate, MoEWorkload, load_cluster
-from flexmoe.planner.replay import (
-    expert_ids_from_counts,
-    force_routing,
-    format_trace_simulation,
-    simulate_trace,
-)
+from flexmoe.planner import MoEWorkload, load_cluster
+from flexmoe.planner.replay import format_trace_simulation, simulate_trace
 from flexmoe.planner.trace import RoutingTrace, TraceRecord, read_routing_trace
+from flexmoe.tools.replay import expert_ids_from_counts, force_routing
 from harness import environment, measure_interleaved, write_json
 
 
@@ -131,7 +127,8 @@ def replay_predicted(trace: RoutingTrace, layer: str, args: argparse.Namespace) 
     sim = simulate_trace(cluster, workload, trace, args.devices, layer=layer)
     summary = sim.summary()
     fixed = next(r["plan"] for r in summary if not r["static"])
-    default = Candidate(r=sim.plans[-1].r).label  # the baselines' r: the layer's default plan, untuned
+    shards = max(p.r for p in sim.plans if isinstance(p, Plan) and p.r is not None)
+    default = Plan(r=shards, reroute=False).label  # the layer's default plan (r = S), untuned
     shown = {"default " + default: sim.times(default), "best fixed " + fixed: sim.times(fixed)}
     shown["per-step best"] = sim.per_step_best_S
     shown["static cf=1.25"] = sim.times("static cf=1.25")

@@ -44,23 +44,23 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flexmoe import MoELayer, Plan, TunerConfig
-from flexmoe.parallel.tuner import CostModel
 from flexmoe.planner import Load, load_cluster
-from flexmoe.planner.calibrate import calibrate, default_calibration_path
-from flexmoe.planner.replay import force_routing
-from flexmoe.planner.simulate import Candidate
+from flexmoe.planner.cluster import default_calibration_path
+from flexmoe.planner.layer_cost import CostModel
+from flexmoe.tools.calibrate import calibrate
+from flexmoe.tools.replay import force_routing
 from harness import environment, write_json
 
 FIXED = [
-    Candidate(r=1),  # plain expert parallelism: first
-    Candidate(r=1, d=2),
-    Candidate(r=1, d=4),
-    Candidate(r=1, rerouting=True),
-    Candidate(r=1, d=2, rerouting=True),
-    Candidate(r=1, d=4, rerouting=True),
-    Candidate(r=1, rerouting=True, shadow=True),
-    Candidate(r=1, d=2, rerouting=True, shadow=True),
-    Candidate(r=0),
+    Plan(r=1, reroute=False),  # plain expert parallelism: first
+    Plan(r=1, d=2, reroute=False),
+    Plan(r=1, d=4, reroute=False),
+    Plan(r=1, reroute="lla"),
+    Plan(r=1, d=2, reroute="lla"),
+    Plan(r=1, d=4, reroute="lla"),
+    Plan(r=1, reroute="shadow"),
+    Plan(r=1, d=2, reroute="shadow"),
+    Plan(r=0, reroute=False),
 ]
 
 
@@ -97,19 +97,14 @@ def _max_over_ranks(value: float) -> float:
     return float(t.item())
 
 
-def _label(c: Candidate) -> str:
+def _label(c: Plan) -> str:
     return "plain EP" if c == FIXED[0] else c.label
 
 
-def _candidate(plan: Plan) -> Candidate:
+def _candidate(plan: Plan) -> Plan:
+    """The plan as the cost model scores it (a plan that ran: ``r`` and ``reroute`` resolved)."""
     assert plan.r is not None
-    return Candidate(
-        r=plan.r,
-        d=plan.d if plan.r else 1,
-        exchange=plan.exchange,
-        rerouting=bool(plan.reroute),
-        shadow=plan.reroute == "shadow",
-    )
+    return Plan(r=plan.r, d=plan.d if plan.r else 1, exchange=plan.exchange, reroute=plan.reroute or False)
 
 
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, results: Any) -> None:
@@ -123,11 +118,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, res
         )
         cost = CostModel(load_cluster(args.cluster), layer.config, world, world)
         x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
-        modes: list[tuple[str, Plan | str]] = [(_label(c), c.to_plan()) for c in FIXED]
-        modes = [
-            (name, Plan(r=p.r, d=p.d, reroute=c.reroute_kind))
-            for (name, p), c in zip(modes, FIXED, strict=True)
-        ]
+        modes: list[tuple[str, Plan | str]] = [(_label(c), c) for c in FIXED]
         modes += [("layer decides", Plan()), ("auto", "auto")]
         rows = []
 

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Plan, RerouteConfig, RouterConfig
-from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.parallel.comm import exchange
 
 
@@ -44,12 +43,8 @@ class Case:
 
 def all_plans(layer: MoELayer) -> list[Plan]:
     """Every valid ``(r, d, exchange)`` of a distributed layer, ``d`` in {1, 2, 4}."""
-    assert layer._ep is not None
-    plans = [Plan(r=0)]
-    for r in layer._ep.placement.valid_r()[1:]:
-        for d in (1, 2, 4):
-            for algorithm in ("flat", "2dh"):
-                plans.append(Plan(r=r, d=d, exchange=algorithm))  # type: ignore[arg-type]
+    assert layer.world_size > 1
+    plans = layer.valid_plans(degrees=(1, 2, 4), exchanges=("flat", "2dh"))
     return plans
 
 
@@ -115,7 +110,6 @@ def _check_case(rank: int, world: int, case: Case) -> int:
     y_ref = oracle(x_ref)
     (torch.sum(y_ref * g_global) + oracle.aux_loss).backward()
     assert oracle.stats is not None
-    gated = case.activation in GATED_ACTIVATIONS
     ptrs = {name: p.data_ptr() for name, p in layer.named_parameters()}
     plans = case.plans or all_plans(layer)
     for plan in plans:
@@ -128,14 +122,11 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         _close(f"output ({where})", y, y_ref[start : start + T].detach(), tol)
         assert x.grad is not None and x_ref.grad is not None
         _close(f"input grad ({where})", x.grad, x_ref.grad[start : start + T], tol)
+        grads = layer.single_device_expert_grads()
         for name in ("w_in", "w_out", "b_in", "b_out"):
-            ref_grad = getattr(oracle.experts, name)
-            want = None if ref_grad is None else layer._ep.placement.local_slice(name, ref_grad.grad, gated)  # type: ignore[union-attr]
-            param = getattr(layer.experts, name)
-            got = None if param is None else param.grad
-            if want is not None and got is None and param is not None:
-                got = torch.zeros_like(want)
-            _close(f"experts.{name} grad ({where})", got, want, tol)
+            ref_param = getattr(oracle.experts, name)
+            want = None if ref_param is None else ref_param.grad
+            _close(f"experts.{name} grad ({where})", grads[name], want, tol)
         for name, param in layer.router.named_parameters():
             grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
             dist.all_reduce(grad)
@@ -293,15 +284,12 @@ def check_ddp(rank: int, world: int) -> None:
         x, y = x_global[rank * T : (rank + 1) * T], target[rank * T : (rank + 1) * T]
         (torch.nn.functional.mse_loss(ddp(x), y) + model.moe.aux_loss).backward()
         scale_expert_gradients(model)
-        gated = True
+        expert_grads = model.moe.single_device_expert_grads()
         for name, param in model.named_parameters():
             want = dict(oracle.named_parameters())[name].grad
-            assert want is not None and param.grad is not None, name
-            if name.startswith("moe.experts."):
-                want = model.moe._ep.placement.local_slice(name.split(".")[-1], want, gated)  # type: ignore[union-attr]
-            torch.testing.assert_close(
-                param.grad, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-            )
+            got = expert_grads[name.split(".")[-1]] if name.startswith("moe.experts.") else param.grad
+            assert want is not None and got is not None, name
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def checkpoint_model(
@@ -599,7 +587,7 @@ def check_rebalancer(rank: int, world: int) -> list[list[int]]:
     while training, and the trained weights equal the single device's. Returns the
     layer's placement after each step."""
     from flexmoe.parallel import scale_expert_gradients
-    from flexmoe.parallel.rebalance import Rebalancer
+    from flexmoe.tools.rebalance import Rebalancer
 
     router = RouterConfig(kind="sigmoid", selection_bias=True)
     torch.manual_seed(0)
@@ -640,7 +628,7 @@ def check_replicas(rank: int, world: int) -> list[tuple[int, int]]:
     inference and training; a replica serves without a transfer while the owner's weights
     are unchanged and is refreshed after they change. Returns ``(copies sent, replica
     hits)`` per call."""
-    from flexmoe.parallel.placement import replica_placement
+    from flexmoe.planner.placement import replica_placement
 
     torch.manual_seed(0)
     E = 2 * world
@@ -686,9 +674,10 @@ def check_replicas(rank: int, world: int) -> list[tuple[int, int]]:
         for p in layer.router.parameters():
             assert p.grad is not None
             dist.all_reduce(p.grad)
+        grads = layer.single_device_expert_grads()
         for name in ("w_in", "w_out"):
-            want = layer._ep.placement.local_slice(name, getattr(oracle.experts, name).grad, True)  # type: ignore[union-attr]
-            torch.testing.assert_close(getattr(layer.experts, name).grad, want, rtol=1e-4, atol=1e-5)
+            want = getattr(oracle.experts, name).grad
+            torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5)
         for opt in optimizers:
             opt.step()
 

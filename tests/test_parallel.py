@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flexmoe import MoELayer, Plan, RerouteConfig
-from flexmoe.parallel import Placement
+from flexmoe.placement import Placement
 
 from .distributed import run_distributed
 from .parallel_workers import (

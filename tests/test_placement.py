@@ -21,19 +21,16 @@ from hypothesis import strategies as st
 import flexmoe
 from flexmoe import Plan, RerouteConfig
 from flexmoe.checkpoint import load_checkpoint, save_checkpoint
-from flexmoe.parallel.placement import (
+from flexmoe.placement import check_placement, experts_by_rank, identity_placement, moved_experts, rank_loads
+from flexmoe.planner.placement import (
+    LoadTracker,
     advise_placement,
     affinity_placement,
     balanced_placement,
-    check_placement,
     coactivation_counts,
-    experts_by_rank,
-    identity_placement,
-    moved_experts,
-    rank_loads,
     same_rank_fraction,
 )
-from flexmoe.parallel.rebalance import CoactivationRecorder, LoadTracker
+from flexmoe.tools.rebalance import CoactivationRecorder
 
 from .distributed import run_distributed
 from .parallel_workers import Case, check_placement_suite, check_rebalancer, check_replicas, checkpoint_model
@@ -139,9 +136,8 @@ def test_advice_pays_only_when_the_gain_outweighs_the_move():
 
 def test_advice_with_a_cost_model_sees_rows_in_slot_order():
     from flexmoe import MoEConfig
-    from flexmoe.parallel.tuner import CostModel
     from flexmoe.planner import load_cluster
-    from flexmoe.planner.simulate import Candidate
+    from flexmoe.planner.layer_cost import CostModel
 
     loads = [4000.0, 4000.0, 10.0, 10.0]  # both hot experts on rank 0 of 2
     seen: list[list[float]] = []
@@ -151,7 +147,7 @@ def test_advice_with_a_cost_model_sees_rows_in_slot_order():
 
     def step_seconds(rows: list[float]) -> float:
         seen.append(rows)
-        return cost.predict(Candidate(r=1), rows, 4010, 2, 0.0, True, torch.bfloat16)
+        return cost.predict(Plan(r=1, reroute=False), rows, 4010, 2, 0.0, True, torch.bfloat16)
 
     args = {"bytes_per_expert": 1e6, "link_bytes_per_s": 1e9, "link_latency_s": 1e-5, "horizon_steps": 100}
     advice = advise_placement(loads, identity_placement(4), 2, step_seconds=step_seconds, **args)
@@ -315,7 +311,7 @@ def test_rebalancer_separates_hot_experts_while_training():
 
 
 def test_replica_placement_copies_the_hot_experts():
-    from flexmoe.parallel.placement import replica_placement
+    from flexmoe.planner.placement import replica_placement
 
     loads = [400.0, 10.0, 10.0, 10.0, 300.0, 10.0, 10.0, 10.0]  # hot: 0 (rank 0), 4 (rank 2) of 4
     replicas = replica_placement(loads, identity_placement(8), 4, per_rank=1)

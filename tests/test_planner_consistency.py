@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import pytest
 
-from flexmoe.planner import Candidate, Cluster, Load, load_cluster, plan, simulate
-from flexmoe.planner.measure import BenchCase, MeasuredPlan, measure_plans
+from flexmoe import Plan
+from flexmoe.planner import Cluster, Load, load_cluster, plan, simulate
+from flexmoe.tools.measure import BenchCase, MeasuredPlan, measure_plans
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +38,7 @@ def _compare(cluster: Cluster, case: BenchCase, measured: list[MeasuredPlan]) ->
     workload = case.workload()
     rows = []
     for m in measured:
-        candidate = Candidate(r=m.plan.r or 0, d=m.plan.d, exchange=m.plan.exchange)
+        candidate = Plan(r=m.plan.r or 0, d=m.plan.d, exchange=m.plan.exchange, reroute=False)
         load = Load.from_counts(m.routed_per_expert)
         p = simulate(cluster, workload, load, case.world, candidate, ranks_per_node=case.ranks_per_node)
         rows.append((m, p))
@@ -46,11 +47,11 @@ def _compare(cluster: Cluster, case: BenchCase, measured: list[MeasuredPlan]) ->
     for m, p in rows:
         error = p.time / m.median - 1
         print(
-            f"  {p.candidate.label:16s} measured {m.median * 1e3:7.1f} ms (min {min(m.times) * 1e3:6.1f}, "
+            f"  {p.plan.label:16s} measured {m.median * 1e3:7.1f} ms (min {min(m.times) * 1e3:6.1f}, "
             f"max {max(m.times) * 1e3:6.1f})  predicted {p.time * 1e3:7.1f} ms  {error:+6.0%}"
         )
         if abs(error) > TOLERANCE:
-            problems.append(f"{p.candidate.label}: predicted {error:+.0%} off")
+            problems.append(f"{p.plan.label}: predicted {error:+.0%} off")
     best_measured = min(rows, key=lambda r: r[0].median)[0]
     chosen = min(rows, key=lambda r: r[1].time)[0]
     print(f"  best measured {best_measured.plan}, predicted best {chosen.plan}")

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flexmoe.parallel.placement import build_chunks
-from flexmoe.parallel.rerouting import plan_rerouting, reroute_pieces
+from flexmoe.parallel.routes import build_chunks, reroute_pieces
+from flexmoe.planner.rerouting import plan_rerouting
 
 from .reference import reference_rerouting
 

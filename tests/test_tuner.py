@@ -9,7 +9,6 @@ gradients, under extreme and Zipf skew), and every rank takes the same decisions
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import pytest
@@ -17,34 +16,34 @@ import torch
 
 from flexmoe import MoELayer, Plan, TunerConfig
 from flexmoe.config import RerouteConfig
-from flexmoe.parallel.tuner import CostModel, Tuner, candidates_for
 from flexmoe.planner import load_cluster
-from flexmoe.planner.simulate import Candidate
+from flexmoe.planner.layer_cost import CostModel
+from flexmoe.planner.tuner import Tuner, candidates_for
 
 from .distributed import run_distributed
 from .parallel_workers import Case, check_equivalence, run_tuner
 
-PLAIN = Candidate(r=1)
-PIPE = Candidate(r=1, d=2)
-REROUTE = Candidate(r=1, rerouting=True)
-BOTH = Candidate(r=1, d=2, rerouting=True)
-GATHER = Candidate(r=0)
+PLAIN = Plan(r=1, reroute=False)
+PIPE = Plan(r=1, d=2, reroute=False)
+REROUTE = Plan(r=1, reroute="lla")
+BOTH = Plan(r=1, d=2, reroute="lla")
+GATHER = Plan(r=0, reroute=False)
 ALL = [PLAIN, PIPE, REROUTE, BOTH, GATHER]
 
 
 class FakeCost:
     """Predicted times by candidate; counts every call."""
 
-    def __init__(self, times: dict[Candidate, float]) -> None:
+    def __init__(self, times: dict[Plan, float]) -> None:
         self.times = times
         self.calls = 0
 
-    def predict(self, c: Candidate, *args: object) -> float:
+    def predict(self, c: Plan, *args: object) -> float:
         self.calls += 1
         return self.times[c]
 
 
-def _tuner(predicted: dict[Candidate, float], **config: object) -> tuple[Tuner, FakeCost]:
+def _tuner(predicted: dict[Plan, float], **config: object) -> tuple[Tuner, FakeCost]:
     cost = FakeCost(predicted)
     return Tuner(cost, TunerConfig(**config), ALL, PLAIN, experts_per_rank=2), cost  # type: ignore[arg-type]
 
@@ -53,16 +52,12 @@ SKEWED = [90, 10, 0, 0]  # rank 0 holds 100 of 100 rows: imbalance 2
 EVEN = [30, 20, 25, 25]
 
 
-def _candidate_of(plan: Plan, candidates: list[Candidate]) -> Candidate:
+def _candidate_of(plan: Plan, candidates: list[Plan]) -> Plan:
     """The candidate among ``candidates`` that a decision's ``plan`` runs."""
-    return next(
-        c
-        for c in candidates
-        if c.to_plan() == dataclasses.replace(plan, reroute=None) and c.reroute_kind == plan.reroute
-    )
+    return next(c for c in candidates if c == plan)
 
 
-def _drive(tuner: Tuner, counts: list[int], measured: dict[Candidate, float], steps: int) -> list:
+def _drive(tuner: Tuner, counts: list[int], measured: dict[Plan, float], steps: int) -> list:
     """``steps`` calls on ``counts``; each call's candidate "takes" ``measured[candidate]``."""
     decisions, previous = [], 0.0
     for _ in range(steps):
@@ -116,7 +111,7 @@ def test_under_skew_the_best_rerouting_plan_is_measured_even_if_ranked_low():
 
 
 def test_under_skew_each_rerouting_kind_gets_measured():
-    shadow = Candidate(r=1, rerouting=True, shadow=True)
+    shadow = Plan(r=1, reroute="shadow")
     predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 8.0, shadow: 12.0}
     measured = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 7.0, BOTH: 7.5, GATHER: 8.0, shadow: 4.0}
     cost = FakeCost(predicted)
@@ -190,7 +185,7 @@ def test_drift_is_measured_from_the_winners_steady_state():
 
 
 def _drive_times(
-    tuner: Tuner, measured: dict[Candidate, float], reroute_times: list[float], previous: float = 0.0
+    tuner: Tuner, measured: dict[Plan, float], reroute_times: list[float], previous: float = 0.0
 ) -> list:
     """One call per entry of ``reroute_times``: what REROUTE takes at that call; others ``measured``."""
     decisions = []
@@ -214,15 +209,15 @@ def test_buckets_follow_imbalance_and_size():
 def test_candidates():
     config, rc = TunerConfig(pipelining=(1, 2)), RerouteConfig()
     whole, plain = candidates_for([0, 1], 1, False, False, config, rc)
-    shadows = {Candidate(r=1, d=d, rerouting=True, shadow=True) for d in (1, 2)}
+    shadows = {Plan(r=1, d=d, reroute="shadow") for d in (1, 2)}
     assert plain == PLAIN and set(whole) == {GATHER, PLAIN, PIPE, REROUTE, BOTH} | shadows
     lla, _ = candidates_for([0, 1], 1, False, False, config, RerouteConfig(kinds=("lla",)))
     assert set(lla) == {GATHER, PLAIN, PIPE, REROUTE, BOTH}
     off, _ = candidates_for([0, 1], 1, False, False, config, RerouteConfig(enabled=False))
-    assert not any(c.rerouting for c in off)
+    assert not any((c.reroute_kind is not None) for c in off)
     sharded, plain = candidates_for([0, 1, 2], 2, True, True, config, rc)
-    assert plain == Candidate(r=2) and Candidate(r=1, d=2, exchange="2dh") in sharded
-    assert not any(c.rerouting for c in sharded)
+    assert plain == Plan(r=2, reroute=False) and Plan(r=1, d=2, exchange="2dh", reroute=False) in sharded
+    assert not any((c.reroute_kind is not None) for c in sharded)
 
 
 def test_tuner_config_validation():
@@ -249,7 +244,7 @@ def test_cost_model_prefers_rerouting_only_when_compute_dominates():
         cost = CostModel(cluster, MoEConfig(dim=dim, hidden_dim=hidden, num_experts=8, top_k=1), 4, 4)
         rows = [x * tokens // 4096 for x in hot]
         args = (rows, tokens * 4, 1, 0.0, True, torch.bfloat16)
-        return cost.predict(Candidate(r=1), *args), cost.predict(Candidate(r=1, rerouting=True), *args)
+        return cost.predict(Plan(r=1, reroute=False), *args), cost.predict(Plan(r=1, reroute="lla"), *args)
 
     plain, rerouted = times(1024, 4096, 65536)  # many rows per expert: rerouting pays
     assert rerouted < 0.6 * plain
@@ -259,8 +254,8 @@ def test_cost_model_prefers_rerouting_only_when_compute_dominates():
 
 def test_cost_model_scores_the_layers_own_plan_with_its_held_replicas():
     from flexmoe import MoEConfig
-    from flexmoe.parallel.rerouting import plan_rerouting as layer_plan
-    from flexmoe.planner.rerouting import plan_rerouting as planner_plan
+    from flexmoe.planner.rerouting import expected_rerouting as planner_plan
+    from flexmoe.planner.rerouting import plan_rerouting as layer_plan
     from flexmoe.planner.rerouting import summarize
 
     cluster = load_cluster("a100-80gb-hdr200")
@@ -268,7 +263,7 @@ def test_cost_model_scores_the_layers_own_plan_with_its_held_replicas():
     counts = [tokens, 0, 0, 0, 0, 0, 0, 0]  # top-1, every row on expert 0 (rank 0)
     cost = CostModel(cluster, MoEConfig(dim=1024, hidden_dim=4096, num_experts=8, top_k=1), W, 4)
     args = (counts, tokens, 1, 0.0, False, torch.bfloat16)
-    option = Candidate(r=1, rerouting=True)
+    option = Plan(r=1, reroute="lla")
     # Sources spread evenly: the summary of the layer's plan is the simulator's own plan.
     plan = layer_plan(counts, W)
     ours, simulators = summarize(plan, counts, W), planner_plan(counts, W)

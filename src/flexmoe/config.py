@@ -246,7 +246,7 @@ class Plan:
         reroute: rerouting of hot experts' rows (expert parallelism with whole
             experts): ``True`` or ``"lla"`` forces least-loaded rerouting, ``"shadow"``
             forces shadowing (every rank computes its own rows of the hot experts; see
-            ``flexmoe.parallel.rerouting``), ``False`` forbids both, ``None`` lets the
+            ``flexmoe.planner.rerouting``), ``False`` forbids both, ``None`` lets the
             layer's ``RerouteConfig`` decide from this step's load. After a call,
             ``stats.plan.reroute`` is what ran: ``"lla"``, ``"shadow"`` or ``False``.
     """
@@ -268,10 +268,26 @@ class Plan:
             self.reroute,
         )
 
+    @property
+    def reroute_kind(self) -> Literal["lla", "shadow"] | None:
+        """The rerouting this plan forces: ``"lla"`` (``True`` or ``"lla"``), ``"shadow"``, or ``None``."""
+        if self.reroute is True or self.reroute == "lla":
+            return "lla"
+        return "shadow" if self.reroute == "shadow" else None
+
+    @property
+    def label(self) -> str:
+        """A short name, e.g. ``"r=1 d=2 flat +reroute"`` or ``"r=0 (DP)"``."""
+        if self.r == 0:
+            return "r=0 (DP)"
+        text = f"r={'S' if self.r is None else self.r} d={self.d} {self.exchange}"
+        kind = self.reroute_kind
+        return text if kind is None else text + (" +shadow" if kind == "shadow" else " +reroute")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RerouteConfig:
-    """When and how far a distributed layer reroutes hot experts' rows (``flexmoe.parallel.rerouting``).
+    """When and how far a distributed layer reroutes hot experts' rows (``flexmoe.planner.rerouting``).
 
     Attributes:
         enabled: allow rerouting when a call's plan leaves it to the layer.
@@ -319,7 +335,7 @@ class RerouteConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TunerConfig:
-    """The cost model and the online tuner of a distributed layer (``flexmoe.parallel.tuner``).
+    """The cost model and the online tuner of a distributed layer (``flexmoe.planner.tuner``).
 
     Attributes:
         cluster: the cost model's machine: a preset name, ``"this-machine"`` (the file

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from flexmoe.planner.calibrate import DEFAULT_LAYER, calibrate, default_calibration_path
+from flexmoe.planner.cluster import default_calibration_path
+from flexmoe.tools.calibrate import DEFAULT_LAYER, calibrate
 
 __all__ = ["add_calibrate_arguments", "run_calibrate"]
 

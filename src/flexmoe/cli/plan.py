@@ -227,12 +227,12 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"flexmoe plan: {error}") from None
         print(format_plan(report, args.top))
         result = {
-            "best": report.best.candidate.label,
+            "best": report.best.plan.label,
             "best_s": report.best.time,
             "speedups": report.speedups(),
             "candidates": [
                 {
-                    "plan": p.candidate.label,
+                    "plan": p.plan.label,
                     "step_s": p.time,
                     "peak_memory_bytes": p.peak_memory,
                     "fits": p.fits,

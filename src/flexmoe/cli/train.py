@@ -45,7 +45,7 @@ from flexmoe.parallel import (
     shutdown,
     wrap_data_parallel,
 )
-from flexmoe.planner.trace import RoutingRecorder
+from flexmoe.tools.recorder import RoutingRecorder
 
 __all__ = ["add_train_arguments", "config_file_defaults", "evaluate", "run_train"]
 

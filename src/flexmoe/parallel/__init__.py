@@ -1,16 +1,20 @@
 """Expert parallelism over ``torch.distributed`` (the only package that talks to it).
 
-``MoELayer(..., group=pg)`` spreads its experts over ``pg``; see ``placement`` for
-where experts live and what a plan changes, ``expert_parallel`` for the exchange, and
-``runtime`` for launching and the data-parallel recipe.
+It moves tensors between ranks and decides nothing: ``MoELayer(..., group=pg)`` spreads
+its experts over ``pg``; ``expert_parallel`` runs a step's exchange and expert compute
+under a given plan (``routes`` says where rows travel), ``layout`` makes the step's
+global capacity decision from exchanged counts, ``moves`` re-places experts in place,
+``comm`` holds the collectives and ``runtime`` launching and the data-parallel recipe.
+It imports neither the planner nor the layer.
 """
 
 from flexmoe.parallel.comm import CollectiveTimeoutError
 from flexmoe.parallel.expert_parallel import ExpertParallel
-from flexmoe.parallel.placement import Placement
+from flexmoe.parallel.moves import MoveReport, move_experts
 from flexmoe.parallel.runtime import (
     all_ranks_ok,
     all_reduce_mean,
+    all_reduce_sum_,
     barrier,
     clip_grad_norm_,
     ddp_ignore_expert_parameters,
@@ -29,9 +33,10 @@ from flexmoe.parallel.runtime import (
 __all__ = [
     "CollectiveTimeoutError",
     "ExpertParallel",
-    "Placement",
+    "MoveReport",
     "all_ranks_ok",
     "all_reduce_mean",
+    "all_reduce_sum_",
     "barrier",
     "clip_grad_norm_",
     "ddp_ignore_expert_parameters",
@@ -39,6 +44,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_expert_parameter",
+    "move_experts",
     "rank_and_world",
     "scale_expert_gradients",
     "shutdown",

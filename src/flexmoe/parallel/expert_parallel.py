@@ -35,9 +35,9 @@ from flexmoe.parallel.comm import (
     reduce_scatter_rows,
 )
 from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layout
-from flexmoe.parallel.placement import Chunk, Placement, build_chunks, plan_pieces
-from flexmoe.parallel.rerouting import ReroutePlan, reroute_pieces
+from flexmoe.parallel.routes import Chunk, build_chunks, plan_pieces, reroute_pieces
 from flexmoe.parallel.runtime import DistributedContext, local_world_size, resolve_group
+from flexmoe.placement import Placement, ReroutePlan
 from flexmoe.workspace import WORKSPACE
 
 __all__ = ["ExpertParallel", "Weights"]
@@ -386,6 +386,17 @@ class ExpertParallel:
 
             self.comm.run(send, "router broadcast")
             tensor.copy_(staged)
+
+    def first_rank_object(self, value: Any, what: str) -> Any:
+        """The group's first rank's ``value`` (picklable), on every rank; a collective."""
+        source = dist.get_process_group_ranks(self.comm.group)[0]
+        box: list[Any] = [value]
+
+        def send() -> None:
+            dist.broadcast_object_list(box, source, group=self.comm.group)
+
+        self.comm.run(send, f"{what} broadcast")
+        return box[0]
 
     def layout(
         self,

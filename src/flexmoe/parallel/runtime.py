@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "DistributedContext",
@@ -189,6 +189,14 @@ def all_reduce_mean(value: float) -> float:
     return float(tensor.item()) / dist.get_world_size()
 
 
+def all_reduce_sum_(tensors: list[Tensor], group: Any = None) -> None:
+    """Sum each tensor over the ranks of ``group`` in place (nothing when not distributed)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, group=group)
+
+
 def wrap_data_parallel(model: nn.Module) -> nn.Module:
     """``DistributedDataParallel(model)`` that skips expert parameters (``model`` if not distributed)."""
     if not is_distributed():
@@ -200,9 +208,12 @@ def wrap_data_parallel(model: nn.Module) -> nn.Module:
 
 
 def shutdown() -> None:
-    """Tear down the default process group if one is initialised."""
+    """Tear down every process group (the default one and the layers' private twins)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    # Drop the twins here, not at interpreter exit: a gloo group finalised during exit can
+    # abort the process ("terminate called without an active exception").
+    _PRIVATE_GROUPS.clear()
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexmoe.config import Plan
-from flexmoe.parallel.placement import Placement
+from flexmoe.placement import Placement
 
 __all__ = ["PlanTraffic", "predict_traffic"]
 

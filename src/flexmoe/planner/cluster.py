@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -31,6 +32,7 @@ __all__ = [
     "Cluster",
     "DeviceSpec",
     "LinkSpec",
+    "default_calibration_path",
     "load_cluster",
     "preset_names",
 ]
@@ -254,8 +256,6 @@ def preset_names() -> list[str]:
 
 def load_cluster(name_or_path: str | Path) -> Cluster:
     """A built-in preset by name, ``"this-machine"`` (the calibrated file), or a JSON file path."""
-    from flexmoe.planner.calibrate import default_calibration_path
-
     text = str(name_or_path)
     if text == "this-machine":
         path = default_calibration_path()
@@ -273,3 +273,9 @@ def load_cluster(name_or_path: str | Path) -> Cluster:
     raise ValueError(
         f"unknown cluster {text!r}: expected one of {[*preset_names(), 'this-machine']} or a .json file"
     )
+
+
+def default_calibration_path() -> Path:
+    """Where ``flexmoe calibrate`` stores this machine's description by default."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flexmoe" / "this-machine.json"

@@ -21,7 +21,7 @@ def _row(p: Prediction) -> str:
     x = p.exchange
     fits = "" if p.fits else " OOM"
     return (
-        f"{p.candidate.label:24s} {_ms(p.time)} {_ms(b.exchange)} {_ms(b.experts)} {p.overlap * 100:6.0f}% "
+        f"{p.plan.label:24s} {_ms(p.time)} {_ms(b.exchange)} {_ms(b.experts)} {p.overlap * 100:6.0f}% "
         f"{_ms(b.weight_gather)} {_ms(b.rerouting)} {_ms(b.metadata)} {x.messages:6d} "
         f"{x.mean_message_bytes / 1e3:10.1f} {p.peak_memory / 1e9:8.2f}{fits:4s} "
         f"{p.dropped_fraction * 100:6.1f}%"
@@ -38,7 +38,7 @@ def format_plan(report: PlanReport, top: int = 12) -> str:
     """The best plan, the ``top`` fastest candidates, the baselines and the speedups."""
     best = report.best
     lines = [
-        f"{report.world_size} devices, load {report.load}: best plan {best.candidate.label}, "
+        f"{report.world_size} devices, load {report.load}: best plan {best.plan.label}, "
         f"{best.time * 1e3:.2f} ms per step" + ("" if best.fits else " (nothing fits in memory)"),
         "  speedup over static baselines: "
         + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in report.speedups().items()),
@@ -64,15 +64,15 @@ def sweep_rows(reports: Sequence[PlanReport]) -> list[dict[str, object]]:
     for r in reports:
         row: dict[str, object] = {
             "devices": r.world_size,
-            "best_plan": r.best.candidate.label,
+            "best_plan": r.best.plan.label,
             "best_s": r.best.time,
             "best_fits": r.best.fits,
             "best_dropped": r.best.dropped_fraction,
             "default_plan_s": r.default.time,
         }
         for b in r.baselines:
-            row[f"{b.candidate.label}_s"] = b.time
-            row[f"{b.candidate.label}_dropped"] = b.dropped_fraction
+            row[f"{b.plan.label}_s"] = b.time
+            row[f"{b.plan.label}_dropped"] = b.dropped_fraction
         for name, ratio in r.speedups().items():
             row[f"speedup_vs_{name}"] = ratio
         rows.append(row)
@@ -81,7 +81,7 @@ def sweep_rows(reports: Sequence[PlanReport]) -> list[dict[str, object]]:
 
 def format_sweep(reports: Sequence[PlanReport]) -> str:
     """A table across device counts: best plan, its time, the baselines' and the speedups."""
-    names = [b.candidate.label for b in reports[0].baselines]
+    names = [b.plan.label for b in reports[0].baselines]
     header = (
         f"{'devices':>7s} {'best plan':24s} {'best ms':>9s} {'dropped':>7s} {'flat d=1':>9s} "
         + " ".join(f"{n + ' ms':>15s} {'speedup':>7s} {'dropped':>7s}" for n in names)
@@ -118,7 +118,7 @@ def plot_sweep(reports: Sequence[PlanReport], path: str | Path, title: str = "")
         raise RuntimeError("plotting needs matplotlib: pip install 'flexmoe[report]'") from error
     rows = sweep_rows(reports)
     devices = [int(r["devices"]) for r in rows]  # type: ignore[call-overload]
-    names = [b.candidate.label for b in reports[0].baselines]
+    names = [b.plan.label for b in reports[0].baselines]
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_t.plot(devices, [1e3 * float(r["best_s"]) for r in rows], "o-", label="flexmoe adaptive (best plan)")  # type: ignore[arg-type]
     ax_t.plot(devices, [1e3 * float(r["default_plan_s"]) for r in rows], "s--", label="flexmoe, flat d=1")  # type: ignore[arg-type]

@@ -1,25 +1,235 @@
-"""Least-loaded rerouting for the simulator: the layer's planner, summarised for the cost model.
+"""Least-loaded rerouting (LLEP's least-loaded assignment, with hard memory bounds), and its cost summary.
 
-The simulator plans rerouting with the layer's own function
-(``flexmoe.parallel.rerouting.plan_rerouting``, LLA with hard bounds, heap-based so it
-stays fast at 2,048 ranks) on expected rows (floats), and keeps only what the cost
-model needs: rows per rank and which expert copies go where.
+Under skewed routing the rank owning a hot expert computes far more rows than the
+others and sets the pace of every step. Rerouting keeps the routing (the layer's
+output is unchanged) but lets other ranks compute part of a hot expert's rows with a
+copy of its weights; the copies' gradients are summed back onto the owner.
 
-Legend: W ranks, E experts, El = E/W experts per rank (expert ``e`` on rank ``e // El``).
+``plan_rerouting`` is a pure function of the global per-expert row counts, so every
+rank computes the same plan without communicating. Each expert's rows are cut into
+intervals (how many rows each rank computes, the owner's share first); which rows fill
+a share is ``reroute_pieces``'s choice: a rank's own rows of the expert first, so they
+do not travel. The algorithm (LLA, from LLEP):
+
+1. ``cap = ceil(alpha * total / W)``; ``pending[p]`` = rows of the experts ``p`` owns
+   that are not yet placed; experts are placed in decreasing load.
+2. The owner keeps what fits under ``cap`` (counting what it already took and what it
+   still owns); the rest spills to the other ranks in increasing order of load, each
+   taking what fits under its own ``cap`` — a chunk is taken only if it is at least
+   ``min_chunk`` rows or the whole remainder, and only by a rank that may hold another
+   copy.
+3. A remainder nobody can take under ``cap`` goes to the least-loaded ranks that still
+   have room under ``max_rows_per_rank``.
+
+**Shadowing** (``sources`` given: each rank's rows of each expert). Before step 2, hot
+experts may be *shadowed*, FasterMoE's answer to the same skew: while an expert's owner
+is above ``cap`` (experts in decreasing load), every other rank computes its own rows
+of that expert with a copy of its weights (as many as fit under its ``cap`` and the
+bounds), so none of them travel; the owner keeps the rest. Shadowing trades more
+copies (up to ``W - 1`` per expert) for no row traffic; LLA then places what is left.
+Which of the two pays is the cost model's call (``flexmoe.planner.simulate``).
+
+Unlike the published algorithm, the memory bounds are hard: no rank computes more than
+``max_rows_per_rank`` rows (when set) or holds more than ``max_copies_per_rank``
+copies; a step that cannot satisfy them raises ``ValueError`` naming the bound.
+
+The same function plans the layer's steps (integer rows) and the simulator's
+(``expected_rerouting``: expected rows, floats, up to thousands of ranks); a heap keeps
+the least-loaded rank at hand, so a plan costs ``O((E + chunks) log W)``. The tests
+check it against a plain re-sorting reference (tests/reference.py).
+
+``Rerouting`` is what the cost model needs of a plan: rows per rank and which expert
+copies go where (``summarize``).
+
+Legend: W ranks, E experts, El experts per rank (expert ``e`` lives on rank ``e // El``).
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from flexmoe.parallel import rerouting as _layer
+from flexmoe.placement import ReroutePlan
 
-__all__ = ["Rerouting", "plan_rerouting", "summarize"]
+__all__ = ["Rerouting", "expected_rerouting", "plan_rerouting", "summarize"]
+
+
+def plan_rerouting(
+    loads: Sequence[float],
+    world_size: int,
+    *,
+    alpha: float = 1.0,
+    min_chunk: float = 1,
+    max_rows_per_rank: float | None = None,
+    max_copies_per_rank: int | None = None,
+    held: Sequence[Sequence[int]] | None = None,
+    sources: Sequence[Sequence[float]] | None = None,
+) -> ReroutePlan:
+    """The least-loaded assignment of expert rows to ranks (see the module docstring).
+
+    ``sources[q][e]``: rows of expert ``e`` that come from rank ``q`` (summing to
+    ``loads[e]``): given, hot experts are shadowed first (see the module docstring).
+
+    ``held[p]``: experts whose copies rank ``p`` already holds (persistent replicas): a
+    piece given to such a rank needs no transfer, and they count towards its
+    ``max_copies_per_rank`` whether used or not (they occupy its memory).
+
+    ``loads`` are row counts (ints: the layer) or expected rows (floats: the planner);
+    arithmetic stays in their type. The least-loaded rank comes from a heap keyed by
+    ``(load, rank)`` (entries go stale when a rank's load changes and are skipped), so
+    a plan costs ``O((E + chunks) log W)``, not a sort of the ranks per chunk.
+    """
+    E, W = len(loads), world_size
+    if E % W != 0:
+        raise ValueError(f"rerouting needs whole experts per rank: {E} experts on {W} ranks")
+    if alpha < 1.0:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    El = E // W
+    total = sum(loads)
+    native = [sum(loads[p * El : (p + 1) * El]) for p in range(W)]
+    limit = math.inf if max_rows_per_rank is None else max_rows_per_rank
+    copy_limit = math.inf if max_copies_per_rank is None else max_copies_per_rank
+    if total > W * limit:
+        raise ValueError(
+            f"max_rows_per_rank={max_rows_per_rank} cannot hold this step's {total} rows on {W} ranks"
+        )
+    cap = min(math.ceil(alpha * total / W), limit)
+    pending = list(native)  # rows of each rank's own experts not yet placed
+    assigned = [0 * total] * W
+    copies: list[set[int]] = [set() for _ in range(W)]
+    kept = [set(h) for h in held] if held is not None else [set() for _ in range(W)]
+    if len(kept) != W:
+        raise ValueError(f"held must list the replicas of each of the {W} ranks, got {len(kept)} lists")
+
+    slots = [len(k) for k in kept]  # len(copies[p] | kept[p]): the copies rank p holds
+
+    def full(p: int, e: int) -> bool:  # may rank p not take a piece of e (no room for its copy)?
+        return slots[p] >= copy_limit and e not in copies[p] and e not in kept[p]
+
+    intervals: list[list[tuple[int, float, float]]] = [[] for _ in range(E)]
+    transfers: list[tuple[int, int]] = []
+    heap = [(native[p], p) for p in range(W)]  # (assigned + pending, rank), possibly stale
+    heapq.heapify(heap)
+
+    def load_of(p: int) -> float:
+        return assigned[p] + pending[p]
+
+    def give(e: int, rank: int, start: float, size: float, push: bool = True) -> None:
+        intervals[e].append((rank, start, start + size))
+        assigned[rank] += size
+        if rank != e // El and e not in copies[rank]:
+            copies[rank].add(e)
+            if e not in kept[rank]:
+                transfers.append((e, rank))
+                slots[rank] += 1
+        if push:
+            heapq.heappush(heap, (load_of(rank), rank))
+
+    order = sorted(range(E), key=lambda i: (-loads[i], i))
+    shadowed: dict[int, list[tuple[int, float]]] = {}
+    remaining = list(loads)
+    if sources is not None:
+        if len(sources) != W or any(len(row) != E for row in sources):
+            raise ValueError(f"sources must be {W} lists of {E} row counts (one per rank and expert)")
+        for e, column in enumerate(zip(*sources, strict=True)):
+            if abs(sum(column) - loads[e]) > 1e-9 * max(1, abs(loads[e])):
+                raise ValueError(f"sources of expert {e} sum to {sum(column)}, not its load {loads[e]}")
+        for e in order:
+            load, owner = loads[e], e // El
+            if load_of(owner) <= cap:
+                continue  # its owner is not overloaded (any more)
+            takes: list[tuple[int, float]] = []
+            for q in range(W):
+                own = sources[q][e]
+                if q == owner or own <= 0 or full(q, e):
+                    continue
+                take = min(own, cap - load_of(q))
+                if take > 0 and (take >= min_chunk or take == own):
+                    takes.append((q, take))
+            if not takes:
+                continue
+            shadowed[e] = takes
+            taken = sum(t for _, t in takes)
+            pending[owner] -= taken
+            offset = remaining[e] = load - taken  # the rest: [0, remaining), placed below
+            for q, take in takes:
+                give(e, q, offset, take, push=False)
+                offset += take
+        heap = [(load_of(p), p) for p in range(W)]
+        heapq.heapify(heap)
+
+    for e in order:
+        load, owner = remaining[e], e // El  # a shadowed expert: the rows left to place
+        pending[owner] -= load
+        heapq.heappush(heap, (load_of(owner), owner))
+        room = cap - assigned[owner] - pending[owner]
+        keep = min(load, room) if room > 0 else 0 * load
+        if keep or (load == 0 and e not in shadowed):
+            give(e, owner, 0 * load, keep)
+        offset, remainder = keep, load - keep
+        # Spill to the least-loaded ranks that may hold another copy.
+        while remainder > 0:
+            popped: list[tuple[float, int]] = []
+            taken = False
+            while heap:
+                key, p = heapq.heappop(heap)
+                if key != load_of(p):
+                    continue  # stale: the rank's current entry is also in the heap
+                popped.append((key, p))
+                if p == owner or full(p, e):
+                    continue
+                chunk = min(remainder, cap - key)
+                if chunk > 0 and (chunk >= min_chunk or chunk == remainder):
+                    give(e, p, offset, chunk)
+                    offset, remainder = offset + chunk, remainder - chunk
+                    taken = True
+                    break
+                if chunk <= 0:
+                    break  # every rank after this one is at least as full
+            for item in popped:
+                heapq.heappush(heap, item)
+            if not taken:
+                break
+        # What nobody could take under cap: the least-loaded ranks with room under the hard
+        # bound (the owner included; it needs no copy).
+        while remainder > 0:
+            eligible = [p for p in range(W) if load_of(p) < limit and (p == owner or not full(p, e))]
+            if not eligible:
+                raise ValueError(
+                    f"rerouting cannot place expert {e}'s rows within max_rows_per_rank="
+                    f"{max_rows_per_rank} and max_copies_per_rank={max_copies_per_rank}"
+                )
+            p = min(eligible, key=lambda q: (load_of(q), q != owner, q))
+            chunk = min(remainder, limit - load_of(p))
+            give(e, p, offset, chunk)
+            offset, remainder = offset + chunk, remainder - chunk
+        intervals[e] = _merge(sorted(intervals[e], key=lambda piece: piece[1]))
+    return ReroutePlan(
+        intervals=intervals,
+        copies=[sorted(c) for c in copies],
+        rows_per_rank=assigned,
+        native_rows_per_rank=native,
+        moved_rows=sum(b - a for e in range(E) for p, a, b in intervals[e] if p != e // El),
+        transfers=transfers,
+        shadowed=dict(sorted(shadowed.items())),
+    )
+
+
+def _merge(pieces: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """Join adjacent pieces of one rank (a remainder forced onto the rank that took the last chunk)."""
+    merged: list[tuple[int, float, float]] = []
+    for rank, start, stop in pieces:
+        if merged and merged[-1][0] == rank and merged[-1][2] == start:
+            merged[-1] = (rank, merged[-1][1], stop)
+        elif stop > start or not merged:
+            merged.append((rank, start, stop))
+    return merged
 
 
 @dataclass(frozen=True)
@@ -72,7 +282,7 @@ class Rerouting:
         return self.copies_R + self.experts_per_rank
 
 
-def plan_rerouting(
+def expected_rerouting(
     loads_E: Sequence[float] | NDArray[np.float64],
     world_size: int,
     *,
@@ -82,7 +292,7 @@ def plan_rerouting(
     max_copies_per_rank: int | None = None,
     shadow: bool = False,
 ) -> Rerouting:
-    """The layer's least-loaded plan for expected rows ``loads_E`` (see the module docstring).
+    """``plan_rerouting`` on expected rows ``loads_E``, summarised for the cost model.
 
     ``shadow``: the layer's shadowing plan, every source holding ``1/W`` of each
     expert's rows (the simulator's assumption about where rows come from).
@@ -90,7 +300,7 @@ def plan_rerouting(
     """
     loads = [float(x) for x in loads_E]
     W = world_size
-    plan = _layer.plan_rerouting(
+    plan = plan_rerouting(
         loads,
         W,
         alpha=alpha,
@@ -103,7 +313,7 @@ def plan_rerouting(
 
 
 def summarize(
-    plan: _layer.ReroutePlan,
+    plan: ReroutePlan,
     loads_E: Sequence[float],
     world_size: int,
     *,

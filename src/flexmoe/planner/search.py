@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from flexmoe.config import RerouteConfig
-from flexmoe.parallel.placement import Placement
+from flexmoe.config import Plan, RerouteConfig
+from flexmoe.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import Machine
-from flexmoe.planner.rerouting import Rerouting, plan_rerouting
-from flexmoe.planner.simulate import Candidate, Prediction, _kept_rows, reroute_settings, simulate
+from flexmoe.planner.rerouting import Rerouting, expected_rerouting
+from flexmoe.planner.simulate import Prediction, Scored, StaticBaseline, kept_rows, reroute_settings, simulate
 from flexmoe.planner.workload import Load, MoEWorkload
 
 __all__ = ["DEGREES", "STATIC_CAPACITIES", "PlanReport", "baselines", "candidates", "plan", "sweep"]
@@ -35,27 +35,26 @@ def candidates(
     degrees: Iterable[int] = DEGREES,
     rerouting: bool = True,
     exchanges: Iterable[str] = ("flat", "2dh"),
-) -> list[Candidate]:
-    """Flexmoe's candidate plans for ``workload`` on ``world_size`` ranks."""
+) -> list[Plan]:
+    """Flexmoe's candidate plans for ``workload`` on ``world_size`` ranks (``r`` and ``reroute`` set)."""
     placement = Placement(world_size, 0, workload.num_experts, workload.hidden_dim, world_size)
-    out: list[Candidate] = []
+    out: list[Plan] = []
     for r in placement.valid_r():
         if r == 0:
-            out.append(Candidate(r=0))
+            out.append(Plan(r=0, reroute=False))
             continue
         for d in degrees:
             for exchange in exchanges:
-                out.append(Candidate(r=r, d=d, exchange=exchange))
+                out.append(Plan(r=r, d=d, exchange=exchange, reroute=False))  # type: ignore[arg-type]
                 if rerouting and not placement.sharded and world_size > 1:
-                    out.append(Candidate(r=r, d=d, exchange=exchange, rerouting=True))
-                    out.append(Candidate(r=r, d=d, exchange=exchange, rerouting=True, shadow=True))
+                    for kind in ("lla", "shadow"):
+                        out.append(Plan(r=r, d=d, exchange=exchange, reroute=kind))  # type: ignore[arg-type]
     return out
 
 
-def baselines(workload: MoEWorkload, world_size: int) -> list[Candidate]:
+def baselines() -> list[StaticBaseline]:
     """The static baselines: default placement, fixed capacity 1.0 / 1.25, padded, ``d = 1``, flat."""
-    placement = Placement(world_size, 0, workload.num_experts, workload.hidden_dim, world_size)
-    return [Candidate(r=placement.shards, static_capacity=cf) for cf in STATIC_CAPACITIES]
+    return [StaticBaseline(cf) for cf in STATIC_CAPACITIES]
 
 
 @dataclass(frozen=True)
@@ -85,14 +84,14 @@ class PlanReport:
 
     def speedups(self) -> dict[str, float]:
         """Baseline time over the best plan's time, per baseline label."""
-        return {b.candidate.label: b.time / self.best.time for b in self.baselines}
+        return {b.plan.label: b.time / self.best.time for b in self.baselines}
 
     def find(self, label: str) -> Prediction:
-        """The prediction of the candidate with this label."""
+        """The prediction of the plan (or baseline) with this label."""
         for p in [*self.predictions, *self.baselines]:
-            if p.candidate.label == label:
+            if p.plan.label == label:
                 return p
-        raise KeyError(f"no candidate labelled {label!r}")
+        raise KeyError(f"no plan labelled {label!r}")
 
 
 def plan(
@@ -103,7 +102,7 @@ def plan(
     *,
     ranks_per_node: int | None = None,
     memory_budget: float | None = None,
-    plans: Sequence[Candidate] | None = None,
+    plans: Sequence[Plan] | None = None,
     degrees: Iterable[int] = DEGREES,
     rerouting: bool = True,
     reroute_config: RerouteConfig | None = None,
@@ -116,18 +115,19 @@ def plan(
     """
     machine = Machine.create(cluster, world_size, ranks_per_node)
     chosen = list(plans) if plans is not None else candidates(workload, world_size, degrees, rerouting)
-    reroute: dict[bool, Rerouting] = {}  # by shadow
-    for shadow in (False, True):
-        if any(c.rerouting and c.shadow == shadow for c in chosen):
-            kept_E, _, _ = _kept_rows(workload, load, world_size, None)
+    reroute: dict[str, Rerouting] = {}  # by kind
+    for kind in ("lla", "shadow"):
+        if any(c.reroute_kind == kind for c in chosen):
+            kept_E, _, _ = kept_rows(workload, load, world_size, None)
             try:
-                reroute[shadow] = plan_rerouting(
-                    kept_E, world_size, shadow=shadow, **reroute_settings(reroute_config)
+                reroute[kind] = expected_rerouting(
+                    kept_E, world_size, shadow=kind == "shadow", **reroute_settings(reroute_config)
                 )
             except ValueError:
-                chosen = [c for c in chosen if not (c.rerouting and c.shadow == shadow)]
+                chosen = [c for c in chosen if c.reroute_kind != kind]
 
-    def run(c: Candidate) -> Prediction:
+    def run(c: Scored) -> Prediction:
+        kind = c.reroute_kind
         return simulate(
             cluster,
             workload,
@@ -136,14 +136,14 @@ def plan(
             c,
             memory_budget=memory_budget,
             machine=machine,
-            rerouting_plan=reroute.get(c.shadow) if c.rerouting else None,
+            rerouting_plan=None if kind is None else reroute[kind],
             reroute_config=reroute_config,
         )
 
     predictions = sorted((run(c) for c in chosen), key=lambda p: p.time)
-    static = baselines(workload, world_size)
-    default = run(Candidate(r=static[0].r))
-    return PlanReport(world_size, load.name, predictions, [run(c) for c in static], default)
+    placement = Placement(world_size, 0, workload.num_experts, workload.hidden_dim, world_size)
+    default = run(Plan(r=placement.shards, reroute=False))
+    return PlanReport(world_size, load.name, predictions, [run(c) for c in baselines()], default)
 
 
 def sweep(

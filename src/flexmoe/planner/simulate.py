@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from flexmoe.config import Plan, RerouteConfig
-from flexmoe.parallel.placement import Placement
+from flexmoe.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import (
     ExchangeCost,
@@ -61,66 +61,50 @@ from flexmoe.planner.costmodel import (
     pipeline_time,
     stream_time,
 )
-from flexmoe.planner.rerouting import Rerouting, plan_rerouting
+from flexmoe.planner.rerouting import Rerouting, expected_rerouting
 from flexmoe.planner.workload import Load, MoEWorkload
 
 __all__ = [
     "REROUTE_PLANNING",
     "Breakdown",
-    "Candidate",
     "Prediction",
+    "Scored",
+    "StaticBaseline",
+    "kept_rows",
     "paced_time",
     "reroute_settings",
     "simulate",
 ]
 
 # Host time to plan rerouting: fixed + per expert (sorting, least-loaded choice). An
-# assumption, of the order of ``flexmoe.parallel.rerouting.plan_rerouting`` in Python.
+# assumption, of the order of ``flexmoe.planner.rerouting.plan_rerouting`` in Python.
 REROUTE_PLANNING = (1e-4, 1e-6)
 # Read+write passes over gathered expert shards per direction (see ``_weight_exchange_time``).
 GATHER_COPY_PASSES = 3
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A plan the planner scores: flexmoe's ``Plan(r, d, exchange)`` plus rerouting, or a static baseline.
+class StaticBaseline:
+    """A static system the planner compares with: a fixed capacity factor, padded buffers.
 
-    ``static_capacity`` set: a non-adaptive system with that fixed capacity factor and
-    padded buffers (``r`` must then be the default ``S``, ``d = 1``, flat exchange).
+    It runs plain expert parallelism (``r = S``, ``d = 1``, flat exchange) and pads every
+    expert to ``capacity_factor`` times its mean rows (tokens over it are dropped).
     """
 
-    r: int
-    d: int = 1
-    exchange: str = "flat"
-    rerouting: bool = False
-    static_capacity: float | None = None
-    shadow: bool = False  # with rerouting: the shadowing kind (``flexmoe.parallel.rerouting``)
-
-    @property
-    def is_static(self) -> bool:
-        """Whether this is a static baseline."""
-        return self.static_capacity is not None
+    capacity_factor: float
 
     @property
     def label(self) -> str:
         """Short human-readable name."""
-        if self.static_capacity is not None:
-            return f"static cf={self.static_capacity:g}"
-        if self.r == 0:
-            return "r=0 (DP)"
-        text = f"r={self.r} d={self.d} {self.exchange}"
-        if not self.rerouting:
-            return text
-        return text + (" +shadow" if self.shadow else " +reroute")
+        return f"static cf={self.capacity_factor:g}"
 
     @property
-    def reroute_kind(self) -> Literal["lla", "shadow"] | bool:
-        """``Plan.reroute`` for this candidate: ``"lla"``, ``"shadow"`` or ``False``."""
-        return ("shadow" if self.shadow else "lla") if self.rerouting else False
+    def reroute_kind(self) -> None:
+        """A static system never reroutes."""
+        return None
 
-    def to_plan(self) -> Plan:
-        """The layer's ``Plan`` for this candidate (rerouting is a separate switch)."""
-        return Plan(r=self.r, d=self.d, exchange=self.exchange)  # type: ignore[arg-type]
+
+Scored = Plan | StaticBaseline  # what the simulator predicts: one of flexmoe's plans, or a baseline
 
 
 @dataclass(frozen=True)
@@ -157,10 +141,10 @@ class Breakdown:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A candidate's predicted step.
+    """A plan's predicted step.
 
     Attributes:
-        candidate: what was simulated.
+        plan: what was simulated (a resolved ``Plan``, or a ``StaticBaseline``).
         breakdown: seconds by stage; ``time`` is its total.
         exchange: one all-to-all (one direction, one chunk): time, messages, sizes.
         exchanges_per_step: row all-to-all calls per step (both directions, all chunks, passes).
@@ -174,7 +158,7 @@ class Prediction:
         rerouted_copies: expert copies sent (rerouting).
     """
 
-    candidate: Candidate
+    plan: Scored
     breakdown: Breakdown
     exchange: ExchangeCost
     exchanges_per_step: int
@@ -224,7 +208,7 @@ def _expected_overflow(mean: NDArray[np.float64], capacity: float) -> NDArray[np
     return result
 
 
-def _kept_rows(
+def kept_rows(
     workload: MoEWorkload, load: Load, W: int, static_capacity: float | None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
     """``(rows computed per expert, rows each source sends per expert, dropped fraction)``."""
@@ -360,7 +344,7 @@ def simulate(
     workload: MoEWorkload,
     load: Load,
     world_size: int,
-    candidate: Candidate,
+    plan: Scored,
     *,
     ranks_per_node: int | None = None,
     memory_budget: float | None = None,
@@ -368,7 +352,10 @@ def simulate(
     rerouting_plan: Rerouting | None = None,
     reroute_config: RerouteConfig | None = None,
 ) -> Prediction:
-    """Predict one step of ``workload`` on ``world_size`` ranks of ``cluster`` under ``candidate``.
+    """Predict one step of ``workload`` on ``world_size`` ranks of ``cluster`` under ``plan``.
+
+    ``plan``: a ``Plan`` (``r=None`` is the default ``S``; ``reroute`` ``None`` or ``False``:
+    no rerouting, ``True``/``"lla"``/``"shadow"``: that kind) or a ``StaticBaseline``.
 
     ``reroute_config``: the layer's rerouting settings (``alpha``, ``min_chunk`` and the
     hard bounds of ``flexmoe.config.RerouteConfig``; default: its defaults). ``machine``
@@ -378,23 +365,20 @@ def simulate(
     machine = machine or Machine.create(cluster, world_size, ranks_per_node)
     W = machine.world_size
     placement = _placement(workload, machine)
-    c = candidate
-    if c.r not in placement.valid_r():
-        raise ValueError(f"candidate r={c.r} is not valid here: r must be one of {placement.valid_r()}")
-    if c.d < 1 or c.exchange not in ("flat", "2dh"):
-        raise ValueError(f"candidate needs d >= 1 and exchange 'flat' or '2dh', got d={c.d}, {c.exchange!r}")
-    if c.rerouting and (placement.sharded or c.r == 0 or c.is_static):
-        raise ValueError(
-            "rerouting applies to whole experts (num_experts >= world size) with r = 1, not baselines"
-        )
-    if c.shadow and not c.rerouting:
-        raise ValueError("candidate shadow=True needs rerouting=True (shadowing is a kind of rerouting)")
+    static_capacity = plan.capacity_factor if isinstance(plan, StaticBaseline) else None
+    c = Plan(r=placement.shards) if isinstance(plan, StaticBaseline) else plan
+    r = placement.shards if c.r is None else c.r
+    if r not in placement.valid_r():
+        raise ValueError(f"plan.r={c.r} is not valid here: r must be one of {placement.valid_r()}")
+    kind = c.reroute_kind
+    if kind is not None and (placement.sharded or r != 1):
+        raise ValueError("rerouting applies to whole experts (num_experts >= world size) with r = 1")
     E, D, b = workload.num_experts, workload.dim, workload.bytes_per_element
     T, K, F = workload.tokens_per_device, workload.top_k, workload.hidden_dim
     S, El = placement.shards, placement.local_experts
     passes = 2 if workload.training else 1
-    d = 1 if c.r == 0 else c.d
-    kept_E, _, dropped = _kept_rows(workload, load, W, c.static_capacity)
+    d = 1 if r == 0 else c.d
+    kept_E, _, dropped = kept_rows(workload, load, W, static_capacity)
     local_rows = float(kept_E.sum()) / W  # rows each rank permutes and combines
     row_bytes = D * b
     expert_bytes = workload.expert_params * b
@@ -402,27 +386,27 @@ def simulate(
     # Who computes what: rows per rank and unit, the unit's hidden width, rows per source.
     reroute: Rerouting | None = None
     units_R: NDArray[np.int64] | None = None
-    if c.r == 0:  # every expert gathered here: this rank's own rows, no exchange
+    if r == 0:  # every expert gathered here: this rank's own rows, no exchange
         rows_RU = (kept_E / W)[None, :]
         hidden = F
     elif not placement.sharded:
         rows_RU = kept_E.reshape(W, El)
         hidden = F
-        if c.rerouting:
-            reroute = rerouting_plan or plan_rerouting(
-                kept_E, W, shadow=c.shadow, **reroute_settings(reroute_config)
+        if kind is not None:
+            reroute = rerouting_plan or expected_rerouting(
+                kept_E, W, shadow=kind == "shadow", **reroute_settings(reroute_config)
             )
             units_R = reroute.units_R
             rows_RU = (reroute.rows_R / units_R)[:, None]
     else:
-        g = placement.group_size(c.r)
+        g = placement.group_size(r)
         rows_RU = np.repeat(kept_E / g, S)[:, None]  # rank p computes 1/g of expert p // S's rows
-        hidden = F // c.r
+        hidden = F // r
     rows_R = rows_RU.sum(1) if units_R is None else rows_RU[:, 0] * units_R
     # Rows each source sends each rank (the exchange's model: its own come free); a
     # shadowing rank's own rows stay home.
     a_R = rows_R / W if reroute is None else reroute.received_rows() / max(W - 1, 1)
-    if c.r == 0:
+    if r == 0:
         a_R = np.zeros(W)
 
     # 6. the pipelined exchange and experts (per chunk: 1/d of every message and unit).
@@ -450,10 +434,10 @@ def simulate(
 
     # 1-3. host, metadata, routing, permute, combine.
     host = cluster.step_overhead / machine.share
-    if c.r != 0:
+    if r != 0:
         host += passes * d * cluster.chunk_overhead / machine.share
     metadata = 0.0
-    if not c.is_static and W > 1:
+    if static_capacity is None and W > 1:
         metadata = all_gather_time(6 * 8, W, machine, not machine.single_node)
         metadata += all_gather_time(E * K * 8, W, machine, not machine.single_node)
     router_dtype = "fp32" if "fp32" in cluster.device.flops else workload.dtype
@@ -471,14 +455,14 @@ def simulate(
 
     # 4. weight gathers.
     stored = El * workload.expert_params if not placement.sharded else workload.expert_params / S
-    group = W if c.r == 0 else (placement.group_size(c.r) if placement.sharded else 1)
+    group = W if r == 0 else (placement.group_size(r) if placement.sharded else 1)
     gather = passes * _weight_exchange_time(stored, group, b, machine, whole=not placement.sharded)
     weight_bytes = passes * (group - 1) * stored * b
 
     # 5. rerouting.
     reroute_s = 0.0
     copies = 0
-    if c.rerouting and reroute is not None:
+    if reroute is not None:
         planning, per_expert = REROUTE_PLANNING
         reroute_s = (planning + per_expert * E) / machine.share + passes * _copy_time(
             reroute, expert_bytes, machine
@@ -506,15 +490,15 @@ def simulate(
     weights = stored * b * passes + (group - 1) * stored * b * passes + copies_R * expert_bytes * passes
     local = (2 * T + 2 * local_rows) * row_bytes
     expert_side = rows_R * (2 * D + H_unit + hidden) * b
-    buffers = (local_rows * max(c.r, 1) + rows_R) * row_bytes * (2 if c.exchange == "2dh" else 1)
-    peak = float(np.max(weights + local + expert_side + (buffers if c.r != 0 else 0.0)))
+    buffers = (local_rows * max(r, 1) + rows_R) * row_bytes * (2 if c.exchange == "2dh" else 1)
+    peak = float(np.max(weights + local + expert_side + (buffers if r != 0 else 0.0)))
     budget = cluster.device.memory_bytes if memory_budget is None else memory_budget
     shorter = min(exchange_s, experts_s)
     return Prediction(
-        candidate=c,
+        plan=plan,
         breakdown=breakdown,
         exchange=xchg,
-        exchanges_per_step=0 if c.r == 0 else 2 * d * passes * (2 if c.exchange == "2dh" else 1),
+        exchanges_per_step=0 if r == 0 else 2 * d * passes * (2 if c.exchange == "2dh" else 1),
         row_bytes=2 * d * passes * xchg.bytes_out,
         weight_bytes=weight_bytes,
         peak_memory=peak,

@@ -2,7 +2,7 @@
 
 A ``Load`` is the share of routed assignments each expert receives (``share_E``,
 summing to one), in expert-index order: expert ``e`` lives where the layer's
-placement puts it (``flexmoe.parallel.placement``: rank ``e // (E/W)`` for whole
+placement puts it (``flexmoe.placement``: rank ``e // (E/W)`` for whole
 experts), so the order of the shares decides which ranks are hot. Every source rank
 is assumed to route with the same shares (tokens are spread over ranks independently
 of their routing), so a rank sends ``T*K*share_E[e]`` rows to expert ``e``.

@@ -74,7 +74,7 @@ def run_local(fn: Callable[..., Any], workers: int, *args: Any, timeout: float =
     # A fork server imports torch and flexmoe once and forks the workers from it: starting
     # four fresh interpreters that each import torch takes ~15 s on a busy 2-core machine.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["flexmoe.planner.local"])
+    ctx.set_forkserver_preload(["flexmoe.tools.local"])
     results = ctx.Queue()
     port = _free_port()
     procs = [

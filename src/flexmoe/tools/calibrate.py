@@ -28,7 +28,7 @@ medians (rates: the mean over ranks; collective times: the slowest rank):
 Rates are per rank while ``workers`` ranks run, stored per compute slot (core) so
 that the simulator can predict more ranks than cores by sharing
 (``Cluster.compute_slots_per_node``). ``Probes`` can also run inside other
-measurements (``flexmoe.planner.measure``), interleaved with them, so that a busy
+measurements (``flexmoe.tools.measure``), interleaved with them, so that a busy
 machine's load hits calibration and measurement alike.
 
 The result is JSON in the user cache directory (``$XDG_CACHE_HOME/flexmoe/
@@ -53,8 +53,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexmoe.planner.cluster import Cluster, DeviceSpec, LinkSpec
-from flexmoe.planner.local import run_local
+from flexmoe.config import Plan
+from flexmoe.layer import MoELayer
+from flexmoe.parallel import all_reduce_mean
+from flexmoe.parallel.comm import Communicator, all_to_all
+from flexmoe.planner.cluster import Cluster, DeviceSpec, LinkSpec, default_calibration_path
+from flexmoe.planner.simulate import simulate
+from flexmoe.planner.workload import Load, MoEWorkload
+from flexmoe.tools.local import run_local
+from flexmoe.tools.replay import force_routing
 
 __all__ = ["DEFAULT_LAYER", "Probes", "calibrate", "cluster_from_samples", "default_calibration_path"]
 
@@ -75,12 +82,6 @@ _TINY_DIM, _TINY_TOKENS = 32, 32
 _MID_TOKENS = 128
 DEFAULT_LAYER = (256, 512)  # dim, expert hidden dim (benchmarks/parallel.py's layer)
 _MID, _LARGE = 256 << 10, 1 << 20  # floats per peer of the bandwidth all-to-alls
-
-
-def default_calibration_path() -> Path:
-    """Where ``flexmoe calibrate`` stores this machine's description by default."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "flexmoe" / "this-machine.json"
 
 
 def _clock(fn: Callable[[], Any], repeat: int = 1) -> float:
@@ -106,8 +107,6 @@ class Probes:
     def __init__(
         self, rank: int, world: int, widths: tuple[int, int] = DEFAULT_LAYER, tokens: int = _MID_TOKENS
     ) -> None:
-        from flexmoe import MoELayer
-        from flexmoe.parallel.comm import Communicator
 
         self.world, self.rank = world, rank
         self.comm = Communicator(None, "calibrate", timeout=120)
@@ -138,7 +137,6 @@ class Probes:
         self.skewed_counts: list[float] = []
 
     def _barrier(self) -> None:
-        from flexmoe.parallel import all_reduce_mean
 
         all_reduce_mean(0.0)
 
@@ -146,15 +144,12 @@ class Probes:
         self._a2a(16)
 
     def _a2a(self, per_peer: int) -> None:
-        from flexmoe.parallel.comm import all_to_all
 
         sizes = [per_peer] * self.world
         self.comm.run(all_to_all, "calibration all-to-all", self.a2a_x[per_peer], sizes, sizes, None)
 
     def sample(self) -> dict[str, float]:
         """One round of every probe on this rank: rates (per second) and times (seconds)."""
-        from flexmoe import Plan
-
         out: dict[str, float] = {}
         gemms = lambda n: [a @ b for _ in range(n) for a, b in self.mats]  # noqa: E731
         # Sustained, not burst: on a shared machine a 10 ms GEMM often runs unpreempted,
@@ -200,7 +195,6 @@ class Probes:
         self.mid_counts = [float(c) for c in self.mid.stats.routed_per_expert.tolist()]
         # The same layer with every row on rank 0 (its experts 0 and 1), the other ranks
         # idle but for the exchange (no rerouting): how much faster a lone busy rank is.
-        from flexmoe.planner.replay import force_routing
 
         x = self.mid_x.clone().requires_grad_()
         ids = torch.tensor([[0, 1]]).expand(x.shape[0], 2)
@@ -249,7 +243,6 @@ def _nonneg_solve(A: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _tiny_workload(per_rank: int, workers: int, dim: int, hidden: int, tokens: int) -> Any:
-    from flexmoe.planner.workload import MoEWorkload
 
     return MoEWorkload(
         dim=dim,
@@ -270,11 +263,9 @@ def _predict(
     counts: list[float],
     shape: tuple[int, int, int],
 ) -> float:
-    from flexmoe.planner.simulate import Candidate, simulate
-    from flexmoe.planner.workload import Load
 
     workload = _tiny_workload(per_rank, workers, *shape)
-    candidate = Candidate(r=1, d=plan[0], exchange=plan[1])
+    candidate = Plan(r=1, d=plan[0], exchange=plan[1], reroute=False)  # type: ignore[arg-type]
     return simulate(
         cluster, workload, Load.from_counts(counts), workers, candidate, ranks_per_node=workers
     ).time

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from flexmoe.config import Plan
-from flexmoe.planner.calibrate import cluster_from_samples
+from flexmoe.layer import MoELayer
+from flexmoe.parallel import all_reduce_mean
+from flexmoe.parallel.comm import all_to_all
 from flexmoe.planner.cluster import Cluster
-from flexmoe.planner.local import run_local
 from flexmoe.planner.workload import MoEWorkload
+from flexmoe.tools.calibrate import Probes, cluster_from_samples
+from flexmoe.tools.local import run_local
 
 __all__ = ["BenchCase", "MeasuredPlan", "benchmark_plans", "measure_plans"]
 
@@ -79,7 +82,6 @@ def benchmark_plans(valid_r: list[int], degrees: tuple[int, ...] = (1, 2, 4)) ->
 
 
 def _max_over_ranks(value: float, world: int) -> float:
-    from flexmoe.parallel.comm import all_to_all
 
     sent = torch.full((world,), value, dtype=torch.float64)
     return float(all_to_all(sent, [1] * world, [1] * world, None).max())
@@ -88,9 +90,6 @@ def _max_over_ranks(value: float, world: int) -> float:
 def _worker(
     rank: int, world: int, cases: list[BenchCase], rounds: int, probe: bool
 ) -> tuple[list[list[MeasuredPlan]], list[dict[str, float]], list[list[float]]]:
-    from flexmoe import MoELayer
-    from flexmoe.parallel import all_reduce_mean
-    from flexmoe.planner.calibrate import Probes
 
     probes = Probes(rank, world, (cases[0].dim, cases[0].hidden)) if probe else None
     samples = []

@@ -28,18 +28,16 @@ from flexmoe.config import (
 from flexmoe.dispatch import Dispatcher, DispatchLayout, LocalDispatcher, make_layout
 from flexmoe.dispatch.permute import combine, permute
 from flexmoe.experts import DenseFFN, GroupedExperts, ModuleListExperts
+from flexmoe.layer.cost import build_tuner, cost_model
+from flexmoe.layer.stopwatch import Stopwatch
 from flexmoe.parallel import ExpertParallel, stable_hash, tag_expert_parameters
 from flexmoe.parallel.layout import GlobalLayout
-from flexmoe.parallel.placement import (
-    Placement,
-    PlacementAdvice,
-    advise_placement,
-    check_placement,
-    experts_by_rank,
-)
-from flexmoe.parallel.rebalance import MoveReport, move_experts
-from flexmoe.parallel.rerouting import ReroutePlan, plan_rerouting
-from flexmoe.parallel.tuner import CostModel, Stopwatch, Tuner, TunerDecision, build_tuner, cost_model
+from flexmoe.parallel.moves import MoveReport, move_experts
+from flexmoe.placement import Placement, ReroutePlan, check_placement, experts_by_rank
+from flexmoe.planner.layer_cost import CostModel
+from flexmoe.planner.placement import PlacementAdvice, advise_placement
+from flexmoe.planner.rerouting import plan_rerouting, summarize
+from flexmoe.planner.tuner import Tuner, TunerDecision
 from flexmoe.routing import aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 from flexmoe.routing.routers import RouterOutput
 from flexmoe.workspace import WORKSPACE
@@ -72,7 +70,7 @@ class MoEStats:
         shadowed_experts: experts shadowed this call (``plan.reroute == "shadow"``): every
             rank computed its own rows of them with a copy.
         tuner: with ``plan="auto"``, the online tuner's decision for this call (a
-            ``flexmoe.parallel.tuner.TunerDecision``: bucket, phase, predicted time,
+            ``flexmoe.planner.tuner.TunerDecision``: bucket, phase, predicted time,
             the previous call's measured time), else ``None``.
     """
 
@@ -146,7 +144,7 @@ class MoELayer(nn.Module):
             (a ``flexmoe.RerouteConfig``; default: when the busiest rank has 1.3x the
             mean rows and the cost model says it pays). ``Plan(reroute=...)`` forces it.
         plan: the plan of calls that pass none: a ``flexmoe.Plan``, or ``"auto"`` for the
-            online tuner (``flexmoe.parallel.tuner``: scores plans with the cost model,
+            online tuner (``flexmoe.planner.tuner``: scores plans with the cost model,
             measures the best few, caches the winner per load bucket). Also settable
             as ``layer.plan``.
         tuner: the cost model's machine and the tuner's settings (a
@@ -524,7 +522,7 @@ class MoELayer(nn.Module):
         """Store logical expert ``e`` in slot ``slot_of_expert[e]`` from now on; a collective.
 
         Call it between steps, on every rank with the same placement (checked), e.g. one
-        from ``flexmoe.parallel.placement.balanced_placement`` or a ``Rebalancer``. The
+        from ``flexmoe.placement.balanced_placement`` or a ``Rebalancer``. The
         rows of every expert that changes slot move to their new rank: its parameters,
         their ``.grad`` if any, and with ``optimizer`` every per-parameter state tensor
         shaped like them (AdamW's moments). Rows are written in place: the parameter
@@ -566,7 +564,7 @@ class MoELayer(nn.Module):
 
         ``replicas[p]``: the logical experts rank ``p`` keeps a copy of (``None``: none).
         Every rank passes the same table (checked). A replica is a copy the least-loaded
-        rerouting (``flexmoe.parallel.rerouting``) may give rows to without sending the
+        rerouting (``flexmoe.planner.rerouting``) may give rows to without sending the
         expert's weights: it is filled the first time it is used, then reused for as
         long as the owner's weights are unchanged — every forward without grad
         (inference, evaluation) until the next optimizer step or load. A training step
@@ -574,7 +572,7 @@ class MoELayer(nn.Module):
         change after it). Replicas count towards ``RerouteConfig.max_copies_per_rank``.
         The layer's output is the same with or without replicas; ``stats.replica_hits``
         counts the copies they served. Plan them from observed load with
-        ``flexmoe.parallel.placement.replica_placement``.
+        ``flexmoe.placement.replica_placement``.
         """
         ep = self._ep
         if ep is None or ep.placement.sharded:
@@ -675,7 +673,7 @@ class MoELayer(nn.Module):
     ) -> PlacementAdvice:
         """A balanced placement for per-expert ``loads``, and whether moving to it pays.
 
-        See ``flexmoe.parallel.placement.advise_placement``: the move must pay back within
+        See ``flexmoe.placement.advise_placement``: the move must pay back within
         ``horizon_steps`` steps. Predicted by the layer's cost model (the one the tuner
         and rerouting use: ``TunerConfig.cluster``): a training step of plain expert
         parallelism with ``loads`` in the current and in the proposed slots, and the
@@ -700,14 +698,13 @@ class MoELayer(nn.Module):
         if self._cost is None:
             self._cost = cost_model(ep, self.config, experts.w_in.device)
         cost = self._cost
-        from flexmoe.planner.simulate import Candidate
 
         k, cf = self.config.top_k, self.config.capacity.capacity_factor
         tokens = max(1, round(sum(loads) / k))
         dtype = experts.w_in.dtype
 
         def step_seconds(rows: list[float]) -> float:
-            return cost.predict(Candidate(r=1), rows, tokens, k, cf, True, dtype)  # type: ignore[arg-type]
+            return cost.predict(Plan(r=1, reroute=False), rows, tokens, k, cf, True, dtype)  # type: ignore[arg-type]
 
         latency, bandwidth = cost.machine.link(not cost.machine.single_node)
         return advise_placement(
@@ -1066,8 +1063,6 @@ class MoELayer(nn.Module):
             return None
         if self._cost is None:
             self._cost = cost_model(ep, self.config, glayout.routed_per_expert_E.device)
-        from flexmoe.planner.rerouting import summarize
-        from flexmoe.planner.simulate import Candidate
 
         counts: list[int] = glayout.routed_per_expert_E.tolist()
         training = torch.is_grad_enabled()
@@ -1075,9 +1070,7 @@ class MoELayer(nn.Module):
 
         def predict(kind: str | None) -> float:
             assert self._cost is not None
-            option = Candidate(
-                r=1, d=plan.d, exchange=plan.exchange, rerouting=kind is not None, shadow=kind == "shadow"
-            )
+            option = Plan(r=1, d=plan.d, exchange=plan.exchange, reroute=False if kind is None else kind)  # type: ignore[arg-type]
             actual = None
             if kind is not None:  # the plan itself: its real sources, copies and held replicas
                 chosen = plans[kind]

@@ -1,0 +1,11 @@
+"""``MoELayer``: route -> plan -> expert strategy -> combine, composed from the stages."""
+
+from flexmoe.layer.moe_layer import (
+    MoELayer,
+    MoEStats,
+    attach_aux_free_update,
+    name_moe_layers,
+    update_expert_biases,
+)
+
+__all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
