@@ -436,6 +436,32 @@ class MoELayer(nn.Module):
             out[name] = None if value is None else value.detach().clone()
         return out
 
+    def whole_stored_experts(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """Tensors shaped like this rank's expert parameters, as the whole experts it stores.
+
+        ``tensors`` maps ``w_in``, ``w_out``, ``b_in``, ``b_out`` to tensors shaped like
+        those parameters (the parameters, their gradients or optimizer state; ``None`` where
+        there is none). Returns one row per expert of ``stored_experts``, each with its
+        single-device shape. Only sharded experts (``E < W``) change: the hidden shards of
+        the rank's expert are gathered from the ranks sharing it, a collective over them
+        (call it on every rank).
+        """
+        ep = self._ep
+        if ep is None or not ep.placement.sharded:
+            return dict(tensors)
+        experts = self.experts
+        if not isinstance(experts, GroupedExperts):
+            raise ValueError("whole_stored_experts needs the built-in grouped experts")
+        names = ("w_in", "w_out", "b_in", "b_out")
+        with torch.no_grad():
+            whole = ep.gather_like(
+                tuple(tensors.get(n) for n in names),  # type: ignore[arg-type]
+                experts,
+                1,
+                has_bias=experts.b_in is not None,
+            )
+        return dict(zip(names, whole, strict=True))
+
     @property
     def placement(self) -> Placement | None:
         """Where this distributed layer's experts are stored (``None`` on one device)."""
