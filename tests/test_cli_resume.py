@@ -89,6 +89,12 @@ def test_a_resumed_two_worker_run_is_bit_identical(tmp_path):
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4] and {s: straight[s] for s in resumed} == resumed
     _assert_identical(_tensors(tmp_path / "straight", 4), _tensors(tmp_path / "resumed", 4))
+    # On one worker with the same global batch (2 x 2 -> 1 x 4): the same data, the same
+    # losses up to rounding (the experts are re-sharded on load).
+    one = TINY | dict(batch_size=4, steps=4, no_progress=True, log_every=1, reroute="off")
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-000002"
+    train(TrainConfig(**one, resume=checkpoint, run_dir=tmp_path / "one"), 0, 1)
+    assert _losses(tmp_path / "one") == pytest.approx(resumed, rel=1e-5)
 
 
 def test_learning_rate_is_a_function_of_the_step():
