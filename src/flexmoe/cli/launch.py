@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -122,9 +121,10 @@ def _set_parent_death_signal() -> bool:
     """Ask the kernel to ``SIGKILL`` this process when its parent dies (Linux); whether it could."""
     if not sys.platform.startswith("linux"):
         return False
-    libc_name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
+        # dlopen(NULL): the running program's symbols, libc's prctl among them. (Not
+        # ctypes.util.find_library, which runs ldconfig: this also runs in preexec_fn.)
+        libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
     except (OSError, AttributeError):  # no libc or no prctl: the watchdog still guards
         return False
