@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from flexmoe.cli.options import int_in
+from flexmoe.cli.train_config import MAX_WORKERS
 from flexmoe.planner.cluster import default_calibration_path
 from flexmoe.tools.calibrate import DEFAULT_LAYER, calibrate
 
@@ -17,13 +19,19 @@ __all__ = ["add_calibrate_arguments", "run_calibrate"]
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the calibrate command's options."""
-    parser.add_argument("--workers", type=int, default=2, help="local processes measuring at once (>= 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="repeats of every probe (medians are kept)")
-    parser.add_argument("--dim", type=int, default=DEFAULT_LAYER[0], help="width of the small layer fitted")
     parser.add_argument(
-        "--hidden", type=int, default=DEFAULT_LAYER[1], help="expert hidden dim of that layer"
+        "--workers", type=int_in(2, MAX_WORKERS), default=2, help="local processes measuring at once"
     )
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per process of that layer")
+    parser.add_argument(
+        "--rounds", type=int_in(1), default=5, help="repeats of every probe (medians are kept)"
+    )
+    parser.add_argument(
+        "--dim", type=int_in(1), default=DEFAULT_LAYER[0], help="width of the small layer fitted"
+    )
+    parser.add_argument(
+        "--hidden", type=int_in(1), default=DEFAULT_LAYER[1], help="expert hidden dim of that layer"
+    )
+    parser.add_argument("--tokens", type=int_in(1), default=128, help="tokens per process of that layer")
     parser.add_argument(
         "--output", default=None, help=f"where to write (default {default_calibration_path()})"
     )
@@ -31,10 +39,6 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> None:
     """Measure, store and summarise."""
-    if args.workers < 2:
-        raise SystemExit(f"flexmoe calibrate: --workers must be >= 2, got {args.workers}")
-    if args.rounds < 1:
-        raise SystemExit(f"flexmoe calibrate: --rounds must be >= 1, got {args.rounds}")
     started = time.perf_counter()
     path = args.output or default_calibration_path()
     cluster = calibrate(

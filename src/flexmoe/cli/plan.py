@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from flexmoe.cli.options import CliError, float_in, int_in, one_line
 from flexmoe.config import RerouteConfig
 from flexmoe.planner import (
     Cluster,
     Load,
     MoEWorkload,
+    PlanReport,
     load_cluster,
     plan,
     preset_names,
@@ -33,21 +39,41 @@ from flexmoe.planner import (
 from flexmoe.planner.replay import format_trace_simulation, simulate_trace
 from flexmoe.planner.report import format_plan, format_sweep, plot_sweep, sweep_rows
 
-__all__ = ["add_plan_arguments", "parse_load", "run_plan"]
+__all__ = ["add_plan_arguments", "parse_load", "plot_paths", "run_plan"]
+
+DEFAULT_DEVICES = 64
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+# The search's time grows about quadratically with the device count (8192 devices take
+# seconds, 16384 about a minute): beyond these bounds an answer would take minutes.
+MAX_DEVICES = 8192
+MAX_EXPERTS = 65536
+MAX_SWEEP_POINTS = 32
+MAX_DEGREE = 64
+
+
+def _int_list(minimum: int, maximum: int, most: int) -> Callable[[str], list[int]]:
+    """An argparse ``type=``: comma-separated integers in ``[minimum, maximum]``, at most ``most``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < minimum or max(values) > maximum:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers in [{minimum}, {maximum}], got {text!r}"
+            )
+        if len(values) > most:
+            raise argparse.ArgumentTypeError(f"expected at most {most} values, got {len(values)}")
+        return values
+
+    parse.__name__ = "integer list"
+    return parse
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the plan command's options."""
+    """Register the plan command's options (each with a help line; ``--help`` shows the defaults)."""
     where = parser.add_argument_group("cluster")
     where.add_argument(
         "--cluster",
@@ -55,30 +81,54 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a preset ({', '.join(preset_names())}), 'this-machine' (after `flexmoe calibrate`) "
         "or a JSON file",
     )
-    where.add_argument("--devices", type=int, default=64, help="devices (ranks) for a single prediction")
-    where.add_argument("--sweep-devices", type=_int_list, default=None, help="e.g. 16,32,64,...,2048")
     where.add_argument(
-        "--ranks-per-node", type=int, default=None, help="2DH grouping when every rank is on one machine"
+        "--devices",
+        type=int_in(1, MAX_DEVICES),
+        default=None,
+        help=f"devices (ranks) for a single prediction, in [1, {MAX_DEVICES}] (none: {DEFAULT_DEVICES})",
     )
     where.add_argument(
-        "--memory-budget-gb", type=float, default=None, help="memory one layer may use per device"
+        "--sweep-devices",
+        type=_int_list(1, MAX_DEVICES, MAX_SWEEP_POINTS),
+        default=None,
+        help=f"device counts to sweep, e.g. 16,32,64,...,2048 (each in [1, {MAX_DEVICES}])",
+    )
+    where.add_argument(
+        "--ranks-per-node",
+        type=int_in(1),
+        default=None,
+        help="2DH grouping when every rank is on one machine",
+    )
+    where.add_argument(
+        "--memory-budget-gb",
+        type=float_in(positive=True),
+        default=None,
+        help="memory one layer may use per device",
     )
     layer = parser.add_argument_group("layer")
-    layer.add_argument("--dim", type=int, default=2048)
-    layer.add_argument("--hidden", type=int, default=2048, help="hidden dim per expert")
-    layer.add_argument("--experts", type=int, default=None, help="experts (default: one per device)")
+    layer.add_argument("--dim", type=int_in(1), default=2048, help="model dim")
+    layer.add_argument("--hidden", type=int_in(1), default=2048, help="hidden dim per expert")
     layer.add_argument(
-        "--experts-per-device", type=float, default=None, help="scale the experts with the devices (sweeps)"
+        "--experts",
+        type=int_in(1, MAX_EXPERTS),
+        default=None,
+        help="experts (none: --experts-per-device, or one per device)",
     )
-    layer.add_argument("--top-k", type=int, default=2)
+    layer.add_argument(
+        "--experts-per-device",
+        type=float_in(positive=True),
+        default=None,
+        help="scale the experts with the devices (sweeps)",
+    )
+    layer.add_argument("--top-k", type=int_in(1), default=2, help="experts per token, <= the experts")
     layer.add_argument(
         "--gated", action=argparse.BooleanOptionalAction, default=False, help="SwiGLU-style experts"
     )
-    layer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    layer.add_argument("--tokens", type=int, default=16384, help="tokens per device")
+    layer.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="number format")
+    layer.add_argument("--tokens", type=int_in(1), default=16384, help="tokens per device")
     layer.add_argument(
         "--capacity-factor",
-        type=float,
+        type=float_in(),
         default=0.0,
         help="flexmoe's policy: >0 fixed, <0 adaptive cap, 0 dropless",
     )
@@ -96,25 +146,62 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     search.add_argument(
         "--shuffle-seed",
-        type=int,
+        type=int_in(-1),
         default=0,
         help="spread Zipf's hot experts over ranks (-1: hottest on rank 0)",
     )
-    search.add_argument("--degrees", type=_int_list, default=[1, 2, 4, 8], help="pipelining degrees d")
+    search.add_argument(
+        "--degrees",
+        type=_int_list(1, MAX_DEGREE, MAX_DEGREE),
+        default=[1, 2, 4, 8],
+        help=f"pipelining degrees d, each in [1, {MAX_DEGREE}]",
+    )
     search.add_argument("--no-rerouting", action="store_true", help="leave rerouting out of the candidates")
     search.add_argument(
         "--reroute-min-chunk",
-        type=int,
+        type=int_in(1),
         default=None,
-        help="rerouting: smallest piece moved (layer default 1)",
+        help="rerouting: smallest piece moved (none: the layer default 1)",
     )
     search.add_argument(
-        "--reroute-max-copies", type=int, default=None, help="rerouting: expert copies a rank may receive"
+        "--reroute-max-copies",
+        type=int_in(0),
+        default=None,
+        help="rerouting: expert copies a rank may receive (none: no bound)",
     )
     out = parser.add_argument_group("output")
-    out.add_argument("--top", type=int, default=12, help="candidates to list")
-    out.add_argument("--plot", default=None, help="with --sweep-devices: write PLOT.png and PLOT.svg")
+    out.add_argument("--top", type=int_in(1), default=12, help="candidates to list")
+    out.add_argument(
+        "--plot",
+        default=None,
+        help="with --sweep-devices: write PLOT.png and PLOT.svg (a .png or .svg suffix is dropped)",
+    )
     out.add_argument("--json", default=None, help="also write the predictions as JSON")
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Refuse options that contradict each other or would be silently ignored."""
+    if args.sweep_devices is not None and args.devices is not None:
+        raise CliError("argument --devices: not allowed with --sweep-devices (the sweep names the devices)")
+    if args.experts is not None and args.experts_per_device is not None:
+        raise CliError("argument --experts-per-device: not allowed with --experts (give one of them)")
+    if args.plot is not None and args.sweep_devices is None:
+        raise CliError("argument --plot: needs --sweep-devices (a plot is of a sweep)")
+    if args.per_step and args.sweep_devices is not None:
+        raise CliError("argument --per-step: predicts one device count; leave out --sweep-devices")
+    if args.plot is not None and Path(args.plot).name in ("", ".", ".."):
+        raise CliError(f"argument --plot: expected a file name, got {args.plot!r}")
+    for flag, value in (("--plot", args.plot), ("--json", args.json)):
+        if value is not None and not Path(value).expanduser().resolve().parent.is_dir():
+            raise CliError(f"argument {flag}: the folder of {value!r} does not exist")
+    largest = max(args.sweep_devices or [args.devices or DEFAULT_DEVICES])
+    if args.experts_per_device is not None and round(args.experts_per_device * largest) > MAX_EXPERTS:
+        raise CliError(
+            f"argument --experts-per-device: {args.experts_per_device:g} per device on {largest} devices "
+            f"is more than {MAX_EXPERTS} experts"
+        )
+    if args.experts is None and args.experts_per_device is None and largest > MAX_EXPERTS:
+        raise CliError(f"argument --devices: one expert per device is more than {MAX_EXPERTS} experts")
 
 
 def parse_load(spec: str, num_experts: int, shuffle_seed: int | None) -> Load:
@@ -135,13 +222,13 @@ def parse_load(spec: str, num_experts: int, shuffle_seed: int | None) -> Load:
                 raise ValueError(f"the trace has {trace.num_experts} experts, the layer {num_experts}")
             return Load.from_counts(trace.mean_counts(layer or None), name=f"trace {path}")
     except (ValueError, TypeError, OSError) as error:
-        raise SystemExit(f"flexmoe plan: bad --load {spec!r}: {error}") from None
-    raise SystemExit(
-        f"flexmoe plan: bad --load {spec!r}: expected uniform, zipf:S, hot:SHARE:COUNT or trace:PATH"
-    )
+        raise CliError(f"bad --load {spec!r}: {one_line(error)}") from None
+    raise CliError(f"bad --load {spec!r}: expected uniform, zipf:S, hot:SHARE:COUNT or trace:PATH")
 
 
 def _workload(args: argparse.Namespace, experts: int) -> MoEWorkload:
+    if args.top_k > experts:
+        raise CliError(f"argument --top-k: must be <= the experts ({experts}), got {args.top_k}")
     try:
         return MoEWorkload(
             dim=args.dim,
@@ -155,92 +242,135 @@ def _workload(args: argparse.Namespace, experts: int) -> MoEWorkload:
             training=not args.inference,
         )
     except ValueError as error:
-        raise SystemExit(f"flexmoe plan: {error}") from None
+        raise CliError(one_line(error)) from None
 
 
 def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Run the command; returns what it printed as data (also written with ``--json``)."""
+    _check_combinations(args)
     try:
         cluster = load_cluster(args.cluster)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"flexmoe plan: {error}") from None
-    seed = None if args.shuffle_seed < 0 else args.shuffle_seed
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as error:  # a missing or bad file
+        raise CliError(f"argument --cluster: cannot use {args.cluster!r}: {one_line(error)}") from None
     try:
         reroute = RerouteConfig(
             min_chunk=args.reroute_min_chunk or 1, max_copies_per_rank=args.reroute_max_copies
         )
     except ValueError as error:
-        raise SystemExit(f"flexmoe plan: {error}") from None
+        raise CliError(one_line(error)) from None
     budget = None if args.memory_budget_gb is None else args.memory_budget_gb * 1e9
     print(f"cluster {cluster.name}: {cluster.device.name}, {cluster.devices_per_node} per node")
     if args.sweep_devices:
-        if args.per_step:
-            raise SystemExit("flexmoe plan: --per-step predicts one device count; leave out --sweep-devices")
-        per_device = args.experts_per_device
-        if per_device is None and args.experts is None:
-            per_device = 1.0
-        experts = args.experts or max(1, round((per_device or 1) * args.sweep_devices[0]))
-        workload = _workload(args, experts)
-        print(_describe(workload, args))
-        started = time.perf_counter()
-        try:
-            reports = sweep(
-                cluster,
-                workload,
-                (lambda E: parse_load(args.load, E, seed))
-                if per_device
-                else parse_load(args.load, experts, seed),
-                args.sweep_devices,
-                experts_per_device=per_device,
-                memory_budget=budget,
-                reroute_config=reroute,
-            )
-        except ValueError as error:
-            raise SystemExit(f"flexmoe plan: {error}") from None
-        print(format_sweep(reports))
-        print(f"({time.perf_counter() - started:.2f} s for {len(reports)} device counts)")
-        result: dict[str, Any] = {"sweep": sweep_rows(reports)}
-        if args.plot:
-            title = f"{_describe(workload, args)} on {cluster.name}"
-            written = plot_sweep(reports, args.plot, title=title)
-            print("wrote " + ", ".join(str(p) for p in written))
+        result = _run_sweep(args, cluster, budget, reroute)
     elif args.per_step:
-        return _write_json(args, _run_per_step(args, cluster, budget, reroute))
+        result = _run_per_step(args, cluster, budget, reroute)
     else:
-        experts = args.experts or max(1, round((args.experts_per_device or 1) * args.devices))
-        workload = _workload(args, experts)
-        print(_describe(workload, args))
-        load = parse_load(args.load, experts, seed)
-        try:
-            report = plan(
-                cluster,
-                workload,
-                load,
-                args.devices,
-                ranks_per_node=args.ranks_per_node,
-                memory_budget=budget,
-                degrees=args.degrees,
-                rerouting=not args.no_rerouting,
-                reroute_config=reroute,
-            )
-        except ValueError as error:
-            raise SystemExit(f"flexmoe plan: {error}") from None
-        print(format_plan(report, args.top))
-        result = {
-            "best": report.best.plan.label,
-            "best_s": report.best.time,
-            "speedups": report.speedups(),
-            "candidates": [
-                {
-                    "plan": p.plan.label,
-                    "step_s": p.time,
-                    "peak_memory_bytes": p.peak_memory,
-                    "fits": p.fits,
-                }
-                for p in [*report.predictions, *report.baselines]
-            ],
-        }
+        result = _run_single(args, cluster, budget, reroute)
     return _write_json(args, result)
+
+
+def _seed(args: argparse.Namespace) -> int | None:
+    return None if args.shuffle_seed < 0 else int(args.shuffle_seed)
+
+
+def _run_sweep(
+    args: argparse.Namespace, cluster: Cluster, budget: float | None, reroute: RerouteConfig
+) -> dict[str, Any]:
+    """``--sweep-devices``: the best plan and the baselines at every device count (and ``--plot``)."""
+    per_device = args.experts_per_device
+    if per_device is None and args.experts is None:
+        per_device = 1.0
+    experts = args.experts or max(1, round((per_device or 1) * args.sweep_devices[0]))
+    workload = _workload(args, experts)
+    print(_describe(workload, args))
+    started = time.perf_counter()
+    try:
+        reports = sweep(
+            cluster,
+            workload,
+            (lambda E: parse_load(args.load, E, _seed(args)))
+            if per_device
+            else parse_load(args.load, experts, _seed(args)),
+            args.sweep_devices,
+            experts_per_device=per_device,
+            memory_budget=budget,
+            reroute_config=reroute,
+        )
+    except ValueError as error:
+        raise CliError(one_line(error)) from None
+    print(format_sweep(reports))
+    print(f"({time.perf_counter() - started:.2f} s for {len(reports)} device counts)")
+    if args.plot:
+        written = _plot(reports, args.plot, title=f"{_describe(workload, args)} on {cluster.name}")
+        print("wrote " + ", ".join(str(p) for p in written))
+    return {"sweep": sweep_rows(reports)}
+
+
+def _run_single(
+    args: argparse.Namespace, cluster: Cluster, budget: float | None, reroute: RerouteConfig
+) -> dict[str, Any]:
+    """One device count: every candidate plan, the best, and the speedups over the baselines."""
+    devices = args.devices or DEFAULT_DEVICES
+    experts = args.experts or max(1, round((args.experts_per_device or 1) * devices))
+    workload = _workload(args, experts)
+    print(_describe(workload, args))
+    load = parse_load(args.load, experts, _seed(args))
+    try:
+        report = plan(
+            cluster,
+            workload,
+            load,
+            devices,
+            ranks_per_node=args.ranks_per_node,
+            memory_budget=budget,
+            degrees=args.degrees,
+            rerouting=not args.no_rerouting,
+            reroute_config=reroute,
+        )
+    except ValueError as error:
+        raise CliError(one_line(error)) from None
+    print(format_plan(report, args.top))
+    return {
+        "best": report.best.plan.label,
+        "best_s": report.best.time,
+        "speedups": report.speedups(),
+        "candidates": [
+            {
+                "plan": p.plan.label,
+                "step_s": p.time,
+                "peak_memory_bytes": p.peak_memory,
+                "fits": p.fits,
+            }
+            for p in [*report.predictions, *report.baselines]
+        ],
+    }
+
+
+def plot_paths(plot: str) -> tuple[Path, Path]:
+    """The PNG and SVG that ``--plot PLOT`` writes: ``PLOT.png``, ``PLOT.svg``.
+
+    Every dot of ``PLOT`` is kept (``out.v1`` -> ``out.v1.png``); only a ``.png`` or
+    ``.svg`` suffix is taken for the format and dropped.
+    """
+    stem = Path(plot)
+    if stem.suffix in (".png", ".svg"):
+        stem = stem.with_name(stem.stem)
+    return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
+
+
+def _plot(reports: list[PlanReport], plot: str, title: str) -> list[Path]:
+    """Draw into a scratch folder beside the target, then move the files to ``plot_paths(plot)``.
+
+    ``plot_sweep`` names its files with ``with_suffix``, which would drop a dotted
+    part of the name (``out.v1``); a dot-free scratch name keeps the user's name whole.
+    """
+    targets = plot_paths(plot)
+    with tempfile.TemporaryDirectory(dir=targets[0].parent, prefix=".flexmoe-plot-") as scratch:
+        written = sorted(plot_sweep(reports, Path(scratch) / "plot", title=title))
+        by_suffix = {path.suffix: path for path in written}
+        for target in targets:
+            os.replace(by_suffix[target.suffix], target)
+    return list(targets)
 
 
 def _write_json(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
@@ -263,20 +393,21 @@ def _run_per_step(
     """
     kind, _, rest = args.load.partition(":")
     if kind != "trace" or not rest:
-        raise SystemExit(f"flexmoe plan: --per-step needs --load trace:PATH[:LAYER], got {args.load!r}")
+        raise CliError(f"--per-step needs --load trace:PATH[:LAYER], got {args.load!r}")
     path, _, layer = rest.partition(":")
     try:
         trace = read_routing_trace(path)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"flexmoe plan: bad --load {args.load!r}: {error}") from None
+        raise CliError(f"bad --load {args.load!r}: {one_line(error)}") from None
     workload = _workload(args, args.experts or trace.num_experts)
     print(_describe(workload, args))
+    devices = args.devices or DEFAULT_DEVICES
     try:
         simulation = simulate_trace(
             cluster,
             workload,
             trace,
-            args.devices,
+            devices,
             layer=layer or None,
             ranks_per_node=args.ranks_per_node,
             memory_budget=budget,
@@ -285,8 +416,8 @@ def _run_per_step(
             reroute_config=reroute,
         )
     except (ValueError, OSError) as error:
-        raise SystemExit(f"flexmoe plan: bad --load {args.load!r}: {error}") from None
-    print(f"{args.devices} devices, trace {path}")
+        raise CliError(f"bad --load {args.load!r}: {one_line(error)}") from None
+    print(f"{devices} devices, trace {path}")
     print(format_trace_simulation(simulation, args.top))
     return {
         "layer": simulation.layer,

@@ -104,9 +104,9 @@ def _worker(
             load_balance_weight=0.0,
             ranks_per_node=case.ranks_per_node,
         )
-        assert layer._ep is not None
+        assert layer.placement is not None
         x = torch.randn(case.tokens, case.dim, generator=torch.Generator().manual_seed(rank))
-        plans = benchmark_plans(layer._ep.placement.valid_r())
+        plans = benchmark_plans(layer.placement.valid_r())
         times: dict[int, list[float]] = {i: [] for i in range(len(plans))}
         for round_ in range(rounds + 1):  # round 0 warms up
             if probes is not None:
