@@ -1,13 +1,11 @@
-"""Dispatch: capacity policy, dispatch layout, permute and combine, the dispatcher strategy."""
+"""Dispatch: the capacity policy, the dispatch layout (expert-major order, drops), permute and combine."""
 
-from flexmoe.dispatch.dispatcher import Dispatcher, LocalDispatcher
-from flexmoe.dispatch.layout import DispatchLayout, compute_capacity, make_layout
+from flexmoe.dispatch.layout import DispatchLayout, capacity_limit, compute_capacity, make_layout
 from flexmoe.dispatch.permute import combine, permute
 
 __all__ = [
     "DispatchLayout",
-    "Dispatcher",
-    "LocalDispatcher",
+    "capacity_limit",
     "combine",
     "compute_capacity",
     "make_layout",

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DispatchLayout", "compute_capacity", "layout_from_sorted", "make_layout", "sort_slots"]
+__all__ = [
+    "DispatchLayout",
+    "capacity_limit",
+    "compute_capacity",
+    "layout_from_sorted",
+    "make_layout",
+    "sort_slots",
+]
 
 
 def compute_capacity(
@@ -26,16 +33,23 @@ def compute_capacity(
     ``cf > 0``: ``ceil(cf * T * K / E)``. ``cf < 0``: the real maximum load, capped at
     ``ceil(|cf| * T * K / E)``. ``cf == 0``: dropless (``None``).
     """
-    if capacity_factor == 0:
-        return None
-    even_share = num_tokens * top_k / num_experts
-    exact = abs(capacity_factor) * even_share
-    # A factor like 1.1 is stored as 1.1000000000000000888; do not let that last bit
-    # round a capacity of exactly 5 up to 6.
-    cap = math.ceil(exact - 1e-9 * max(1.0, exact))
-    if capacity_factor > 0:
+    cap = capacity_limit(capacity_factor, num_tokens, top_k, num_experts)
+    if cap is None or capacity_factor > 0:
         return cap
     return min(max_load, cap)
+
+
+def capacity_limit(capacity_factor: float, num_tokens: float, top_k: int, num_experts: int) -> int | None:
+    """``ceil(|cf| * T * K / E)``: the most rows an expert may keep (``None`` when dropless).
+
+    ``num_tokens`` may be an expected (fractional) count: the planner prices the same rule.
+    """
+    if capacity_factor == 0:
+        return None
+    exact = abs(capacity_factor) * (num_tokens * top_k / num_experts)
+    # A factor like 1.1 is stored as 1.1000000000000000888; do not let that last bit
+    # round a capacity of exactly 5 up to 6.
+    return math.ceil(exact - 1e-9 * max(1.0, exact))
 
 
 @dataclass

@@ -55,9 +55,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from flexmoe.config import RerouteConfig
 from flexmoe.placement import ReroutePlan
 
-__all__ = ["Rerouting", "expected_rerouting", "plan_rerouting", "summarize"]
+__all__ = ["Rerouting", "decide_rerouting", "expected_rerouting", "plan_rerouting", "summarize"]
 
 
 def plan_rerouting(
@@ -353,3 +354,58 @@ def summarize(
         shadow_rows_R=shadow_rows,
         shadow_local_R=shadow_local,
     )
+
+
+def decide_rerouting(
+    loads: Sequence[int],
+    world_size: int,
+    config: RerouteConfig,
+    forced: bool | str | None,
+    *,
+    sources: Sequence[Sequence[int]],
+    held: Sequence[Sequence[int]] | None,
+    predict: Callable[[ReroutePlan | None], float],
+) -> ReroutePlan | None:
+    """The step's rerouting: the forced kind, or the kind the cost model predicts pays, or none.
+
+    ``loads``: kept rows per expert (storage order) over every rank; ``sources[q][e]``:
+    rank ``q``'s share of them; ``held``: each rank's persistent replicas; ``forced``:
+    ``Plan.reroute`` (``True`` is ``"lla"``; ``None`` lets ``config`` decide);
+    ``predict(plan)``: the step's predicted seconds under a rerouting plan (``None``:
+    plain expert parallelism).
+
+    1. Plan each kind allowed (the forced one, else ``config.kinds``); a forced kind whose
+       bounds cannot hold the step raises ``ValueError``, an unforced one is skipped.
+    2. Forced: its plan. Unforced: nothing below ``config.threshold`` (the busiest rank's
+       rows over the mean); else the fastest predicted kind, if it saves at least
+       ``config.min_gain`` of plain expert parallelism's time.
+    """
+    if forced is False or (forced is None and not config.enabled):
+        return None
+    kinds = config.kinds if forced is None else ("lla",) if forced is True else (str(forced),)
+    plans: dict[str, ReroutePlan] = {}
+    for kind in kinds:
+        try:
+            candidate = plan_rerouting(
+                loads,
+                world_size,
+                alpha=config.alpha,
+                min_chunk=config.min_chunk,
+                max_rows_per_rank=config.max_rows_per_rank,
+                max_copies_per_rank=config.max_copies_per_rank,
+                held=held,
+                sources=sources if kind == "shadow" else None,
+            )
+        except ValueError:
+            if forced is not None:
+                raise
+            continue  # the bounds cannot hold this step this way
+        if candidate.moved_rows and (kind == "lla" or candidate.shadowed or forced is not None):
+            plans[kind] = candidate
+    if forced is not None or not plans:
+        return next(iter(plans.values()), None)
+    if next(iter(plans.values())).imbalance_before < config.threshold:
+        return None
+    times = {kind: predict(plan) for kind, plan in plans.items()}
+    best = min(times, key=lambda kind: times[kind])
+    return plans[best] if times[best] <= predict(None) * (1.0 - config.min_gain) else None

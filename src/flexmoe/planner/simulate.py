@@ -50,6 +50,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from flexmoe.config import Plan, RerouteConfig
+from flexmoe.dispatch import capacity_limit
 from flexmoe.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import (
@@ -222,11 +223,10 @@ def kept_rows(
         return padded * W, padded, W * float(overflow.sum()) / total
     cf = workload.capacity_factor
     kept = routed_E
-    if cf != 0:
-        cap = abs(cf) * W * T * K / E
-        capacity = float(math.ceil(cap - 1e-9 * max(1.0, cap)))
-        if cf < 0:
-            capacity = min(capacity, float(routed_E.max()))
+    limit = capacity_limit(cf, W * T, K, E)  # the layer's rule, on the whole batch
+    if limit is not None:
+        # Adaptive (cf < 0): the real maximum load, capped at the limit.
+        capacity = float(limit) if cf > 0 else min(float(limit), float(routed_E.max()))
         kept = np.minimum(routed_E, capacity)
     return kept, kept / W, (total - float(kept.sum())) / total
 

@@ -1,0 +1,148 @@
+"""What one forward call did: ``MoEStats``, built in one place from an expert strategy's ``ExpertStep``.
+
+Legend: E experts, W ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from flexmoe.config import Plan
+from flexmoe.planner.tuner import TunerDecision
+
+__all__ = ["ExpertStep", "MoEStats", "RowReport", "build_stats"]
+
+
+@dataclass
+class MoEStats:
+    """What one forward call did.
+
+    Attributes:
+        num_tokens, top_k: ``T`` and ``K`` of the call.
+        capacity_factor: the capacity factor in force; ``capacity`` the per-expert
+            capacity it gave (``None`` when dropless).
+        routed_per_expert: routed assignments per expert before any drop (int64, CPU),
+            indexed by the router's (logical) expert ids whatever the placement.
+        tokens_per_expert: assignments each expert actually processed (int64, CPU).
+        dropped: assignments dropped by the capacity limit.
+        load_max_over_mean: max / mean of ``routed_per_expert`` (1.0 is perfect balance).
+        plan: the parallel plan used; ``world_size`` the number of ranks it ran on.
+        backend: the expert GEMM backend used.
+        balance_loss, z_loss: the unweighted loss terms (detached), or ``None`` when off.
+        rows_per_rank, native_rows_per_rank: expert rows each rank computed, and would
+            have computed without rerouting (distributed layers with whole experts).
+        rerouted_rows, expert_copies: rows computed away from their expert's rank, and
+            expert weight copies sent, this call; ``copies_per_rank`` the copies each
+            rank received.
+        replica_hits: copies served by persistent replicas (``set_replicas``), not sent.
+        shadowed_experts: experts shadowed this call (``plan.reroute == "shadow"``): every
+            rank computed its own rows of them with a copy.
+        tuner: with ``plan="auto"``, the online tuner's decision for this call (a
+            ``flexmoe.planner.TunerDecision``: bucket, phase, predicted time, the previous
+            call's measured time), else ``None``.
+    """
+
+    num_tokens: int
+    top_k: int
+    capacity_factor: float
+    capacity: int | None
+    routed_per_expert: Tensor
+    tokens_per_expert: Tensor
+    dropped: int
+    load_max_over_mean: float
+    plan: Plan
+    world_size: int
+    backend: str
+    balance_loss: Tensor | None = None
+    z_loss: Tensor | None = None
+    rows_per_rank: list[int] | None = None
+    native_rows_per_rank: list[int] | None = None
+    rerouted_rows: int = 0
+    shadowed_experts: list[int] = field(default_factory=list)
+    expert_copies: int = 0
+    copies_per_rank: list[int] | None = None
+    replica_hits: int = 0
+    tuner: TunerDecision | None = None
+
+
+@dataclass(frozen=True)
+class RowReport:
+    """Where rows were computed in a step of expert parallelism with whole experts (see ``MoEStats``)."""
+
+    rows_per_rank: list[int]
+    native_rows_per_rank: list[int]
+    rerouted_rows: int = 0
+    expert_copies: int = 0
+    copies_per_rank: list[int] | None = None
+    replica_hits: int = 0
+    shadowed_experts: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExpertStep:
+    """The facts of one call an expert strategy reports; the layer turns them into ``MoEStats``.
+
+    Attributes:
+        num_tokens: tokens of the whole batch (every rank's, concatenated).
+        capacity: the per-expert capacity (``None``: dropless).
+        routed_per_expert_E, tokens_per_expert_E: routed and kept assignments per logical
+            expert over the whole batch.
+        dropped: assignments dropped by the capacity.
+        plan: the plan that ran; ``world_size`` its ranks.
+        routed_fraction_E: each expert's share of the whole batch's assignments, for the
+            balance loss of a distributed layer (``None``: this batch's own).
+        rows: where rows were computed (expert parallelism with whole experts).
+        tuner: the online tuner's decision (``plan="auto"``).
+    """
+
+    num_tokens: int
+    capacity: int | None
+    routed_per_expert_E: Tensor
+    tokens_per_expert_E: Tensor
+    dropped: int
+    plan: Plan
+    world_size: int
+    routed_fraction_E: Tensor | None = None
+    rows: RowReport | None = None
+    tuner: TunerDecision | None = None
+
+
+def build_stats(
+    step: ExpertStep,
+    top_k: int,
+    capacity_factor: float,
+    backend: str,
+    loss_terms: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> MoEStats:
+    """The ``MoEStats`` of a call from its ``ExpertStep`` (counts moved to the CPU: a host sync)."""
+    routed = step.routed_per_expert_E.detach().cpu()
+    num_experts = routed.numel()
+    T = step.num_tokens
+    stats = MoEStats(
+        num_tokens=T,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        capacity=step.capacity,
+        routed_per_expert=routed,
+        tokens_per_expert=step.tokens_per_expert_E.detach().cpu(),
+        dropped=step.dropped,
+        load_max_over_mean=int(routed.max()) / (T * top_k / num_experts) if T and num_experts else 0.0,
+        plan=step.plan,
+        world_size=step.world_size,
+        backend=backend,
+        balance_loss=loss_terms[0],
+        z_loss=loss_terms[1],
+        tuner=step.tuner,
+    )
+    rows = step.rows
+    if rows is not None:
+        stats.rows_per_rank = rows.rows_per_rank
+        stats.native_rows_per_rank = rows.native_rows_per_rank
+        stats.rerouted_rows = rows.rerouted_rows
+        stats.expert_copies = rows.expert_copies
+        stats.copies_per_rank = rows.copies_per_rank
+        stats.replica_hits = rows.replica_hits
+        stats.shadowed_experts = rows.shadowed_experts
+    return stats
