@@ -1,12 +1,11 @@
-"""Every Python example in the README runs."""
+"""Every Python example in the README runs; its torchrun example runs on 2 workers."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .test_docs import run_on_two_workers
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -27,14 +26,7 @@ def test_readme_torchrun_example_runs_on_two_workers(tmp_path):
     assert block, "the README's torchrun example is missing"
     script = tmp_path / "example.py"
     script.write_text(block.group(1))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_on_two_workers(script)
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         assert f"rank {rank}/2: loss" in result.stdout, result.stdout
