@@ -562,25 +562,26 @@ class MoELayer(nn.Module):
         state.update({f"experts.{name}": value for name, value in gathered.items() if value is not None})
         return state
 
-    def single_device_expert_grads(self) -> dict[str, Tensor | None]:
-        """The gradients of the expert parameters in the single-device layout, by name.
+    def single_device_expert_grads(self) -> dict[str, Tensor]:
+        """The gradients of the expert parameters in the single-device layout, by ``state_dict`` key.
 
-        ``{"w_in": ..., "w_out": ..., "b_in": ..., "b_out": ...}`` as the equivalent
-        single-device layer would hold them (logical expert order; ``None`` where there is
-        no such parameter or no gradient). Distributed: gathered from every rank, a
-        collective (call it on every rank).
+        ``{"experts.w_in": ..., "experts.w_out": ...}`` (and the biases, when the layer has
+        them) as the equivalent single-device layer would hold them, in logical expert
+        order; a parameter without a gradient counts as zero. Distributed: gathered from
+        every rank, a collective (call it on every rank).
         """
         if not isinstance(self.experts, GroupedExperts):
             raise ValueError("single_device_expert_grads needs the built-in grouped experts")
         params = [getattr(self.experts, name) for name in EXPERT_TENSORS]
-        strategy = self.strategy
-        if not isinstance(strategy, ExpertParallelExperts):
-            return {
-                n: None if p is None or p.grad is None else p.grad.detach()
-                for n, p in zip(EXPERT_TENSORS, params, strict=True)
-            }
         grads = [None if p is None else p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        return strategy.gather_single_device(grads)
+        strategy = self.strategy
+        if isinstance(strategy, ExpertParallelExperts):
+            gathered = strategy.gather_single_device(grads)
+        else:
+            gathered = {
+                n: None if g is None else g.detach() for n, g in zip(EXPERT_TENSORS, grads, strict=True)
+            }
+        return {f"experts.{name}": value.detach() for name, value in gathered.items() if value is not None}
 
     def whole_stored_experts(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         """Tensors shaped like this rank's expert parameters, as the whole experts it stores.

@@ -19,6 +19,7 @@ per-rank losses. With FSDP, pass ``ignored_params=list(expert_parameters(model))
 
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 from collections.abc import Iterator
@@ -208,7 +209,12 @@ def wrap_data_parallel(model: nn.Module) -> nn.Module:
 
 
 def shutdown() -> None:
-    """Tear down every process group (the default one and the layers' private twins)."""
+    """Tear down every process group (the default one and the layers' private twins).
+
+    Release data-parallel wrappers (``del ddp_model``) first: a gloo group still held by
+    a live ``DistributedDataParallel`` can abort the process at exit.
+    """
+    gc.collect()  # wrappers only held in reference cycles go now, not during interpreter exit
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     # Drop the twins here, not at interpreter exit: a gloo group finalised during exit can
