@@ -91,135 +91,189 @@ def plan_rerouting(
         raise ValueError(f"rerouting needs whole experts per rank: {E} experts on {W} ranks")
     if alpha < 1.0:
         raise ValueError(f"alpha must be >= 1, got {alpha}")
-    El = E // W
-    total = sum(loads)
-    native = [sum(loads[p * El : (p + 1) * El]) for p in range(W)]
     limit = math.inf if max_rows_per_rank is None else max_rows_per_rank
-    copy_limit = math.inf if max_copies_per_rank is None else max_copies_per_rank
+    total = sum(loads)
     if total > W * limit:
         raise ValueError(
             f"max_rows_per_rank={max_rows_per_rank} cannot hold this step's {total} rows on {W} ranks"
         )
-    cap = min(math.ceil(alpha * total / W), limit)
-    pending = list(native)  # rows of each rank's own experts not yet placed
-    assigned = [0 * total] * W
-    copies: list[set[int]] = [set() for _ in range(W)]
-    kept = [set(h) for h in held] if held is not None else [set() for _ in range(W)]
-    if len(kept) != W:
-        raise ValueError(f"held must list the replicas of each of the {W} ranks, got {len(kept)} lists")
-
-    slots = [len(k) for k in kept]  # len(copies[p] | kept[p]): the copies rank p holds
-
-    def full(p: int, e: int) -> bool:  # may rank p not take a piece of e (no room for its copy)?
-        return slots[p] >= copy_limit and e not in copies[p] and e not in kept[p]
-
-    intervals: list[list[tuple[int, float, float]]] = [[] for _ in range(E)]
-    transfers: list[tuple[int, int]] = []
-    heap = [(native[p], p) for p in range(W)]  # (assigned + pending, rank), possibly stale
-    heapq.heapify(heap)
-
-    def load_of(p: int) -> float:
-        return assigned[p] + pending[p]
-
-    def give(e: int, rank: int, start: float, size: float, push: bool = True) -> None:
-        intervals[e].append((rank, start, start + size))
-        assigned[rank] += size
-        if rank != e // El and e not in copies[rank]:
-            copies[rank].add(e)
-            if e not in kept[rank]:
-                transfers.append((e, rank))
-                slots[rank] += 1
-        if push:
-            heapq.heappush(heap, (load_of(rank), rank))
-
-    order = sorted(range(E), key=lambda i: (-loads[i], i))
-    shadowed: dict[int, list[tuple[int, float]]] = {}
-    remaining = list(loads)
+    if held is not None and len(held) != W:
+        raise ValueError(f"held must list the replicas of each of the {W} ranks, got {len(held)} lists")
     if sources is not None:
-        if len(sources) != W or any(len(row) != E for row in sources):
-            raise ValueError(f"sources must be {W} lists of {E} row counts (one per rank and expert)")
-        for e, column in enumerate(zip(*sources, strict=True)):
-            if abs(sum(column) - loads[e]) > 1e-9 * max(1, abs(loads[e])):
-                raise ValueError(f"sources of expert {e} sum to {sum(column)}, not its load {loads[e]}")
+        _check_sources(sources, loads, W)
+    # 1. the per-rank target, and experts in decreasing load
+    cap = min(math.ceil(alpha * total / W), limit)
+    state = _Assignment(loads, W, max_rows_per_rank, max_copies_per_rank, held, min_chunk)
+    order = sorted(range(E), key=lambda i: (-loads[i], i))
+    remaining = list(loads)
+    if sources is not None:  # shadowing: hot experts' other sources compute their own rows
+        remaining = state.shadow(order, sources, cap)
+    for e in order:
+        state.place(e, remaining[e], cap)
+    return state.plan()
+
+
+def _check_sources(sources: Sequence[Sequence[float]], loads: Sequence[float], W: int) -> None:
+    E = len(loads)
+    if len(sources) != W or any(len(row) != E for row in sources):
+        raise ValueError(f"sources must be {W} lists of {E} row counts (one per rank and expert)")
+    for e, column in enumerate(zip(*sources, strict=True)):
+        if abs(sum(column) - loads[e]) > 1e-9 * max(1, abs(loads[e])):
+            raise ValueError(f"sources of expert {e} sum to {sum(column)}, not its load {loads[e]}")
+
+
+class _Assignment:
+    """The state of one ``plan_rerouting`` call: rows given so far, copies, the least-loaded heap."""
+
+    def __init__(
+        self,
+        loads: Sequence[float],
+        W: int,
+        max_rows_per_rank: float | None,
+        max_copies_per_rank: int | None,
+        held: Sequence[Sequence[int]] | None,
+        min_chunk: float,
+    ) -> None:
+        E = len(loads)
+        self.loads, self.W, self.El, self.min_chunk = loads, W, E // W, min_chunk
+        self.bounds = (max_rows_per_rank, max_copies_per_rank)
+        self.limit = math.inf if max_rows_per_rank is None else max_rows_per_rank
+        self.copy_limit = math.inf if max_copies_per_rank is None else max_copies_per_rank
+        zero = 0 * sum(loads)  # keeps the loads' type (ints for the layer)
+        self.native = [sum(loads[p * self.El : (p + 1) * self.El]) for p in range(W)]
+        self.pending = list(self.native)  # rows of each rank's own experts not yet placed
+        self.assigned = [zero] * W
+        self.copies: list[set[int]] = [set() for _ in range(W)]
+        self.kept = [set(h) for h in held] if held is not None else [set() for _ in range(W)]
+        self.slots = [len(k) for k in self.kept]  # len(copies[p] | kept[p]): the copies rank p holds
+        self.intervals: list[list[tuple[int, float, float]]] = [[] for _ in range(E)]
+        self.transfers: list[tuple[int, int]] = []
+        self.shadowed: dict[int, list[tuple[int, float]]] = {}
+        self.heap = [(self.native[p], p) for p in range(W)]  # (load, rank), possibly stale
+        heapq.heapify(self.heap)
+
+    def load_of(self, p: int) -> float:
+        """Rows rank ``p`` computes so far plus its own rows still to place."""
+        return self.assigned[p] + self.pending[p]
+
+    def full(self, p: int, e: int) -> bool:
+        """Whether rank ``p`` may not take a piece of ``e`` (no room for another copy)."""
+        return self.slots[p] >= self.copy_limit and e not in self.copies[p] and e not in self.kept[p]
+
+    def give(self, e: int, rank: int, start: float, size: float, push: bool = True) -> None:
+        """Rows ``[start, start + size)`` of expert ``e`` to ``rank`` (a copy if it is not the owner)."""
+        self.intervals[e].append((rank, start, start + size))
+        self.assigned[rank] += size
+        if rank != e // self.El and e not in self.copies[rank]:
+            self.copies[rank].add(e)
+            if e not in self.kept[rank]:
+                self.transfers.append((e, rank))
+                self.slots[rank] += 1
+        if push:
+            heapq.heappush(self.heap, (self.load_of(rank), rank))
+
+    def shadow(self, order: list[int], sources: Sequence[Sequence[float]], cap: float) -> list[float]:
+        """Shadow hot experts (see the module docstring); returns each expert's rows left to place."""
+        remaining = list(self.loads)
         for e in order:
-            load, owner = loads[e], e // El
-            if load_of(owner) <= cap:
+            owner = e // self.El
+            if self.load_of(owner) <= cap:
                 continue  # its owner is not overloaded (any more)
             takes: list[tuple[int, float]] = []
-            for q in range(W):
+            for q in range(self.W):
                 own = sources[q][e]
-                if q == owner or own <= 0 or full(q, e):
+                if q == owner or own <= 0 or self.full(q, e):
                     continue
-                take = min(own, cap - load_of(q))
-                if take > 0 and (take >= min_chunk or take == own):
+                take = min(own, cap - self.load_of(q))
+                if take > 0 and (take >= self.min_chunk or take == own):
                     takes.append((q, take))
             if not takes:
                 continue
-            shadowed[e] = takes
+            self.shadowed[e] = takes
             taken = sum(t for _, t in takes)
-            pending[owner] -= taken
-            offset = remaining[e] = load - taken  # the rest: [0, remaining), placed below
+            self.pending[owner] -= taken
+            offset = remaining[e] = remaining[e] - taken  # the rest: [0, remaining), placed later
             for q, take in takes:
-                give(e, q, offset, take, push=False)
+                self.give(e, q, offset, take, push=False)
                 offset += take
-        heap = [(load_of(p), p) for p in range(W)]
-        heapq.heapify(heap)
+        self.heap = [(self.load_of(p), p) for p in range(self.W)]
+        heapq.heapify(self.heap)
+        return remaining
 
-    for e in order:
-        load, owner = remaining[e], e // El  # a shadowed expert: the rows left to place
-        pending[owner] -= load
-        heapq.heappush(heap, (load_of(owner), owner))
-        room = cap - assigned[owner] - pending[owner]
+    def place(self, e: int, load: float, cap: float) -> None:
+        """Steps 2-3 for expert ``e``'s ``load`` rows left to place."""
+        owner = e // self.El
+        self.pending[owner] -= load
+        heapq.heappush(self.heap, (self.load_of(owner), owner))
+        room = cap - self.assigned[owner] - self.pending[owner]
         keep = min(load, room) if room > 0 else 0 * load
-        if keep or (load == 0 and e not in shadowed):
-            give(e, owner, 0 * load, keep)
-        offset, remainder = keep, load - keep
-        # Spill to the least-loaded ranks that may hold another copy.
+        if keep or (load == 0 and e not in self.shadowed):
+            self.give(e, owner, 0 * load, keep)
+        offset = self._spill(e, keep, load - keep, cap)
+        self._overflow(e, offset, load - offset)
+        self.intervals[e] = _merge(sorted(self.intervals[e], key=lambda piece: piece[1]))
+
+    def _spill(self, e: int, offset: float, remainder: float, cap: float) -> float:
+        """Step 2: spill to the least-loaded ranks that may hold a copy; returns the rows placed."""
+        owner = e // self.El
         while remainder > 0:
             popped: list[tuple[float, int]] = []
             taken = False
-            while heap:
-                key, p = heapq.heappop(heap)
-                if key != load_of(p):
+            while self.heap:
+                key, p = heapq.heappop(self.heap)
+                if key != self.load_of(p):
                     continue  # stale: the rank's current entry is also in the heap
                 popped.append((key, p))
-                if p == owner or full(p, e):
+                if p == owner or self.full(p, e):
                     continue
                 chunk = min(remainder, cap - key)
-                if chunk > 0 and (chunk >= min_chunk or chunk == remainder):
-                    give(e, p, offset, chunk)
+                if chunk > 0 and (chunk >= self.min_chunk or chunk == remainder):
+                    self.give(e, p, offset, chunk)
                     offset, remainder = offset + chunk, remainder - chunk
                     taken = True
                     break
                 if chunk <= 0:
                     break  # every rank after this one is at least as full
             for item in popped:
-                heapq.heappush(heap, item)
+                heapq.heappush(self.heap, item)
             if not taken:
                 break
-        # What nobody could take under cap: the least-loaded ranks with room under the hard
-        # bound (the owner included; it needs no copy).
+        return offset
+
+    def _overflow(self, e: int, offset: float, remainder: float) -> None:
+        """Step 3: what nobody could take under ``cap``, to the least-loaded ranks under the bound."""
+        owner = e // self.El  # the owner is eligible too: it needs no copy
         while remainder > 0:
-            eligible = [p for p in range(W) if load_of(p) < limit and (p == owner or not full(p, e))]
+            eligible = [
+                p
+                for p in range(self.W)
+                if self.load_of(p) < self.limit and (p == owner or not self.full(p, e))
+            ]
             if not eligible:
+                max_rows, max_copies = self.bounds
                 raise ValueError(
-                    f"rerouting cannot place expert {e}'s rows within max_rows_per_rank="
-                    f"{max_rows_per_rank} and max_copies_per_rank={max_copies_per_rank}"
+                    f"rerouting cannot place expert {e}'s rows within max_rows_per_rank={max_rows} "
+                    f"and max_copies_per_rank={max_copies}"
                 )
-            p = min(eligible, key=lambda q: (load_of(q), q != owner, q))
-            chunk = min(remainder, limit - load_of(p))
-            give(e, p, offset, chunk)
+            p = min(eligible, key=lambda q: (self.load_of(q), q != owner, q))
+            chunk = min(remainder, self.limit - self.load_of(p))
+            self.give(e, p, offset, chunk)
             offset, remainder = offset + chunk, remainder - chunk
-        intervals[e] = _merge(sorted(intervals[e], key=lambda piece: piece[1]))
-    return ReroutePlan(
-        intervals=intervals,
-        copies=[sorted(c) for c in copies],
-        rows_per_rank=assigned,
-        native_rows_per_rank=native,
-        moved_rows=sum(b - a for e in range(E) for p, a, b in intervals[e] if p != e // El),
-        transfers=transfers,
-        shadowed=dict(sorted(shadowed.items())),
-    )
+
+    def plan(self) -> ReroutePlan:
+        """The finished plan."""
+        El = self.El
+        return ReroutePlan(
+            intervals=self.intervals,
+            copies=[sorted(c) for c in self.copies],
+            rows_per_rank=self.assigned,
+            native_rows_per_rank=self.native,
+            moved_rows=sum(
+                b - a for e, pieces in enumerate(self.intervals) for p, a, b in pieces if p != e // El
+            ),
+            transfers=self.transfers,
+            shadowed=dict(sorted(self.shadowed.items())),
+        )
 
 
 def _merge(pieces: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:

@@ -339,6 +339,195 @@ def _copy_time(reroute: Rerouting, expert_bytes: float, machine: Machine) -> flo
     return machine.collective_overhead + worst
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What one simulated step runs: the plan resolved for the layout, and its shared quantities."""
+
+    cluster: Cluster
+    workload: MoEWorkload
+    machine: Machine
+    placement: Placement
+    r: int
+    d: int
+    exchange: str
+    kind: str | None  # rerouting: "lla", "shadow" or None
+    static_capacity: float | None
+
+    @property
+    def passes(self) -> int:
+        """1 forward, 2 with a backward."""
+        return 2 if self.workload.training else 1
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of the layer's input."""
+        return self.workload.dim * self.workload.bytes_per_element
+
+
+@dataclass(frozen=True)
+class _Work:
+    """Who computes what: rows per rank and unit, the unit's hidden width, rows each rank receives."""
+
+    rows_RU: NDArray[np.float64]
+    hidden: int
+    units_R: NDArray[np.int64] | None  # with rerouting: units (own experts and copies) per rank
+    rows_R: NDArray[np.float64]
+    received_R: NDArray[np.float64]  # rows each source sends each rank (its own come free)
+    reroute: Rerouting | None
+
+
+def _resolve(plan: Scored, cluster: Cluster, workload: MoEWorkload, machine: Machine) -> _Step:
+    """Step 0: the plan on this layout (a baseline runs plain expert parallelism), validated."""
+    placement = _placement(workload, machine)
+    static_capacity = plan.capacity_factor if isinstance(plan, StaticBaseline) else None
+    c = Plan(r=placement.shards) if isinstance(plan, StaticBaseline) else plan
+    r = placement.shards if c.r is None else c.r
+    if r not in placement.valid_r():
+        raise ValueError(f"plan.r={c.r} is not valid here: r must be one of {placement.valid_r()}")
+    kind = c.reroute_kind
+    if kind is not None and (placement.sharded or r != 1):
+        raise ValueError("rerouting applies to whole experts (num_experts >= world size) with r = 1")
+    d = 1 if r == 0 else c.d
+    return _Step(cluster, workload, machine, placement, r, d, c.exchange, kind, static_capacity)
+
+
+def _who_computes(
+    step: _Step,
+    kept_E: NDArray[np.float64],
+    rerouting_plan: Rerouting | None,
+    reroute_config: RerouteConfig | None,
+) -> _Work:
+    """Rows per rank and unit under the plan's ``r`` and rerouting."""
+    W, pl, F = step.machine.world_size, step.placement, step.workload.hidden_dim
+    reroute: Rerouting | None = None
+    units_R: NDArray[np.int64] | None = None
+    hidden = F
+    if step.r == 0:  # every expert gathered here: this rank's own rows, no exchange
+        rows_RU = (kept_E / W)[None, :]
+    elif not pl.sharded:
+        rows_RU = kept_E.reshape(W, pl.local_experts)
+        if step.kind is not None:
+            reroute = rerouting_plan or expected_rerouting(
+                kept_E, W, shadow=step.kind == "shadow", **reroute_settings(reroute_config)
+            )
+            units_R = reroute.units_R
+            rows_RU = (reroute.rows_R / units_R)[:, None]
+    else:
+        g = pl.group_size(step.r)
+        rows_RU = np.repeat(kept_E / g, pl.shards)[:, None]  # rank p computes 1/g of expert p // S's rows
+        hidden = F // step.r
+    rows_R = rows_RU.sum(1) if units_R is None else rows_RU[:, 0] * units_R
+    # A shadowing rank's own rows stay home.
+    received_R = rows_R / W if reroute is None else reroute.received_rows() / max(W - 1, 1)
+    if step.r == 0:
+        received_R = np.zeros(W)
+    return _Work(rows_RU, hidden, units_R, rows_R, received_R, reroute)
+
+
+def _exchange_and_experts(step: _Step, work: _Work) -> tuple[ExchangeCost, float, float, float]:
+    """Step 6: the pipelined exchange and experts; ``(one exchange, exchange s, experts s, overlap saved s)``.
+
+    Per chunk: ``1/d`` of every message and unit.
+    """
+    workload, machine, d = step.workload, step.machine, step.d
+    xchg = exchange_cost(work.received_R / d, step.row_bytes, machine, step.exchange)
+    fwd_R, bwd_R = _expert_times(work.rows_RU / d, work.hidden, workload, machine, work.units_R)
+    eta = step.cluster.overlap_efficiency
+    fwd_s, bwd_s = paced_time(fwd_R, machine), paced_time(bwd_R, machine)
+    fwd_pipe, _ = pipeline_time(xchg.time, fwd_s, xchg.time, d, eta)
+    exchange_s = 2 * d * xchg.time
+    experts_s = d * fwd_s
+    pipe_s = fwd_pipe
+    if workload.training:
+        bwd_pipe, _ = pipeline_time(xchg.time, bwd_s, xchg.time, d, eta)
+        exchange_s *= 2
+        experts_s += d * bwd_s
+        pipe_s += bwd_pipe
+    overlap_saved = exchange_s + experts_s - pipe_s
+    if workload.training and d > 1:
+        # Backward sums each chunk's weight gradients (``_ExchangeExperts.backward``).
+        grads_R = work.units_R if work.units_R is not None else (work.rows_RU > 0).sum(1)
+        hidden = work.hidden
+        unit_params = workload.dim * ((2 * hidden if workload.gated else hidden) + hidden)
+        b = workload.bytes_per_element
+        experts_s += float(
+            stream_time(3.0 * (d - 1) * float(grads_R.max()) * unit_params * b, machine, ops=d - 1)
+        )
+    return xchg, exchange_s, experts_s, overlap_saved
+
+
+def _local_stages(step: _Step, local_rows: float) -> tuple[float, float, float, float, float]:
+    """Steps 1-3: ``(host, metadata, routing, permute, combine)`` seconds."""
+    workload, machine = step.workload, step.machine
+    cluster, W = step.cluster, machine.world_size
+    E, D, T, K = workload.num_experts, workload.dim, workload.tokens_per_device, workload.top_k
+    host = cluster.step_overhead / machine.share
+    if step.r != 0:
+        host += step.passes * step.d * cluster.chunk_overhead / machine.share
+    metadata = 0.0
+    if step.static_capacity is None and W > 1:
+        metadata = all_gather_time(6 * 8, W, machine, not machine.single_node)
+        metadata += all_gather_time(E * K * 8, W, machine, not machine.single_node)
+    router_dtype = "fp32" if "fp32" in cluster.device.flops else workload.dtype
+    routing = float(gemm_time(T, D, E, 4, machine, router_dtype)) + float(
+        stream_time(3.0 * T * E * 4, machine, ops=4)
+    )
+    permute = float(stream_time(2.0 * local_rows * step.row_bytes, machine))
+    combine = float(stream_time(3.0 * local_rows * step.row_bytes + T * step.row_bytes, machine, ops=2))
+    if workload.training:
+        routing += 2 * float(gemm_time(T, D, E, 4, machine, router_dtype)) + float(
+            stream_time(3.0 * T * E * 4, machine, ops=4)
+        )
+        permute *= 2
+        combine *= 2
+    return host, metadata, routing, permute, combine
+
+
+def _weight_gathers(step: _Step) -> tuple[float, float, int, float]:
+    """Step 4: ``(seconds, bytes per rank, gather group size, stored expert params per rank)``."""
+    workload, machine, pl = step.workload, step.machine, step.placement
+    b = workload.bytes_per_element
+    stored = (
+        pl.local_experts * workload.expert_params if not pl.sharded else workload.expert_params / pl.shards
+    )
+    group = machine.world_size if step.r == 0 else (pl.group_size(step.r) if pl.sharded else 1)
+    seconds = step.passes * _weight_exchange_time(stored, group, b, machine, whole=not pl.sharded)
+    return seconds, step.passes * (group - 1) * stored * b, group, stored
+
+
+def _rerouting_cost(step: _Step, reroute: Rerouting | None) -> tuple[float, int, float]:
+    """Step 5: ``(seconds, copies sent, copy bytes on the busiest rank)``."""
+    if reroute is None:
+        return 0.0, 0, 0.0
+    workload, machine = step.workload, step.machine
+    expert_bytes = workload.expert_params * workload.bytes_per_element
+    planning, per_expert = REROUTE_PLANNING
+    seconds = (planning + per_expert * workload.num_experts) / machine.share + step.passes * _copy_time(
+        reroute, expert_bytes, machine
+    )
+    owners = np.bincount(
+        reroute.transfers_T2[:, 0] // step.placement.local_experts, minlength=machine.world_size
+    )
+    copy_bytes = step.passes * float(np.maximum(owners, reroute.copies_R).max()) * expert_bytes
+    return seconds, reroute.num_copies, copy_bytes
+
+
+def _peak_memory(step: _Step, work: _Work, local_rows: float, group: int, stored: float) -> float:
+    """Bytes on the fullest rank: weights (own, gathered, copies), activations, exchange buffers."""
+    workload, W = step.workload, step.machine.world_size
+    b, D, T, passes = workload.bytes_per_element, workload.dim, workload.tokens_per_device, step.passes
+    expert_bytes = workload.expert_params * b
+    copies_R = work.reroute.copies_R if work.reroute is not None else np.zeros(W)
+    H_unit = 2 * work.hidden if workload.gated else work.hidden
+    weights = stored * b * passes + (group - 1) * stored * b * passes + copies_R * expert_bytes * passes
+    local = (2 * T + 2 * local_rows) * step.row_bytes
+    expert_side = work.rows_R * (2 * D + H_unit + work.hidden) * b
+    buffers = (
+        (local_rows * max(step.r, 1) + work.rows_R) * step.row_bytes * (2 if step.exchange == "2dh" else 1)
+    )
+    return float(np.max(weights + local + expert_side + (buffers if step.r != 0 else 0.0)))
+
+
 def simulate(
     cluster: Cluster,
     workload: MoEWorkload,
@@ -363,114 +552,14 @@ def simulate(
     (cluster, workload, load) to skip recomputing them.
     """
     machine = machine or Machine.create(cluster, world_size, ranks_per_node)
-    W = machine.world_size
-    placement = _placement(workload, machine)
-    static_capacity = plan.capacity_factor if isinstance(plan, StaticBaseline) else None
-    c = Plan(r=placement.shards) if isinstance(plan, StaticBaseline) else plan
-    r = placement.shards if c.r is None else c.r
-    if r not in placement.valid_r():
-        raise ValueError(f"plan.r={c.r} is not valid here: r must be one of {placement.valid_r()}")
-    kind = c.reroute_kind
-    if kind is not None and (placement.sharded or r != 1):
-        raise ValueError("rerouting applies to whole experts (num_experts >= world size) with r = 1")
-    E, D, b = workload.num_experts, workload.dim, workload.bytes_per_element
-    T, K, F = workload.tokens_per_device, workload.top_k, workload.hidden_dim
-    S, El = placement.shards, placement.local_experts
-    passes = 2 if workload.training else 1
-    d = 1 if r == 0 else c.d
-    kept_E, _, dropped = kept_rows(workload, load, W, static_capacity)
-    local_rows = float(kept_E.sum()) / W  # rows each rank permutes and combines
-    row_bytes = D * b
-    expert_bytes = workload.expert_params * b
-
-    # Who computes what: rows per rank and unit, the unit's hidden width, rows per source.
-    reroute: Rerouting | None = None
-    units_R: NDArray[np.int64] | None = None
-    if r == 0:  # every expert gathered here: this rank's own rows, no exchange
-        rows_RU = (kept_E / W)[None, :]
-        hidden = F
-    elif not placement.sharded:
-        rows_RU = kept_E.reshape(W, El)
-        hidden = F
-        if kind is not None:
-            reroute = rerouting_plan or expected_rerouting(
-                kept_E, W, shadow=kind == "shadow", **reroute_settings(reroute_config)
-            )
-            units_R = reroute.units_R
-            rows_RU = (reroute.rows_R / units_R)[:, None]
-    else:
-        g = placement.group_size(r)
-        rows_RU = np.repeat(kept_E / g, S)[:, None]  # rank p computes 1/g of expert p // S's rows
-        hidden = F // r
-    rows_R = rows_RU.sum(1) if units_R is None else rows_RU[:, 0] * units_R
-    # Rows each source sends each rank (the exchange's model: its own come free); a
-    # shadowing rank's own rows stay home.
-    a_R = rows_R / W if reroute is None else reroute.received_rows() / max(W - 1, 1)
-    if r == 0:
-        a_R = np.zeros(W)
-
-    # 6. the pipelined exchange and experts (per chunk: 1/d of every message and unit).
-    xchg = exchange_cost(a_R / d, row_bytes, machine, c.exchange)
-    fwd_R, bwd_R = _expert_times(rows_RU / d, hidden, workload, machine, units_R)
-    eta = cluster.overlap_efficiency
-    fwd_s, bwd_s = paced_time(fwd_R, machine), paced_time(bwd_R, machine)
-    fwd_pipe, _ = pipeline_time(xchg.time, fwd_s, xchg.time, d, eta)
-    exchange_s = 2 * d * xchg.time
-    experts_s = d * fwd_s
-    pipe_s = fwd_pipe
-    if workload.training:
-        bwd_pipe, _ = pipeline_time(xchg.time, bwd_s, xchg.time, d, eta)
-        exchange_s *= 2
-        experts_s += d * bwd_s
-        pipe_s += bwd_pipe
-    overlap_saved = exchange_s + experts_s - pipe_s
-    if workload.training and d > 1:
-        # Backward sums each chunk's weight gradients (``_ExchangeExperts.backward``).
-        grads_R = units_R if units_R is not None else (rows_RU > 0).sum(1)
-        unit_params = D * ((2 * hidden if workload.gated else hidden) + hidden)
-        experts_s += float(
-            stream_time(3.0 * (d - 1) * float(grads_R.max()) * unit_params * b, machine, ops=d - 1)
-        )
-
-    # 1-3. host, metadata, routing, permute, combine.
-    host = cluster.step_overhead / machine.share
-    if r != 0:
-        host += passes * d * cluster.chunk_overhead / machine.share
-    metadata = 0.0
-    if static_capacity is None and W > 1:
-        metadata = all_gather_time(6 * 8, W, machine, not machine.single_node)
-        metadata += all_gather_time(E * K * 8, W, machine, not machine.single_node)
-    router_dtype = "fp32" if "fp32" in cluster.device.flops else workload.dtype
-    routing = float(gemm_time(T, D, E, 4, machine, router_dtype)) + float(
-        stream_time(3.0 * T * E * 4, machine, ops=4)
-    )
-    permute = float(stream_time(2.0 * local_rows * row_bytes, machine))
-    combine = float(stream_time(3.0 * local_rows * row_bytes + T * row_bytes, machine, ops=2))
-    if workload.training:
-        routing += 2 * float(gemm_time(T, D, E, 4, machine, router_dtype)) + float(
-            stream_time(3.0 * T * E * 4, machine, ops=4)
-        )
-        permute *= 2
-        combine *= 2
-
-    # 4. weight gathers.
-    stored = El * workload.expert_params if not placement.sharded else workload.expert_params / S
-    group = W if r == 0 else (placement.group_size(r) if placement.sharded else 1)
-    gather = passes * _weight_exchange_time(stored, group, b, machine, whole=not placement.sharded)
-    weight_bytes = passes * (group - 1) * stored * b
-
-    # 5. rerouting.
-    reroute_s = 0.0
-    copies = 0
-    if reroute is not None:
-        planning, per_expert = REROUTE_PLANNING
-        reroute_s = (planning + per_expert * E) / machine.share + passes * _copy_time(
-            reroute, expert_bytes, machine
-        )
-        copies = reroute.num_copies
-        owners = np.bincount(reroute.transfers_T2[:, 0] // El, minlength=W)
-        weight_bytes += passes * float(np.maximum(owners, reroute.copies_R).max()) * expert_bytes
-
+    step = _resolve(plan, cluster, workload, machine)
+    kept_E, _, dropped = kept_rows(workload, load, machine.world_size, step.static_capacity)
+    local_rows = float(kept_E.sum()) / machine.world_size  # rows each rank permutes and combines
+    work = _who_computes(step, kept_E, rerouting_plan, reroute_config)
+    xchg, exchange_s, experts_s, overlap_saved = _exchange_and_experts(step, work)
+    host, metadata, routing, permute, combine = _local_stages(step, local_rows)
+    gather, weight_bytes, group, stored = _weight_gathers(step)
+    reroute_s, copies, copy_bytes = _rerouting_cost(step, work.reroute)
     breakdown = Breakdown(
         host=host,
         metadata=metadata,
@@ -483,28 +572,22 @@ def simulate(
         overlap_saved=overlap_saved,
         combine=combine,
     )
-
-    # Peak memory of the fullest rank.
-    copies_R = reroute.copies_R if reroute is not None else np.zeros(W)
-    H_unit = 2 * hidden if workload.gated else hidden
-    weights = stored * b * passes + (group - 1) * stored * b * passes + copies_R * expert_bytes * passes
-    local = (2 * T + 2 * local_rows) * row_bytes
-    expert_side = rows_R * (2 * D + H_unit + hidden) * b
-    buffers = (local_rows * max(r, 1) + rows_R) * row_bytes * (2 if c.exchange == "2dh" else 1)
-    peak = float(np.max(weights + local + expert_side + (buffers if r != 0 else 0.0)))
+    peak = _peak_memory(step, work, local_rows, group, stored)
     budget = cluster.device.memory_bytes if memory_budget is None else memory_budget
     shorter = min(exchange_s, experts_s)
     return Prediction(
         plan=plan,
         breakdown=breakdown,
         exchange=xchg,
-        exchanges_per_step=0 if r == 0 else 2 * d * passes * (2 if c.exchange == "2dh" else 1),
-        row_bytes=2 * d * passes * xchg.bytes_out,
-        weight_bytes=weight_bytes,
+        exchanges_per_step=0
+        if step.r == 0
+        else 2 * step.d * step.passes * (2 if step.exchange == "2dh" else 1),
+        row_bytes=2 * step.d * step.passes * xchg.bytes_out,
+        weight_bytes=weight_bytes + copy_bytes,
         peak_memory=peak,
         fits=peak <= budget,
         dropped_fraction=dropped,
-        straggler_rows=float(rows_R.max()),
+        straggler_rows=float(work.rows_R.max()),
         overlap=overlap_saved / shorter if shorter > 0 else 0.0,
         rerouted_copies=copies,
     )
