@@ -3,9 +3,8 @@
 PyTorch's CUDA allocator caches freed blocks, but its CPU allocator hands large
 tensors straight back to the C library, which returns them to the operating system;
 the next step's buffers of the same size then pay a page fault per 4 KiB on first
-touch. Measured on our 2-core CI machine: an elementwise op producing a fresh 32 MiB
-tensor takes 20 ms, the same op into a reused buffer 3.5 ms (benchmarks/layer.py's
-overhead is dominated by this). The pool keeps scratch buffers of the MoE data path
+touch: on a 2-core CPU VM an elementwise op producing a fresh 32 MiB tensor takes
+20 ms, the same op into a reused buffer 3.5 ms. The pool keeps scratch buffers of the MoE data path
 alive between calls, on CPU only; elsewhere ``take`` is ``torch.empty``.
 
 A buffer is ``take``-n by the code that owns it and offered back with ``give`` once that

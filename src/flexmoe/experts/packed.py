@@ -5,8 +5,8 @@ width (2F gated, else F), P = H / F, E experts.
 
 Decode-sized segments (a few rows per expert) are bound by how fast the experts'
 weights stream from memory, and the library GEMM for a few rows falls well short of
-that. Measured on our 2-core CPU (AMD EPYC, AVX2, 20 GB/s read bandwidth per core,
-about 28 GB/s for both), per core, ``[1536, 2048]`` fp32 weights of 128 experts:
+that. Per core on a 2-core AMD EPYC (AVX2, 20 GB/s read bandwidth per core, about
+28 GB/s for both), ``[1536, 2048]`` fp32 weights of 128 experts:
 
 ================================  =======  =======  =======  =======
 rows per expert                      1        2        4        8
@@ -23,12 +23,10 @@ up to ``MAX_PACKED_ROWS`` rows, and MKL on the plain weights beyond that (where 
 faster again, and oneDNN would have to reorder a copy packed for few rows). Experts
 run on all cores at once (``for_each_segment``).
 
-benchmarks/layer.py, case C (64 tokens, dim 2048, hidden 768, 128 experts, top-8,
-fp32, no grad), four runs with no other load on our (shared, noisy) 2-core machine:
-the prepared layer takes 220-264 ms against 294-310 ms unprepared in the same runs
-(1.17-1.34x), and is 2.34-2.55x faster than transformers' eager Mixtral block; that is
-50-67 % of the bandwidth roofline. Both cores stay busy throughout: the small-row
-kernels, not memory bandwidth, are the limit.
+On ``benchmarks/layer.py``'s decode case (64 tokens, dim 2048, hidden 768, 128
+experts, top-8, fp32, no grad) a prepared layer runs about 1.2-1.3x faster than an
+unprepared one on that machine (docs/performance.md has the current numbers). Both
+cores stay busy throughout: the small-row kernels, not memory bandwidth, are the limit.
 
 The copy doubles the memory of the experts' weights, so it exists only after
 ``GroupedExperts.prepare_for_inference()``. A stale copy is never used: it is dropped

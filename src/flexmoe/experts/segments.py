@@ -4,9 +4,9 @@ Legend: a segment is ``(expert, start_row, end_row)``.
 
 On a multi-core CPU, many small GEMMs run faster as whole GEMMs on separate cores
 (each single-threaded) than one after another with every GEMM split across the
-cores: no per-GEMM synchronisation, and each core streams its own weights. Measured
-on our 2-core machine (benchmarks/layer.py): 64 experts of 256 rows, 113 -> 134
-GFLOP/s; decode-sized segments (about 4 rows), 8 -> 12 GB/s of weights. With few or
+cores: no per-GEMM synchronisation, and each core streams its own weights (on a
+2-core CPU, 64 experts of 256 rows: 113 -> 134 GFLOP/s; decode-sized segments of about
+4 rows: 8 -> 12 GB/s of weights; ``benchmarks/layer.py``). With few or
 very uneven segments the per-GEMM parallelism of the BLAS library is better, so the
 runner only spreads work over threads when the segments balance well.
 """

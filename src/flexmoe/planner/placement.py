@@ -160,7 +160,7 @@ def affinity_placement(
 
     ``loads[l]``: per-expert load of layer ``l``; ``coactivation[l]``: ``[E, E']`` pair
     counts between layer ``l`` and ``l + 1`` (``coactivation_counts``). The objective is
-    ExFlow's (algorithms.md §4): the hops of a token from its expert in layer ``l`` to
+    ExFlow's: the hops of a token from its expert in layer ``l`` to
     its expert in ``l + 1`` that stay on one rank. ExFlow solves an integer program; this
     is a greedy layer-by-layer heuristic with a hard balance bound:
 
