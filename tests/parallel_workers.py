@@ -302,6 +302,17 @@ def checkpoint_model(
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
+def checkpoint_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> float:
+    """One AdamW step of ``checkpoint_model`` on seeded data; returns the loss."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    loss = torch.nn.functional.mse_loss(model(x), y) + model[1].aux_loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def checkpoint_reshard_step(
     rank: int, world: int, load_from: str, save_to: str, seed: int, num_experts: int = 4, bias: bool = False
 ) -> float:

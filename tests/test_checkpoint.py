@@ -13,31 +13,21 @@ import flexmoe
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 from .distributed import run_distributed
-from .parallel_workers import checkpoint_model, checkpoint_reshard_step
-
-
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
-    loss = nn.functional.mse_loss(model(x), y) + model[1].aux_loss
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+from .parallel_workers import checkpoint_model, checkpoint_reshard_step, checkpoint_train_step
 
 
 def test_round_trip_resumes_training_exactly(tmp_path):
     torch.manual_seed(0)
     model, optimizer = checkpoint_model(bias=True)
-    _train_step(model, optimizer, 1)
+    checkpoint_train_step(model, optimizer, 1)
     save_checkpoint(tmp_path, model, optimizer, step=1, extra={"note": "hi"})
-    uninterrupted = [_train_step(model, optimizer, s) for s in (2, 3)]
+    uninterrupted = [checkpoint_train_step(model, optimizer, s) for s in (2, 3)]
 
     torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
     restored, restored_opt = checkpoint_model(bias=True)
     manifest = load_checkpoint(tmp_path, restored, restored_opt)
     assert manifest["step"] == 1 and manifest["extra"] == {"note": "hi"}
-    resumed = [_train_step(restored, restored_opt, s) for s in (2, 3)]
+    resumed = [checkpoint_train_step(restored, restored_opt, s) for s in (2, 3)]
     assert resumed == uninterrupted
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -45,7 +35,7 @@ def test_round_trip_resumes_training_exactly(tmp_path):
 
 def test_experts_are_stored_per_expert_with_a_manifest(tmp_path):
     model, optimizer = checkpoint_model()
-    _train_step(model, optimizer, 1)
+    checkpoint_train_step(model, optimizer, 1)
     path = save_checkpoint(tmp_path, model, optimizer, step=7)
     assert path.name == "step-000007" and latest_checkpoint(tmp_path) == path
     manifest = json.loads((path / "manifest.json").read_text())
@@ -59,7 +49,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
     model, optimizer = checkpoint_model()
     save_checkpoint(tmp_path, model, optimizer, step=1)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    _train_step(model, optimizer, 1)
+    checkpoint_train_step(model, optimizer, 1)
 
     import safetensors.torch
 
@@ -116,7 +106,7 @@ def test_reshards_between_world_sizes(tmp_path):
     torch.manual_seed(0)
     reference, reference_opt = checkpoint_model(num_experts=4)
     save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
-    losses = [_train_step(reference, reference_opt, 10 + s) for s in range(2)]
+    losses = [checkpoint_train_step(reference, reference_opt, 10 + s) for s in range(2)]
     got = run_distributed(checkpoint_reshard_step, 2, str(tmp_path / "w1"), str(tmp_path / "w2"), 10)
     assert got[0] == pytest.approx(losses[0], rel=1e-5)
     got = run_distributed(checkpoint_reshard_step, 4, str(tmp_path / "w2"), str(tmp_path / "w4"), 11)
@@ -131,9 +121,9 @@ def test_reshards_sharded_experts(tmp_path):
     # 2 experts with biases on 4 ranks: each expert's hidden units split 2 ways (b_out on shard 0).
     torch.manual_seed(0)
     reference, reference_opt = checkpoint_model(num_experts=2, bias=True)
-    _train_step(reference, reference_opt, 9)  # non-zero AdamW state to carry over
+    checkpoint_train_step(reference, reference_opt, 9)  # non-zero AdamW state to carry over
     save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
-    loss = _train_step(reference, reference_opt, 10)
+    loss = checkpoint_train_step(reference, reference_opt, 10)
     args = (str(tmp_path / "w1"), str(tmp_path / "w4"), 10, 2, True)
     assert run_distributed(checkpoint_reshard_step, 4, *args)[0] == pytest.approx(loss, rel=1e-5)
     final, final_opt = checkpoint_model(num_experts=2, bias=True)

@@ -22,24 +22,14 @@ import flexmoe
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 from .distributed import run_distributed
-from .parallel_workers import checkpoint_model
-
-
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
-    loss = nn.functional.mse_loss(model(x), y) + model[1].aux_loss
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+from .parallel_workers import checkpoint_model, checkpoint_train_step
 
 
 def _saved(root: Path, bias: bool = True) -> Path:
     """A checkpoint of the trained checkpoint model (with AdamW state) under ``root``."""
     torch.manual_seed(0)
     model, optimizer = checkpoint_model(bias=bias)
-    _train_step(model, optimizer, 1)
+    checkpoint_train_step(model, optimizer, 1)
     return save_checkpoint(root, model, optimizer, step=1)
 
 
@@ -275,15 +265,15 @@ def test_optimizer_state_round_trips_exactly(tmp_path, make):
     model, _ = checkpoint_model(bias=True)
     optimizer = make(model.parameters())
     for seed in (1, 2):
-        _train_step(model, optimizer, seed)
+        checkpoint_train_step(model, optimizer, seed)
     save_checkpoint(tmp_path, model, optimizer, step=2)
-    want = [_train_step(model, optimizer, s) for s in (3, 4)]
+    want = [checkpoint_train_step(model, optimizer, s) for s in (3, 4)]
 
     torch.manual_seed(9)
     restored, _ = checkpoint_model(bias=True)
     restored_opt = make(restored.parameters())
     load_checkpoint(tmp_path, restored, restored_opt)
-    assert [_train_step(restored, restored_opt, s) for s in (3, 4)] == want
+    assert [checkpoint_train_step(restored, restored_opt, s) for s in (3, 4)] == want
     for p, q in zip(model.parameters(), restored.parameters(), strict=True):
         assert torch.equal(p, q)
         a, b = optimizer.state[p], restored_opt.state[q]
@@ -305,7 +295,7 @@ def test_optimizer_over_other_parameters_is_refused(tmp_path):
 
 def test_optimizer_state_that_is_not_a_tensor_or_json_value_is_refused_at_save(tmp_path):
     model, optimizer = checkpoint_model()
-    _train_step(model, optimizer, 1)
+    checkpoint_train_step(model, optimizer, 1)
     optimizer.state[model[0].weight]["history"] = [torch.zeros(2)]
     with pytest.raises(CheckpointError, match="history"):
         save_checkpoint(tmp_path, model, optimizer, step=1)
@@ -328,15 +318,15 @@ def test_a_manifest_without_the_optimizer_tensor_index_still_loads(tmp_path):
     # Manifests written before ``optimizer.tensors`` existed: the keys come from the file index.
     torch.manual_seed(0)
     model, optimizer = checkpoint_model(bias=True)
-    _train_step(model, optimizer, 1)
+    checkpoint_train_step(model, optimizer, 1)
     path = save_checkpoint(tmp_path, model, optimizer, step=1)
     manifest = _manifest(path)
     del manifest["optimizer"]["tensors"]
     _write_manifest(path, manifest)
-    want = _train_step(model, optimizer, 2)
+    want = checkpoint_train_step(model, optimizer, 2)
     restored, restored_opt = checkpoint_model(bias=True)
     load_checkpoint(tmp_path, restored, restored_opt)
-    assert _train_step(restored, restored_opt, 2) == want
+    assert checkpoint_train_step(restored, restored_opt, 2) == want
 
 
 @pytest.mark.parametrize(

@@ -11,22 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flexmoe.cli import build_parser, main
+from flexmoe.cli import build_parser
 from flexmoe.cli.options import OptionError
 from flexmoe.cli.train_config import TrainConfig, train_config_from_args
 
+from .cli_helpers import refusal
+
 TINY = ["--dim", "16", "--layers", "1", "--heads", "2", "--experts", "4", "--expert-hidden", "16"]
 TINY += ["--batch-size", "2", "--context", "16", "--no-progress"]
-
-
-def _refusal(argv: list[str], capsys) -> str:
-    """The one line ``main(argv)`` prints when it refuses ``argv`` (exit code 2)."""
-    with pytest.raises(SystemExit) as caught:
-        main(argv)
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err.rstrip("\n")
 
 
 # (file text, the line after "--config FILE: "). Each is refused even though --steps is given
@@ -51,22 +43,22 @@ BAD_FILES = [
 def test_config_file_values_are_checked(tmp_path, capsys, text, message):
     config = tmp_path / "train.toml"
     config.write_text(text + "\n")
-    err = _refusal(["train", *TINY, "--config", str(config), "--steps", "1"], capsys)
+    err = refusal(["train", *TINY, "--config", str(config), "--steps", "1"], capsys)
     assert err == f"flexmoe train: error: --config {config}: {message}"
 
 
 def test_json_config_files_are_checked_the_same_way(tmp_path, capsys):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"steps": 2.5}))
-    assert _refusal(["train", "--config", str(config)], capsys).endswith(
+    assert refusal(["train", "--config", str(config)], capsys).endswith(
         "steps: must be an integer >= 1, got 2.5"
     )
     config.write_text("[1, 2]")
-    assert "must hold a table of options, got list" in _refusal(["train", "--config", str(config)], capsys)
+    assert "must hold a table of options, got list" in refusal(["train", "--config", str(config)], capsys)
     config.write_bytes(b"\xff\xfe{}")
-    assert "argument --config: cannot read" in _refusal(["train", "--config", str(config)], capsys)
+    assert "argument --config: cannot read" in refusal(["train", "--config", str(config)], capsys)
     missing = tmp_path / "missing.toml"
-    assert f"cannot read {missing}" in _refusal(["train", "--config", str(missing)], capsys)
+    assert f"cannot read {missing}" in refusal(["train", "--config", str(missing)], capsys)
 
 
 BAD_FLAGS = [
@@ -93,17 +85,17 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags_are_refused_in_one_line(capsys, flags, message):
-    err = _refusal(["train", *flags], capsys)
+    err = refusal(["train", *flags], capsys)
     assert err.startswith(f"flexmoe train: error: {message}"), err
 
 
 def test_plan_choices_are_refused_by_argparse_in_one_line(capsys):
-    err = _refusal(["train", "--plan", "sideways"], capsys)
+    err = refusal(["train", "--plan", "sideways"], capsys)
     assert err.startswith("flexmoe train: error: argument --plan: invalid choice: 'sideways'")
 
 
 def test_a_context_longer_than_the_text_is_refused(tmp_path, capsys):
-    err = _refusal(["train", *TINY, "--context", "100000000", "--run-dir", str(tmp_path)], capsys)
+    err = refusal(["train", *TINY, "--context", "100000000", "--run-dir", str(tmp_path)], capsys)
     assert err.startswith("flexmoe train: error: argument --context: must be <= ")
 
 

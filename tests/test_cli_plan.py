@@ -9,15 +9,7 @@ import pytest
 from flexmoe.cli import main
 from flexmoe.cli.plan import plot_paths
 
-
-def _refusal(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as caught:
-        main(argv)
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err.rstrip("\n")
-
+from .cli_helpers import refusal
 
 BAD_PLANS = [
     (["--devices", "0"], "argument --devices: expected an integer in [1, 8192], got '0'"),
@@ -49,7 +41,7 @@ BAD_PLANS = [
 @pytest.mark.parametrize(("flags", "message"), BAD_PLANS, ids=[" ".join(f) for f, _ in BAD_PLANS])
 def test_bad_plan_options_are_refused_in_one_line(capsys, flags, message):
     started = time.perf_counter()
-    err = _refusal(["plan", *flags], capsys)
+    err = refusal(["plan", *flags], capsys)
     assert err.startswith(f"flexmoe plan: error: {message}"), err
     assert time.perf_counter() - started < 5  # refused, not computed
 
@@ -57,12 +49,12 @@ def test_bad_plan_options_are_refused_in_one_line(capsys, flags, message):
 def test_a_malformed_cluster_file_is_named(tmp_path, capsys):
     cluster = tmp_path / "cluster.json"
     cluster.write_text("[1, 2]")
-    err = _refusal(["plan", "--cluster", str(cluster)], capsys)
+    err = refusal(["plan", "--cluster", str(cluster)], capsys)
     assert err.startswith(f"flexmoe plan: error: argument --cluster: cannot use '{cluster}'")
 
 
 def test_a_plot_into_a_missing_folder_is_refused(tmp_path, capsys):
-    err = _refusal(["plan", "--sweep-devices", "16", "--plot", str(tmp_path / "no" / "out")], capsys)
+    err = refusal(["plan", "--sweep-devices", "16", "--plot", str(tmp_path / "no" / "out")], capsys)
     assert err.endswith("does not exist")
 
 

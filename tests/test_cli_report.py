@@ -8,14 +8,7 @@ import pytest
 
 from flexmoe.cli import main
 
-
-def _refusal(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as caught:
-        main(argv)
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err.rstrip("\n")
+from .cli_helpers import refusal
 
 
 def _layer(routed: list[int]) -> dict:
@@ -61,7 +54,7 @@ def test_report_names_a_corrupt_file(tmp_path, capsys, name, content, message):
     pytest.importorskip("matplotlib")
     run = _run_dir(tmp_path / "run")
     (run / name).write_bytes(content)
-    err = _refusal(["report", str(run)], capsys)
+    err = refusal(["report", str(run)], capsys)
     assert err.startswith(f"flexmoe report: error: {run / message}"), err
 
 
@@ -69,7 +62,7 @@ def test_report_names_a_missing_file_or_folder(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = _run_dir(tmp_path / "run")
     (run / "metrics.jsonl").unlink()
-    assert _refusal(["report", str(run)], capsys).startswith(
+    assert refusal(["report", str(run)], capsys).startswith(
         f"flexmoe report: error: {run / 'metrics.jsonl'} is missing"
     )
-    assert "is not a directory" in _refusal(["report", str(tmp_path / "nowhere")], capsys)
+    assert "is not a directory" in refusal(["report", str(tmp_path / "nowhere")], capsys)
