@@ -33,7 +33,14 @@ from flexmoe.planner.placement import (
 from flexmoe.tools.rebalance import CoactivationRecorder
 
 from .distributed import run_distributed
-from .parallel_workers import Case, check_placement_suite, check_rebalancer, check_replicas, checkpoint_model
+from .parallel_workers import (
+    Case,
+    check_placement_suite,
+    check_rebalancer,
+    check_replicas,
+    checkpoint_model,
+    checkpoint_train_step,
+)
 
 
 # ------------------------------------------------------------------ planners (pure)
@@ -240,13 +247,7 @@ def _train_reference(tmp_path):
     reference, reference_opt = checkpoint_model(num_experts=4, bias=True)
 
     def step(seed: int) -> float:
-        g = torch.Generator().manual_seed(seed)
-        x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
-        loss = torch.nn.functional.mse_loss(reference(x), y) + reference[1].aux_loss
-        reference_opt.zero_grad()
-        loss.backward()
-        reference_opt.step()
-        return float(loss.detach())
+        return checkpoint_train_step(reference, reference_opt, seed)
 
     step(9)  # non-zero AdamW state to carry over
     save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
