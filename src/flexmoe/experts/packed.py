@@ -5,8 +5,8 @@ width (2F gated, else F), P = H / F, E experts.
 
 Decode-sized segments (a few rows per expert) are bound by how fast the experts'
 weights stream from memory, and the library GEMM for a few rows falls well short of
-that. Per core on a 2-core AMD EPYC (AVX2, 20 GB/s read bandwidth per core, about
-28 GB/s for both), ``[1536, 2048]`` fp32 weights of 128 experts:
+that. Per core on a 2-core AMD EPYC (20 GB/s read bandwidth per core, about 28 GB/s
+for both), ``[1536, 2048]`` fp32 weights of 128 experts:
 
 ================================  =======  =======  =======  =======
 rows per expert                      1        2        4        8
