@@ -4,8 +4,14 @@ PyTorch's CUDA allocator caches freed blocks, but its CPU allocator hands large
 tensors straight back to the C library, which returns them to the operating system;
 the next step's buffers of the same size then pay a page fault per 4 KiB on first
 touch: on a 2-core CPU VM an elementwise op producing a fresh 32 MiB tensor takes
-20 ms, the same op into a reused buffer 3.5 ms. The pool keeps scratch buffers of the MoE data path
-alive between calls, on CPU only; elsewhere ``take`` is ``torch.empty``.
+20 ms, the same op into a reused buffer 3.5 ms. The pool keeps scratch buffers of the
+MoE data path alive between calls, on CPU only; elsewhere ``take`` is ``torch.empty``.
+
+The pool is bounded: at most ``max_per_key`` buffers per size and ``max_bytes`` in all
+(``WORKSPACE.max_bytes``, 1 GiB by default; a layer step keeps a few hundred MiB). Calls
+that change plan, batch size or top-k make buffers of new sizes; beyond the bound the
+buffers pooled longest ago are dropped first, so a long run's pooled memory stays
+bounded whatever it switches between. ``WORKSPACE.max_bytes = 0`` turns pooling off.
 
 A buffer is ``take``-n by the code that owns it and offered back with ``give`` once that
 code is done with it. ``give`` keeps it only if no other tensor shares its storage (a
@@ -16,21 +22,50 @@ elsewhere is never handed out twice; a buffer never given back is simply freed.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 from torch import Tensor
 
-__all__ = ["WORKSPACE", "Workspace"]
+__all__ = ["DEFAULT_MAX_BYTES", "WORKSPACE", "Workspace"]
+
+
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: a few steps' worth of the data path's largest buffers
 
 
 class Workspace:
-    """Free lists of CPU storages keyed by ``(bytes, dtype)``."""
+    """Free lists of CPU storages keyed by ``(bytes, dtype)``, bounded in bytes.
 
-    def __init__(self, max_per_key: int = 4) -> None:
+    Args:
+        max_per_key: buffers kept per ``(bytes, dtype)``.
+        max_bytes: bytes kept in all; offering a buffer beyond it evicts the buffers
+            pooled longest ago first (plans, batch sizes and top-k that change from call
+            to call make buffers of new sizes, and the old sizes must not pile up).
+    """
+
+    def __init__(self, max_per_key: int = 4, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_per_key = max_per_key
+        self.max_bytes = max_bytes
         self._free: defaultdict[tuple[int, torch.dtype], list[torch.UntypedStorage]] = defaultdict(list)
+        self._pooled: OrderedDict[int, tuple[int, torch.dtype]] = (
+            OrderedDict()
+        )  # data_ptr -> key, oldest first
+        self._bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes the pool keeps (setting it evicts down to the new bound)."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"max_bytes must be an int >= 0, got {value!r}")
+        self._max_bytes = value
+        if hasattr(self, "_lock"):
+            with self._lock:
+                self._evict()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised contiguous tensor of ``shape``: pooled on CPU, else ``torch.empty``."""
@@ -42,6 +77,9 @@ class Workspace:
         with self._lock:
             free = self._free.get((numel * dtype.itemsize, dtype))
             storage = free.pop() if free else None
+            if storage is not None:
+                del self._pooled[storage.data_ptr()]
+                self._bytes -= storage.nbytes()
         if storage is None:
             return torch.empty(shape, dtype=dtype, device=device)
         # set_ (not a view) so that the tensor is the storage's only user.
@@ -57,23 +95,36 @@ class Workspace:
                 continue
             storage = tensor.untyped_storage()
             key = (storage.nbytes(), tensor.dtype)
-            if key[0] != tensor.numel() * tensor.element_size():
+            if key[0] != tensor.numel() * tensor.element_size() or key[0] > self.max_bytes:
                 continue
             with self._lock:
                 free = self._free[key]
                 pointer = storage.data_ptr()
-                if len(free) < self.max_per_key and all(s.data_ptr() != pointer for s in free):
+                if len(free) < self.max_per_key and pointer not in self._pooled:
                     free.append(storage)
+                    self._pooled[pointer] = key
+                    self._bytes += key[0]
+                    self._evict()
+
+    def _evict(self) -> None:
+        """Drop the buffers pooled longest ago until the pool fits ``max_bytes`` (lock held)."""
+        while self._bytes > self._max_bytes:
+            pointer, key = self._pooled.popitem(last=False)
+            free = self._free[key]
+            index = next(i for i, s in enumerate(free) if s.data_ptr() == pointer)
+            self._bytes -= free.pop(index).nbytes()
 
     def clear(self) -> None:
         """Drop every pooled buffer (their memory goes back to the allocator)."""
         with self._lock:
             self._free.clear()
+            self._pooled.clear()
+            self._bytes = 0
 
     def pooled_bytes(self) -> int:
         """Bytes currently held in the free lists."""
         with self._lock:
-            return sum(storage.nbytes() for free in self._free.values() for storage in free)
+            return self._bytes
 
 
 def _sole_owner(tensor: Tensor) -> bool:

@@ -1,0 +1,100 @@
+"""The workspace pool: reuse, ownership, and a byte bound that holds whatever the calls do."""
+
+from __future__ import annotations
+
+import torch
+
+import flexmoe
+from flexmoe.workspace import WORKSPACE, Workspace
+
+from .distributed import run_distributed
+
+CPU = torch.device("cpu")
+
+
+def _offer(pool: Workspace, numel: int) -> int:
+    buffer = pool.take((numel,), torch.float32, CPU)
+    pointer = buffer.untyped_storage().data_ptr()
+    pool.give(buffer)
+    return pointer
+
+
+def test_a_given_buffer_is_taken_again():
+    pool = Workspace()
+    pointer = _offer(pool, 1024)
+    assert pool.pooled_bytes() == 4096
+    again = pool.take((32, 32), torch.float32, CPU)
+    assert again.untyped_storage().data_ptr() == pointer and pool.pooled_bytes() == 0
+
+
+def test_a_shared_buffer_is_not_pooled():
+    pool = Workspace()
+    buffer = pool.take((1024,), torch.float32, CPU)
+    view = buffer[:10]
+    pool.give(buffer)
+    assert pool.pooled_bytes() == 0
+    del view
+
+
+def test_the_byte_bound_evicts_the_oldest_first():
+    pool = Workspace(max_bytes=3 * 4096)
+    first = _offer(pool, 1024)
+    _offer(pool, 1025)
+    _offer(pool, 1026)
+    assert pool.pooled_bytes() <= 3 * 4096
+    _offer(pool, 1027)  # over the bound: the oldest (the first) goes
+    assert pool.pooled_bytes() <= 3 * 4096
+    assert pool.take((1024,), torch.float32, CPU).untyped_storage().data_ptr() != first
+    newest = pool.take((1027,), torch.float32, CPU)
+    assert newest.numel() == 1027
+
+
+def test_a_buffer_larger_than_the_bound_is_not_kept():
+    pool = Workspace(max_bytes=1000)
+    _offer(pool, 1024)
+    assert pool.pooled_bytes() == 0
+
+
+def test_lowering_the_bound_evicts_at_once():
+    pool = Workspace()
+    for numel in range(1000, 1010):
+        _offer(pool, numel)
+    assert pool.pooled_bytes() > 8000
+    pool.max_bytes = 8000
+    assert pool.pooled_bytes() <= 8000
+
+
+def test_layer_calls_that_keep_changing_stay_under_the_bound():
+    bound = 24 << 20
+    saved = WORKSPACE.max_bytes
+    WORKSPACE.max_bytes = bound
+    try:
+        torch.manual_seed(0)
+        layer = flexmoe.MoELayer(128, 256, num_experts=8, top_k=2)
+        peak = 0
+        for i in range(40):  # new batch sizes and top-k every call: buffers of new sizes
+            x = torch.randn(64 + 37 * i, 128, requires_grad=True)
+            layer(x, top_k=1 + i % 3).sum().backward()
+            peak = max(peak, WORKSPACE.pooled_bytes())
+        assert 0 < peak <= bound
+    finally:
+        WORKSPACE.max_bytes = saved
+
+
+def _switching_plans(rank: int, world: int, bound: int) -> int:
+    WORKSPACE.max_bytes = bound
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(64, 128, num_experts=4, top_k=2)
+    plans = layer.valid_plans(degrees=(1, 2, 4))
+    peak = 0
+    for i in range(3 * len(plans)):
+        x = torch.randn(96 + 17 * ((i + rank) % 5), 64, requires_grad=True)
+        layer(x, plan=plans[i % len(plans)]).sum().backward()
+        peak = max(peak, WORKSPACE.pooled_bytes())
+    return peak
+
+
+def test_distributed_calls_that_switch_plans_stay_under_the_bound():
+    bound = 2 << 20
+    peaks = run_distributed(_switching_plans, 2, bound)
+    assert all(0 < peak <= bound for peak in peaks), peaks
