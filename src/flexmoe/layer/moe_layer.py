@@ -96,7 +96,10 @@ class MoELayer(ExpertPlacementMethods):
             ``flexmoe.TunerConfig``; default: the calibration of this machine).
 
     After each forward, ``aux_loss`` holds the weighted auxiliary loss (a differentiable
-    scalar) and ``stats`` a ``MoEStats``.
+    scalar) and ``stats`` a ``MoEStats``. Distributed, each rank's ``aux_loss`` is its
+    tokens' share of the whole batch's: add it to each rank's loss, average the router's
+    gradient over the ranks (as data parallelism does), and the router gradient is the
+    single-device layer's on the concatenated batch, whatever each rank's token count.
     """
 
     aux_loss: Tensor
@@ -314,15 +317,24 @@ class MoELayer(ExpertPlacementMethods):
         return self.experts.resolved_backend(x.device, compute_dtype)
 
     def _balance(self, route: RouterOutput, step: ExpertStep) -> tuple[Tensor | None, Tensor | None]:
-        """Set ``aux_loss``, count loads for aux-free balancing; returns the unweighted terms (detached)."""
+        """Set ``aux_loss``, count loads for aux-free balancing; returns the unweighted terms (detached).
+
+        Distributed, each rank's terms are its tokens' share of the whole batch's: the
+        per-token means are scaled by ``W * T_rank / T``, so the mean of the ranks'
+        ``aux_loss`` is the whole batch's loss (and its router gradient the single-device
+        one) for any per-rank token counts, empty ranks included.
+        """
         bcfg = self.config.balance
         aux = route.probs_TE.new_zeros(())
         balance = z = None
+        share = 1.0
+        if step.world_size > 1 and step.num_tokens > 0:
+            share = step.world_size * route.probs_TE.shape[0] / step.num_tokens
         if bcfg.load_balance_weight > 0:
-            balance = load_balance_loss(route.probs_TE, route.expert_ids_TK, step.routed_fraction_E)
+            balance = share * load_balance_loss(route.probs_TE, route.expert_ids_TK, step.routed_fraction_E)
             aux = aux + bcfg.load_balance_weight * balance
         if bcfg.z_loss_weight > 0:
-            z = router_z_loss(route.logits_TE)
+            z = share * router_z_loss(route.logits_TE)
             aux = aux + bcfg.z_loss_weight * z
         self.aux_loss = aux
         if self.training and bcfg.aux_free_rate > 0:

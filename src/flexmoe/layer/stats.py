@@ -30,7 +30,8 @@ class MoEStats:
         load_max_over_mean: max / mean of ``routed_per_expert`` (1.0 is perfect balance).
         plan: the parallel plan used; ``world_size`` the number of ranks it ran on.
         backend: the expert GEMM backend used.
-        balance_loss, z_loss: the unweighted loss terms (detached), or ``None`` when off.
+        balance_loss, z_loss: the unweighted loss terms (detached), or ``None`` when off;
+            distributed, this rank's share (the ranks' mean is the whole batch's term).
         rows_per_rank, native_rows_per_rank: expert rows each rank computed, and would
             have computed without rerouting (distributed layers with whole experts).
         rerouted_rows, expert_copies: rows computed away from their expert's rank, and
