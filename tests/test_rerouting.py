@@ -10,8 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flexmoe import RerouteConfig
 from flexmoe.parallel.routes import build_chunks, reroute_pieces
-from flexmoe.planner.rerouting import plan_rerouting
+from flexmoe.planner.rerouting import decide_rerouting, plan_rerouting
 
 from .reference import reference_rerouting
 
@@ -257,3 +258,46 @@ def test_shadowing_needs_sources_of_every_rank_and_expert():
         plan_rerouting([10, 0, 0, 0], 2, sources=[[10, 0, 0, 0]])
     with pytest.raises(ValueError, match="sources of expert 0 sum to 9, not its load 10"):
         plan_rerouting([10, 0, 0, 0], 2, sources=[[5, 0, 0, 0], [4, 0, 0, 0]])
+
+
+def _never_pays(plan):
+    """A cost model under which rerouting never pays (plain expert parallelism is free)."""
+    return 0.0 if plan is None else 1.0
+
+
+def _decide(loads, config, forced=None):
+    """The layer's decision on 4 ranks; rank 0 is the source of every expert's rows but an even share."""
+    sources = [[x // 4 + (x % 4 if q == 0 else 0) for x in loads] for q in range(4)]
+    return decide_rerouting(loads, 4, config, forced, sources=sources, held=None, predict=_never_pays)
+
+
+def test_the_row_bound_is_honoured_even_when_rerouting_does_not_pay():
+    loads = [600, 0, 0, 0, 100, 100, 100, 100]  # plain EP: 600 rows on rank 0 of 4
+    plan = _decide(loads, RerouteConfig(max_rows_per_rank=300))
+    assert plan is not None and max(plan.rows_per_rank) <= 300
+    assert _decide(loads, RerouteConfig()) is None  # without the bound: plain EP (it is free here)
+
+
+def test_the_row_bound_is_honoured_below_the_threshold():
+    loads = [130, 0, 100, 0, 100, 0, 100, 0]  # imbalance 1.21 < threshold 1.3
+    plan = _decide(loads, RerouteConfig(max_rows_per_rank=120))
+    assert plan is not None and max(plan.rows_per_rank) <= 120
+
+
+def test_an_unreachable_row_bound_is_reported_not_ignored():
+    loads = [600, 0, 0, 0, 100, 100, 100, 100]
+    no_copies = RerouteConfig(max_rows_per_rank=300, max_copies_per_rank=0)  # no copy may travel
+    with pytest.raises(ValueError, match=r"max_rows_per_rank=300 \(plain expert parallelism puts 600 rows"):
+        _decide(loads, no_copies)
+    # Within the bound, infeasible rerouting quietly keeps plain expert parallelism.
+    assert _decide(loads, RerouteConfig(max_rows_per_rank=700, max_copies_per_rank=0)) is None
+
+
+def test_a_forced_kind_runs_as_forced_or_raises():
+    loads = [600, 0, 0, 0, 100, 100, 100, 100]
+    lla = _decide(loads, RerouteConfig(), "lla")
+    assert lla is not None and lla.moved_rows and not lla.shadowed
+    shadow = _decide(loads, RerouteConfig(), "shadow")
+    assert shadow is not None and shadow.kind == "shadow"
+    with pytest.raises(ValueError, match="max_copies_per_rank=0"):
+        _decide(loads, RerouteConfig(max_rows_per_rank=300, max_copies_per_rank=0), "shadow")

@@ -244,11 +244,16 @@ class Plan:
         d: pipelining degree (number of overlapped chunks).
         exchange: all-to-all algorithm, ``"flat"`` or ``"2dh"``.
         reroute: rerouting of hot experts' rows (expert parallelism with whole
-            experts): ``True`` or ``"lla"`` forces least-loaded rerouting, ``"shadow"``
-            forces shadowing (every rank computes its own rows of the hot experts; see
-            ``flexmoe.planner.rerouting``), ``False`` forbids both, ``None`` lets the
-            layer's ``RerouteConfig`` decide from this step's load. After a call,
-            ``stats.plan.reroute`` is what ran: ``"lla"``, ``"shadow"`` or ``False``.
+            experts): ``True`` or ``"lla"`` forces least-loaded rerouting; ``"shadow"``
+            forces the shadowing planner (each hot expert's other source ranks compute
+            their own rows of it with a copy, and what is left is placed least-loaded;
+            see ``flexmoe.planner.rerouting``); ``False`` forbids both; ``None`` lets the
+            layer's ``RerouteConfig`` decide from this step's load. A forced kind whose
+            bounds cannot hold the step raises ``ValueError``; a step that needs no rows
+            moved runs plain expert parallelism. After a call, ``stats.plan.reroute`` is
+            what ran: ``"shadow"`` (some expert shadowed), ``"lla"`` (rows rerouted,
+            none shadowed: also what ``"shadow"`` runs when no other rank has rows of the
+            hot experts) or ``False``.
     """
 
     r: int | None = None
@@ -297,7 +302,10 @@ class RerouteConfig:
         alpha: the per-rank row target is ``alpha`` times the mean (LLEP's alpha).
         min_chunk: smallest piece of an expert sent to another rank (rows).
         max_copies_per_rank: hard bound on expert copies a rank receives per step.
-        max_rows_per_rank: hard bound on rows a rank computes per step.
+        max_rows_per_rank: hard bound on rows a rank computes per step: a step whose
+            plain expert parallelism exceeds it is rerouted (whether or not that pays), or
+            raises ``ValueError`` when no plan fits the bounds; it does not apply when
+            rerouting is forbidden (``enabled=False`` or ``Plan(reroute=False)``).
         kinds: the rerouting plans the layer may choose from: ``"lla"`` (least-loaded:
             few copies, rows travel to them) and ``"shadow"`` (hot experts copied to every
             rank that has rows for them, which computes its own rows: no row traffic,

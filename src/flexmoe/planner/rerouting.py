@@ -430,9 +430,14 @@ def decide_rerouting(
 
     1. Plan each kind allowed (the forced one, else ``config.kinds``); a forced kind whose
        bounds cannot hold the step raises ``ValueError``, an unforced one is skipped.
-    2. Forced: its plan. Unforced: nothing below ``config.threshold`` (the busiest rank's
-       rows over the mean); else the fastest predicted kind, if it saves at least
-       ``config.min_gain`` of plain expert parallelism's time.
+    2. Forced: its plan (none when the step needs no rows moved).
+    3. Unforced, when plain expert parallelism would put more than
+       ``config.max_rows_per_rank`` rows on a rank: the fastest predicted plan, whether or
+       not it pays (the bound is hard), or ``ValueError`` naming the bounds when no plan
+       fits them.
+    4. Otherwise nothing below ``config.threshold`` (the busiest rank's rows over the
+       mean); else the fastest predicted kind, if it saves at least ``config.min_gain`` of
+       plain expert parallelism's time.
     """
     if forced is False or (forced is None and not config.enabled):
         return None
@@ -456,10 +461,24 @@ def decide_rerouting(
             continue  # the bounds cannot hold this step this way
         if candidate.moved_rows and (kind == "lla" or candidate.shadowed or forced is not None):
             plans[kind] = candidate
-    if forced is not None or not plans:
+    if forced is not None:
         return next(iter(plans.values()), None)
-    if next(iter(plans.values())).imbalance_before < config.threshold:
+    El = len(loads) // world_size
+    busiest = max(sum(loads[p * El : (p + 1) * El]) for p in range(world_size))
+    limit = config.max_rows_per_rank
+    over = limit is not None and busiest > limit  # plain expert parallelism breaks the hard bound
+    if not plans:
+        if over:
+            raise ValueError(
+                f"rerouting cannot hold this step within max_rows_per_rank={limit} (plain expert "
+                f"parallelism puts {busiest} rows on one rank) and max_copies_per_rank="
+                f"{config.max_copies_per_rank}"
+            )
+        return None
+    if not over and next(iter(plans.values())).imbalance_before < config.threshold:
         return None
     times = {kind: predict(plan) for kind, plan in plans.items()}
     best = min(times, key=lambda kind: times[kind])
+    if over:
+        return plans[best]
     return plans[best] if times[best] <= predict(None) * (1.0 - config.min_gain) else None
