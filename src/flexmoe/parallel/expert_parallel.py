@@ -29,161 +29,16 @@ from flexmoe.config import GATED_ACTIVATIONS, Plan
 from flexmoe.experts import GroupedExperts
 from flexmoe.parallel.comm import (
     Communicator,
-    all_gather_rows,
-    all_to_all,
     exchange,
-    reduce_scatter_rows,
 )
 from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layout
 from flexmoe.parallel.routes import Chunk, build_chunks, plan_pieces, reroute_pieces
 from flexmoe.parallel.runtime import DistributedContext, local_world_size, resolve_group
+from flexmoe.parallel.weights import ExpertCopies, GatherExperts, GatherShards, Weights
 from flexmoe.placement import Placement, ReroutePlan
 from flexmoe.workspace import WORKSPACE
 
-__all__ = ["ExpertParallel", "Weights"]
-
-Weights = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
-
-
-class _GatherShards(torch.autograd.Function):
-    """All-gather of one flat tensor inside ``members`` (this rank among them).
-
-    Backward sends each gathered piece's gradient back to its owner, who sums them.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, flat: Tensor, members: list[int], comm: Communicator) -> Tensor:
-        W = dist.get_world_size(comm.group)
-        n = flat.numel()
-        splits = [n if p in members else 0 for p in range(W)]
-        ctx.members, ctx.comm, ctx.splits = members, comm, splits
-        send = flat.unsqueeze(0).expand(len(members), n).reshape(-1)
-        out = comm.run(all_to_all, "weight all-gather", send, splits, splits, comm.group)
-        return out.view(len(members), n)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        comm: Communicator = ctx.comm
-        back = comm.run(
-            all_to_all, "weight reduce-scatter", grad.reshape(-1), ctx.splits, ctx.splits, comm.group
-        )
-        return back.view(len(ctx.members), -1).sum(0), None, None
-
-
-class _GatherExperts(torch.autograd.Function):
-    """All-gather of whole experts (``r = 0``): ``[El, ...]`` on each rank -> ``[W * El, ...]``.
-
-    Rank-major along the expert dimension, which is exactly the gathered layout, so
-    nothing is packed or split; backward reduce-scatters the gradient (each rank gets
-    the sum of every rank's gradient for its own experts).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, own: Tensor, comm: Communicator, what: str) -> Tensor:
-        ctx.comm, ctx.what = comm, what
-        return comm.run(all_gather_rows, f"{what} all-gather", own, comm.group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        comm: Communicator = ctx.comm
-        return comm.run(reduce_scatter_rows, f"{ctx.what} reduce-scatter", grad, comm.group), None, None
-
-
-class _WithCopies(torch.autograd.Function):
-    """The rank's own expert tensors followed by the copies of other ranks' experts it computes.
-
-    ``own`` are the present parameter tensors (``w_in``, ``w_out``, then both biases or
-    none), each ``[El, ...]``. Forward sends the rows of ``send_local`` (this rank's
-    experts, in destination-rank order) to the ranks that need copies and appends, to
-    each tensor, the ``order`` copies: received rows (``"got", i``) or this rank's
-    fresh persistent replicas (``"cached", packed row``: constants, no gradient).
-    Backward returns each tensor's first ``El`` rows of gradient as they are and adds the
-    received copies' gradients onto the sent experts' rows: only the sent experts are
-    packed, nothing of full size is zeroed, packed or summed.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, spec: dict[str, Any], *own: Tensor) -> tuple[Tensor, ...]:
-        comm: Communicator = spec["comm"]
-        send_local: Tensor = spec["send_local"]
-        widths = [t[0].numel() for t in own]
-        got = None
-        if spec["exchange"]:  # a collective: every rank joins it when any copy travels
-            send = torch.cat(
-                [
-                    t.index_select(0, send_local).reshape(len(send_local), w)
-                    for t, w in zip(own, widths, strict=True)
-                ],
-                1,
-            )
-            got = comm.run(
-                all_to_all,
-                "expert copy all-to-all",
-                send,
-                spec["send_splits"],
-                spec["recv_splits"],
-                comm.group,
-            )
-            received = spec["received"]
-            if received is not None:
-                received.update({e: row for e, row in zip(spec["mine"], got.unbind(0), strict=True)})
-        rows: list[Tensor] = []
-        for kind, i, row in spec["order"]:
-            if kind == "got":
-                assert got is not None
-                rows.append(got[i])
-            else:
-                rows.append(row.to(own[0].dtype))
-        ctx.spec, ctx.widths = spec, widths
-        ctx.got_slots = [j for j, (kind, _, _) in enumerate(spec["order"]) if kind == "got"]
-        ctx.got_index = [i for kind, i, _ in spec["order"] if kind == "got"]
-        if not rows:
-            return tuple(own)
-        copies = torch.stack(rows)
-        parts = copies.split(widths, dim=1)
-        return tuple(
-            torch.cat([t, part.reshape(len(rows), *t.shape[1:])]) for t, part in zip(own, parts, strict=True)
-        )
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        spec = ctx.spec
-        El = spec["local_experts"]
-        own = [None if g is None else g[:El] for g in grads]
-        if not spec["exchange"]:
-            return (None, *own)
-        comm: Communicator = spec["comm"]
-        n_got = len(spec["mine"])
-        ref = next(g for g in grads if g is not None)
-        width = sum(ctx.widths)
-        # The gradients of the copies this rank received, in the order they arrived.
-        send = ref.new_zeros((n_got, width))
-        for slot, i in zip(ctx.got_slots, ctx.got_index, strict=True):
-            send[i] = torch.cat(
-                [
-                    (g[El + slot].reshape(-1) if g is not None else ref.new_zeros(w))
-                    for g, w in zip(grads, ctx.widths, strict=True)
-                ]
-            )
-        back = comm.run(
-            all_to_all,
-            "expert copy gradient all-to-all",
-            send,
-            spec["recv_splits"],
-            spec["send_splits"],
-            comm.group,
-        )
-        if back.shape[0]:
-            index = spec["send_local"]
-            out: list[Tensor | None] = []
-            for g, part in zip(own, back.split(ctx.widths, dim=1), strict=True):
-                # The incoming gradient is _ExchangeExperts' fresh buffer (nothing else
-                # holds it), so its own-expert rows are summed into in place.
-                if g is not None:
-                    g = g.index_add_(0, index, part.reshape(len(index), *g.shape[1:]).to(g.dtype))
-                out.append(g)
-            own = out
-        return (None, *own)
+__all__ = ["ExpertParallel"]
 
 
 class _ExchangeExperts(torch.autograd.Function):
@@ -450,7 +305,7 @@ class ExpertParallel:
                 if t is None or (name.startswith("b") and not has_bias):
                     out.append(None)
                     continue
-                out.append(_GatherExperts.apply(t, self.comm, f"weight ({name})"))
+                out.append(GatherExperts.apply(t, self.comm, f"weight ({name})"))
             w_in_g, w_out_g, b_in_g, b_out_g = out
             assert w_in_g is not None and w_out_g is not None
             return w_in_g, w_out_g, b_in_g, b_out_g
@@ -460,7 +315,7 @@ class ExpertParallel:
             own_b_out = b_out_t if b_out_t is not None else b_in_t.new_zeros(El, D)
             pieces += [b_in_t.reshape(-1), own_b_out.reshape(-1)]
         flat = torch.cat(pieces)
-        gathered = _GatherShards.apply(flat, members, self.comm)
+        gathered = GatherShards.apply(flat, members, self.comm)
         shapes = [w_in_t.shape, w_out_t.shape]
         if has_bias:
             assert b_in_t is not None
@@ -539,7 +394,7 @@ class ExpertParallel:
         got_rows: dict[int, Tensor] = {}
         if received is not None:
             spec["received"] = got_rows
-        out = iter(_WithCopies.apply(spec, *present))
+        out = iter(ExpertCopies.apply(spec, *present))
         if received is not None:
             received.update({e: row.detach() for e, row in got_rows.items()})
         w_in, w_out = next(out), next(out)

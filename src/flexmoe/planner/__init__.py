@@ -37,10 +37,11 @@ from flexmoe.planner.placement import (
     replica_placement,
     same_rank_fraction,
 )
+from flexmoe.planner.prediction import Breakdown, Prediction, Scored, StaticBaseline
 from flexmoe.planner.replay import TraceSimulation, format_trace_simulation, simulate_trace
 from flexmoe.planner.rerouting import Rerouting, expected_rerouting, plan_rerouting, summarize
 from flexmoe.planner.search import DEGREES, STATIC_CAPACITIES, PlanReport, baselines, candidates, plan, sweep
-from flexmoe.planner.simulate import Breakdown, Prediction, Scored, StaticBaseline, simulate
+from flexmoe.planner.simulate import simulate
 from flexmoe.planner.trace import RoutingTrace, RoutingTraceWriter, TraceRecord, read_routing_trace
 from flexmoe.planner.tuner import Tuner, TunerDecision
 from flexmoe.planner.workload import Load, MoEWorkload

@@ -28,8 +28,8 @@ from numpy.typing import NDArray
 
 from flexmoe.config import Plan, RerouteConfig
 from flexmoe.planner.cluster import Cluster
+from flexmoe.planner.prediction import Prediction, Scored, StaticBaseline
 from flexmoe.planner.search import DEGREES, baselines, candidates, plan
-from flexmoe.planner.simulate import Prediction, Scored, StaticBaseline
 from flexmoe.planner.trace import RoutingTrace
 from flexmoe.planner.workload import Load, MoEWorkload
 

@@ -6,8 +6,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from flexmoe.planner.prediction import Prediction
 from flexmoe.planner.search import PlanReport
-from flexmoe.planner.simulate import Prediction
 
 __all__ = ["format_plan", "format_sweep", "plot_sweep", "sweep_rows"]
 

@@ -19,8 +19,9 @@ from flexmoe.config import Plan, RerouteConfig
 from flexmoe.placement import Placement
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.costmodel import Machine
+from flexmoe.planner.prediction import Prediction, Scored, StaticBaseline
 from flexmoe.planner.rerouting import Rerouting, expected_rerouting
-from flexmoe.planner.simulate import Prediction, Scored, StaticBaseline, kept_rows, reroute_settings, simulate
+from flexmoe.planner.simulate import kept_rows, reroute_settings, simulate
 from flexmoe.planner.workload import Load, MoEWorkload
 
 __all__ = ["DEGREES", "STATIC_CAPACITIES", "PlanReport", "baselines", "candidates", "plan", "sweep"]
