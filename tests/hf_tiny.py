@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from flexmoe.experts import grouped_mm_available
+
 VOCAB = 101
+
+# Every expert GEMM backend that runs here (``grouped_mm`` where ``torch._grouped_mm`` does):
+# the equivalence tests run on each, so that a backend-specific bug fails a named test.
+EXPERT_BACKENDS: list[str] = ["auto", "fused", "loop"] + (
+    ["grouped_mm"] if grouped_mm_available(torch.device("cpu"), torch.float32) else []
+)
 
 _COMMON: dict[str, Any] = {
     "vocab_size": VOCAB,

@@ -12,7 +12,8 @@ pytest.importorskip("transformers", minversion="5.0")
 
 import flexmoe
 import flexmoe.hf as hf
-from tests.hf_tiny import MODELS, VOCAB, tiny_model
+from flexmoe.experts import resolve_backend
+from tests.hf_tiny import EXPERT_BACKENDS, MODELS, VOCAB, tiny_model
 
 ATOL = 2e-5
 
@@ -21,32 +22,55 @@ def _ids(seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _pair(model_type: str, **overrides: object) -> tuple[torch.nn.Module, torch.nn.Module, hf.Conversion]:
+def _pair(
+    model_type: str, backend: str = "auto", **overrides: object
+) -> tuple[torch.nn.Module, torch.nn.Module, hf.Conversion]:
     original = tiny_model(model_type, **overrides)
     converted = copy.deepcopy(original)
-    return original, converted, hf.convert(converted)
+    return original, converted, hf.convert(converted, backend=backend)
 
 
+def _assert_backend_ran(conversion: hf.Conversion, backend: str) -> None:
+    """Every converted block's last call ran on ``backend`` (not a fallback)."""
+    expected = resolve_backend(backend, torch.device("cpu"), torch.float32)
+    for path, block in conversion.blocks.items():
+        stats = block.moe.stats
+        assert stats is not None and stats.backend == expected, (path, stats and stats.backend)
+
+
+def _assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("backend", EXPERT_BACKENDS)
 @pytest.mark.parametrize("model_type", sorted(MODELS))
-def test_eval_logits_and_greedy_generation_unchanged(model_type: str) -> None:
-    original, converted, conversion = _pair(model_type)
+def test_eval_logits_and_greedy_generation_unchanged(model_type: str, backend: str) -> None:
+    original, converted, conversion = _pair(model_type, backend)
     assert conversion.blocks and not conversion.refused
     assert all(isinstance(block, hf.FlexMoEBlock) for block in conversion.blocks.values())
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, original(ids).logits, atol=ATOL, rtol=1e-5)
+    _assert_backend_ran(conversion, backend)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids)}
     assert torch.equal(converted.generate(ids, **kwargs), original.generate(ids, **kwargs))
+    # The round trip gives back the very weights: bit for bit, the original model.
+    hf.revert(converted)
+    _assert_same_state(converted.state_dict(), original.state_dict())
 
 
+@pytest.mark.parametrize("backend", EXPERT_BACKENDS)
 @pytest.mark.parametrize("model_type", sorted(MODELS))
-def test_training_step_same_loss_gradients_and_update(model_type: str) -> None:
-    original, converted, _ = _pair(model_type)
+def test_training_step_same_loss_gradients_and_update(model_type: str, backend: str) -> None:
+    original, converted, conversion = _pair(model_type, backend)
     original.train()
     converted.train()
     ids = _ids(seed=2, batch=3)
     out_original = original(ids, labels=ids)
     out_converted = converted(ids, labels=ids)
+    _assert_backend_ran(conversion, backend)
     torch.testing.assert_close(out_converted.logits, out_original.logits, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(out_converted.loss, out_original.loss, atol=ATOL, rtol=1e-5)
     out_original.loss.backward()
@@ -141,18 +165,33 @@ def test_aux_free_balancing_trains_the_models_own_bias() -> None:
         hf.convert(tiny_model("mixtral"), aux_free_rate=1e-3)
 
 
-def test_bf16_and_dtype_conversions_round_trip() -> None:
-    model = tiny_model("mixtral")
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_bf16_and_dtype_conversions_round_trip(model_type: str) -> None:
+    original = tiny_model(model_type)
+    model = copy.deepcopy(original)
     hf.convert(model)
-    model.to(torch.bfloat16)  # flexmoe keeps its router in fp32 meanwhile
+    model.to(torch.bfloat16)  # flexmoe keeps its router and selection bias in fp32 meanwhile
+    original.to(torch.bfloat16)
     ids = _ids()
     with torch.no_grad():
-        assert model(ids).logits.dtype == torch.bfloat16
+        logits = model(ids).logits
+        assert logits.dtype == torch.bfloat16
+        # bf16 rounding (and fp32 routing, against transformers' bf16 routing): loosely equal.
+        torch.testing.assert_close(logits, original(ids).logits, atol=0.05, rtol=0.05)
     hf.revert(model)
-    gate = model.model.layers[0].mlp.gate
+    gate = model.model.layers[0 if model_type == "mixtral" else 1].mlp.gate
     assert gate.weight.dtype == torch.bfloat16  # the transformers router gets the model's dtype back
+    # Every weight is the original's cast to bf16, bit for bit; the selection bias keeps
+    # its dtype (flexmoe held it in fp32) with the bf16-rounded value.
+    state, expected = model.state_dict(), original.state_dict()
+    assert list(state) == list(expected)
+    for name, value in expected.items():
+        if "e_score_correction_bias" in name:
+            assert torch.equal(state[name].to(value.dtype), value), name
+            continue
+        assert state[name].dtype == value.dtype and torch.equal(state[name], value), name
     with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=0, rtol=0)
 
 
 def test_refused_model_is_left_untouched() -> None:

@@ -13,10 +13,16 @@ from torch import nn
 pytest.importorskip("transformers", minversion="5.0")
 
 import flexmoe.hf as hf
-from tests.hf_tiny import bare_instance, tiny_block
+from flexmoe.experts import resolve_backend
+from tests.hf_tiny import EXPERT_BACKENDS, bare_instance, tiny_block
 
 BLOCKS = hf.discover_moe_blocks()
+SUPPORTED_BLOCKS = [block for block in BLOCKS if block.name in hf.SUPPORTED]
 ATOL = 2e-5
+
+
+def _block_id(block: hf.MoEBlockClass) -> str:
+    return f"{block.model_type}.{block.name}"
 
 
 def _outputs_and_grads(
@@ -30,11 +36,15 @@ def _outputs_and_grads(
     return y.detach(), x.grad, {name: p.grad for name, p in holder.named_parameters() if p.grad is not None}
 
 
-def assert_block_equivalent(block: nn.Module, seed: int = 0, tokens: int = 6) -> None:
-    """The converted block equals ``block``: outputs in eval, outputs and all gradients in training."""
+def assert_block_equivalent(block: nn.Module, seed: int = 0, tokens: int = 6, backend: str = "auto") -> None:
+    """The converted block equals ``block``: outputs in eval, outputs and all gradients in training.
+
+    On the expert ``backend`` (checked to be the one that ran), with the weights back bit
+    for bit after ``revert`` when nothing was trained.
+    """
     original = nn.Sequential(block)
     converted = copy.deepcopy(original)
-    conversion = hf.convert(converted)
+    conversion = hf.convert(converted, backend=backend)
     assert list(conversion.blocks) == ["0"] and isinstance(converted[0], hf.FlexMoEBlock)
     x = torch.randn(
         2, tokens, block.experts.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(seed)
@@ -43,6 +53,9 @@ def assert_block_equivalent(block: nn.Module, seed: int = 0, tokens: int = 6) ->
         model.eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(x), original(x), atol=ATOL, rtol=1e-5)
+    stats = conversion.blocks["0"].moe.stats
+    assert stats is not None and stats.backend == resolve_backend(backend, x.device, x.dtype)
+    _assert_same_state(hf.revert(copy.deepcopy(converted)).state_dict(), original.state_dict())
     for model in (original, converted):
         model.train()
     y_original, dx_original, grads_original = _outputs_and_grads(original, x)
@@ -54,6 +67,12 @@ def assert_block_equivalent(block: nn.Module, seed: int = 0, tokens: int = 6) ->
     assert grads_converted.keys() == grads_original.keys()
     for name, grad in grads_original.items():
         torch.testing.assert_close(grads_converted[name], grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def _assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(expected), (sorted(set(got) ^ set(expected)),)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
 
 
 def test_discovery_finds_the_families_we_know() -> None:
@@ -88,7 +107,7 @@ def test_every_table_entry_is_a_block_of_this_transformers() -> None:
     assert names == set(hf.SUPPORTED) | set(hf.REFUSED), sorted(names - set(hf.SUPPORTED) - set(hf.REFUSED))
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b.model_type}.{b.name}")
+@pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
 def test_every_moe_family_is_supported_and_equivalent_or_refused(block: hf.MoEBlockClass) -> None:
     block_class = block.load()
     if block.name in hf.SUPPORTED:
@@ -103,6 +122,38 @@ def test_every_moe_family_is_supported_and_equivalent_or_refused(block: hf.MoEBl
     with pytest.raises(hf.UnsupportedMoEError, match=block.name) as info:
         hf.convert(holder)
     assert info.value.path == "0" and reason in str(info.value)
+
+
+@pytest.mark.parametrize("backend", [b for b in EXPERT_BACKENDS if b != "auto"])
+@pytest.mark.parametrize("block", SUPPORTED_BLOCKS, ids=_block_id)
+def test_every_supported_family_is_equivalent_on_every_expert_backend(
+    block: hf.MoEBlockClass, backend: str
+) -> None:
+    # "auto" runs in the test above.
+    assert_block_equivalent(tiny_block(block.load()), backend=backend)
+
+
+@pytest.mark.parametrize("block", SUPPORTED_BLOCKS, ids=_block_id)
+def test_every_supported_family_saves_and_loads_as_itself(block: hf.MoEBlockClass) -> None:
+    """``state_dict`` of a converted block is the original's; ``load_state_dict`` takes it back."""
+    block_class = block.load()
+    original = nn.Sequential(tiny_block(block_class, seed=0))
+    converted = copy.deepcopy(original)
+    hf.convert(converted)
+    _assert_same_state(converted.state_dict(), original.state_dict())
+    source = nn.Sequential(tiny_block(block_class, seed=1))  # other weights and selection biases
+    result = converted.load_state_dict(source.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    _assert_same_state(converted.state_dict(), source.state_dict())
+    x = torch.randn(
+        2, 5, source[0].experts.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(7)
+    )
+    for model in (source, converted):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), source(x), atol=ATOL, rtol=1e-5)
+    hf.revert(converted)
+    _assert_same_state(converted.state_dict(), source.state_dict())
 
 
 @pytest.mark.parametrize(

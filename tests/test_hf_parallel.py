@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,53 @@ def test_converted_models_with_expert_parallelism_over_two_ranks() -> None:
     # Mixtral (4 experts, 2 per rank) and Qwen2-MoE (8 experts, a gated shared expert).
     checked = run_distributed(_expert_parallel_worker, 2, ["mixtral", "qwen2_moe"])
     assert checked[0] == checked[1] and all(n > 0 for n in checked[0])
+
+
+def _saving_worker(rank: int, world_size: int, directory: str) -> None:
+    import flexmoe.hf as hf
+    from tests.hf_tiny import VOCAB, tiny_model
+    from tests.test_hf_save import assert_same_state
+
+    for model_type in ("mixtral", "deepseek_v3"):
+        model = tiny_model(model_type)  # the same weights on every rank (same seed)
+        expected = model.state_dict()
+        expected = {key: value.clone() for key, value in expected.items()}
+        conversion = hf.convert(model, group=None)
+        layers = [block.moe for block in conversion.blocks.values()]
+        assert all(layer.world_size == world_size for layer in layers)
+        # state_dict() gathers every expert (a collective): each rank gets the whole model.
+        assert_same_state(model.state_dict(), expected)
+        if model_type == "mixtral":  # experts moved between ranks are still saved in logical order
+            for layer in layers:
+                layer.apply_placement([2, 3, 0, 1])
+                assert layer.stored_experts == [[2, 3], [0, 1]][rank]
+            assert_same_state(model.state_dict(), expected)
+        # save_pretrained on every rank (it calls state_dict()); only rank 0 writes.
+        model.save_pretrained(Path(directory) / model_type, is_main_process=rank == 0)
+
+        # load_state_dict with the original names: each rank keeps its experts' slices.
+        source = tiny_model(model_type, seed=1)
+        result = model.load_state_dict(source.state_dict())
+        assert not result.missing_keys and not result.unexpected_keys
+        for path, block in conversion.blocks.items():
+            layer, full = block.moe, source.get_submodule(path).experts.gate_up_proj
+            assert torch.equal(layer.experts.w_in, full[layer.stored_experts])
+        ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(100 + rank))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, source(ids).logits, atol=2e-5, rtol=1e-5)
+        assert_same_state(model.state_dict(), source.state_dict())
+
+
+def test_a_converted_expert_parallel_model_saves_every_expert(tmp_path: Path) -> None:
+    # Mixtral (4 experts, then moved between the ranks) and DeepSeek-V3 (a selection bias).
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf_tiny import VOCAB, tiny_model
+
+    run_distributed(_saving_worker, 2, str(tmp_path))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    for model_type in ("mixtral", "deepseek_v3"):
+        loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, output_loading_info=True)
+        assert not any(info.values()), info
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(ids).logits, tiny_model(model_type)(ids).logits)

@@ -13,42 +13,27 @@ putting the original block back (``restore``) needs no copy either.
 
 Over a process group each rank keeps only the experts it owns (copies of its slices);
 the original full expert tensors are released and ``restore`` gathers them back.
+
+The block saves and loads as the block it replaced: its ``state_dict`` entries are the
+original block's names, layouts and dtypes, holding the current weights (what ``restore``
+would put back), and ``load_state_dict`` accepts them; see ``FlexMoEBlock``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from flexmoe.config import BalanceConfig, CapacityConfig, ExpertConfig, MoEConfig, RouterConfig
 from flexmoe.hf import _transformers
-from flexmoe.hf.families import (
-    Family,
-    UnsupportedMoEError,
-    activation_of,
-    expert_layout_problem,
-    family_of,
-    resolve,
-)
+from flexmoe.hf.families import Family, resolve
+from flexmoe.hf.plan import BlockPlan
 from flexmoe.layer import MoELayer
 from flexmoe.routing import RouterOutput
 
-__all__ = ["BlockPlan", "ConversionOptions", "FlexMoEBlock", "plan_block"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConversionOptions:
-    """The flexmoe settings a conversion applies to every block (see ``flexmoe.hf.convert``)."""
-
-    backend: str = "auto"
-    capacity_factor: float = 0.0
-    load_balance_weight: float = 0.0
-    aux_free_rate: float = 0.0
+__all__ = ["FlexMoEBlock"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,87 +69,6 @@ def _record_router_logits(module: nn.Module, inputs: tuple[Any, ...], output: Ro
         logits.append(output.logits_TE)
 
 
-@dataclass
-class BlockPlan:
-    """A checked conversion of one block: the flexmoe configuration and the tensors to share."""
-
-    block: nn.Module
-    path: str
-    family: Family
-    config: MoEConfig
-    router_weight: nn.Parameter
-    w_in: nn.Parameter
-    w_out: nn.Parameter
-    bias: Tensor | None
-    extras: dict[str, nn.Module | None]
-
-
-def plan_block(block: nn.Module, options: ConversionOptions, path: str = "") -> BlockPlan:
-    """Check that ``block`` converts and work out how, without changing anything.
-
-    Raises ``UnsupportedMoEError`` (the class and the reason) when it does not convert,
-    ``ValueError`` when an option does not fit it.
-    """
-    name = type(block).__name__
-    try:
-        family = family_of(type(block))
-    except UnsupportedMoEError as error:
-        raise UnsupportedMoEError(name, error.reason, path) from None
-
-    def refuse(reason: str) -> UnsupportedMoEError:
-        return UnsupportedMoEError(name, reason, path)
-
-    experts = getattr(block, "experts", None)
-    if not isinstance(experts, nn.Module):
-        raise refuse("it has no experts module")
-    problem = expert_layout_problem(block, experts)
-    if problem is None and family.check is not None:
-        problem = family.check(block)
-    if problem is not None:
-        raise refuse(problem)
-    w_in_EHD: nn.Parameter = getattr(experts, "gate_up_proj")  # noqa: B009 (checked above)
-    w_out_EDF: nn.Parameter = getattr(experts, "down_proj")  # noqa: B009
-    E, H, D = w_in_EHD.shape
-    router_weight = resolve(block, family.router_weight or f"{family.router}.weight")
-    if not isinstance(router_weight, nn.Parameter) or tuple(router_weight.shape) != (E, D):
-        shape = tuple(router_weight.shape) if isinstance(router_weight, Tensor) else router_weight
-        raise refuse(f"its router weight is {shape!r}, expected a Parameter of shape {(E, D)}")
-    router_config, bias = _router_config(block, family, options, refuse)
-    top_k = int(resolve(block, family.top_k or f"{family.router}.top_k"))
-    if router_config.normalize_weights and top_k == 1:
-        raise refuse(
-            "renormalised top-1 routing gives every token weight 1 (no router gradient); flexmoe keeps "
-            "the raw score for top-1"
-        )
-    experts_config = ExpertConfig(
-        activation=activation_of(experts),  # type: ignore[arg-type]
-        backend=options.backend,  # type: ignore[arg-type]
-    )
-    balance = BalanceConfig(
-        load_balance_weight=options.load_balance_weight, aux_free_rate=options.aux_free_rate
-    )
-    capacity = CapacityConfig(capacity_factor=options.capacity_factor)
-    try:
-        config = MoEConfig(
-            dim=D,
-            hidden_dim=H // 2,
-            num_experts=E,
-            top_k=top_k,
-            router=router_config,
-            capacity=capacity,
-            experts=experts_config,
-            balance=balance,
-        )
-    except ValueError as error:
-        raise refuse(f"its configuration has no flexmoe equivalent ({error})") from error
-    extras = {
-        attribute.split(".")[-1]: _module_or_none(resolve(block, attribute))
-        for attribute in (family.shared, family.shared_gate, family.post_norm)
-        if attribute
-    }
-    return BlockPlan(block, path, family, config, router_weight, w_in_EHD, w_out_EDF, bias, extras)
-
-
 class FlexMoEBlock(nn.Module):
     """A ``transformers`` sparse-MoE block computed by a flexmoe ``MoELayer`` with the same weights.
 
@@ -174,6 +78,15 @@ class FlexMoEBlock(nn.Module):
 
     Build it with ``FlexMoEBlock.build(plan_block(block, options), group)``;
     ``restore()`` returns the original block with the current weights.
+
+    Its ``state_dict`` is the original block's (state-dict hooks): the ``transformers``
+    names (``gate.weight``, ``experts.gate_up_proj``, ``experts.down_proj``,
+    ``gate.e_score_correction_bias``, the shared experts), layouts and dtypes, holding
+    the current weights, so ``save_pretrained`` of a converted model writes a checkpoint
+    that plain ``transformers`` loads. ``load_state_dict`` takes those names too (and
+    flexmoe's own ``moe.*`` names). With experts spread over ranks the saved experts are
+    gathered from every rank: ``state_dict()`` (and ``save_pretrained``) is then a
+    collective, to call on every rank.
 
     Attributes:
         moe: the ``MoELayer`` (routed experts and router).
@@ -209,6 +122,9 @@ class FlexMoEBlock(nn.Module):
         self._router_follows_model = router_follows_model
         self._full_expert_shapes: tuple[torch.Size, torch.Size] | None = None
         moe.router.register_forward_hook(_record_router_logits)
+        # Module-level functions, so that deepcopy and pickling carry the hooks along.
+        self.register_state_dict_post_hook(_save_as_original)
+        self.register_load_state_dict_pre_hook(_load_original)
 
     # ---------------------------------------------------------------- forward
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -277,43 +193,173 @@ class FlexMoEBlock(nn.Module):
         selection-bias buffer, the dtype of the router weight). Over a process group
         the full expert tensors are gathered from every rank: call it on every rank.
         """
-        original, family = self.original, self.family
-        experts: Any = original.experts
-        if self._full_expert_shapes is not None:
-            state = self.moe.single_device_state_dict()  # a collective: every rank calls restore()
-            keys = ("experts.w_in", "experts.w_out")
-            for name, key, shape in zip(
-                ("gate_up_proj", "down_proj"), keys, self._full_expert_shapes, strict=True
-            ):
-                param = getattr(experts, name)
-                param.data = state[key].to(param.dtype).reshape(shape)
-        # flexmoe keeps its router in fp32 through .to(dtype); the transformers router
-        # computes in the model's dtype, so it gets that dtype back.
-        router_weight = resolve(original, family.router_weight or f"{family.router}.weight")
-        model_dtype = experts.gate_up_proj.dtype
-        if self._router_follows_model and router_weight.dtype != model_dtype:
-            router_weight.data = router_weight.data.to(model_dtype)
-        if family.selection_bias is not None:
-            self._restore_bias(original, family.selection_bias)
+        original = self.original
+        for key, value in self._current_original_tensors().items():
+            owner_path, _, name = key.rpartition(".")
+            owner = original.get_submodule(owner_path) if owner_path else original
+            held = getattr(owner, name)
+            if value is held:
+                continue
+            if isinstance(held, nn.Parameter):
+                held.data = value.detach()
+            else:
+                setattr(owner, name, value.detach())  # a buffer
         return original
 
-    def _restore_bias(self, original: nn.Module, path: str) -> None:
-        owner_path, _, name = path.rpartition(".")
-        owner = resolve(original, owner_path) if owner_path else original
-        bias = getattr(owner, name)
-        current = self.moe.router.expert_bias_E
-        if current.data_ptr() == bias.data_ptr():
-            return  # still the same storage
-        # flexmoe's copy was moved or cast on its own (.to on the converted model).
-        value = current.detach().to(bias.dtype).reshape(bias.shape)
-        if isinstance(bias, nn.Parameter):
-            bias.data = value
+    def _shared_names(self) -> dict[str, str]:
+        """``original key -> MoELayer key`` for the tensors the layer computes with (relative names)."""
+        family = self.family
+        names = {
+            family.router_weight or f"{family.router}.weight": "router.weight",
+            "experts.gate_up_proj": "experts.w_in",
+            "experts.down_proj": "experts.w_out",
+        }
+        if family.selection_bias is not None:
+            names[family.selection_bias] = "router.expert_bias_E"
+        return names
+
+    def _current_original_tensors(self) -> dict[str, Tensor]:
+        """The tensors ``restore`` puts in the original block, by its ``state_dict`` key.
+
+        The held tensor itself where the original block still shares it; else the
+        current value in the original's layout and dtype. Distributed: the experts are
+        gathered from every rank (a collective).
+        """
+        moe, original = self.moe, self.original
+        names = self._shared_names()
+        by_layer_key: dict[str, Tensor] = moe.state_dict(keep_vars=True)  # the held tensors themselves
+        if self._full_expert_shapes is not None:
+            state = moe.single_device_state_dict()  # a collective: every rank gathers
+            for key, shape in zip(("experts.w_in", "experts.w_out"), self._full_expert_shapes, strict=True):
+                by_layer_key[key] = state[key].reshape(shape)
+        # flexmoe keeps its router in fp32 through .to(dtype); the transformers router
+        # computes in the model's dtype, so it gets that dtype back.
+        model_dtype = by_layer_key["experts.w_in"].dtype
+        router_weight = by_layer_key["router.weight"]
+        if self._router_follows_model and router_weight.dtype != model_dtype:
+            by_layer_key["router.weight"] = router_weight.detach().to(model_dtype)
+        out = {key: by_layer_key[layer_key] for key, layer_key in names.items() if layer_key in by_layer_key}
+        if self.family.selection_bias is not None:
+            held = resolve(original, self.family.selection_bias)
+            current = by_layer_key["router.expert_bias_E"]
+            # Still the same storage, or flexmoe's copy was moved or cast on its own (.to
+            # on the converted model): the original's dtype and shape, the current value.
+            same = current.data_ptr() == held.data_ptr() and current.dtype == held.dtype
+            out[self.family.selection_bias] = (
+                held if same else current.detach().to(held.dtype).reshape(held.shape)
+            )
+        return out
+
+    # ------------------------------------------------------------- state dict
+    def original_state_dict(self, keep_vars: bool = False) -> dict[str, Tensor]:
+        """The original block's ``state_dict`` (relative names) holding the current weights.
+
+        What ``restore().state_dict()`` would return, without restoring; a collective when
+        the experts are spread over ranks (gathered on every rank).
+        """
+        current = self._current_original_tensors()
+        out = {}
+        for key, value in self.original.state_dict(keep_vars=True).items():
+            value = current.get(key, value)
+            out[key] = value if keep_vars else value.detach()
+        return out
+
+    def _load_original_state(
+        self, state_dict: dict[str, Any], prefix: str, missing_keys: list[str], error_msgs: list[str]
+    ) -> None:
+        """Load the ``state_dict`` entries with the original block's names (see ``_load_original``)."""
+        names = self._shared_names()
+        original_keys = list(self.original.state_dict(keep_vars=True))
+        own = [key for key in original_keys if key in names or not self._is_extra(key)]
+        given = {key: state_dict.pop(prefix + key) for key in own if prefix + key in state_dict}
+        if not given:
+            return  # flexmoe's own names (or none of this block's): the default load
+        missing_keys.extend(prefix + key for key in own if key not in given)
+        expected = self._original_shapes(own)
+        problems = [
+            f"size mismatch for {prefix}{key}: copying a param with shape {tuple(value.shape)} from "
+            f"checkpoint, the shape in current model is {tuple(expected[key])}."
+            for key, value in given.items()
+            if tuple(value.shape) != tuple(expected[key])
+        ]
+        if problems:
+            error_msgs.extend(problems)
         else:
-            setattr(owner, name, value)
+            self._copy_original_values(given)
+        # The layer's own entries: its current tensors, so that the default load of ``moe``
+        # (which runs next) finds every key and changes nothing.
+        for key, value in self.moe.state_dict().items():
+            state_dict[f"{prefix}moe.{key}"] = value
+
+    def _is_extra(self, key: str) -> bool:
+        return key.split(".", 1)[0] in self._modules and key.split(".", 1)[0] != "moe"
+
+    def _original_shapes(self, keys: list[str]) -> dict[str, torch.Size]:
+        """The single-device shape of each original ``state_dict`` entry in ``keys``."""
+        held = self.original.state_dict(keep_vars=True)
+        shapes = {key: held[key].shape for key in keys}
+        if self._full_expert_shapes is not None:  # released here: the shapes they had
+            shapes["experts.gate_up_proj"], shapes["experts.down_proj"] = self._full_expert_shapes
+        else:
+            shapes["experts.gate_up_proj"] = self.moe.experts.w_in.shape
+            shapes["experts.down_proj"] = self.moe.experts.w_out.shape
+        return shapes
+
+    @torch.no_grad()
+    def _copy_original_values(self, given: dict[str, Tensor]) -> None:
+        """Copy original-named values into the tensors the block computes with (checked shapes)."""
+        names = self._shared_names()
+        layer_state = {names[key]: value for key, value in given.items() if key in names}
+        if "router.expert_bias_E" in layer_state:
+            layer_state["router.expert_bias_E"] = layer_state["router.expert_bias_E"].reshape(-1)
+        experts = {key for key in layer_state if key.startswith("experts.")}
+        if self._full_expert_shapes is not None and experts:
+            # Each rank keeps its slices of the full experts; the layer does the slicing.
+            if experts != {"experts.w_in", "experts.w_out"}:
+                raise RuntimeError(
+                    "loading a state_dict into experts spread over ranks needs both experts.gate_up_proj "
+                    "and experts.down_proj of every converted block"
+                )
+            self.moe.load_single_device_state_dict({**self.moe.state_dict(), **layer_state})
+        else:
+            current = self.moe.state_dict(keep_vars=True)
+            for key, value in layer_state.items():
+                current[key].copy_(value)
+        held = self.original.state_dict(keep_vars=True)
+        for key, value in given.items():
+            if key not in names:  # held by the original block only
+                held[key].copy_(value)
 
 
-def _module_or_none(value: object) -> nn.Module | None:
-    return value if isinstance(value, nn.Module) else None
+def _save_as_original(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """``state_dict`` post-hook: replace a ``FlexMoEBlock``'s entries by its original block's."""
+    block = cast(FlexMoEBlock, module)  # registered on FlexMoEBlock only
+    keep_vars = isinstance(state_dict.get(f"{prefix}moe.router.weight"), nn.Parameter)
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        del state_dict[key]
+    for key, value in block.original_state_dict(keep_vars).items():
+        state_dict[prefix + key] = value
+
+
+def _load_original(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``load_state_dict`` pre-hook: load a ``FlexMoEBlock`` from its original block's names.
+
+    The values are copied into the tensors the layer computes with (shared with the
+    original block on one device, this rank's slices over a process group), so that
+    ``revert`` still finds them; a wrong shape is reported under the original name.
+    """
+    cast(FlexMoEBlock, module)._load_original_state(state_dict, prefix, missing_keys, error_msgs)
 
 
 def _bias_view(bias: Tensor) -> Tensor:
@@ -321,44 +367,6 @@ def _bias_view(bias: Tensor) -> Tensor:
     if not isinstance(bias, nn.Parameter) and bias.dim() == 1:
         return bias
     return bias.detach().view(-1)
-
-
-def _router_config(
-    block: nn.Module, family: Family, options: ConversionOptions, refuse: Callable[[str], UnsupportedMoEError]
-) -> tuple[RouterConfig, Tensor | None]:
-    scores = family.scores(block) if callable(family.scores) else family.scores
-    normalize = bool(resolve(block, family.normalize))
-    scale = resolve(block, family.scale)
-    scale = 1.0 if scale is None else float(scale)
-    groups: tuple[int, int] | None
-    if callable(family.groups):
-        groups = family.groups(block)
-    elif family.groups is not None:
-        num_groups, topk_groups = (resolve(block, path) for path in family.groups)
-        groups = None if num_groups is None else (int(num_groups), int(topk_groups or num_groups))
-    else:
-        groups = None
-    bias = resolve(block, family.selection_bias) if family.selection_bias else None
-    if bias is not None and not isinstance(bias, Tensor):
-        raise refuse(f"its selection bias is a {type(bias).__name__}, not a tensor")
-    if options.aux_free_rate > 0 and bias is None:
-        raise ValueError(
-            f"aux_free_rate={options.aux_free_rate} needs a selection bias (e_score_correction_bias) in the "
-            f"model, and {type(block).__name__} has none"
-        )
-    num_groups, topk_groups = groups or (1, 1)
-    try:
-        config = RouterConfig(
-            kind=scores,
-            normalize_weights=normalize,
-            num_groups=num_groups,
-            topk_groups=topk_groups,
-            routed_scaling_factor=scale,
-            selection_bias=bias is not None,
-        )
-    except ValueError as error:
-        raise refuse(f"its router has no flexmoe equivalent ({error})") from error
-    return config, bias
 
 
 def _share_single_device(plan: BlockPlan) -> MoELayer:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from flexmoe.hf.block import BlockPlan, ConversionOptions, FlexMoEBlock, plan_block
+from flexmoe.hf.block import FlexMoEBlock
 from flexmoe.hf.families import REFUSED, SUPPORTED, UnsupportedMoEError
+from flexmoe.hf.plan import BlockPlan, ConversionOptions, plan_block
 from flexmoe.layer import name_moe_layers
 from flexmoe.parallel.runtime import resolve_group
 
