@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import flexmoe
@@ -150,6 +151,9 @@ def test_converted_transformers_model_round_trips_through_a_checkpoint(tmp_path,
         want = original(tokens).logits
     hf.convert(original)
     save_checkpoint(tmp_path, original, step=0)
+    # Experts are stored once, per expert under flexmoe's names, not again under transformers'.
+    stored = read_safetensors_keys(latest_checkpoint(tmp_path) / "model.safetensors")
+    assert not any("gate_up_proj" in key or "down_proj" in key for key in stored), stored
 
     other = tiny_model(model_type, seed=1)  # other weights, same shapes
     hf.convert(other)
@@ -158,3 +162,8 @@ def test_converted_transformers_model_round_trips_through_a_checkpoint(tmp_path,
     assert not any(isinstance(m, flexmoe.MoELayer) for m in other.modules())
     with torch.no_grad():
         torch.testing.assert_close(other(tokens).logits, want, rtol=0, atol=0)
+
+
+def read_safetensors_keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())

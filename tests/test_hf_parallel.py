@@ -122,3 +122,23 @@ def test_a_converted_expert_parallel_model_saves_every_expert(tmp_path: Path) ->
         assert not any(info.values()), info
         with torch.no_grad():
             assert torch.equal(loaded.eval()(ids).logits, tiny_model(model_type)(ids).logits)
+
+
+def _checkpoint_worker(rank: int, world_size: int, directory: str) -> None:
+    import flexmoe.hf as hf
+    from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+    from tests.hf_tiny import VOCAB, tiny_model
+
+    model = tiny_model("mixtral")
+    hf.convert(model, group=None)
+    save_checkpoint(directory, model, step=1)  # state_dict() is a collective here: no hang
+    other = tiny_model("mixtral", seed=1)
+    hf.convert(other, group=None)
+    load_checkpoint(directory, other)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_converted_expert_parallel_model_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    run_distributed(_checkpoint_worker, 2, str(tmp_path), timeout=120)

@@ -41,7 +41,7 @@ from flexmoe.checkpoint.optimizer import (
     expected_optimizer_tensors,
     optimizer_state_dict,
 )
-from flexmoe.layer import MoELayer
+from flexmoe.layer import MoELayer, flexmoe_state_names
 from flexmoe.parallel import all_ranks_ok
 
 __all__ = ["load_checkpoint"]
@@ -125,7 +125,8 @@ def _apply(staged: Staged, model: nn.Module, optimizer: torch.optim.Optimizer | 
     if optimizer is not None and staged.optimizer_state is not None:
         optimizer.load_state_dict(staged.optimizer_state)
     try:
-        model.load_state_dict(staged.model_state, strict=True)
+        with flexmoe_state_names():
+            model.load_state_dict(staged.model_state, strict=True)
     except RuntimeError as error:  # not expected after the checks
         if optimizer is not None and before is not None:
             optimizer.load_state_dict(before)
@@ -174,9 +175,11 @@ def _check_layers(manifest: Manifest, layers: dict[str, MoELayer]) -> None:
 def _expected_model_tensors(model: nn.Module, layers: dict[str, MoELayer]) -> dict[str, Expect]:
     """Every model tensor the checkpoint must hold: ``state_dict`` entries, experts whole."""
     experts = expert_params(layers)
+    with flexmoe_state_names():  # converted transformers blocks: flexmoe's names, no collective
+        state = model.state_dict()
     expect = {
         key: Expect(TensorInfo(value.dtype, tuple(value.shape)))
-        for key, value in model.state_dict().items()
+        for key, value in state.items()
         if key not in experts
     }
     for name, (info, count) in _whole_expert_infos(layers).items():
@@ -275,7 +278,9 @@ def _read_model_state(
 ) -> dict[str, Tensor]:
     """The model's ``state_dict`` as stored: this rank's part of each expert parameter."""
     experts = expert_params(layers)
-    state = {key: read(key) for key in model.state_dict() if key not in experts}
+    with flexmoe_state_names():
+        keys = list(model.state_dict())
+    state = {key: read(key) for key in keys if key not in experts}
     for name, param in experts.items():
         layer = layers[param.layer]
         if getattr(layer.experts, param.name) is None:

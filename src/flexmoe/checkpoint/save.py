@@ -38,7 +38,7 @@ from flexmoe.checkpoint.layout import (
 )
 from flexmoe.checkpoint.manifest import Manifest
 from flexmoe.checkpoint.optimizer import CollectedOptimizer, collect_optimizer
-from flexmoe.layer import MoELayer
+from flexmoe.layer import MoELayer, flexmoe_state_names
 from flexmoe.parallel import all_ranks_ok, rank_and_world
 
 __all__ = ["save_checkpoint"]
@@ -152,7 +152,9 @@ def _dense_tensors(
 ) -> dict[str, Tensor]:
     """Everything but the whole experts: the other model tensors and the other optimizer state."""
     experts = expert_params(layers)
-    out = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in experts}
+    with flexmoe_state_names():  # converted transformers blocks: flexmoe's names, no collective
+        state = model.state_dict()
+    out = {k: v.detach().contiguous() for k, v in state.items() if k not in experts}
     for name, state in ({} if collected is None else collected.tensors).items():
         for key, value in state.items():
             if name not in experts or value.dim() == 0:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from flexmoe.hf import _transformers
 from flexmoe.hf.families import Family, resolve
 from flexmoe.hf.plan import BlockPlan
-from flexmoe.layer import MoELayer
+from flexmoe.layer import MoELayer, flexmoe_state_names_requested
 from flexmoe.routing import RouterOutput
 
 __all__ = ["FlexMoEBlock"]
@@ -335,6 +335,8 @@ def _save_as_original(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
     """``state_dict`` post-hook: replace a ``FlexMoEBlock``'s entries by its original block's."""
+    if flexmoe_state_names_requested():  # flexmoe's checkpoints: its own names
+        return
     block = cast(FlexMoEBlock, module)  # registered on FlexMoEBlock only
     keep_vars = isinstance(state_dict.get(f"{prefix}moe.router.weight"), nn.Parameter)
     for key in [key for key in state_dict if key.startswith(prefix)]:
@@ -359,7 +361,8 @@ def _load_original(
     original block on one device, this rank's slices over a process group), so that
     ``revert`` still finds them; a wrong shape is reported under the original name.
     """
-    cast(FlexMoEBlock, module)._load_original_state(state_dict, prefix, missing_keys, error_msgs)
+    if not flexmoe_state_names_requested():
+        cast(FlexMoEBlock, module)._load_original_state(state_dict, prefix, missing_keys, error_msgs)
 
 
 def _bias_view(bias: Tensor) -> Tensor:

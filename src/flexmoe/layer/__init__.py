@@ -7,5 +7,14 @@ from flexmoe.layer.moe_layer import (
     name_moe_layers,
     update_expert_biases,
 )
+from flexmoe.layer.state_names import flexmoe_state_names, flexmoe_state_names_requested
 
-__all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
+__all__ = [
+    "MoELayer",
+    "MoEStats",
+    "attach_aux_free_update",
+    "flexmoe_state_names",
+    "flexmoe_state_names_requested",
+    "name_moe_layers",
+    "update_expert_biases",
+]
