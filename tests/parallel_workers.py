@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -138,6 +139,8 @@ def _check_case(rank: int, world: int, case: Case) -> int:
         assert torch.equal(stats.tokens_per_expert, oracle.stats.tokens_per_expert), where
         assert stats.dropped == oracle.stats.dropped, where
         assert stats.capacity == oracle.stats.capacity, where
+        assert stats.num_tokens == oracle.stats.num_tokens, where
+        assert stats.load_max_over_mean == pytest.approx(oracle.stats.load_max_over_mean, rel=1e-12), where
         assert stats.world_size == world and stats.plan.r is not None, where
         assert bool(stats.plan.reroute) == (stats.expert_copies > 0), where
         assert (stats.plan.reroute == "shadow") == bool(stats.shadowed_experts), where
