@@ -124,6 +124,8 @@ def test_hard_bounds_hold_or_the_plan_refuses(case, max_copies, slack):
         plan = plan_rerouting(loads, W, max_rows_per_rank=max_rows, max_copies_per_rank=max_copies)
     except ValueError as error:
         assert "max_rows_per_rank" in str(error)
+        with pytest.raises(ValueError):  # refused only where the reference finds the bounds infeasible
+            reference_rerouting(loads, W, max_rows_per_rank=max_rows, max_copies_per_rank=max_copies)
         return
     _check_exact_cover(plan, loads, W)
     assert max(plan.rows_per_rank) <= max_rows
@@ -220,7 +222,12 @@ def test_shadowing_moves_no_rows_of_shadowed_experts(case, max_copies, slack, da
             loads, W, sources=kept, max_copies_per_rank=max_copies, max_rows_per_rank=rows_bound
         )
     except ValueError as error:
-        assert "max_" in str(error)  # only the bounds may refuse a step
+        assert "max_" in str(error)  # only the bounds may refuse a step ...
+        try:  # ... where least-loaded rerouting cannot hold them either, or shadowing spent the copies
+            reference_rerouting(loads, W, max_rows_per_rank=rows_bound, max_copies_per_rank=max_copies)
+        except ValueError:
+            return
+        assert max_copies is not None, f"shadowing refused a step least-loaded rerouting holds: {error}"
         return
     _check_exact_cover(plan, loads, W)
     assert max(plan.rows_per_rank) <= max(plan.native_rows_per_rank)  # never worse than plain EP
