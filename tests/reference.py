@@ -116,6 +116,20 @@ def _scores(config, params: Params, x_D: Tensor) -> tuple[Tensor, Tensor, Tensor
     return logits, probs, probs
 
 
+NEAR_TIE = 1e-5  # scores closer than this may be ordered either way by fp32 arithmetic
+
+
+def _check_near_tie(
+    other: list[int], chosen: list[int], values: list[float], eligible: list[int], t: int
+) -> list[int]:
+    """``other`` (another implementation's top-k) if it differs from ``chosen`` only by near ties."""
+    assert len(set(other)) == len(chosen) and set(other) <= set(eligible), (t, other, chosen)
+    mine = sorted((values[e] for e in chosen), reverse=True)
+    theirs = sorted((values[e] for e in other), reverse=True)
+    assert all(abs(a - b) <= NEAR_TIE for a, b in zip(mine, theirs, strict=True)), (t, other, chosen)
+    return list(other)
+
+
 def _best(values: list[float], candidates: list[int], n: int) -> tuple[list[int], float]:
     """The ``n`` best candidates by value (ties to the lower index), and the gap to the next."""
     ranked = sorted(candidates, key=lambda i: (-values[i], i))
@@ -123,8 +137,16 @@ def _best(values: list[float], candidates: list[int], n: int) -> tuple[list[int]
     return ranked[:n], gap
 
 
-def route(config, params: Params, x_TD: Tensor, top_k: int) -> Routing:
-    """Route every token with plain per-token code."""
+def route(
+    config, params: Params, x_TD: Tensor, top_k: int, near_tie_choice: list[list[int]] | None = None
+) -> Routing:
+    """Route every token with plain per-token code.
+
+    ``near_tie_choice``: another implementation's choice for each token, taken instead of
+    this one's where the two differ only between near-tied scores (``NEAR_TIE``): both are
+    then correct top-k choices, and the rest of the layer is checked on the one it made.
+    A choice that is not such a tie raises ``AssertionError``.
+    """
     rcfg = config.router
     E = config.num_experts
     ids_all, weights_all, probs_all, logits_all = [], [], [], []
@@ -145,6 +167,9 @@ def route(config, params: Params, x_TD: Tensor, top_k: int) -> Routing:
             margin = min(margin, gap)
             eligible = [e for e in range(E) if e // size in groups]
         chosen, gap = _best(choice, eligible, top_k)
+        if near_tie_choice is not None and sorted(near_tie_choice[t]) != sorted(chosen):
+            chosen = _check_near_tie(near_tie_choice[t], chosen, choice, eligible, t)
+            gap = math.inf  # a tie taken the other implementation's way: not a margin of this one
         margin = min(margin, gap)
         weights = [scores[e] for e in chosen]
         if rcfg.normalize_weights and top_k > 1:
@@ -270,13 +295,17 @@ def reference_moe(
     top_k: int | None = None,
     capacity_factor: float | None = None,
     expert_fn: ExpertFn | None = None,
+    near_tie_choice: list[list[int]] | None = None,
 ) -> ReferenceOutput:
-    """The MoE layer's output for ``x [..., D]``, one token and one choice at a time."""
+    """The MoE layer's output for ``x [..., D]``, one token and one choice at a time.
+
+    ``near_tie_choice``: see ``route``.
+    """
     K = config.top_k if top_k is None else top_k
     cf = config.capacity.capacity_factor if capacity_factor is None else capacity_factor
     E = config.num_experts
     x_TD = x.reshape(-1, config.dim)
-    routing = route(config, params, x_TD, K)
+    routing = route(config, params, x_TD, K, near_tie_choice)
     plain_weights = [[float(w.detach()) for w in row] for row in routing.weights]
     kept, cap, priority_margin = kept_assignments(
         routing.expert_ids, plain_weights, E, cf, config.capacity.batch_prioritized
