@@ -15,6 +15,15 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+# explore: fresh random examples on every run (tests that set max_examples keep it); run it
+# before trusting a change to the core (`bash scripts/test.sh --hypothesis-profile=explore`);
+# CI keeps the fixed profile.
+settings.register_profile(
+    "explore",
+    parent=settings.get_profile("flexmoe"),
+    derandomize=False,
+    max_examples=500,
+)
 settings.load_profile("flexmoe")
 
 # Small tensors: extra threads cost more than they save on the 2-core CI machine.

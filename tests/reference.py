@@ -203,9 +203,11 @@ def kept_assignments(
 ) -> tuple[set[tuple[int, int]], int | None, float]:
     """The kept ``(t, k)`` assignments, the capacity, and the priority margin.
 
-    The margin is the smallest non-zero gap of routing weights between the last kept and
-    the first dropped assignment of an overflowing expert (``inf`` if none matters):
-    with batch priority a tiny gap may legitimately order differently in fp32.
+    The margin is the smallest gap of routing weights between the last kept and the first
+    dropped assignment of an overflowing expert (``inf`` if none matters): with batch
+    priority a tiny gap may legitimately order differently in fp32. An exact tie here
+    counts too: fp64 may tie what fp32 does not (two tokens with the same direction and
+    different norms under the cosine router, say).
     """
     T = len(expert_ids)
     K = len(expert_ids[0]) if T else 0
@@ -228,9 +230,7 @@ def kept_assignments(
             kept.add((t, k))
             last_kept[e] = weights[t][k]
         elif batch_prioritized and e in last_kept:
-            gap = abs(last_kept[e] - weights[t][k])
-            if gap > 0:
-                margin = min(margin, gap)
+            margin = min(margin, abs(last_kept[e] - weights[t][k]))
     return kept, cap, margin
 
 
