@@ -19,7 +19,8 @@ class ReroutePlan:
 
     Attributes:
         intervals: ``intervals[e]``: ``(rank, start, stop)`` pieces of expert ``e``'s global
-            rows, contiguous and covering ``[0, load_e)``; the owner's piece first.
+            rows in row order, contiguous and covering ``[0, load_e)``; what the owner keeps under
+            the cap first (rows it takes back when nobody else can, later).
         copies: ``copies[p]``: experts (sorted) whose weights rank ``p`` receives.
         rows_per_rank: rows each rank computes.
         native_rows_per_rank: rows each rank would compute without rerouting.
