@@ -21,6 +21,7 @@ Legend: T tokens, D model dim, E experts, K top-k.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,10 +125,35 @@ def _check_near_tie(
 ) -> list[int]:
     """``other`` (another implementation's top-k) if it differs from ``chosen`` only by near ties."""
     assert len(set(other)) == len(chosen) and set(other) <= set(eligible), (t, other, chosen)
-    mine = sorted((values[e] for e in chosen), reverse=True)
-    theirs = sorted((values[e] for e in other), reverse=True)
-    assert all(abs(a - b) <= NEAR_TIE for a, b in zip(mine, theirs, strict=True)), (t, other, chosen)
+    assert _near(values, chosen, other), (t, other, chosen)
     return list(other)
+
+
+def _near(values: list[float], mine: list[int], theirs: list[int]) -> bool:
+    """Whether two selections have the same sorted values up to ``NEAR_TIE``."""
+    a = sorted((values[i] for i in mine), reverse=True)
+    b = sorted((values[i] for i in theirs), reverse=True)
+    return len(a) == len(b) and all(abs(x - y) <= NEAR_TIE for x, y in zip(a, b, strict=True))
+
+
+def _check_near_tie_groups(
+    other: list[int], values: list[float], group_scores: list[float], groups: list[int], size: int, t: int
+) -> list[int]:
+    """``other`` if some near-tied choice of groups contains it as a near-tied top-k.
+
+    Every set of ``len(groups)`` groups holding ``other``'s experts is tried: the one the
+    other implementation took may differ from ``groups`` by near-tied group scores, and
+    then its top-k is compared with the best of that set's experts.
+    """
+    needed = {e // size for e in other}
+    for candidate in itertools.combinations(range(len(group_scores)), len(groups)):
+        if not needed <= set(candidate) or not _near(group_scores, groups, list(candidate)):
+            continue
+        eligible = [e for e in range(len(values)) if e // size in candidate]
+        best, _ = _best(values, eligible, len(other))
+        if len(set(other)) == len(other) and _near(values, best, other):
+            return list(other)
+    raise AssertionError((t, other, groups))
 
 
 def _best(values: list[float], candidates: list[int], n: int) -> tuple[list[int], float]:
@@ -157,20 +183,23 @@ def route(
         if rcfg.selection_bias:
             choice = [c + float(b) for c, b in zip(choice, params["router.expert_bias_E"], strict=True)]
         eligible = list(range(E))
+        group_gap = math.inf
         if rcfg.num_groups > 1:
             size = E // rcfg.num_groups
             group_scores = []
             for g in range(rcfg.num_groups):
                 members = sorted(choice[g * size : (g + 1) * size], reverse=True)
                 group_scores.append(sum(members[:2]) if rcfg.kind == "sigmoid" else members[0])
-            groups, gap = _best(group_scores, list(range(rcfg.num_groups)), rcfg.topk_groups)
-            margin = min(margin, gap)
+            groups, group_gap = _best(group_scores, list(range(rcfg.num_groups)), rcfg.topk_groups)
             eligible = [e for e in range(E) if e // size in groups]
         chosen, gap = _best(choice, eligible, top_k)
         if near_tie_choice is not None and sorted(near_tie_choice[t]) != sorted(chosen):
-            chosen = _check_near_tie(near_tie_choice[t], chosen, choice, eligible, t)
-            gap = math.inf  # a tie taken the other implementation's way: not a margin of this one
-        margin = min(margin, gap)
+            if rcfg.num_groups > 1:
+                chosen = _check_near_tie_groups(near_tie_choice[t], choice, group_scores, groups, size, t)
+            else:
+                chosen = _check_near_tie(near_tie_choice[t], chosen, choice, eligible, t)
+            gap = group_gap = math.inf  # a tie taken the other implementation's way: no margin of this one
+        margin = min(margin, gap, group_gap)
         weights = [scores[e] for e in chosen]
         if rcfg.normalize_weights and top_k > 1:
             total = sum(weights)
@@ -200,6 +229,7 @@ def kept_assignments(
     num_experts: int,
     capacity_factor: float,
     batch_prioritized: bool,
+    near_tie_kept: set[tuple[int, int]] | None = None,
 ) -> tuple[set[tuple[int, int]], int | None, float]:
     """The kept ``(t, k)`` assignments, the capacity, and the priority margin.
 
@@ -208,6 +238,10 @@ def kept_assignments(
     priority a tiny gap may legitimately order differently in fp32. An exact tie here
     counts too: fp64 may tie what fp32 does not (two tokens with the same direction and
     different norms under the cosine router, say).
+
+    ``near_tie_kept``: another implementation's kept set, taken instead of this one's
+    where the two differ only by the order of near-tied weights (``NEAR_TIE``) under batch
+    priority; any other difference raises ``AssertionError``.
     """
     T = len(expert_ids)
     K = len(expert_ids[0]) if T else 0
@@ -231,7 +265,30 @@ def kept_assignments(
             last_kept[e] = weights[t][k]
         elif batch_prioritized and e in last_kept:
             margin = min(margin, abs(last_kept[e] - weights[t][k]))
+    if near_tie_kept is not None and near_tie_kept != kept:
+        _check_near_tie_kept(near_tie_kept, kept, expert_ids, weights, batch_prioritized)
+        return set(near_tie_kept), cap, math.inf
     return kept, cap, margin
+
+
+def _check_near_tie_kept(
+    other: set[tuple[int, int]],
+    kept: set[tuple[int, int]],
+    expert_ids: list[list[int]],
+    weights: list[list[float]],
+    batch_prioritized: bool,
+) -> None:
+    """Assert ``other`` keeps as many per expert as ``kept`` and never a clearly lighter one."""
+    assert batch_prioritized, ("the default priority has no ties", sorted(other ^ kept))
+    slots = [(t, k) for t, row in enumerate(expert_ids) for k in range(len(row))]
+    assert other <= set(slots), sorted(other - set(slots))
+    for e in {expert_ids[t][k] for t, k in slots}:
+        mine = [tk for tk in slots if expert_ids[tk[0]][tk[1]] == e]
+        in_other = [weights[t][k] for t, k in mine if (t, k) in other]
+        out_other = [weights[t][k] for t, k in mine if (t, k) not in other]
+        assert len(in_other) == sum(tk in kept for tk in mine), (e, "kept count")
+        if in_other and out_other:
+            assert min(in_other) >= max(out_other) - NEAR_TIE, (e, min(in_other), max(out_other))
 
 
 # ----------------------------------------------------------------------------- layer
@@ -296,10 +353,11 @@ def reference_moe(
     capacity_factor: float | None = None,
     expert_fn: ExpertFn | None = None,
     near_tie_choice: list[list[int]] | None = None,
+    near_tie_kept: set[tuple[int, int]] | None = None,
 ) -> ReferenceOutput:
     """The MoE layer's output for ``x [..., D]``, one token and one choice at a time.
 
-    ``near_tie_choice``: see ``route``.
+    ``near_tie_choice``: see ``route``; ``near_tie_kept``: see ``kept_assignments``.
     """
     K = config.top_k if top_k is None else top_k
     cf = config.capacity.capacity_factor if capacity_factor is None else capacity_factor
@@ -308,7 +366,7 @@ def reference_moe(
     routing = route(config, params, x_TD, K, near_tie_choice)
     plain_weights = [[float(w.detach()) for w in row] for row in routing.weights]
     kept, cap, priority_margin = kept_assignments(
-        routing.expert_ids, plain_weights, E, cf, config.capacity.batch_prioritized
+        routing.expert_ids, plain_weights, E, cf, config.capacity.batch_prioritized, near_tie_kept
     )
     expert = expert_fn or routed_expert(config, params)
     rows = []

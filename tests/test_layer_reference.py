@@ -3,8 +3,8 @@
 Decisions are discrete (top-k choice, batch-priority order), and fp32 and fp64 may order
 scores within 1e-5 of each other either way. A top-k near tie is checked, not skipped:
 the layer's choice must be one of the tied choices, and the rest of the layer is checked
-against the reference on it. Ties between expert groups and in the drop order under a
-capacity are still rejected with ``assume`` (inputs are drawn so that they are rare).
+against the reference on it; the same for ties between expert groups and in the drop
+order under a capacity (see ``reference_for_layer``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexmoe import CapacityConfig, ExpertConfig, MoEConfig, MoELayer, RouterConfig
-from tests.reference import ReferenceOutput, reference_moe, reference_params
+from flexmoe.dispatch import make_layout
+from tests.reference import Params, ReferenceOutput, kept_assignments, reference_moe, reference_params
 
 ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
 BACKENDS = ["loop", "fused", "grouped_mm"]
@@ -109,21 +110,55 @@ def run_layer(
     return y, grads
 
 
+def layer_decisions(
+    layer: MoELayer, x: torch.Tensor, top_k: int, capacity_factor: float | None
+) -> tuple[list[list[int]], set[tuple[int, int]]]:
+    """The layer's own top-k choice and kept ``(t, k)`` assignments for ``x``."""
+    cf = layer.config.capacity.capacity_factor if capacity_factor is None else capacity_factor
+    with torch.no_grad():
+        route = layer.router(x.reshape(-1, layer.config.dim), top_k)
+    layout = make_layout(
+        route.expert_ids_TK,
+        route.weights_TK,
+        layer.config.num_experts,
+        cf,
+        layer.config.capacity.batch_prioritized,
+    )
+    return route.expert_ids_TK.tolist(), {divmod(s, top_k) for s in layout.slot_ids_N.tolist()}
+
+
+def reference_for_layer(
+    layer: MoELayer, x: torch.Tensor, x64: torch.Tensor, top_k: int | None, capacity_factor: float | None
+) -> tuple[ReferenceOutput, Params]:
+    """The reference output and parameters, on the layer's own decisions where only near ties differ.
+
+    Ties in the top-k, in the choice of expert groups and in the drop order are checked,
+    not skipped: where the reference's decision margin is tiny, the layer's choice and
+    kept set must be among the tied alternatives (else ``AssertionError``), and the rest
+    of the layer is checked against the reference on them.
+    """
+    params = reference_params(layer)
+    k = top_k or layer.config.top_k
+    out = reference_moe(layer.config, params, x64, top_k=k, capacity_factor=capacity_factor)
+    if out.margin <= MARGIN:
+        chosen, kept = layer_decisions(layer, x, k, capacity_factor)
+        out = reference_moe(
+            layer.config,
+            params,
+            x64,
+            top_k=k,
+            capacity_factor=capacity_factor,
+            near_tie_choice=chosen,
+            near_tie_kept=kept,
+        )
+    return out, params
+
+
 def run_reference(
     layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case
 ) -> tuple[ReferenceOutput, dict]:
-    params = reference_params(layer)
     x64 = x.detach().double().requires_grad_(True)
-    k = case.top_k or layer.config.top_k
-    out = reference_moe(layer.config, params, x64, top_k=k, capacity_factor=case.capacity_factor)
-    if out.routing.choice_margin <= MARGIN and layer.config.router.num_groups <= 1:
-        # A near tie: check the layer's own choice is one of the tied top-k, and the rest on it.
-        with torch.no_grad():
-            chosen = layer.router(x.reshape(-1, layer.config.dim), k).expert_ids_TK.tolist()
-        out = reference_moe(
-            layer.config, params, x64, top_k=k, capacity_factor=case.capacity_factor, near_tie_choice=chosen
-        )
-    assume(out.margin > MARGIN)  # left: ties between groups, and in the drop order under a capacity
+    out, params = reference_for_layer(layer, x, x64, case.top_k, case.capacity_factor)
     (out.y_TD * grad_y.double()).sum().backward()
     grads = {name: p.grad for name, p in params.items() if p.requires_grad}
     grads["x"] = x64.grad
@@ -231,3 +266,37 @@ def test_a_near_tie_is_checked_not_skipped():
     assert tied.routing.expert_ids == [[other]]
     with pytest.raises(AssertionError):  # not a tie: refused
         reference_moe(layer.config, params, x, near_tie_choice=[[2]])
+
+
+def test_a_near_tie_between_groups_is_checked_not_skipped():
+    """Group-limited routing: another group is taken only where the group scores near-tie."""
+    layer = MoELayer(8, 16, num_experts=4, top_k=1, router=RouterConfig(num_groups=2, topk_groups=1))
+    with torch.no_grad():
+        layer.router.weight[0] = 0.5  # group 0: expert 0 leads
+        layer.router.weight[1] = -0.5
+        layer.router.weight[2] = 0.5 + 1e-9  # group 1: expert 2 near-ties expert 0
+        layer.router.weight[3] = -0.4
+    params = reference_params(layer)
+    x = torch.ones(1, 8, dtype=torch.float64)
+    best = reference_moe(layer.config, params, x).routing.expert_ids[0][0]
+    assert best in (0, 2)
+    other = 2 - best
+    assert reference_moe(layer.config, params, x, near_tie_choice=[[other]]).routing.expert_ids == [[other]]
+    for wrong in (1, 3):  # in a tied group but not its best; and a group's runner-up
+        with pytest.raises(AssertionError):
+            reference_moe(layer.config, params, x, near_tie_choice=[[wrong]])
+
+
+def test_a_near_tie_in_the_drop_order_is_checked_not_skipped():
+    """Batch priority: another kept set is taken only where the weights near-tie."""
+    expert_ids = [[0], [0], [0]]
+    weights = [[0.5], [0.5 + 1e-9], [0.2]]  # capacity 1 of 3: token 1 wins, token 0 near-ties it
+    kept, cap, margin = kept_assignments(expert_ids, weights, 3, 1.0, batch_prioritized=True)
+    assert (kept, cap) == ({(1, 0)}, 1) and margin < 1e-8
+    tied, _, _ = kept_assignments(expert_ids, weights, 3, 1.0, True, near_tie_kept={(0, 0)})
+    assert tied == {(0, 0)}
+    for wrong in ({(2, 0)}, {(0, 0), (1, 0)}, set()):  # a clearly lighter one; too many; too few
+        with pytest.raises(AssertionError):
+            kept_assignments(expert_ids, weights, 3, 1.0, True, near_tie_kept=wrong)
+    with pytest.raises(AssertionError):  # the default priority is exact: no tie to take
+        kept_assignments(expert_ids, weights, 3, 1.0, False, near_tie_kept={(1, 0)})
