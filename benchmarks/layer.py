@@ -15,6 +15,7 @@ BLAS calls, hence a bound on the speed-up any of them can reach over another.
 
     python benchmarks/layer.py                 # all cases
     python benchmarks/layer.py --cases A C --repeats 9 --json out.json
+    python benchmarks/layer.py --cases A B --compile   # adds the torch.compile rows
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def expert_gemms_only(
     return step
 
 
-def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str, Any]:
+def run_case(case: Case, repeats: int, limits: Any, with_loop: bool, compiled: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     layer = build_flexmoe(case, "auto")
     x = torch.randn(1, case.tokens, case.dim, requires_grad=case.train)
@@ -171,12 +172,21 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool) -> dict[str
         loop_layer = build_flexmoe(case, "loop")
         loop_layer.load_state_dict(layer.state_dict())
         candidates["flexmoe[loop]"] = step_fn(loop_layer, x, grad, case.train)
-    hf_blocks = {}
+    hf_blocks: dict[str, torch.nn.Module] = {}
     for impl in ("eager", "grouped_mm"):
         block = build_hf(case, layer, impl)
         if block is not None:
             hf_blocks[impl] = block
             candidates[f"hf[{impl}]"] = step_fn(block, x, grad, case.train)
+    if compiled:
+        # torch.compile with its defaults (Inductor); the same modules, so the same weights.
+        flexmoe_compiled = torch.compile(layer, fullgraph=True)
+        candidates["flexmoe[compiled]"] = step_fn(flexmoe_compiled, x, grad, case.train)
+        checked["flexmoe[compiled]"] = flexmoe_compiled
+        if "grouped_mm" in hf_blocks:
+            hf_compiled = torch.compile(hf_blocks["grouped_mm"])
+            hf_blocks["grouped_mm+compile"] = hf_compiled
+            candidates["hf[grouped_mm+compile]"] = step_fn(hf_compiled, x, grad, case.train)
 
     # Same math, same weights: check before timing.
     checked.update({f"hf[{impl}]": block for impl, block in hf_blocks.items()})
@@ -265,6 +275,12 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         bound = rows["hf[grouped_mm]"]["seconds"] / floor
         summary += f"; no implementation on these GEMMs can beat grouped_mm by more than {bound:.2f}x"
     print(summary)
+    if "flexmoe[compiled]" in rows:
+        ours = rows["flexmoe[compiled]"]["seconds"]
+        line = f"  compiled flexmoe: {rows['flexmoe']['seconds'] / ours:.2f}x eager flexmoe"
+        if "hf[grouped_mm+compile]" in rows:
+            line += f", {rows['hf[grouped_mm+compile]']['seconds'] / ours:.2f}x compiled grouped_mm"
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-loop", action="store_true", help="skip the per-expert autograd loop baseline")
     parser.add_argument("--json", default=None, help="write all results to this file")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile'd flexmoe (fullgraph) and transformers grouped_mm (Inductor)",
+    )
     args = parser.parse_args(argv)
 
     env = environment()
@@ -284,7 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in args.cases:
         case = CASES[name]
-        results[name] = run_case(case, args.repeats, limits, with_loop=not args.no_loop)
+        results[name] = run_case(
+            case, args.repeats, limits, with_loop=not args.no_loop, compiled=args.compile
+        )
         print_case(case, results[name])
     limits_after = machine_limits()
     print("\nmachine after:", limits_after.describe(), "(large drift means the numbers above are noisy)")

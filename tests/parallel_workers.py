@@ -40,6 +40,7 @@ class Case:
     skew: str | None = None  # "one": every token picks expert 0 first; "zipf"; "never": last expert unused
     rerouting: RerouteConfig | None = None
     plans: list[Plan | str] = field(default_factory=list)  # default: every valid plan; "auto": the tuner
+    compiled: bool = False  # call the distributed layer through torch.compile
 
 
 def all_plans(layer: MoELayer) -> list[Plan]:
@@ -58,6 +59,26 @@ def _close(name: str, got: torch.Tensor | None, want: torch.Tensor | None, tol: 
         ), f"{name}: one gradient missing (got {got is not None}, want {want is not None})"
         return
     torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+class _Block(torch.nn.Module):
+    """A residual block around an MoE layer, as a transformer calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.moe = MoELayer(16, 8, 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.moe(self.norm(x))
+
+
+def check_compiled_graph(rank: int, world: int) -> list[str]:
+    """Where ``torch._dynamo.explain`` breaks the graph of two blocks around distributed layers."""
+    torch.manual_seed(0)
+    first, second = _Block(), _Block()
+    explained = torch._dynamo.explain(lambda x: second(first(x)))(torch.randn(5, 16))
+    return [f"{b.user_stack[-1].name}: {b.reason.splitlines()[0]}" for b in explained.break_reasons]
 
 
 def check_equivalence(rank: int, world: int, cases: list[Case]) -> int:
@@ -113,10 +134,11 @@ def _check_case(rank: int, world: int, case: Case) -> int:
     assert oracle.stats is not None
     ptrs = {name: p.data_ptr() for name, p in layer.named_parameters()}
     plans = case.plans or all_plans(layer)
+    run = torch.compile(layer, backend="aot_eager") if case.compiled else layer
     for plan in plans:
         layer.zero_grad(set_to_none=True)
         x = x_global[start : start + T].clone().requires_grad_()
-        y = layer(x, plan=plan)
+        y = run(x, plan=plan)
         # Mean over ranks of the per-rank aux losses is the global-batch loss.
         (torch.sum(y * g_global[start : start + T]) + layer.aux_loss / world).backward()
         where = f"rank {rank}, {case}, {plan}"

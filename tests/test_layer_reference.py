@@ -100,10 +100,15 @@ def build(case: Case, dtype: torch.dtype = torch.float32) -> tuple[MoELayer, tor
 
 
 def run_layer(
-    layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case
+    layer: MoELayer, x: torch.Tensor, grad_y: torch.Tensor, case: Case, compiled: bool = False
 ) -> tuple[torch.Tensor, dict]:
+    """Forward and backward; ``compiled``: through ``torch.compile(fullgraph=True)`` (AOT autograd)."""
     x = x.clone().requires_grad_(True)
-    y = layer(x, top_k=case.top_k, capacity_factor=case.capacity_factor)
+    run = layer
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache: each example compiles its own layer
+        run = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = run(x, top_k=case.top_k, capacity_factor=case.capacity_factor)
     (y.float() * grad_y).sum().backward()
     grads = {name: p.grad for name, p in layer.named_parameters()}
     grads["x"] = x.grad
@@ -187,15 +192,12 @@ def assert_close_scaled(
 
 
 def check_against_reference(
-    case: Case, dtype: torch.dtype, rel: float, floor: float, autocast: bool = False
+    case: Case, dtype: torch.dtype, rel: float, floor: float, autocast: bool = False, compiled: bool = False
 ) -> None:
     layer, x, grad_y = build(case, dtype)
     reference, expected = run_reference(layer, x, grad_y, case)
-    if autocast:
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            y, grads = run_layer(layer, x, grad_y, case)
-    else:
-        y, grads = run_layer(layer, x, grad_y, case)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, grads = run_layer(layer, x, grad_y, case, compiled)
 
     assert y.shape == x.shape
     assert y.dtype == (torch.bfloat16 if autocast else dtype)

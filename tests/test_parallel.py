@@ -19,6 +19,7 @@ from flexmoe.placement import Placement
 from .distributed import run_distributed
 from .parallel_workers import (
     Case,
+    check_compiled_graph,
     check_ddp,
     check_eight_ranks,
     check_equivalence,
@@ -165,3 +166,11 @@ def test_rerouting_under_extreme_skew_equals_single_device(world):
     # forced, automatic and off; memory bounds asserted on the executed plan (see
     # parallel_workers).
     run_distributed(check_equivalence, world, _skew_cases(world), timeout=300)
+
+
+def test_compiled_model_around_a_distributed_layer():
+    """torch.compile of a model with a distributed layer: exact under every plan, one break per layer."""
+    cases = [Case(num_experts=4, compiled=True), Case(num_experts=2, capacity_factor=1.0, compiled=True)]
+    assert run_distributed(check_equivalence, 2, cases, timeout=300)[0] == 7 + 7
+    breaks = run_distributed(check_compiled_graph, 2)
+    assert breaks[0] == breaks[1] == ["forward: Skip inlining `torch.compiler.disable()`d function"] * 2

@@ -19,6 +19,7 @@ __all__ = [
     "DispatchLayout",
     "capacity_limit",
     "compute_capacity",
+    "count_per_expert",
     "layout_from_sorted",
     "make_layout",
     "sort_slots",
@@ -135,7 +136,13 @@ def sort_slots(
     experts_P = expert_ids_TK.reshape(-1)[slot_ids_P]
     # 2. One stable sort by expert keeps the priority order inside each expert.
     experts_sorted, order = torch.sort(experts_P, stable=True)
-    return slot_ids_P[order], experts_sorted, torch.bincount(experts_sorted, minlength=num_experts)
+    return slot_ids_P[order], experts_sorted, count_per_expert(experts_sorted, num_experts)
+
+
+def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """How many of ``expert_ids`` name each expert (int64 ``[E]``; a fixed shape, unlike ``bincount``)."""
+    flat = expert_ids.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def layout_from_sorted(

@@ -28,9 +28,13 @@ from flexmoe.experts.segments import for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
+    "fused_backward",
+    "fused_forward",
+    "fused_inference",
     "grouped_ffn",
     "grouped_ffn_fused",
     "grouped_ffn_grouped_mm",
+    "grouped_ffn_grouped_mm_rows",
     "grouped_ffn_loop",
     "grouped_mm_available",
     "weighted_activation",
@@ -68,16 +72,167 @@ def grouped_ffn_loop(
     return torch.cat(outputs)
 
 
-class _FusedGroupedFFN(torch.autograd.Function):
-    """The fused per-expert loop over a transposed hidden layout.
+Segment = tuple[int, int, int]
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
+def fused_forward(
+    x_ND: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    row_weights_N: Tensor | None,
+    segments: list[Segment],
+    activation: str,
+    y_ND: Tensor,
+    h_HN: Tensor,
+) -> None:
+    """The fused forward over a transposed hidden layout, into ``y_ND`` and ``h_HN``.
 
     The hidden activations live as ``[H, N]`` (hidden unit major): expert ``e``'s first
     projection is one GEMM ``w_in[e] @ x_e^T`` written into the column block
     ``[:, s:t]``. For gated units the gate and up halves are then the contiguous row
     blocks ``[:F]`` and ``[F:]``, so every elementwise op runs on contiguous memory
     (strided half-views run 4x slower on CPU), while each projection and its
-    gradients stay one GEMM per expert. Scratch buffers come from the workspace pool;
-    only ``x`` and the pre-activation are kept for backward.
+    gradients stay one GEMM per expert. ``h_HN`` (the pre-activation) is what the
+    backward needs besides ``x``; the activation output is recomputed there.
+    """
+    N = x_ND.shape[0]
+    F = w_out.shape[2]
+    device, dtype = x_ND.device, x_ND.dtype
+
+    def project_in(e: int, s: int, t: int) -> None:
+        if b_in is None:
+            torch.mm(w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
+        else:
+            torch.addmm(b_in[e, :, None], w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
+
+    for_each_segment(segments, project_in, device)
+    a_FN = activation_into(base_activation(activation), h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+    if h_HN.shape[0] == 2 * F:
+        a_FN.mul_(h_HN[F:])
+    if row_weights_N is not None:
+        a_FN.mul_(row_weights_N)
+
+    def project_out(e: int, s: int, t: int) -> None:
+        if b_out is None:
+            torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
+        elif row_weights_N is None:
+            torch.addmm(b_out[e], a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
+        else:
+            torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
+            y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
+
+    for_each_segment(segments, project_out, device)
+    WORKSPACE.give(a_FN)
+
+
+def fused_backward(
+    grad_y_ND: Tensor,
+    x_ND: Tensor,
+    h_HN: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    row_weights_N: Tensor | None,
+    segments: list[Segment],
+    activation: str,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+    grad_x_ND: Tensor | None = None,
+) -> Grads:
+    """Gradients ``(x, w_in, w_out, b_in, b_out, row_weights)`` of ``fused_forward``.
+
+    ``needs`` says which to compute (the rest are ``None``; ``b_in``'s only when asked
+    for). ``grad_x_ND``: where to write the input gradient (a pooled buffer if ``None``).
+    """
+    need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw = needs
+    grad_y_ND = grad_y_ND.contiguous()
+    H, N = h_HN.shape
+    F = w_out.shape[2]
+    gated = H == 2 * F
+    device, dtype = x_ND.device, x_ND.dtype
+    base = base_activation(activation)
+
+    # 1. Recompute the activation: a = act(gate) * up (gated) or act(h).
+    act_gate_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+    a_FN = act_gate_FN
+    if gated:
+        a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
+
+    # 2. Through the down projection: the gradient of the (weighted) activation.
+    grad_a_FN = WORKSPACE.take((F, N), dtype, device)
+    for_each_segment(
+        segments,
+        lambda e, s, t: torch.mm(w_out[e].t(), grad_y_ND[s:t].t(), out=grad_a_FN[:, s:t]),
+        device,
+    )
+    grad_rw = None
+    if row_weights_N is not None:
+        if need_rw:
+            # d/dw of w * (a @ W^T + b) = <grad_a, a> + <grad_y, b>.
+            product = torch.mul(grad_a_FN, a_FN, out=WORKSPACE.take((F, N), dtype, device))
+            grad_rw = product.sum(0)
+            WORKSPACE.give(product)
+            if b_out is not None:
+                for e, s, t in segments:
+                    grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
+        a_FN.mul_(row_weights_N)
+        grad_a_FN.mul_(row_weights_N)
+    grad_w_out = None
+    if need_w_out:
+        grad_w_out = _empty_grad_like(w_out, segments)
+        weighted_a_FN = a_FN
+        for_each_segment(
+            segments,
+            lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), weighted_a_FN[:, s:t].t(), out=grad_w_out[e]),
+            device,
+        )
+    if gated:
+        WORKSPACE.give(a_FN)
+
+    # 3. Through the activation, into the [H, N] gradient of the first projection.
+    grad_h_HN = WORKSPACE.take((H, N), dtype, device)
+    if gated:
+        torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
+        torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
+        activation_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
+    else:
+        activation_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
+    WORKSPACE.give(grad_a_FN, act_gate_FN)
+
+    # 4. Through the first projection: one GEMM per expert for each gradient.
+    grad_w_in = _empty_grad_like(w_in, segments) if need_w_in else None
+    if need_x and grad_x_ND is None:
+        grad_x_ND = WORKSPACE.take(tuple(x_ND.shape), dtype, device)
+    if not need_x:
+        grad_x_ND = None
+
+    def project_in_backward(e: int, s: int, t: int) -> None:
+        if grad_w_in is not None:
+            torch.mm(grad_h_HN[:, s:t], x_ND[s:t], out=grad_w_in[e])
+        if grad_x_ND is not None:
+            torch.mm(grad_h_HN[:, s:t].t(), w_in[e], out=grad_x_ND[s:t])
+
+    for_each_segment(segments, project_in_backward, device)
+    grad_b_in = None
+    if need_b_in:
+        grad_b_in = w_in.new_zeros(w_in.shape[:2])
+        for e, s, t in segments:
+            grad_b_in[e] = grad_h_HN[:, s:t].sum(1)
+    grad_b_out = None
+    if b_out is not None and need_b_out:
+        weighted = grad_y_ND if row_weights_N is None else grad_y_ND * row_weights_N[:, None]
+        grad_b_out = _segment_sums(weighted, segments, w_out.shape[:2])
+    WORKSPACE.give(grad_h_HN)
+    return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw
+
+
+class _FusedGroupedFFN(torch.autograd.Function):
+    """``fused_forward`` / ``fused_backward`` under autograd, on pooled buffers.
+
+    Only ``x`` and the pre-activation are kept for backward; the scratch buffers come
+    from the workspace pool and go back to it after the backward.
     """
 
     @staticmethod
@@ -94,36 +249,10 @@ class _FusedGroupedFFN(torch.autograd.Function):
     ) -> Tensor:
         segments = segments_of(counts)
         N, D = x_ND.shape
-        H, F = w_in.shape[1], w_out.shape[2]
-        device, dtype = x_ND.device, x_ND.dtype
-        base = base_activation(activation)
-        h_HN = WORKSPACE.take((H, N), dtype, device)
-
-        def project_in(e: int, s: int, t: int) -> None:
-            if b_in is None:
-                torch.mm(w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
-            else:
-                torch.addmm(b_in[e, :, None], w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
-
-        for_each_segment(segments, project_in, device)
-        a_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
-        if H == 2 * F:
-            a_FN.mul_(h_HN[F:])
-        if row_weights_N is not None:
-            a_FN.mul_(row_weights_N)
-        y_ND = WORKSPACE.take((N, D), dtype, device)
-
-        def project_out(e: int, s: int, t: int) -> None:
-            if b_out is None:
-                torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
-            elif row_weights_N is None:
-                torch.addmm(b_out[e], a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
-            else:
-                torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
-                y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
-
-        for_each_segment(segments, project_out, device)
-        WORKSPACE.give(a_FN)
+        H = w_in.shape[1]
+        h_HN = WORKSPACE.take((H, N), x_ND.dtype, x_ND.device)
+        y_ND = WORKSPACE.take((N, D), x_ND.dtype, x_ND.device)
+        fused_forward(x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_HN)
         # x is kept as an attribute, not through save_for_backward, so that backward can
         # hand its buffer back to the pool once done (nothing else modifies it: it is the
         # dispatcher's private expert-major copy).
@@ -144,89 +273,18 @@ class _FusedGroupedFFN(torch.autograd.Function):
             )
         h_HN, w_in, w_out, b_out, row_weights_N = ctx.saved_tensors
         x_ND = ctx.x_ND
-        segments = ctx.segments
-        need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw = ctx.needs_input_grad[:6]
-        grad_y_ND = grad_y_ND.contiguous()
-        H, N = h_HN.shape
-        F = w_out.shape[2]
-        gated = H == 2 * F
-        device, dtype = x_ND.device, x_ND.dtype
-        base = base_activation(ctx.activation)
-
-        # 1. Recompute the activation: a = act(gate) * up (gated) or act(h).
-        act_gate_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
-        a_FN = act_gate_FN
-        if gated:
-            a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
-
-        # 2. Through the down projection: the gradient of the (weighted) activation.
-        grad_a_FN = WORKSPACE.take((F, N), dtype, device)
-        for_each_segment(
-            segments,
-            lambda e, s, t: torch.mm(w_out[e].t(), grad_y_ND[s:t].t(), out=grad_a_FN[:, s:t]),
-            device,
+        needs = ctx.needs_input_grad[:6]
+        needs = (needs[0], needs[1], needs[2], needs[3] and ctx.has_b_in, needs[4], needs[5])
+        grads = fused_backward(
+            grad_y_ND, x_ND, h_HN, w_in, w_out, b_out, row_weights_N, ctx.segments, ctx.activation, needs
         )
-        grad_rw = None
-        if row_weights_N is not None:
-            if need_rw:
-                # d/dw of w * (a @ W^T + b) = <grad_a, a> + <grad_y, b>.
-                product = torch.mul(grad_a_FN, a_FN, out=WORKSPACE.take((F, N), dtype, device))
-                grad_rw = product.sum(0)
-                WORKSPACE.give(product)
-                if b_out is not None:
-                    for e, s, t in segments:
-                        grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
-            a_FN.mul_(row_weights_N)
-            grad_a_FN.mul_(row_weights_N)
-        grad_w_out = None
-        if need_w_out:
-            grad_w_out = _empty_grad_like(w_out, segments)
-            weighted_a_FN = a_FN
-            for_each_segment(
-                segments,
-                lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), weighted_a_FN[:, s:t].t(), out=grad_w_out[e]),
-                device,
-            )
-        if gated:
-            WORKSPACE.give(a_FN)
-
-        # 3. Through the activation, into the [H, N] gradient of the first projection.
-        grad_h_HN = WORKSPACE.take((H, N), dtype, device)
-        if gated:
-            torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
-            torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
-            activation_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
-        else:
-            activation_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
-        WORKSPACE.give(grad_a_FN, act_gate_FN)
-
-        # 4. Through the first projection: one GEMM per expert for each gradient.
-        grad_w_in = _empty_grad_like(w_in, segments) if need_w_in else None
-        grad_x_ND = WORKSPACE.take(tuple(x_ND.shape), dtype, device) if need_x else None
-
-        def project_in_backward(e: int, s: int, t: int) -> None:
-            if grad_w_in is not None:
-                torch.mm(grad_h_HN[:, s:t], x_ND[s:t], out=grad_w_in[e])
-            if grad_x_ND is not None:
-                torch.mm(grad_h_HN[:, s:t].t(), w_in[e], out=grad_x_ND[s:t])
-
-        for_each_segment(segments, project_in_backward, device)
-        grad_b_in = None
-        if ctx.has_b_in and need_b_in:
-            grad_b_in = w_in.new_zeros(w_in.shape[:2])
-            for e, s, t in segments:
-                grad_b_in[e] = grad_h_HN[:, s:t].sum(1)
-        grad_b_out = None
-        if b_out is not None and need_b_out:
-            weighted = grad_y_ND if row_weights_N is None else grad_y_ND * row_weights_N[:, None]
-            grad_b_out = _segment_sums(weighted, segments, w_out.shape[:2])
         del ctx.x_ND
-        WORKSPACE.give(grad_h_HN, h_HN, grad_y_ND, x_ND)
+        WORKSPACE.give(h_HN, grad_y_ND, x_ND)
         ctx.released = True
-        return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw, None, None
+        return (*grads, None, None)
 
 
-def _empty_grad_like(weight: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
+def _empty_grad_like(weight: Tensor, segments: list[Segment]) -> Tensor:
     """Uninitialised per-expert gradient, zeroed only for experts that get no rows."""
     grad = torch.empty_like(weight)
     active = {e for e, _, _ in segments}
@@ -236,14 +294,14 @@ def _empty_grad_like(weight: Tensor, segments: list[tuple[int, int, int]]) -> Te
     return grad
 
 
-def _segment_sums(rows_NX: Tensor, segments: list[tuple[int, int, int]], shape: torch.Size) -> Tensor:
+def _segment_sums(rows_NX: Tensor, segments: list[Segment], shape: torch.Size) -> Tensor:
     sums = rows_NX.new_zeros(shape)
     for e, s, t in segments:
         sums[e] = rows_NX[s:t].sum(0)
     return sums
 
 
-def _fused_inference(
+def fused_inference(
     x_ND: Tensor,
     w_in: Tensor,
     w_out: Tensor,
@@ -326,9 +384,7 @@ def grouped_ffn_fused(
     inputs = (x_ND, w_in, w_out, b_in, b_out, row_weights_N)
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if not will_backward:
-        return _fused_inference(
-            x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation
-        )
+        return fused_inference(x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation)
     return _FusedGroupedFFN.apply(  # type: ignore[no-any-return]
         x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation
     )
@@ -382,6 +438,39 @@ def grouped_ffn_grouped_mm(
         bias_ND = b_out[expert_of_row]
         y_ND = y_ND + (bias_ND if row_weights_N is None else bias_ND * row_weights_N[:, None])
     return y_ND
+
+
+def grouped_ffn_grouped_mm_rows(
+    x_SD: Tensor,
+    counts_E: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    row_weights_S: Tensor | None = None,
+) -> Tensor:
+    """``grouped_ffn_grouped_mm`` on the first ``sum(counts_E)`` rows, zero after them (no host sync).
+
+    The rows after the kept ones join the last expert's group (``_grouped_mm`` leaves
+    rows outside every group undefined) with a routing weight of zero, so they add
+    exactly nothing to the output or to any gradient.
+    """
+    S = x_SD.shape[0]
+    ends = counts_E.cumsum(0, dtype=torch.int32)
+    row_ids = torch.arange(S, device=x_SD.device, dtype=torch.int32)
+    kept_S = row_ids < ends[-1]
+    offsets = torch.cat([ends[:-1], ends.new_full((1,), S)])
+    expert_of_row = torch.searchsorted(ends, row_ids, right=True).clamp(max=len(counts_E) - 1)
+    h_SH = torch._grouped_mm(x_SD, w_in.transpose(-2, -1), offs=offsets)
+    if b_in is not None:
+        h_SH = h_SH + b_in[expert_of_row]
+    scale_S = kept_S.to(x_SD.dtype) if row_weights_S is None else row_weights_S * kept_S
+    a_SF = activate(h_SH, activation) * scale_S[:, None]
+    y_SD: Tensor = _ContiguousGrad.apply(torch._grouped_mm(a_SF, w_out.transpose(-2, -1), offs=offsets))
+    if b_out is not None:
+        y_SD = y_SD + b_out[expert_of_row] * scale_S[:, None]
+    return y_SD
 
 
 _BACKENDS = {"loop": grouped_ffn_loop, "fused": grouped_ffn_fused, "grouped_mm": grouped_ffn_grouped_mm}

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
-from flexmoe.experts.backends import grouped_ffn, grouped_mm_available
+from flexmoe.experts.backends import grouped_ffn, grouped_ffn_grouped_mm_rows, grouped_mm_available
+from flexmoe.experts.ops import grouped_ffn_rows
 from flexmoe.experts.packed import PackedExpertWeights, packed_ffn_inference, packed_inference_supported
 
 __all__ = ["DenseFFN", "GroupedExperts", "ModuleListExperts", "resolve_backend"]
@@ -121,25 +122,38 @@ class GroupedExperts(nn.Module):
 
         Expert parallelism runs gathered or sliced weights through here.
         """
-        w_in, w_out, b_in, b_out = weights
-        device_type = x_ND.device.type
-        if torch.is_autocast_enabled(device_type):
-            # The GEMMs below run outside autocast's op dispatch, so cast explicitly.
-            dtype = torch.get_autocast_dtype(device_type)
-            x_ND, w_in, w_out = x_ND.to(dtype), w_in.to(dtype), w_out.to(dtype)
-            b_in = None if b_in is None else b_in.to(dtype)
-            b_out = None if b_out is None else b_out.to(dtype)
-        elif x_ND.dtype != w_in.dtype:
-            raise TypeError(
-                f"x has dtype {x_ND.dtype} but the experts' weights are {w_in.dtype}; "
-                "convert the layer with .to(dtype) or run under torch.autocast"
-            )
-        if row_weights_N is not None:
-            row_weights_N = row_weights_N.to(x_ND.dtype)
+        x_ND, (w_in, w_out, b_in, b_out), row_weights_N = _in_compute_dtype(x_ND, weights, row_weights_N)
         widths = (w_in.shape[2], w_in.shape[1], w_out.shape[2])
         name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype, widths)
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(x_ND.device.type, enabled=False):
             return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N)
+
+    def forward_rows(self, x_SD: Tensor, counts_E: Tensor, row_weights_S: Tensor) -> Tensor:
+        """``forward`` in shapes that do not depend on the routing, for ``torch.compile``.
+
+        ``x_SD`` holds the ``sum(counts_E)`` kept rows first (expert-major, ``counts_E``
+        a tensor), then rows whose output is zero (the dropped slots). Runs as one
+        custom operator (the fused backend) or, where ``grouped_mm`` is the backend,
+        as traceable ``torch._grouped_mm`` calls. See ``flexmoe.experts.ops``.
+        """
+        weights = (self.w_in, self.w_out, self.b_in, self.b_out)
+        x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S)
+        rows = (
+            grouped_ffn_grouped_mm_rows
+            if self.compiled_backend(x_SD.device, x_SD.dtype) == "grouped_mm"
+            else grouped_ffn_rows
+        )
+        with torch.autocast(x_SD.device.type, enabled=False):
+            return rows(x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S)
+
+    def compiled_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend ``forward_rows`` runs: ``grouped_mm`` where it resolves so in bf16, else ``fused``.
+
+        The compiler's shape function for ``torch._grouped_mm`` accepts bf16 only (the
+        eager CPU kernel also runs fp32).
+        """
+        usable = dtype == torch.bfloat16 and self.resolved_backend(device, dtype) == "grouped_mm"
+        return "grouped_mm" if usable else "fused"
 
     def resolved_backend(self, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
         """The backend a forward on this device and dtype runs (see ``resolve_backend``)."""
@@ -220,6 +234,30 @@ class GroupedExperts(nn.Module):
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
             f"activation={self.activation!r}, bias={self.b_in is not None}, backend={self.backend!r}"
         )
+
+
+def _in_compute_dtype(
+    x_ND: Tensor,
+    weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    row_weights_N: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None, Tensor | None], Tensor | None]:
+    """Input, weights and row weights in the dtype the GEMMs run in (autocast's, else the input's)."""
+    w_in, w_out, b_in, b_out = weights
+    device_type = x_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The GEMMs run outside autocast's op dispatch, so cast explicitly.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_ND, w_in, w_out = x_ND.to(dtype), w_in.to(dtype), w_out.to(dtype)
+        b_in = None if b_in is None else b_in.to(dtype)
+        b_out = None if b_out is None else b_out.to(dtype)
+    elif x_ND.dtype != w_in.dtype:
+        raise TypeError(
+            f"x has dtype {x_ND.dtype} but the experts' weights are {w_in.dtype}; "
+            "convert the layer with .to(dtype) or run under torch.autocast"
+        )
+    if row_weights_N is not None:
+        row_weights_N = row_weights_N.to(x_ND.dtype)
+    return x_ND, (w_in, w_out, b_in, b_out), row_weights_N
 
 
 class ModuleListExperts(nn.Module):

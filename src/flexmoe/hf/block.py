@@ -52,9 +52,20 @@ def _router_logits_collector() -> Any:
         return None
 
 
+_COLLECTOR: list[Any] = []  # the collector, once looked up (FlexMoEBlock.__init__ does)
+
+
+def _collector() -> Any:
+    # Looked up eagerly when a block is built: under torch.compile the lookup (an
+    # import) would break the graph; reading it here, and its get(), do not.
+    if not _COLLECTOR:
+        _COLLECTOR.append(_router_logits_collector())
+    return _COLLECTOR[0]
+
+
 def _active_router_logits() -> list[Tensor] | None:
     """The list ``transformers`` is collecting router logits into right now, or ``None``."""
-    collector = _router_logits_collector()
+    collector = _collector()
     collected = None if collector is None else collector.get()
     if isinstance(collected, dict):
         logits = collected.get("router_logits")
@@ -121,6 +132,7 @@ class FlexMoEBlock(nn.Module):
         # deepcopy and pickling of a converted model carry it along).
         self._router_follows_model = router_follows_model
         self._full_expert_shapes: tuple[torch.Size, torch.Size] | None = None
+        _collector()
         moe.router.register_forward_hook(_record_router_logits)
         # Module-level functions, so that deepcopy and pickling carry the hooks along.
         self.register_state_dict_post_hook(_save_as_original)

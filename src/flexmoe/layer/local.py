@@ -19,9 +19,20 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.config import Plan
-from flexmoe.dispatch import DispatchLayout, make_layout, permute
+from flexmoe.dispatch import (
+    DispatchLayout,
+    StaticLayout,
+    combine,
+    combine_static,
+    make_layout,
+    make_static_layout,
+    permute,
+    permute_static,
+)
+from flexmoe.experts import GroupedExperts
 from flexmoe.layer.stats import ExpertStep
 from flexmoe.routing import RouterOutput
+from flexmoe.workspace import WORKSPACE
 
 __all__ = ["Call", "ExpertsOutput", "LocalExperts", "run_experts"]
 
@@ -40,8 +51,16 @@ class ExpertsOutput:
     """What a strategy returns: weighted expert rows in this rank's expert-major order, and the facts."""
 
     y_ND: Tensor
-    layout: DispatchLayout
+    layout: DispatchLayout | StaticLayout
     step: ExpertStep
+
+    def combine(self) -> Tensor:
+        """The per-token sum of the weighted expert rows (``y_TD``)."""
+        if isinstance(self.layout, StaticLayout):
+            return combine_static(self.y_ND, self.layout)
+        y_TD = combine(self.y_ND, self.layout)
+        WORKSPACE.give(self.y_ND)  # kept only if nothing else (a hook, a saved tensor) holds it
+        return y_TD
 
 
 def run_experts(experts: nn.Module, x_ND: Tensor, counts: list[int], row_weights_N: Tensor) -> Tensor:
@@ -90,7 +109,13 @@ class LocalExperts:
         """Note that the call was refused before it started (nobody else waits for it)."""
 
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
-        """Dispatch (capacity, drops), permute, experts; see the module docstring."""
+        """Dispatch (capacity, drops), permute, experts; see the module docstring.
+
+        Under ``torch.compile`` the built-in experts run on the static-shape layout
+        (``flexmoe.dispatch.static``): the same rows and results, no host sync.
+        """
+        if torch.compiler.is_compiling() and isinstance(self.experts, GroupedExperts):
+            return self._run_static(x_TD, route, call)
         layout = make_layout(
             route.expert_ids_TK,
             route.weights_TK,
@@ -110,6 +135,29 @@ class LocalExperts:
             world_size=1,
         )
         return ExpertsOutput(y_ND, layout, step)
+
+    def _run_static(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput:
+        assert isinstance(self.experts, GroupedExperts)
+        layout = make_static_layout(
+            route.expert_ids_TK,
+            route.weights_TK,
+            self.num_experts,
+            call.capacity_factor,
+            self.batch_prioritized,
+        )
+        row_weights_S = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_S)
+        x_SD = permute_static(x_TD, layout)
+        y_SD = self.experts.forward_rows(x_SD, layout.tokens_per_expert_E, row_weights_S)
+        step = ExpertStep(
+            num_tokens=x_TD.shape[0],
+            capacity=layout.capacity,
+            routed_per_expert_E=layout.routed_per_expert_E,
+            tokens_per_expert_E=layout.tokens_per_expert_E,
+            dropped=layout.dropped,
+            plan=Plan() if call.plan == "auto" else call.plan,
+            world_size=1,
+        )
+        return ExpertsOutput(y_SD, layout, step)
 
     def end(self, y_TD: Tensor) -> Tensor:
         """Finish a call."""

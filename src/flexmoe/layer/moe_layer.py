@@ -27,17 +27,15 @@ from flexmoe.config import (
     validate_capacity_factor,
     validate_top_k,
 )
-from flexmoe.dispatch import combine
 from flexmoe.experts import DenseFFN, GroupedExperts
 from flexmoe.layer.build import make_experts, share_across_ranks
 from flexmoe.layer.expert_parallel import ExpertParallelExperts
 from flexmoe.layer.local import Call, LocalExperts
 from flexmoe.layer.placement_methods import ExpertPlacementMethods
-from flexmoe.layer.stats import ExpertStep, MoEStats, build_stats
+from flexmoe.layer.stats import ExpertStep, MoEStats, StatsSource
 from flexmoe.parallel import ExpertParallel
 from flexmoe.planner import Tuner
 from flexmoe.routing import RouterOutput, aux_free_bias_update, build_router, load_balance_loss, router_z_loss
-from flexmoe.workspace import WORKSPACE
 
 __all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
 
@@ -103,7 +101,6 @@ class MoELayer(ExpertPlacementMethods):
     """
 
     aux_loss: Tensor
-    stats: MoEStats | None
     _pending_counts_E: Tensor
 
     def __init__(
@@ -238,7 +235,8 @@ class MoELayer(ExpertPlacementMethods):
             persistent=False,
         )
         self.aux_loss = torch.zeros(())
-        self.stats = None
+        self._stats_source: StatsSource | None = None
+        self._stats: MoEStats | None = None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -249,7 +247,29 @@ class MoELayer(ExpertPlacementMethods):
         capacity_factor: float | None = None,
         plan: Plan | str | None = None,
     ) -> Tensor:
-        """Apply the layer to ``x [..., dim]``; keyword arguments override this call only."""
+        """Apply the layer to ``x [..., dim]``; keyword arguments override this call only.
+
+        Under ``torch.compile`` a single-device layer is traced whole (``fullgraph=True``
+        works); a distributed one runs eagerly inside the compiled model (its collectives
+        and host-side planning are one graph break around the layer).
+        """
+        if self.world_size > 1 and torch.compiler.is_compiling():
+            y: Tensor = self._forward_eagerly(x, top_k=top_k, capacity_factor=capacity_factor, plan=plan)
+            return y
+        return self._forward(x, top_k=top_k, capacity_factor=capacity_factor, plan=plan)
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _forward_eagerly(self, x: Tensor, **overrides: object) -> Tensor:
+        return self._forward(x, **overrides)  # type: ignore[arg-type]
+
+    def _forward(
+        self,
+        x: Tensor,
+        *,
+        top_k: int | None = None,
+        capacity_factor: float | None = None,
+        plan: Plan | str | None = None,
+    ) -> Tensor:
         try:
             call = self._check_call(x, top_k, capacity_factor, plan)
         except (TypeError, ValueError):
@@ -267,13 +287,24 @@ class MoELayer(ExpertPlacementMethods):
         # 3. plan, dispatch and run the experts wherever they live
         out = strategy.run(x_TD, route, call, header)
         # 4. combine: the per-token sum of the weighted expert rows
-        y_TD = combine(out.y_ND, out.layout)
-        WORKSPACE.give(out.y_ND)  # kept only if nothing else (a hook, a saved tensor) holds it
+        y_TD = out.combine()
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         terms = self._balance(route, out.step)
-        self.stats = build_stats(out.step, call.top_k, call.capacity_factor, backend, terms)
+        self._record(StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms))
         return strategy.end(y_TD).reshape(x.shape)
+
+    def _record(self, source: StatsSource) -> None:
+        """Keep what the call's ``stats`` are built from (built on first access: no host sync here)."""
+        self._stats_source = source
+        self._stats = None
+
+    @property
+    def stats(self) -> MoEStats | None:
+        """What the last forward call did (``None`` before the first call); see ``MoEStats``."""
+        if self._stats is None and self._stats_source is not None:
+            self._stats = self._stats_source.build()
+        return self._stats
 
     def _check_call(
         self, x: Tensor, top_k: int | None, capacity_factor: float | None, plan: Plan | str | None
@@ -314,6 +345,8 @@ class MoELayer(ExpertPlacementMethods):
             return type(self.experts).__name__
         autocast = torch.is_autocast_enabled(x.device.type)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        if torch.compiler.is_compiling() and self.world_size == 1:
+            return self.experts.compiled_backend(x.device, compute_dtype)
         return self.experts.resolved_backend(x.device, compute_dtype)
 
     def _balance(self, route: RouterOutput, step: ExpertStep) -> tuple[Tensor | None, Tensor | None]:
@@ -343,7 +376,7 @@ class MoELayer(ExpertPlacementMethods):
 
     def _empty_forward(self, x: Tensor, call: Call, strategy: LocalExperts, backend: str) -> Tensor:
         self.aux_loss = x.new_zeros((), dtype=torch.float32)
-        self.stats = build_stats(strategy.empty_step(call), call.top_k, call.capacity_factor, backend)
+        self._record(StatsSource(strategy.empty_step(call), call.top_k, call.capacity_factor, backend))
         # Keep the graph connected so that backward through an empty batch works.
         return x.new_zeros(x.shape) + 0.0 * x
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from flexmoe.config import Plan
 from flexmoe.planner.tuner import TunerDecision
 
-__all__ = ["ExpertStep", "MoEStats", "RowReport", "build_stats"]
+__all__ = ["ExpertStep", "MoEStats", "RowReport", "StatsSource", "build_stats"]
 
 
 @dataclass
@@ -87,10 +87,11 @@ class ExpertStep:
 
     Attributes:
         num_tokens: tokens of the whole batch (every rank's, concatenated).
-        capacity: the per-expert capacity (``None``: dropless).
+        capacity: the per-expert capacity (``None``: dropless; a 0-d tensor where a
+            compiled call computed it on the device).
         routed_per_expert_E, tokens_per_expert_E: routed and kept assignments per logical
             expert over the whole batch.
-        dropped: assignments dropped by the capacity.
+        dropped: assignments dropped by the capacity (a 0-d tensor from a compiled call).
         plan: the plan that ran; ``world_size`` its ranks.
         routed_fraction_E: each expert's share of the whole batch's assignments, for the
             balance loss of a distributed layer (``None``: this batch's own).
@@ -99,15 +100,30 @@ class ExpertStep:
     """
 
     num_tokens: int
-    capacity: int | None
+    capacity: int | Tensor | None
     routed_per_expert_E: Tensor
     tokens_per_expert_E: Tensor
-    dropped: int
+    dropped: int | Tensor
     plan: Plan
     world_size: int
     routed_fraction_E: Tensor | None = None
     rows: RowReport | None = None
     tuner: TunerDecision | None = None
+
+
+@dataclass(frozen=True)
+class StatsSource:
+    """What a forward call leaves to build its ``MoEStats`` from, when someone asks (no host sync before)."""
+
+    step: ExpertStep
+    top_k: int
+    capacity_factor: float
+    backend: str
+    loss_terms: tuple[Tensor | None, Tensor | None] = (None, None)
+
+    def build(self) -> MoEStats:
+        """The call's ``MoEStats`` (a host sync)."""
+        return build_stats(self.step, self.top_k, self.capacity_factor, self.backend, self.loss_terms)
 
 
 def build_stats(
@@ -125,10 +141,10 @@ def build_stats(
         num_tokens=T,
         top_k=top_k,
         capacity_factor=capacity_factor,
-        capacity=step.capacity,
+        capacity=None if step.capacity is None else int(step.capacity),
         routed_per_expert=routed,
         tokens_per_expert=step.tokens_per_expert_E.detach().cpu(),
-        dropped=step.dropped,
+        dropped=int(step.dropped),
         load_max_over_mean=int(routed.max()) / (T * top_k / num_experts) if T and num_experts else 0.0,
         plan=step.plan,
         world_size=step.world_size,

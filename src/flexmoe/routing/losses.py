@@ -25,7 +25,8 @@ def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, fraction_E: Tenso
     if T == 0:
         return probs_TE.sum() * 0.0
     if fraction_E is None:
-        counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+        ids = expert_ids_TK.reshape(-1)
+        counts_E = ids.new_zeros(E).scatter_add_(0, ids, torch.ones_like(ids)).to(probs_TE.dtype)
         fraction_E = counts_E / expert_ids_TK.numel()
     fraction_E = fraction_E.to(device=probs_TE.device, dtype=probs_TE.dtype)
     return E * torch.dot(fraction_E, probs_TE.mean(dim=0))
