@@ -11,58 +11,10 @@ from flexmoe.cli import main
 from flexmoe.cli.report import read_run, render_report, summary_rows
 from flexmoe.cli.report_plots import ema, plan_segments
 
-from .cli_helpers import refusal
+from .cli_helpers import layer_record, old_run_dir, per_step_record, refusal, varied_run_dir, write_run
 
 TINY = ["--dim", "16", "--layers", "1", "--heads", "2", "--experts", "4", "--expert-hidden", "16"]
 TINY += ["--batch-size", "2", "--context", "16", "--no-progress"]
-
-
-def _layer(routed: list[int]) -> dict:
-    return {"routed": routed, "dropped": 0, "assignments": sum(routed), "plan": "d=1,flat"}
-
-
-def _write(folder: Path, records: list[dict], config: dict | None = None) -> Path:
-    folder.mkdir()
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "config.json").write_text(json.dumps(config or {"steps": 2}))
-    return folder
-
-
-def _run_dir(folder: Path) -> Path:
-    """A run directory in the older format: no per-step columns (two logged steps, one evaluation)."""
-    records = [
-        {"step": 0, "eval_loss": 5.5},
-        *({"step": s, "loss": 5.0 - s, "tokens_per_s": 1000.0, "layers": [_layer([3, 1])]} for s in (1, 2)),
-    ]
-    return _write(folder, records)
-
-
-def _per_step_record(steps: list[int], plans: list[str], dropped: list[int], rerouted: list[int]) -> dict:
-    """A logged record in the current format (one layer of two experts) covering ``steps``."""
-    n = len(steps)
-    layer = {**_layer([3, 1]), "plan": plans[-1], "capacity": 4 if any(dropped) else None}
-    return {
-        "step": steps[-1],
-        "loss": 4.0,
-        "tokens_per_s": 1000.0,
-        "layers": [layer],
-        "per_step": {
-            "step": steps,
-            "loss": [5.0 - 0.1 * s for s in steps],
-            "lr": [1e-3] * n,
-            "aux_loss": [0.01] * n,
-            "grad_norm": [1.5] * n,
-            "layers": [
-                {
-                    "plan": plans,
-                    "tuner": ["search" if p != plans[-1] else "tuned" for p in plans],
-                    "dropped": dropped,
-                    "rerouted_rows": rerouted,
-                    "expert_copies": [r // 2 for r in rerouted],
-                }
-            ],
-        },
-    }
 
 
 def _page_files(run: Path) -> list[str]:
@@ -70,7 +22,7 @@ def _page_files(run: Path) -> list[str]:
 
 
 def test_report_renders_an_older_run(tmp_path):
-    run = _run_dir(tmp_path / "run")
+    run = old_run_dir(tmp_path / "run")
     main(["report", str(run)])
     assert _page_files(run) == ["loss.png", "throughput.png", "load_layer0.png"]
     series = read_run(run).steps
@@ -98,7 +50,7 @@ def test_report_shows_every_step_of_a_real_run_and_no_drops_when_dropless(tmp_pa
 
 
 def test_the_summary_table_is_rounded_with_units_and_never_none(tmp_path):
-    run = _run_dir(tmp_path / "run")
+    run = old_run_dir(tmp_path / "run")
     summary = {
         "steps": 400,
         "tokens": 819200,
@@ -125,26 +77,20 @@ def test_the_summary_table_is_rounded_with_units_and_never_none(tmp_path):
 
 
 def test_report_charts_varying_plans_drops_and_rerouting(tmp_path):
-    plans = ["d=1,flat", "d=2,flat", "d=2,2dh", "d=2,2dh"]
-    records = [
-        _per_step_record([1, 2], plans[:2], [0, 3], [0, 8]),
-        {"step": 2, "eval_loss": 4.5},
-        _per_step_record([3, 4], plans[2:], [1, 0], [4, 0]),
-    ]
-    run = _write(tmp_path / "run", records, {"capacity_factor": 1.25})
+    run = varied_run_dir(tmp_path / "run")
     render_report(run)
     assert {"plans.png", "dropped.png", "rerouting.png"} <= set(_page_files(run))
     assert all((run / name).stat().st_size > 1000 for name in _page_files(run))
     rows = dict(summary_rows(read_run(run)))
-    assert rows["dropped assignments"] == "4 of 16 assignments (25.00 %) (capacity factor 1.25)"
+    assert rows["dropped assignments"] == "4 of 16 assignments (25.00 %), capacity factor 1.25"
     assert rows["parallel plan"].startswith("3 plans over the run")
     assert rows["rerouting"] == "12 rows computed on another rank, 6 expert copies sent"
 
 
 def test_a_step_logged_twice_keeps_its_newest_value_and_old_records_mix_with_new(tmp_path):
-    old = {"step": 2, "loss": 9.0, "tokens_per_s": 1.0, "lr": 1e-3, "layers": [_layer([3, 1])]}
-    redone = _per_step_record([2, 3], ["d=1,flat"] * 2, [0, 0], [0, 0])  # a resume from step 1
-    series = read_run(_write(tmp_path / "run", [old, redone])).steps
+    old = {"step": 2, "loss": 9.0, "tokens_per_s": 1.0, "lr": 1e-3, "layers": [layer_record([3, 1])]}
+    redone = per_step_record([2, 3], ["d=1,flat"] * 2, [0, 0], [0, 0])  # a resume from step 1
+    series = read_run(write_run(tmp_path / "run", [old, redone])).steps
     assert series.step == [2, 3] and series.loss == pytest.approx([4.8, 4.7])
     assert not series.every_step  # the old record has no per-step columns
 
@@ -170,7 +116,7 @@ BAD_RUNS = [
     (
         "metrics.jsonl",
         json.dumps(
-            {**_per_step_record([1], ["d=1,flat"], [0], [0]), "per_step": {"step": [1], "loss": []}}
+            {**per_step_record([1], ["d=1,flat"], [0], [0]), "per_step": {"step": [1], "loss": []}}
         ).encode(),
         "metrics.jsonl:1: 'per_step': 'loss' must be a list of 1 numbers",
     ),
@@ -181,14 +127,14 @@ BAD_RUNS = [
 
 @pytest.mark.parametrize(("name", "content", "message"), BAD_RUNS, ids=[m for _, _, m in BAD_RUNS])
 def test_report_names_a_corrupt_file(tmp_path, capsys, name, content, message):
-    run = _run_dir(tmp_path / "run")
+    run = old_run_dir(tmp_path / "run")
     (run / name).write_bytes(content)
     err = refusal(["report", str(run)], capsys)
     assert err.startswith(f"flexmoe report: error: {run / message}"), err
 
 
 def test_report_names_a_missing_file_or_folder(tmp_path, capsys):
-    run = _run_dir(tmp_path / "run")
+    run = old_run_dir(tmp_path / "run")
     (run / "metrics.jsonl").unlink()
     assert refusal(["report", str(run)], capsys).startswith(
         f"flexmoe report: error: {run / 'metrics.jsonl'} is missing"

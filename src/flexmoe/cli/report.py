@@ -94,15 +94,16 @@ def _plan_summary(run: RunRecords) -> str:
 
 def _drop_summary(run: RunRecords) -> str:
     factor = _number(run.config.get("capacity_factor"))
-    setting = "" if factor is None else f" (capacity factor {factor:g})"
+    setting = "" if factor is None else f"capacity factor {factor:g}"
     if not can_drop(run):
-        return f"dropless{setting}"
+        return f"dropless ({setting})" if setting else "dropless"
     dropped = sum(sum(layer.dropped) for layer in run.steps.layers)
     assignments = sum(
         run.train[-1]["layers"][i]["assignments"] * len(run.steps.step) for i in range(len(run.steps.layers))
     )
     share = 100 * dropped / max(1, assignments)
-    return f"{dropped:,.0f} of {assignments:,} assignments ({share:.2f} %){setting}"
+    text = f"{dropped:,.0f} of {assignments:,} assignments ({share:.2f} %)"
+    return f"{text}, {setting}" if setting else text
 
 
 def _rerouting_summary(run: RunRecords) -> str | None:
@@ -209,16 +210,19 @@ def _page(run_dir: Path, run: RunRecords, figures: list[tuple[str, str]]) -> str
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flexmoe run {html.escape(run_dir.name)}</title>
 <style>
-body{{font-family:system-ui,sans-serif;max-width:52em;margin:1.5em auto;padding:0 1em;color:#222}}
+body{{font-family:system-ui,sans-serif;max-width:84em;margin:1.5em auto;padding:0 1em;color:#222}}
 h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:1.5em}}
 table{{border-collapse:collapse}} th,td{{padding:.15em 1em .15em 0;vertical-align:top}}
 th{{text-align:left;font-weight:600}} td{{font-variant-numeric:tabular-nums}}
-img{{max-width:100%}} figure{{margin:1.2em 0}} figcaption{{font-size:.9em;color:#555}}
+.plots{{display:grid;grid-template-columns:repeat(auto-fill,minmax(32em,1fr));gap:0 2em}}
+img{{max-width:100%}} figure{{margin:1em 0}} figcaption{{font-size:.9em;color:#555}}
 </style></head>
 <body><h1>flexmoe run <code>{html.escape(run_dir.name)}</code></h1>
 <h2>Summary</h2>{_table(summary_rows(run))}
 <h2>Plots</h2>
+<div class="plots">
 {images}
+</div>
 {settings_html}
 </body></html>
 """
