@@ -130,7 +130,11 @@ def load_figures(plt: Any, run: RunRecords) -> Figures:
         fig, axes = _axes(plt, 1.6 + 0.12 * experts)
         ax = axes[0][0]
         image = ax.pcolormesh(
-            edges, [e - 0.5 for e in range(experts + 1)], list(zip(*shares, strict=True)), shading="flat"
+            edges,
+            [e - 0.5 for e in range(experts + 1)],
+            list(zip(*shares, strict=True)),
+            shading="flat",
+            vmin=0,
         )
         fig.colorbar(image, ax=ax, label="share")
         ax.set_xlabel("step")
