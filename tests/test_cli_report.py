@@ -140,3 +140,15 @@ def test_report_names_a_missing_file_or_folder(tmp_path, capsys):
         f"flexmoe report: error: {run / 'metrics.jsonl'} is missing"
     )
     assert "is not a directory" in refusal(["report", str(tmp_path / "nowhere")], capsys)
+
+
+def test_experts_per_token_is_drawn_only_when_recorded_and_varying(tmp_path):
+    run = varied_run_dir(tmp_path / "constant")
+    render_report(run)
+    assert "experts_per_token.png" not in _page_files(run)  # the records do not hold it
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for value, record in zip((1.5, 1.75), (r for r in records if "layers" in r), strict=True):
+        record["layers"][0]["experts_per_token"] = value
+    varied = write_run(tmp_path / "varied", records)
+    render_report(varied)
+    assert "experts_per_token.png" in _page_files(varied)
