@@ -1,17 +1,22 @@
 """``flexmoe report RUN_DIR``: an HTML page and PNG plots of a ``flexmoe train`` run.
 
 Reads ``metrics.jsonl``, ``config.json`` and ``summary.json`` from the run directory
-and writes, next to them, ``report.html`` and:
+(``report_read``) and writes, next to them, ``report.html``: a summary table (rounded,
+with units), the plots (``report_plots``) and the run's settings. The plots:
 
-- ``loss.png``: training loss per logged step and evaluation loss;
-- ``throughput.png``: tokens per second;
+- ``loss.png``: training loss of every step and its moving average (an older run
+  directory: of the logged steps), and evaluation loss;
+- ``lr.png``, ``aux_loss.png``, ``grad_norm.png``: learning rate, auxiliary loss and
+  gradient norm (before clipping) per step, when the run recorded them;
+- ``throughput.png``: tokens per second, from zero;
 - ``load_layer<i>.png``: per-expert share of the routed assignments over time, per layer
   (a heatmap: an even router is a flat colour, a hot expert a bright row);
-- ``dropped.png``: share of assignments dropped by the capacity limit, per layer;
-- ``plans.png``: the parallel plan each layer ran with over time.
+- ``experts_per_token.png``: when the records hold it and it varies;
+- ``dropped.png``: share of assignments dropped, only when a capacity limit could drop
+  (a dropless run says "dropless" in the summary instead);
+- ``plans.png``: the plan each layer ran, one row per layer, when it changed;
+- ``rerouting.png``: rerouted rows and expert copies, when there were any.
 
-Every file is checked as it is read: a missing, unreadable or malformed one ends in
-one line naming the file (and the line of ``metrics.jsonl``), never a traceback.
 Needs matplotlib (``pip install 'flexmoe[report]'``).
 """
 
@@ -19,123 +24,30 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
-from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any
 
 from flexmoe.cli.options import CliError
+from flexmoe.cli.report_plots import FIGURES, can_drop, ema
+from flexmoe.cli.report_read import RunRecords, read_run
 
-__all__ = ["RunRecords", "add_report_arguments", "read_run", "render_report", "run_report"]
+__all__ = [
+    "RunRecords",
+    "add_report_arguments",
+    "read_run",
+    "render_report",
+    "run_report",
+    "settings_rows",
+    "summary_rows",
+]
+
+MISSING = "—"  # what a table shows for a value the run did not record
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``flexmoe report``."""
     parser.add_argument("run_dir", type=Path, help="a directory written by `flexmoe train`")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunRecords:
-    """What a run directory holds, checked: logged training steps, evaluations, settings, summary."""
-
-    train: list[dict[str, Any]]  # metrics records with "loss" and per-layer "layers"
-    evals: list[dict[str, Any]]  # metrics records with "eval_loss"
-    config: dict[str, Any]
-    summary: dict[str, Any]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise CliError(
-            f"{path}: not UTF-8 text (byte {error.start}); is it a file `flexmoe train` wrote?"
-        ) from None
-    except OSError as error:
-        raise CliError(f"{path}: cannot read it ({error.strerror})") from None
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object file, ``{}`` when absent (``config.json`` and ``summary.json`` are optional)."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise CliError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(value, dict):
-        raise CliError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_train_record(record: dict[str, Any], where: str, num_layers: int | None) -> None:
-    """Refuse a training record without the fields the plots read (``where`` names its file and line)."""
-    for key in ("step", "loss", "tokens_per_s"):
-        if not _is_number(record.get(key)):
-            raise CliError(f"{where}: {key!r} must be a number, got {record.get(key)!r}")
-    layers = record.get("layers")
-    if not isinstance(layers, list) or not layers or (num_layers is not None and len(layers) != num_layers):
-        expected = "a non-empty list" if num_layers is None else f"a list of {num_layers} layers"
-        raise CliError(f"{where}: 'layers' must be {expected}")
-    for layer in layers:
-        ok = (
-            isinstance(layer, dict)
-            and isinstance(layer.get("routed"), list)
-            and layer["routed"]
-            and all(_is_number(c) for c in layer["routed"])
-            and _is_number(layer.get("dropped"))
-            and _is_number(layer.get("assignments"))
-            and isinstance(layer.get("plan"), str)
-        )
-        if not ok:
-            raise CliError(
-                f"{where}: each layer needs 'routed' (numbers), 'dropped', 'assignments' and 'plan'"
-            )
-    if len({len(layer["routed"]) for layer in layers}) != 1:
-        raise CliError(f"{where}: the layers' 'routed' lists differ in length")
-
-
-def read_run(run_dir: Path) -> RunRecords:
-    """Read and check ``run_dir``'s ``metrics.jsonl``, ``config.json`` and ``summary.json``."""
-    if not run_dir.is_dir():
-        raise CliError(f"{run_dir} is not a directory: expected a `flexmoe train` run directory")
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise CliError(f"{path} is missing: is {run_dir} a `flexmoe train` run directory?")
-    train: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CliError(f"{where}: not a JSON line ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise CliError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if "eval_loss" in record:
-            if not (_is_number(record.get("step")) and _is_number(record["eval_loss"])):
-                raise CliError(f"{where}: an evaluation needs a numeric 'step' and 'eval_loss'")
-            evals.append(record)
-        else:
-            _check_train_record(record, where, len(train[0]["layers"]) if train else None)
-            train.append(record)
-    if not train:
-        raise CliError(f"{path} holds no training steps yet")
-    experts = {len(r["layers"][0]["routed"]) for r in train}
-    if len(experts) != 1:
-        raise CliError(f"{path}: the records disagree on the number of experts ({sorted(experts)})")
-    return RunRecords(
-        train=train,
-        evals=evals,
-        config=_read_json_object(run_dir / "config.json"),
-        summary=_read_json_object(run_dir / "summary.json"),
-    )
 
 
 def render_report(run_dir: Path) -> Path:
@@ -149,120 +61,169 @@ def render_report(run_dir: Path) -> Path:
         raise CliError("flexmoe report needs matplotlib: pip install 'flexmoe[report]'") from error
     run = read_run(run_dir)
     figures: list[tuple[str, str]] = []
-
-    def save(fig: Any, name: str, caption: str) -> None:
-        fig.tight_layout()
-        fig.savefig(run_dir / name, dpi=110)
-        plt.close(fig)
-        figures.append((name, caption))
-
-    for draw in (_loss_figure, _throughput_figure, _load_figures, _dropped_figure, _plans_figure):
+    for draw in FIGURES:
         for fig, name, caption in draw(plt, run):
-            save(fig, name, caption)
+            fig.savefig(run_dir / name, dpi=100)
+            plt.close(fig)
+            figures.append((name, caption))
     out = run_dir / "report.html"
     out.write_text(_page(run_dir, run, figures), encoding="utf-8")
     return out
 
 
-Figures = list[tuple[Any, str, str]]  # (figure, file name, caption)
+def _number(value: object) -> float | None:
+    """``value`` as a finite float, or ``None`` (absent, ``null``, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
-def _steps(run: RunRecords) -> list[float]:
-    return [r["step"] for r in run.train]
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def _loss_figure(plt: Any, run: RunRecords) -> Figures:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(_steps(run), [r["loss"] for r in run.train], label="train (mean over workers)")
-    if run.evals:
-        ax.plot([r["step"] for r in run.evals], [r["eval_loss"] for r in run.evals], "o-", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/byte)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return [(fig, "loss.png", "Loss")]
+def _plan_summary(run: RunRecords) -> str:
+    plans = sorted({p for layer in run.steps.layers for p in layer.plan})
+    if len(plans) == 1:
+        return f"{plans[0]} (every layer, every step)"
+    return f"{len(plans)} plans over the run (see the plan chart): {', '.join(plans)}"
 
 
-def _throughput_figure(plt: Any, run: RunRecords) -> Figures:
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(_steps(run), [r["tokens_per_s"] for r in run.train])
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s (all workers)")
-    ax.grid(alpha=0.3)
-    return [(fig, "throughput.png", "Throughput")]
+def _drop_summary(run: RunRecords) -> str:
+    factor = _number(run.config.get("capacity_factor"))
+    setting = "" if factor is None else f"capacity factor {factor:g}"
+    if not can_drop(run):
+        return f"dropless ({setting})" if setting else "dropless"
+    dropped = sum(sum(layer.dropped) for layer in run.steps.layers)
+    assignments = sum(
+        run.train[-1]["layers"][i]["assignments"] * len(run.steps.step) for i in range(len(run.steps.layers))
+    )
+    share = 100 * dropped / max(1, assignments)
+    text = f"{dropped:,.0f} of {assignments:,} assignments ({share:.2f} %)"
+    return f"{text}, {setting}" if setting else text
 
 
-def _load_figures(plt: Any, run: RunRecords) -> Figures:
-    """One heatmap per layer: each expert's share of the routed assignments over time."""
-    steps = _steps(run)
-    out: Figures = []
-    for i in range(len(run.train[0]["layers"])):
-        shares = []
-        for r in run.train:
-            routed = r["layers"][i]["routed"]
-            total = sum(routed) or 1
-            shares.append([c / total for c in routed])
-        fig, ax = plt.subplots(figsize=(7, 3))
-        image = ax.imshow(
-            list(zip(*shares, strict=True)),
-            aspect="auto",
-            origin="lower",
-            interpolation="nearest",
-            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(shares[0]) - 0.5),
-        )
-        fig.colorbar(image, ax=ax, label="share of assignments")
-        ax.set_xlabel("step")
-        ax.set_ylabel("expert")
-        caption = f"Expert load, layer {i} (even: {1 / len(shares[0]):.3f} each)"
-        out.append((fig, f"load_layer{i}.png", caption))
-    return out
+def _rerouting_summary(run: RunRecords) -> str | None:
+    rows = [v for layer in run.steps.layers for v in layer.rerouted_rows if not math.isnan(v)]
+    copies = [v for layer in run.steps.layers for v in layer.expert_copies if not math.isnan(v)]
+    if not rows and not copies:
+        return None  # an older run that did not record it
+    if not any(rows) and not any(copies):
+        return "none"
+    return f"{sum(rows):,.0f} rows computed on another rank, {sum(copies):,.0f} expert copies sent"
 
 
-def _dropped_figure(plt: Any, run: RunRecords) -> Figures:
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for i in range(len(run.train[0]["layers"])):
-        rates = [r["layers"][i]["dropped"] / max(1, r["layers"][i]["assignments"]) for r in run.train]
-        ax.plot(_steps(run), rates, label=f"layer {i}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("dropped share")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return [(fig, "dropped.png", "Dropped assignments (capacity limit)")]
+def _train_loss_summary(run: RunRecords) -> str:
+    series = run.steps
+    if series.every_step:
+        return f"{ema(series.loss)[-1]:.3f} nats/byte (moving average at step {series.step[-1]:,})"
+    return f"{series.loss[-1]:.3f} nats/byte (step {series.step[-1]:,})"
 
 
-def _plans_figure(plt: Any, run: RunRecords) -> Figures:
-    plans = sorted({layer["plan"] for r in run.train for layer in r["layers"]})
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(plans)))
-    for i in range(len(run.train[0]["layers"])):
-        ax.plot(
-            _steps(run), [plans.index(r["layers"][i]["plan"]) for r in run.train], ".", label=f"layer {i}"
-        )
-    ax.set_yticks(range(len(plans)), plans)
-    ax.set_xlabel("step")
-    ax.legend(loc="upper right")
-    return [(fig, "plans.png", "Parallel plan per layer")]
+def _grad_norm_summary(run: RunRecords) -> str | None:
+    norms = [v for v in run.steps.grad_norm if not math.isnan(v)]
+    if not norms:
+        return None
+    return f"{norms[-1]:.3g} at the end, {max(norms):.3g} at most (before clipping to 1)"
+
+
+def _summary_facts(summary: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """What ``summary.json`` says, formatted; ``None`` for a field it lacks."""
+    steps, tokens = _number(summary.get("steps")), _number(summary.get("tokens"))
+    seconds, rate = _number(summary.get("seconds")), _number(summary.get("tokens_per_s"))
+    initial, final = _number(summary.get("initial_eval_loss")), _number(summary.get("final_eval_loss"))
+    world = _number(summary.get("world_size"))
+    losses = None if initial is None or final is None else f"{initial:.3f} → {final:.3f} nats/byte"
+    rows = [
+        ("steps trained", None if steps is None else f"{steps:,.0f}"),
+        ("tokens trained", None if tokens is None else f"{tokens:,.0f}"),
+        ("wall time", None if seconds is None else _duration(seconds)),
+        ("throughput", None if rate is None else f"{rate:,.0f} tokens/s (all workers)"),
+        ("evaluation loss", losses),
+        ("workers", None if world is None else f"{world:.0f}"),
+        ("expert backend", summary.get("expert_backend")),
+        ("checkpoint", summary.get("checkpoint")),
+    ]
+    if summary.get("trace") is not None:
+        rows.append(("routing trace", str(summary["trace"])))
+    rows += [(key.replace("_", " "), _setting(value)) for key, value in summary.items() if key not in _KNOWN]
+    return [(label, None if value is None else str(value)) for label, value in rows]
+
+
+_KNOWN = {"steps", "tokens", "seconds", "tokens_per_s", "initial_eval_loss", "final_eval_loss"}
+_KNOWN |= {"world_size", "expert_backend", "checkpoint", "trace"}
+
+
+def summary_rows(run: RunRecords) -> list[tuple[str, str]]:
+    """``(label, value)`` rows of the summary table: rounded, with units, never ``None``.
+
+    A ``summary.json`` field the file lacks shows as ``—`` (no ``summary.json`` at all,
+    as in a run still going: those rows are left out); a fact the metrics did not record
+    (the gradient norm of an older run) is left out.
+    """
+    facts = [(label, MISSING if value is None else value) for label, value in _summary_facts(run.summary)]
+    facts = facts if run.summary else []
+    derived = [
+        ("training loss", _train_loss_summary(run)),
+        ("gradient norm", _grad_norm_summary(run)),
+        ("dropped assignments", _drop_summary(run)),
+        ("parallel plan", _plan_summary(run)),
+        ("rerouting", _rerouting_summary(run)),
+    ]
+    known = [(label, value) for label, value in derived if value is not None]
+    return facts[:5] + known + facts[5:]  # the run's size and losses, what it did, where it ran
+
+
+def _setting(value: object) -> str:
+    """A setting as a reader wants it: ``—`` for none, ``yes``/``no``, 4 significant digits."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def settings_rows(run: RunRecords) -> list[tuple[str, str]]:
+    """``(option, value)`` of every setting in ``config.json``, as ``--option`` names."""
+    return [(f"--{key.replace('_', '-')}", _setting(value)) for key, value in run.config.items()]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    cells = (f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return "<table>" + "\n".join(cells) + "</table>"
 
 
 def _page(run_dir: Path, run: RunRecords, figures: list[tuple[str, str]]) -> str:
-    """The HTML page: the figures, then the summary and settings as a table."""
-    rows = {
-        **{f"summary: {k}": v for k, v in run.summary.items()},
-        **{f"setting: {k}": v for k, v in run.config.items()},
-    }
-    table = "\n".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items()
-    )
+    """The HTML page: the summary, the figures, then the settings."""
     images = "\n".join(
-        f'<figure><img src="{name}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
-        for name, c in figures
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, caption in figures
     )
+    settings = settings_rows(run)
+    settings_html = f"<h2>Settings</h2>{_table(settings)}" if settings else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flexmoe run {html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}th{{text-align:left;padding-right:1em}}
-img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
-<body><h1>flexmoe run <code>{html.escape(str(run_dir))}</code></h1>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:84em;margin:1.5em auto;padding:0 1em;color:#222}}
+h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:1.5em}}
+table{{border-collapse:collapse}} th,td{{padding:.15em 1em .15em 0;vertical-align:top}}
+th{{text-align:left;font-weight:600}} td{{font-variant-numeric:tabular-nums}}
+.plots{{display:grid;grid-template-columns:repeat(auto-fill,minmax(32em,1fr));gap:0 2em}}
+img{{max-width:100%}} figure{{margin:1em 0}} figcaption{{font-size:.9em;color:#555}}
+</style></head>
+<body><h1>flexmoe run <code>{html.escape(run_dir.name)}</code></h1>
+<h2>Summary</h2>{_table(summary_rows(run))}
+<h2>Plots</h2>
+<div class="plots">
 {images}
-<h2>Run</h2><table>{table}</table>
+</div>
+{settings_html}
 </body></html>
 """
 
@@ -270,4 +231,5 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
 def run_report(args: argparse.Namespace) -> None:
     """Render and say where."""
     out = render_report(args.run_dir)
-    print(f"wrote {out} and {len(list(args.run_dir.glob('*.png')))} plots")
+    figures = out.read_text(encoding="utf-8").count("<img ")
+    print(f"wrote {out} and {figures} plots")

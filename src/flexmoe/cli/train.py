@@ -6,6 +6,7 @@ Python has them). The run directory collects what people want to look at afterwa
 per-expert loads, drops and plans over time), ``checkpoints/`` (atomic, re-shardable;
 see ``flexmoe.checkpoint``), ``summary.json`` and, with ``--trace PATH``, a routing
 trace of every training step (``flexmoe.planner.trace``); ``flexmoe report RUN_DIR`` renders it.
+``--tensorboard DIR`` writes the same scalars as TensorBoard events (``train_tensorboard``).
 
 ``--workers N`` trains on ``N`` local processes (gloo on CPU, NCCL on GPUs) launched
 with ``torchrun`` and owned by this process (``flexmoe.cli.launch``): the MoE layers'
@@ -54,6 +55,7 @@ from flexmoe.cli.launch import RunLock, check_launcher_alive, guard_worker, laun
 from flexmoe.cli.options import CliError, OptionError, check_int, one_line, option_flag
 from flexmoe.cli.train_config import TrainConfig
 from flexmoe.cli.train_log import RunLog, StepResult
+from flexmoe.cli.train_tensorboard import require_tensorboard
 from flexmoe.models import ByteCorpus, TinyMoELM, TinyMoELMConfig, stdlib_corpus
 from flexmoe.parallel import (
     all_reduce_mean,
@@ -102,6 +104,8 @@ def run_train(config: TrainConfig) -> None:
     run_dir = _run_dir(config)
     load_corpus(config)  # refuse a bad --context or --resume before a directory or a worker exists
     check_resume(config)
+    if config.tensorboard is not None:
+        require_tensorboard()  # before any worker starts: one line, not one per worker
     if config.workers > 1 and "LOCAL_RANK" not in os.environ:
         lock = RunLock.acquire(run_dir)
         try:
@@ -143,29 +147,31 @@ def train(config: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
     trainer = build(config, rank, world)
     done, notes = restore(trainer)
     log = RunLog(config, run_dir, rank, world, done)
-    _describe(log, corpus, trainer, done, notes)
-    recorder = _routing_recorder(trainer, run_dir, start_step=done + 1, log=log)
-    initial = _evaluate(trainer, corpus)
-    log.say(f"initial eval loss {initial:.3f} (uniform over bytes would be {math.log(256):.3f})")
-    log.evaluation(done, initial)
-    for step in range(done + 1, config.steps + 1):
-        result = train_step(trainer, *train_batch(corpus, config, step, rank, world), step=step)
+    try:  # the metrics file and the TensorBoard events are flushed and closed, even on an error
+        _describe(log, corpus, trainer, done, notes)
+        recorder = _routing_recorder(trainer, run_dir, start_step=done + 1, log=log)
+        initial = _evaluate(trainer, corpus)
+        log.say(f"initial eval loss {initial:.3f} (uniform over bytes would be {math.log(256):.3f})")
+        log.evaluation(done, initial)
+        for step in range(done + 1, config.steps + 1):
+            result = train_step(trainer, *train_batch(corpus, config, step, rank, world), step=step)
+            if recorder is not None:
+                recorder.step(step)  # one record per MoE layer (evaluations are not recorded)
+            log.train_step(step, result)
+            if step % config.eval_every == 0 and step != config.steps:
+                loss = _evaluate(trainer, corpus)
+                log.say(f"step {step:5d}  eval loss {loss:.3f}")
+                log.evaluation(step, loss)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.steps:
+                save(trainer, run_dir, step)
+        elapsed = time.perf_counter() - log.start
         if recorder is not None:
-            recorder.step(step)  # one record per MoE layer (evaluations are not recorded)
-        log.train_step(step, result)
-        if step % config.eval_every == 0 and step != config.steps:
-            loss = _evaluate(trainer, corpus)
-            log.say(f"step {step:5d}  eval loss {loss:.3f}")
-            log.evaluation(step, loss)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.steps:
-            save(trainer, run_dir, step)
-    elapsed = time.perf_counter() - log.start
-    if recorder is not None:
-        recorder.close()
-    final = _evaluate(trainer, corpus)
-    log.evaluation(config.steps, final)
-    checkpoint = save(trainer, run_dir, config.steps)
-    log.close()
+            recorder.close()
+        final = _evaluate(trainer, corpus)
+        log.evaluation(config.steps, final)
+        checkpoint = save(trainer, run_dir, config.steps)
+    finally:
+        log.close()
     return _summarise(trainer, run_dir, log, done, elapsed, initial, final, checkpoint, recorder)
 
 
@@ -344,11 +350,16 @@ def train_step(trainer: Trainer, x: Tensor, y: Tensor, *, step: int) -> StepResu
     aux_loss = model.aux_loss()
     (loss + aux_loss).backward()
     scale_expert_gradients(model)  # DDP averages the other gradients over workers
-    clip_grad_norm_(model, 1.0)  # the global norm: equal on every worker
+    # The norm of the whole gradient the optimizer sees (dense gradients DDP-averaged, counted
+    # once; expert gradients summed over the ranks that hold them), before clipping: equal on
+    # every worker, so the log needs no collective for it.
+    grad_norm = clip_grad_norm_(model, 1.0)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     layers = [layer.stats for layer in model.moe_layers() if layer.stats is not None]
-    return StepResult(loss=loss.detach(), aux_loss=aux_loss.detach(), lr=lr, layers=layers)
+    return StepResult(
+        loss=loss.detach(), aux_loss=aux_loss.detach(), lr=lr, grad_norm=grad_norm, layers=layers
+    )
 
 
 def _evaluate(trainer: Trainer, corpus: ByteCorpus) -> float:

@@ -110,6 +110,13 @@ class TrainConfig:
             kind="path",
         ),
     )
+    tensorboard: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "also write the metrics as TensorBoard events into this directory (needs the tensorboard extra)",
+            kind="path",
+        ),
+    )
     no_progress: bool = field(default=False, metadata=_meta("no progress bar", kind="flag"))
     workers: int = field(
         default=1,
