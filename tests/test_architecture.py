@@ -19,6 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 RANKS: dict[str, int] = {
     "config": 0,
     "workspace": 0,
+    "logs": 0,
     "routing": 1,
     "dispatch": 1,
     "experts": 1,
@@ -31,6 +32,7 @@ RANKS: dict[str, int] = {
     "checkpoint": 5,
     "models": 5,
     "cli": 6,
+    "__main__": 7,  # `python -m flexmoe`: runs the command
 }
 
 

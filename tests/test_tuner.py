@@ -158,7 +158,7 @@ def test_drift_retunes(caplog):
     predicted = {PLAIN: 10.0, PIPE: 9.0, REROUTE: 5.0, BOTH: 6.0, GATHER: 20.0}
     measured = dict(predicted)
     tuner, _ = _tuner(predicted, measure_top=1, measure_steps=2, drift=0.3)
-    with caplog.at_level(logging.INFO, logger="flexmoe.tuner"):
+    with caplog.at_level(logging.INFO, logger="flexmoe.planner.tuner"):
         _drive(tuner, SKEWED, measured, 5)
         assert any("wins" in r.message for r in caplog.records)
         # The winner (REROUTE) becomes twice as slow: after a window of 5 calls, re-tune.

@@ -1,5 +1,7 @@
 """flexmoe: an adaptive Mixture-of-Experts runtime for PyTorch."""
 
+import logging
+
 from flexmoe.config import (
     BalanceConfig,
     CapacityConfig,
@@ -11,8 +13,13 @@ from flexmoe.config import (
     TunerConfig,
 )
 from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, name_moe_layers, update_expert_biases
+from flexmoe.logs import LIBRARY_LOGGER
 
 __version__ = "0.1.0"
+
+# Library convention: records go nowhere until the application configures logging
+# (the `flexmoe` command does; see flexmoe.logs).
+logging.getLogger(LIBRARY_LOGGER).addHandler(logging.NullHandler())
 
 __all__ = [
     "BalanceConfig",

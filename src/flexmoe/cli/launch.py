@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -37,7 +38,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from flexmoe.cli.log_setup import LOG_LEVELS
 from flexmoe.cli.options import CliError
+from flexmoe.logs import LIBRARY_LOGGER
 from flexmoe.parallel import all_ranks_ok
 
 if sys.platform != "win32":
@@ -193,8 +196,11 @@ def _die_with_launcher(launcher: int) -> None:
 def launch_workers(train_argv: list[str], workers: int, lock: RunLock) -> None:
     """Run ``flexmoe train`` (``train_argv``: its full flags) on ``workers`` processes under ``torchrun``.
 
-    Returns when every worker is done; ``CliError`` (exit code 1) if one failed.
+    Returns when every worker is done; ``CliError`` (exit code 1) if one failed. The
+    workers log at this process's level (its ``--log-level``).
     """
+    level = logging.getLevelName(logging.getLogger(LIBRARY_LOGGER).getEffectiveLevel())
+    log_level = [f"--log-level={level}"] if level in LOG_LEVELS else []  # else the workers' default
     command = [
         sys.executable,
         "-m",
@@ -203,6 +209,7 @@ def launch_workers(train_argv: list[str], workers: int, lock: RunLock) -> None:
         f"--nproc_per_node={workers}",
         "-m",
         "flexmoe.cli",
+        *log_level,
         "train",
         *train_argv,
     ]

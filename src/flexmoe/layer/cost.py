@@ -2,23 +2,27 @@
 
 ``TunerConfig.cluster`` names it (a preset or a JSON file); without one, the file
 ``flexmoe calibrate`` writes; with neither, a rough model of the device (with a
-warning). Every rank uses the first rank's description, so decisions agree.
+warning, logged once per process and by the group's first rank only: its description
+is the one every rank uses, so decisions agree).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-import warnings
 
 import torch
 
 from flexmoe.config import MoEConfig
+from flexmoe.logs import log_once
 from flexmoe.parallel import ExpertParallel
 from flexmoe.planner.cluster import Cluster, DeviceSpec, LinkSpec, default_calibration_path, load_cluster
 from flexmoe.planner.layer_cost import CostModel
 from flexmoe.planner.tuner import Tuner, candidates_for
 
 __all__ = ["agreed_cluster", "build_tuner", "cost_model", "resolve_cluster", "rough_cluster"]
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -65,17 +69,23 @@ def rough_cluster(device: torch.device) -> Cluster:
     )
 
 
-def resolve_cluster(spec: str | None, device: torch.device) -> Cluster:
-    """``TunerConfig.cluster`` as a ``Cluster`` (see there); warns when it falls back to a rough model."""
+def resolve_cluster(spec: str | None, device: torch.device, *, warn: bool = True) -> Cluster:
+    """``TunerConfig.cluster`` as a ``Cluster`` (see there).
+
+    Falling back to ``rough_cluster`` logs a warning once per process; ``warn=False``
+    keeps it quiet (a rank whose description the group does not use).
+    """
     if spec is not None:
         return load_cluster(spec)
     if default_calibration_path().exists():
         return load_cluster("this-machine")
-    warnings.warn(
-        "flexmoe: no calibration of this machine (run `flexmoe calibrate`); the layer's cost model "
-        "uses a rough description of the device",
-        stacklevel=3,
-    )
+    if warn:
+        log_once(
+            log,
+            logging.WARNING,
+            "no calibration of this machine (run `flexmoe calibrate`); the layer's cost model "
+            "uses a rough description of the device",
+        )
     return rough_cluster(device)
 
 
@@ -98,6 +108,7 @@ def build_tuner(ep: ExpertParallel, config: MoEConfig, device: torch.device) -> 
 
 def cost_model(ep: ExpertParallel, config: MoEConfig, device: torch.device) -> CostModel:
     """The layer's cost model (collective: the first rank's cluster is broadcast)."""
-    cluster = agreed_cluster(ep, resolve_cluster(config.tuner.cluster, device))
+    first_rank = ep.placement.rank == 0  # the rank whose description the group uses
+    cluster = agreed_cluster(ep, resolve_cluster(config.tuner.cluster, device, warn=first_rank))
     placement = ep.placement
     return CostModel(cluster, config, placement.world_size, placement.ranks_per_node)

@@ -27,7 +27,7 @@ plan is ``"auto"``:
 The tuner is deterministic: fed the same counts and measured times (the layer reduces
 them to the slowest rank), every rank takes the same decisions without communicating.
 Every decision is returned as a ``TunerDecision`` (``layer.stats.tuner``) and logged (at
-INFO when a bucket gets its winner, DEBUG per call) on the ``flexmoe.tuner`` logger.
+INFO when a bucket gets its winner, DEBUG per call) on the ``flexmoe.planner.tuner`` logger.
 
 Legend: W ranks, E experts, El = E/W experts per rank, S = W/E shards per expert.
 """
@@ -48,7 +48,7 @@ from flexmoe.planner.layer_cost import CostModel
 
 __all__ = ["Tuner", "TunerDecision", "candidates_for"]
 
-log = logging.getLogger("flexmoe.tuner")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------- tuner
