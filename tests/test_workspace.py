@@ -36,6 +36,21 @@ def test_a_shared_buffer_is_not_pooled():
     del view
 
 
+def test_a_released_buffer_is_pooled_once_nothing_uses_it():
+    """``take_until_released``: the buffer returns when freed, never while a view still uses it."""
+    pool = Workspace()
+    buffer = pool.take_until_released((1024,), torch.float32, CPU)
+    pointer = buffer.untyped_storage().data_ptr()
+    view = buffer[:10]
+    del buffer  # released, but the view still uses the memory
+    fresh = pool.take((1024,), torch.float32, CPU)
+    assert fresh.untyped_storage().data_ptr() != pointer
+    view.fill_(1.0)  # still its own memory
+    del view
+    again = pool.take((32, 32), torch.float32, CPU)
+    assert again.untyped_storage().data_ptr() == pointer and pool.pooled_bytes() == 0
+
+
 def test_the_byte_bound_evicts_the_oldest_first():
     pool = Workspace(max_bytes=3 * 4096)
     first = _offer(pool, 1024)

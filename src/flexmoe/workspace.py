@@ -22,6 +22,7 @@ elsewhere is never handed out twice; a buffer never given back is simply freed.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict, defaultdict
 
 import torch
@@ -31,6 +32,7 @@ __all__ = ["DEFAULT_MAX_BYTES", "WORKSPACE", "Workspace"]
 
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: a few steps' worth of the data path's largest buffers
+_MAX_PENDING = 16  # released buffers still in use that wait to be pooled
 
 
 class Workspace:
@@ -52,6 +54,9 @@ class Workspace:
         )  # data_ptr -> key, oldest first
         self._bytes = 0
         self._lock = threading.Lock()
+        # (storage, dtype) of buffers from take_until_released that were freed (appended by
+        # a finalizer, at any time: list.append is atomic), pooled by the next take.
+        self._pending: list[tuple[torch.UntypedStorage, torch.dtype]] = []
 
     @property
     def max_bytes(self) -> int:
@@ -74,6 +79,7 @@ class Workspace:
         numel = 1
         for size in shape:
             numel *= size
+        self._pool_pending()
         with self._lock:
             free = self._free.get((numel * dtype.itemsize, dtype))
             storage = free.pop() if free else None
@@ -86,6 +92,19 @@ class Workspace:
         tensor: Tensor = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)  # type: ignore[call-overload]
         return tensor
 
+    def take_until_released(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``take``, for a buffer whose users never ``give`` it back: it returns when it is freed.
+
+        For the outputs of the expert operators under ``torch.compile``, which the compiled
+        graph holds and drops. When the returned tensor is garbage-collected its storage
+        goes to a pending list; the next ``take`` pools it if nothing else (a view) still
+        uses it.
+        """
+        tensor = self.take(shape, dtype, device)
+        if device.type == "cpu" and self.max_bytes:
+            weakref.finalize(tensor, self._pending.append, (tensor.untyped_storage(), dtype))
+        return tensor
+
     def give(self, *tensors: Tensor | None) -> None:
         """Offer buffers back; each is kept only if nothing else shares its storage."""
         for tensor in tensors:
@@ -93,18 +112,38 @@ class Workspace:
                 continue
             if tensor.storage_offset() != 0 or not _sole_owner(tensor):
                 continue
-            storage = tensor.untyped_storage()
-            key = (storage.nbytes(), tensor.dtype)
-            if key[0] != tensor.numel() * tensor.element_size() or key[0] > self.max_bytes:
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
                 continue
-            with self._lock:
-                free = self._free[key]
-                pointer = storage.data_ptr()
-                if len(free) < self.max_per_key and pointer not in self._pooled:
-                    free.append(storage)
-                    self._pooled[pointer] = key
-                    self._bytes += key[0]
-                    self._evict()
+            self._keep(tensor.untyped_storage(), tensor.dtype)
+
+    def _keep(self, storage: torch.UntypedStorage, dtype: torch.dtype) -> None:
+        """Pool ``storage`` (nothing else uses it) unless its size's list or the byte bound is full."""
+        key = (storage.nbytes(), dtype)
+        if key[0] > self.max_bytes:
+            return
+        with self._lock:
+            free = self._free[key]
+            pointer = storage.data_ptr()
+            if len(free) < self.max_per_key and pointer not in self._pooled:
+                free.append(storage)
+                self._pooled[pointer] = key
+                self._bytes += key[0]
+                self._evict()
+
+    def _pool_pending(self) -> None:
+        """Pool the released storages (see ``take_until_released``) that nothing uses any more.
+
+        One still used elsewhere (an alias the compiled graph keeps a little longer) waits
+        for a later ``take``; at most ``_MAX_PENDING`` wait, the oldest are let go.
+        """
+        waiting = []
+        while self._pending:
+            storage, dtype = self._pending.pop(0)
+            if _storage_unused(storage):
+                self._keep(storage, dtype)
+            else:
+                waiting.append((storage, dtype))
+        self._pending.extend(waiting[-_MAX_PENDING:])
 
     def _evict(self) -> None:
         """Drop the buffers pooled longest ago until the pool fits ``max_bytes`` (lock held)."""
@@ -116,6 +155,7 @@ class Workspace:
 
     def clear(self) -> None:
         """Drop every pooled buffer (their memory goes back to the allocator)."""
+        self._pending.clear()
         with self._lock:
             self._free.clear()
             self._pooled.clear()
@@ -125,6 +165,14 @@ class Workspace:
         """Bytes currently held in the free lists."""
         with self._lock:
             return self._bytes
+
+
+def _storage_unused(storage: torch.UntypedStorage) -> bool:
+    """Whether nothing but this storage object (no tensor, no view) uses the storage."""
+    try:
+        return bool(torch._C._storage_Use_Count(storage._cdata) <= 1)
+    except (AttributeError, RuntimeError):  # private API gone: never pool
+        return False
 
 
 def _sole_owner(tensor: Tensor) -> bool:

@@ -14,6 +14,7 @@ Legend: T tokens, D model dim, E experts, K top-k, S routed slots (slot s = t*K 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,10 +96,42 @@ def make_static_layout(
 
 def permute_static(x_TD: Tensor, layout: StaticLayout) -> Tensor:
     """The row of every slot, in layout order: ``x_SD[s] = x_TD[token_ids_S[s]]``."""
-    return x_TD.index_select(0, layout.token_ids_S)
+    return _TokensToSlots.apply(x_TD, layout.token_ids_S, layout.inverse_S, layout.top_k)  # type: ignore[no-any-return]
 
 
 def combine_static(y_SD: Tensor, layout: StaticLayout) -> Tensor:
     """Sum each token's (weighted) expert rows; the dropped rows are zero and add nothing."""
-    T, K = layout.num_tokens, layout.top_k
-    return y_SD.index_select(0, layout.inverse_S).view(T, K, -1).sum(1)
+    return _SlotsToTokens.apply(y_SD, layout.token_ids_S, layout.inverse_S, layout.top_k)  # type: ignore[no-any-return]
+
+
+def _slots_to_tokens(rows_SD: Tensor, inverse_S: Tensor, top_k: int) -> Tensor:
+    """``out[t] = sum_k rows[inverse_S[t*K + k]]``: a gather and a sum, no scatter."""
+    return rows_SD.index_select(0, inverse_S).view(-1, top_k, rows_SD.shape[-1]).sum(1)
+
+
+# Permute and combine are each other's adjoint: each one's backward is the other's
+# forward. Written out, the compiler sees gathers in both directions instead of the
+# scatter-adds it would derive for index_select's backward (atomic adds on CPU).
+class _TokensToSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, token_ids_S: Tensor, inverse_S: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse_S)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, token_ids_S)
+
+    @staticmethod
+    def backward(ctx: Any, grad_SD: Tensor) -> tuple[Tensor, None, None, None]:
+        (inverse_S,) = ctx.saved_tensors
+        return _slots_to_tokens(grad_SD, inverse_S, ctx.top_k), None, None, None
+
+
+class _SlotsToTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, y_SD: Tensor, token_ids_S: Tensor, inverse_S: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(token_ids_S)
+        return _slots_to_tokens(y_SD, inverse_S, top_k)
+
+    @staticmethod
+    def backward(ctx: Any, grad_TD: Tensor) -> tuple[Tensor, None, None, None]:
+        (token_ids_S,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_ids_S), None, None, None

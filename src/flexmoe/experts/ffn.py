@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import grouped_ffn, grouped_ffn_grouped_mm_rows, grouped_mm_available
-from flexmoe.experts.ops import grouped_ffn_rows
+from flexmoe.experts.ops import routed_experts
 from flexmoe.experts.packed import PackedExpertWeights, packed_ffn_inference, packed_inference_supported
 
 __all__ = ["DenseFFN", "GroupedExperts", "ModuleListExperts", "resolve_backend"]
@@ -128,26 +128,44 @@ class GroupedExperts(nn.Module):
         with torch.autocast(x_ND.device.type, enabled=False):
             return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N)
 
-    def forward_rows(self, x_SD: Tensor, counts_E: Tensor, row_weights_S: Tensor) -> Tensor:
-        """``forward`` in shapes that do not depend on the routing, for ``torch.compile``.
+    def forward_tokens(
+        self, x_TD: Tensor, row_weights_S: Tensor, token_ids_S: Tensor, inverse_S: Tensor, counts_E: Tensor
+    ) -> Tensor:
+        """Each token's weighted sum of its experts' outputs, as one custom operator (``torch.compile``).
 
-        ``x_SD`` holds the ``sum(counts_E)`` kept rows first (expert-major, ``counts_E``
-        a tensor), then rows whose output is zero (the dropped slots). Runs as one
-        custom operator (the fused backend) or, where ``grouped_mm`` is the backend,
-        as traceable ``torch._grouped_mm`` calls. See ``flexmoe.experts.ops``.
+        The index tensors describe every routed slot, kept ones first (see
+        ``flexmoe.experts.ops.routed_experts``); nothing here reads them on the host, so
+        the compiler traces the call with static shapes. Runs the fused backend.
+        """
+        params = (self.w_in, self.w_out, self.b_in, self.b_out)
+        x_TD, weights, rw_S = _in_compute_dtype(x_TD, params, row_weights_S)
+        assert rw_S is not None
+        return routed_experts(x_TD, rw_S, token_ids_S, inverse_S, counts_E, weights, self.activation)
+
+    def forward_rows(self, x_SD: Tensor, counts_E: Tensor, row_weights_S: Tensor) -> Tensor:
+        """``forward`` on one row per routed slot with ``torch._grouped_mm``, traceable by the compiler.
+
+        ``x_SD`` holds the ``sum(counts_E)`` kept rows first (expert-major, ``counts_E`` a
+        tensor), then rows whose output is zero (the dropped slots).
         """
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S)
-        rows = (
-            grouped_ffn_grouped_mm_rows
-            if self.compiled_backend(x_SD.device, x_SD.dtype) == "grouped_mm"
-            else grouped_ffn_rows
-        )
         with torch.autocast(x_SD.device.type, enabled=False):
-            return rows(x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S)
+            return grouped_ffn_grouped_mm_rows(
+                x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S
+            )
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the expert GEMMs run in for input ``x`` (autocast's where it is on)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
 
     def compiled_backend(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The backend ``forward_rows`` runs: ``grouped_mm`` where it resolves so in bf16, else ``fused``.
+        """The backend under ``torch.compile``: ``grouped_mm`` or ``fused``.
+
+        ``grouped_mm`` (``forward_rows``) where it resolves so in bf16, else ``fused``
+        (``forward_tokens``).
 
         The compiler's shape function for ``torch._grouped_mm`` accepts bf16 only (the
         eager CPU kernel also runs fp32).

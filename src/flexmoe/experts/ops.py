@@ -1,13 +1,17 @@
-"""The grouped expert FFN as PyTorch custom operators: what ``torch.compile`` sees of the experts.
+"""The routed experts as PyTorch custom operators: what ``torch.compile`` sees of them.
 
 The rows each expert gets decide the GEMM shapes, which the compiler cannot trace
-(they depend on the routing). As custom operators, the fused backend runs as one
-opaque node of the compiled graph, with a registered backward, and everything around
-it keeps static shapes: the operators take all ``S = T*K`` routed rows, the kept rows
-first in expert-major order (``counts_E[e]`` rows for expert ``e``), and leave the rows
-after them (the dropped ones) at zero in every output.
+(they depend on the routing). As custom operators, the experts run as one opaque node
+of the compiled graph with a registered backward, and every tensor the graph sees has
+a shape fixed by the batch: the operators take the tokens ``x_TD`` and the static
+layout's index tensors (every one of the ``S = T*K`` routed slots has a row; the kept
+slots first, expert-major, ``counts_E[e]`` rows for expert ``e``; the dropped ones
+after them, computing nothing) and return the per-token sum ``y_TD``. Inside, they do
+what the eager layer does: gather the kept rows, run the fused backend, sum each
+token's rows, with the large ``[rows, D]`` scratch buffers from the workspace pool.
 
-Legend: S routed rows, D model dim, H first-projection width, E experts, n kept rows.
+Legend: T tokens, D model dim, H first-projection width, E experts, K top-k,
+S routed slots, n kept rows.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from flexmoe.experts.backends import fused_backward, fused_forward, fused_infere
 from flexmoe.experts.segments import segments_of
 from flexmoe.workspace import WORKSPACE
 
-__all__ = ["grouped_ffn_rows"]
+__all__ = ["routed_experts"]
 
 
 def _segments(counts_E: Tensor) -> tuple[list[tuple[int, int, int]], int]:
@@ -29,190 +33,249 @@ def _segments(counts_E: Tensor) -> tuple[list[tuple[int, int, int]], int]:
     return segments_of(counts), sum(counts)
 
 
-@torch.library.custom_op("flexmoe::grouped_ffn", mutates_args=())
-def _grouped_ffn(
-    x_SD: Tensor,
+def _gather(x_TD: Tensor, token_ids_n: Tensor) -> Tensor:
+    """The kept rows ``x_TD[token_ids_n]`` into a pooled buffer."""
+    out = WORKSPACE.take((len(token_ids_n), x_TD.shape[1]), x_TD.dtype, x_TD.device)
+    return torch.index_select(x_TD, 0, token_ids_n, out=out)
+
+
+def _rows(x_TD: Tensor, S: int) -> Tensor:
+    """A pooled ``[S, D]`` buffer for one row per slot."""
+    return WORKSPACE.take((S, x_TD.shape[1]), x_TD.dtype, x_TD.device)
+
+
+def _sum_per_token(rows_SD: Tensor, n: int, inverse_S: Tensor, top_k: int) -> Tensor:
+    """``out[t] = sum_k rows[inverse_S[t*K + k]]``; the rows past ``n`` (dropped slots) are zeroed first.
+
+    Gives ``rows_SD`` back to the pool.
+    """
+    S, D = rows_SD.shape
+    rows_SD[n:].zero_()
+    if top_k == 1:
+        out = rows_SD.index_select(0, inverse_S)
+    else:
+        slots_SD = torch.index_select(rows_SD, 0, inverse_S, out=_rows(rows_SD, S))
+        out = slots_SD.view(S // top_k, top_k, D).sum(1)
+        WORKSPACE.give(slots_SD)
+    WORKSPACE.give(rows_SD)
+    return out
+
+
+@torch.library.custom_op("flexmoe::routed_experts", mutates_args=())
+def _routed_experts(
+    x_TD: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
     counts_E: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_in: Tensor | None,
     b_out: Tensor | None,
-    row_weights_S: Tensor | None,
     activation: str,
-) -> tuple[Tensor, Tensor]:
-    """``(y_SD, h)``: the weighted expert rows and the flat pre-activation ``[H, n]`` backward needs."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y_TD, x, h)``: each token's weighted expert sum; for backward, the kept rows and pre-activation.
+
+    ``x`` and ``h`` are flat buffers holding ``[n, D]`` and ``[H, n]`` at their front;
+    they return to the workspace pool once the graph frees them.
+    """
     segments, n = _segments(counts_E)
-    S, D = x_SD.shape
-    H = w_in.shape[1]
-    x_SD = x_SD.contiguous()
-    y_SD = x_SD.new_empty(S, D)
-    y_SD[n:].zero_()
-    h_flat = x_SD.new_zeros(H * S)
-    rw = None if row_weights_S is None else row_weights_S[:n]
-    with torch.autocast(x_SD.device.type, enabled=False):
+    H, D = w_in.shape[1], x_TD.shape[1]
+    S = len(token_ids_S)
+    x_flat = WORKSPACE.take_until_released((S * D,), x_TD.dtype, x_TD.device)
+    h_flat = WORKSPACE.take_until_released((H * S,), x_TD.dtype, x_TD.device)
+    x_nD = torch.index_select(x_TD, 0, token_ids_S[:n], out=_front(x_flat, n, D))
+    y_SD = _rows(x_TD, S)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        rw = row_weights_S[:n]
         fused_forward(
-            x_SD[:n], w_in, w_out, b_in, b_out, rw, segments, activation, y_SD[:n], _hidden(h_flat, H, n)
+            x_nD, w_in, w_out, b_in, b_out, rw, segments, activation, y_SD[:n], _front(h_flat, H, n)
         )
-    return y_SD, h_flat
+        y_TD = _sum_per_token(y_SD, n, inverse_S, _top_k(x_TD, S))
+    return y_TD, x_flat, h_flat
 
 
-@_grouped_ffn.register_fake
+@_routed_experts.register_fake
 def _(
-    x_SD: Tensor,
+    x_TD: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
     counts_E: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_in: Tensor | None,
     b_out: Tensor | None,
-    row_weights_S: Tensor | None,
     activation: str,
-) -> tuple[Tensor, Tensor]:
-    S, D = x_SD.shape
-    return x_SD.new_empty(S, D), x_SD.new_empty(w_in.shape[1] * S)
+) -> tuple[Tensor, Tensor, Tensor]:
+    S = token_ids_S.shape[0]
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(S * x_TD.shape[1]), x_TD.new_empty(w_in.shape[1] * S)
 
 
-def _hidden(h_flat: Tensor, H: int, n: int) -> Tensor:
-    """The ``[H, n]`` pre-activation at the front of the flat buffer (contiguous, as the fused path needs)."""
-    return h_flat[: H * n].view(H, n)
+def _front(flat: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous ``[rows, cols]`` view of the front of a flat buffer (the rest is unused)."""
+    return flat[: rows * cols].view(rows, cols)
 
 
-@torch.library.custom_op("flexmoe::grouped_ffn_backward", mutates_args=())
-def _grouped_ffn_backward(
-    grad_y_SD: Tensor,
-    x_SD: Tensor,
+def _top_k(x_TD: Tensor, S: int) -> int:
+    return S // x_TD.shape[0] if x_TD.shape[0] else 1
+
+
+@torch.library.custom_op("flexmoe::routed_experts_backward", mutates_args=())
+def _routed_experts_backward(
+    grad_y_TD: Tensor,
+    x_TD: Tensor,
+    x_flat: Tensor,
     h_flat: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
     counts_E: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_out: Tensor | None,
-    row_weights_S: Tensor | None,
     activation: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(x, w_in, w_out, b_in, b_out, row_weights)``; an empty tensor where not needed."""
+    """Gradients ``(x, row_weights, w_in, w_out, b_in, b_out)``; an empty tensor where not needed."""
     segments, n = _segments(counts_E)
-    S, D = x_SD.shape
-    H = w_in.shape[1]
-    x_SD = x_SD.contiguous()
-    grad_x_SD = x_SD.new_empty(S, D)
-    grad_x_SD[n:].zero_()
-    rw = None if row_weights_S is None else row_weights_S[:n]
-    with torch.autocast(x_SD.device.type, enabled=False):
+    H, D = w_in.shape[1], x_TD.shape[1]
+    S = len(token_ids_S)
+    need_x, need_rw, need_w_in, need_w_out, need_b_in, need_b_out = needs
+    grad_y_nD = _gather(grad_y_TD.contiguous(), token_ids_S[:n])
+    grad_x_SD = _rows(x_TD, S) if need_x else None
+    with torch.autocast(x_TD.device.type, enabled=False):
         grads = fused_backward(
-            grad_y_SD[:n],
-            x_SD[:n],
-            _hidden(h_flat, H, n),
+            grad_y_nD,
+            _front(x_flat, n, D),
+            _front(h_flat, H, n),
             w_in,
             w_out,
             b_out,
-            rw,
+            row_weights_S[:n],
             segments,
             activation,
-            (needs[0], needs[1], needs[2], needs[3], needs[4], needs[5]),
-            grad_x_ND=grad_x_SD[:n],
+            (need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw),
+            grad_x_ND=None if grad_x_SD is None else grad_x_SD[:n],
         )
-    grad_rw = grads[5]
-    if grad_rw is not None:
-        grad_rw = torch.cat([grad_rw, grad_rw.new_zeros(S - n)])
-    out = (grad_x_SD if needs[0] else None, *grads[1:5], grad_rw)
-    return tuple(x_SD.new_empty(0) if g is None else g for g in out)  # type: ignore[return-value]
+        grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw_n = grads[1:]
+        del grads  # its first entry views grad_x_SD, which the sum below gives back to the pool
+        WORKSPACE.give(grad_y_nD)  # before the sum below, which can reuse it
+        del grad_y_nD
+        grad_x_TD = None if grad_x_SD is None else _sum_per_token(grad_x_SD, n, inverse_S, _top_k(x_TD, S))
+    grad_rw_S = None
+    if grad_rw_n is not None:
+        grad_rw_S = torch.cat([grad_rw_n, grad_rw_n.new_zeros(S - n)])
+    out = (grad_x_TD, grad_rw_S, grad_w_in, grad_w_out, grad_b_in, grad_b_out)
+    return tuple(x_TD.new_empty(0) if g is None else g for g in out)  # type: ignore[return-value]
 
 
-@_grouped_ffn_backward.register_fake
+@_routed_experts_backward.register_fake
 def _(
-    grad_y_SD: Tensor,
-    x_SD: Tensor,
+    grad_y_TD: Tensor,
+    x_TD: Tensor,
+    x_flat: Tensor,
     h_flat: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
     counts_E: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_out: Tensor | None,
-    row_weights_S: Tensor | None,
     activation: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    shapes = (x_SD.shape, w_in.shape, w_out.shape, w_in.shape[:2], w_out.shape[:2], x_SD.shape[:1])
-    return tuple(x_SD.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True))  # type: ignore[return-value]
+    shapes = (x_TD.shape, row_weights_S.shape, w_in.shape, w_out.shape, w_in.shape[:2], w_out.shape[:2])
+    return tuple(x_TD.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True))  # type: ignore[return-value]
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    x_SD, counts_E, w_in, w_out, b_in, b_out, row_weights_S, activation = inputs
-    ctx.save_for_backward(x_SD, output[1], counts_E, w_in, w_out, b_out, row_weights_S)
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x_TD, row_weights_S, token_ids_S, inverse_S, counts_E, w_in, w_out, b_in, b_out, activation = inputs
+    saved = (x_TD, *output[1:], row_weights_S, token_ids_S, inverse_S, counts_E, w_in, w_out, b_out)
+    ctx.save_for_backward(*saved)
     ctx.activation = activation
     ctx.has_b_in = b_in is not None
 
 
-def _backward(ctx: Any, grad_y_SD: Tensor, _grad_h: Tensor) -> tuple[Tensor | None, ...]:
-    x_SD, h_flat, counts_E, w_in, w_out, b_out, row_weights_S = ctx.saved_tensors
+def _backward(ctx: Any, grad_y_TD: Tensor, _grad_x: Tensor, _grad_h: Tensor) -> tuple[Tensor | None, ...]:
+    x_TD, *buffers, row_weights_S, token_ids_S, inverse_S, counts_E, w_in, w_out, b_out = ctx.saved_tensors
     need = ctx.needs_input_grad
-    needs = [need[0], need[2], need[3], need[4] and ctx.has_b_in, need[5] and b_out is not None, need[6]]
-    grads = _grouped_ffn_backward(
-        grad_y_SD, x_SD, h_flat, counts_E, w_in, w_out, b_out, row_weights_S, ctx.activation, needs
+    needs = [need[0], need[1], need[5], need[6], need[7] and ctx.has_b_in, need[8] and b_out is not None]
+    indices = (token_ids_S, inverse_S, counts_E)
+    grads = _routed_experts_backward(
+        grad_y_TD, x_TD, *buffers, row_weights_S, *indices, w_in, w_out, b_out, ctx.activation, needs
     )
-    gx, gw_in, gw_out, gb_in, gb_out, grw = (g if n else None for g, n in zip(grads, needs, strict=True))
-    return gx, None, gw_in, gw_out, gb_in, gb_out, grw, None
+    gx, grw, gw_in, gw_out, gb_in, gb_out = (g if n else None for g, n in zip(grads, needs, strict=True))
+    return gx, grw, None, None, None, gw_in, gw_out, gb_in, gb_out, None
 
 
-torch.library.register_autograd("flexmoe::grouped_ffn", _backward, setup_context=_setup_context)
+torch.library.register_autograd("flexmoe::routed_experts", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("flexmoe::grouped_ffn_inference", mutates_args=())
-def _grouped_ffn_inference(
-    x_SD: Tensor,
+@torch.library.custom_op("flexmoe::routed_experts_inference", mutates_args=())
+def _routed_experts_inference(
+    x_TD: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
     counts_E: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_in: Tensor | None,
     b_out: Tensor | None,
-    row_weights_S: Tensor | None,
     activation: str,
 ) -> Tensor:
     """The forward without autograd (token-major, as the eager inference path)."""
     counts: list[int] = counts_E.tolist()
     n = sum(counts)
-    S, D = x_SD.shape
-    rw = None if row_weights_S is None else row_weights_S[:n]
-    y_SD = x_SD.new_empty(S, D)
-    y_SD[n:].zero_()
-    with torch.autocast(x_SD.device.type, enabled=False):
-        y_nD = fused_inference(x_SD[:n].contiguous(), w_in, w_out, b_in, b_out, rw, counts, activation)
+    S = len(token_ids_S)
+    x_nD = _gather(x_TD, token_ids_S[:n])
+    with torch.autocast(x_TD.device.type, enabled=False):
+        y_nD = fused_inference(x_nD, w_in, w_out, b_in, b_out, row_weights_S[:n], counts, activation)
+    y_SD = _rows(x_TD, S)
     y_SD[:n] = y_nD
-    WORKSPACE.give(y_nD)
-    return y_SD
+    WORKSPACE.give(x_nD, y_nD)
+    return _sum_per_token(y_SD, n, inverse_S, _top_k(x_TD, S))
 
 
-@_grouped_ffn_inference.register_fake
+@_routed_experts_inference.register_fake
 def _(
-    x_SD: Tensor,
-    counts_E: Tensor,
-    w_in: Tensor,
-    w_out: Tensor,
-    b_in: Tensor | None,
-    b_out: Tensor | None,
-    row_weights_S: Tensor | None,
-    activation: str,
-) -> Tensor:
-    return x_SD.new_empty(x_SD.shape)
-
-
-def grouped_ffn_rows(
-    x_SD: Tensor,
+    x_TD: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
     counts_E: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_in: Tensor | None,
     b_out: Tensor | None,
     activation: str,
-    row_weights_S: Tensor | None = None,
 ) -> Tensor:
-    """``w * FFN_e(x)`` on the first ``sum(counts_E)`` rows (expert-major); zero rows after them.
+    return x_TD.new_empty(x_TD.shape)
 
-    The static-shape form of ``grouped_ffn`` that ``torch.compile`` traces as one
-    operator (the fused backend); ``counts_E`` is a tensor, read inside the operator.
+
+def routed_experts(
+    x_TD: Tensor,
+    row_weights_S: Tensor,
+    token_ids_S: Tensor,
+    inverse_S: Tensor,
+    counts_E: Tensor,
+    weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    activation: str,
+) -> Tensor:
+    """``y_TD[t] = sum_k w_tk * FFN_{e_tk}(x_t)`` over the kept slots, as one operator.
+
+    ``token_ids_S``: the token of each row, kept rows first (expert-major, ``counts_E[e]``
+    for expert ``e``); ``inverse_S``: the row of each slot ``t*K + k``; ``row_weights_S``
+    the routing weight of each row. See the module docstring.
     """
-    inputs = (x_SD, w_in, w_out, b_in, b_out, row_weights_S)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        y_SD: Tensor = _grouped_ffn(x_SD, counts_E, w_in, w_out, b_in, b_out, row_weights_S, activation)[0]
-        return y_SD
-    y: Tensor = _grouped_ffn_inference(x_SD, counts_E, w_in, w_out, b_in, b_out, row_weights_S, activation)
+    w_in, w_out, b_in, b_out = weights
+    args = (x_TD, row_weights_S, token_ids_S, inverse_S, counts_E, w_in, w_out, b_in, b_out, activation)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TD, row_weights_S, *weights)
+    ):
+        y_TD: Tensor = _routed_experts(*args)[0]
+        return y_TD
+    y: Tensor = _routed_experts_inference(*args)
     return y

@@ -53,9 +53,12 @@ class ExpertsOutput:
     y_ND: Tensor
     layout: DispatchLayout | StaticLayout
     step: ExpertStep
+    combined: bool = False  # y_ND is already the per-token sum (the compiled expert operator)
 
     def combine(self) -> Tensor:
         """The per-token sum of the weighted expert rows (``y_TD``)."""
+        if self.combined:
+            return self.y_ND
         if isinstance(self.layout, StaticLayout):
             return combine_static(self.y_ND, self.layout)
         y_TD = combine(self.y_ND, self.layout)
@@ -146,8 +149,14 @@ class LocalExperts:
             self.batch_prioritized,
         )
         row_weights_S = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_S)
-        x_SD = permute_static(x_TD, layout)
-        y_SD = self.experts.forward_rows(x_SD, layout.tokens_per_expert_E, row_weights_S)
+        counts_E = layout.tokens_per_expert_E
+        experts = self.experts
+        if experts.compiled_backend(x_TD.device, experts.compute_dtype(x_TD)) == "grouped_mm":
+            y = experts.forward_rows(permute_static(x_TD, layout), counts_E, row_weights_S)
+            combined = False  # rows per slot: the layer combines them
+        else:
+            y = experts.forward_tokens(x_TD, row_weights_S, layout.token_ids_S, layout.inverse_S, counts_E)
+            combined = True
         step = ExpertStep(
             num_tokens=x_TD.shape[0],
             capacity=layout.capacity,
@@ -157,7 +166,7 @@ class LocalExperts:
             plan=Plan() if call.plan == "auto" else call.plan,
             world_size=1,
         )
-        return ExpertsOutput(y_SD, layout, step)
+        return ExpertsOutput(y, layout, step, combined)
 
     def end(self, y_TD: Tensor) -> Tensor:
         """Finish a call."""

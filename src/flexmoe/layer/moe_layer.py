@@ -343,8 +343,7 @@ class MoELayer(ExpertPlacementMethods):
         """The expert GEMM backend this call's input runs on."""
         if not isinstance(self.experts, GroupedExperts):
             return type(self.experts).__name__
-        autocast = torch.is_autocast_enabled(x.device.type)
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        compute_dtype = self.experts.compute_dtype(x)
         if torch.compiler.is_compiling() and self.world_size == 1:
             return self.experts.compiled_backend(x.device, compute_dtype)
         return self.experts.resolved_backend(x.device, compute_dtype)
