@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,11 @@ class Timing:
     min: float
     max: float
     repeats: int
+    samples: list[float] = field(default_factory=list)  # per round, in round order
+
+    def paired_speedup(self, other: Timing) -> float:
+        """Median over rounds of ``other / self`` (rounds interleaved: drift cancels per pair)."""
+        return statistics.median(o / s for o, s in zip(other.samples, self.samples, strict=True))
 
     def __str__(self) -> str:
         spread = f"min {self.min * 1e3:.2f}, max {self.max * 1e3:.2f}"
@@ -72,7 +77,7 @@ def measure_interleaved(
             fn()
             _sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(t), min(t), max(t), len(t)) for name, t in samples.items()}
+    return {name: Timing(statistics.median(t), min(t), max(t), len(t), t) for name, t in samples.items()}
 
 
 @dataclass
