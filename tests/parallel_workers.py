@@ -725,3 +725,17 @@ def check_replicas(rank: int, world: int) -> list[tuple[int, int]]:
     for key, want in oracle.state_dict().items():
         torch.testing.assert_close(layer.single_device_state_dict()[key], want, rtol=1e-5, atol=1e-6, msg=key)
     return log
+
+
+def check_top_p_refused(rank: int, world: int) -> list[str]:
+    """A distributed layer refuses top-p routing at construction and per call, on every rank."""
+    messages = []
+    with pytest.raises(ValueError) as built:
+        MoELayer(16, 8, 4, 2, router=RouterConfig(top_p=0.5))
+    messages.append(str(built.value))
+    layer = MoELayer(16, 8, 4, 2)
+    with pytest.raises(ValueError) as called:
+        layer(torch.randn(3, 16), top_p=0.5)
+    messages.append(str(called.value))
+    layer(torch.randn(3, 16))  # the group still works: nobody waits for a refused call
+    return messages

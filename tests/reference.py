@@ -7,13 +7,16 @@ the layer's output one token and one choice at a time, following the documented 
 1. routing: softmax / sigmoid / cosine scores per token; a selection bias added to the
    scores for the *choice* only; group-limited selection (group score = max member, or
    the sum of the two best members for the sigmoid router); top-k by score, ties to the
-   lower expert index; choice ``k`` is the ``k``-th best expert; weights are the chosen
-   scores, renormalised to sum to one when ``normalize_weights`` and ``K > 1``, then
-   times ``routed_scaling_factor``;
-2. capacity: ``cf > 0``: ``ceil(cf*T*K/E)``; ``cf < 0``: ``min(max routed load,
-   ceil(|cf|*T*K/E))``; ``cf == 0``: no drop. Default priority: all first choices before
-   second choices, earlier tokens first within one choice; ``batch_prioritized``: higher
-   routing weight first, ties by the default order;
+   lower expert index; choice ``k`` is the ``k``-th best expert; with ``top_p`` a token
+   keeps its first choices while the probability mass before them is below ``top_p``
+   (at least ``min_k``); weights are the kept choices' scores, renormalised to sum to
+   one when ``normalize_weights`` and the token kept more than one, then times
+   ``routed_scaling_factor``;
+2. capacity, with ``A`` the routed assignments (``T*K`` without top-p): ``cf > 0``:
+   ``ceil(cf*A/E)``; ``cf < 0``: ``min(max routed load, ceil(|cf|*A/E))``; ``cf == 0``:
+   no drop. Default priority: all first choices before second choices, earlier tokens
+   first within one choice; ``batch_prioritized``: higher routing weight first, ties by
+   the default order;
 3. output: the weighted sum of the kept choices' expert FFNs, plus the shared FFN.
 
 Legend: T tokens, D model dim, E experts, K top-k.
@@ -125,8 +128,13 @@ def _check_near_tie(
 ) -> list[int]:
     """``other`` (another implementation's top-k) if it differs from ``chosen`` only by near ties."""
     assert len(set(other)) == len(chosen) and set(other) <= set(eligible), (t, other, chosen)
-    assert _near(values, chosen, other), (t, other, chosen)
+    assert _near(values, chosen, other) and _ordered(values, other), (t, other, chosen)
     return list(other)
+
+
+def _ordered(values: list[float], choice: list[int]) -> bool:
+    """Whether ``choice`` is best-first up to ``NEAR_TIE`` (another order of near-tied choices)."""
+    return all(values[a] >= values[b] - NEAR_TIE for a, b in itertools.pairwise(choice))
 
 
 def _near(values: list[float], mine: list[int], theirs: list[int]) -> bool:
@@ -151,7 +159,7 @@ def _check_near_tie_groups(
             continue
         eligible = [e for e in range(len(values)) if e // size in candidate]
         best, _ = _best(values, eligible, len(other))
-        if len(set(other)) == len(other) and _near(values, best, other):
+        if len(set(other)) == len(other) and _near(values, best, other) and _ordered(values, other):
             return list(other)
     raise AssertionError((t, other, groups))
 
@@ -163,15 +171,47 @@ def _best(values: list[float], candidates: list[int], n: int) -> tuple[list[int]
     return ranked[:n], gap
 
 
+def _top_p_count(
+    probs: list[float], top_p: float, min_k: int, other: int | None, t: int
+) -> tuple[int, float]:
+    """How many of the ordered choices a token keeps under ``top_p``, and the decision margin.
+
+    ``other``: another implementation's count, taken where the two differ only at
+    boundaries whose mass before them is within ``NEAR_TIE`` of ``top_p``.
+    """
+    before = [sum(probs[:k]) for k in range(len(probs))]
+    floor = min(min_k, len(probs))
+    count = max(floor, sum(1 for b in before if b < top_p))
+    deciding = [abs(b - top_p) for b in before[floor:]]
+    margin = min(deciding, default=math.inf)
+    if other is not None and other != count:
+        low, high = sorted((count, other))
+        assert other >= floor and all(abs(before[k] - top_p) <= NEAR_TIE for k in range(low, high)), (
+            t,
+            other,
+            count,
+            before,
+        )
+        return other, math.inf
+    return count, margin
+
+
 def route(
-    config, params: Params, x_TD: Tensor, top_k: int, near_tie_choice: list[list[int]] | None = None
+    config,
+    params: Params,
+    x_TD: Tensor,
+    top_k: int,
+    near_tie_choice: list[list[int]] | None = None,
+    top_p: float | None = None,
+    near_tie_counts: list[int] | None = None,
 ) -> Routing:
     """Route every token with plain per-token code.
 
     ``near_tie_choice``: another implementation's choice for each token, taken instead of
     this one's where the two differ only between near-tied scores (``NEAR_TIE``): both are
     then correct top-k choices, and the rest of the layer is checked on the one it made.
-    A choice that is not such a tie raises ``AssertionError``.
+    A choice that is not such a tie raises ``AssertionError``. ``near_tie_counts``: the
+    same for the number of choices each token keeps under ``top_p``.
     """
     rcfg = config.router
     E = config.num_experts
@@ -193,15 +233,21 @@ def route(
             groups, group_gap = _best(group_scores, list(range(rcfg.num_groups)), rcfg.topk_groups)
             eligible = [e for e in range(E) if e // size in groups]
         chosen, gap = _best(choice, eligible, top_k)
-        if near_tie_choice is not None and sorted(near_tie_choice[t]) != sorted(chosen):
+        if near_tie_choice is not None and near_tie_choice[t] != chosen:
             if rcfg.num_groups > 1:
                 chosen = _check_near_tie_groups(near_tie_choice[t], choice, group_scores, groups, size, t)
             else:
                 chosen = _check_near_tie(near_tie_choice[t], chosen, choice, eligible, t)
             gap = group_gap = math.inf  # a tie taken the other implementation's way: no margin of this one
         margin = min(margin, gap, group_gap)
+        if top_p is not None and top_k > 1:
+            other = None if near_tie_counts is None else near_tie_counts[t]
+            chosen_probs = [float(probs[e]) for e in chosen]
+            count, top_p_margin = _top_p_count(chosen_probs, top_p, rcfg.min_k, other, t)
+            chosen = chosen[:count]
+            margin = min(margin, top_p_margin)
         weights = [scores[e] for e in chosen]
-        if rcfg.normalize_weights and top_k > 1:
+        if rcfg.normalize_weights and len(chosen) > 1:
             total = sum(weights)
             weights = [w / total for w in weights]
         weights = [w * rcfg.routed_scaling_factor for w in weights]
@@ -244,13 +290,13 @@ def kept_assignments(
     priority; any other difference raises ``AssertionError``.
     """
     T = len(expert_ids)
-    K = len(expert_ids[0]) if T else 0
+    K = max((len(row) for row in expert_ids), default=0)
     loads = [0] * num_experts
     for row in expert_ids:
         for e in row:
             loads[e] += 1
-    cap = capacity(capacity_factor, T, K, num_experts, loads)
-    order = [(t, k) for k in range(K) for t in range(T)]
+    cap = capacity(capacity_factor, sum(loads), 1, num_experts, loads)
+    order = [(t, k) for k in range(K) for t in range(T) if k < len(expert_ids[t])]
     if batch_prioritized:
         order = sorted(order, key=lambda tk: -weights[tk[0]][tk[1]])  # stable: ties keep default order
     kept: set[tuple[int, int]] = set()
@@ -354,16 +400,20 @@ def reference_moe(
     expert_fn: ExpertFn | None = None,
     near_tie_choice: list[list[int]] | None = None,
     near_tie_kept: set[tuple[int, int]] | None = None,
+    top_p: float | None = None,
+    near_tie_counts: list[int] | None = None,
 ) -> ReferenceOutput:
     """The MoE layer's output for ``x [..., D]``, one token and one choice at a time.
 
-    ``near_tie_choice``: see ``route``; ``near_tie_kept``: see ``kept_assignments``.
+    ``near_tie_choice``, ``near_tie_counts``: see ``route``; ``near_tie_kept``: see
+    ``kept_assignments``. ``top_p``: this call's (default: the router config's).
     """
     K = config.top_k if top_k is None else top_k
     cf = config.capacity.capacity_factor if capacity_factor is None else capacity_factor
+    p = config.router.top_p if top_p is None else top_p
     E = config.num_experts
     x_TD = x.reshape(-1, config.dim)
-    routing = route(config, params, x_TD, K, near_tie_choice)
+    routing = route(config, params, x_TD, K, near_tie_choice, p, near_tie_counts)
     plain_weights = [[float(w.detach()) for w in row] for row in routing.weights]
     kept, cap, priority_margin = kept_assignments(
         routing.expert_ids, plain_weights, E, cf, config.capacity.batch_prioritized, near_tie_kept
@@ -372,7 +422,7 @@ def reference_moe(
     rows = []
     for t in range(x_TD.shape[0]):
         y = torch.zeros(config.dim, dtype=x_TD.dtype)
-        for k in range(K):
+        for k in range(len(routing.expert_ids[t])):
             if (t, k) in kept:
                 y = y + routing.weights[t][k] * expert(routing.expert_ids[t][k], x_TD[t])
         if config.experts.num_shared_experts > 0:
@@ -391,10 +441,10 @@ def reference_moe(
 def reference_load_balance_loss(routing: Routing, num_experts: int) -> Tensor:
     """``E * sum_i f_i * P_i`` with plain sums (``f`` counts choices before any drop)."""
     T = len(routing.expert_ids)
-    K = len(routing.expert_ids[0])
+    A = sum(len(row) for row in routing.expert_ids)
     total = 0.0
     for i in range(num_experts):
-        f_i = sum(row.count(i) for row in routing.expert_ids) / (T * K)
+        f_i = sum(row.count(i) for row in routing.expert_ids) / A
         P_i = sum(p[i] for p in routing.probs) / T
         total = total + f_i * P_i
     return num_experts * total

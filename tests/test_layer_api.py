@@ -120,11 +120,12 @@ def test_stats_are_consistent(capacity_factor: float, batch_prioritized: bool, b
 
 
 # ----------------------------------------------------------------- aux_loss
+@pytest.mark.parametrize("top_p", [None, 0.4])
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "cosine"])
-def test_aux_loss_is_a_differentiable_scalar_with_the_right_value(router: str) -> None:
-    layer = make_layer(
-        top_k=2, router=RouterConfig(kind=router, cosine_dim=4), load_balance_weight=0.3, z_loss_weight=0.02
-    )
+def test_aux_loss_is_a_differentiable_scalar_with_the_right_value(router: str, top_p: float | None) -> None:
+    """With top-p routing too: the balance loss's f counts the routed assignments only."""
+    config = RouterConfig(kind=router, cosine_dim=4, top_p=top_p)
+    layer = make_layer(top_k=2, router=config, load_balance_weight=0.3, z_loss_weight=0.02)
     x = torch.randn(9, D)
     layer(x)
     aux = layer.aux_loss
@@ -144,6 +145,22 @@ def test_aux_loss_is_a_differentiable_scalar_with_the_right_value(router: str) -
     for name, p in layer.router.named_parameters():
         torch.testing.assert_close(p.grad.double(), params[f"router.{name}"].grad, atol=1e-6, rtol=1e-5)
     assert any(p.grad.abs().sum() > 0 for p in layer.router.parameters())
+
+
+def test_top_p_is_checked_and_overrides_one_call() -> None:
+    layer = make_layer(top_k=3)
+    x = torch.randn(12, D)
+    for bad in (0.0, 1.5, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match=r"top_p must be a float in \(0, 1\]"):
+            layer(x, top_p=bad)
+    with pytest.raises(ValueError, match=r"router\.top_p must be a float in"):
+        RouterConfig(top_p=2.0)
+    with pytest.raises(ValueError, match=r"router\.min_k must be an int in \[1, top_k=3\]"):
+        make_layer(top_k=3, router=RouterConfig(top_p=0.5, min_k=4))
+    layer(x, top_p=0.2)
+    assert layer.stats.experts_per_token.tolist()[1] > 0  # some tokens took one expert
+    layer(x)
+    assert layer.stats.experts_per_token.tolist() == [0, 0, 0, 12]  # the configuration: top-3
 
 
 def test_aux_loss_is_zero_without_balancing_terms() -> None:

@@ -26,6 +26,7 @@ from .parallel_workers import (
     check_exchange,
     check_failures,
     check_timeout,
+    check_top_p_refused,
 )
 
 pytestmark = pytest.mark.distributed
@@ -174,3 +175,8 @@ def test_compiled_model_around_a_distributed_layer():
     assert run_distributed(check_equivalence, 2, cases, timeout=300)[0] == 7 + 7
     breaks = run_distributed(check_compiled_graph, 2)
     assert breaks[0] == breaks[1] == ["forward: Skip inlining `torch.compiler.disable()`d function"] * 2
+
+
+def test_top_p_routing_is_refused_on_distributed_layers():
+    for messages in run_distributed(check_top_p_refused, 2):
+        assert all("not supported with expert parallelism" in m for m in messages), messages

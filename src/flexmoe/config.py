@@ -24,6 +24,7 @@ __all__ = [
     "TunerConfig",
     "validate_capacity_factor",
     "validate_top_k",
+    "validate_top_p",
 ]
 
 RouterKind = Literal["softmax", "sigmoid", "cosine"]
@@ -50,6 +51,13 @@ def validate_top_k(top_k: object, num_experts: int, name: str = "top_k") -> int:
     if not _is_int(top_k) or not 1 <= top_k <= num_experts:  # type: ignore[operator]
         raise ValueError(f"{name} must be an int in [1, num_experts={num_experts}], got {top_k!r}")
     return top_k  # type: ignore[return-value]
+
+
+def validate_top_p(top_p: object, name: str = "top_p") -> float:
+    """Check that ``top_p`` is a real number in ``(0, 1]`` and return it as a float."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"{name} must be a float in (0, 1], got {top_p!r}")
+    return float(top_p)
 
 
 def validate_capacity_factor(capacity_factor: object, name: str = "capacity_factor") -> float:
@@ -93,6 +101,12 @@ class RouterConfig:
         cosine_dim: projection dimension of the cosine router.
         cosine_init_temperature: initial temperature of the cosine router (learned,
             clamped below at 0.01).
+        top_p: a per-token number of experts (top-p routing): of the token's ``top_k``
+            best experts (in choice order), the fewest whose probabilities (``probs``:
+            softmax, or the sigmoid scores normalised to sum to one) reach ``top_p``,
+            and at least ``min_k``. ``None``: always ``top_k``. The weights are then
+            renormalised over the experts each token kept (when it kept more than one).
+        min_k: the fewest experts a token takes under ``top_p``.
     """
 
     kind: RouterKind = "softmax"
@@ -105,9 +119,14 @@ class RouterConfig:
     input_jitter: float = 0.0
     cosine_dim: int = 256
     cosine_init_temperature: float = 0.07
+    top_p: float | None = None
+    min_k: int = 1
 
     def __post_init__(self) -> None:
         _require(self.kind in ROUTER_KINDS, "router.kind", f"one of {ROUTER_KINDS}", self.kind)
+        if self.top_p is not None:
+            validate_top_p(self.top_p, name="router.top_p")
+        _require(_is_int(self.min_k) and self.min_k >= 1, "router.min_k", "an int >= 1", self.min_k)
         _require(
             _is_int(self.num_groups) and self.num_groups >= 1,
             "router.num_groups",
@@ -437,6 +456,12 @@ class MoEConfig:
             self.num_experts,
         )
         validate_top_k(self.top_k, self.num_experts)
+        _require(
+            self.router.min_k <= self.top_k,
+            "router.min_k",
+            f"an int in [1, top_k={self.top_k}]",
+            self.router.min_k,
+        )
         groups = self.router.num_groups
         if self.num_experts % groups != 0:
             raise ValueError(f"router.num_groups must divide num_experts={self.num_experts}, got {groups!r}")

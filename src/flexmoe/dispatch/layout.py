@@ -68,6 +68,8 @@ class DispatchLayout:
         num_tokens, top_k: ``T`` and ``K`` of this step.
         inverse_S: when nothing was dropped, the kept-row index of every slot
             (the inverse permutation of ``slot_ids_N``); ``None`` otherwise.
+        num_unused: slots no expert was routed to (top-p routing: tokens that use
+            fewer than ``K`` experts); neither routed nor dropped.
     """
 
     slot_ids_N: Tensor
@@ -79,11 +81,12 @@ class DispatchLayout:
     num_tokens: int
     top_k: int
     inverse_S: Tensor | None = None
+    num_unused: int = 0
 
     @property
     def num_dropped(self) -> int:
         """Routed slots that were dropped by the capacity limit."""
-        return self.num_tokens * self.top_k - len(self.slot_ids_N)
+        return self.num_tokens * self.top_k - self.num_unused - len(self.slot_ids_N)
 
 
 def make_layout(
@@ -92,39 +95,55 @@ def make_layout(
     num_experts: int,
     capacity_factor: float,
     batch_prioritized: bool = False,
+    valid_TK: Tensor | None = None,
 ) -> DispatchLayout:
     """Sort the routed slots into expert-major order and apply the capacity policy.
 
     Priority within an expert (who is kept when it overflows): by default, all first
     choices before all second choices, and earlier tokens first within one choice
     (GShard/Tutel order); with ``batch_prioritized``, higher routing weight first
-    (ties broken by that default order).
+    (ties broken by that default order). ``valid_TK``: the slots in use (top-p routing);
+    the others are not routed at all, and the capacity counts the ``A`` routed
+    assignments instead of ``T*K``: ``ceil(cf * A / E)``.
     """
     T, K = expert_ids_TK.shape
     slot_ids_S, experts_sorted, routed_per_expert_E = sort_slots(
-        expert_ids_TK, weights_TK, num_experts, batch_prioritized
+        expert_ids_TK, weights_TK, num_experts, batch_prioritized, valid_TK
     )
     # NOTE: host sync — the counts decide the capacity and the GEMM segment sizes.
     routed_counts: list[int] = routed_per_expert_E.tolist()
     max_load = max(routed_counts) if routed_counts else 0
-    capacity = compute_capacity(capacity_factor, T, K, num_experts, max_load)
-    keep_S = None
+    routed = sum(routed_counts)
+    if valid_TK is None:
+        capacity = compute_capacity(capacity_factor, T, K, num_experts, max_load)
+    else:
+        capacity = compute_capacity(capacity_factor, routed, 1, num_experts, max_load)
+    keep_S = None if valid_TK is None else experts_sorted < num_experts
     if capacity is not None and capacity < max_load:
         # Position of each slot inside its expert; keep the first `capacity`.
         offsets_E = torch.cumsum(routed_per_expert_E, 0) - routed_per_expert_E
-        position_S = torch.arange(T * K, device=expert_ids_TK.device) - offsets_E[experts_sorted]
-        keep_S = position_S < capacity
-    return layout_from_sorted(slot_ids_S, experts_sorted, routed_per_expert_E, keep_S, capacity, T, K)
+        expert_S = experts_sorted.clamp(max=num_experts - 1)  # unused slots: masked out anyway
+        position_S = torch.arange(T * K, device=expert_ids_TK.device) - offsets_E[expert_S]
+        within_S = position_S < capacity
+        keep_S = within_S if keep_S is None else keep_S & within_S
+    layout = layout_from_sorted(slot_ids_S, experts_sorted, routed_per_expert_E, keep_S, capacity, T, K)
+    layout.num_unused = T * K - routed
+    return layout
 
 
 def sort_slots(
-    expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int, batch_prioritized: bool
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    num_experts: int,
+    batch_prioritized: bool,
+    valid_TK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Slots in expert-major priority order: ``(slot_ids_S, expert_of_each_S, routed_per_expert_E)``.
 
     Default priority within an expert: all first choices, then all second choices, ...,
     earlier tokens first within one choice; with ``batch_prioritized``, higher routing
-    weight first (ties broken by the default order).
+    weight first (ties broken by the default order). Slots outside ``valid_TK`` come
+    last, with expert ``E`` (past every real one), and are not counted.
     """
     T, K = expert_ids_TK.shape
     device = expert_ids_TK.device
@@ -134,9 +153,12 @@ def sort_slots(
         scores_P = weights_TK.detach().t().reshape(-1)
         slot_ids_P = slot_ids_P[torch.sort(scores_P, descending=True, stable=True).indices]
     experts_P = expert_ids_TK.reshape(-1)[slot_ids_P]
+    if valid_TK is not None:
+        experts_P = torch.where(valid_TK.reshape(-1)[slot_ids_P], experts_P, num_experts)
     # 2. One stable sort by expert keeps the priority order inside each expert.
     experts_sorted, order = torch.sort(experts_P, stable=True)
-    return slot_ids_P[order], experts_sorted, count_per_expert(experts_sorted, num_experts)
+    routed_E = count_per_expert(experts_sorted, num_experts + 1)[:num_experts]
+    return slot_ids_P[order], experts_sorted, routed_E
 
 
 def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:

@@ -57,27 +57,32 @@ def make_static_layout(
     num_experts: int,
     capacity_factor: float,
     batch_prioritized: bool = False,
+    valid_TK: Tensor | None = None,
 ) -> StaticLayout:
-    """``make_layout``'s rule (priority, capacity, drops) without reading anything on the host."""
+    """``make_layout``'s rule (priority, capacity, drops) without reading anything on the host.
+
+    Slots outside ``valid_TK`` (top-p routing) sort after every routed one, like drops.
+    """
     T, K = expert_ids_TK.shape
     S = T * K
     slot_ids_S, experts_sorted, routed_E = sort_slots(
-        expert_ids_TK, weights_TK, num_experts, batch_prioritized
+        expert_ids_TK, weights_TK, num_experts, batch_prioritized, valid_TK
     )
-    limit = capacity_limit(capacity_factor, T, K, num_experts)
+    limit = _limit(capacity_factor, T, K, num_experts, routed_E, valid_TK is not None)
     capacity: int | Tensor | None = limit
     if limit is None:
         kept_E = routed_E
         dropped = routed_E.new_zeros(())
     else:
         offsets_E = torch.cumsum(routed_E, 0) - routed_E
-        position_S = torch.arange(S, device=slot_ids_S.device) - offsets_E[experts_sorted]
-        drop_S = position_S >= limit
+        expert_S = experts_sorted.clamp(max=num_experts - 1)  # unused slots: dropped below anyway
+        position_S = torch.arange(S, device=slot_ids_S.device) - offsets_E[expert_S]
+        drop_S = (position_S >= limit) | (experts_sorted == num_experts)
         # A stable sort on the drop flag moves the dropped slots behind the kept ones
         # and keeps the expert-major priority order of both.
         slot_ids_S = slot_ids_S[torch.sort(drop_S.to(torch.int8), stable=True).indices]
         kept_E = torch.clamp(routed_E, max=limit)
-        dropped = S - kept_E.sum()
+        dropped = routed_E.sum() - kept_E.sum()
         if capacity_factor < 0:
             capacity = torch.clamp(routed_E.max(), max=limit) if S else routed_E.new_zeros(())
     inverse_S = torch.argsort(slot_ids_S)  # the inverse permutation
@@ -92,6 +97,16 @@ def make_static_layout(
         num_tokens=T,
         top_k=K,
     )
+
+
+def _limit(
+    capacity_factor: float, T: int, K: int, E: int, routed_E: Tensor, variable_k: bool
+) -> int | Tensor | None:
+    """``capacity_limit``; with a per-token number of experts, of the routed count (a tensor)."""
+    if not variable_k or capacity_factor == 0:
+        return capacity_limit(capacity_factor, T, K, E)
+    exact = abs(capacity_factor) * (routed_E.sum().double() / E)
+    return torch.ceil(exact - 1e-9 * exact.clamp(min=1.0)).to(routed_E.dtype)
 
 
 def permute_static(x_TD: Tensor, layout: StaticLayout) -> Tensor:

@@ -44,6 +44,7 @@ class Call:
     top_k: int
     capacity_factor: float
     plan: Plan | Literal["auto"]
+    top_p: float | None = None
 
 
 @dataclass
@@ -125,6 +126,7 @@ class LocalExperts:
             self.num_experts,
             call.capacity_factor,
             self.batch_prioritized,
+            route.valid_TK,
         )
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         y_ND = run_experts(self.experts, permute(x_TD, layout), layout.counts, row_weights_N)
@@ -147,6 +149,7 @@ class LocalExperts:
             self.num_experts,
             call.capacity_factor,
             self.batch_prioritized,
+            route.valid_TK,
         )
         row_weights_S = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_S)
         counts_E = layout.tokens_per_expert_E

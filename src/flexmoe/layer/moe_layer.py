@@ -26,7 +26,9 @@ from flexmoe.config import (
     TunerConfig,
     validate_capacity_factor,
     validate_top_k,
+    validate_top_p,
 )
+from flexmoe.dispatch import count_per_expert
 from flexmoe.experts import DenseFFN, GroupedExperts
 from flexmoe.layer.build import make_experts, share_across_ranks
 from flexmoe.layer.expert_parallel import ExpertParallelExperts
@@ -214,6 +216,11 @@ class MoELayer(ExpertPlacementMethods):
         torch_device = None if device is None else torch.device(device)
         self.router = build_router(config.dim, config.num_experts, config.router, torch_device)
         ep = ExpertParallel.create(group, config.num_experts, config.hidden_dim, ranks_per_node, timeout)
+        if ep is not None and config.router.top_p is not None:
+            raise ValueError(
+                "router.top_p: a per-token number of experts is not supported with expert parallelism "
+                "yet; use top_k routing on a distributed layer"
+            )
         self.experts = make_experts(config, experts, device, dtype, None if ep is None else ep.placement)
         self.strategy: LocalExperts | ExpertParallelExperts
         if ep is None:
@@ -246,17 +253,22 @@ class MoELayer(ExpertPlacementMethods):
         top_k: int | None = None,
         capacity_factor: float | None = None,
         plan: Plan | str | None = None,
+        top_p: float | None = None,
     ) -> Tensor:
         """Apply the layer to ``x [..., dim]``; keyword arguments override this call only.
+
+        ``top_p``: top-p routing for this call (see ``RouterConfig.top_p``); ``None``
+        keeps the configured rule.
 
         Under ``torch.compile`` a single-device layer is traced whole (``fullgraph=True``
         works); a distributed one runs eagerly inside the compiled model (its collectives
         and host-side planning are one graph break around the layer).
         """
+        overrides = {"top_k": top_k, "capacity_factor": capacity_factor, "plan": plan, "top_p": top_p}
         if self.world_size > 1 and torch.compiler.is_compiling():
-            y: Tensor = self._forward_eagerly(x, top_k=top_k, capacity_factor=capacity_factor, plan=plan)
+            y: Tensor = self._forward_eagerly(x, **overrides)
             return y
-        return self._forward(x, top_k=top_k, capacity_factor=capacity_factor, plan=plan)
+        return self._forward(x, **overrides)  # type: ignore[arg-type]
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _forward_eagerly(self, x: Tensor, **overrides: object) -> Tensor:
@@ -269,9 +281,10 @@ class MoELayer(ExpertPlacementMethods):
         top_k: int | None = None,
         capacity_factor: float | None = None,
         plan: Plan | str | None = None,
+        top_p: float | None = None,
     ) -> Tensor:
         try:
-            call = self._check_call(x, top_k, capacity_factor, plan)
+            call = self._check_call(x, top_k, capacity_factor, plan, top_p)
         except (TypeError, ValueError):
             self.strategy.fail()  # the other ranks would otherwise wait for this one
             raise
@@ -283,7 +296,7 @@ class MoELayer(ExpertPlacementMethods):
         # 1. agree on the call with the other ranks (expert parallelism)
         x_TD, header = strategy.begin(x_TD, call)
         # 2. route
-        route = self.router(x_TD, call.top_k)
+        route = self.router(x_TD, call.top_k, call.top_p)
         # 3. plan, dispatch and run the experts wherever they live
         out = strategy.run(x_TD, route, call, header)
         # 4. combine: the per-token sum of the weighted expert rows
@@ -291,7 +304,8 @@ class MoELayer(ExpertPlacementMethods):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         terms = self._balance(route, out.step)
-        self._record(StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms))
+        per_token = count_per_expert(route.experts_per_token(), call.top_k + 1)
+        self._record(StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms, per_token))
         return strategy.end(y_TD).reshape(x.shape)
 
     def _record(self, source: StatsSource) -> None:
@@ -307,7 +321,12 @@ class MoELayer(ExpertPlacementMethods):
         return self._stats
 
     def _check_call(
-        self, x: Tensor, top_k: int | None, capacity_factor: float | None, plan: Plan | str | None
+        self,
+        x: Tensor,
+        top_k: int | None,
+        capacity_factor: float | None,
+        plan: Plan | str | None,
+        top_p: float | None = None,
     ) -> Call:
         """Validate one call's input and overrides."""
         cfg = self.config
@@ -337,7 +356,13 @@ class MoELayer(ExpertPlacementMethods):
             plan = resolved if self.world_size > 1 else plan
         if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
             raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
-        return Call(top_k=k, capacity_factor=cf, plan=plan)  # type: ignore[arg-type]
+        p = cfg.router.top_p if top_p is None else validate_top_p(top_p)
+        if p is not None and self.world_size > 1:
+            raise ValueError(
+                "top_p: a per-token number of experts is not supported with expert parallelism yet; "
+                "use top_k routing on a distributed layer"
+            )
+        return Call(top_k=k, capacity_factor=cf, plan=plan, top_p=p)  # type: ignore[arg-type]
 
     def _backend(self, x: Tensor) -> str:
         """The expert GEMM backend this call's input runs on."""
@@ -363,7 +388,10 @@ class MoELayer(ExpertPlacementMethods):
         if step.world_size > 1 and step.num_tokens > 0:
             share = step.world_size * route.probs_TE.shape[0] / step.num_tokens
         if bcfg.load_balance_weight > 0:
-            balance = share * load_balance_loss(route.probs_TE, route.expert_ids_TK, step.routed_fraction_E)
+            fraction_E = step.routed_fraction_E
+            balance = share * load_balance_loss(
+                route.probs_TE, route.expert_ids_TK, fraction_E, route.valid_TK
+            )
             aux = aux + bcfg.load_balance_weight * balance
         if bcfg.z_loss_weight > 0:
             z = share * router_z_loss(route.logits_TE)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from flexmoe.config import Plan
@@ -43,6 +44,9 @@ class MoEStats:
         tuner: with ``plan="auto"``, the online tuner's decision for this call (a
             ``flexmoe.planner.TunerDecision``: bucket, phase, predicted time, the previous
             call's measured time), else ``None``.
+        experts_per_token: how many of this rank's tokens used 0, 1, ..., ``top_k`` experts
+            (int64 ``[top_k + 1]``; all ``top_k`` unless top-p routing); see
+            ``mean_experts_per_token``.
     """
 
     num_tokens: int
@@ -66,6 +70,15 @@ class MoEStats:
     copies_per_rank: list[int] | None = None
     replica_hits: int = 0
     tuner: TunerDecision | None = None
+    experts_per_token: Tensor | None = None
+
+    @property
+    def mean_experts_per_token(self) -> float:
+        """Mean experts per token of this call (``top_k`` unless top-p routing)."""
+        hist = self.experts_per_token
+        if hist is None or int(hist.sum()) == 0:
+            return float(self.top_k)
+        return float((hist * torch.arange(len(hist))).sum()) / float(hist.sum())
 
 
 @dataclass(frozen=True)
@@ -120,10 +133,14 @@ class StatsSource:
     capacity_factor: float
     backend: str
     loss_terms: tuple[Tensor | None, Tensor | None] = (None, None)
+    experts_per_token: Tensor | None = None
 
     def build(self) -> MoEStats:
         """The call's ``MoEStats`` (a host sync)."""
-        return build_stats(self.step, self.top_k, self.capacity_factor, self.backend, self.loss_terms)
+        stats = build_stats(self.step, self.top_k, self.capacity_factor, self.backend, self.loss_terms)
+        if self.experts_per_token is not None:
+            stats.experts_per_token = self.experts_per_token.detach().cpu()
+        return stats
 
 
 def build_stats(
@@ -135,7 +152,6 @@ def build_stats(
 ) -> MoEStats:
     """The ``MoEStats`` of a call from its ``ExpertStep`` (counts moved to the CPU: a host sync)."""
     routed = step.routed_per_expert_E.detach().cpu()
-    num_experts = routed.numel()
     T = step.num_tokens
     stats = MoEStats(
         num_tokens=T,
@@ -145,7 +161,7 @@ def build_stats(
         routed_per_expert=routed,
         tokens_per_expert=step.tokens_per_expert_E.detach().cpu(),
         dropped=int(step.dropped),
-        load_max_over_mean=int(routed.max()) / (T * top_k / num_experts) if T and num_experts else 0.0,
+        load_max_over_mean=_max_over_mean(routed),
         plan=step.plan,
         world_size=step.world_size,
         backend=backend,
@@ -163,3 +179,9 @@ def build_stats(
         stats.replica_hits = rows.replica_hits
         stats.shadowed_experts = rows.shadowed_experts
     return stats
+
+
+def _max_over_mean(routed_E: Tensor) -> float:
+    """Max over mean of the routed assignments per expert (0.0 when nothing was routed)."""
+    total = int(routed_E.sum())
+    return int(routed_E.max()) * len(routed_E) / total if total else 0.0

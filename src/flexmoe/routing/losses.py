@@ -11,7 +11,9 @@ from torch import Tensor
 __all__ = ["aux_free_bias_update", "load_balance_loss", "router_z_loss"]
 
 
-def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, fraction_E: Tensor | None = None) -> Tensor:
+def load_balance_loss(
+    probs_TE: Tensor, expert_ids_TK: Tensor, fraction_E: Tensor | None = None, valid_TK: Tensor | None = None
+) -> Tensor:
     """Switch/GShard balance loss ``E * sum_i f_i * P_i``.
 
     ``f_i`` is the fraction of the ``T*K`` routed assignments that chose expert ``i``
@@ -19,15 +21,17 @@ def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, fraction_E: Tenso
     both are uniform, for any ``K``. (``transformers``' Mixtral loss sums over the k
     choices instead, so its value is ``K`` times this one.) Gradients flow through
     ``P`` only; ``f`` is a count. A distributed layer passes ``fraction_E`` of the
-    global batch, so that the mean of the ranks' losses is the global-batch loss.
+    global batch, so that the mean of the ranks' losses is the global-batch loss. With
+    ``valid_TK`` (top-p routing) ``f`` counts the routed assignments only.
     """
     T, E = probs_TE.shape
     if T == 0:
         return probs_TE.sum() * 0.0
     if fraction_E is None:
         ids = expert_ids_TK.reshape(-1)
-        counts_E = ids.new_zeros(E).scatter_add_(0, ids, torch.ones_like(ids)).to(probs_TE.dtype)
-        fraction_E = counts_E / expert_ids_TK.numel()
+        ones = torch.ones_like(ids) if valid_TK is None else valid_TK.reshape(-1).to(ids.dtype)
+        counts_E = ids.new_zeros(E).scatter_add_(0, ids, ones).to(probs_TE.dtype)
+        fraction_E = counts_E / counts_E.sum().clamp_min(1)
     fraction_E = fraction_E.to(device=probs_TE.device, dtype=probs_TE.dtype)
     return E * torch.dot(fraction_E, probs_TE.mean(dim=0))
 

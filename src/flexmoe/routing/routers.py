@@ -26,6 +26,7 @@ __all__ = [
     "SoftmaxRouter",
     "build_router",
     "select_top_k",
+    "top_p_mask",
 ]
 
 
@@ -38,12 +39,23 @@ class RouterOutput:
         weights_TK: routing weights of the chosen experts, fp32, differentiable.
         logits_TE: raw router logits, fp32 (the z-loss uses them).
         probs_TE: a per-token distribution over experts, fp32 (the balance loss uses it).
+        valid_TK: which of the ``K`` slots each token uses (top-p routing: a per-token
+            number of experts, a prefix of its choices; their weights are zero); ``None``
+            when every token uses all ``K``.
     """
 
     expert_ids_TK: Tensor
     weights_TK: Tensor
     logits_TE: Tensor
     probs_TE: Tensor
+    valid_TK: Tensor | None = None
+
+    def experts_per_token(self) -> Tensor:
+        """How many experts each token uses (int64 ``[T]``)."""
+        T, K = self.expert_ids_TK.shape
+        if self.valid_TK is None:
+            return self.expert_ids_TK.new_full((T,), K)
+        return self.valid_TK.sum(dim=1)
 
 
 def select_top_k(
@@ -68,6 +80,18 @@ def select_top_k(
         eligible_TE = group_mask_TG.repeat_interleave(E // num_groups, dim=1)
         scores_TE = scores_TE.masked_fill(~eligible_TE, float("-inf"))
     return scores_TE.topk(top_k, dim=-1, sorted=True).indices
+
+
+def top_p_mask(chosen_probs_TK: Tensor, top_p: float, min_k: int) -> Tensor:
+    """Which choices each token keeps: the fewest (in choice order) whose probabilities reach ``top_p``.
+
+    Choice ``k`` is kept when the probability mass of the choices before it is below
+    ``top_p``; the first ``min_k`` are always kept.
+    """
+    before_TK = chosen_probs_TK.cumsum(dim=1) - chosen_probs_TK
+    valid_TK = before_TK < top_p
+    valid_TK[:, : min(min_k, valid_TK.shape[1])] = True
+    return valid_TK
 
 
 class Router(nn.Module):
@@ -113,8 +137,8 @@ class Router(nn.Module):
         probs_TE = logits_TE.softmax(dim=-1)
         return probs_TE, probs_TE
 
-    def forward(self, x_TD: Tensor, top_k: int) -> RouterOutput:
-        """Route ``x_TD`` to ``top_k`` experts per token."""
+    def forward(self, x_TD: Tensor, top_k: int, top_p: float | None = None) -> RouterOutput:
+        """Route ``x_TD`` to ``top_k`` experts per token (fewer under ``top_p``: see ``RouterConfig``)."""
         cfg = self.config
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x32_TD = x_TD.float()
@@ -131,11 +155,20 @@ class Router(nn.Module):
                 choice_TE = choice_TE + self.expert_bias_E
             expert_ids_TK = select_top_k(choice_TE, top_k, cfg.num_groups, cfg.topk_groups, self.group_reduce)
             weights_TK = scores_TE.gather(1, expert_ids_TK)
+            valid_TK = None
+            if top_p is not None and top_k > 1:
+                valid_TK = top_p_mask(probs_TE.detach().gather(1, expert_ids_TK), top_p, cfg.min_k)
+                weights_TK = weights_TK * valid_TK
             if cfg.normalize_weights and top_k > 1:
-                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+                normalized_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+                if valid_TK is None:
+                    weights_TK = normalized_TK
+                else:  # a token that kept one expert keeps its raw score, as top-1 does
+                    several_T1 = valid_TK.sum(dim=-1, keepdim=True) > 1
+                    weights_TK = torch.where(several_T1, normalized_TK, weights_TK)
             if cfg.routed_scaling_factor != 1.0:
                 weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(expert_ids_TK, weights_TK, logits_TE, probs_TE)
+        return RouterOutput(expert_ids_TK, weights_TK, logits_TE, probs_TE, valid_TK)
 
 
 class SoftmaxRouter(Router):
