@@ -69,7 +69,7 @@ class CacheStats:
             (``hits + misses == lookups``). A miss whose read a prefetch had already
             started counts in ``late_prefetches`` too.
         reads, bytes_read: experts read from storage and their bytes (demand and prefetch).
-        prefetch_reads: reads started by ``prefetch`` (a prediction); ``prefetch_used`` of
+        prefetch_reads: reads done for ``prefetch`` (a prediction); ``prefetch_used`` of
             them were used before being evicted.
         evictions: experts dropped to make room.
         predicted: experts predicted for layers that then ran (summed over predictions);
@@ -187,6 +187,11 @@ class ExpertCache:
         with self._cond:
             return set(self._entries)
 
+    def wait_for_reads(self) -> None:
+        """Block until no read is in flight (the prefetches queued so far have landed or failed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: all(e.weights is not None for e in self._entries.values()))
+
     def close(self) -> None:
         """Stop the I/O thread (waiting for the read in progress); the cache then reads on demand only."""
         executor, self._executor = self._executor, None
@@ -293,8 +298,6 @@ class ExpertCache:
         entry = self._entries[key]
         entry.in_background = True
         entry.prefetched = prefetched
-        if prefetched:
-            self._count(prefetch_reads=1)
         self._executor.submit(self._read_into, key, False)
         return True
 
@@ -313,7 +316,7 @@ class ExpertCache:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.weights = weights
-                self._count(reads=1, bytes_read=entry.nbytes)
+                self._count(reads=1, bytes_read=entry.nbytes, prefetch_reads=int(entry.prefetched))
             self._cond.notify_all()
 
     def _reserve(self, key: ExpertKey, demand: bool) -> bool:
