@@ -158,3 +158,28 @@ def test_parse_bytes(value, expected):
 def test_parse_bytes_refuses(value):
     with pytest.raises(ValueError, match="expert_budget"):
         parse_bytes(value)
+
+
+def test_a_top_k_override_beyond_the_budget(saved):
+    reference = AutoModelForCausalLM.from_pretrained(saved["qwen3_moe"])
+    each, top_k = expert_bytes(reference, torch.float32)
+    model = load_offloaded(saved["qwen3_moe"], expert_budget=(top_k + 1) * each, dtype=torch.float32)
+    block = next(m for m in model.modules() if isinstance(m, flexmoe.hf.FlexMoEBlock))
+    x = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        assert block.moe(x, top_k=top_k + 1).shape == x.shape
+        with pytest.raises(ValueError, match=rf"top-{top_k + 2} experts in memory at once"):
+            block.moe(x, top_k=top_k + 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda(saved):
+    reference = AutoModelForCausalLM.from_pretrained(saved["qwen3_moe"], dtype=torch.bfloat16).cuda().eval()
+    each, top_k = expert_bytes(reference, torch.bfloat16)
+    flexmoe.hf.convert(reference)
+    model = load_offloaded(
+        saved["qwen3_moe"], expert_budget=(top_k + 1) * each, dtype=torch.bfloat16, device="cuda"
+    )
+    ids = prompt().cuda()
+    assert torch.equal(generate(model, ids), generate(reference, ids))
+    assert offload_stats(model).peak_resident_bytes <= (top_k + 1) * each
