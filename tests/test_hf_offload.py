@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -183,3 +187,57 @@ def test_cuda(saved):
     ids = prompt().cuda()
     assert torch.equal(generate(model, ids), generate(reference, ids))
     assert offload_stats(model).peak_resident_bytes <= (top_k + 1) * each
+
+
+RSS_SCRIPT = """
+import gc, sys, torch, flexmoe.hf
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+ids = torch.randint(0, 128, (2, 32))
+greedy = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+warm = flexmoe.hf.load_offloaded(sys.argv[1], expert_budget="8MiB")  # imports, allocator arenas
+warm.generate(ids, **greedy)
+del warm
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+before = rss("VmRSS:")
+model = flexmoe.hf.load_offloaded(sys.argv[1], expert_budget="8MiB")
+model.generate(ids, **greedy)
+print(rss("VmHWM:") - before, flexmoe.hf.offload_stats(model).bytes_read)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_memory_stays_bounded(tmp_path):
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=16,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    experts = 4 * 16 * 3 * 256 * 512 * 4  # 96 MiB of fp32 experts
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    grown, bytes_read = (int(v) for v in done.stdout.split())
+    assert bytes_read > experts  # more than every expert passed through the 8 MiB cache
+    assert grown < experts // 3, f"the process grew by {grown / 2**20:.0f} MiB"
