@@ -26,6 +26,9 @@ Eviction (``policy``):
   is needed last: a cyclic access pattern, where LRU evicts exactly what comes next),
   then the least frequently used. A prefetch never evicts an expert needed sooner
   than the one it reads.
+
+Under every policy a prefetch never evicts a predicted expert, and nothing evicts an
+expert in use or one the running layer has yet to use.
 """
 
 from __future__ import annotations
@@ -328,44 +331,51 @@ class ExpertCache:
                 f"expert {key[1]} of layer {key[0]} takes {nbytes} bytes, more than the whole "
                 f"expert budget of {budget} bytes"
             )
-        while budget is not None and self._held + nbytes > budget:
-            victim = self._victim(key, demand)
-            if victim is None:
+        if budget is not None and self._held + nbytes > budget:
+            # the fewest victims, in the policy's order; none are evicted unless they make room
+            victims, freed = [], 0
+            for victim in self._eviction_order(key, demand):
+                if self._held - freed + nbytes <= budget:
+                    break
+                victims.append(victim)
+                freed += self._entries[victim].nbytes
+            if self._held - freed + nbytes > budget:
                 return False
-            self._drop(victim)
-            self._count(evictions=1)
+            for victim in victims:
+                self._drop(victim)
+            self._count(evictions=len(victims))
         self._entries[key] = _Entry(nbytes)
         self._held += nbytes
         peak = max(self._stats.peak_resident_bytes, self._held)
         self._stats = replace(self._stats, resident_bytes=self._held, peak_resident_bytes=peak)
         return True
 
-    def _victim(self, incoming: ExpertKey, demand: bool) -> ExpertKey | None:
-        """The entry to evict for ``incoming``, or ``None`` if the policy allows none."""
+    def _eviction_order(self, incoming: ExpertKey, demand: bool) -> list[ExpertKey]:
+        """The entries that may be evicted for ``incoming``, first victim first.
+
+        Never a pinned expert, one still being read, or one the running layer has yet
+        to use. A prefetch never evicts a predicted expert either, and under the
+        predictive policy nothing needed sooner than ``incoming``.
+        """
+        entries, predicted = self._entries, self._predicted
         candidates = [
             key
-            for key, entry in self._entries.items()
+            for key, entry in entries.items()
             if entry.weights is not None and entry.pins == 0 and key not in self._needed
         ]
-        predictive = self.policy == "predictive"
-        if predictive and not demand:  # a prefetch never evicts a prediction, nor what comes sooner
-            soon = self._until_needed(incoming[0])
-            candidates = [
-                key
-                for key in candidates
-                if key[1] not in self._predicted.get(key[0], ()) and self._until_needed(key[0]) > soon
-            ]
-        if not candidates:
-            return None
-        entries = self._entries
+        if not demand:
+            candidates = [key for key in candidates if key[1] not in predicted.get(key[0], ())]
+            if self.policy == "predictive":
+                soon = self._until_needed(incoming[0])
+                candidates = [key for key in candidates if self._until_needed(key[0]) > soon]
         if self.policy == "lru":
-            return min(candidates, key=lambda k: entries[k].last_use)
+            return sorted(candidates, key=lambda k: entries[k].last_use)
         if self.policy == "lfu":
-            return min(candidates, key=lambda k: (entries[k].uses, entries[k].last_use))
-        return min(
+            return sorted(candidates, key=lambda k: (entries[k].uses, entries[k].last_use))
+        return sorted(
             candidates,
             key=lambda k: (
-                k[1] in self._predicted.get(k[0], ()),
+                k[1] in predicted.get(k[0], ()),
                 -self._until_needed(k[0]),
                 entries[k].uses,
                 entries[k].last_use,
