@@ -10,7 +10,8 @@
 installed ``transformers`` (``discover_moe_blocks()`` finds them) with how it maps onto
 a ``MoELayer`` or why it does not. ``register_experts_implementation()`` adds a
 ``"flexmoe"`` experts implementation to ``transformers``' registry for the blocks that
-keep their own routing.
+keep their own routing. ``load_offloaded(path, expert_budget="8GiB")`` builds a model whose
+experts stay on disk, read into a budgeted cache (``offload_stats(model)`` reports it).
 
 Needs ``transformers>=5`` (``pip install 'flexmoe[hf]'``), imported only when used.
 """
@@ -24,6 +25,7 @@ from flexmoe.hf.experts_impl import (
     register_experts_implementation,
 )
 from flexmoe.hf.families import REFUSED, SUPPORTED, Family, UnsupportedMoEError, family_of
+from flexmoe.hf.offload import load_offloaded, offload_stats, parse_bytes
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -40,6 +42,9 @@ __all__ = [
     "find_moe_blocks",
     "flexmoe_experts_forward",
     "is_moe_block",
+    "load_offloaded",
+    "offload_stats",
+    "parse_bytes",
     "register_experts_implementation",
     "revert",
 ]

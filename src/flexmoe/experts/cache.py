@@ -1,0 +1,408 @@
+"""A byte-budgeted cache of expert weights read from storage on demand, with prefetching (ExpertFlow).
+
+Legend: D model dim, F expert hidden dim, H first-projection width (2F gated, else F),
+L layers.
+
+Entries are keyed ``(layer, expert)``; each holds one expert's ``(w_in [H, D], w_out
+[D, F])``. The budget counts every entry, including those whose read is still in
+flight (their bytes are reserved before the read starts), so the cache never holds
+more than ``budget_bytes`` whatever the thread timing.
+
+A layer asks for its active experts with ``use(layer, experts)``: resident experts
+come first, misses are read ahead by the I/O thread as far as the budget allows, and
+each expert is yielded once, pinned while the caller computes with it. A layer that
+needs more experts than fit at once (a long prefill) therefore reads each of them
+once, in groups. ``prefetch(layer, experts)`` records a prediction of what a later
+layer will use (ExpertFlow: the next layer's router applied to the current hidden
+states) and reads it in the background; the prediction's precision and recall are
+scored when that layer runs.
+
+Eviction (``policy``):
+
+- ``"lru"``: the least recently used expert.
+- ``"lfu"``: the least frequently used expert (ties: least recently used).
+- ``"predictive"``: experts of the next layers' predictions stay; of the others, the
+  one whose layer runs again last (layers run in order, so the layer just computed
+  is needed last: a cyclic access pattern, where LRU evicts exactly what comes next),
+  then the least frequently used. A prefetch never evicts an expert needed sooner
+  than the one it reads.
+
+Under every policy a prefetch never evicts a predicted expert, and nothing evicts an
+expert in use or one the running layer has yet to use.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
+
+from torch import Tensor
+
+__all__ = ["POLICIES", "CacheStats", "ExpertCache", "ExpertKey", "ExpertStore", "ExpertWeights", "Policy"]
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+ExpertWeights = tuple[Tensor, Tensor]  # (w_in [H, D], w_out [D, F])
+Policy = Literal["predictive", "lru", "lfu"]
+POLICIES: tuple[str, ...] = ("predictive", "lru", "lfu")
+
+
+class ExpertStore(Protocol):
+    """Where expert weights come from: their size, and a (blocking, thread-safe) read."""
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes the expert's weights take once read (in the dtype ``read`` returns)."""
+        ...
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        """The expert's ``(w_in [H, D], w_out [D, F])``, newly allocated."""
+        ...
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What an ``ExpertCache`` did since it was built (or since ``reset_stats``).
+
+    Attributes:
+        budget_bytes: the budget (``None``: unlimited).
+        lookups: experts layers asked for; ``hits`` were resident, ``misses`` were not
+            (``hits + misses == lookups``). A miss whose read a prefetch had already
+            started counts in ``late_prefetches`` too.
+        reads, bytes_read: experts read from storage and their bytes (demand and prefetch).
+        prefetch_reads: reads done for ``prefetch`` (a prediction); ``prefetch_used`` of
+            them were used before being evicted.
+        evictions: experts dropped to make room.
+        predicted: experts predicted for layers that then ran (summed over predictions);
+            ``predicted_used`` of them were used by that layer; ``used_after_prediction``
+            experts those layers used in all.
+        resident_bytes: bytes held now (reads in flight included); ``peak_resident_bytes``
+            the most ever held.
+    """
+
+    budget_bytes: int | None
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    late_prefetches: int = 0
+    reads: int = 0
+    bytes_read: int = 0
+    prefetch_reads: int = 0
+    prefetch_used: int = 0
+    evictions: int = 0
+    predicted: int = 0
+    predicted_used: int = 0
+    used_after_prediction: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """``hits / lookups`` (0 before any lookup)."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Of the experts predicted for a layer, the fraction that layer used (0 without predictions)."""
+        return self.predicted_used / self.predicted if self.predicted else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Of the experts a predicted layer used, the fraction that was predicted (0 without predictions)."""
+        return self.predicted_used / self.used_after_prediction if self.used_after_prediction else 0.0
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    weights: ExpertWeights | None = None  # None while its read is in flight
+    in_background: bool = False  # read by the I/O thread (else by the thread that needs it)
+    pins: int = 0
+    uses: int = 0
+    last_use: int = 0
+    prefetched: bool = False  # read ahead for a prediction and not used yet
+
+
+class ExpertCache:
+    """Expert weights read on demand into at most ``budget_bytes``, with an I/O thread for prefetches.
+
+    Args:
+        store: where the weights come from (``nbytes`` and ``read``).
+        num_layers: ``L``, the number of layers whose experts it caches (layer ids ``0..L-1``,
+            in the order they run).
+        budget_bytes: the most bytes held at once (``None``: unlimited). It must hold at
+            least one expert; callers check their own larger minimum.
+        policy: ``"predictive"``, ``"lru"`` or ``"lfu"`` (see the module docstring).
+        prefetch: read misses and predictions on a background I/O thread (else every read
+            happens when a layer needs it, and predictions are only scored).
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        num_layers: int,
+        budget_bytes: int | None = None,
+        policy: Policy = "predictive",
+        prefetch: bool = True,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not (isinstance(num_layers, int) and num_layers >= 1):
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if budget_bytes is not None and not (isinstance(budget_bytes, int) and budget_bytes > 0):
+            raise ValueError(f"budget_bytes must be a positive int or None, got {budget_bytes!r}")
+        self.store = store
+        self.num_layers = num_layers
+        self.budget_bytes = budget_bytes
+        self.policy = policy
+        self._cond = threading.Condition()
+        self._entries: dict[ExpertKey, _Entry] = {}
+        self._needed: set[ExpertKey] = set()  # the running layer's experts not yet served
+        self._predicted: dict[int, set[int]] = {}
+        self._pending: list[ExpertKey] = []  # predicted experts waiting for room to be prefetched
+        self._layer = num_layers - 1  # the layer running now (before the first: "the last one ran")
+        self._tick = 0
+        self._held = 0
+        self._stats = CacheStats(budget_bytes)
+        self._executor: ThreadPoolExecutor | None = None
+        if prefetch:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmoe-expert-io")
+            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def stats(self) -> CacheStats:
+        """A snapshot of the statistics."""
+        with self._cond:
+            return self._stats
+
+    def reset_stats(self) -> None:
+        """Start the statistics afresh (the cache's contents stay)."""
+        with self._cond:
+            self._stats = CacheStats(
+                self.budget_bytes, resident_bytes=self._held, peak_resident_bytes=self._held
+            )
+
+    def resident(self) -> set[ExpertKey]:
+        """The keys held now (reads in flight included)."""
+        with self._cond:
+            return set(self._entries)
+
+    def wait_for_reads(self) -> None:
+        """Block until no read is in flight (the prefetches queued so far have landed or failed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: all(e.weights is not None for e in self._entries.values()))
+
+    def close(self) -> None:
+        """Stop the I/O thread (waiting for the read in progress); the cache then reads on demand only."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        with self._cond:  # reads that never started give their reservations back
+            for key in [k for k, e in self._entries.items() if e.weights is None and e.in_background]:
+                self._drop(key)
+            self._cond.notify_all()
+
+    def use(self, layer: int, experts: Sequence[int]) -> Generator[tuple[int, ExpertWeights], None, None]:
+        """Yield ``(expert, weights)`` once for each of ``experts`` of ``layer``, resident ones first.
+
+        Each expert stays pinned (never evicted) until the caller asks for the next one.
+        The misses start reading at once (in the background, as far as the budget allows
+        without evicting experts this call still needs), before the first expert is
+        yielded. Use one call at a time, from one thread.
+        """
+        keys = [(layer, int(e)) for e in dict.fromkeys(experts)]
+        with self._cond:
+            self._layer = layer
+            self._score_prediction(layer, [key[1] for key in keys])
+            self._pending = [key for key in self._pending if key[0] != layer]  # needed now, or not at all
+            hits = sum(1 for key in keys if self._landed(key))
+            late = sum(1 for key in keys if key in self._entries and not self._landed(key))
+            self._count(lookups=len(keys), hits=hits, misses=len(keys) - hits, late_prefetches=late)
+            self._needed = set(keys)
+            for key in keys:
+                if key not in self._entries and not self._start_background_read(key, prefetched=False):
+                    break
+            # resident first, then those being read, then the rest (read when reached)
+            order = sorted(keys, key=lambda k: 0 if self._landed(k) else 1 if k in self._entries else 2)
+        return self._serve(order)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Record that ``layer`` is predicted to use ``experts`` and read them in the background.
+
+        The prediction replaces any earlier one for ``layer`` and is scored (precision,
+        recall) when ``layer`` runs. Reads stop at the first expert for which no room
+        can be made without evicting what is needed sooner (or predicted, under the
+        predictive policy).
+        """
+        wanted = [int(e) for e in dict.fromkeys(experts)]
+        with self._cond:
+            self._predicted[layer] = set(wanted)
+            self._pending = [(layer, e) for e in wanted] if self._executor is not None else []
+            self._continue_prefetch()
+
+    # ---------------------------------------------------------------- internals
+    def _continue_prefetch(self) -> None:
+        """Start the pending prefetch reads until one finds no room (lock held)."""
+        while self._pending:
+            key = self._pending[0]
+            if key not in self._entries and not self._start_background_read(key, prefetched=True):
+                return
+            self._pending.pop(0)
+
+    def _serve(self, order: list[ExpertKey]) -> Generator[tuple[int, ExpertWeights], None, None]:
+        try:
+            for key in order:
+                weights = self._acquire(key)
+                try:
+                    yield key[1], weights
+                finally:
+                    with self._cond:
+                        self._entries[key].pins -= 1
+                        self._needed.discard(key)
+                        self._continue_prefetch()  # the served expert may make room for them
+                        self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._needed.clear()
+
+    def _acquire(self, key: ExpertKey) -> ExpertWeights:
+        """The weights of ``key``, pinned: resident, waited for, or read here."""
+        with self._cond:
+            while True:
+                entry = self._entries.get(key)
+                if entry is not None and entry.weights is not None:
+                    self._tick += 1
+                    entry.pins += 1
+                    entry.uses += 1
+                    entry.last_use = self._tick
+                    if entry.prefetched:
+                        entry.prefetched = False
+                        self._count(prefetch_used=1)
+                    return entry.weights
+                if entry is None and self._reserve(key, demand=True):
+                    break
+                if entry is None and not any(e.weights is None for e in self._entries.values()):
+                    held = sorted(k for k, e in self._entries.items() if e.pins or k in self._needed)
+                    raise RuntimeError(
+                        f"no room for expert {key[1]} of layer {key[0]} in the expert budget of "
+                        f"{self.budget_bytes} bytes: every held expert is in use ({held})"
+                    )
+                self._cond.wait()  # its read lands, or a read in flight lands and can be evicted
+        self._read_into(key)  # reserved above; a failed read gives the room back and raises
+        return self._acquire(key)
+
+    def _start_background_read(self, key: ExpertKey, prefetched: bool) -> bool:
+        """Reserve room for ``key`` and queue its read on the I/O thread (lock held); False if no room."""
+        if self._executor is None or not self._reserve(key, demand=False):
+            return False
+        entry = self._entries[key]
+        entry.in_background = True
+        entry.prefetched = prefetched
+        self._executor.submit(self._read_into, key, False)
+        return True
+
+    def _read_into(self, key: ExpertKey, raise_errors: bool = True) -> None:
+        """Read ``key`` into its reserved entry (no lock held while reading)."""
+        try:
+            weights = self.store.read(key)
+        except BaseException:
+            with self._cond:
+                self._drop(key)
+                self._cond.notify_all()
+            if raise_errors:
+                raise
+            return  # a failed prefetch: whoever needs the expert reads it again and sees the error
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.weights = weights
+                self._count(reads=1, bytes_read=entry.nbytes, prefetch_reads=int(entry.prefetched))
+            self._cond.notify_all()
+
+    def _reserve(self, key: ExpertKey, demand: bool) -> bool:
+        """Make room for ``key`` and hold its bytes (lock held); False where the policy finds no room."""
+        nbytes = self.store.nbytes(key)
+        budget = self.budget_bytes
+        if budget is not None and nbytes > budget:
+            raise RuntimeError(
+                f"expert {key[1]} of layer {key[0]} takes {nbytes} bytes, more than the whole "
+                f"expert budget of {budget} bytes"
+            )
+        if budget is not None and self._held + nbytes > budget:
+            # the fewest victims, in the policy's order; none are evicted unless they make room
+            victims, freed = [], 0
+            for victim in self._eviction_order(key, demand):
+                if self._held - freed + nbytes <= budget:
+                    break
+                victims.append(victim)
+                freed += self._entries[victim].nbytes
+            if self._held - freed + nbytes > budget:
+                return False
+            for victim in victims:
+                self._drop(victim)
+            self._count(evictions=len(victims))
+        self._entries[key] = _Entry(nbytes)
+        self._held += nbytes
+        peak = max(self._stats.peak_resident_bytes, self._held)
+        self._stats = replace(self._stats, resident_bytes=self._held, peak_resident_bytes=peak)
+        return True
+
+    def _eviction_order(self, incoming: ExpertKey, demand: bool) -> list[ExpertKey]:
+        """The entries that may be evicted for ``incoming``, first victim first.
+
+        Never a pinned expert, one still being read, or one the running layer has yet
+        to use. A prefetch never evicts a predicted expert either, and under the
+        predictive policy nothing needed sooner than ``incoming``.
+        """
+        entries, predicted = self._entries, self._predicted
+        candidates = [
+            key
+            for key, entry in entries.items()
+            if entry.weights is not None and entry.pins == 0 and key not in self._needed
+        ]
+        if not demand:
+            candidates = [key for key in candidates if key[1] not in predicted.get(key[0], ())]
+            if self.policy == "predictive":
+                soon = self._until_needed(incoming[0])
+                candidates = [key for key in candidates if self._until_needed(key[0]) > soon]
+        if self.policy == "lru":
+            return sorted(candidates, key=lambda k: entries[k].last_use)
+        if self.policy == "lfu":
+            return sorted(candidates, key=lambda k: (entries[k].uses, entries[k].last_use))
+        return sorted(
+            candidates,
+            key=lambda k: (
+                k[1] in predicted.get(k[0], ()),
+                -self._until_needed(k[0]),
+                entries[k].uses,
+                entries[k].last_use,
+            ),
+        )
+
+    def _until_needed(self, layer: int) -> int:
+        """How many layer calls until ``layer`` runs next: 1 for the next layer, ``L`` for the running one."""
+        return (layer - self._layer - 1) % self.num_layers + 1
+
+    def _drop(self, key: ExpertKey) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._held -= entry.nbytes
+            self._stats = replace(self._stats, resident_bytes=self._held)
+
+    def _landed(self, key: ExpertKey) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.weights is not None
+
+    def _score_prediction(self, layer: int, used: list[int]) -> None:
+        predicted = self._predicted.pop(layer, None)
+        if predicted is None:
+            return
+        right = len(predicted.intersection(used))
+        self._count(predicted=len(predicted), predicted_used=right, used_after_prediction=len(used))
+
+    def _count(self, **increments: int) -> None:
+        stats = self._stats
+        self._stats = replace(stats, **{name: getattr(stats, name) + n for name, n in increments.items()})

@@ -1,0 +1,164 @@
+"""Expert weights read directly from ``safetensors`` files, one expert at a time.
+
+Legend: D model dim, F expert hidden dim, H first-projection width (2F gated, else F), E experts.
+
+A ``safetensors`` file is an 8-byte little-endian header length, a JSON header giving
+each tensor's dtype, shape and byte range, then the raw bytes. One expert of a stacked
+``[E, ...]`` tensor is one contiguous byte range, so ``SafetensorsFile.read`` reads just
+those bytes (``os.preadv`` straight into a new tensor): no memory map, so the process
+holds only what it read, and reads from several threads need no lock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flexmoe.experts.cache import ExpertKey, ExpertWeights
+
+__all__ = ["DTYPES", "ExpertPieces", "SafetensorsExpertStore", "SafetensorsFile", "TensorInfo", "TensorSlice"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a ``safetensors`` file: dtype, shape and absolute byte range."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class SafetensorsFile:
+    """The header of one ``safetensors`` file, and reads of whole tensors or of one row of a tensor."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, info in header.items():
+            if info["dtype"] not in DTYPES:
+                continue  # a dtype this reader does not know; reading the tensor raises below
+            begin, end = info["data_offsets"]
+            self.tensors[name] = TensorInfo(
+                DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin, 8 + length + end
+            )
+        self._unknown = {name for name in header if header[name]["dtype"] not in DTYPES}
+        self._local = threading.local()
+
+    def read(self, name: str, index: int | None = None) -> Tensor:
+        """Tensor ``name``, or its row ``index`` (``name[index]``), as a new CPU tensor."""
+        if name in self._unknown:
+            raise ValueError(f"{self.path}: tensor {name!r} has a dtype this reader does not support")
+        info = self.tensors[name]
+        shape, begin, end = info.shape, info.begin, info.end
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                raise IndexError(f"{self.path}: row {index} of {name!r} with shape {shape}")
+            row = (end - begin) // shape[0]
+            shape, begin, end = shape[1:], begin + index * row, begin + (index + 1) * row
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            view = memoryview(out.numpy())  # type: ignore[arg-type]
+            done = 0
+            while done < len(view):  # preadv may return fewer bytes than asked
+                got = os.preadv(self._fd(), [view[done:]], begin + done)
+                if got <= 0:
+                    raise OSError(f"{self.path}: unexpected end of file reading {name!r}")
+                done += got
+        return out.view(info.dtype).reshape(shape)
+
+    def _fd(self) -> int:
+        """The file descriptor of the calling thread (opened on first use, closed with the thread)."""
+        handle = getattr(self._local, "file", None)
+        if handle is None:
+            handle = self._local.file = open(self.path, "rb")  # noqa: SIM115 (lives with the thread)
+        return int(handle.fileno())
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """A tensor in a file, or one row of it (``index``: the expert of a stacked ``[E, ...]`` tensor)."""
+
+    file: SafetensorsFile
+    name: str
+    index: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The slice's shape."""
+        shape = self.file.tensors[self.name].shape
+        return shape[1:] if self.index is not None else shape
+
+    def read(self) -> Tensor:
+        """The slice, read from its file."""
+        return self.file.read(self.name, self.index)
+
+
+@dataclass(frozen=True)
+class ExpertPieces:
+    """Where one expert's weights are: ``w_in``'s pieces (stacked on dim 0: ``[gate; up]``), ``w_out``."""
+
+    w_in: tuple[TensorSlice, ...]
+    w_out: TensorSlice
+
+    @property
+    def w_in_shape(self) -> tuple[int, int]:
+        """``(H, D)`` of the assembled ``w_in``."""
+        shapes = [piece.shape for piece in self.w_in]
+        return sum(s[0] for s in shapes), shapes[0][1]
+
+
+class SafetensorsExpertStore:
+    """An ``ExpertStore`` over ``safetensors`` files: each expert's pieces, read and cast on demand.
+
+    Args:
+        pieces: ``(layer, expert) -> ExpertPieces``.
+        dtype: the dtype the weights are returned in (cast after reading).
+        device: where the weights are returned.
+    """
+
+    def __init__(
+        self, pieces: dict[ExpertKey, ExpertPieces], dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
+        self.pieces = pieces
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes of the expert's ``w_in`` and ``w_out`` in ``dtype``."""
+        pieces = self.pieces[key]
+        numel = math.prod(pieces.w_in_shape) + math.prod(pieces.w_out.shape)
+        return numel * self.dtype.itemsize
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        """The expert's ``(w_in [H, D], w_out [D, F])`` in ``dtype`` on ``device``."""
+        pieces = self.pieces[key]
+        parts = [piece.read() for piece in pieces.w_in]
+        w_in = parts[0] if len(parts) == 1 else torch.cat(parts)
+        w_out = pieces.w_out.read()
+        return w_in.to(self.device, self.dtype), w_out.to(self.device, self.dtype)

@@ -1,0 +1,162 @@
+"""Expert strategy: expert weights in storage, read into a budgeted cache when needed (ExpertFlow).
+
+Legend: T tokens, D model dim, H first-projection width, F expert hidden dim, E experts,
+K top-k, N kept routed slots.
+
+``OffloadedExperts`` runs a layer whose experts live in an ``ExpertCache`` (see
+``flexmoe.experts.cache``) instead of its own Parameters: it dispatches like
+``LocalExperts``, asks the cache for the active experts, and computes each expert's
+rows as soon as that expert is in memory (resident experts first, while the I/O
+thread reads the others). Before computing, it applies the *next* layer's router to
+this layer's input and tells the cache: the next layer's likely experts are read while
+this one computes. Inference only: the cached weights take no gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+
+import torch
+from torch import Tensor, nn
+
+from flexmoe.config import Plan
+from flexmoe.dispatch import make_layout, permute
+from flexmoe.experts import GroupedExperts
+from flexmoe.experts.cache import ExpertCache
+from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts
+from flexmoe.layer.moe_layer import MoELayer
+from flexmoe.layer.stats import ExpertStep
+from flexmoe.routing import Router, RouterOutput
+
+__all__ = ["OffloadedExperts", "offload_experts", "offloaded_cache"]
+
+
+class OffloadedExperts(LocalExperts):
+    """Every expert on this device, but held in an ``ExpertCache`` and read from storage on demand.
+
+    Args:
+        experts: the layer's ``GroupedExperts`` (its activation and backend; its weights
+            are empty placeholders).
+        num_experts: ``E``.
+        batch_prioritized: drop the lowest-scored assignments first under a capacity.
+        cache: the model's expert cache (shared by its layers).
+        layer_index: this layer's id in the cache (the order layers run in).
+        expert_bytes: bytes of one expert's weights (a call of top-k needs ``k`` of them
+            at once: checked against the budget per call, as ``top_k`` can be overridden).
+    """
+
+    def __init__(
+        self,
+        experts: GroupedExperts,
+        num_experts: int,
+        batch_prioritized: bool,
+        cache: ExpertCache,
+        layer_index: int,
+        expert_bytes: int,
+    ) -> None:
+        super().__init__(experts, num_experts, batch_prioritized)
+        self.grouped = experts
+        self.cache = cache
+        self.layer_index = layer_index
+        self.expert_bytes = expert_bytes
+        self.next_router: Router | None = None  # the next layer's router: predicts its experts
+        self.next_top_k = 0
+        self.name = f"layer {layer_index}"
+
+    def predict_next(self, router: Router, top_k: int) -> None:
+        """Predict the next layer's experts with ``router`` (its router) and prefetch them."""
+        self.next_router = router
+        self.next_top_k = top_k
+
+    def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
+        """Dispatch, fetch the active experts through the cache, compute each one's rows."""
+        self.check_budget(call.top_k)
+        layout = make_layout(
+            route.expert_ids_TK,
+            route.weights_TK,
+            self.num_experts,
+            call.capacity_factor,
+            self.batch_prioritized,
+        )
+        row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
+        x_ND = permute(x_TD, layout)
+        counts = layout.counts
+        starts = [0]
+        for count in counts:
+            starts.append(starts[-1] + count)
+        active = [e for e, count in enumerate(counts) if count > 0]
+        # 1. ask for this layer's experts: the misses start reading now
+        served = self.cache.use(self.layer_index, active)
+        # 2. ExpertFlow: the next layer's router on these hidden states predicts its experts
+        if self.next_router is not None:
+            with torch.no_grad():
+                ids_TK = self.next_router.forward(x_TD, self.next_top_k).expert_ids_TK
+            predicted = torch.unique(ids_TK).tolist()  # NOTE: host sync (the expert ids to read)
+            self.cache.prefetch(self.layer_index + 1, predicted)
+        # 3. each expert's rows as soon as its weights are here
+        outputs: dict[int, Tensor] = {}
+        experts = self.grouped
+        with closing(served):
+            for e, (w_in, w_out) in served:
+                rows = slice(starts[e], starts[e + 1])
+                weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
+                outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
+        y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
+        step = ExpertStep(
+            num_tokens=x_TD.shape[0],
+            capacity=layout.capacity,
+            routed_per_expert_E=layout.routed_per_expert_E,
+            tokens_per_expert_E=layout.tokens_per_expert_E,
+            dropped=layout.num_dropped,
+            plan=Plan() if call.plan == "auto" else call.plan,
+            world_size=1,
+        )
+        return ExpertsOutput(y_ND, layout, step)
+
+    def check_budget(self, top_k: int) -> None:
+        """Raise ``ValueError`` if the cache's budget cannot hold the ``top_k`` experts one token needs."""
+        budget = self.cache.budget_bytes
+        need = top_k * self.expert_bytes
+        if budget is not None and need > budget:
+            raise ValueError(
+                f"expert_budget of {budget} bytes is too small: one step of {self.name} needs its "
+                f"top-{top_k} experts in memory at once, {top_k} x {self.expert_bytes} = {need} bytes"
+            )
+
+
+def offload_experts(layer: MoELayer, cache: ExpertCache, layer_index: int) -> OffloadedExperts:
+    """Run ``layer``'s experts from ``cache`` (key ``(layer_index, expert)``); their Parameters become empty.
+
+    The layer must be a single-device layer with the built-in ``GroupedExperts`` without
+    biases. Its ``experts.w_in`` / ``experts.w_out`` are replaced by ``[0, H, D]`` /
+    ``[0, D, F]`` placeholders on the same device and dtype (a meta-device layer stays
+    on the meta device: nothing is allocated). Returns the new strategy.
+    """
+    experts = layer.experts
+    if type(layer.strategy) is not LocalExperts or not isinstance(experts, GroupedExperts):
+        raise ValueError("offload_experts needs a single-device MoELayer with the built-in GroupedExperts")
+    if experts.b_in is not None or experts.b_out is not None:
+        raise ValueError("offload_experts does not support expert biases")
+    w_in, w_out = experts.w_in, experts.w_out
+    H, D, F = w_in.shape[1], w_in.shape[2], w_out.shape[2]
+    expert_bytes = (H * D + D * F) * w_in.dtype.itemsize
+    experts.w_in = nn.Parameter(w_in.new_empty(0, H, D), requires_grad=False)
+    experts.w_out = nn.Parameter(w_out.new_empty(0, D, F), requires_grad=False)
+    strategy = OffloadedExperts(
+        experts,
+        layer.config.num_experts,
+        layer.config.capacity.batch_prioritized,
+        cache,
+        layer_index,
+        expert_bytes,
+    )
+    layer.strategy = strategy
+    return strategy
+
+
+def offloaded_cache(model: nn.Module) -> ExpertCache | None:
+    """The ``ExpertCache`` the offloaded layers of ``model`` read from (``None``: no offloaded layer)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer) and isinstance(module.strategy, OffloadedExperts):
+            return module.strategy.cache
+    return None
