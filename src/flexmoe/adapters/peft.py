@@ -171,6 +171,7 @@ def load_peft_adapter(
     LoRA bias (``ValueError`` otherwise). Experts whose factors are all zero in the file
     (a flexmoe adapter of some experts) get no adapter. ``freeze_base`` as in ``add_lora``.
     """
+    blocks = _blocks(model)
     folder = Path(directory)
     config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
     problems = []
@@ -190,7 +191,7 @@ def load_peft_adapter(
     used: set[str] = set()
     loaded: dict[str, ExpertLoRA] = {}
     plans = []
-    for path, block in _blocks(model).items():
+    for path, block in blocks.items():
         original, experts = _experts_modules(block, path)
         targets = [
             t
