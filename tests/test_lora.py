@@ -341,3 +341,60 @@ def test_add_lora_errors() -> None:
     add_lora(layer, rank=2)
     with pytest.raises(ValueError, match="already"):
         add_lora(layer, rank=2)
+
+
+def test_fused_segments_on_threads_equal_the_loop() -> None:
+    """The fused backend spreads balanced segments over threads: the LoRA terms too."""
+    case = Case(8, 6, 5, 3, "swiglu", False, [4] * 8, [0, 2, 3, 7], ("w_in", "w_out"), True, True, 11)
+    x, rw, grad_y = inputs(case)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, grads = run(make_experts(case, "fused"), case, x, rw, grad_y, "fused")
+    finally:
+        torch.set_num_threads(threads)
+    want_y, want = run(make_experts(case, "loop"), case, x, rw, grad_y, "loop")
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    assert_close_grads(grads, want)
+
+
+def test_layer_backends_agree_with_lora() -> None:
+    """Through a whole MoELayer (routing, capacity, combine): every backend, outputs and grads."""
+    results = []
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        layer = MoELayer(8, 12, 4, top_k=2, backend=backend, capacity_factor=1.0)
+        add_lora(layer, rank=4, alpha=8, experts=[0, 3])
+        with torch.no_grad():
+            for p in layer.experts.lora.parameters():
+                p.normal_(0.0, 0.3)
+        x = torch.randn(3, 7, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        layer(x).square().sum().backward()
+        grads = [p.grad for p in layer.experts.lora.parameters()]
+        results.append((layer(x).detach(), x.grad, grads))
+    for y, grad_x, grads in results[1:]:
+        torch.testing.assert_close(y, results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_x, results[0][1], rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, results[0][2], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_paths_without_lora_support_refuse_an_unmerged_adapter() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, top_k=2)
+    add_lora(layer, rank=2)
+    experts = layer.experts
+    x = torch.randn(4, 8)
+    weights = (experts.w_in, experts.w_out, None, None)
+    with pytest.raises(NotImplementedError, match="spread over ranks"):
+        experts.apply_weights(x, [1, 1, 1, 1], weights)
+    with pytest.raises(NotImplementedError, match=r"torch\.compile"):
+        experts.forward_rows(x, torch.tensor([1, 1, 1, 1]), torch.ones(4))
+    with torch.no_grad():  # packed inference weights (base only) are not used while an adapter is active
+        for p in experts.lora.parameters():
+            p.normal_()
+        experts.prepare_for_inference()
+        y, want = experts(x, [1, 1, 1, 1]), experts(x, [1, 1, 1, 1], backend="loop")
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    merge_lora(layer)
+    experts.apply_weights(x, [1, 1, 1, 1], weights)  # merged: the base path everywhere
