@@ -18,7 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexmoe import MoELayer
-from flexmoe.adapters import add_lora, load_lora_state_dict, lora_state_dict, merge_lora, unmerge_lora
+from flexmoe.adapters import (
+    add_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    remove_lora,
+    unmerge_lora,
+)
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.lora import ExpertLoRA, lora_masks
 from tests.reference import activation_fn
@@ -398,3 +405,22 @@ def test_paths_without_lora_support_refuse_an_unmerged_adapter() -> None:
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     merge_lora(layer)
     experts.apply_weights(x, [1, 1, 1, 1], weights)  # merged: the base path everywhere
+
+
+def test_per_layer_experts_and_remove() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoELayer(8, 12, 4, top_k=2), MoELayer(8, 12, 4, top_k=2))
+    adapters = add_lora(model, rank=2, alpha=2, experts={"1.experts": [2]}, freeze_base=False)
+    assert list(adapters) == ["1.experts"] and adapters["1.experts"].experts == (2,)
+    assert model[0].experts.lora is None
+    assert all(p.requires_grad for name, p in model.named_parameters() if ".lora." not in name)
+    with pytest.raises(ValueError, match="not GroupedExperts paths"):
+        add_lora(model, rank=2, experts={"2.experts": [0]})
+    with torch.no_grad():
+        for p in adapters["1.experts"].parameters():
+            p.normal_()
+    x = torch.randn(5, 8)
+    want = model(x).detach()
+    remove_lora(model, merge=True)
+    assert model[1].experts.lora is None
+    torch.testing.assert_close(model(x).detach(), want, rtol=1e-4, atol=1e-4)
