@@ -31,8 +31,9 @@ RANKS: dict[str, int] = {
     "hf": 5,
     "checkpoint": 5,
     "models": 5,
-    "cli": 6,
-    "__main__": 7,  # `python -m flexmoe`: runs the command
+    "adapters": 6,
+    "cli": 7,
+    "__main__": 8,  # `python -m flexmoe`: runs the command
 }
 
 

@@ -13,6 +13,11 @@ lets the backward get the routing-weight gradient without storing the output.
 ``loop`` is the plain-autograd version (also the clean fallback); ``fused`` has a
 hand-written backward that writes every GEMM into preallocated buffers and recomputes
 the activation instead of storing it; ``grouped_mm`` calls ``torch._grouped_mm``.
+
+With LoRA adapters (``lora``, see ``flexmoe.experts.lora``) every backend adds the
+low-rank terms on the same segments: ``loop`` under plain autograd, ``fused`` inside its
+segment loops with their gradients in its hand-written backward, ``grouped_mm`` as two
+more ``torch._grouped_mm`` calls per projection.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
+from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
 from flexmoe.experts.segments import for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
@@ -56,17 +62,31 @@ def grouped_ffn_loop(
     b_out: Tensor | None,
     activation: str,
     row_weights_N: Tensor | None = None,
+    lora: LoRATerms | None = None,
 ) -> Tensor:
-    """Per-expert loop under plain autograd."""
+    """Per-expert loop under plain autograd (the LoRA terms too: the reference path)."""
     outputs = []
+    mask_in_ND, mask_out_NF = (None, None)
+    if lora is not None:
+        mask_in_ND, mask_out_NF = lora_masks(lora, x_ND.shape[0], x_ND.shape[1], w_out.shape[2], x_ND)
     for e, start, end in segments_of(counts):
-        a = activate(F.linear(x_ND[start:end], w_in[e], None if b_in is None else b_in[e]), activation)
-        if row_weights_N is None:
-            outputs.append(F.linear(a, w_out[e], None if b_out is None else b_out[e]))
-            continue
-        w = row_weights_N[start:end, None]
-        y = F.linear(a * w, w_out[e])
-        outputs.append(y if b_out is None else y + w * b_out[e])
+        x_e = x_ND[start:end]
+        h = F.linear(x_e, w_in[e], None if b_in is None else b_in[e])
+        k = -1 if lora is None else lora.slot_of_expert[e]
+        if lora is not None and k >= 0 and lora.A_in is not None and lora.B_in is not None:
+            x_lora = x_e if mask_in_ND is None else x_e * mask_in_ND[start:end]
+            h = h + lora.scaling * F.linear(F.linear(x_lora, lora.A_in[k]), lora.B_in[k])
+        a = activate(h, activation)
+        w = None if row_weights_N is None else row_weights_N[start:end, None]
+        if w is not None:
+            a = a * w
+        y = F.linear(a, w_out[e], None if b_out is None or w is not None else b_out[e])
+        if b_out is not None and w is not None:
+            y = y + w * b_out[e]
+        if lora is not None and k >= 0 and lora.A_out is not None and lora.B_out is not None:
+            a_lora = a if mask_out_NF is None else a * mask_out_NF[start:end]
+            y = y + lora.scaling * F.linear(F.linear(a_lora, lora.A_out[k]), lora.B_out[k])
+        outputs.append(y)
     if not outputs:
         return x_ND.new_zeros(0, w_out.shape[1])
     return torch.cat(outputs)
@@ -87,6 +107,7 @@ def fused_forward(
     activation: str,
     y_ND: Tensor,
     h_HN: Tensor,
+    lora: SegmentLoRA | None = None,
 ) -> None:
     """The fused forward over a transposed hidden layout, into ``y_ND`` and ``h_HN``.
 
@@ -96,7 +117,8 @@ def fused_forward(
     blocks ``[:F]`` and ``[F:]``, so every elementwise op runs on contiguous memory
     (strided half-views run 4x slower on CPU), while each projection and its
     gradients stay one GEMM per expert. ``h_HN`` (the pre-activation) is what the
-    backward needs besides ``x``; the activation output is recomputed there.
+    backward needs besides ``x``; the activation output is recomputed there. ``lora``
+    adds its terms segment by segment next to each projection.
     """
     N = x_ND.shape[0]
     F = w_out.shape[2]
@@ -107,6 +129,8 @@ def fused_forward(
             torch.mm(w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
         else:
             torch.addmm(b_in[e, :, None], w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
+        if lora is not None:
+            lora.add_in(e, s, t, h_HN)
 
     for_each_segment(segments, project_in, device)
     a_FN = activation_into(base_activation(activation), h_HN[:F], WORKSPACE.take((F, N), dtype, device))
@@ -123,8 +147,14 @@ def fused_forward(
         else:
             torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
             y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
+        if lora is not None:
+            lora.add_out(e, s, t, y_ND)
 
+    if lora is not None:
+        lora.set_activation(a_FN)
     for_each_segment(segments, project_out, device)
+    if lora is not None:
+        lora.release_activation()
     WORKSPACE.give(a_FN)
 
 
@@ -140,11 +170,14 @@ def fused_backward(
     activation: str,
     needs: tuple[bool, bool, bool, bool, bool, bool],
     grad_x_ND: Tensor | None = None,
+    lora: SegmentLoRA | None = None,
 ) -> Grads:
     """Gradients ``(x, w_in, w_out, b_in, b_out, row_weights)`` of ``fused_forward``.
 
     ``needs`` says which to compute (the rest are ``None``; ``b_in``'s only when asked
     for). ``grad_x_ND``: where to write the input gradient (a pooled buffer if ``None``).
+    ``lora`` (the forward's) adds its paths to these and keeps its factors' gradients
+    in ``lora.grads``.
     """
     need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw = needs
     grad_y_ND = grad_y_ND.contiguous()
@@ -162,11 +195,17 @@ def fused_backward(
 
     # 2. Through the down projection: the gradient of the (weighted) activation.
     grad_a_FN = WORKSPACE.take((F, N), dtype, device)
-    for_each_segment(
-        segments,
-        lambda e, s, t: torch.mm(w_out[e].t(), grad_y_ND[s:t].t(), out=grad_a_FN[:, s:t]),
-        device,
-    )
+    if lora is not None:
+        lora.start_backward(grad_y_ND)
+
+    def project_out_backward(e: int, s: int, t: int) -> None:
+        torch.mm(w_out[e].t(), grad_y_ND[s:t].t(), out=grad_a_FN[:, s:t])
+        if lora is not None:
+            lora.backward_out(e, s, t, grad_y_ND, grad_a_FN)
+
+    for_each_segment(segments, project_out_backward, device)
+    if lora is not None:
+        lora.finish_backward_out(grad_a_FN)
     grad_rw = None
     if row_weights_N is not None:
         if need_rw:
@@ -179,6 +218,10 @@ def fused_backward(
                     grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
         a_FN.mul_(row_weights_N)
         grad_a_FN.mul_(row_weights_N)
+    if lora is not None:
+        lora.set_activation(a_FN)
+        for_each_segment(segments, lora.backward_out_A, device)
+        lora.release_activation()
     grad_w_out = None
     if need_w_out:
         grad_w_out = _empty_grad_like(w_out, segments)
@@ -213,6 +256,8 @@ def fused_backward(
             torch.mm(grad_h_HN[:, s:t], x_ND[s:t], out=grad_w_in[e])
         if grad_x_ND is not None:
             torch.mm(grad_h_HN[:, s:t].t(), w_in[e], out=grad_x_ND[s:t])
+        if lora is not None:
+            lora.backward_in(e, s, t, grad_h_HN, grad_x_ND)
 
     for_each_segment(segments, project_in_backward, device)
     grad_b_in = None
@@ -244,15 +289,24 @@ class _FusedGroupedFFN(torch.autograd.Function):
         b_in: Tensor | None,
         b_out: Tensor | None,
         row_weights_N: Tensor | None,
+        A_in: Tensor | None,
+        B_in: Tensor | None,
+        A_out: Tensor | None,
+        B_out: Tensor | None,
         counts: list[int],
         activation: str,
+        lora_terms: LoRATerms | None,
     ) -> Tensor:
         segments = segments_of(counts)
         N, D = x_ND.shape
         H = w_in.shape[1]
         h_HN = WORKSPACE.take((H, N), x_ND.dtype, x_ND.device)
         y_ND = WORKSPACE.take((N, D), x_ND.dtype, x_ND.device)
-        fused_forward(x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_HN)
+        lora = None
+        if lora_terms is not None:
+            lora = SegmentLoRA(lora_terms.with_tensors((A_in, B_in, A_out, B_out)), x_ND, w_out.shape[2])
+        fused_forward(x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_HN, lora)
+        ctx.lora = lora
         # x is kept as an attribute, not through save_for_backward, so that backward can
         # hand its buffer back to the pool once done (nothing else modifies it: it is the
         # dispatcher's private expert-major copy).
@@ -275,13 +329,25 @@ class _FusedGroupedFFN(torch.autograd.Function):
         x_ND = ctx.x_ND
         needs = ctx.needs_input_grad[:6]
         needs = (needs[0], needs[1], needs[2], needs[3] and ctx.has_b_in, needs[4], needs[5])
+        lora: SegmentLoRA | None = ctx.lora
         grads = fused_backward(
-            grad_y_ND, x_ND, h_HN, w_in, w_out, b_out, row_weights_N, ctx.segments, ctx.activation, needs
+            grad_y_ND,
+            x_ND,
+            h_HN,
+            w_in,
+            w_out,
+            b_out,
+            row_weights_N,
+            ctx.segments,
+            ctx.activation,
+            needs,
+            lora=lora,
         )
-        del ctx.x_ND
+        lora_grads = (None, None, None, None) if lora is None else tuple(lora.grads)
+        del ctx.x_ND, ctx.lora
         WORKSPACE.give(h_HN, grad_y_ND, x_ND)
         ctx.released = True
-        return (*grads, None, None)
+        return (*grads, *lora_grads, None, None, None)
 
 
 def _empty_grad_like(weight: Tensor, segments: list[Segment]) -> Tensor:
@@ -375,19 +441,51 @@ def grouped_ffn_fused(
     b_out: Tensor | None,
     activation: str,
     row_weights_N: Tensor | None = None,
+    lora: LoRATerms | None = None,
 ) -> Tensor:
     """Per-expert GEMMs into preallocated buffers with a hand-written backward.
 
     Saves only ``x`` and the pre-activation for backward (the activation output is
-    recomputed), and never materialises per-expert temporaries.
+    recomputed), and never materialises per-expert temporaries. With ``lora``, a
+    forward without autograd runs the training layout (``fused_forward``), not the
+    token-major inference one.
     """
-    inputs = (x_ND, w_in, w_out, b_in, b_out, row_weights_N)
+    factors = (None, None, None, None) if lora is None else lora.tensors
+    inputs = (x_ND, w_in, w_out, b_in, b_out, row_weights_N, *factors)
     will_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if not will_backward:
+    if not will_backward and lora is None:
         return fused_inference(x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation)
+    if not will_backward:
+        return _fused_forward_only(
+            x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation, lora
+        )
     return _FusedGroupedFFN.apply(  # type: ignore[no-any-return]
-        x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, counts, activation
+        x_ND.contiguous(), w_in, w_out, b_in, b_out, row_weights_N, *factors, counts, activation, lora
     )
+
+
+def _fused_forward_only(
+    x_ND: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    row_weights_N: Tensor | None,
+    counts: list[int],
+    activation: str,
+    lora: LoRATerms | None,
+) -> Tensor:
+    """``fused_forward`` without autograd, into a pooled output (its scratch goes back to the pool)."""
+    N, D = x_ND.shape
+    h_HN = WORKSPACE.take((w_in.shape[1], N), x_ND.dtype, x_ND.device)
+    y_ND = WORKSPACE.take((N, D), x_ND.dtype, x_ND.device)
+    segment_lora = None if lora is None else SegmentLoRA(lora, x_ND, w_out.shape[2])
+    segments = segments_of(counts)
+    fused_forward(
+        x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_HN, segment_lora
+    )
+    WORKSPACE.give(h_HN)
+    return y_ND
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -423,21 +521,46 @@ def grouped_ffn_grouped_mm(
     b_out: Tensor | None,
     activation: str,
     row_weights_N: Tensor | None = None,
+    lora: LoRATerms | None = None,
 ) -> Tensor:
     """``torch._grouped_mm`` over the segments (its autograd formula does the backward)."""
     offsets = torch.tensor(counts, device=x_ND.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     expert_of_row = _expert_of_row(counts, x_ND.device) if (b_in is not None or b_out is not None) else None
+    mask_in_ND, mask_out_NF = (None, None)
+    if lora is not None:
+        mask_in_ND, mask_out_NF = lora_masks(lora, x_ND.shape[0], x_ND.shape[1], w_out.shape[2], x_ND)
     h_NH = torch._grouped_mm(x_ND, w_in.transpose(-2, -1), offs=offsets)
+    if lora is not None and lora.A_in is not None and lora.B_in is not None:
+        h_NH = h_NH + _lora_grouped_mm(x_ND, mask_in_ND, lora.A_in, lora.B_in, lora, offsets)
     if b_in is not None:
         h_NH = h_NH + b_in[expert_of_row]
     a_NF = activate(h_NH, activation)
     if row_weights_N is not None:
         a_NF = a_NF * row_weights_N[:, None]
     y_ND: Tensor = _ContiguousGrad.apply(torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets))
+    if lora is not None and lora.A_out is not None and lora.B_out is not None:
+        y_ND = y_ND + _lora_grouped_mm(a_NF, mask_out_NF, lora.A_out, lora.B_out, lora, offsets)
     if b_out is not None:
         bias_ND = b_out[expert_of_row]
         y_ND = y_ND + (bias_ND if row_weights_N is None else bias_ND * row_weights_N[:, None])
     return y_ND
+
+
+def _lora_grouped_mm(
+    x_NI: Tensor, mask_NI: Tensor | None, A: Tensor, B: Tensor, lora: LoRATerms, offsets: Tensor
+) -> Tensor:
+    """``s * (x A^T) B^T`` per segment as two ``torch._grouped_mm`` (``I``: the projection's input width).
+
+    The factors are spread to one per expert (zero for experts without an adapter):
+    ``E r (I + O)`` values, small next to the weights.
+    """
+    slots = torch.tensor(lora.slot_of_expert, device=x_NI.device)
+    has_adapter_E = (slots >= 0).to(A.dtype)[:, None, None]
+    A_E, B_E = A[slots.clamp(min=0)] * has_adapter_E, B[slots.clamp(min=0)] * has_adapter_E
+    x_lora = x_NI if mask_NI is None else x_NI * mask_NI
+    u_Nr = torch._grouped_mm(x_lora, A_E.transpose(-2, -1), offs=offsets)
+    delta: Tensor = _ContiguousGrad.apply(torch._grouped_mm(u_Nr, B_E.transpose(-2, -1), offs=offsets))
+    return delta * lora.scaling
 
 
 def grouped_ffn_grouped_mm_rows(
@@ -486,6 +609,7 @@ def grouped_ffn(
     b_out: Tensor | None,
     activation: str,
     row_weights_N: Tensor | None = None,
+    lora: LoRATerms | None = None,
 ) -> Tensor:
-    """Run the named backend (``auto`` is resolved by the caller)."""
-    return _BACKENDS[backend](x_ND, counts, w_in, w_out, b_in, b_out, activation, row_weights_N)
+    """Run the named backend (``auto`` is resolved by the caller); ``lora`` adds adapters' terms."""
+    return _BACKENDS[backend](x_ND, counts, w_in, w_out, b_in, b_out, activation, row_weights_N, lora)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import grouped_ffn, grouped_ffn_grouped_mm_rows, grouped_mm_available
+from flexmoe.experts.lora import ExpertLoRA, LoRATerms
 from flexmoe.experts.ops import routed_experts
 from flexmoe.experts.packed import PackedExpertWeights, packed_ffn_inference, packed_inference_supported
 
@@ -61,6 +62,10 @@ class GroupedExperts(nn.Module):
 
     ``prepare_for_inference()`` opts in to a faster CPU forward without autograd on a
     second, pre-packed copy of the weights (see ``flexmoe.experts.packed``).
+
+    ``lora`` holds LoRA adapters of some experts (an ``ExpertLoRA``, attached by
+    ``flexmoe.adapters.add_lora``); unless merged, every backend adds their terms on the
+    same segments (see ``flexmoe.experts.lora``).
     """
 
     _packed: PackedExpertWeights | None = None  # built by prepare_for_inference()
@@ -88,6 +93,7 @@ class GroupedExperts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))  # type: ignore[arg-type]
         self.b_in = nn.Parameter(torch.empty(num_experts, width, **factory)) if bias else None  # type: ignore[arg-type]
         self.b_out = nn.Parameter(torch.empty(num_experts, dim, **factory)) if bias else None  # type: ignore[arg-type]
+        self.lora: ExpertLoRA | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,11 +110,17 @@ class GroupedExperts(nn.Module):
         self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None = None, backend: str | None = None
     ) -> Tensor:
         """Apply expert ``e`` to its ``counts[e]`` consecutive rows, scaled by ``row_weights_N``."""
-        y_ND = self._forward_packed(x_ND, counts, row_weights_N, backend)
-        if y_ND is not None:
-            return y_ND
+        lora = self.active_lora()
+        if lora is None:
+            y_ND = self._forward_packed(x_ND, counts, row_weights_N, backend)
+            if y_ND is not None:
+                return y_ND
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
-        return self.apply_weights(x_ND, counts, weights, row_weights_N, backend)
+        return self._run(x_ND, counts, weights, row_weights_N, backend, lora)
+
+    def active_lora(self) -> LoRATerms | None:
+        """The LoRA terms a forward adds now: ``None`` without an adapter or with a merged one."""
+        return None if self.lora is None else self.lora.terms()
 
     def apply_weights(
         self,
@@ -120,13 +132,35 @@ class GroupedExperts(nn.Module):
     ) -> Tensor:
         """``forward`` with other weights ``(w_in, w_out, b_in, b_out)`` in this module's layout.
 
-        Expert parallelism runs gathered or sliced weights through here.
+        Expert parallelism runs gathered or sliced weights through here; LoRA adapters do
+        not run there yet (refused unless merged).
         """
+        if self.active_lora() is not None:
+            raise NotImplementedError(
+                "LoRA adapters on experts spread over ranks are not supported yet; merge them first "
+                "(flexmoe.adapters.merge_lora)"
+            )
+        return self._run(x_ND, counts, weights, row_weights_N, backend, None)
+
+    def _run(
+        self,
+        x_ND: Tensor,
+        counts: list[int],
+        weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+        row_weights_N: Tensor | None,
+        backend: str | None,
+        lora: LoRATerms | None,
+    ) -> Tensor:
         x_ND, (w_in, w_out, b_in, b_out), row_weights_N = _in_compute_dtype(x_ND, weights, row_weights_N)
-        widths = (w_in.shape[2], w_in.shape[1], w_out.shape[2])
+        widths: tuple[int, ...] = (w_in.shape[2], w_in.shape[1], w_out.shape[2])
+        if lora is not None:
+            lora = lora.to(x_ND.dtype)
+            widths = (*widths, lora.rank())  # torch._grouped_mm's alignment holds for r too
         name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype, widths)
         with torch.autocast(x_ND.device.type, enabled=False):
-            return grouped_ffn(name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N)
+            return grouped_ffn(
+                name, x_ND, counts, w_in, w_out, b_in, b_out, self.activation, row_weights_N, lora
+            )
 
     def forward_tokens(
         self, x_TD: Tensor, row_weights_S: Tensor, token_ids_S: Tensor, inverse_S: Tensor, counts_E: Tensor
@@ -137,6 +171,7 @@ class GroupedExperts(nn.Module):
         ``flexmoe.experts.ops.routed_experts``); nothing here reads them on the host, so
         the compiler traces the call with static shapes. Runs the fused backend.
         """
+        self._refuse_compiled_lora()
         params = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_TD, weights, rw_S = _in_compute_dtype(x_TD, params, row_weights_S)
         assert rw_S is not None
@@ -148,11 +183,19 @@ class GroupedExperts(nn.Module):
         ``x_SD`` holds the ``sum(counts_E)`` kept rows first (expert-major, ``counts_E`` a
         tensor), then rows whose output is zero (the dropped slots).
         """
+        self._refuse_compiled_lora()
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S)
         with torch.autocast(x_SD.device.type, enabled=False):
             return grouped_ffn_grouped_mm_rows(
                 x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S
+            )
+
+    def _refuse_compiled_lora(self) -> None:
+        if self.active_lora() is not None:
+            raise NotImplementedError(
+                "LoRA adapters under torch.compile are not supported yet; merge them first "
+                "(flexmoe.adapters.merge_lora) or run eagerly"
             )
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:

@@ -1,0 +1,187 @@
+"""Attaching LoRA adapters to the grouped experts of a model, saving, loading and merging them.
+
+Works on anything that holds ``GroupedExperts``: a ``MoELayer``, a model built from
+them, or a ``transformers`` model converted with ``flexmoe.hf.convert`` (whose experts
+share the ``transformers`` Parameters, so merging changes those).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flexmoe.experts import GroupedExperts
+from flexmoe.experts.lora import TARGETS, ExpertLoRA
+from flexmoe.layer import MoELayer
+
+__all__ = [
+    "add_lora",
+    "load_lora_state_dict",
+    "lora_adapters",
+    "lora_state_dict",
+    "merge_lora",
+    "remove_lora",
+    "unmerge_lora",
+]
+
+
+def grouped_experts(model: nn.Module) -> dict[str, GroupedExperts]:
+    """Every ``GroupedExperts`` of ``model`` by its path (``named_modules``), refusing distributed layers."""
+    for path, module in model.named_modules():
+        if isinstance(module, MoELayer) and module.world_size > 1:
+            raise NotImplementedError(
+                f"{path or 'the model'}: LoRA adapters on experts spread over ranks are not supported yet"
+            )
+    return {path: m for path, m in model.named_modules() if isinstance(m, GroupedExperts)}
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    experts: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    targets: Sequence[str] = TARGETS,
+    use_rslora: bool = False,
+    freeze_base: bool = True,
+) -> dict[str, ExpertLoRA]:
+    """Attach a LoRA adapter to every ``GroupedExperts`` of ``model``; returns them by experts path.
+
+    Args:
+        model: a ``MoELayer``, a ``GroupedExperts``, or any model holding them (a
+            ``transformers`` model converted with ``flexmoe.hf.convert`` included).
+        rank: ``r`` of every adapter.
+        alpha: updates are ``alpha / r * B @ A`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout on the adapters' inputs, in training mode only.
+        experts: the expert ids to adapt in every layer (``None``: all), or a mapping from
+            experts path (a key of the returned dict, e.g. ``"model.layers.0.mlp.moe.experts"``)
+            to ids; layers the mapping leaves out get no adapter.
+        targets: the projections to adapt: ``"w_in"`` (gate and up, ``gate_up_proj``)
+            and/or ``"w_out"`` (down, ``down_proj``).
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
+        freeze_base: set ``requires_grad=False`` on every other parameter of ``model``
+            (routers, experts, attention, ...), so that only the adapters train.
+
+    New adapters start with ``B = 0``: the model's outputs are unchanged until they train.
+    """
+    found = grouped_experts(model)
+    if not found:
+        raise ValueError(f"model has no GroupedExperts to adapt (a {type(model).__name__})")
+    chosen: dict[str, Sequence[int] | None]
+    if isinstance(experts, Mapping):
+        unknown = sorted(set(experts) - set(found))
+        if unknown:
+            raise ValueError(
+                f"experts names {unknown}, which are not GroupedExperts paths of {sorted(found)}"
+            )
+        chosen = {path: experts[path] for path in found if path in experts}
+    else:
+        chosen = dict.fromkeys(found, experts)
+    for path in chosen:
+        if found[path].lora is not None:
+            raise ValueError(f"{path or 'the experts'} already has a LoRA adapter; remove_lora() it first")
+    adapters = {}
+    for path, ids in chosen.items():
+        module = found[path]
+        adapters[path] = ExpertLoRA(
+            module.num_experts,
+            module.dim,
+            module.w_in.shape[1],
+            module.hidden_dim,
+            rank,
+            alpha,
+            dropout,
+            ids,
+            targets,
+            use_rslora,
+            device=module.w_in.device,
+            dtype=module.w_in.dtype,
+        )
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for path, adapter in adapters.items():
+        found[path].lora = adapter
+    return adapters
+
+
+def lora_adapters(model: nn.Module) -> dict[str, ExpertLoRA]:
+    """The LoRA adapters attached to ``model``'s experts, by experts path."""
+    return {path: m.lora for path, m in grouped_experts(model).items() if m.lora is not None}
+
+
+def _prefix(path: str) -> str:
+    return f"{path}.lora." if path else "lora."
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapters' factors and expert ids, by ``<experts path>.lora.<name>`` (detached).
+
+    Only the adapters: the base model saves as before (``state_dict`` of a converted
+    ``transformers`` model still writes the original checkpoint names).
+    """
+    state = {}
+    for path, adapter in lora_adapters(model).items():
+        for name, value in adapter.state_dict().items():
+            state[_prefix(path) + name] = value.detach()
+    return state
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Copy ``lora_state_dict`` values into adapters already attached with the same settings.
+
+    Every adapter entry must be given and every given entry must match an adapter of the
+    same shape and expert ids (``ValueError`` otherwise, naming the entries).
+    """
+    expected: dict[str, Tensor] = {}
+    for path, adapter in lora_adapters(model).items():
+        for name, value in adapter.state_dict(keep_vars=True).items():
+            expected[_prefix(path) + name] = value
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"LoRA state dict: missing entries {missing}, unexpected entries {unexpected}")
+    for key, held in expected.items():
+        value = state_dict[key]
+        if tuple(value.shape) != tuple(held.shape):
+            raise ValueError(
+                f"LoRA state dict: {key} has shape {tuple(value.shape)}, expected {tuple(held.shape)}"
+            )
+        if key.endswith("expert_ids") and not torch.equal(value.to(held.device), held):
+            raise ValueError(f"LoRA state dict: {key} adapts experts {value.tolist()}, not {held.tolist()}")
+    for key, held in expected.items():
+        held.copy_(state_dict[key])
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every unmerged adapter into its experts' ``w_in`` / ``w_out`` (in place).
+
+    Then the forward runs the base path at base speed; ``unmerge_lora`` subtracts the
+    updates again (equal up to rounding). Train only unmerged adapters: while merged, the
+    forward does not use the factors, so they get no gradient.
+    """
+    for module in grouped_experts(model).values():
+        if module.lora is not None and not module.lora.merged:
+            module.lora.merge_into(module.w_in, module.w_out)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo ``merge_lora`` for every merged adapter."""
+    for module in grouped_experts(model).values():
+        if module.lora is not None and module.lora.merged:
+            module.lora.unmerge_from(module.w_in, module.w_out)
+
+
+def remove_lora(model: nn.Module, merge: bool = False) -> None:
+    """Detach every adapter; with ``merge``, fold unmerged ones into the weights first.
+
+    A merged adapter stays folded into the weights; the base parameters keep their
+    ``requires_grad`` (``add_lora`` froze them).
+    """
+    if merge:
+        merge_lora(model)
+    for module in grouped_experts(model).values():
+        module.lora = None
