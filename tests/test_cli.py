@@ -45,6 +45,16 @@ def test_train_learns_and_writes_a_run_directory(tmp_path, capsys):
     assert page.count("<img") == 7 and "evaluation loss" in page and "dropless" in page
 
 
+def test_top_p_routing_trains_and_logs_experts_per_token(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", *SMALL, "--top-k", "3", "--top-p", "0.3", "--run-dir", str(run), "--no-progress"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    layers = [layer for r in records if "loss" in r for layer in r["layers"]]
+    assert layers and all(1 <= layer["experts_per_token"] < 3 for layer in layers)
+    assert all(layer["assignments"] == sum(layer["routed"]) for layer in layers)
+    assert json.loads((run / "config.json").read_text())["top_p"] == 0.3
+
+
 def test_options_come_from_a_config_file(tmp_path, capsys):
     config = tmp_path / "train.toml"
     config.write_text("steps = 4\nbatch-size = 2\ncontext = 16\ndim = 32\nlog_every = 2\nexperts = 4\n")

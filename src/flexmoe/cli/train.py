@@ -225,6 +225,8 @@ def build(config: TrainConfig, rank: int, world: int) -> Trainer:
         num_heads=config.heads,
         num_experts=config.experts,
         top_k=config.top_k,
+        top_p=config.top_p,
+        min_k=config.min_k,
         expert_hidden_dim=config.expert_hidden,
         capacity_factor=config.capacity_factor,
         load_balance_weight=config.load_balance_weight,

@@ -70,6 +70,17 @@ class TrainConfig:
     heads: int = field(default=4, metadata=_meta("attention heads, >= 1"))
     experts: int = field(default=8, metadata=_meta("experts per MoE layer, >= --top-k"))
     top_k: int = field(default=2, metadata=_meta("experts each token is routed to, in [1, --experts]"))
+    top_p: float | None = field(
+        default=None,
+        metadata=_meta(
+            "top-p routing: each token takes the fewest of its --top-k best experts whose "
+            "probabilities reach this, in (0, 1]; single worker (none: always --top-k)",
+            kind="float",
+        ),
+    )
+    min_k: int = field(
+        default=1, metadata=_meta("the fewest experts a token takes under --top-p, in [1, --top-k]")
+    )
     expert_hidden: int = field(default=256, metadata=_meta("hidden width of each expert, >= 1"))
     capacity_factor: float = field(
         default=0.0, metadata=_meta(">0: fixed capacity, <0: adaptive cap, 0: dropless", kind="float")
@@ -153,6 +164,13 @@ class TrainConfig:
             object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
         if self.top_k > self.experts:
             raise OptionError("top_k", f"must be <= --experts ({self.experts}), got {self.top_k}")
+        if self.min_k > self.top_k:
+            raise OptionError("min_k", f"must be <= --top-k ({self.top_k}), got {self.min_k}")
+        if self.top_p is not None and self.workers > 1:
+            raise OptionError(
+                "top_p",
+                f"runs on a single worker (expert parallelism refuses it), got --workers {self.workers}",
+            )
         if self.dim % self.heads != 0:
             raise OptionError("heads", f"must divide --dim ({self.dim}), got {self.heads}")
         if self.workers > 1:
@@ -219,7 +237,14 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
 def _checked(f: dataclasses.Field[Any], value: object) -> object:
     """``value`` of field ``f``, checked and normalised (an int float becomes a float, text a path)."""
     kind = f.metadata["kind"]
+    if value is None and f.default is None:
+        return None
     if kind == "float":
+        if f.name == "top_p":
+            number = check_float(f.name, value, positive=True)
+            if number > 1:
+                raise OptionError(f.name, f"must be a finite number in (0, 1], got {value!r}")
+            return number
         if f.name == "lr":
             return check_float(f.name, value, positive=True)
         if f.name == "load_balance_weight":
@@ -231,8 +256,6 @@ def _checked(f: dataclasses.Field[Any], value: object) -> object:
         return check_bool(f.name, value)
     if kind == "choice":
         return check_choice(f.name, value, f.metadata["choices"])
-    if value is None and f.default is None:
-        return None
     minimum, maximum = _INT_RANGES.get(f.name, (1, None))
     return check_int(f.name, value, minimum=minimum, maximum=maximum)
 

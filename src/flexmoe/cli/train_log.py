@@ -231,7 +231,8 @@ def _layer_record(stats: MoEStats) -> dict[str, Any]:
     return {
         "routed": stats.routed_per_expert.tolist(),
         "dropped": stats.dropped,
-        "assignments": stats.num_tokens * stats.top_k,
+        "assignments": int(stats.routed_per_expert.sum()),
+        "experts_per_token": stats.mean_experts_per_token,
         "load_max_over_mean": stats.load_max_over_mean,
         "plan": plan_text(stats.plan),
         "tuner": stats.tuner.phase if stats.tuner is not None else None,

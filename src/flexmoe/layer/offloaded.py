@@ -77,6 +77,7 @@ class OffloadedExperts(LocalExperts):
             self.num_experts,
             call.capacity_factor,
             self.batch_prioritized,
+            route.valid_TK,
         )
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         x_ND = permute(x_TD, layout)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexmoe.config import Plan
+from flexmoe.config import Plan, RouterConfig
 from flexmoe.layer import MoELayer, name_moe_layers
 
 __all__ = ["TinyMoELM", "TinyMoELMConfig"]
@@ -28,6 +28,8 @@ class TinyMoELMConfig:
     num_heads: int = 4
     num_experts: int = 8
     top_k: int = 2
+    top_p: float | None = None  # top-p routing (a per-token number of experts), see RouterConfig
+    min_k: int = 1
     expert_hidden_dim: int = 256
     capacity_factor: float = 0.0
     load_balance_weight: float = 0.01
@@ -52,6 +54,7 @@ class _Block(nn.Module):
             config.expert_hidden_dim,
             config.num_experts,
             config.top_k,
+            router=RouterConfig(top_p=config.top_p, min_k=config.min_k),
             capacity_factor=config.capacity_factor,
             load_balance_weight=config.load_balance_weight,
         )
