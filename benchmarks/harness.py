@@ -85,10 +85,11 @@ class MachineLimits:
     gemm_flops: float  # dense fp32 GEMM FLOP/s (square, size below)
     gemm_size: int
     read_bandwidth: float  # bytes/s, streaming reduction over a buffer far larger than cache
+    dtype: str = "fp32"  # of the GEMM
 
     def describe(self) -> str:
         return (
-            f"dense GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s (fp32 {self.gemm_size}^3), "
+            f"dense GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s ({self.dtype} {self.gemm_size}^3), "
             f"read bandwidth {self.read_bandwidth / 1e9:.1f} GB/s"
         )
 
@@ -104,7 +105,8 @@ def machine_limits(
     gemm = measure(lambda: torch.mm(a, b, out=out), warmup=3, repeats=9, device=device)
     buffer = torch.ones(64 * 1024 * 1024, device=device, dtype=torch.float32)  # 256 MiB
     read = measure(lambda: buffer.sum(), warmup=2, repeats=9, device=device)
-    return MachineLimits(2 * size**3 / gemm.median, size, buffer.numel() * 4 / read.median)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return MachineLimits(2 * size**3 / gemm.median, size, buffer.numel() * 4 / read.median, name)
 
 
 def environment() -> dict[str, Any]:

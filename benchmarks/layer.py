@@ -16,6 +16,7 @@ BLAS calls, hence a bound on the speed-up any of them can reach over another.
     python benchmarks/layer.py                 # all cases
     python benchmarks/layer.py --cases A C --repeats 9 --json out.json
     python benchmarks/layer.py --cases A B --compile   # adds the torch.compile rows
+    python benchmarks/layer.py --precision bf16         # bf16 layers (or autocast: fp32 under autocast)
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def build_hf(case: Case, layer: flexmoe.MoELayer, implementation: str) -> torch.
     return block
 
 
-def step_fn(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bool) -> Callable[[], Any]:
+def step_fn(
+    module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, train: bool, autocast: bool = False
+) -> Callable[[], Any]:
+    """One timed step; ``autocast``: fp32 parameters under ``torch.autocast(bf16)``."""
     params = list(module.parameters())
     if train:
 
@@ -103,19 +107,21 @@ def step_fn(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, train:
             for p in params:
                 p.grad = None
             x.grad = None
-            module(x).backward(grad)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = module(x)
+            y.backward(grad.to(y.dtype))
 
         return step
 
     def infer() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             module(x)
 
     return infer
 
 
 def expert_gemms_only(
-    layer: flexmoe.MoELayer, counts: list[int], train: bool, parallel: bool
+    layer: flexmoe.MoELayer, counts: list[int], train: bool, parallel: bool, dtype: torch.dtype
 ) -> Callable[[], None]:
     """The step's expert GEMMs and nothing else: a floor for any implementation built on them.
 
@@ -125,11 +131,11 @@ def expert_gemms_only(
     or allocation. ``parallel`` runs whole GEMMs on separate cores (flexmoe's segment
     runner, when the segments balance), otherwise one after another on all cores.
     """
-    w_in, w_out = layer.experts.w_in.detach(), layer.experts.w_out.detach()
+    w_in, w_out = layer.experts.w_in.detach().to(dtype), layer.experts.w_out.detach().to(dtype)
     num_rows, (width, dim), hidden = sum(counts), w_in.shape[1:], w_out.shape[2]
-    x, g, y, dx = (torch.randn(num_rows, dim) for _ in range(4))
-    h, dh = torch.randn(num_rows, width), torch.randn(num_rows, width)
-    a, da = torch.randn(num_rows, hidden), torch.randn(num_rows, hidden)
+    x, g, y, dx = (torch.randn(num_rows, dim, dtype=dtype) for _ in range(4))
+    h, dh = torch.randn(num_rows, width, dtype=dtype), torch.randn(num_rows, width, dtype=dtype)
+    a, da = torch.randn(num_rows, hidden, dtype=dtype), torch.randn(num_rows, hidden, dtype=dtype)
     dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
     segments = segments_of(counts)
 
@@ -153,49 +159,62 @@ def expert_gemms_only(
     return step
 
 
-def run_case(case: Case, repeats: int, limits: Any, with_loop: bool, compiled: bool) -> dict[str, Any]:
+def run_case(
+    case: Case, repeats: int, limits: Any, with_loop: bool, compiled: bool, precision: str = "fp32"
+) -> dict[str, Any]:
+    """Every contestant on one case; ``precision``: ``fp32``, ``bf16`` (converted) or ``autocast``."""
     torch.manual_seed(0)
+    autocast = precision == "autocast"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of parameters and input
+    compute = torch.float32 if precision == "fp32" else torch.bfloat16
     layer = build_flexmoe(case, "auto")
-    x = torch.randn(1, case.tokens, case.dim, requires_grad=case.train)
+    x = torch.randn(1, case.tokens, case.dim).to(dtype).requires_grad_(case.train)
     grad = torch.randn(1, case.tokens, case.dim)
-    candidates: dict[str, Callable[[], Any]] = {"flexmoe": step_fn(layer, x, grad, case.train)}
+
+    def step(module: torch.nn.Module) -> Callable[[], Any]:
+        return step_fn(module, x, grad, case.train, autocast)
+
+    hf_blocks: dict[str, torch.nn.Module] = {}
+    for impl in ("eager", "grouped_mm"):
+        block = build_hf(case, layer, impl)  # copies the fp32 weights, then converted below
+        if block is not None:
+            hf_blocks[impl] = block.to(dtype)
+    layer.to(dtype)
+    candidates: dict[str, Callable[[], Any]] = {"flexmoe": step(layer)}
     checked: dict[str, torch.nn.Module] = {}
     if not case.train:
         # The same weights (shared, not copied) with the opt-in packed inference copy.
-        prepared = build_flexmoe(case, "auto")
+        prepared = build_flexmoe(case, "auto").to(dtype)
         prepared.load_state_dict(layer.state_dict(), assign=True)
         assert isinstance(prepared.experts, flexmoe.experts.GroupedExperts)
         if prepared.experts.prepare_for_inference():
-            candidates["flexmoe[prepared]"] = step_fn(prepared, x, grad, case.train)
+            candidates["flexmoe[prepared]"] = step(prepared)
             checked["flexmoe[prepared]"] = prepared
     if with_loop:
-        loop_layer = build_flexmoe(case, "loop")
+        loop_layer = build_flexmoe(case, "loop").to(dtype)
         loop_layer.load_state_dict(layer.state_dict())
-        candidates["flexmoe[loop]"] = step_fn(loop_layer, x, grad, case.train)
-    hf_blocks: dict[str, torch.nn.Module] = {}
-    for impl in ("eager", "grouped_mm"):
-        block = build_hf(case, layer, impl)
-        if block is not None:
-            hf_blocks[impl] = block
-            candidates[f"hf[{impl}]"] = step_fn(block, x, grad, case.train)
+        candidates["flexmoe[loop]"] = step(loop_layer)
+    for impl, block in hf_blocks.items():
+        candidates[f"hf[{impl}]"] = step(block)
     if compiled:
         # torch.compile with its defaults (Inductor); the same modules, so the same weights.
         flexmoe_compiled = torch.compile(layer, fullgraph=True)
-        candidates["flexmoe[compiled]"] = step_fn(flexmoe_compiled, x, grad, case.train)
+        candidates["flexmoe[compiled]"] = step(flexmoe_compiled)
         checked["flexmoe[compiled]"] = flexmoe_compiled
         if "grouped_mm" in hf_blocks:
             hf_compiled = torch.compile(hf_blocks["grouped_mm"])
             hf_blocks["grouped_mm+compile"] = hf_compiled
-            candidates["hf[grouped_mm+compile]"] = step_fn(hf_compiled, x, grad, case.train)
+            candidates["hf[grouped_mm+compile]"] = step(hf_compiled)
 
     # Same math, same weights: check before timing.
     checked.update({f"hf[{impl}]": block for impl, block in hf_blocks.items()})
-    with torch.no_grad():
-        ours = layer(x)
+    tolerance = 1e-4 if precision == "fp32" else 5e-2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = layer(x).float()
         for name, module in checked.items():
-            diff = (module(x) - ours).abs().max().item()
+            diff = (module(x).float() - ours).abs().max().item()
             scale = ours.abs().max().item()
-            if diff > 1e-4 * max(scale, 1.0):
+            if diff > tolerance * max(scale, 1.0):
                 raise RuntimeError(f"case {case.name}: flexmoe and {name} differ by {diff:.3g}")
     stats = layer.stats
     assert stats is not None
@@ -203,16 +222,17 @@ def run_case(case: Case, repeats: int, limits: Any, with_loop: bool, compiled: b
     width = 2 * case.hidden if case.activation in ("swiglu", "geglu") else case.hidden
     flops = 2 * kept * case.dim * (width + case.hidden) * (3 if case.train else 1)
     active = int((stats.tokens_per_expert > 0).sum())
-    weight_bytes = active * case.dim * (width + case.hidden) * layer.experts.w_in.element_size()
+    weight_bytes = active * case.dim * (width + case.hidden) * compute.itemsize
 
     counts = [int(n) for n in stats.tokens_per_expert.tolist()]
-    candidates["GEMMs only[seq]"] = expert_gemms_only(layer, counts, case.train, parallel=False)
-    candidates["GEMMs only[par]"] = expert_gemms_only(layer, counts, case.train, parallel=True)
+    candidates["GEMMs only[seq]"] = expert_gemms_only(layer, counts, case.train, False, compute)
+    candidates["GEMMs only[par]"] = expert_gemms_only(layer, counts, case.train, True, compute)
 
     # The machine's dense-GEMM throughput, timed round-robin with the candidates so that
-    # clock-speed drift affects it alike: square fp32 GEMMs of about the step's FLOPs.
+    # clock-speed drift affects it alike: square GEMMs in the compute dtype, of about the
+    # step's FLOPs.
     size = limits.gemm_size
-    a, b, out = (torch.randn(size, size) for _ in range(3))
+    a, b, out = (torch.randn(size, size, dtype=compute) for _ in range(3))
     gemm_reps = max(1, round(flops / (2 * size**3)))
     candidates["dense GEMM"] = lambda: [torch.mm(a, b, out=out) for _ in range(gemm_reps)]
     timings = measure_interleaved(candidates, warmup=1, repeats=repeats)
@@ -300,6 +320,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-loop", action="store_true", help="skip the per-expert autograd loop baseline")
     parser.add_argument("--json", default=None, help="write all results to this file")
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "autocast"),
+        default="fp32",
+        help="fp32; bf16 (every contestant converted with .to(bfloat16)); autocast (fp32 parameters "
+        "under torch.autocast(bfloat16)). The dense-GEMM rate and the GEMM floor use the compute dtype.",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also time torch.compile'd flexmoe (fullgraph) and transformers grouped_mm (Inductor)",
@@ -308,16 +335,16 @@ def main(argv: list[str] | None = None) -> None:
 
     env = environment()
     print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
-    limits = machine_limits()
+    compute = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    print("precision:", args.precision)
+    limits = machine_limits(dtype=compute)
     print("machine:", limits.describe())
     results = {}
     for name in args.cases:
         case = CASES[name]
-        results[name] = run_case(
-            case, args.repeats, limits, with_loop=not args.no_loop, compiled=args.compile
-        )
+        results[name] = run_case(case, args.repeats, limits, not args.no_loop, args.compile, args.precision)
         print_case(case, results[name])
-    limits_after = machine_limits()
+    limits_after = machine_limits(dtype=compute)
     print("\nmachine after:", limits_after.describe(), "(large drift means the numbers above are noisy)")
     write_json(
         args.json,
