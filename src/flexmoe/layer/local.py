@@ -34,7 +34,7 @@ from flexmoe.layer.stats import ExpertStep
 from flexmoe.routing import RouterOutput
 from flexmoe.workspace import WORKSPACE
 
-__all__ = ["Call", "ExpertsOutput", "LocalExperts", "run_experts"]
+__all__ = ["Call", "ExpertsOutput", "LocalExperts", "local_step", "run_experts"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ def run_experts(experts: nn.Module, x_ND: Tensor, counts: list[int], row_weights
         got = tuple(y_ND.shape) if isinstance(y_ND, Tensor) else type(y_ND).__name__
         raise ValueError(f"experts must return the shape of its input {tuple(x_ND.shape)}, got {got}")
     return y_ND * row_weights_N.to(y_ND.dtype)[:, None]
+
+
+def local_step(num_tokens: int, layout: DispatchLayout | StaticLayout, call: Call) -> ExpertStep:
+    """The facts of a call whose experts all ran in this process."""
+    dropped = layout.dropped if isinstance(layout, StaticLayout) else layout.num_dropped
+    return ExpertStep(
+        num_tokens=num_tokens,
+        capacity=layout.capacity,
+        routed_per_expert_E=layout.routed_per_expert_E,
+        tokens_per_expert_E=layout.tokens_per_expert_E,
+        dropped=dropped,
+        plan=Plan() if call.plan == "auto" else call.plan,
+        world_size=1,
+    )
 
 
 class LocalExperts:
@@ -130,16 +144,7 @@ class LocalExperts:
         )
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         y_ND = run_experts(self.experts, permute(x_TD, layout), layout.counts, row_weights_N)
-        step = ExpertStep(
-            num_tokens=x_TD.shape[0],
-            capacity=layout.capacity,
-            routed_per_expert_E=layout.routed_per_expert_E,
-            tokens_per_expert_E=layout.tokens_per_expert_E,
-            dropped=layout.num_dropped,
-            plan=Plan() if call.plan == "auto" else call.plan,
-            world_size=1,
-        )
-        return ExpertsOutput(y_ND, layout, step)
+        return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
     def _run_static(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput:
         assert isinstance(self.experts, GroupedExperts)
@@ -160,16 +165,7 @@ class LocalExperts:
         else:
             y = experts.forward_tokens(x_TD, row_weights_S, layout.token_ids_S, layout.inverse_S, counts_E)
             combined = True
-        step = ExpertStep(
-            num_tokens=x_TD.shape[0],
-            capacity=layout.capacity,
-            routed_per_expert_E=layout.routed_per_expert_E,
-            tokens_per_expert_E=layout.tokens_per_expert_E,
-            dropped=layout.dropped,
-            plan=Plan() if call.plan == "auto" else call.plan,
-            world_size=1,
-        )
-        return ExpertsOutput(y, layout, step, combined)
+        return ExpertsOutput(y, layout, local_step(x_TD.shape[0], layout, call), combined)
 
     def end(self, y_TD: Tensor) -> Tensor:
         """Finish a call."""

@@ -19,13 +19,11 @@ from contextlib import closing
 import torch
 from torch import Tensor, nn
 
-from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache
-from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts
+from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
-from flexmoe.layer.stats import ExpertStep
 from flexmoe.routing import Router, RouterOutput
 
 __all__ = ["OffloadedExperts", "offload_experts", "offloaded_cache"]
@@ -103,16 +101,7 @@ class OffloadedExperts(LocalExperts):
                 weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
                 outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
-        step = ExpertStep(
-            num_tokens=x_TD.shape[0],
-            capacity=layout.capacity,
-            routed_per_expert_E=layout.routed_per_expert_E,
-            tokens_per_expert_E=layout.tokens_per_expert_E,
-            dropped=layout.num_dropped,
-            plan=Plan() if call.plan == "auto" else call.plan,
-            world_size=1,
-        )
-        return ExpertsOutput(y_ND, layout, step)
+        return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
     def check_budget(self, top_k: int) -> None:
         """Raise ``ValueError`` if the cache's budget cannot hold the ``top_k`` experts one token needs."""
