@@ -733,6 +733,9 @@ def check_top_p_refused(rank: int, world: int) -> list[str]:
     with pytest.raises(ValueError) as built:
         MoELayer(16, 8, 4, 2, router=RouterConfig(top_p=0.5))
     messages.append(str(built.value))
+    with pytest.raises(ValueError) as zero:
+        MoELayer(16, 8, 4, 2, zero_experts=("skip",))
+    messages.append(str(zero.value))
     layer = MoELayer(16, 8, 4, 2)
     with pytest.raises(ValueError) as called:
         layer(torch.randn(3, 16), top_p=0.5)

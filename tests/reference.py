@@ -17,7 +17,9 @@ the layer's output one token and one choice at a time, following the documented 
    no drop. Default priority: all first choices before second choices, earlier tokens
    first within one choice; ``batch_prioritized``: higher routing weight first, ties by
    the default order;
-3. output: the weighted sum of the kept choices' expert FFNs, plus the shared FFN.
+3. output: the weighted sum of the kept choices' expert FFNs, plus the shared FFN; a
+   choice of a zero-computation expert (id ``E + j``, never dropped) adds its weight
+   times nothing (skip), the token (copy) or a learned vector (constant).
 
 Legend: T tokens, D model dim, E experts, K top-k.
 """
@@ -214,7 +216,7 @@ def route(
     same for the number of choices each token keeps under ``top_p``.
     """
     rcfg = config.router
-    E = config.num_experts
+    E = config.num_choices  # the routed experts, then the zero-computation ones
     ids_all, weights_all, probs_all, logits_all = [], [], [], []
     margin = math.inf
     for t in range(x_TD.shape[0]):
@@ -294,9 +296,15 @@ def kept_assignments(
     loads = [0] * num_experts
     for row in expert_ids:
         for e in row:
-            loads[e] += 1
+            if e < num_experts:  # a zero-computation expert (id >= E) is not dispatched
+                loads[e] += 1
     cap = capacity(capacity_factor, sum(loads), 1, num_experts, loads)
-    order = [(t, k) for k in range(K) for t in range(T) if k < len(expert_ids[t])]
+    order = [
+        (t, k)
+        for k in range(K)
+        for t in range(T)
+        if k < len(expert_ids[t]) and expert_ids[t][k] < num_experts
+    ]
     if batch_prioritized:
         order = sorted(order, key=lambda tk: -weights[tk[0]][tk[1]])  # stable: ties keep default order
     kept: set[tuple[int, int]] = set()
@@ -390,6 +398,16 @@ def shared_expert(config, params: Params, x_D: Tensor) -> Tensor:
     return y
 
 
+def zero_expert(config, params: Params, j: int, x_D: Tensor) -> Tensor:
+    """Zero-computation expert ``j`` on one token: nothing (skip), the token (copy), or its vector."""
+    kinds = config.experts.zero_experts
+    if kinds[j] == "skip":
+        return torch.zeros_like(x_D)
+    if kinds[j] == "copy":
+        return x_D
+    return params["zero_constants"][kinds[:j].count("constant")]
+
+
 def reference_moe(
     config,
     params: Params,
@@ -422,9 +440,11 @@ def reference_moe(
     rows = []
     for t in range(x_TD.shape[0]):
         y = torch.zeros(config.dim, dtype=x_TD.dtype)
-        for k in range(len(routing.expert_ids[t])):
-            if (t, k) in kept:
-                y = y + routing.weights[t][k] * expert(routing.expert_ids[t][k], x_TD[t])
+        for k, e in enumerate(routing.expert_ids[t]):
+            if e >= E:
+                y = y + routing.weights[t][k] * zero_expert(config, params, e - E, x_TD[t])
+            elif (t, k) in kept:
+                y = y + routing.weights[t][k] * expert(e, x_TD[t])
         if config.experts.num_shared_experts > 0:
             y = y + shared_expert(config, params, x_TD[t])
         rows.append(y)
@@ -433,8 +453,9 @@ def reference_moe(
     kept_counts = [0] * E
     for t, row in enumerate(routing.expert_ids):
         for k, e in enumerate(row):
-            routed[e] += 1
-            kept_counts[e] += (t, k) in kept
+            if e < E:
+                routed[e] += 1
+                kept_counts[e] += (t, k) in kept
     return ReferenceOutput(y_TD.reshape(x.shape), routing, kept, cap, kept_counts, routed, priority_margin)
 
 

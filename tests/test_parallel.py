@@ -177,6 +177,7 @@ def test_compiled_model_around_a_distributed_layer():
     assert breaks[0] == breaks[1] == ["forward: Skip inlining `torch.compiler.disable()`d function"] * 2
 
 
-def test_top_p_routing_is_refused_on_distributed_layers():
+def test_variable_routing_is_refused_on_distributed_layers():
+    """Top-p routing and zero-computation experts: a clear refusal on every rank, the group intact."""
     for messages in run_distributed(check_top_p_refused, 2):
         assert all("not supported with expert parallelism" in m for m in messages), messages

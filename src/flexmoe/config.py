@@ -30,11 +30,13 @@ __all__ = [
 RouterKind = Literal["softmax", "sigmoid", "cosine"]
 Activation = Literal["relu", "gelu", "silu", "swiglu", "geglu"]
 Backend = Literal["auto", "loop", "fused", "grouped_mm"]
+ZeroExpert = Literal["skip", "copy", "constant"]
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS: tuple[str, ...] = ("swiglu", "geglu")
 BACKENDS: tuple[str, ...] = ("auto", "loop", "fused", "grouped_mm")
 ROUTER_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "cosine")
+ZERO_EXPERTS: tuple[str, ...] = ("skip", "copy", "constant")
 
 
 def _require(condition: bool, name: str, expected: str, got: object) -> None:
@@ -198,6 +200,10 @@ class ExpertConfig:
             hidden_dim``).
         shared_expert_gate: scale the shared output by a learned sigmoid gate
             (Qwen2-MoE).
+        zero_experts: zero-computation experts (MoE++) the router chooses among next to
+            the routed ones, as experts ``E, E+1, ...``: ``"skip"`` adds nothing,
+            ``"copy"`` adds the token itself, ``"constant"`` a learned vector, each times
+            its routing weight. They take routing weight and no FLOPs.
     """
 
     activation: Activation = "swiglu"
@@ -206,8 +212,15 @@ class ExpertConfig:
     num_shared_experts: int = 0
     shared_hidden_dim: int | None = None
     shared_expert_gate: bool = False
+    zero_experts: tuple[ZeroExpert, ...] = ()
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.zero_experts, tuple) and all(z in ZERO_EXPERTS for z in self.zero_experts),
+            "zero_experts",
+            f"a tuple of {ZERO_EXPERTS}",
+            self.zero_experts,
+        )
         _require(self.activation in ACTIVATIONS, "activation", f"one of {ACTIVATIONS}", self.activation)
         _require(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
         _require(
@@ -444,6 +457,11 @@ class MoEConfig:
     tuner: TunerConfig = field(default_factory=TunerConfig)
     check_finite: bool = False
 
+    @property
+    def num_choices(self) -> int:
+        """What the router chooses among: the routed experts, then the zero-computation ones."""
+        return self.num_experts + len(self.experts.zero_experts)
+
     def __post_init__(self) -> None:
         _require(_is_int(self.dim) and self.dim >= 1, "dim", "an int >= 1", self.dim)
         _require(
@@ -455,7 +473,7 @@ class MoEConfig:
             "an int >= 1",
             self.num_experts,
         )
-        validate_top_k(self.top_k, self.num_experts)
+        validate_top_k(self.top_k, self.num_choices)
         _require(
             self.router.min_k <= self.top_k,
             "router.min_k",
@@ -463,6 +481,8 @@ class MoEConfig:
             self.router.min_k,
         )
         groups = self.router.num_groups
+        if self.experts.zero_experts and groups > 1:
+            raise ValueError("experts.zero_experts cannot be combined with router.num_groups > 1")
         if self.num_experts % groups != 0:
             raise ValueError(f"router.num_groups must divide num_experts={self.num_experts}, got {groups!r}")
         if groups > 1:

@@ -10,6 +10,7 @@ Legend: T tokens, D model dim, E experts, K top-k, N kept routed slots.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -59,6 +60,8 @@ class MoELayer(ExpertPlacementMethods):
         bias: biases in the expert projections.
         backend: expert GEMM backend (``auto``, ``fused``, ``loop``, ``grouped_mm``).
         num_shared_experts, shared_hidden_dim, shared_expert_gate: always-on experts.
+        zero_experts: zero-computation experts (``"skip"``, ``"copy"``, ``"constant"``) the
+            router also chooses among; see ``ExpertConfig.zero_experts``.
         router: ``"softmax"``, ``"sigmoid"``, ``"cosine"`` or a full ``RouterConfig``.
         capacity_factor: ``>0`` fixed, ``<0`` adaptive capped, ``0`` dropless
             (overridable per call).
@@ -118,6 +121,7 @@ class MoELayer(ExpertPlacementMethods):
         num_shared_experts: int = 0,
         shared_hidden_dim: int | None = None,
         shared_expert_gate: bool = False,
+        zero_experts: tuple[str, ...] = (),
         router: str | RouterConfig = "softmax",
         capacity_factor: float = 0.0,
         batch_prioritized: bool = False,
@@ -161,6 +165,7 @@ class MoELayer(ExpertPlacementMethods):
                 num_shared_experts=num_shared_experts,
                 shared_hidden_dim=shared_hidden_dim,
                 shared_expert_gate=shared_expert_gate,
+                zero_experts=zero_experts,  # type: ignore[arg-type]
             ),
             balance=BalanceConfig(
                 load_balance_weight=load_balance_weight,
@@ -214,12 +219,16 @@ class MoELayer(ExpertPlacementMethods):
         self.config = config
         self._default_plan: Plan | str | None = None
         torch_device = None if device is None else torch.device(device)
-        self.router = build_router(config.dim, config.num_experts, config.router, torch_device)
+        self.router = build_router(config.dim, config.num_choices, config.router, torch_device)
         ep = ExpertParallel.create(group, config.num_experts, config.hidden_dim, ranks_per_node, timeout)
         if ep is not None and config.router.top_p is not None:
             raise ValueError(
                 "router.top_p: a per-token number of experts is not supported with expert parallelism "
                 "yet; use top_k routing on a distributed layer"
+            )
+        if ep is not None and config.experts.zero_experts:
+            raise ValueError(
+                "experts.zero_experts: zero-computation experts are not supported with expert parallelism yet"
             )
         self.experts = make_experts(config, experts, device, dtype, None if ep is None else ep.placement)
         self.strategy: LocalExperts | ExpertParallelExperts
@@ -236,9 +245,13 @@ class MoELayer(ExpertPlacementMethods):
             self.shared_experts = DenseFFN(
                 config.dim, hidden, ecfg.activation, ecfg.bias, ecfg.shared_expert_gate, device, dtype
             )
+        self.zero_constants: nn.Parameter | None = None  # the "constant" zero experts' vectors
+        constants = ecfg.zero_experts.count("constant")
+        if constants:
+            self.zero_constants = nn.Parameter(torch.zeros(constants, config.dim, device=device, dtype=dtype))
         self.register_buffer(
             "_pending_counts_E",
-            torch.zeros(config.num_experts, dtype=torch.int64, device=device),
+            torch.zeros(config.num_choices, dtype=torch.int64, device=device),
             persistent=False,
         )
         self.aux_loss = torch.zeros(())
@@ -297,16 +310,52 @@ class MoELayer(ExpertPlacementMethods):
         x_TD, header = strategy.begin(x_TD, call)
         # 2. route
         route = self.router(x_TD, call.top_k, call.top_p)
+        zero_experts = bool(self.config.experts.zero_experts)
+        routed = routed_experts_only(route, self.config.num_experts) if zero_experts else route
         # 3. plan, dispatch and run the experts wherever they live
-        out = strategy.run(x_TD, route, call, header)
+        out = strategy.run(x_TD, routed, call, header)
         # 4. combine: the per-token sum of the weighted expert rows
         y_TD = out.combine()
+        if zero_experts:
+            y_TD = y_TD + self._zero_experts(x_TD, route).to(y_TD.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         terms = self._balance(route, out.step)
-        per_token = count_per_expert(route.experts_per_token(), call.top_k + 1)
-        self._record(StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms, per_token))
+        per_token = count_per_expert(routed.experts_per_token(), call.top_k + 1)
+        source = StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms, per_token)
+        if zero_experts:
+            source = dataclasses.replace(source, zero_expert_choices=self._zero_choices(route))
+        self._record(source)
         return strategy.end(y_TD).reshape(x.shape)
+
+    def _zero_experts(self, x_TD: Tensor, route: RouterOutput) -> Tensor:
+        """What the zero-computation experts add: ``w * x`` (copy), ``w * c`` (constant), nothing (skip)."""
+        E = self.config.num_experts
+        weights_TK = route.weights_TK if route.valid_TK is None else route.weights_TK * route.valid_TK
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        constant = 0
+        for j, kind in enumerate(self.config.experts.zero_experts):
+            coef_T1 = (weights_TK * (route.expert_ids_TK == E + j)).sum(dim=1, keepdim=True)
+            if kind == "skip":  # adds nothing; kept in the graph (its weight's gradient is zero)
+                y_TD = y_TD + 0.0 * coef_T1
+            elif kind == "copy":
+                y_TD = y_TD + coef_T1 * x_TD.float()
+            else:
+                assert self.zero_constants is not None
+                y_TD = y_TD + coef_T1 * self.zero_constants[constant].float()
+                constant += 1
+        return y_TD
+
+    def _zero_choices(self, route: RouterOutput) -> Tensor:
+        """How many of the call's choices went to each zero-computation expert."""
+        E = self.config.num_experts
+        ids = (
+            route.expert_ids_TK
+            if route.valid_TK is None
+            else route.expert_ids_TK.masked_fill(~route.valid_TK, -1)
+        )
+        counts = count_per_expert((ids - E).clamp(min=-1) + 1, len(self.config.experts.zero_experts) + 1)
+        return counts[1:]
 
     def _record(self, source: StatsSource) -> None:
         """Keep what the call's ``stats`` are built from (built on first access: no host sync here)."""
@@ -336,7 +385,7 @@ class MoELayer(ExpertPlacementMethods):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != cfg.dim:
             raise ValueError(f"x must have shape [..., dim={cfg.dim}], got {tuple(x.shape)}")
-        k = cfg.top_k if top_k is None else validate_top_k(top_k, cfg.num_experts)
+        k = cfg.top_k if top_k is None else validate_top_k(top_k, cfg.num_choices)
         if cfg.router.num_groups > 1 and top_k is not None:
             reachable = cfg.router.topk_groups * (cfg.num_experts // cfg.router.num_groups)
             validate_top_k(top_k, reachable, name="top_k (with group-limited routing)")
@@ -398,7 +447,14 @@ class MoELayer(ExpertPlacementMethods):
             aux = aux + bcfg.z_loss_weight * z
         self.aux_loss = aux
         if self.training and bcfg.aux_free_rate > 0:
-            self._pending_counts_E += step.routed_per_expert_E.to(self._pending_counts_E.device)
+            counts_E = step.routed_per_expert_E
+            if self.config.experts.zero_experts:  # the bias covers every choice, zero experts too
+                ids = route.expert_ids_TK
+                valid = torch.ones_like(ids, dtype=torch.bool) if route.valid_TK is None else route.valid_TK
+                counts_E = count_per_expert(
+                    ids.masked_fill(~valid, self.config.num_choices), self.config.num_choices + 1
+                )[:-1]
+            self._pending_counts_E += counts_E.to(self._pending_counts_E.device)
         return (None if balance is None else balance.detach(), None if z is None else z.detach())
 
     def _empty_forward(self, x: Tensor, call: Call, strategy: LocalExperts, backend: str) -> Tensor:
@@ -477,6 +533,14 @@ class MoELayer(ExpertPlacementMethods):
         if not isinstance(self.experts, GroupedExperts):
             return False
         return self.experts.prepare_for_inference()
+
+
+def routed_experts_only(route: RouterOutput, num_experts: int) -> RouterOutput:
+    """``route`` with the choices of zero-computation experts (ids ``>= E``) as unused slots."""
+    real_TK = route.expert_ids_TK < num_experts
+    valid_TK = real_TK if route.valid_TK is None else route.valid_TK & real_TK
+    ids_TK = route.expert_ids_TK.clamp(max=num_experts - 1)  # any id: the slot is unused
+    return dataclasses.replace(route, expert_ids_TK=ids_TK, valid_TK=valid_TK)
 
 
 def name_moe_layers(model: nn.Module, prefix: str = "") -> None:

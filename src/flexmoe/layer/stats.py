@@ -44,9 +44,11 @@ class MoEStats:
         tuner: with ``plan="auto"``, the online tuner's decision for this call (a
             ``flexmoe.planner.TunerDecision``: bucket, phase, predicted time, the previous
             call's measured time), else ``None``.
-        experts_per_token: how many of this rank's tokens used 0, 1, ..., ``top_k`` experts
-            (int64 ``[top_k + 1]``; all ``top_k`` unless top-p routing); see
-            ``mean_experts_per_token``.
+        experts_per_token: how many of this rank's tokens used 0, 1, ..., ``top_k`` routed
+            experts (int64 ``[top_k + 1]``; all ``top_k`` unless top-p routing or
+            zero-computation experts); see ``mean_experts_per_token``.
+        zero_expert_choices: choices that went to each zero-computation expert (int64
+            ``[Z]``), or ``None`` without them.
     """
 
     num_tokens: int
@@ -71,6 +73,7 @@ class MoEStats:
     replica_hits: int = 0
     tuner: TunerDecision | None = None
     experts_per_token: Tensor | None = None
+    zero_expert_choices: Tensor | None = None
 
     @property
     def mean_experts_per_token(self) -> float:
@@ -134,12 +137,15 @@ class StatsSource:
     backend: str
     loss_terms: tuple[Tensor | None, Tensor | None] = (None, None)
     experts_per_token: Tensor | None = None
+    zero_expert_choices: Tensor | None = None
 
     def build(self) -> MoEStats:
         """The call's ``MoEStats`` (a host sync)."""
         stats = build_stats(self.step, self.top_k, self.capacity_factor, self.backend, self.loss_terms)
         if self.experts_per_token is not None:
             stats.experts_per_token = self.experts_per_token.detach().cpu()
+        if self.zero_expert_choices is not None:
+            stats.zero_expert_choices = self.zero_expert_choices.detach().cpu()
         return stats
 
 
