@@ -20,6 +20,7 @@ RANKS: dict[str, int] = {
     "config": 0,
     "workspace": 0,
     "logs": 0,
+    "safetensors_dtypes": 0,
     "routing": 1,
     "dispatch": 1,
     "experts": 1,

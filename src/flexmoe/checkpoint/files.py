@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from flexmoe.checkpoint.errors import CheckpointError
+from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
 
 __all__ = [
     "TensorInfo",
@@ -36,21 +37,7 @@ __all__ = [
 MAX_JSON_BYTES = 256 << 20  # a manifest indexes tensor names: far below this
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
-# safetensors dtype names; an unknown one is refused rather than guessed.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+DTYPES = SAFETENSORS_DTYPES
 
 
 @dataclass(frozen=True)

@@ -23,21 +23,11 @@ import torch
 from torch import Tensor
 
 from flexmoe.experts.cache import ExpertKey, ExpertWeights
+from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
 
 __all__ = ["DTYPES", "ExpertPieces", "SafetensorsExpertStore", "SafetensorsFile", "TensorInfo", "TensorSlice"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+DTYPES = SAFETENSORS_DTYPES
 
 
 @dataclass(frozen=True)
