@@ -163,6 +163,25 @@ def test_top_p_is_checked_and_overrides_one_call() -> None:
     assert layer.stats.experts_per_token.tolist() == [0, 0, 0, 12]  # the configuration: top-3
 
 
+def test_set_routing_changes_later_calls_like_a_layer_built_that_way() -> None:
+    layer = make_layer(top_k=3)
+    x = torch.randn(12, D)
+    config = layer.set_routing(top_k=2, top_p=0.6, capacity_factor=1.5)
+    assert layer.config is config and layer.router.config is config.router
+    built = twin(layer, top_k=2, router=RouterConfig(top_p=0.6), capacity_factor=1.5)
+    torch.testing.assert_close(layer(x), built(x))
+    assert layer.stats.experts_per_token.tolist() == built.stats.experts_per_token.tolist()
+    layer.set_routing(top_p=None)  # None turns top-p off; what is not given is kept
+    assert layer.config.router.top_p is None and layer.config.top_k == 2
+    layer(x)
+    assert layer.stats.experts_per_token.tolist() == [0, 0, 12]
+    with pytest.raises(ValueError, match=r"router\.min_k must be an int in \[1, top_k=2\]"):
+        layer.set_routing(top_p=0.5, min_k=3)
+    assert layer.config.router.top_p is None  # a refused change leaves the layer as it was
+    with pytest.raises(ValueError, match=r"top_k must be"):
+        layer.set_routing(top_k=E + 1)
+
+
 def test_aux_loss_is_zero_without_balancing_terms() -> None:
     layer = make_layer(load_balance_weight=0.0)
     layer(torch.randn(4, D))

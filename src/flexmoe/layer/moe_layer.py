@@ -43,6 +43,16 @@ from flexmoe.routing import RouterOutput, aux_free_bias_update, build_router, lo
 __all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
 
 
+
+class Keep:
+    """The type of ``KEEP``: "leave this setting as it is" where ``None`` is a value."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+
 class MoELayer(ExpertPlacementMethods):
     """A Mixture-of-Experts FFN layer: input ``[..., dim]``, output the same shape.
 
@@ -257,6 +267,46 @@ class MoELayer(ExpertPlacementMethods):
         self.aux_loss = torch.zeros(())
         self._stats_source: StatsSource | None = None
         self._stats: MoEStats | None = None
+
+    def set_routing(
+        self,
+        *,
+        top_k: int | None = None,
+        top_p: float | None | Keep = KEEP,
+        min_k: int | None = None,
+        capacity_factor: float | None = None,
+    ) -> MoEConfig:
+        """Change this layer's routing for every later call, and return the new config.
+
+        ``top_k``, ``min_k`` and ``capacity_factor`` replace the configured values;
+        ``top_p`` sets top-p routing (``None`` turns it off). What is not given is kept.
+        This is how a layer schedule, a mean-k controller or an inference option (fewer
+        experts per token) changes a layer between steps; per-call keyword arguments of
+        ``forward`` override it for one call. The new config is validated as a whole. On a
+        distributed layer every rank must make the same change.
+        """
+        cfg = self.config
+        router = cfg.router if isinstance(top_p, Keep) else dataclasses.replace(cfg.router, top_p=top_p)
+        if min_k is not None:
+            router = dataclasses.replace(router, min_k=min_k)
+        capacity = (
+            cfg.capacity
+            if capacity_factor is None
+            else dataclasses.replace(cfg.capacity, capacity_factor=capacity_factor)
+        )
+        new = dataclasses.replace(
+            cfg, top_k=cfg.top_k if top_k is None else top_k, router=router, capacity=capacity
+        )
+        if self.world_size > 1 and new.router.top_p is not None:
+            raise ValueError(
+                "top_p: a per-token number of experts is not supported with expert parallelism yet; "
+                "use top_k routing on a distributed layer"
+            )
+        self.config = new
+        self.router.config = new.router
+        if isinstance(self.strategy, ExpertParallelExperts):
+            self.strategy.config = new
+        return new
 
     # ------------------------------------------------------------------ forward
     def forward(
