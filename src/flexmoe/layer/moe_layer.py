@@ -43,7 +43,6 @@ from flexmoe.routing import RouterOutput, aux_free_bias_update, build_router, lo
 __all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
 
 
-
 class Keep:
     """The type of ``KEEP``: "leave this setting as it is" where ``None`` is a value."""
 
@@ -52,6 +51,7 @@ class Keep:
 
 
 KEEP = Keep()
+
 
 class MoELayer(ExpertPlacementMethods):
     """A Mixture-of-Experts FFN layer: input ``[..., dim]``, output the same shape.
@@ -272,7 +272,7 @@ class MoELayer(ExpertPlacementMethods):
         self,
         *,
         top_k: int | None = None,
-        top_p: float | None | Keep = KEEP,
+        top_p: float | Keep | None = KEEP,
         min_k: int | None = None,
         capacity_factor: float | None = None,
     ) -> MoEConfig:
