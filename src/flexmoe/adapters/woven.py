@@ -1,0 +1,127 @@
+"""The expert FFN of a multi-adapter batch: base experts with LoRA terms on sub-segments.
+
+Legend: N rows (expert-major), D model dim, F expert hidden dim, H first-projection
+width (2F gated, else F), E base experts, L LoRA slots of one stack, r rank, G groups.
+
+In a multi-adapter batch the rows of base expert ``j`` are sorted as ``[base rows of j,
+rows of adapter a1's LoRA version of j, rows of a2's, ...]``, so one grouped GEMM over
+the ``E`` base-expert groups (the base weights as they are, never copied or gathered)
+computes every row's base projection, and each adapter's low-rank term is added on its
+own sub-segment: the rows of a LoRA stack's slots are gathered, run as two grouped GEMMs
+over the slots' factors, and added back (``index_add``). Plain autograd throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexmoe.experts.activations import activate
+from flexmoe.experts.ffn import resolve_backend
+
+__all__ = ["LoRAPart", "segment_matmul", "woven_ffn"]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (``_grouped_mm`` rejects stride-0 ones)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def segment_matmul(x_NI: Tensor, w_GOI: Tensor, counts_G: np.ndarray, backend: str = "auto") -> Tensor:
+    """``x[rows of group g] @ w[g]^T`` for consecutive row groups of sizes ``counts_G``: ``[N, O]``.
+
+    One ``torch._grouped_mm`` where ``backend`` resolves to ``grouped_mm`` for these widths
+    (see ``flexmoe.experts.ffn.resolve_backend``), else one GEMM per non-empty group.
+    """
+    N = x_NI.shape[0]
+    if N == 0:
+        return x_NI.new_zeros(0, w_GOI.shape[1])
+    widths = (w_GOI.shape[2], w_GOI.shape[1])
+    if resolve_backend(backend, x_NI.device, x_NI.dtype, widths) == "grouped_mm":
+        ends = torch.from_numpy(np.cumsum(counts_G).astype(np.int32)).to(x_NI.device)
+        y: Tensor = torch._grouped_mm(x_NI.contiguous(), w_GOI.transpose(-2, -1), offs=ends)
+        return _ContiguousGrad.apply(y)  # type: ignore[no-any-return]
+    starts = np.cumsum(counts_G) - counts_G
+    outputs = [
+        F.linear(x_NI[int(starts[g]) : int(starts[g] + counts_G[g])], w_GOI[g])
+        for g in np.flatnonzero(counts_G).tolist()
+    ]
+    return torch.cat(outputs)
+
+
+@dataclass(frozen=True)
+class LoRAPart:
+    """One LoRA stack's share of a call: its slots' rows and factors.
+
+    ``rows_n``: the rows (of the main part) of the stack's slots, slot by slot;
+    ``counts_L``: rows per slot; ``A [L, r, I]`` and ``B [L, O, r]`` the slots' factors
+    (``B`` already scaled by ``alpha / r``); ``target``: ``"w_in"`` or ``"w_out"``.
+    """
+
+    target: str
+    rows_n: Tensor
+    counts_L: np.ndarray
+    A: Tensor
+    B: Tensor
+
+    def delta(self, x_NI: Tensor, backend: str) -> Tensor:
+        """``(x_rows A^T) B^T`` slot by slot, ``[n, O]``."""
+        u = segment_matmul(x_NI.index_select(0, self.rows_n), self.A, self.counts_L, backend)
+        return segment_matmul(u, self.B, self.counts_L, backend)
+
+
+def woven_ffn(
+    x_ND: Tensor,
+    group_counts_E: np.ndarray,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+    row_weights_N: Tensor,
+    parts: list[LoRAPart],
+    backend: str = "auto",
+) -> Tensor:
+    """``w * FFN_j(x)`` per row with its base expert ``j`` (the groups) plus its slot's LoRA terms.
+
+    ``group_counts_E[j]`` rows of base expert ``j`` follow each other (base and LoRA rows
+    alike); ``parts`` add each LoRA slot's terms to its rows: ``w_in`` parts to the
+    pre-activation, ``w_out`` parts to the output (of the routing-weighted activation,
+    as the backends do).
+    """
+    # 1. first projection over the base-expert groups, plus the LoRA terms of w_in
+    h_NH = segment_matmul(x_ND, w_in, group_counts_E, backend)
+    group_N = None
+    if b_in is not None or b_out is not None:
+        group_N = torch.repeat_interleave(
+            torch.arange(len(group_counts_E), device=x_ND.device),
+            torch.from_numpy(group_counts_E).to(x_ND.device),
+            output_size=x_ND.shape[0],
+        )
+    if b_in is not None and group_N is not None:
+        h_NH = h_NH + b_in[group_N]
+    for part in parts:
+        if part.target == "w_in":
+            h_NH = h_NH.index_add(0, part.rows_n, part.delta(x_ND, backend))
+    # 2. the routing-weighted activation (the backends' convention: weights before w_out)
+    a_NF = activate(h_NH, activation) * row_weights_N[:, None]
+    # 3. second projection, plus the LoRA terms of w_out
+    y_ND = segment_matmul(a_NF, w_out, group_counts_E, backend)
+    if b_out is not None and group_N is not None:
+        y_ND = y_ND + b_out[group_N] * row_weights_N[:, None]
+    for part in parts:
+        if part.target == "w_out":
+            y_ND = y_ND.index_add(0, part.rows_n, part.delta(a_NF, backend))
+    return y_ND
