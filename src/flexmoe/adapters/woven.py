@@ -99,8 +99,14 @@ def woven_ffn(
     ``group_counts_E[j]`` rows of base expert ``j`` follow each other (base and LoRA rows
     alike); ``parts`` add each LoRA slot's terms to its rows: ``w_in`` parts to the
     pre-activation, ``w_out`` parts to the output (of the routing-weighted activation,
-    as the backends do).
+    as the backends do). ``backend``: the experts' backend for the base GEMMs
+    (``grouped_mm`` or a loop over the groups); the LoRA GEMMs use ``torch._grouped_mm``
+    where it runs unless ``backend`` is ``"loop"``.
     """
+    # The thin LoRA GEMMs run over many small slots (adapters x experts): one
+    # torch._grouped_mm wherever it runs beats a Python loop over them, also on CPU
+    # (where the base GEMMs keep the experts' backend); "loop" stays the plain reference.
+    lora_backend = "loop" if backend == "loop" else "grouped_mm"
     # 1. first projection over the base-expert groups, plus the LoRA terms of w_in
     h_NH = segment_matmul(x_ND, w_in, group_counts_E, backend)
     group_N = None
@@ -114,7 +120,7 @@ def woven_ffn(
         h_NH = h_NH + b_in[group_N]
     for part in parts:
         if part.target == "w_in":
-            h_NH = h_NH.index_add(0, part.rows_n, part.delta(x_ND, backend))
+            h_NH = h_NH.index_add(0, part.rows_n, part.delta(x_ND, lora_backend))
     # 2. the routing-weighted activation (the backends' convention: weights before w_out)
     a_NF = activate(h_NH, activation) * row_weights_N[:, None]
     # 3. second projection, plus the LoRA terms of w_out
@@ -123,5 +129,5 @@ def woven_ffn(
         y_ND = y_ND + b_out[group_N] * row_weights_N[:, None]
     for part in parts:
         if part.target == "w_out":
-            y_ND = y_ND.index_add(0, part.rows_n, part.delta(a_NF, backend))
+            y_ND = y_ND.index_add(0, part.rows_n, part.delta(a_NF, lora_backend))
     return y_ND
