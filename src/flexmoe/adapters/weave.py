@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, check_adapter_fits, experts_of_layers
-from flexmoe.adapters.woven import LoRAPart, woven_ffn
+from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
@@ -78,7 +78,7 @@ class LayerWeave:
         self.lora: dict[tuple[str, int], LoRAStack] = {}
         self.lora_slots: set[tuple[int, int]] = set()  # (expert, adapter)
         self.adapter_ids_B: Tensor | None = None  # per sequence, CPU int64
-        self.uses_adapters = False
+        self.set_adapter_ids(None)
         self.owner: ExpertWeave | None = None
         self.rebuild(0)
 
@@ -163,6 +163,7 @@ class LayerWeave:
         """The per-sequence adapter ids of the following calls (``None``: the base for all)."""
         self.adapter_ids_B = adapter_ids_B
         self.uses_adapters = adapter_ids_B is not None and bool((adapter_ids_B >= 0).any())
+        self.ids_on_device: dict[torch.device, Tensor] = {}  # one copy per device, not one per call
 
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput | None:
         """Run a multi-adapter call (``None`` where every token uses the base)."""
@@ -183,7 +184,10 @@ class LayerWeave:
                 f"adapter_ids: {B} sequences do not divide the {T} tokens of this call ({self.path})"
             )
         E = self.num_experts
-        ids_T = ids_B.to(x_TD.device).repeat_interleave(T // B)
+        ids_on_device = self.ids_on_device.get(x_TD.device)
+        if ids_on_device is None:
+            ids_on_device = self.ids_on_device[x_TD.device] = ids_B.to(x_TD.device)
+        ids_T = ids_on_device.repeat_interleave(T // B)
         virtual_TK = self.expert_map[(ids_T + 1)[:, None] * E + route.expert_ids_TK]
         layout = make_layout(virtual_TK, route.weights_TK, self.num_virtual, 0.0, False, route.valid_TK)
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
@@ -233,7 +237,8 @@ class LayerWeave:
             rows = np.repeat(starts_M[stack.virtual_ids] - (np.cumsum(counts_L) - counts_L), counts_L)
             rows += np.arange(n)
             A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
-            parts.append(LoRAPart(stack.target, torch.from_numpy(rows).to(x_ND.device), counts_L, A, B))
+            rows_n = torch.from_numpy(rows).to(x_ND.device)
+            parts.append(LoRAPart(stack.target, rows_n, Groups(counts_L, x_ND.device), A, B))
         if not parts:  # no LoRA rows in this call: the experts' own forward (every backend)
             y: Tensor = experts(x_ND, group_counts_E.tolist(), row_weights_N)
             return y

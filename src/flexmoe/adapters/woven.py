@@ -24,7 +24,7 @@ from torch import Tensor
 from flexmoe.experts.activations import activate
 from flexmoe.experts.ffn import resolve_backend
 
-__all__ = ["LoRAPart", "segment_matmul", "woven_ffn"]
+__all__ = ["Groups", "LoRAPart", "segment_matmul", "woven_ffn"]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -39,8 +39,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def segment_matmul(x_NI: Tensor, w_GOI: Tensor, counts_G: np.ndarray, backend: str = "auto") -> Tensor:
-    """``x[rows of group g] @ w[g]^T`` for consecutive row groups of sizes ``counts_G``: ``[N, O]``.
+class Groups:
+    """Consecutive row groups of sizes ``counts_G`` (host ints), with their end offsets on the device.
+
+    The offsets are copied to the device once and shared by every GEMM over these groups.
+    """
+
+    def __init__(self, counts_G: np.ndarray, device: torch.device) -> None:
+        self.counts_G = counts_G
+        self.device = device
+        self._ends: Tensor | None = None
+
+    @property
+    def ends(self) -> Tensor:
+        """``cumsum(counts_G)`` as int32 on the device (``torch._grouped_mm``'s ``offs``)."""
+        if self._ends is None:
+            self._ends = torch.from_numpy(np.cumsum(self.counts_G).astype(np.int32)).to(self.device)
+        return self._ends
+
+
+def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "auto") -> Tensor:
+    """``x[rows of group g] @ w[g]^T`` for the consecutive row ``groups``: ``[N, O]``.
 
     One ``torch._grouped_mm`` where ``backend`` resolves to ``grouped_mm`` for these widths
     (see ``flexmoe.experts.ffn.resolve_backend``), else one GEMM per non-empty group.
@@ -50,13 +69,13 @@ def segment_matmul(x_NI: Tensor, w_GOI: Tensor, counts_G: np.ndarray, backend: s
         return x_NI.new_zeros(0, w_GOI.shape[1])
     widths = (w_GOI.shape[2], w_GOI.shape[1])
     if resolve_backend(backend, x_NI.device, x_NI.dtype, widths) == "grouped_mm":
-        ends = torch.from_numpy(np.cumsum(counts_G).astype(np.int32)).to(x_NI.device)
-        y: Tensor = torch._grouped_mm(x_NI.contiguous(), w_GOI.transpose(-2, -1), offs=ends)
+        y: Tensor = torch._grouped_mm(x_NI.contiguous(), w_GOI.transpose(-2, -1), offs=groups.ends)
         return _ContiguousGrad.apply(y)  # type: ignore[no-any-return]
-    starts = np.cumsum(counts_G) - counts_G
+    counts = groups.counts_G
+    starts = np.cumsum(counts) - counts
     outputs = [
-        F.linear(x_NI[int(starts[g]) : int(starts[g] + counts_G[g])], w_GOI[g])
-        for g in np.flatnonzero(counts_G).tolist()
+        F.linear(x_NI[int(starts[g]) : int(starts[g] + counts[g])], w_GOI[g])
+        for g in np.flatnonzero(counts).tolist()
     ]
     return torch.cat(outputs)
 
@@ -66,20 +85,20 @@ class LoRAPart:
     """One LoRA stack's share of a call: its slots' rows and factors.
 
     ``rows_n``: the rows (of the main part) of the stack's slots, slot by slot;
-    ``counts_L``: rows per slot; ``A [L, r, I]`` and ``B [L, O, r]`` the slots' factors
+    ``slots``: rows per slot; ``A [L, r, I]`` and ``B [L, O, r]`` the slots' factors
     (``B`` already scaled by ``alpha / r``); ``target``: ``"w_in"`` or ``"w_out"``.
     """
 
     target: str
     rows_n: Tensor
-    counts_L: np.ndarray
+    slots: Groups
     A: Tensor
     B: Tensor
 
     def delta(self, x_NI: Tensor, backend: str) -> Tensor:
         """``(x_rows A^T) B^T`` slot by slot, ``[n, O]``."""
-        u = segment_matmul(x_NI.index_select(0, self.rows_n), self.A, self.counts_L, backend)
-        return segment_matmul(u, self.B, self.counts_L, backend)
+        u = segment_matmul(x_NI.index_select(0, self.rows_n), self.A, self.slots, backend)
+        return segment_matmul(u, self.B, self.slots, backend)
 
 
 def woven_ffn(
@@ -108,7 +127,8 @@ def woven_ffn(
     # (where the base GEMMs keep the experts' backend); "loop" stays the plain reference.
     lora_backend = "loop" if backend == "loop" else "grouped_mm"
     # 1. first projection over the base-expert groups, plus the LoRA terms of w_in
-    h_NH = segment_matmul(x_ND, w_in, group_counts_E, backend)
+    groups = Groups(group_counts_E, x_ND.device)
+    h_NH = segment_matmul(x_ND, w_in, groups, backend)
     group_N = None
     if b_in is not None or b_out is not None:
         group_N = torch.repeat_interleave(
@@ -124,7 +144,7 @@ def woven_ffn(
     # 2. the routing-weighted activation (the backends' convention: weights before w_out)
     a_NF = activate(h_NH, activation) * row_weights_N[:, None]
     # 3. second projection, plus the LoRA terms of w_out
-    y_ND = segment_matmul(a_NF, w_out, group_counts_E, backend)
+    y_ND = segment_matmul(a_NF, w_out, groups, backend)
     if b_out is not None and group_N is not None:
         y_ND = y_ND + b_out[group_N] * row_weights_N[:, None]
     for part in parts:
