@@ -51,6 +51,7 @@ class Case:
     adapters: list[AdapterSpec]
     ids: list[int]
     S: int
+    top_p: float | None
     seed: int
 
 
@@ -79,6 +80,7 @@ def cases(draw) -> Case:
         adapters=specs,
         ids=draw(st.lists(st.integers(-1, len(specs) - 1), min_size=B, max_size=B)),
         S=draw(st.integers(1, 4)),
+        top_p=draw(st.sampled_from([None, None, 0.7])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -89,6 +91,7 @@ def build(case: Case) -> tuple[MoELayer, list[object], list[MoELayer]]:
     base = MoELayer(
         case.D, case.F, case.E, case.top_k, activation=case.activation, bias=case.bias, backend=case.backend
     )
+    base.set_routing(top_p=case.top_p)
     adapters: list[object] = []
     own: list[MoELayer] = []
     for spec in case.adapters:
@@ -248,3 +251,25 @@ def test_use_restores_the_previous_ids() -> None:
                 torch.testing.assert_close(base(x), plain(x))
             torch.testing.assert_close(base(x), model(x))
         torch.testing.assert_close(base(x), plain(x))
+
+
+def test_compiled_model_runs_the_weave_eagerly() -> None:
+    torch.manual_seed(0)
+    base = MoELayer(8, 8, 4, top_k=2)
+    model = copy.deepcopy(base).eval()
+    add_lora(model, rank=2, alpha=4)
+    with torch.no_grad():
+        for p in model.experts.lora.parameters():
+            p.normal_()
+    ExpertWeave(base).add_lora(lora_adapters(model))
+    compiled = torch.compile(base)
+    x = torch.randn(2, 3, 8)
+    for ids in ([0, -1], [-1, 0], [-1, -1]):
+        with torch.no_grad(), use(base, ids):
+            torch.testing.assert_close(compiled(x), base(x))
+        with torch.no_grad():
+            reference = torch.cat(
+                [model(x[b : b + 1]) if a == 0 else compiled(x[b : b + 1]) for b, a in enumerate(ids)]
+            )
+        with torch.no_grad(), use(base, ids):
+            torch.testing.assert_close(compiled(x), reference, rtol=1e-4, atol=1e-5)

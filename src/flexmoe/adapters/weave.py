@@ -165,15 +165,14 @@ class LayerWeave:
         self.uses_adapters = adapter_ids_B is not None and bool((adapter_ids_B >= 0).any())
         self.ids_on_device: dict[torch.device, Tensor] = {}  # one copy per device, not one per call
 
+    # Eager even inside a compiled model: the per-call host work (the counts, the
+    # adapters' row lists) is data-dependent; the rest of the model stays compiled.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput | None:
         """Run a multi-adapter call (``None`` where every token uses the base)."""
         ids_B = self.adapter_ids_B
         if ids_B is None or not self.uses_adapters:
             return None
-        if torch.compiler.is_compiling():
-            raise NotImplementedError(
-                f"{self.path}: multi-adapter batches under torch.compile are not supported; run eagerly"
-            )
         if call.capacity_factor != 0:
             raise ValueError(
                 f"capacity_factor: multi-adapter batches run dropless (0), got {call.capacity_factor}"
