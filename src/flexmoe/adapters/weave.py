@@ -165,14 +165,20 @@ class LayerWeave:
         self.uses_adapters = adapter_ids_B is not None and bool((adapter_ids_B >= 0).any())
         self.ids_on_device: dict[torch.device, Tensor] = {}  # one copy per device, not one per call
 
+    def run(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput | None:
+        """Run a multi-adapter call (``None`` where every token uses the base)."""
+        if not self.uses_adapters:
+            return None
+        out: ExpertsOutput = self.run_adapters(x_TD, route, call)
+        return out
+
     # Eager even inside a compiled model: the per-call host work (the counts, the
     # adapters' row lists) is data-dependent; the rest of the model stays compiled.
     @torch.compiler.disable  # type: ignore[untyped-decorator]
-    def run(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput | None:
-        """Run a multi-adapter call (``None`` where every token uses the base)."""
+    def run_adapters(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput:
+        """``run`` for a call where some sequences use adapters."""
         ids_B = self.adapter_ids_B
-        if ids_B is None or not self.uses_adapters:
-            return None
+        assert ids_B is not None
         if call.capacity_factor != 0:
             raise ValueError(
                 f"capacity_factor: multi-adapter batches run dropless (0), got {call.capacity_factor}"
