@@ -194,6 +194,9 @@ def test_memory_is_base_plus_the_adapters_own_parameters() -> None:
             adapter_bytes += esft.num_bytes()
             woven.add_esft(esft)
     assert woven.adapter_bytes() == adapter_bytes
+    lora_ptrs = {p.untyped_storage().data_ptr() for m in loras.values() for p in m.parameters()}
+    weave_ptrs = {t.untyped_storage().data_ptr() for w in woven.layers.values() for t in w.tensors()}
+    assert not lora_ptrs & weave_ptrs  # the weave holds its own copies
     assert woven.index_bytes() == (6 + 1) * 16 * 8
     # No copy of the base: same tensors, same storage, nothing added to the layer's state.
     state_after = {name: (t.data_ptr(), t.numel()) for name, t in base.state_dict(keep_vars=True).items()}

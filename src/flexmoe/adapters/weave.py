@@ -103,7 +103,9 @@ class LayerWeave:
             key = (target, lora.rank)
             old = self.lora.get(key)
             if old is None:
-                self.lora[key] = LoRAStack(target, A.contiguous(), B.contiguous(), new_slots, np.zeros(0))
+                # Copies (A may still be the caller's tensor): later changes to it do not leak in.
+                A, B = A.clone(memory_format=torch.contiguous_format), B.contiguous()
+                self.lora[key] = LoRAStack(target, A, B, new_slots, np.zeros(0))
                 continue
             slots = old.slots + new_slots
             order = sorted(range(len(slots)), key=slots.__getitem__)
