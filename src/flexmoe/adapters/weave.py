@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class LoRAStack:
     B: Tensor
     slots: list[tuple[int, int]]
     virtual_ids: np.ndarray  # set by LayerWeave.rebuild
+    virtual_ids_device: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
 
 class LayerWeave:
@@ -159,6 +160,7 @@ class LayerWeave:
         self.base_of_main = self.base_of_virtual[: self.num_main]
         for stack in self.lora.values():
             stack.virtual_ids = np.array([position[slot] for slot in stack.slots], dtype=np.int64)
+            stack.virtual_ids_device = torch.from_numpy(stack.virtual_ids).to(device)
 
     # ------------------------------------------------------------ calling
     def set_adapter_ids(self, adapter_ids_B: Tensor | None) -> None:
@@ -198,7 +200,8 @@ class LayerWeave:
         virtual_TK = self.expert_map[(ids_T + 1)[:, None] * E + route.expert_ids_TK]
         layout = make_layout(virtual_TK, route.weights_TK, self.num_virtual, 0.0, False, route.valid_TK)
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
-        y_ND = self.compute(permute(x_TD, layout), np.asarray(layout.counts, dtype=np.int64), row_weights_N)
+        counts = Groups(np.asarray(layout.counts, dtype=np.int64), layout.tokens_per_expert_E)
+        y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N)
         step = ExpertStep(
             num_tokens=T,
             capacity=None,
@@ -215,45 +218,53 @@ class LayerWeave:
         totals = torch.zeros(self.num_experts, dtype=counts_V.dtype, device=counts_V.device)
         return totals.index_add_(0, self.base_of_virtual_V.to(counts_V.device), counts_V)
 
-    def compute(self, x_ND: Tensor, counts_V: np.ndarray, row_weights_N: Tensor) -> Tensor:
-        """The weighted expert rows: the base-weight part, then the ESFT part."""
+    def compute(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
+        """The weighted expert rows (``counts``: rows per virtual expert): the base-weight part, then ESFT."""
         M = self.num_main
-        n_main = int(counts_V[:M].sum())
+        n_main = int(counts.counts_G[:M].sum())
         outputs = []
         if n_main:
-            outputs.append(self.compute_main(x_ND[:n_main], counts_V[:M], row_weights_N[:n_main]))
+            main = Groups(counts.counts_G[:M], counts.counts_device[:M])
+            outputs.append(self.compute_main(x_ND[:n_main], main, row_weights_N[:n_main]))
         if n_main < x_ND.shape[0]:
-            outputs.append(self.compute_esft(x_ND[n_main:], counts_V[M:], row_weights_N[n_main:]))
+            esft = Groups(counts.counts_G[M:], counts.counts_device[M:])
+            outputs.append(self.compute_esft(x_ND[n_main:], esft, row_weights_N[n_main:]))
         if not outputs:
             return x_ND.new_zeros(x_ND.shape)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def compute_main(self, x_ND: Tensor, counts_M: np.ndarray, row_weights_N: Tensor) -> Tensor:
+    def compute_main(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
         """Base and LoRA rows on the base weights, grouped by base expert."""
         experts = self.experts
+        counts_M, counts_M_dev = counts.counts_G, counts.counts_device
         group_counts_E = np.bincount(self.base_of_main, weights=counts_M, minlength=self.num_experts)
-        group_counts_E = group_counts_E.astype(np.int64)
-        starts_M = np.cumsum(counts_M) - counts_M
+        group_counts_dev = counts_M_dev.new_zeros(self.num_experts).index_add_(
+            0, self.base_of_virtual_V[: self.num_main], counts_M_dev
+        )
+        groups = Groups(group_counts_E.astype(np.int64), group_counts_dev)
         parts = []
         for stack in self.lora.values():
             counts_L = counts_M[stack.virtual_ids]
             n = int(counts_L.sum())
             if n == 0:
                 continue
-            # Row r of slot l sits at starts[l] + r: gather the slots' rows, slot by slot.
-            rows = np.repeat(starts_M[stack.virtual_ids] - (np.cumsum(counts_L) - counts_L), counts_L)
-            rows += np.arange(n)
+            # Row r of slot l sits at start[l] + r: gather the slots' rows, slot by slot (on
+            # the device, sized from the host counts: no synchronisation).
+            counts_L_dev = counts_M_dev.index_select(0, stack.virtual_ids_device)
+            starts_L = (counts_M_dev.cumsum(0) - counts_M_dev).index_select(0, stack.virtual_ids_device)
+            first_L = counts_L_dev.cumsum(0) - counts_L_dev  # the slot's first row among the gathered
+            shift_n = torch.repeat_interleave(starts_L - first_L, counts_L_dev, output_size=n)
+            rows_n = shift_n + torch.arange(n, device=x_ND.device)
             A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
-            rows_n = torch.from_numpy(rows).to(x_ND.device)
-            parts.append(LoRAPart(stack.target, rows_n, Groups(counts_L, x_ND.device), A, B))
+            parts.append(LoRAPart(stack.target, rows_n, Groups(counts_L, counts_L_dev), A, B))
         if not parts:  # no LoRA rows in this call: the experts' own forward (every backend)
-            y: Tensor = experts(x_ND, group_counts_E.tolist(), row_weights_N)
+            y: Tensor = experts(x_ND, group_counts_E.astype(np.int64).tolist(), row_weights_N)
             return y
         weights = [in_dtype(x_ND, t) for t in (experts.w_in, experts.w_out)]
         b_in, b_out = (None if b is None else in_dtype(x_ND, b) for b in (experts.b_in, experts.b_out))
         return woven_ffn(
             x_ND.to(weights[0].dtype),
-            group_counts_E,
+            groups,
             weights[0],
             weights[1],
             b_in,
@@ -264,26 +275,30 @@ class LayerWeave:
             experts.backend,
         )
 
-    def compute_esft(self, x_ND: Tensor, counts_S: np.ndarray, row_weights_N: Tensor) -> Tensor:
-        """ESFT rows on the ESFT stack, with the experts' backend (its hand-written backward included)."""
+    def compute_esft(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
+        """ESFT rows on the ESFT stack, with the experts' backend (``grouped_mm``: device offsets)."""
         experts = self.experts
         w_in, w_out = in_dtype(x_ND, self.esft["w_in"]), in_dtype(x_ND, self.esft["w_out"])
         b_in, b_out = (in_dtype(x_ND, self.esft[n]) if n in self.esft else None for n in ("b_in", "b_out"))
-        x_ND = x_ND.to(w_in.dtype)
+        x_ND, row_weights_N = x_ND.to(w_in.dtype), row_weights_N.to(w_in.dtype)
         name = resolve_backend(
             experts.backend, x_ND.device, x_ND.dtype, (w_in.shape[2], w_in.shape[1], w_out.shape[2])
         )
         with torch.autocast(x_ND.device.type, enabled=False):
+            if name == "grouped_mm":  # the same GEMMs as the backend's, without its host-built offsets
+                return woven_ffn(
+                    x_ND, counts, w_in, w_out, b_in, b_out, experts.activation, row_weights_N, [], name
+                )
             return grouped_ffn(
                 name,
                 x_ND,
-                counts_S.tolist(),
+                counts.counts_G.tolist(),
                 w_in,
                 w_out,
                 b_in,
                 b_out,
                 experts.activation,
-                row_weights_N.to(x_ND.dtype),
+                row_weights_N,
             )
 
     def tensors(self) -> list[Tensor]:

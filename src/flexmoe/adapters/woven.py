@@ -40,22 +40,31 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class Groups:
-    """Consecutive row groups of sizes ``counts_G`` (host ints), with their end offsets on the device.
+    """Consecutive row groups: their sizes on the host (``counts_G``) and on the device (``counts_device``).
 
-    The offsets are copied to the device once and shared by every GEMM over these groups.
+    The loops read the host sizes; ``torch._grouped_mm`` and the bias gathers read the
+    device ones, computed there from the dispatch's counts, so that no host-to-device copy
+    (on CUDA a stream synchronisation) happens per call. The end offsets are built once
+    and shared by every GEMM over these groups.
     """
 
-    def __init__(self, counts_G: np.ndarray, device: torch.device) -> None:
+    def __init__(self, counts_G: np.ndarray, counts_device: Tensor) -> None:
         self.counts_G = counts_G
-        self.device = device
+        self.counts_device = counts_device
         self._ends: Tensor | None = None
 
     @property
     def ends(self) -> Tensor:
-        """``cumsum(counts_G)`` as int32 on the device (``torch._grouped_mm``'s ``offs``)."""
+        """``cumsum(counts)`` as int32 on the device (``torch._grouped_mm``'s ``offs``)."""
         if self._ends is None:
-            self._ends = torch.from_numpy(np.cumsum(self.counts_G).astype(np.int32)).to(self.device)
+            self._ends = self.counts_device.cumsum(0, dtype=torch.int32)
         return self._ends
+
+    def group_of_row(self, num_rows: int) -> Tensor:
+        """Each row's group ``[N]`` (on the device)."""
+        device = self.counts_device.device
+        groups = torch.arange(len(self.counts_G), device=device)
+        return torch.repeat_interleave(groups, self.counts_device, output_size=num_rows)
 
 
 def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "auto") -> Tensor:
@@ -103,7 +112,7 @@ class LoRAPart:
 
 def woven_ffn(
     x_ND: Tensor,
-    group_counts_E: np.ndarray,
+    groups: Groups,
     w_in: Tensor,
     w_out: Tensor,
     b_in: Tensor | None,
@@ -115,8 +124,8 @@ def woven_ffn(
 ) -> Tensor:
     """``w * FFN_j(x)`` per row with its base expert ``j`` (the groups) plus its slot's LoRA terms.
 
-    ``group_counts_E[j]`` rows of base expert ``j`` follow each other (base and LoRA rows
-    alike); ``parts`` add each LoRA slot's terms to its rows: ``w_in`` parts to the
+    The rows of base expert ``j`` (group ``j`` of ``groups``) follow each other (base and
+    LoRA rows alike); ``parts`` add each LoRA slot's terms to its rows: ``w_in`` parts to the
     pre-activation, ``w_out`` parts to the output (of the routing-weighted activation,
     as the backends do). ``backend``: the experts' backend for the base GEMMs
     (``grouped_mm`` or a loop over the groups); the LoRA GEMMs use ``torch._grouped_mm``
@@ -127,15 +136,8 @@ def woven_ffn(
     # (where the base GEMMs keep the experts' backend); "loop" stays the plain reference.
     lora_backend = "loop" if backend == "loop" else "grouped_mm"
     # 1. first projection over the base-expert groups, plus the LoRA terms of w_in
-    groups = Groups(group_counts_E, x_ND.device)
     h_NH = segment_matmul(x_ND, w_in, groups, backend)
-    group_N = None
-    if b_in is not None or b_out is not None:
-        group_N = torch.repeat_interleave(
-            torch.arange(len(group_counts_E), device=x_ND.device),
-            torch.from_numpy(group_counts_E).to(x_ND.device),
-            output_size=x_ND.shape[0],
-        )
+    group_N = None if b_in is None and b_out is None else groups.group_of_row(x_ND.shape[0])
     if b_in is not None and group_N is not None:
         h_NH = h_NH + b_in[group_N]
     for part in parts:
