@@ -63,6 +63,7 @@ class LoRAStack:
     slots: list[tuple[int, int]]
     virtual_ids: np.ndarray  # set by LayerWeave.rebuild
     virtual_ids_device: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    rows_key: int = 0  # stacks with the same slots (w_in's and w_out's, usually) share their rows
 
 
 class LayerWeave:
@@ -158,9 +159,11 @@ class LayerWeave:
         self.base_of_virtual = np.array(base, dtype=np.int64)
         self.base_of_virtual_V = torch.from_numpy(self.base_of_virtual).to(device)
         self.base_of_main = self.base_of_virtual[: self.num_main]
+        keys: dict[tuple[tuple[int, int], ...], int] = {}
         for stack in self.lora.values():
             stack.virtual_ids = np.array([position[slot] for slot in stack.slots], dtype=np.int64)
             stack.virtual_ids_device = torch.from_numpy(stack.virtual_ids).to(device)
+            stack.rows_key = keys.setdefault(tuple(stack.slots), len(keys))
 
     # ------------------------------------------------------------ calling
     def set_adapter_ids(self, adapter_ids_B: Tensor | None) -> None:
@@ -243,20 +246,15 @@ class LayerWeave:
         )
         groups = Groups(group_counts_E.astype(np.int64), group_counts_dev)
         parts = []
+        rows_of: dict[int, tuple[Tensor, Groups]] = {}
         for stack in self.lora.values():
-            counts_L = counts_M[stack.virtual_ids]
-            n = int(counts_L.sum())
-            if n == 0:
-                continue
-            # Row r of slot l sits at start[l] + r: gather the slots' rows, slot by slot (on
-            # the device, sized from the host counts: no synchronisation).
-            counts_L_dev = counts_M_dev.index_select(0, stack.virtual_ids_device)
-            starts_L = (counts_M_dev.cumsum(0) - counts_M_dev).index_select(0, stack.virtual_ids_device)
-            first_L = counts_L_dev.cumsum(0) - counts_L_dev  # the slot's first row among the gathered
-            shift_n = torch.repeat_interleave(starts_L - first_L, counts_L_dev, output_size=n)
-            rows_n = shift_n + torch.arange(n, device=x_ND.device)
-            A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
-            parts.append(LoRAPart(stack.target, rows_n, Groups(counts_L, counts_L_dev), A, B))
+            if stack.rows_key not in rows_of:
+                counts_L = counts_M[stack.virtual_ids]
+                rows_of[stack.rows_key] = self.slot_rows(stack.virtual_ids_device, counts_L, counts_M_dev)
+            rows_n, slots = rows_of[stack.rows_key]
+            if rows_n.numel():
+                A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
+                parts.append(LoRAPart(stack.target, rows_n, slots, A, B))
         if not parts:  # no LoRA rows in this call: the experts' own forward (every backend)
             y: Tensor = experts(x_ND, group_counts_E.astype(np.int64).tolist(), row_weights_N)
             return y
@@ -274,6 +272,20 @@ class LayerWeave:
             parts,
             experts.backend,
         )
+
+    @staticmethod
+    def slot_rows(virtual_ids_L: Tensor, counts_L: np.ndarray, counts_M: Tensor) -> tuple[Tensor, Groups]:
+        """The rows of the slots ``virtual_ids_L``, slot by slot, and their groups.
+
+        Row ``r`` of slot ``l`` sits at ``start[l] + r``; built on the device, sized from
+        the host counts, so without a synchronisation.
+        """
+        n = int(counts_L.sum())
+        counts_L_dev = counts_M.index_select(0, virtual_ids_L)
+        starts_L = (counts_M.cumsum(0) - counts_M).index_select(0, virtual_ids_L)
+        first_L = counts_L_dev.cumsum(0) - counts_L_dev  # each slot's first row among the gathered
+        shift_n = torch.repeat_interleave(starts_L - first_L, counts_L_dev, output_size=n)
+        return shift_n + torch.arange(n, device=counts_M.device), Groups(counts_L, counts_L_dev)
 
     def compute_esft(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
         """ESFT rows on the ESFT stack, with the experts' backend (``grouped_mm``: device offsets)."""
