@@ -348,10 +348,10 @@ def _print_summary(summary: GenerationSummary, routing: list[flexmoe.hf.LayerRou
         file=out,
     )
     top_k = sorted({r.top_k for r in routing})
-    top_p = sorted({r.top_p for r in routing}, key=lambda p: -1.0 if p is None else p)
+    top_p = sorted({"off" if r.top_p is None else str(r.top_p) for r in routing})
     mean = summary.decode_experts_per_token or summary.prefill_experts_per_token
     print(
-        f"routing: top-k {'/'.join(map(str, top_k))}, top-p {'/'.join(map(str, top_p))}; "
+        f"routing: top-k {'/'.join(map(str, top_k))}, top-p {'/'.join(top_p)}; "
         f"{mean:.2f} experts per token and layer",
         file=out,
     )
