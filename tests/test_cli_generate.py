@@ -133,10 +133,15 @@ def test_routing_options_generate_what_set_routing_does_in_memory(model_dir, opt
         {"path": r.path, "top_k": r.top_k, "top_p": r.top_p, "min_k": r.min_k}
         for r in flexmoe.hf.routing_settings(reference)
     ]
+    with torch.no_grad():
+        reference(torch.tensor([PROMPT]))  # the prefill: each layer's experts per prompt token
+    layers = [layer for _, layer in flexmoe.hf.routing.moe_layers(reference)]
+    prefill = sum(layer.stats.mean_experts_per_token for layer in layers) / len(layers)
+    assert record["prefill_experts_per_token"] == pytest.approx(prefill)
     if "top_k" in routing:
         assert record["decode_experts_per_token"] == 1.0
     else:
-        assert 1.0 <= record["decode_experts_per_token"] <= 3.0
+        assert 1.0 < prefill < 3.0 and 1.0 <= record["decode_experts_per_token"] <= 3.0
 
 
 def test_bf16_offloaded_equals_the_bf16_in_memory_model(model_dir, capsys):

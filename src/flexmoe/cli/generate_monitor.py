@@ -2,9 +2,10 @@
 
 ``GenerationMonitor`` is a ``transformers`` logits processor that changes nothing: it is
 called once per forward (the prefill, then one call per new token), right after the
-forward, so it times each step, reads the MoE layers' statistics of that forward
-(experts per token) and, on a model from ``load_offloaded``, the expert cache's. From
-those it builds ``GenerationSummary``.
+forward, so it times each step, counts the experts per token of that forward (from the
+MoE layers' statistics under top-p routing, a host sync per layer; from ``top_k``
+otherwise) and reads, on a model from ``load_offloaded``, the expert cache's
+statistics. From those it builds ``GenerationSummary``.
 """
 
 from __future__ import annotations
@@ -186,16 +187,28 @@ class GenerationMonitor:
             torch.cuda.synchronize(scores.device)  # NOTE: host sync, for honest step times
         self.step_times.append(time.perf_counter())
         phase = 0 if len(self.step_times) == 1 else 1
+        # the tokens of this forward: the prompt, then one per sequence
+        tokens = input_ids.numel() if phase == 0 else input_ids.shape[0]
         for layer in self.layers:
-            stats = layer.stats  # NOTE: host sync (built from the last forward's counts)
-            if stats is not None:
-                self.choices[phase] += stats.mean_experts_per_token * stats.num_tokens
-                self.token_layers[phase] += stats.num_tokens
+            self._count_experts(layer, phase, tokens)
         if phase == 0:
             self.cache_after_prefill = self.cache_stats()
         if self.on_step is not None:
             self.on_step(self)
         return scores
+
+    def _count_experts(self, layer: MoELayer, phase: int, tokens: int) -> None:
+        """Add the experts ``layer`` gave each token of the last forward."""
+        config = layer.config
+        if config.router.top_p is None and not config.experts.zero_experts:
+            # every token takes top_k routed experts: no need to read the layer's counts
+            self.choices[phase] += config.top_k * tokens
+            self.token_layers[phase] += tokens
+            return
+        stats = layer.stats  # NOTE: host sync (built from the last forward's counts)
+        if stats is not None:
+            self.choices[phase] += stats.mean_experts_per_token * stats.num_tokens
+            self.token_layers[phase] += stats.num_tokens
 
     @property
     def new_tokens(self) -> int:
