@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -205,6 +206,23 @@ def test_live_line_rewrites_one_line_and_clears_it():
     quiet = io.StringIO()
     LiveLine(quiet).show("not a terminal")  # StringIO is not a tty: nothing written
     assert quiet.getvalue() == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_status_line_shows_progress_and_is_cleared(model_dir, monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "4"]
+    assert main([*argv, "--expert-budget", str(4 * expert_bytes()), "--json"]) == 0
+    written = terminal.getvalue()
+    first = written.split("\r")[1]
+    assert re.fullmatch(r"1/4 tokens  prefill done  hit rate \d+%  read [\d.]+ KiB\s*", first), first
+    assert written.endswith("\r")  # the line is cleared before the output
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
 
 
 def test_bad_arguments_are_one_line_refusals(model_dir, tmp_path, capsys):

@@ -308,7 +308,7 @@ def _generate(
     monitor = GenerationMonitor(
         [layer for _, layer in moe_layers(model)],
         cache_stats,
-        on_step=lambda m: line.show(_status(m, args.max_new_tokens)),
+        on_step=(lambda m: line.show(_status(m, args.max_new_tokens))) if line.enabled else None,
     )
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
