@@ -145,6 +145,18 @@ def test_routing_options_generate_what_set_routing_does_in_memory(model_dir, opt
         assert 1.0 < prefill < 3.0 and 1.0 <= record["decode_experts_per_token"] <= 3.0
 
 
+def test_routing_values_per_layer_set_each_layer(model_dir, capsys):
+    argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "8"]
+    record = run_json([*argv, "--routing-top-k", "3,1", "--expert-budget", "1MiB"], capsys)
+    reference = in_memory(model_dir)
+    flexmoe.hf.set_routing(reference, top_k=1, layers=[1])
+    assert record["new_ids"] == reference_ids(reference, PROMPT, 8, do_sample=False)
+    assert [r["top_k"] for r in record["routing"]] == [3, 1]
+    assert record["decode_experts_per_token"] == 2.0
+    assert main([*argv, "--routing-top-k", "3,1", "--routing-top-p", "0.5"]) == 0
+    assert "routing: top-k 3,1, top-p 0.5;" in capsys.readouterr().err
+
+
 def test_bf16_offloaded_equals_the_bf16_in_memory_model(model_dir, capsys):
     argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "8"]
     record = run_json([*argv, "--dtype", "bf16", "--expert-budget", "1MiB"], capsys)
@@ -254,6 +266,13 @@ def test_bad_arguments_are_one_line_refusals(model_dir, tmp_path, capsys):
             "--routing-top-k",
             "9",
         ],
+        r"--routing-top-k: give one value or one per MoE layer \(the model has 2\), got 3": [
+            *base,
+            *ids,
+            "--routing-top-k",
+            "1,2,1",
+        ],
+        "--routing-top-k: expected an integer >= 1, got 'x'": [*base, *ids, "--routing-top-k", "2,x"],
         "--expert-budget: .* is too small: .* top-3 experts": [*base, *ids, "--expert-budget", "5KiB"],
         "--routing-top-k: .*expert_budget of .* bytes is too small": [
             *base,

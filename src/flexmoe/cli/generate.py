@@ -2,6 +2,7 @@
 
 flexmoe generate MODEL_DIR --prompt "def main(" --max-new-tokens 64 --expert-budget 8GiB
 flexmoe generate MODEL_DIR --prompt-ids 1,2,3 --routing-top-k 1 --json
+flexmoe generate MODEL_DIR --prompt-ids 1,2,3 --routing-top-k 4,4,2,2   # one per MoE layer
 
 With ``--expert-budget`` the model is loaded with ``flexmoe.hf.load_offloaded`` (experts
 read from the ``safetensors`` files into a cache of that many bytes); without it, it is
@@ -21,8 +22,9 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +37,8 @@ from flexmoe.hf.routing import moe_layers
 from flexmoe.layer.offloaded import offloaded_cache
 
 __all__ = ["add_generate_arguments", "load_model", "prompt_ids", "run_generate"]
+
+T = TypeVar("T")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The files a save_pretrained tokenizer leaves (any one of them means there is one).
@@ -50,6 +54,16 @@ def _probability(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
+
+
+def _per_layer(parse: Callable[[str], T]) -> Callable[[str], list[T]]:
+    """An argparse ``type=``: one value, or comma-separated values (one per MoE layer)."""
+
+    def parse_all(text: str) -> list[T]:
+        return [parse(part) for part in text.split(",")]
+
+    parse_all.__name__ = getattr(parse, "__name__", "value")
+    return parse_all
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,18 +115,20 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     memory.add_argument(
         "--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default: cpu)"
     )
-    routing = parser.add_argument_group("routing: experts per token, in every MoE layer")
+    routing = parser.add_argument_group(
+        "routing: experts per token; one value for every MoE layer, or one per MoE layer (2,2,1,1)"
+    )
     routing.add_argument(
         "--routing-top-k",
         metavar="K",
-        type=int_in(1),
+        type=_per_layer(int_in(1)),
         default=None,
         help="K experts per token (default: the model's)",
     )
     routing.add_argument(
         "--routing-top-p",
         metavar="P",
-        type=_probability,
+        type=_per_layer(_probability),
         default=None,
         help="each token keeps the fewest of its top-k experts whose probabilities reach P (default: off)",
     )
@@ -252,13 +268,25 @@ def prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> lis
 
 
 def _apply_routing(args: argparse.Namespace, model: nn.Module) -> None:
-    """``--routing-top-k/-top-p/-min-k`` through ``flexmoe.hf.set_routing``."""
-    given = {"top_k": args.routing_top_k, "top_p": args.routing_top_p, "min_k": args.routing_min_k}
-    changes = {name: value for name, value in given.items() if value is not None}
-    if not changes:
+    """``--routing-top-k/-top-p/-min-k`` through ``flexmoe.hf.set_routing``, layer by layer where listed."""
+    count = len(moe_layers(model))
+    per_layer: dict[str, list[Any]] = {}
+    for name, values in (("top_k", args.routing_top_k), ("top_p", args.routing_top_p)):
+        if values is None:
+            continue
+        if len(values) not in (1, count):
+            raise CliError(
+                f"argument --routing-{name.replace('_', '-')}: give one value or one per MoE layer "
+                f"(the model has {count}), got {len(values)}"
+            )
+        per_layer[name] = values * count if len(values) == 1 else values
+    if not per_layer:
         return
+    common = {} if args.routing_min_k is None else {"min_k": args.routing_min_k}
     try:
-        flexmoe.hf.set_routing(model, **changes)
+        for layer in range(count):
+            changes = {name: values[layer] for name, values in per_layer.items()}
+            flexmoe.hf.set_routing(model, **changes, **common, layers=[layer])
     except ValueError as error:
         message = str(error)
         flag = next(
@@ -337,6 +365,11 @@ def _generate(
     return new_ids, monitor.summary(len(ids), len(new_ids))
 
 
+def _layer_values(values: list[str]) -> str:
+    """One value when every MoE layer has it, else the values in layer order (``2,2,1``)."""
+    return values[0] if len(set(values)) == 1 else ",".join(values)
+
+
 def _print_summary(summary: GenerationSummary, routing: list[flexmoe.hf.LayerRouting]) -> None:
     """The summary, a few lines on stderr."""
     out = sys.stderr
@@ -347,12 +380,11 @@ def _print_summary(summary: GenerationSummary, routing: list[flexmoe.hf.LayerRou
         + (f"{decode:.2f} tok/s" if decode is not None else "n/a (one token)"),
         file=out,
     )
-    top_k = sorted({r.top_k for r in routing})
-    top_p = sorted({"off" if r.top_p is None else str(r.top_p) for r in routing})
+    top_k = _layer_values([str(r.top_k) for r in routing])
+    top_p = _layer_values(["off" if r.top_p is None else str(r.top_p) for r in routing])
     mean = summary.decode_experts_per_token or summary.prefill_experts_per_token
     print(
-        f"routing: top-k {'/'.join(map(str, top_k))}, top-p {'/'.join(top_p)}; "
-        f"{mean:.2f} experts per token and layer",
+        f"routing: top-k {top_k}, top-p {top_p}; {mean:.2f} experts per token and layer",
         file=out,
     )
     stats = summary.cache
