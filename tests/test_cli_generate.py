@@ -239,7 +239,7 @@ def test_on_a_terminal_a_status_line_shows_progress_and_is_cleared(model_dir, mo
 
 def test_bad_arguments_are_one_line_refusals(model_dir, tmp_path, capsys):
     base = ["generate", str(model_dir)]
-    ids = ["--prompt-ids", "1,2,3"]
+    ids = ["--prompt-ids", "1,2,3", "--max-new-tokens", "4"]  # a later --max-new-tokens wins
     refusals = {
         "--prompt: .* has no tokenizer; give the prompt as --prompt-ids": [*base, "--prompt", "hello"],
         "one of the arguments --prompt --prompt-ids is required": base,

@@ -36,7 +36,14 @@ from flexmoe.experts.cache import POLICIES, CacheStats
 from flexmoe.hf.routing import moe_layers
 from flexmoe.layer.offloaded import offloaded_cache
 
-__all__ = ["add_generate_arguments", "load_model", "prompt_ids", "run_generate"]
+__all__ = [
+    "add_generate_arguments",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "prompt_ids",
+    "run_generate",
+]
 
 T = TypeVar("T")
 
@@ -195,11 +202,19 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def load_config(directory: Path, transformers: Any) -> Any:
+    """The ``transformers`` config of ``MODEL_DIR``."""
+    if not (directory / "config.json").is_file():
+        raise CliError(f"argument MODEL_DIR: {directory} is not a model directory (no config.json)")
+    try:
+        return transformers.AutoConfig.from_pretrained(directory)
+    except (ValueError, OSError) as error:
+        raise CliError(f"argument MODEL_DIR: {one_line(error)}") from None
+
+
 def load_model(args: argparse.Namespace, transformers: Any) -> Any:
     """The ``transformers`` causal LM of ``MODEL_DIR``: offloaded with ``--expert-budget``, else converted."""
     directory: Path = args.model_dir
-    if not (directory / "config.json").is_file():
-        raise CliError(f"argument MODEL_DIR: {directory} is not a model directory (no config.json)")
     device = _device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.expert_budget is not None:
@@ -296,9 +311,9 @@ def _apply_routing(args: argparse.Namespace, model: nn.Module) -> None:
         raise CliError(f"argument {flag}: {one_line(error)}") from None
 
 
-def _check_length(model: Any, prompt: int, new: int) -> None:
+def _check_length(config: Any, prompt: int, new: int) -> None:
     """Refuse a generation longer than the model's positions."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and prompt + new > limit:
         raise CliError(
             f"argument --max-new-tokens: the prompt's {prompt} tokens and {new} new ones exceed the model's "
@@ -410,11 +425,12 @@ def run_generate(args: argparse.Namespace) -> None:
     except ImportError:
         raise CliError("needs transformers>=5: pip install 'flexmoe[hf]'") from None
     transformers.utils.logging.disable_progress_bar()  # the weights' loading bar
+    config = load_config(args.model_dir, transformers)
+    tokenizer = load_tokenizer(args.model_dir, transformers)
+    ids = prompt_ids(args, tokenizer, int(config.vocab_size))  # refused before the model loads
+    _check_length(config, len(ids), args.max_new_tokens)
     model = load_model(args, transformers)
     _apply_routing(args, model)
-    tokenizer = load_tokenizer(args.model_dir, transformers)
-    ids = prompt_ids(args, tokenizer, int(model.config.vocab_size))
-    _check_length(model, len(ids), args.max_new_tokens)
     new_ids, summary = _generate(args, model, ids, transformers)
     text = None if tokenizer is None else tokenizer.decode(new_ids.tolist(), skip_special_tokens=True)
     routing = flexmoe.hf.routing_settings(model)
