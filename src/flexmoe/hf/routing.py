@@ -2,10 +2,11 @@
 
     import flexmoe.hf
 
-    flexmoe.hf.set_routing(model, top_k=1)            # every MoE layer, until changed again
-    with flexmoe.hf.set_routing(model, top_p=0.7):    # top-p routing inside the block only
+    flexmoe.hf.set_routing(model, top_k=1)                # every MoE layer, until changed again
+    with flexmoe.hf.set_routing(model, top_p=0.7):        # top-p routing inside the block only
         model.generate(...)
-    flexmoe.hf.routing_settings(model)                         # each layer's top_k, top_p, min_k
+    flexmoe.hf.set_routing(model, top_k=2, layers=[0, 1])  # the first two MoE layers
+    flexmoe.hf.routing_settings(model)                    # each layer's top_k, top_p, min_k
 
 ``set_routing`` applies ``MoELayer.set_routing`` to every MoE layer of a model (the
 converted blocks of a ``transformers`` model, a ``load_offloaded`` one, or any module
