@@ -22,7 +22,7 @@ default, a short ``flexmoe train`` run made here (``--steps``, ``--experts``, ``
 A renormalising router (the main job's) gives a token that keeps one expert its raw
 probability as weight (flexmoe's top-1 rule), not weight 1 as a renormalised top-1 would.
 
-    python benchmarks/routing_override.py                          # trains ~1 min, then measures
+    python benchmarks/routing_override.py          # trains a short top-4 model first (200 steps)
     python benchmarks/routing_override.py --run-dir runs/train-X --device cuda --json out.json
 """
 
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument(
         "--run-dir", type=Path, default=None, help="a flexmoe train run (default: train one here)"
     )
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the run made here")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of the run made here")
     parser.add_argument("--experts", type=int, default=8, help="experts of the run made here")
     parser.add_argument("--top-k", type=int, default=4, help="trained top-k of the run made here")
     parser.add_argument("--top-p", type=float, nargs="*", default=[0.9, 0.7, 0.5], help="top-p thresholds")
