@@ -26,6 +26,7 @@ from flexmoe.hf.experts_impl import (
 )
 from flexmoe.hf.families import REFUSED, SUPPORTED, Family, UnsupportedMoEError, family_of
 from flexmoe.hf.offload import load_offloaded, offload_stats, parse_bytes
+from flexmoe.hf.routing import LayerRouting, RoutingOverride, routing_settings, set_routing
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -34,7 +35,9 @@ __all__ = [
     "Conversion",
     "Family",
     "FlexMoEBlock",
+    "LayerRouting",
     "MoEBlockClass",
+    "RoutingOverride",
     "UnsupportedMoEError",
     "convert",
     "discover_moe_blocks",
@@ -47,4 +50,6 @@ __all__ = [
     "parse_bytes",
     "register_experts_implementation",
     "revert",
+    "routing_settings",
+    "set_routing",
 ]
