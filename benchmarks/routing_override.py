@@ -19,8 +19,9 @@ for a converted ``transformers`` model). For each setting, against the unchanged
 The model: ``--run-dir`` of a ``flexmoe train`` run (its newest checkpoint), or, by
 default, a short ``flexmoe train`` run made here (``--steps``, ``--experts``, ``--top-k``).
 
-A renormalising router (the main job's) gives a token that keeps one expert its raw
-probability as weight (flexmoe's top-1 rule), not weight 1 as a renormalised top-1 would.
+The main job's router renormalises its top-k weights; the script sets
+``normalize_single`` so that a token left with one expert gets weight 1, as a model
+trained with renormalised weights expects (the trained top-k is unchanged by it).
 
     python benchmarks/routing_override.py          # trains a short top-4 model first (200 steps)
     python benchmarks/routing_override.py --run-dir runs/train-X --device cuda --json out.json
@@ -46,6 +47,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import flexmoe
 from flexmoe.checkpoint import load_checkpoint
 from flexmoe.cli import main as flexmoe_main
 from flexmoe.cli.train import build
@@ -78,6 +80,9 @@ def load_run(run_dir: Path, device: torch.device) -> tuple[TinyMoELM, TrainConfi
     config = TrainConfig(**settings)
     model = build(config, rank=0, world=1).model
     load_checkpoint(run_dir / "checkpoints", model)
+    for layer in model.modules():
+        if isinstance(layer, flexmoe.MoELayer):  # a token left with one expert gets weight 1
+            layer.set_routing(normalize_single=True)
     return model.to(device).eval(), config
 
 

@@ -10,8 +10,8 @@ the layer's output one token and one choice at a time, following the documented 
    lower expert index; choice ``k`` is the ``k``-th best expert; with ``top_p`` a token
    keeps its first choices while the probability mass before them is below ``top_p``
    (at least ``min_k``); weights are the kept choices' scores, renormalised to sum to
-   one when ``normalize_weights`` and the token kept more than one, then times
-   ``routed_scaling_factor``;
+   one when ``normalize_weights`` and the token kept more than one (or any number,
+   with ``normalize_single``), then times ``routed_scaling_factor``;
 2. capacity, with ``A`` the routed assignments (``T*K`` without top-p): ``cf > 0``:
    ``ceil(cf*A/E)``; ``cf < 0``: ``min(max routed load, ceil(|cf|*A/E))``; ``cf == 0``:
    no drop. Default priority: all first choices before second choices, earlier tokens
@@ -249,7 +249,7 @@ def route(
             chosen = chosen[:count]
             margin = min(margin, top_p_margin)
         weights = [scores[e] for e in chosen]
-        if rcfg.normalize_weights and len(chosen) > 1:
+        if rcfg.normalize_weights and (len(chosen) > 1 or rcfg.normalize_single):
             total = sum(weights)
             weights = [w / total for w in weights]
         weights = [w * rcfg.routed_scaling_factor for w in weights]

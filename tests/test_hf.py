@@ -217,18 +217,18 @@ def test_refused_model_is_left_untouched() -> None:
         hf.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "reason"),
-    [
-        ({"router_jitter_noise": 0.1}, "router_jitter_noise"),
-        ({"num_experts_per_tok": 1}, "top-1"),
-    ],
-)
-def test_configurations_flexmoe_does_not_reproduce_are_refused(
-    overrides: dict[str, object], reason: str
-) -> None:
-    with pytest.raises(hf.UnsupportedMoEError, match=reason):
-        hf.convert(tiny_model("mixtral", **overrides))
+def test_a_configuration_flexmoe_does_not_reproduce_is_refused() -> None:
+    with pytest.raises(hf.UnsupportedMoEError, match="router_jitter_noise"):
+        hf.convert(tiny_model("mixtral", router_jitter_noise=0.1))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_renormalised_top_1_gives_weight_1_as_transformers_does(model_type: str) -> None:
+    original, converted, conversion = _pair(model_type, num_experts_per_tok=1)
+    assert all(b.moe.config.router.normalize_single for b in conversion.blocks.values())
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, original(ids).logits, atol=ATOL, rtol=1e-5)
 
 
 def _phimoe_and_gpt_oss(experts_implementation: str) -> list[torch.nn.Module]:

@@ -165,7 +165,6 @@ def test_every_supported_family_saves_and_loads_as_itself(block: hf.MoEBlockClas
         ("LagunaSparseMoeBlock", {"moe_router_logit_softcapping": 30.0}, "soft-caps"),
         ("DeepseekV2Moe", {"topk_method": "noaux_tc"}, "topk_method"),
         ("MixtralSparseMoeBlock", {"router_jitter_noise": 0.1}, "jitter"),
-        ("GraniteMoeMoE", {"num_experts_per_tok": 1}, "top-1"),
     ],
 )
 def test_configurations_without_a_flexmoe_equivalent_are_refused(
@@ -227,11 +226,11 @@ def test_deepseek_v3_routing_settings(
 def test_qwen_routing_settings(top_k: int, normalize: bool, shared: bool, tokens: int, seed: int) -> None:
     name = "Qwen2MoeSparseMoeBlock" if shared else "Qwen3MoeSparseMoeBlock"
     block = tiny_block(_load(name), seed=seed, num_experts_per_tok=top_k, norm_topk_prob=normalize)
-    if normalize and top_k == 1:
-        with pytest.raises(hf.UnsupportedMoEError, match="top-1"):
-            hf.convert(nn.Sequential(block))
-        return
-    assert_block_equivalent(block, seed=seed, tokens=tokens)
+    assert_block_equivalent(block, seed=seed, tokens=tokens)  # renormalised top-1: weight 1
+
+
+def test_renormalised_top_1_granite_converts_exactly() -> None:
+    assert_block_equivalent(tiny_block(_load("GraniteMoeMoE"), num_experts_per_tok=1))
 
 
 def test_bailing_hybrid_converts_without_a_swiglu_limit_and_is_refused_with_one() -> None:

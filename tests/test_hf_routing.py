@@ -40,16 +40,11 @@ def converted(family: str, **overrides) -> nn.Module:
 
 
 def other_top_ks(model: nn.Module) -> list[int]:
-    """Top-k values below and above the model's that transformers computes the way flexmoe does.
-
-    A renormalising family at top-1 gives every token weight 1 in transformers and keeps
-    the raw score in flexmoe (flexmoe's top-1 rule), so its top-1 is left out here.
-    """
+    """Top-k values below and above the model's, top-1 included (weight 1 when renormalised)."""
     layer = moe_layers(model)[0][1]
     config = layer.config
     reachable = config.router.topk_groups * (config.num_experts // config.router.num_groups)
-    lowest = 2 if config.router.normalize_weights else 1
-    return [k for k in range(lowest, reachable + 1) if k != config.top_k]
+    return [k for k in range(1, reachable + 1) if k != config.top_k]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

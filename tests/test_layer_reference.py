@@ -52,6 +52,7 @@ def cases(draw, backends: tuple[str, ...] = ("loop", "fused")) -> Case:
         min_k=draw(st.integers(1, top_k)),
         kind=kind,
         normalize_weights=draw(st.booleans()),
+        normalize_single=draw(st.booleans()),
         num_groups=num_groups,
         topk_groups=topk_groups,
         routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),

@@ -89,8 +89,13 @@ class RouterConfig:
             sigmoid scores, DeepSeek-V3) or ``"cosine"`` (cosine similarity between a
             low-dimensional projection of the token and learned expert embeddings, X-MoE).
         normalize_weights: renormalise the selected top-k weights to sum to one (only
-            when ``top_k > 1``: a single renormalised weight would always be 1 and the
-            router would get no gradient, so top-1 keeps the raw score, as in Switch).
+            when a token takes more than one expert: a single renormalised weight would
+            always be 1 and the router would get no gradient, so top-1 keeps the raw
+            score, as in Switch) ...
+        normalize_single: ... unless this is set: a token's single expert then gets
+            weight 1, as ``transformers`` and llama.cpp give it when a model trained
+            with renormalised weights runs with one expert per token (``flexmoe.hf``
+            sets it for converted models that renormalise).
         num_groups: split experts into this many groups (group-limited routing) ...
         topk_groups: ... and let each token choose experts only from its best groups.
         routed_scaling_factor: multiplies the final routing weights (DeepSeek-V3).
@@ -113,6 +118,7 @@ class RouterConfig:
 
     kind: RouterKind = "softmax"
     normalize_weights: bool = True
+    normalize_single: bool = False
     num_groups: int = 1
     topk_groups: int = 1
     routed_scaling_factor: float = 1.0
@@ -126,6 +132,9 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _require(self.kind in ROUTER_KINDS, "router.kind", f"one of {ROUTER_KINDS}", self.kind)
+        for name in ("normalize_weights", "normalize_single"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"router.{name}", "a bool", value)
         if self.top_p is not None:
             validate_top_p(self.top_p, name="router.top_p")
         _require(_is_int(self.min_k) and self.min_k >= 1, "router.min_k", "an int >= 1", self.min_k)

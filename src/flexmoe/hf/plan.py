@@ -84,11 +84,6 @@ def plan_block(block: nn.Module, options: ConversionOptions, path: str = "") -> 
         raise refuse(f"its router weight is {shape!r}, expected a Parameter of shape {(E, D)}")
     router_config, bias = _router_config(block, family, options, refuse)
     top_k = int(resolve(block, family.top_k or f"{family.router}.top_k"))
-    if router_config.normalize_weights and top_k == 1:
-        raise refuse(
-            "renormalised top-1 routing gives every token weight 1 (no router gradient); flexmoe keeps "
-            "the raw score for top-1"
-        )
     experts_config = ExpertConfig(
         activation=activation_of(experts),  # type: ignore[arg-type]
         backend=options.backend,  # type: ignore[arg-type]
@@ -150,6 +145,7 @@ def _router_config(
         config = RouterConfig(
             kind=scores,
             normalize_weights=normalize,
+            normalize_single=normalize,  # one expert gets weight 1, as transformers gives it
             num_groups=num_groups,
             topk_groups=topk_groups,
             routed_scaling_factor=scale,

@@ -296,11 +296,15 @@ class MoELayer(ExpertPlacementMethods):
         top_p: float | Keep | None = KEEP,
         min_k: int | None = None,
         capacity_factor: float | None = None,
+        normalize_single: bool | None = None,
     ) -> MoEConfig:
         """Change this layer's routing for every later call, and return the new config.
 
-        ``top_k``, ``min_k`` and ``capacity_factor`` replace the configured values;
-        ``top_p`` sets top-p routing (``None`` turns it off). What is not given is kept.
+        ``top_k``, ``min_k``, ``capacity_factor`` and ``normalize_single`` (see
+        ``RouterConfig``: weight 1 for a token's single expert, for a model trained with
+        renormalised weights that runs with fewer experts) replace the configured
+        values; ``top_p`` sets top-p routing (``None`` turns it off). What is not given
+        is kept.
         This is how a layer schedule, a mean-k controller or an inference option (fewer
         experts per token) changes a layer between steps; per-call keyword arguments of
         ``forward`` override it for one call. The new config is validated as a whole. On a
@@ -310,6 +314,8 @@ class MoELayer(ExpertPlacementMethods):
         router = cfg.router if isinstance(top_p, Keep) else dataclasses.replace(cfg.router, top_p=top_p)
         if min_k is not None:
             router = dataclasses.replace(router, min_k=min_k)
+        if normalize_single is not None:
+            router = dataclasses.replace(router, normalize_single=normalize_single)
         capacity = (
             cfg.capacity
             if capacity_factor is None

@@ -159,9 +159,9 @@ class Router(nn.Module):
             if top_p is not None and top_k > 1:
                 valid_TK = top_p_mask(probs_TE.detach().gather(1, expert_ids_TK), top_p, cfg.min_k)
                 weights_TK = weights_TK * valid_TK
-            if cfg.normalize_weights and top_k > 1:
+            if cfg.normalize_weights and (top_k > 1 or cfg.normalize_single):
                 normalized_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-                if valid_TK is None:
+                if valid_TK is None or cfg.normalize_single:
                     weights_TK = normalized_TK
                 else:  # a token that kept one expert keeps its raw score, as top-1 does
                     several_T1 = valid_TK.sum(dim=-1, keepdim=True) > 1
