@@ -41,6 +41,8 @@ class Case:
     rerouting: RerouteConfig | None = None
     plans: list[Plan | str] = field(default_factory=list)  # default: every valid plan; "auto": the tuner
     compiled: bool = False  # call the distributed layer through torch.compile
+    top_p: float | None = None  # top-p routing: a per-token number of experts
+    zero_experts: tuple[str, ...] = ()  # zero-computation experts next to the routed ones
 
 
 def all_plans(layer: MoELayer) -> list[Plan]:
@@ -103,7 +105,10 @@ def _case_layers(case: Case) -> tuple[MoELayer, MoELayer]:
     }
     D, E, K = case.dim, case.num_experts, case.top_k
     if case.skew is not None:
-        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True)
+        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True, top_p=case.top_p)
+    elif case.top_p is not None:
+        kwargs["router"] = RouterConfig(kind=case.router, top_p=case.top_p)  # type: ignore[arg-type]
+    kwargs["zero_experts"] = case.zero_experts
     oracle = MoELayer(D, case.hidden_dim, E, K, group=False, **kwargs)
     if case.skew is not None:
         # The selection bias steers the choice only (weights stay the sigmoid scores).
@@ -112,7 +117,11 @@ def _case_layers(case: Case) -> tuple[MoELayer, MoELayer]:
             "zipf": 4.0 * -torch.log(torch.arange(1, E + 1, dtype=torch.float32)) * 1.2,
             "never": torch.tensor([0.0] * (E - 1) + [-100.0]),
         }[case.skew]
-        oracle.router.expert_bias_E.copy_(bias)
+        zero = torch.zeros(len(case.zero_experts))  # zero-computation experts: no extra bias
+        oracle.router.expert_bias_E.copy_(torch.cat([bias, zero]))
+    if oracle.zero_constants is not None:  # nonzero, so that a wrong one shows
+        with torch.no_grad():
+            oracle.zero_constants.normal_()
     layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
     return oracle, layer
 
@@ -155,8 +164,19 @@ def _check_case(rank: int, world: int, case: Case) -> int:
             dist.all_reduce(grad)
             want_router = dict(oracle.router.named_parameters())[name].grad
             _close(f"router.{name} grad ({where})", grad, want_router, tol)
+        if layer.zero_constants is not None:  # replicated, like the router: the ranks' sum
+            assert layer.zero_constants.grad is not None and oracle.zero_constants is not None
+            grad = layer.zero_constants.grad.clone()
+            dist.all_reduce(grad)
+            _close(f"zero_constants grad ({where})", grad, oracle.zero_constants.grad, tol)
         stats = layer.stats
         assert stats is not None
+        # The whole batch's experts per token and zero-expert choices, as on one device.
+        assert stats.experts_per_token is not None and oracle.stats.experts_per_token is not None
+        assert torch.equal(stats.experts_per_token, oracle.stats.experts_per_token), where
+        want_zero = oracle.stats.zero_expert_choices
+        assert (stats.zero_expert_choices is None) == (want_zero is None), where
+        assert want_zero is None or torch.equal(stats.zero_expert_choices, want_zero), where
         assert torch.equal(stats.routed_per_expert, oracle.stats.routed_per_expert), where
         assert torch.equal(stats.tokens_per_expert, oracle.stats.tokens_per_expert), where
         assert stats.dropped == oracle.stats.dropped, where
@@ -727,18 +747,15 @@ def check_replicas(rank: int, world: int) -> list[tuple[int, int]]:
     return log
 
 
-def check_top_p_refused(rank: int, world: int) -> list[str]:
-    """A distributed layer refuses top-p routing at construction and per call, on every rank."""
+def check_variable_k_mismatch(rank: int, world: int) -> list[str]:
+    """Ranks that call with different ``top_p``: every rank raises, and the group goes on."""
+    layer = MoELayer(16, 8, 4, 2, timeout=30)
     messages = []
-    with pytest.raises(ValueError) as built:
-        MoELayer(16, 8, 4, 2, router=RouterConfig(top_p=0.5))
-    messages.append(str(built.value))
-    with pytest.raises(ValueError) as zero:
-        MoELayer(16, 8, 4, 2, zero_experts=("skip",))
-    messages.append(str(zero.value))
-    layer = MoELayer(16, 8, 4, 2)
-    with pytest.raises(ValueError) as called:
-        layer(torch.randn(3, 16), top_p=0.5)
-    messages.append(str(called.value))
-    layer(torch.randn(3, 16))  # the group still works: nobody waits for a refused call
+    try:
+        layer(torch.randn(3, 16), top_p=0.5 if rank == 0 else None)
+    except RuntimeError as error:
+        messages.append(str(error))
+    layer(torch.randn(3, 16), top_p=0.5)  # the same on every rank: runs
+    assert layer.stats is not None and layer.stats.experts_per_token is not None
+    assert int(layer.stats.experts_per_token.sum()) == 3 * world
     return messages
