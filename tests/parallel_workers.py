@@ -337,12 +337,22 @@ def check_ddp(rank: int, world: int) -> None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# A layer with top-p routing, zero-computation experts (a constant one: a parameter) and a
+# selection bias moved by the aux-loss-free rule: what a checkpoint must carry beyond experts.
+ADAPTIVE_ROUTING: dict[str, Any] = {
+    "router": RouterConfig(top_p=0.6, selection_bias=True),
+    "zero_experts": ("skip", "constant"),
+    "aux_free_rate": 0.05,
+}
+
+
 def checkpoint_model(
-    num_experts: int = 4, bias: bool = False, group: Any = False
+    num_experts: int = 4, bias: bool = False, group: Any = False, adaptive: bool = False
 ) -> tuple[torch.nn.Sequential, torch.optim.Optimizer]:
-    """A small model with one MoE layer, and its AdamW."""
+    """A small model with one MoE layer (``adaptive``: with ``ADAPTIVE_ROUTING``), and its AdamW."""
+    extra = ADAPTIVE_ROUTING if adaptive else {}
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 2, bias=bias, group=group)
+        torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 2, bias=bias, group=group, **extra)
     )
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
@@ -355,11 +365,19 @@ def checkpoint_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    model[1].update_expert_bias()  # aux-loss-free balancing (does nothing without it)
     return float(loss.detach())
 
 
 def checkpoint_reshard_step(
-    rank: int, world: int, load_from: str, save_to: str, seed: int, num_experts: int = 4, bias: bool = False
+    rank: int,
+    world: int,
+    load_from: str,
+    save_to: str,
+    seed: int,
+    num_experts: int = 4,
+    bias: bool = False,
+    adaptive: bool = False,
 ) -> float:
     """Load a checkpoint written at another world size, train one step on the global batch
     (this rank's share), save; returns the global loss."""
@@ -367,7 +385,11 @@ def checkpoint_reshard_step(
     from flexmoe.parallel import scale_expert_gradients
 
     torch.manual_seed(100 + rank)  # anything: the checkpoint overwrites it
-    model, optimizer = checkpoint_model(num_experts=num_experts, bias=bias, group=None)
+    model, optimizer = checkpoint_model(num_experts=num_experts, bias=bias, group=None, adaptive=adaptive)
+    if adaptive:  # a fresh layer's selection bias and constants differ from the checkpoint's
+        with torch.no_grad():
+            model[1].router.expert_bias_E.uniform_()
+            model[1].zero_constants.uniform_()
     load_checkpoint(load_from, model, optimizer)
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
@@ -381,12 +403,16 @@ def checkpoint_reshard_step(
         assert p.grad is not None
         dist.all_reduce(p.grad)
         p.grad /= world
-    for p in model[1].router.parameters():
+    replicated = [*model[1].router.parameters()]
+    if model[1].zero_constants is not None:
+        replicated.append(model[1].zero_constants)
+    for p in replicated:
         assert p.grad is not None
         dist.all_reduce(p.grad)
         p.grad /= world
     scale_expert_gradients(model)
     optimizer.step()
+    model[1].update_expert_bias()  # from the whole batch's counts: the same on every rank
     save_checkpoint(save_to, model, optimizer, step=seed)
     total = loss.detach().clone()
     dist.all_reduce(total)
