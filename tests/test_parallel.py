@@ -216,6 +216,8 @@ def _variable_k_cases(world: int) -> list[Case]:
         ),
         # Sharded experts (E < W): one expert in W hidden shards, a skip expert beside it.
         Case(num_experts=1, top_k=2, zero_experts=("skip", "constant"), capacity_factor=1.0, seed=16),
+        # The tuner on sharded experts, with more choices per token (2) than routed experts (1).
+        Case(num_experts=1, top_k=2, top_p=0.9, zero_experts=("copy",), plans=["auto", "auto"], seed=18),
         # Hot expert 0 (every token's first choice): forced rerouting, shadowing, the tuner.
         Case(
             num_experts=whole,

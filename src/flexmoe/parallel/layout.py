@@ -155,7 +155,7 @@ def make_global_layout(
             within_S, kept_WE = _keep_default(counts_WEK, capacity, rank, experts_S, choice_S, T * K)
         keep_S = within_S if keep_S is None else keep_S & within_S
     local = layout_from_sorted(slot_ids_S, experts_S, routed_E, keep_S, capacity, T, K)
-    local.num_unused = T * K - int(routed_E.sum())
+    local.num_unused = T * K - int(routed_WE[rank].sum())  # gathered counts: no device sync
     return GlobalLayout(
         local=local,
         kept=kept_WE.tolist(),
