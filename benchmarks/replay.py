@@ -36,7 +36,7 @@ from flexmoe.cli import main as flexmoe_main
 from flexmoe.planner import MoEWorkload, load_cluster
 from flexmoe.planner.replay import format_trace_simulation, simulate_trace
 from flexmoe.planner.trace import RoutingTrace, TraceRecord, read_routing_trace
-from flexmoe.tools.replay import expert_ids_from_counts, force_routing
+from flexmoe.tools.replay import expert_ids_from_counts, force_routing, routing_from_counts
 from harness import environment, measure_interleaved, write_json
 
 
@@ -51,19 +51,31 @@ def record_trace(folder: Path, steps: int, experts: int, top_k: int) -> Path:
     return run / "routing.jsonl"
 
 
-def even_counts(num_experts: int, top_k: int, tokens: int) -> list[int]:
-    """``tokens * top_k`` slots spread as evenly as the experts allow."""
-    base, extra = divmod(tokens * top_k, num_experts)
+def even_counts(num_experts: int, routed: int) -> list[int]:
+    """``routed`` slots spread as evenly as the experts allow."""
+    base, extra = divmod(routed, num_experts)
     return [base + (e < extra) for e in range(num_experts)]
 
 
-def step_fn(layer: MoELayer, counts: Sequence[int], tokens: int, seed: int) -> Callable[[], None]:
-    """A forward+backward of ``layer`` routed to exactly ``counts``."""
-    ids_TK = expert_ids_from_counts(counts, layer.config.top_k, tokens, seed=seed)
+def step_fn(
+    layer: MoELayer,
+    counts: Sequence[int],
+    tokens: int,
+    seed: int,
+    experts_per_token: Sequence[int] | None = None,
+) -> Callable[[], None]:
+    """A forward+backward of ``layer`` routed to exactly ``counts`` (and the histogram of a
+    per-token number of experts, when the step recorded one)."""
+    K = layer.config.top_k
+    valid_TK = None
+    if experts_per_token is None:
+        ids_TK = expert_ids_from_counts(counts, K, tokens, seed=seed)
+    else:
+        ids_TK, valid_TK = routing_from_counts(counts, K, experts_per_token, seed=seed)
     x_TD = torch.randn(tokens, layer.config.dim, generator=torch.Generator().manual_seed(seed))
 
     def step() -> None:
-        with force_routing(layer, ids_TK):
+        with force_routing(layer, ids_TK, valid_TK):
             layer(x_TD).square().mean().backward()
         layer.zero_grad(set_to_none=True)
 
@@ -81,13 +93,15 @@ def replay_measured(trace: RoutingTrace, records: list[TraceRecord], args: argpa
     print(f"{'step':>6s} {'tokens':>7s} {'max/mean':>9s} {'ms':>9s} {'even ms':>9s} {'ratio':>7s}")
     rows = []
     for record in records:
-        mean = record.tokens * trace.top_k / trace.num_experts
+        routed = sum(record.counts)  # tokens * top_k unless a per-token number of experts
+        mean = routed / trace.num_experts
         imbalance = max(record.counts) / mean if mean else 0.0
-        even = even_counts(trace.num_experts, trace.top_k, record.tokens)
+        even = even_counts(trace.num_experts, routed)
+        hist = record.experts_per_token
         timings = measure_interleaved(  # round-robin: drift and other load hit both alike
             {
-                "trace": step_fn(layer, record.counts, record.tokens, record.step),
-                "even": step_fn(layer, even, record.tokens, record.step),
+                "trace": step_fn(layer, record.counts, record.tokens, record.step, hist),
+                "even": step_fn(layer, even, record.tokens, record.step, hist),
             },
             warmup=1,
             repeats=args.repeats,

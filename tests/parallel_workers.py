@@ -41,6 +41,8 @@ class Case:
     rerouting: RerouteConfig | None = None
     plans: list[Plan | str] = field(default_factory=list)  # default: every valid plan; "auto": the tuner
     compiled: bool = False  # call the distributed layer through torch.compile
+    top_p: float | None = None  # top-p routing: a per-token number of experts
+    zero_experts: tuple[str, ...] = ()  # zero-computation experts next to the routed ones
 
 
 def all_plans(layer: MoELayer) -> list[Plan]:
@@ -103,7 +105,10 @@ def _case_layers(case: Case) -> tuple[MoELayer, MoELayer]:
     }
     D, E, K = case.dim, case.num_experts, case.top_k
     if case.skew is not None:
-        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True)
+        kwargs["router"] = RouterConfig(kind="sigmoid", selection_bias=True, top_p=case.top_p)
+    elif case.top_p is not None:
+        kwargs["router"] = RouterConfig(kind=case.router, top_p=case.top_p)  # type: ignore[arg-type]
+    kwargs["zero_experts"] = case.zero_experts
     oracle = MoELayer(D, case.hidden_dim, E, K, group=False, **kwargs)
     if case.skew is not None:
         # The selection bias steers the choice only (weights stay the sigmoid scores).
@@ -112,7 +117,11 @@ def _case_layers(case: Case) -> tuple[MoELayer, MoELayer]:
             "zipf": 4.0 * -torch.log(torch.arange(1, E + 1, dtype=torch.float32)) * 1.2,
             "never": torch.tensor([0.0] * (E - 1) + [-100.0]),
         }[case.skew]
-        oracle.router.expert_bias_E.copy_(bias)
+        zero = torch.zeros(len(case.zero_experts))  # zero-computation experts: no extra bias
+        oracle.router.expert_bias_E.copy_(torch.cat([bias, zero]))
+    if oracle.zero_constants is not None:  # nonzero, so that a wrong one shows
+        with torch.no_grad():
+            oracle.zero_constants.normal_()
     layer = MoELayer(D, case.hidden_dim, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
     return oracle, layer
 
@@ -155,8 +164,19 @@ def _check_case(rank: int, world: int, case: Case) -> int:
             dist.all_reduce(grad)
             want_router = dict(oracle.router.named_parameters())[name].grad
             _close(f"router.{name} grad ({where})", grad, want_router, tol)
+        if layer.zero_constants is not None:  # replicated, like the router: the ranks' sum
+            assert layer.zero_constants.grad is not None and oracle.zero_constants is not None
+            grad = layer.zero_constants.grad.clone()
+            dist.all_reduce(grad)
+            _close(f"zero_constants grad ({where})", grad, oracle.zero_constants.grad, tol)
         stats = layer.stats
         assert stats is not None
+        # The whole batch's experts per token and zero-expert choices, as on one device.
+        assert stats.experts_per_token is not None and oracle.stats.experts_per_token is not None
+        assert torch.equal(stats.experts_per_token, oracle.stats.experts_per_token), where
+        want_zero = oracle.stats.zero_expert_choices
+        assert (stats.zero_expert_choices is None) == (want_zero is None), where
+        assert want_zero is None or torch.equal(stats.zero_expert_choices, want_zero), where
         assert torch.equal(stats.routed_per_expert, oracle.stats.routed_per_expert), where
         assert torch.equal(stats.tokens_per_expert, oracle.stats.tokens_per_expert), where
         assert stats.dropped == oracle.stats.dropped, where
@@ -317,12 +337,22 @@ def check_ddp(rank: int, world: int) -> None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# A layer with top-p routing, zero-computation experts (a constant one: a parameter) and a
+# selection bias moved by the aux-loss-free rule: what a checkpoint must carry beyond experts.
+ADAPTIVE_ROUTING: dict[str, Any] = {
+    "router": RouterConfig(top_p=0.6, selection_bias=True),
+    "zero_experts": ("skip", "constant"),
+    "aux_free_rate": 0.05,
+}
+
+
 def checkpoint_model(
-    num_experts: int = 4, bias: bool = False, group: Any = False
+    num_experts: int = 4, bias: bool = False, group: Any = False, adaptive: bool = False
 ) -> tuple[torch.nn.Sequential, torch.optim.Optimizer]:
-    """A small model with one MoE layer, and its AdamW."""
+    """A small model with one MoE layer (``adaptive``: with ``ADAPTIVE_ROUTING``), and its AdamW."""
+    extra = ADAPTIVE_ROUTING if adaptive else {}
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 2, bias=bias, group=group)
+        torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 2, bias=bias, group=group, **extra)
     )
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
@@ -335,11 +365,19 @@ def checkpoint_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    model[1].update_expert_bias()  # aux-loss-free balancing (does nothing without it)
     return float(loss.detach())
 
 
 def checkpoint_reshard_step(
-    rank: int, world: int, load_from: str, save_to: str, seed: int, num_experts: int = 4, bias: bool = False
+    rank: int,
+    world: int,
+    load_from: str,
+    save_to: str,
+    seed: int,
+    num_experts: int = 4,
+    bias: bool = False,
+    adaptive: bool = False,
 ) -> float:
     """Load a checkpoint written at another world size, train one step on the global batch
     (this rank's share), save; returns the global loss."""
@@ -347,7 +385,11 @@ def checkpoint_reshard_step(
     from flexmoe.parallel import scale_expert_gradients
 
     torch.manual_seed(100 + rank)  # anything: the checkpoint overwrites it
-    model, optimizer = checkpoint_model(num_experts=num_experts, bias=bias, group=None)
+    model, optimizer = checkpoint_model(num_experts=num_experts, bias=bias, group=None, adaptive=adaptive)
+    if adaptive:  # a fresh layer's selection bias and constants differ from the checkpoint's
+        with torch.no_grad():
+            model[1].router.expert_bias_E.uniform_()
+            model[1].zero_constants.uniform_()
     load_checkpoint(load_from, model, optimizer)
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
@@ -361,12 +403,16 @@ def checkpoint_reshard_step(
         assert p.grad is not None
         dist.all_reduce(p.grad)
         p.grad /= world
-    for p in model[1].router.parameters():
+    replicated = [*model[1].router.parameters()]
+    if model[1].zero_constants is not None:
+        replicated.append(model[1].zero_constants)
+    for p in replicated:
         assert p.grad is not None
         dist.all_reduce(p.grad)
         p.grad /= world
     scale_expert_gradients(model)
     optimizer.step()
+    model[1].update_expert_bias()  # from the whole batch's counts: the same on every rank
     save_checkpoint(save_to, model, optimizer, step=seed)
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -727,18 +773,15 @@ def check_replicas(rank: int, world: int) -> list[tuple[int, int]]:
     return log
 
 
-def check_top_p_refused(rank: int, world: int) -> list[str]:
-    """A distributed layer refuses top-p routing at construction and per call, on every rank."""
+def check_variable_k_mismatch(rank: int, world: int) -> list[str]:
+    """Ranks that call with different ``top_p``: every rank raises, and the group goes on."""
+    layer = MoELayer(16, 8, 4, 2, timeout=30)
     messages = []
-    with pytest.raises(ValueError) as built:
-        MoELayer(16, 8, 4, 2, router=RouterConfig(top_p=0.5))
-    messages.append(str(built.value))
-    with pytest.raises(ValueError) as zero:
-        MoELayer(16, 8, 4, 2, zero_experts=("skip",))
-    messages.append(str(zero.value))
-    layer = MoELayer(16, 8, 4, 2)
-    with pytest.raises(ValueError) as called:
-        layer(torch.randn(3, 16), top_p=0.5)
-    messages.append(str(called.value))
-    layer(torch.randn(3, 16))  # the group still works: nobody waits for a refused call
+    try:
+        layer(torch.randn(3, 16), top_p=0.5 if rank == 0 else None)
+    except RuntimeError as error:
+        messages.append(str(error))
+    layer(torch.randn(3, 16), top_p=0.5)  # the same on every rank: runs
+    assert layer.stats is not None and layer.stats.experts_per_token is not None
+    assert int(layer.stats.experts_per_token.sum()) == 3 * world
     return messages

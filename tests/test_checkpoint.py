@@ -136,6 +136,31 @@ def test_reshards_sharded_experts(tmp_path):
             torch.testing.assert_close(final_opt.state[p_new][key], reference_opt.state[p_ref][key])
 
 
+def test_top_p_and_zero_expert_layers_round_trip_and_reshard(tmp_path):
+    # Top-p routing, skip and constant zero experts, an aux-loss-free selection bias: 1 device
+    # -> 2 ranks -> 1 device, one training step per stage; the zero constants, the bias and
+    # the AdamW state come back as the single device has them.
+    torch.manual_seed(0)
+    reference, reference_opt = checkpoint_model(adaptive=True)
+    checkpoint_train_step(reference, reference_opt, 9)
+    layer = reference[1]
+    assert layer.zero_constants is not None and bool(layer.zero_constants.abs().sum() > 0)
+    assert bool(layer.router.expert_bias_E.abs().sum() > 0)  # moved by the update rule
+    save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
+    loss = checkpoint_train_step(reference, reference_opt, 10)
+    args = (str(tmp_path / "w1"), str(tmp_path / "w2"), 10, 4, False, True)
+    assert run_distributed(checkpoint_reshard_step, 2, *args)[0] == pytest.approx(loss, rel=1e-5)
+    torch.manual_seed(5)
+    final, final_opt = checkpoint_model(adaptive=True)
+    assert load_checkpoint(tmp_path / "w2", final, final_opt)["world_size"] == 2
+    for (name, a), b in zip(reference.state_dict().items(), final.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert "1.zero_constants" in final.state_dict() and "1.router.expert_bias_E" in final.state_dict()
+    for p_ref, p_new in zip(reference.parameters(), final.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(final_opt.state[p_new][key], reference_opt.state[p_ref][key])
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
 def test_converted_transformers_model_round_trips_through_a_checkpoint(tmp_path, model_type):
     # A converted model's experts go out per expert and come back into another converted

@@ -55,6 +55,25 @@ def test_top_p_routing_trains_and_logs_experts_per_token(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["top_p"] == 0.3
 
 
+def test_top_p_routing_on_two_workers(tmp_path):
+    run = tmp_path / "run"
+    command = ["train", "--workers", "2", *SMALL, "--top-k", "3", "--top-p", "0.3", "--run-dir", str(run)]
+    result = subprocess.run(
+        [sys.executable, "-m", "flexmoe.cli", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 worker(s)" in result.stdout and "done: 6 steps" in result.stdout, result.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    layers = [layer for r in records if "loss" in r for layer in r["layers"]]
+    assert layers and all(1 <= layer["experts_per_token"] < 3 for layer in layers)
+    assert all(layer["assignments"] == sum(layer["routed"]) for layer in layers)
+
+
 def test_options_come_from_a_config_file(tmp_path, capsys):
     config = tmp_path / "train.toml"
     config.write_text("steps = 4\nbatch-size = 2\ncontext = 16\ndim = 32\nlog_every = 2\nexperts = 4\n")

@@ -75,7 +75,6 @@ BAD_FLAGS = [
     (["--top-p", "0"], "argument --top-p: must be a finite number > 0, got 0.0"),
     (["--top-p", "1.5"], "argument --top-p: must be a finite number in (0, 1], got 1.5"),
     (["--top-k", "2", "--min-k", "3"], "argument --min-k: must be <= --top-k (2), got 3"),
-    (["--top-p", "0.5", "--workers", "2"], "argument --top-p: runs on a single worker"),
     (
         ["--workers", "2", "--experts", "3"],
         "argument --experts: cannot be spread over 2 workers: num_experts=3",

@@ -26,7 +26,7 @@ from .parallel_workers import (
     check_exchange,
     check_failures,
     check_timeout,
-    check_top_p_refused,
+    check_variable_k_mismatch,
 )
 
 pytestmark = pytest.mark.distributed
@@ -177,7 +177,69 @@ def test_compiled_model_around_a_distributed_layer():
     assert breaks[0] == breaks[1] == ["forward: Skip inlining `torch.compiler.disable()`d function"] * 2
 
 
-def test_variable_routing_is_refused_on_distributed_layers():
-    """Top-p routing and zero-computation experts: a clear refusal on every rank, the group intact."""
-    for messages in run_distributed(check_top_p_refused, 2):
-        assert all("not supported with expert parallelism" in m for m in messages), messages
+def _variable_k_cases(world: int) -> list[Case]:
+    """Top-p routing and zero-computation experts: whole and sharded experts, every capacity
+    policy, uneven batches (an empty rank), 2DH, forced rerouting under skew, the tuner."""
+    two_level = {2: 1, 4: 2}[world]
+    uneven = [5, 9, 0, 7][:world]
+    forced: list[Plan | str] = [Plan(reroute=True), Plan(reroute="shadow", d=2), Plan(reroute=None), "auto"]
+    whole = 2 * world
+    return [
+        Case(num_experts=whole, top_k=3, top_p=0.5, ranks_per_node=two_level, seed=10),
+        Case(num_experts=whole, top_k=2, top_p=0.6, capacity_factor=1.0, bias=True, seed=11),
+        Case(
+            num_experts=whole,
+            top_k=2,
+            top_p=0.6,
+            capacity_factor=-1.5,
+            tokens_per_rank=uneven,
+            load_balance_weight=0.0,  # the per-rank loss mean is the global one only for equal batches
+            seed=12,
+        ),
+        Case(num_experts=whole, top_k=2, top_p=0.6, capacity_factor=0.75, batch_prioritized=True, seed=13),
+        Case(
+            num_experts=whole,
+            top_k=2,
+            zero_experts=("skip", "copy", "constant"),
+            capacity_factor=1.0,
+            ranks_per_node=two_level,
+            seed=14,
+        ),
+        Case(
+            num_experts=whole,
+            top_k=3,
+            top_p=0.7,
+            zero_experts=("constant",),
+            batch_prioritized=True,
+            capacity_factor=0.75,
+            seed=15,
+        ),
+        # Sharded experts (E < W): one expert in W hidden shards, a skip expert beside it.
+        Case(num_experts=1, top_k=2, zero_experts=("skip", "constant"), capacity_factor=1.0, seed=16),
+        # The tuner on sharded experts, with more choices per token (2) than routed experts (1).
+        Case(num_experts=1, top_k=2, top_p=0.9, zero_experts=("copy",), plans=["auto", "auto"], seed=18),
+        # Hot expert 0 (every token's first choice): forced rerouting, shadowing, the tuner.
+        Case(
+            num_experts=whole,
+            top_k=2,
+            top_p=0.5,
+            zero_experts=("copy",),
+            skew="one",
+            tokens_per_rank=[24] * world,
+            plans=forced,
+            seed=17,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_variable_k_and_zero_experts_equal_single_device(world):
+    """Every plan: outputs, gradients (input, router, experts, zero constants) and stats
+    (experts per token, zero-expert choices, drops, capacity) of the concatenated batch."""
+    checked = run_distributed(check_equivalence, world, _variable_k_cases(world), timeout=400)
+    assert checked[0] > 8 * 4
+
+
+def test_ranks_disagreeing_on_top_p_raise_on_every_rank():
+    for messages in run_distributed(check_variable_k_mismatch, 2):
+        assert len(messages) == 1 and "ranks disagree on top_p" in messages[0], messages

@@ -259,6 +259,12 @@ def _placed_cases(W: int) -> list[tuple[Case, list[int], bool]]:
             balanced_placement(zipf, W),
             False,
         ),
+        # A per-token number of experts: top-p routing and a copy expert, capacity drops.
+        (
+            Case(num_experts=E, top_k=3, top_p=0.6, zero_experts=("copy",), capacity_factor=1.0, plans=plans),
+            _shuffled(E, 4),
+            False,
+        ),
     ]
 
 
@@ -299,7 +305,7 @@ def test_two_ranks_placed_layer_training_and_checkpoints(tmp_path):
     training = (4, {1: [2, 1, 0, 3], 3: [1, 3, 2, 0]})
     results = run_distributed(check_placement_suite, 2, _placed_cases(2), training, checkpoint, timeout=300)
     checked, reports, got_loss = results[0]
-    assert checked == 5 + 3 + 5
+    assert checked == 5 + 3 + 5 + 5
     first = reports[0]
     assert first["experts_moved"] == 2 and first["bytes_sent"] > 0
     assert first["bytes_sent"] == first["bytes_received"]
@@ -319,7 +325,7 @@ def test_four_ranks_placed_layer_training_and_checkpoints(tmp_path):
     training = (8, {2: _shuffled(8, 7)})
     results = run_distributed(check_placement_suite, 4, _placed_cases(4), training, checkpoint, timeout=300)
     checked, _, got_loss = results[0]
-    assert checked == 5 + 3 + 5
+    assert checked == 5 + 3 + 5 + 5
     assert got_loss == pytest.approx(loss, rel=1e-5)
     _check_reloaded(tmp_path, reference, reference_opt)
 

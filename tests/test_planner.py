@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexmoe import Plan
+from flexmoe import ExpertConfig, MoEConfig, Plan
 from flexmoe.parallel.traffic import predict_traffic
 from flexmoe.placement import Placement
 from flexmoe.planner import (
@@ -41,6 +41,7 @@ from flexmoe.planner import (
     sweep,
 )
 from flexmoe.planner.costmodel import gemm_time, stream_time
+from flexmoe.planner.layer_cost import CostModel
 from flexmoe.planner.rerouting import expected_rerouting
 
 from .reference import reference_rerouting
@@ -519,3 +520,43 @@ def test_workload_of_a_layer_config_and_scoring_a_live_step():
     ]
     report = plan(load_cluster("h100-80gb-ndr400"), workload, load, 8, plans=chosen)
     assert {p.plan for p in report.predictions} == set(chosen)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0, -1.25])
+def test_variable_k_workload_prices_its_routed_assignments(capacity_factor):
+    # Top-2 routing in which tokens used one expert on average routes as many rows as
+    # top-1: the same rows per rank, bytes sent and drops (capacity over the routed ones).
+    cluster = load_cluster("a100-80gb-hdr200")
+    common = dict(
+        dim=512, hidden_dim=1024, num_experts=8, tokens_per_device=512, capacity_factor=capacity_factor
+    )
+    top1 = MoEWorkload(top_k=1, **common)
+    variable = MoEWorkload(top_k=2, experts_per_token=1.0, **common)
+    top2 = MoEWorkload(top_k=2, **common)
+    load = Load.zipf(8, 1.2)
+    for option in (Plan(r=1), Plan(r=1, d=2, reroute=True), Plan(r=0)):
+        one, var, two = (simulate(cluster, w, load, 4, option) for w in (top1, variable, top2))
+        assert var.straggler_rows == pytest.approx(one.straggler_rows)
+        assert var.row_bytes == pytest.approx(one.row_bytes)
+        assert var.dropped_fraction == pytest.approx(one.dropped_fraction)
+        assert two.straggler_rows > 1.5 * var.straggler_rows
+    with pytest.raises(ValueError, match=r"experts_per_token must be None or a number in \(0, top_k=2\]"):
+        MoEWorkload(top_k=2, experts_per_token=2.5, **common)
+
+
+def test_cost_model_reads_the_mean_experts_per_token_from_the_counts():
+    # Top-5 of 4 experts and 2 zero-computation experts: at most 4 routed rows per token.
+    zero = ExpertConfig(zero_experts=("skip", "copy"))
+    config = MoEConfig(dim=64, hidden_dim=128, num_experts=4, top_k=5, experts=zero)
+    cost = CostModel(load_cluster("a100-80gb-hdr200"), config, 2, 2)
+    variable = cost.workload([10, 20, 15, 5], 40, 5, 1.0, True, torch.float32)
+    assert variable.top_k == 4 and variable.experts_per_token == pytest.approx(50 / 40)
+    full = MoEConfig(dim=64, hidden_dim=128, num_experts=4, top_k=2)
+    plain = CostModel(load_cluster("a100-80gb-hdr200"), full, 2, 2).workload(
+        [20] * 4, 40, 2, 0.0, True, torch.float32
+    )
+    assert plain.experts_per_token is None  # every slot routed: the fixed-k workload
+    # Fewer routed rows cost less under the same plan.
+    many = cost.predict(Plan(r=1), [40, 40, 40, 40], 40, 5, 0.0, True, torch.float32)
+    few = cost.predict(Plan(r=1), [10, 10, 5, 5], 40, 5, 0.0, True, torch.float32)
+    assert few < many

@@ -18,7 +18,7 @@ from flexmoe.planner import MoEWorkload, load_cluster
 from flexmoe.planner.replay import format_trace_simulation, simulate_trace
 from flexmoe.planner.trace import RoutingTrace, RoutingTraceWriter, TraceRecord, read_routing_trace
 from flexmoe.tools.recorder import RoutingRecorder
-from flexmoe.tools.replay import expert_ids_from_counts, force_routing
+from flexmoe.tools.replay import expert_ids_from_counts, force_routing, routing_from_counts
 from tests.reference import reference_params, routed_expert
 
 
@@ -297,6 +297,110 @@ def test_forced_routing_errors_name_the_argument():
         with pytest.raises(ValueError, match="called with 4 tokens, top-1"):
             layer(torch.randn(4, 8), top_k=1)
     layer(torch.randn(5, 8))  # the hook is gone after the block
+
+
+# --- a per-token number of experts --------------------------------------------------------------
+@st.composite
+def variable_k_counts(draw):
+    """A random routing in which each token uses 0..K experts: E, K, counts [E], histogram [K + 1]."""
+    E = draw(st.integers(1, 10))
+    K = draw(st.integers(1, E))
+    T = draw(st.integers(0, 30))
+    skew = draw(st.lists(st.floats(0, 1e4), min_size=E, max_size=E))
+    weights = torch.tensor(skew, dtype=torch.float64) + 1e-9
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    counts, hist = torch.zeros(E, dtype=torch.int64), [0] * (K + 1)
+    for _ in range(T):
+        m = int(torch.randint(0, K + 1, (), generator=generator))
+        hist[m] += 1
+        if m:
+            counts[torch.multinomial(weights, m, replacement=False, generator=generator)] += 1
+    return E, K, counts.tolist(), hist
+
+
+@settings(max_examples=150)
+@given(variable_k_counts(), st.one_of(st.none(), st.integers(0, 100)))
+def test_variable_k_routing_reproduces_counts_and_experts_per_token(case, seed):
+    E, K, counts, hist = case
+    ids_TK, valid_TK = routing_from_counts(counts, K, hist, num_experts=E, seed=seed)
+    T = sum(hist)
+    assert ids_TK.shape == valid_TK.shape == (T, K) and valid_TK.dtype == torch.bool
+    assert torch.bincount(ids_TK[valid_TK], minlength=E).tolist() == counts
+    assert torch.bincount(valid_TK.sum(1), minlength=K + 1).tolist() == hist
+    if T and K > 1:
+        assert bool((ids_TK.sort(dim=1).values.diff(dim=1) > 0).all())  # distinct, unused slots too
+        # the used slots come first, as top-p routing gives them
+        assert bool((valid_TK[:, :-1] | ~valid_TK[:, 1:]).all())
+    again = routing_from_counts(torch.tensor(counts), K, torch.tensor(hist), seed=seed)
+    assert torch.equal(again[0], ids_TK) and torch.equal(again[1], valid_TK)
+
+
+def test_variable_k_routing_refuses_impossible_counts():
+    with pytest.raises(ValueError, match=r"routed assignments of experts_per_token \(3\), got 4"):
+        routing_from_counts([2, 2], 2, [0, 1, 1])
+    with pytest.raises(ValueError, match=r"experts_per_token must hold top_k \+ 1 = 3 counts"):
+        routing_from_counts([2, 2], 2, [0, 4])
+    with pytest.raises(ValueError, match="must each be <= num_tokens=2"):
+        routing_from_counts([3, 1], 2, [0, 0, 2])
+
+
+@pytest.mark.parametrize("zero_experts", [(), ("skip", "constant")])
+def test_trace_of_variable_k_records_and_replays_the_same_counts(tmp_path, zero_experts):
+    """Top-p routing (and zero-computation experts) recorded, read back and replayed in a fresh
+    layer: the same counts, the same histogram of experts per token, step by step."""
+    torch.manual_seed(0)
+    router = flexmoe.RouterConfig(top_p=0.6)
+    model = nn.Sequential(flexmoe.MoELayer(16, 32, 6, 3, router=router, zero_experts=zero_experts))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = []
+    with RoutingRecorder(model, tmp_path / "t.jsonl", optimizer=optimizer) as recorder:
+        for _ in range(3):
+            counts, hist = torch.zeros(6, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
+            for micro in range(2):
+                model(torch.randn(7 + micro, 16)).sum().backward()
+                stats = model[0].stats
+                counts += stats.routed_per_expert
+                hist += stats.experts_per_token
+            expected.append((counts.tolist(), hist.tolist()))
+            optimizer.step()
+        assert recorder.layer_names == ["0"]
+    trace = read_routing_trace(tmp_path / "t.jsonl")
+    assert [(list(r.counts), list(r.experts_per_token)) for r in trace.steps()] == expected
+    assert all(r.tokens == 15 and r.mean_experts_per_token < 3 for r in trace.records)
+    replayed = flexmoe.MoELayer(16, 32, 6, 3)
+    for record in trace.steps():
+        ids_TK, valid_TK = routing_from_counts(record.counts, trace.top_k, record.experts_per_token)
+        with force_routing(replayed, ids_TK, valid_TK):
+            replayed(torch.randn(record.tokens, 16))
+        stats = replayed.stats
+        assert stats.routed_per_expert.tolist() == list(record.counts)
+        assert stats.experts_per_token.tolist() == list(record.experts_per_token)
+
+
+def test_writer_checks_the_experts_per_token_histogram(tmp_path):
+    with RoutingTraceWriter(tmp_path / "t.jsonl", num_experts=4, top_k=2) as writer:
+        writer.write(0, "moe", [1, 2, 0, 1], experts_per_token=[1, 2, 1])  # 4 tokens, 4 routed
+        with pytest.raises(ValueError, match=r"routed assignments of experts_per_token \(4\), got 5"):
+            writer.write(1, "moe", [2, 2, 0, 1], experts_per_token=[1, 2, 1])
+        with pytest.raises(ValueError, match="experts_per_token must sum to tokens=5, got 4"):
+            writer.write(1, "moe", [1, 2, 0, 1], 5, experts_per_token=[1, 2, 1])
+    (record,) = read_routing_trace(tmp_path / "t.jsonl").records
+    assert record.tokens == 4 and record.experts_per_token == (1, 2, 1)
+
+
+def test_simulate_trace_prices_a_variable_k_step_by_its_routed_rows():
+    cluster = load_cluster("a100-80gb-hdr200")
+    workload = MoEWorkload(dim=1024, hidden_dim=1024, num_experts=8, top_k=2, tokens_per_device=4096)
+    trace = RoutingTrace(num_experts=8, top_k=2)
+    trace.records.append(TraceRecord(0, "moe", 2048, (512,) * 8))  # top-2: 4096 routed
+    half = (256,) * 8  # the same shape, one expert per token on average
+    trace.records.append(TraceRecord(1, "moe", 2048, half, experts_per_token=(512, 1024, 512)))
+    sim = simulate_trace(cluster, workload, trace, 8, plans=[Plan(r=1)])
+    fixed, variable = sim.times("r=1 d=1 flat")
+    assert variable < fixed
+    top1 = MoEWorkload(dim=1024, hidden_dim=1024, num_experts=8, top_k=1, tokens_per_device=4096)
+    one = simulate_trace(cluster, top1, trace, 8, plans=[Plan(r=1)]).times("r=1 d=1 flat")[0]
+    assert variable == pytest.approx(one, rel=0.05)  # the rows of top-1 (metadata aside)
 
 
 # --- the simulator ----------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class TrainConfig:
         default=None,
         metadata=_meta(
             "top-p routing: each token takes the fewest of its --top-k best experts whose "
-            "probabilities reach this, in (0, 1]; single worker (none: always --top-k)",
+            "probabilities reach this, in (0, 1] (none: always --top-k)",
             kind="float",
         ),
     )
@@ -166,11 +166,6 @@ class TrainConfig:
             raise OptionError("top_k", f"must be <= --experts ({self.experts}), got {self.top_k}")
         if self.min_k > self.top_k:
             raise OptionError("min_k", f"must be <= --top-k ({self.top_k}), got {self.min_k}")
-        if self.top_p is not None and self.workers > 1:
-            raise OptionError(
-                "top_p",
-                f"runs on a single worker (expert parallelism refuses it), got --workers {self.workers}",
-            )
         if self.dim % self.heads != 0:
             raise OptionError("heads", f"must divide --dim ({self.dim}), got {self.heads}")
         if self.workers > 1:

@@ -48,6 +48,7 @@ CALL_HEADER = (
     "num_tokens",
     "input_ok",
     "top_k",
+    "top_p",
     "capacity_factor",
     "plan",
     "grad mode",
@@ -121,6 +122,7 @@ class ExpertParallelExperts:
             x_TD.shape[0],
             1,
             call.top_k,
+            stable_hash(repr(call.top_p)),
             stable_hash(repr(float(call.capacity_factor))),
             stable_hash(repr(call.plan)),
             int(torch.is_grad_enabled()),
@@ -139,7 +141,7 @@ class ExpertParallelExperts:
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Capacity, plan, rerouting, then the exchange and experts (see the module docstring)."""
         assert isinstance(header, Header), "begin() first"
-        ep, cfg, k, cf = self.ep, self.config, call.top_k, call.capacity_factor
+        ep, cfg, cf = self.ep, self.config, call.capacity_factor
         glayout = ep.layout(
             self.slots.to_slots(route.expert_ids_TK),
             route.weights_TK,
@@ -147,6 +149,7 @@ class ExpertParallelExperts:
             cf,
             cfg.capacity.batch_prioritized,
             header.tokens_per_rank,
+            route.valid_TK,
         )
         layout = glayout.local
         x_ND = permute(x_TD, layout)
@@ -170,11 +173,16 @@ class ExpertParallelExperts:
             dropped=glayout.dropped,
             plan=plan,
             world_size=ep.world_size,
-            routed_fraction_E=routed_E.to(torch.float64) / max(1, glayout.num_tokens * k),
+            # Of the routed assignments (T*K with a fixed k; fewer under top-p routing).
+            routed_fraction_E=routed_E.to(torch.float64) / max(1, int(routed_E.sum())),
             rows=self._row_report(plan, glayout, reroute, replica_hits),
             tuner=decision,
         )
         return ExpertsOutput(y_ND, layout, step)
+
+    def sum_over_ranks(self, counts: Tensor) -> Tensor:
+        """Per-rank counts of this call (experts per token, choices) summed over the group; a collective."""
+        return self.ep.sum_counts(counts, "routing-tally")
 
     def end(self, y_TD: Tensor) -> Tensor:
         """Stop the stopwatch (its backward mark times the backward)."""

@@ -252,15 +252,6 @@ class MoELayer(ExpertPlacementMethods):
         torch_device = None if device is None else torch.device(device)
         self.router = build_router(config.dim, config.num_choices, config.router, torch_device)
         ep = ExpertParallel.create(group, config.num_experts, config.hidden_dim, ranks_per_node, timeout)
-        if ep is not None and config.router.top_p is not None:
-            raise ValueError(
-                "router.top_p: a per-token number of experts is not supported with expert parallelism "
-                "yet; use top_k routing on a distributed layer"
-            )
-        if ep is not None and config.experts.zero_experts:
-            raise ValueError(
-                "experts.zero_experts: zero-computation experts are not supported with expert parallelism yet"
-            )
         self.experts = make_experts(config, experts, device, dtype, None if ep is None else ep.placement)
         self.strategy: LocalExperts | ExpertParallelExperts
         if ep is None:
@@ -324,11 +315,6 @@ class MoELayer(ExpertPlacementMethods):
         new = dataclasses.replace(
             cfg, top_k=cfg.top_k if top_k is None else top_k, router=router, capacity=capacity
         )
-        if self.world_size > 1 and new.router.top_p is not None:
-            raise ValueError(
-                "top_p: a per-token number of experts is not supported with expert parallelism yet; "
-                "use top_k routing on a distributed layer"
-            )
         self.config = new
         self.router.config = new.router
         if isinstance(self.strategy, ExpertParallelExperts):
@@ -401,11 +387,12 @@ class MoELayer(ExpertPlacementMethods):
             y_TD = y_TD + self._zero_experts(x_TD, route).to(y_TD.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
-        terms = self._balance(route, out.step)
-        per_token = count_per_expert(routed.experts_per_token(), call.top_k + 1)
+        # 5. what the call routed over the whole batch, the balance terms, the stats
+        per_token, choices = self._tally(route, routed, call.top_k, out.step)
+        terms = self._balance(route, out.step, choices)
         source = StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms, per_token)
-        if zero_experts:
-            source = dataclasses.replace(source, zero_expert_choices=self._zero_choices(route))
+        if choices is not None:
+            source = dataclasses.replace(source, zero_expert_choices=choices[self.config.num_experts :])
         self._record(source)
         return strategy.end(y_TD).reshape(x.shape)
 
@@ -427,16 +414,33 @@ class MoELayer(ExpertPlacementMethods):
                 constant += 1
         return y_TD
 
-    def _zero_choices(self, route: RouterOutput) -> Tensor:
-        """How many of the call's choices went to each zero-computation expert."""
-        E = self.config.num_experts
-        ids = (
-            route.expert_ids_TK
-            if route.valid_TK is None
-            else route.expert_ids_TK.masked_fill(~route.valid_TK, -1)
-        )
-        counts = count_per_expert((ids - E).clamp(min=-1) + 1, len(self.config.experts.zero_experts) + 1)
-        return counts[1:]
+    def _tally(
+        self, route: RouterOutput, routed: RouterOutput, top_k: int, step: ExpertStep
+    ) -> tuple[Tensor, Tensor | None]:
+        """The whole batch's experts per token (``[K + 1]``) and choices per router choice (``[E + Z]``).
+
+        The choices are counted (used slots only) with zero-computation experts, else ``None``.
+        Distributed with a per-token number of experts, the ranks' tallies are summed (one
+        small all-reduce); with a fixed ``k`` every token of the batch used ``k`` experts.
+        """
+        per_token = count_per_expert(routed.experts_per_token(), top_k + 1)
+        choices = None
+        if self.config.experts.zero_experts:
+            C = self.config.num_choices
+            ids = route.expert_ids_TK
+            if route.valid_TK is not None:
+                ids = ids.masked_fill(~route.valid_TK, C)
+            choices = count_per_expert(ids, C + 1)[:C]
+        if step.world_size == 1:
+            return per_token, choices
+        if routed.valid_TK is None:  # no collective needed: all K for every token
+            per_token = torch.zeros_like(per_token)
+            per_token[top_k] = step.num_tokens
+            return per_token, choices
+        parts = [per_token] if choices is None else [per_token, choices]
+        assert isinstance(self.strategy, ExpertParallelExperts)
+        total = self.strategy.sum_over_ranks(torch.cat(parts))
+        return total[: top_k + 1], None if choices is None else total[top_k + 1 :]
 
     def _record(self, source: StatsSource) -> None:
         """Keep what the call's ``stats`` are built from (built on first access: no host sync here)."""
@@ -487,11 +491,6 @@ class MoELayer(ExpertPlacementMethods):
         if cfg.check_finite and not bool(torch.isfinite(x).all()):  # NOTE: host sync, opt-in.
             raise ValueError("x contains non-finite values (NaN or Inf); check_finite=True")
         p = cfg.router.top_p if top_p is None else validate_top_p(top_p)
-        if p is not None and self.world_size > 1:
-            raise ValueError(
-                "top_p: a per-token number of experts is not supported with expert parallelism yet; "
-                "use top_k routing on a distributed layer"
-            )
         return Call(top_k=k, capacity_factor=cf, plan=plan, top_p=p)  # type: ignore[arg-type]
 
     def _backend(self, x: Tensor) -> str:
@@ -503,13 +502,16 @@ class MoELayer(ExpertPlacementMethods):
             return self.experts.compiled_backend(x.device, compute_dtype)
         return self.experts.resolved_backend(x.device, compute_dtype)
 
-    def _balance(self, route: RouterOutput, step: ExpertStep) -> tuple[Tensor | None, Tensor | None]:
+    def _balance(
+        self, route: RouterOutput, step: ExpertStep, choices: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Set ``aux_loss``, count loads for aux-free balancing; returns the unweighted terms (detached).
 
         Distributed, each rank's terms are its tokens' share of the whole batch's: the
         per-token means are scaled by ``W * T_rank / T``, so the mean of the ranks'
         ``aux_loss`` is the whole batch's loss (and its router gradient the single-device
-        one) for any per-rank token counts, empty ranks included.
+        one) for any per-rank token counts, empty ranks included. ``choices``: the whole
+        batch's choices per router choice (zero-computation experts; see ``_tally``).
         """
         bcfg = self.config.balance
         aux = route.probs_TE.new_zeros(())
@@ -519,6 +521,8 @@ class MoELayer(ExpertPlacementMethods):
             share = step.world_size * route.probs_TE.shape[0] / step.num_tokens
         if bcfg.load_balance_weight > 0:
             fraction_E = step.routed_fraction_E
+            if choices is not None and step.world_size > 1:  # every choice's share, zero experts too
+                fraction_E = choices.to(torch.float64) / choices.sum().clamp_min(1)
             balance = share * load_balance_loss(
                 route.probs_TE, route.expert_ids_TK, fraction_E, route.valid_TK
             )
@@ -528,13 +532,8 @@ class MoELayer(ExpertPlacementMethods):
             aux = aux + bcfg.z_loss_weight * z
         self.aux_loss = aux
         if self.training and bcfg.aux_free_rate > 0:
-            counts_E = step.routed_per_expert_E
-            if self.config.experts.zero_experts:  # the bias covers every choice, zero experts too
-                ids = route.expert_ids_TK
-                valid = torch.ones_like(ids, dtype=torch.bool) if route.valid_TK is None else route.valid_TK
-                counts_E = count_per_expert(
-                    ids.masked_fill(~valid, self.config.num_choices), self.config.num_choices + 1
-                )[:-1]
+            # With zero-computation experts the bias covers every choice, zero experts too.
+            counts_E = step.routed_per_expert_E if choices is None else choices
             self._pending_counts_E += counts_E.to(self._pending_counts_E.device)
         return (None if balance is None else balance.detach(), None if z is None else z.detach())
 

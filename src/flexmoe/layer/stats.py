@@ -44,11 +44,11 @@ class MoEStats:
         tuner: with ``plan="auto"``, the online tuner's decision for this call (a
             ``flexmoe.planner.TunerDecision``: bucket, phase, predicted time, the previous
             call's measured time), else ``None``.
-        experts_per_token: how many of this rank's tokens used 0, 1, ..., ``top_k`` routed
-            experts (int64 ``[top_k + 1]``; all ``top_k`` unless top-p routing or
-            zero-computation experts); see ``mean_experts_per_token``.
-        zero_expert_choices: choices that went to each zero-computation expert (int64
-            ``[Z]``), or ``None`` without them.
+        experts_per_token: how many tokens of the whole batch (every rank's) used 0, 1,
+            ..., ``top_k`` routed experts (int64 ``[top_k + 1]``; all ``top_k`` unless
+            top-p routing or zero-computation experts); see ``mean_experts_per_token``.
+        zero_expert_choices: the whole batch's choices of each zero-computation expert
+            (int64 ``[Z]``), or ``None`` without them.
     """
 
     num_tokens: int

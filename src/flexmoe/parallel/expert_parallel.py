@@ -261,8 +261,9 @@ class ExpertParallel:
         capacity_factor: float,
         batch_prioritized: bool,
         tokens_per_rank: list[int],
+        valid_TK: Tensor | None = None,
     ) -> GlobalLayout:
-        """The step's global capacity decision (see ``flexmoe.parallel.layout``)."""
+        """The step's global capacity decision (see ``flexmoe.parallel.layout``); ``valid_TK``: used slots."""
         return make_global_layout(
             expert_ids_TK,
             weights_TK,
@@ -271,7 +272,18 @@ class ExpertParallel:
             batch_prioritized,
             tokens_per_rank,
             self.comm,
+            valid_TK,
         )
+
+    def sum_counts(self, counts: Tensor, what: str) -> Tensor:
+        """``counts`` (an integer tensor) summed over the group, on ``counts``' device; a collective."""
+        staged = counts.detach().to(self.meta_device, torch.int64).clone()
+
+        def reduce() -> None:
+            dist.all_reduce(staged, group=self.comm.group)
+
+        self.comm.run(reduce, f"{what} all-reduce")
+        return staged.to(counts.device)
 
     def gather_weights(self, experts: GroupedExperts, r: int) -> Weights:
         """The weights this rank computes with under sharing degree ``r`` (gathered if needed)."""

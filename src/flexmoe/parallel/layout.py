@@ -6,9 +6,16 @@ are decided exactly as ``flexmoe.dispatch.make_layout`` would decide them for th
 global batch, so a distributed layer computes the same function as a single-device
 one whatever the world size.
 
+With a per-token number of experts (top-p routing, zero-computation experts) only the
+slots in ``valid_TK`` are routed: the counts, the capacity ``ceil(cf * A / E)`` over the
+``A`` routed assignments of the global batch, and the drops are those of
+``make_layout(..., valid_TK)`` on the concatenated batch; unused slots are neither
+routed, counted, sent nor dropped.
+
 Cost: one all-gather of a small header and of the per-(expert, choice) counts
 (``W * E * K`` integers). Batch-prioritised routing ranks assignments by score across
-all ranks, so it also all-gathers every rank's routing (``T * K`` ids and weights).
+all ranks, so it also all-gathers every rank's routing (``T * K`` ids, weights and,
+with variable k, the used-slot mask).
 
 Legend: W ranks, T local tokens, K top-k, E experts, S local routed slots (T*K).
 """
@@ -114,31 +121,41 @@ def make_global_layout(
     batch_prioritized: bool,
     tokens_per_rank: list[int],
     comm: Communicator,
+    valid_TK: Tensor | None = None,
 ) -> GlobalLayout:
-    """Sort this rank's slots expert-major and keep exactly those the global policy keeps."""
+    """Sort this rank's slots expert-major and keep exactly those the global policy keeps.
+
+    ``valid_TK``: the slots in use (``None``: all); every rank passes one or none alike.
+    """
     T, K = expert_ids_TK.shape
     E = num_experts
     rank, W = dist.get_rank(comm.group), len(tokens_per_rank)
-    slot_ids_S, experts_S, routed_E = sort_slots(expert_ids_TK, weights_TK, E, batch_prioritized)
+    slot_ids_S, experts_S, routed_E = sort_slots(expert_ids_TK, weights_TK, E, batch_prioritized, valid_TK)
     choice_S = slot_ids_S % K
-    # Per (expert, choice) counts of every rank: [W, E, K].
-    counts_EK = torch.bincount(experts_S * K + choice_S, minlength=E * K)
+    # Per (expert, choice) counts of every rank: [W, E, K]; unused slots (expert E) fall
+    # in the extra block that is cut off.
+    counts_EK = torch.bincount(experts_S * K + choice_S, minlength=(E + 1) * K)[: E * K]
     counts_WEK = _all_gather(comm, counts_EK, "routing-count all-gather").cpu().view(W, E, K)
     routed_WE = counts_WEK.sum(2)
     routed_global_E = routed_WE.sum(0)
-    T_global = sum(tokens_per_rank)
     max_load = int(routed_global_E.max()) if E else 0
-    capacity = compute_capacity(capacity_factor, T_global, K, E, max_load)
-    keep_S = None
+    if valid_TK is None:
+        capacity = compute_capacity(capacity_factor, sum(tokens_per_rank), K, E, max_load)
+        keep_S = None
+    else:  # over the routed assignments, as make_layout does
+        capacity = compute_capacity(capacity_factor, int(routed_global_E.sum()), 1, E, max_load)
+        keep_S = experts_S < E
     kept_WE = routed_WE
     if capacity is not None and capacity < max_load:
         if batch_prioritized:
-            keep_S, kept_WE = _keep_batch_prioritized(
-                expert_ids_TK, weights_TK, slot_ids_S, E, capacity_factor, tokens_per_rank, comm
+            within_S, kept_WE = _keep_batch_prioritized(
+                expert_ids_TK, weights_TK, valid_TK, slot_ids_S, E, capacity_factor, tokens_per_rank, comm
             )
         else:
-            keep_S, kept_WE = _keep_default(counts_WEK, capacity, rank, experts_S, choice_S, T * K)
+            within_S, kept_WE = _keep_default(counts_WEK, capacity, rank, experts_S, choice_S, T * K)
+        keep_S = within_S if keep_S is None else keep_S & within_S
     local = layout_from_sorted(slot_ids_S, experts_S, routed_E, keep_S, capacity, T, K)
+    local.num_unused = T * K - int(routed_WE[rank].sum())  # gathered counts: no device sync
     return GlobalLayout(
         local=local,
         kept=kept_WE.tolist(),
@@ -154,9 +171,10 @@ def _keep_default(
     """Keep mask under the default priority over the global batch.
 
     Choice ``k`` before ``k+1``, then global token order — so for expert ``e`` and
-    choice ``k`` the slots of lower ranks come first.
+    choice ``k`` the slots of lower ranks come first. Unused slots (expert ``E``, sorted
+    last) come out kept here; the caller masks them.
     """
-    K = counts_WEK.shape[2]
+    _, E, K = counts_WEK.shape
     per_choice_EK = counts_WEK.sum(0)
     before_choice_EK = torch.cumsum(per_choice_EK, 1) - per_choice_EK  # earlier choices, all ranks
     before_rank_WEK = torch.cumsum(counts_WEK, 0) - counts_WEK  # same choice, lower ranks
@@ -164,7 +182,7 @@ def _keep_default(
     kept_WEK = torch.minimum(room_WEK.clamp(min=0), counts_WEK)
     # Within (expert, choice) this rank's slots are in token order: keep the first kept_WEK.
     mine_EK = counts_WEK[rank].reshape(-1)
-    block_S = experts_S * K + choice_S
+    block_S = (experts_S * K + choice_S).clamp(max=E * K - 1)
     device = experts_S.device
     block_start = (torch.cumsum(mine_EK, 0) - mine_EK).to(device)
     position_S = torch.arange(num_slots, device=device) - block_start[block_S]
@@ -175,6 +193,7 @@ def _keep_default(
 def _keep_batch_prioritized(
     expert_ids_TK: Tensor,
     weights_TK: Tensor,
+    valid_TK: Tensor | None,
     slot_ids_S: Tensor,
     num_experts: int,
     capacity_factor: float,
@@ -187,13 +206,15 @@ def _keep_batch_prioritized(
     rank = dist.get_rank(comm.group)
     T_max = max(tokens_per_rank)
     device = expert_ids_TK.device
-    packed = torch.zeros(T_max, 2 * K, dtype=torch.float64, device=device)
+    packed = torch.zeros(T_max, 3 * K, dtype=torch.float64, device=device)
     packed[:T, :K] = expert_ids_TK.to(torch.float64)
-    packed[:T, K:] = weights_TK.detach().to(torch.float64)
+    packed[:T, K : 2 * K] = weights_TK.detach().to(torch.float64)
+    packed[:T, 2 * K :] = 1.0 if valid_TK is None else valid_TK.to(torch.float64)
     table = _all_gather(comm, packed, "routing all-gather").cpu()
-    ids = torch.cat([table[q, : tokens_per_rank[q], :K] for q in range(W)]).to(torch.int64)
-    weights = torch.cat([table[q, : tokens_per_rank[q], K:] for q in range(W)])
-    global_layout = make_layout(ids, weights, num_experts, capacity_factor, batch_prioritized=True)
+    rows = torch.cat([table[q, : tokens_per_rank[q]] for q in range(W)])
+    ids, weights = rows[:, :K].to(torch.int64), rows[:, K : 2 * K]
+    valid = None if valid_TK is None else rows[:, 2 * K :] > 0.5
+    global_layout = make_layout(ids, weights, num_experts, capacity_factor, True, valid)
     kept_slots = global_layout.slot_ids_N
     source_of_token = torch.repeat_interleave(torch.arange(W), torch.tensor(tokens_per_rank))
     kept_experts = ids.reshape(-1)[kept_slots]

@@ -30,7 +30,7 @@ from flexmoe.config import Plan, RerouteConfig
 from flexmoe.planner.cluster import Cluster
 from flexmoe.planner.prediction import Prediction, Scored, StaticBaseline
 from flexmoe.planner.search import DEGREES, baselines, candidates, plan
-from flexmoe.planner.trace import RoutingTrace
+from flexmoe.planner.trace import RoutingTrace, TraceRecord
 from flexmoe.planner.workload import Load, MoEWorkload
 
 __all__ = [
@@ -129,8 +129,10 @@ def simulate_trace(
 
     Each step's counts become a ``Load`` (``Load.from_counts``): the trace gives the
     shape of the load, step by step; ``workload`` gives its size (tokens per device),
-    as with ``--load trace:PATH``. A rerouting candidate whose bounds cannot hold a
-    step runs, as the layer does, plain expert parallelism in that step.
+    as with ``--load trace:PATH``; a step recorded with a per-token number of experts
+    (``experts_per_token``) routes its mean experts per token. A rerouting candidate
+    whose bounds cannot hold a step runs, as the layer does, plain expert parallelism
+    in that step.
     """
     if trace.num_experts != workload.num_experts:
         raise ValueError(f"trace has num_experts={trace.num_experts}, the workload {workload.num_experts}")
@@ -147,7 +149,7 @@ def simulate_trace(
         load_S[s] = load.max_over_mean
         report = plan(
             cluster,
-            workload,
+            _step_workload(workload, record),
             load,
             world_size,
             ranks_per_node=ranks_per_node,
@@ -165,6 +167,16 @@ def simulate_trace(
                 continue
             times_SP[s, p], fits_SP[s, p] = prediction.time, prediction.fits
     return TraceSimulation(records[0].layer, [r.step for r in records], scored, times_SP, fits_SP, load_S)
+
+
+def _step_workload(workload: MoEWorkload, record: TraceRecord) -> MoEWorkload:
+    """``workload`` with the step's mean routed experts per token, when it recorded one."""
+    if record.experts_per_token is None or record.tokens == 0:
+        return workload
+    mean = min(float(workload.top_k), record.mean_experts_per_token)
+    if mean <= 0 or mean == workload.top_k:
+        return workload
+    return replace(workload, experts_per_token=mean)
 
 
 def format_trace_simulation(simulation: TraceSimulation, top: int = 12) -> str:

@@ -126,7 +126,11 @@ def kept_rows(
         return padded * W, padded, W * float(overflow.sum()) / total
     cf = workload.capacity_factor
     kept = routed_E
-    limit = capacity_limit(cf, W * T, K, E)  # the layer's rule, on the whole batch
+    # The layer's rule, on the whole batch: over its T*K slots, or its routed assignments.
+    if workload.experts_per_token is None:
+        limit = capacity_limit(cf, W * T, K, E)
+    else:
+        limit = capacity_limit(cf, total, 1, E)
     if limit is not None:
         # Adaptive (cf < 0): the real maximum load, capped at the limit.
         capacity = float(limit) if cf > 0 else min(float(limit), float(routed_E.max()))

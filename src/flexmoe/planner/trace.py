@@ -16,6 +16,11 @@ header line, then holds one record per (step, layer)::
   replaying the step in a layer needs.
 - ``tokens``: tokens of the global batch in that step.
 - ``counts_per_rank`` (optional): the same per source rank, ``[W][E]``.
+- ``experts_per_token`` (optional; top-p routing, zero-computation experts): how many
+  tokens used ``0, 1, ..., top_k`` routed experts (``layer.stats.experts_per_token``
+  summed), ``top_k + 1`` entries. With it the counts sum to the routed assignments
+  ``sum_j j * experts_per_token[j]`` instead of ``tokens * top_k``, and the entries sum
+  to ``tokens``. Absent: every token used ``top_k`` experts.
 - ``world_size`` and ``meta`` (free-form, such as the model name) are optional.
 
 Lines are appended and flushed step by step, so a crash keeps every finished step: the
@@ -75,6 +80,12 @@ class TraceRecord:
     tokens: int
     counts: tuple[int, ...]
     counts_per_rank: tuple[tuple[int, ...], ...] | None = None
+    experts_per_token: tuple[int, ...] | None = None
+
+    @property
+    def mean_experts_per_token(self) -> float:
+        """Routed assignments per token in this step (``top_k`` unless a per-token number)."""
+        return sum(self.counts) / self.tokens if self.tokens else 0.0
 
 
 @dataclass
@@ -121,17 +132,33 @@ def check_counts(
     tokens: int | None,
     tokens_name: str = "tokens",
     distinct: bool = True,
+    experts_per_token: Sequence[int] | None = None,
 ) -> int:
     """Validate one step's counts (ints); returns its token count (``sum / top_k`` when not given).
 
     ``distinct``: also check that no count exceeds the tokens (each token's experts distinct).
+    ``experts_per_token``: the step's histogram of routed experts per token (``top_k + 1``
+    entries): the counts then sum to ``sum_j j * experts_per_token[j]`` and the tokens are
+    its sum.
     """
     if len(counts) != num_experts:
         raise ValueError(f"counts must have num_experts={num_experts} entries, got {len(counts)}")
     if min(counts) < 0:
         raise ValueError(f"counts must be >= 0, got {list(counts)}")
     total = sum(counts)
-    if tokens is None:
+    if experts_per_token is not None:
+        hist = list(experts_per_token)
+        if len(hist) != top_k + 1 or min(hist) < 0:
+            raise ValueError(f"experts_per_token must hold top_k + 1 = {top_k + 1} counts >= 0, got {hist}")
+        if tokens is not None and sum(hist) != tokens:
+            raise ValueError(f"experts_per_token must sum to {tokens_name}={tokens}, got {sum(hist)}")
+        tokens = sum(hist)
+        routed = sum(j * h for j, h in enumerate(hist))
+        if total != routed:
+            raise ValueError(
+                f"counts must sum to the routed assignments of experts_per_token ({routed}), got {total}"
+            )
+    elif tokens is None:
         if total % top_k:
             raise ValueError(f"counts must sum to a multiple of top_k={top_k}, got a sum of {total}")
         tokens = total // top_k
@@ -170,6 +197,8 @@ def _record_line(record: TraceRecord) -> str:
     }
     if record.counts_per_rank is not None:
         item["counts_per_rank"] = [list(row) for row in record.counts_per_rank]
+    if record.experts_per_token is not None:
+        item["experts_per_token"] = list(record.experts_per_token)
     return json.dumps(item, separators=(",", ":")) + "\n"
 
 
@@ -235,21 +264,28 @@ class RoutingTraceWriter:
         tokens: int | None = None,
         counts_per_rank: Sequence[Sequence[int]] | None = None,
         *,
+        experts_per_token: Sequence[int] | None = None,
         flush: bool = True,
     ) -> None:
         """Append one record; ``tokens`` defaults to ``sum(counts) / top_k``.
 
-        Raises ``ValueError`` when the counts cannot be one step's routing (wrong
-        length, negative, a sum other than ``tokens * top_k``). A count over ``tokens``
-        is accepted here (hand-made loads), but cannot be replayed in a layer.
+        ``experts_per_token``: the step's histogram of routed experts per token (a
+        per-token number of experts; see the module docstring). Raises ``ValueError``
+        when the counts cannot be one step's routing (wrong length, negative, a sum
+        other than ``tokens * top_k`` or the histogram's). A count over ``tokens`` is
+        accepted here (hand-made loads), but cannot be replayed in a layer.
         ``flush=False`` leaves the line buffered (call ``flush()`` after the step's last record).
         """
         values = [int(c) for c in counts]
-        tokens = check_counts(values, self.num_experts, self.top_k, tokens, distinct=False)
+        hist = None if experts_per_token is None else tuple(int(h) for h in experts_per_token)
+        tokens = check_counts(
+            values, self.num_experts, self.top_k, tokens, distinct=False, experts_per_token=hist
+        )
         per_rank = None
         if counts_per_rank is not None:
             per_rank = tuple(tuple(int(c) for c in row) for row in counts_per_rank)
-        self._file.write(_record_line(TraceRecord(int(step), str(layer), tokens, tuple(values), per_rank)))
+        record = TraceRecord(int(step), str(layer), tokens, tuple(values), per_rank, hist)
+        self._file.write(_record_line(record))
         if flush:
             self._file.flush()
 
@@ -319,12 +355,14 @@ def _parse_record(item: dict[str, Any], trace: RoutingTrace, where: str) -> Trac
     try:
         counts = tuple(int(c) for c in item["counts"])
         per_rank = item.get("counts_per_rank")
+        hist = item.get("experts_per_token")
         record = TraceRecord(
             step=int(item["step"]),
             layer=str(item["layer"]),
             tokens=int(item["tokens"]),
             counts=counts,
             counts_per_rank=None if per_rank is None else tuple(tuple(int(c) for c in r) for r in per_rank),
+            experts_per_token=None if hist is None else tuple(int(h) for h in hist),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{where}: not a trace record ({error!r})") from error
@@ -332,5 +370,10 @@ def _parse_record(item: dict[str, Any], trace: RoutingTrace, where: str) -> Trac
         raise ValueError(
             f"{where}: step {record.step} layer {record.layer!r} has {len(counts)} counts, "
             f"the header says {trace.num_experts} experts"
+        )
+    if record.experts_per_token is not None and len(record.experts_per_token) != trace.top_k + 1:
+        raise ValueError(
+            f"{where}: step {record.step} layer {record.layer!r} has {len(record.experts_per_token)} "
+            f"experts_per_token entries, the header says top_k={trace.top_k} ({trace.top_k + 1} expected)"
         )
     return record

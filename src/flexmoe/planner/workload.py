@@ -41,6 +41,11 @@ class MoEWorkload:
             with a cap, ``0`` dropless), for flexmoe's plans. Static baselines use
             their own fixed factor.
         training: forward and backward (``True``) or forward only.
+        experts_per_token: the mean routed experts per token when it is not ``top_k``
+            (top-p routing, zero-computation experts: some slots are not routed), a
+            number in ``(0, top_k]``; the rows and the capacity ``ceil(cf * A / E)`` are
+            then those of the ``A = T * experts_per_token`` routed assignments. ``None``:
+            ``top_k``.
     """
 
     dim: int
@@ -52,6 +57,7 @@ class MoEWorkload:
     tokens_per_device: int = 4096
     capacity_factor: float = 0.0
     training: bool = True
+    experts_per_token: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "num_experts", "tokens_per_device"):
@@ -61,6 +67,13 @@ class MoEWorkload:
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}"
+            )
+        k = self.experts_per_token
+        if k is not None and (
+            isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= self.top_k
+        ):
+            raise ValueError(
+                f"experts_per_token must be None or a number in (0, top_k={self.top_k}], got {k!r}"
             )
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
@@ -76,7 +89,7 @@ class MoEWorkload:
             dim=config.dim,
             hidden_dim=config.hidden_dim,
             num_experts=config.num_experts,
-            top_k=config.top_k,
+            top_k=min(config.top_k, config.num_experts),  # zero-computation experts take no rows
             gated=config.experts.activation in GATED_ACTIVATIONS,
             dtype=dtype,
             tokens_per_device=tokens_per_device,
@@ -98,6 +111,11 @@ class MoEWorkload:
     def expert_params(self) -> int:
         """Weights of one whole expert (no biases): ``D*(H + F)``."""
         return self.dim * (self.first_width + self.hidden_dim)
+
+    @property
+    def routed_per_token(self) -> float:
+        """Routed assignments per token: ``experts_per_token``, else ``top_k``."""
+        return float(self.top_k) if self.experts_per_token is None else float(self.experts_per_token)
 
     def flops_per_row(self, hidden_dim: int | None = None) -> float:
         """Forward GEMM FLOPs of one routed row through an expert (or a hidden slice of it)."""
@@ -179,12 +197,12 @@ class Load:
         return cls(name, share)
 
     def rows_per_expert(self, workload: MoEWorkload, world_size: int) -> NDArray[np.float64]:
-        """Expected routed rows per expert over the whole step: ``W*T*K*share_E``."""
+        """Expected routed rows per expert over the whole step: ``W*T*routed_per_token*share_E``."""
         if self.num_experts != workload.num_experts:
             raise ValueError(
                 f"load {self.name!r} has {self.num_experts} experts, the workload {workload.num_experts}"
             )
-        return self.share_E * (world_size * workload.tokens_per_device * workload.top_k)
+        return self.share_E * (world_size * workload.tokens_per_device * workload.routed_per_token)
 
 
 def _place(share: NDArray[np.float64], shuffle_seed: int | None) -> NDArray[np.float64]:

@@ -7,7 +7,7 @@ from flexmoe.tools.calibrate import calibrate
 from flexmoe.tools.local import WorkerError, run_local
 from flexmoe.tools.rebalance import CoactivationRecorder, Rebalancer
 from flexmoe.tools.recorder import RoutingRecorder
-from flexmoe.tools.replay import expert_ids_from_counts, force_routing
+from flexmoe.tools.replay import expert_ids_from_counts, force_routing, routing_from_counts
 
 __all__ = [
     "CoactivationRecorder",
@@ -17,5 +17,6 @@ __all__ = [
     "calibrate",
     "expert_ids_from_counts",
     "force_routing",
+    "routing_from_counts",
     "run_local",
 ]

@@ -36,7 +36,9 @@ class RoutingRecorder:
     resumed from a checkpoint redoes them; with the default 0, the file starts over). Layers
     are named by their module path in ``model``. Every layer must have the same
     ``num_experts`` and ``top_k`` (one header per file; record a sub-module otherwise),
-    and no forward may override ``top_k``.
+    and no forward may override ``top_k``. With top-p routing or zero-computation experts
+    each record also holds the step's histogram of routed experts per token
+    (``experts_per_token``), so that its counts replay exactly (``routing_from_counts``).
 
     Distributed: ``layer.stats`` already holds the counts over all ranks, so every
     rank must build the recorder (the hooks are local) but only ``rank`` 0 opens and
@@ -91,6 +93,8 @@ class RoutingRecorder:
         self.layer_names = [name for name, _ in layers]
         self._counts = {name: torch.zeros(self.num_experts, dtype=torch.int64) for name in self.layer_names}
         self._tokens = dict.fromkeys(self.layer_names, 0)
+        # Tokens by routed experts used (a per-token number of experts: top-p, zero experts).
+        self._per_token = {name: torch.zeros(self.top_k + 1, dtype=torch.int64) for name in self.layer_names}
         self._writer: RoutingTraceWriter | None = None
         if rank == 0:
             self._writer = RoutingTraceWriter(
@@ -113,6 +117,10 @@ class RoutingRecorder:
                 )
             self._counts[name] += stats.routed_per_expert.to("cpu", torch.int64)
             self._tokens[name] += stats.num_tokens
+            if stats.experts_per_token is not None:
+                self._per_token[name] += stats.experts_per_token.to("cpu", torch.int64)
+            else:
+                self._per_token[name][self.top_k] += stats.num_tokens
 
         return record
 
@@ -123,10 +131,20 @@ class RoutingRecorder:
             for name in self.layer_names:
                 if self._tokens[name]:
                     counts = self._counts[name].tolist()
-                    self._writer.write(number, name, counts, self._tokens[name], flush=False)
+                    hist = self._per_token[name].tolist()
+                    variable = hist[self.top_k] != self._tokens[name]  # else every token used top_k
+                    self._writer.write(
+                        number,
+                        name,
+                        counts,
+                        self._tokens[name],
+                        experts_per_token=hist if variable else None,
+                        flush=False,
+                    )
             self._writer.flush()
         for name in self.layer_names:
             self._counts[name].zero_()
+            self._per_token[name].zero_()
             self._tokens[name] = 0
         self.next_step = number + 1
 
