@@ -163,7 +163,11 @@ def _quantized_tensors(file: SafetensorsFile, names: set[str]) -> Iterator[Tenso
     """The tensors of ``_quantized_specs``, read and quantized one at a time."""
     for name in sorted(file.tensors, key=lambda name: file.tensors[name].begin):
         tensor = file.read(name)
-        if name in names:
-            yield from quantize_int8(tensor)
-        else:
+        if name not in names:
             yield tensor
+        elif tensor.dim() > 2:  # stacked [E, O, I]: one expert at a time bounds the fp32 temporaries
+            pairs = [quantize_int8(row) for row in tensor]
+            yield torch.stack([q for q, _ in pairs])
+            yield torch.stack([scale for _, scale in pairs])
+        else:
+            yield from quantize_int8(tensor)
