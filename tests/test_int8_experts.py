@@ -269,3 +269,13 @@ def test_write_safetensors_checks_what_it_writes(tmp_path):
         write_safetensors(tmp_path / "y.safetensors", specs, iter([a, a]))
     with pytest.raises(ValueError, match="2 tensors in the header, 1 given"):
         write_safetensors(tmp_path / "z.safetensors", specs, iter([a]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_experts_on_cuda(checkpoints):
+    # the dequantize-on-use path: the same tokens as the dequantized in-memory model on the GPU
+    source, target = checkpoints["qwen3_moe"]
+    reference = dequantized_reference(source).cuda()
+    model = load_offloaded(target, expert_budget="40KiB", dtype=torch.float32, device="cuda")
+    ids = prompt().cuda()
+    assert torch.equal(generate(model, ids), generate(reference, ids))

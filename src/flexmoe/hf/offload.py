@@ -10,7 +10,8 @@ Steps of ``load_offloaded``:
    with ``transformers``' own checkpoint conversion rules (``save_pretrained`` writes
    per-expert tensors, e.g. ``experts.3.w1.weight``, that ``transformers`` stacks into
    ``experts.gate_up_proj [E, 2F, D]`` on load). Each expert of each block becomes a list
-   of byte ranges: rows of stacked tensors, or per-expert tensors.
+   of byte ranges: rows of stacked tensors, or per-expert tensors. An int8 expert tensor
+   (``quantize_experts``) comes with its scales (``name + "_scale"``), read with it.
 3. Point every block's ``MoELayer`` at one ``ExpertCache`` (``flexmoe.layer.offloaded``),
    which empties its expert Parameters, then allocate the rest (``to_empty``).
 4. Set the buffers a checkpoint does not hold (rotary frequencies, with ``transformers``'
