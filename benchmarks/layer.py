@@ -121,7 +121,12 @@ def step_fn(
 
 
 def expert_gemms_only(
-    layer: flexmoe.MoELayer, counts: list[int], train: bool, parallel: bool, dtype: torch.dtype
+    layer: flexmoe.MoELayer,
+    counts: list[int],
+    train: bool,
+    parallel: bool,
+    dtype: torch.dtype,
+    with_casts: bool = False,
 ) -> Callable[[], None]:
     """The step's expert GEMMs and nothing else: a floor for any implementation built on them.
 
@@ -130,8 +135,11 @@ def expert_gemms_only(
     counts, into buffers allocated once: no routing, permutation, activation, combine
     or allocation. ``parallel`` runs whole GEMMs on separate cores (flexmoe's segment
     runner, when the segments balance), otherwise one after another on all cores.
+    ``with_casts`` adds what autocast cannot avoid with fp32 parameters: each step casts
+    the fp32 expert weights to ``dtype`` and their gradients back to fp32.
     """
-    w_in, w_out = layer.experts.w_in.detach().to(dtype), layer.experts.w_out.detach().to(dtype)
+    master_in, master_out = layer.experts.w_in.detach().float(), layer.experts.w_out.detach().float()
+    w_in, w_out = master_in.to(dtype), master_out.to(dtype)
     num_rows, (width, dim), hidden = sum(counts), w_in.shape[1:], w_out.shape[2]
     x, g, y, dx = (torch.randn(num_rows, dim, dtype=dtype) for _ in range(4))
     h, dh = torch.randn(num_rows, width, dtype=dtype), torch.randn(num_rows, width, dtype=dtype)
@@ -150,11 +158,17 @@ def expert_gemms_only(
 
     def step() -> None:
         with torch.no_grad():
+            if with_casts:
+                w_in.copy_(master_in)
+                w_out.copy_(master_out)
             if parallel:
                 for_each_segment(segments, work, x.device)
             else:
                 for segment in segments:
                     work(*segment)
+            if with_casts and train:
+                master_in.copy_(dw_in)  # stands for the fp32 gradient the cast writes
+                master_out.copy_(dw_out)
 
     return step
 
@@ -230,6 +244,8 @@ def run_case(
     counts = [int(n) for n in stats.tokens_per_expert.tolist()]
     candidates["GEMMs only[seq]"] = expert_gemms_only(layer, counts, case.train, False, compute)
     candidates["GEMMs only[par]"] = expert_gemms_only(layer, counts, case.train, True, compute)
+    if autocast:
+        candidates["GEMMs+casts[par]"] = expert_gemms_only(layer, counts, case.train, True, compute, True)
 
     # The machine's dense-GEMM throughput, timed round-robin with the candidates so that
     # clock-speed drift affects it alike: square GEMMs in the compute dtype, of about the
@@ -305,6 +321,13 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         bound = rows["hf[grouped_mm]"]["seconds"] / floor
         summary += f"; no implementation on these GEMMs can beat grouped_mm by more than {bound:.2f}x"
     print(summary)
+    if "GEMMs+casts[par]" in rows:
+        casts = rows["GEMMs+casts[par]"]
+        print(
+            f"  the GEMMs with autocast's weight and gradient casts: {casts['seconds'] * 1e3:.1f} ms, "
+            f"{casts['pct_dense_gemm']:.0f} % of the dense GEMM rate at best; flexmoe is at "
+            f"{100 * casts['seconds'] / rows['flexmoe']['seconds']:.0f} % of that floor"
+        )
     paired = result["paired"]
     if paired:
         line = "  compiled flexmoe (median of per-round ratios): "

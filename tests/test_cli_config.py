@@ -160,7 +160,7 @@ def _help_entries(parser: argparse.ArgumentParser) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("command", ["train", "demo", "plan", "calibrate"])
+@pytest.mark.parametrize("command", ["train", "demo", "plan", "calibrate", "generate"])
 def test_help_shows_a_line_and_the_default_of_every_option(command):
     parser = _subparser(command)
     entries = _help_entries(parser)

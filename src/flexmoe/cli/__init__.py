@@ -1,4 +1,4 @@
-"""The ``flexmoe`` command line: ``train``, ``demo``, ``report``, ``plan`` and ``calibrate``.
+"""The ``flexmoe`` command line: ``train``, ``demo``, ``report``, ``plan``, ``calibrate`` and ``generate``.
 
 Every bad input ends in one line on stderr, ``flexmoe <command>: error: ...``, and exit
 code 2 (``flexmoe.cli.options.CliError``); ``--help`` of each command lists every option
@@ -13,6 +13,7 @@ import os
 import sys
 
 from flexmoe.cli.calibrate import add_calibrate_arguments, run_calibrate
+from flexmoe.cli.generate import add_generate_arguments, run_generate
 from flexmoe.cli.log_setup import LOG_LEVELS, cli_logging
 from flexmoe.cli.options import CliError, OneLineParser
 from flexmoe.cli.plan import add_plan_arguments, run_plan
@@ -47,7 +48,7 @@ def build_parser() -> OneLineParser:
     common = [_log_level_option(argparse.SUPPRESS)]
 
     def command(name: str, help: str, show_defaults: bool = True) -> argparse.ArgumentParser:
-        # `train` lists its defaults itself (they depend on --config)
+        # `train` lists its defaults itself (they depend on --config), `generate` in its help texts
         shown = argparse.ArgumentDefaultsHelpFormatter if show_defaults else argparse.HelpFormatter
         return commands.add_parser(name, help=help, parents=common, formatter_class=shown)
 
@@ -58,6 +59,8 @@ def build_parser() -> OneLineParser:
     add_report_arguments(command("report", "HTML page and plots of a `flexmoe train` run"))
     add_plan_arguments(command("plan", "predict and compare MoE plans on a cluster"))
     add_calibrate_arguments(command("calibrate", "measure this machine for `flexmoe plan`"))
+    generate_help = "generate text with a transformers MoE model, its experts on disk with --expert-budget"
+    add_generate_arguments(command("generate", generate_help, show_defaults=False))
     return parser
 
 
@@ -70,6 +73,8 @@ def _run(args: argparse.Namespace) -> None:
         run_plan(args)
     elif args.command == "calibrate":
         run_calibrate(args)
+    elif args.command == "generate":
+        run_generate(args)
 
 
 def main(argv: list[str] | None = None) -> int:

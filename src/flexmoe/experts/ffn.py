@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import grouped_ffn, grouped_ffn_grouped_mm_rows, grouped_mm_available
+from flexmoe.experts.cast_cache import CastCache
 from flexmoe.experts.lora import ExpertLoRA, LoRATerms
 from flexmoe.experts.ops import routed_experts
 from flexmoe.experts.packed import PackedExpertWeights, packed_ffn_inference, packed_inference_supported
@@ -94,6 +95,7 @@ class GroupedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.empty(num_experts, width, **factory)) if bias else None  # type: ignore[arg-type]
         self.b_out = nn.Parameter(torch.empty(num_experts, dim, **factory)) if bias else None  # type: ignore[arg-type]
         self.lora: ExpertLoRA | None = None
+        self.casts = CastCache()  # autocast's copies of the weights, kept for calls without grad
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -116,7 +118,7 @@ class GroupedExperts(nn.Module):
             if y_ND is not None:
                 return y_ND
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
-        return self._run(x_ND, counts, weights, row_weights_N, backend, lora)
+        return self._run(x_ND, counts, weights, row_weights_N, backend, lora, self.casts)
 
     def active_lora(self) -> LoRATerms | None:
         """The LoRA terms a forward adds now: ``None`` without an adapter or with a merged one."""
@@ -150,8 +152,11 @@ class GroupedExperts(nn.Module):
         row_weights_N: Tensor | None,
         backend: str | None,
         lora: LoRATerms | None,
+        casts: CastCache | None = None,
     ) -> Tensor:
-        x_ND, (w_in, w_out, b_in, b_out), row_weights_N = _in_compute_dtype(x_ND, weights, row_weights_N)
+        x_ND, (w_in, w_out, b_in, b_out), row_weights_N = _in_compute_dtype(
+            x_ND, weights, row_weights_N, casts
+        )
         widths: tuple[int, ...] = (w_in.shape[2], w_in.shape[1], w_out.shape[2])
         if lora is not None:
             lora = lora.to(x_ND.dtype)
@@ -173,7 +178,7 @@ class GroupedExperts(nn.Module):
         """
         self._refuse_compiled_lora()
         params = (self.w_in, self.w_out, self.b_in, self.b_out)
-        x_TD, weights, rw_S = _in_compute_dtype(x_TD, params, row_weights_S)
+        x_TD, weights, rw_S = _in_compute_dtype(x_TD, params, row_weights_S, self.casts)
         assert rw_S is not None
         return routed_experts(x_TD, rw_S, token_ids_S, inverse_S, counts_E, weights, self.activation)
 
@@ -185,7 +190,7 @@ class GroupedExperts(nn.Module):
         """
         self._refuse_compiled_lora()
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
-        x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S)
+        x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S, self.casts)
         with torch.autocast(x_SD.device.type, enabled=False):
             return grouped_ffn_grouped_mm_rows(
                 x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S
@@ -301,21 +306,31 @@ def _in_compute_dtype(
     x_ND: Tensor,
     weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
     row_weights_N: Tensor | None,
+    casts: CastCache | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None, Tensor | None], Tensor | None]:
-    """Input, weights and row weights in the dtype the GEMMs run in (autocast's, else the input's)."""
-    w_in, w_out, b_in, b_out = weights
+    """Input, weights and row weights in the dtype the GEMMs run in (autocast's, else the input's).
+
+    ``casts``: where the module keeps autocast's copies of its own weights between calls
+    without grad (``None`` for weights it does not own, e.g. gathered from other ranks).
+    """
     device_type = x_ND.device.type
     if torch.is_autocast_enabled(device_type):
         # The GEMMs run outside autocast's op dispatch, so cast explicitly.
         dtype = torch.get_autocast_dtype(device_type)
-        x_ND, w_in, w_out = x_ND.to(dtype), w_in.to(dtype), w_out.to(dtype)
-        b_in = None if b_in is None else b_in.to(dtype)
-        b_out = None if b_out is None else b_out.to(dtype)
-    elif x_ND.dtype != w_in.dtype:
-        raise TypeError(
-            f"x has dtype {x_ND.dtype} but the experts' weights are {w_in.dtype}; "
-            "convert the layer with .to(dtype) or run under torch.autocast"
+        x_ND = x_ND.to(dtype)
+        names = ("w_in", "w_out", "b_in", "b_out")
+        w_in, w_out, b_in, b_out = (
+            None if w is None else w.to(dtype) if casts is None else casts.cast(name, w, dtype)
+            for name, w in zip(names, weights, strict=True)
         )
+        assert w_in is not None and w_out is not None
+    else:
+        w_in, w_out, b_in, b_out = weights
+        if x_ND.dtype != w_in.dtype:
+            raise TypeError(
+                f"x has dtype {x_ND.dtype} but the experts' weights are {w_in.dtype}; "
+                "convert the layer with .to(dtype) or run under torch.autocast"
+            )
     if row_weights_N is not None:
         row_weights_N = row_weights_N.to(x_ND.dtype)
     return x_ND, (w_in, w_out, b_in, b_out), row_weights_N

@@ -28,6 +28,7 @@ from flexmoe.hf.experts_impl import (
 from flexmoe.hf.families import REFUSED, SUPPORTED, Family, UnsupportedMoEError, family_of
 from flexmoe.hf.offload import load_offloaded, offload_stats, parse_bytes
 from flexmoe.hf.quantize import QuantizedCopy, quantize_experts
+from flexmoe.hf.routing import LayerRouting, RoutingOverride, routing_settings, set_routing
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -36,8 +37,10 @@ __all__ = [
     "Conversion",
     "Family",
     "FlexMoEBlock",
+    "LayerRouting",
     "MoEBlockClass",
     "QuantizedCopy",
+    "RoutingOverride",
     "UnsupportedMoEError",
     "convert",
     "discover_moe_blocks",
@@ -51,4 +54,6 @@ __all__ = [
     "quantize_experts",
     "register_experts_implementation",
     "revert",
+    "routing_settings",
+    "set_routing",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,14 +34,21 @@ from flexmoe.dispatch import count_per_expert
 from flexmoe.experts import DenseFFN, GroupedExperts
 from flexmoe.layer.build import make_experts, share_across_ranks
 from flexmoe.layer.expert_parallel import ExpertParallelExperts
-from flexmoe.layer.local import Call, LocalExperts
+from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts
 from flexmoe.layer.placement_methods import ExpertPlacementMethods
 from flexmoe.layer.stats import ExpertStep, MoEStats, StatsSource
 from flexmoe.parallel import ExpertParallel
 from flexmoe.planner import Tuner
 from flexmoe.routing import RouterOutput, aux_free_bias_update, build_router, load_balance_loss, router_z_loss
 
-__all__ = ["MoELayer", "MoEStats", "attach_aux_free_update", "name_moe_layers", "update_expert_biases"]
+__all__ = [
+    "ExpertResolver",
+    "MoELayer",
+    "MoEStats",
+    "attach_aux_free_update",
+    "name_moe_layers",
+    "update_expert_biases",
+]
 
 
 class Keep:
@@ -51,6 +59,18 @@ class Keep:
 
 
 KEEP = Keep()
+
+
+class ExpertResolver(Protocol):
+    """Runs the experts of some calls in place of the layer's strategy (``MoELayer.expert_resolver``).
+
+    ``flexmoe.adapters.ExpertWeave`` installs one to send each token's chosen experts to
+    its adapter's versions. ``run`` gets the routed batch and returns ``None`` to leave
+    the call to the strategy, or the weighted expert rows and the call's facts.
+    """
+
+    def run(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput | None:
+        """The call's expert rows (``None``: the strategy runs them)."""
 
 
 class MoELayer(ExpertPlacementMethods):
@@ -117,6 +137,7 @@ class MoELayer(ExpertPlacementMethods):
 
     aux_loss: Tensor
     _pending_counts_E: Tensor
+    expert_resolver: ExpertResolver | None = None  # see ExpertResolver
 
     def __init__(
         self,
@@ -362,8 +383,12 @@ class MoELayer(ExpertPlacementMethods):
         route = self.router(x_TD, call.top_k, call.top_p)
         zero_experts = bool(self.config.experts.zero_experts)
         routed = routed_experts_only(route, self.config.num_experts) if zero_experts else route
-        # 3. plan, dispatch and run the experts wherever they live
-        out = strategy.run(x_TD, routed, call, header)
+        # 3. plan, dispatch and run the experts wherever they live (or an expert resolver
+        #    runs them: several adapters' experts in one batch, flexmoe.adapters)
+        resolver = self.expert_resolver
+        out = None if resolver is None else resolver.run(x_TD, routed, call)
+        if out is None:
+            out = strategy.run(x_TD, routed, call, header)
         # 4. combine: the per-token sum of the weighted expert rows
         y_TD = out.combine()
         if zero_experts:
