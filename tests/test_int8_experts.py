@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -17,6 +18,9 @@ import flexmoe.hf
 from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn, int8_linear, quantize_int8
 from flexmoe.hf import load_offloaded, offload_stats, quantize_experts
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
+from flexmoe.layer import MoELayer
+from flexmoe.layer.offloaded import int8_experts_in_memory
+from flexmoe.models import TinyMoELM, TinyMoELMConfig
 from tests.hf_tiny import VOCAB, tiny_model
 
 ACTIVATIONS = ["silu", "gelu", "relu", "swiglu", "geglu"]
@@ -279,3 +283,44 @@ def test_int8_experts_on_cuda(checkpoints):
     model = load_offloaded(target, expert_budget="40KiB", dtype=torch.float32, device="cuda")
     ids = prompt().cuda()
     assert torch.equal(generate(model, ids), generate(reference, ids))
+
+
+# ------------------------------------------------------------------ in memory
+
+
+def test_int8_in_memory_equals_the_dequantized_model(checkpoints):
+    source, _ = checkpoints["deepseek_v3"]  # a dense first layer, shared experts, a selection bias
+    H, D, F_, _ = expert_shape(AutoModelForCausalLM.from_pretrained(source))
+    reference = dequantized_reference(source)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    flexmoe.hf.convert(model)
+    store = int8_experts_in_memory(model)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    experts = len(layers) * layers[0].config.num_experts
+    assert store.total_bytes == experts * (H * D + D * F_ + 4 * (H + D))
+    emptied = [p for n, p in model.named_parameters() if ".experts.w_" in n]
+    assert len(emptied) == 2 * len(layers) and not any(p.numel() for p in emptied)
+    ids = prompt()
+    assert torch.equal(generate(model, ids), generate(reference, ids))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_in_memory_on_a_flexmoe_model():
+    torch.manual_seed(0)
+    model = TinyMoELM(TinyMoELMConfig(dim=32, num_layers=2, num_experts=4, expert_hidden_dim=48, context=16))
+    model.eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in reference.moe_layers():
+            for weight in (layer.experts.w_in, layer.experts.w_out):
+                q, scale = quantize_int8(weight)
+                weight.copy_(q.float() * scale.unsqueeze(-1))
+        expected = reference(tokens)
+        int8_experts_in_memory(model)
+        torch.testing.assert_close(model(tokens), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="has no MoELayer"):
+        int8_experts_in_memory(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="single-device MoELayers"):
+        int8_experts_in_memory(model)  # already int8

@@ -29,7 +29,15 @@ from flexmoe.experts.cache import ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight
 from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
 
-__all__ = ["DTYPES", "ExpertPieces", "SafetensorsExpertStore", "SafetensorsFile", "TensorInfo", "TensorSlice"]
+__all__ = [
+    "DTYPES",
+    "ExpertPieces",
+    "Int8MemoryStore",
+    "SafetensorsExpertStore",
+    "SafetensorsFile",
+    "TensorInfo",
+    "TensorSlice",
+]
 
 DTYPES = SAFETENSORS_DTYPES
 
@@ -181,3 +189,32 @@ def _read_int8(pieces: tuple[TensorSlice, ...], device: torch.device) -> Int8Wei
     scales = [piece.scale.read() for piece in pieces if piece.scale is not None]
     q = _cat([piece.read() for piece in pieces])
     return Int8Weight(q.to(device), _cat(scales).to(device, torch.float32))
+
+
+class Int8MemoryStore:
+    """An ``ExpertStore`` of int8 experts held in memory: ``read`` hands them out as they are.
+
+    Args:
+        weights: per layer, the float experts ``(w_in [E, H, D], w_out [E, D, F])``;
+            each expert's weights are quantized per output channel (``Int8Weight``).
+    """
+
+    def __init__(self, weights: list[tuple[Tensor, Tensor]]) -> None:
+        self.experts: list[list[tuple[Int8Weight, Int8Weight]]] = [
+            [(Int8Weight.quantize(w_in[e]), Int8Weight.quantize(w_out[e])) for e in range(w_in.shape[0])]
+            for w_in, w_out in weights
+        ]
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes of the expert's int8 weights and scales."""
+        w_in, w_out = self.experts[key[0]][key[1]]
+        return w_in.nbytes + w_out.nbytes
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        """The expert's ``Int8Weight`` pair (no copy)."""
+        return self.experts[key[0]][key[1]]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every expert held."""
+        return sum(w_in.nbytes + w_out.nbytes for layer in self.experts for w_in, w_out in layer)

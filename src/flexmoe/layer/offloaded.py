@@ -24,11 +24,18 @@ from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache
 from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn
+from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
 from flexmoe.routing import Router, RouterOutput
 
-__all__ = ["OffloadedExperts", "compute_dtype", "offload_experts", "offloaded_cache"]
+__all__ = [
+    "OffloadedExperts",
+    "compute_dtype",
+    "int8_experts_in_memory",
+    "offload_experts",
+    "offloaded_cache",
+]
 
 
 class OffloadedExperts(LocalExperts):
@@ -170,3 +177,37 @@ def offloaded_cache(model: nn.Module) -> ExpertCache | None:
         if isinstance(module, MoELayer) and isinstance(module.strategy, OffloadedExperts):
             return module.strategy.cache
     return None
+
+
+def int8_experts_in_memory(model: nn.Module) -> Int8MemoryStore:
+    """Quantize the experts of every ``MoELayer`` of ``model`` to int8 in place, for inference.
+
+    Each layer's expert weights are quantized per output channel (``flexmoe.experts.int8``)
+    and its experts then run from those through an unlimited ``ExpertCache`` (as
+    ``offload_experts`` does, without disk): the float expert Parameters are emptied, so
+    the experts take half the memory of bf16 (a quarter of fp32) and are computed from
+    the int8 values. The layers must be single-device ``MoELayer`` s with the built-in
+    ``GroupedExperts`` and no expert biases (a model after ``flexmoe.hf.convert``, or
+    ``TinyMoELM``). The model is for inference from then on: the experts take no
+    gradient, and their Parameters can no longer be saved. Returns the store (its
+    ``total_bytes``: what the int8 experts hold).
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoELayer to quantize")
+    weights = []
+    for layer in layers:
+        experts = layer.experts
+        if type(layer.strategy) is not LocalExperts or not isinstance(experts, GroupedExperts):
+            raise ValueError(
+                "int8_experts_in_memory needs single-device MoELayers with the built-in GroupedExperts"
+            )
+        if experts.b_in is not None or experts.b_out is not None:
+            raise ValueError("int8_experts_in_memory does not support expert biases")
+        weights.append((experts.w_in.detach(), experts.w_out.detach()))
+    with torch.no_grad():
+        store = Int8MemoryStore(weights)
+    cache = ExpertCache(store, len(layers), budget_bytes=None, prefetch=False)
+    for index, layer in enumerate(layers):
+        offload_experts(layer, cache, index, store.nbytes((index, 0)))
+    return store
