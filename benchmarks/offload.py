@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import inspect
 import json
 import math
 import mmap
@@ -280,7 +281,7 @@ def run_contestant(args: argparse.Namespace) -> None:
         for _ in range(new_tokens):
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(int(token))
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, use_cache=True, **kv_cache(model, out))
         decode_s, decode_read = time.perf_counter() - start, read_bytes() - io
     result: dict[str, Any] = {
         "name": args.run_contestant,
@@ -304,6 +305,13 @@ def run_contestant(args: argparse.Namespace) -> None:
         result |= {"precision": stats.prefetch_precision, "recall": stats.prefetch_recall}
     torch.save(last_logits, Path(args.offload_folder) / f"{args.run_contestant}.logits.pt")
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def kv_cache(model: nn.Module, out: Any) -> dict[str, Any]:
+    """The keyword that passes the last step's KV cache back (``cache`` since transformers 5.25)."""
+    if "cache" in inspect.signature(type(model).forward).parameters:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out["past_key_values"]}
 
 
 def decoded_tokens(args: argparse.Namespace, name: str) -> int:
