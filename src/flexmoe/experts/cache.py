@@ -42,10 +42,13 @@ from typing import Literal, Protocol
 
 from torch import Tensor
 
+from flexmoe.experts.int8 import Int8Weight
+
 __all__ = ["POLICIES", "CacheStats", "ExpertCache", "ExpertKey", "ExpertStore", "ExpertWeights", "Policy"]
 
 ExpertKey = tuple[int, int]  # (layer, expert)
-ExpertWeights = tuple[Tensor, Tensor]  # (w_in [H, D], w_out [D, F])
+# (w_in [H, D], w_out [D, F]): in the model's dtype, or int8 with per-output-channel scales
+ExpertWeights = tuple[Tensor, Tensor] | tuple[Int8Weight, Int8Weight]
 Policy = Literal["predictive", "lru", "lfu"]
 POLICIES: tuple[str, ...] = ("predictive", "lru", "lfu")
 

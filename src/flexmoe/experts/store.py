@@ -7,12 +7,15 @@ each tensor's dtype, shape and byte range, then the raw bytes. One expert of a s
 ``[E, ...]`` tensor is one contiguous byte range, so ``SafetensorsFile.read`` reads just
 those bytes (``os.preadv`` straight into a new tensor): no memory map, so the process
 holds only what it read, and reads from several threads need no lock.
+
+Int8 experts (``flexmoe.experts.int8``) are int8 tensors with their per-output-channel
+scales beside them (``name + "_scale"``, one fp32 number per row): the store reads both
+and returns ``Int8Weight`` pairs, half the bytes of bf16.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import threading
@@ -23,9 +26,18 @@ import torch
 from torch import Tensor
 
 from flexmoe.experts.cache import ExpertKey, ExpertWeights
+from flexmoe.experts.int8 import Int8Weight
 from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
 
-__all__ = ["DTYPES", "ExpertPieces", "SafetensorsExpertStore", "SafetensorsFile", "TensorInfo", "TensorSlice"]
+__all__ = [
+    "DTYPES",
+    "ExpertPieces",
+    "Int8MemoryStore",
+    "SafetensorsExpertStore",
+    "SafetensorsFile",
+    "TensorInfo",
+    "TensorSlice",
+]
 
 DTYPES = SAFETENSORS_DTYPES
 
@@ -57,12 +69,13 @@ class SafetensorsFile:
             self.tensors[name] = TensorInfo(
                 DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin, 8 + length + end
             )
-        self._unknown = {name for name in header if header[name]["dtype"] not in DTYPES}
+        # tensors of a dtype this reader does not know (reading one raises)
+        self.unsupported = frozenset(name for name in header if header[name]["dtype"] not in DTYPES)
         self._local = threading.local()
 
     def read(self, name: str, index: int | None = None) -> Tensor:
         """Tensor ``name``, or its row ``index`` (``name[index]``), as a new CPU tensor."""
-        if name in self._unknown:
+        if name in self.unsupported:
             raise ValueError(f"{self.path}: tensor {name!r} has a dtype this reader does not support")
         info = self.tensors[name]
         shape, begin, end = info.shape, info.begin, info.end
@@ -92,11 +105,15 @@ class SafetensorsFile:
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """A tensor in a file, or one row of it (``index``: the expert of a stacked ``[E, ...]`` tensor)."""
+    """A tensor in a file, or one row of it (``index``: the expert of a stacked ``[E, ...]`` tensor).
+
+    ``scale``: for an int8 tensor, its per-output-channel scales (the same row of them).
+    """
 
     file: SafetensorsFile
     name: str
     index: int | None = None
+    scale: TensorSlice | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -122,6 +139,11 @@ class ExpertPieces:
         shapes = [piece.shape for piece in self.w_in]
         return sum(s[0] for s in shapes), shapes[0][1]
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the weights are int8 with scales (else plain floating-point tensors)."""
+        return all(piece.scale is not None for piece in (*self.w_in, self.w_out))
+
 
 class SafetensorsExpertStore:
     """An ``ExpertStore`` over ``safetensors`` files: each expert's pieces, read and cast on demand.
@@ -140,15 +162,59 @@ class SafetensorsExpertStore:
         self.device = torch.device(device)
 
     def nbytes(self, key: ExpertKey) -> int:
-        """Bytes of the expert's ``w_in`` and ``w_out`` in ``dtype``."""
+        """Bytes of the expert's ``w_in`` and ``w_out`` in ``dtype`` (int8 ones: int8 and fp32 scales)."""
         pieces = self.pieces[key]
-        numel = math.prod(pieces.w_in_shape) + math.prod(pieces.w_out.shape)
+        (H, D), F = pieces.w_in_shape, pieces.w_out.shape[1]
+        numel = H * D + D * F
+        if pieces.quantized:
+            return numel + (H + D) * torch.float32.itemsize
         return numel * self.dtype.itemsize
 
     def read(self, key: ExpertKey) -> ExpertWeights:
-        """The expert's ``(w_in [H, D], w_out [D, F])`` in ``dtype`` on ``device``."""
+        """The expert's ``(w_in [H, D], w_out [D, F])`` on ``device``: in ``dtype``, or as ``Int8Weight``."""
         pieces = self.pieces[key]
-        parts = [piece.read() for piece in pieces.w_in]
-        w_in = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if pieces.quantized:
+            return _read_int8(pieces.w_in, self.device), _read_int8((pieces.w_out,), self.device)
+        w_in = _cat([piece.read() for piece in pieces.w_in])
         w_out = pieces.w_out.read()
         return w_in.to(self.device, self.dtype), w_out.to(self.device, self.dtype)
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _read_int8(pieces: tuple[TensorSlice, ...], device: torch.device) -> Int8Weight:
+    """The int8 pieces stacked on dim 0, with their scales (fp32)."""
+    scales = [piece.scale.read() for piece in pieces if piece.scale is not None]
+    q = _cat([piece.read() for piece in pieces])
+    return Int8Weight(q.to(device), _cat(scales).to(device, torch.float32))
+
+
+class Int8MemoryStore:
+    """An ``ExpertStore`` of int8 experts held in memory: ``read`` hands them out as they are.
+
+    Args:
+        weights: per layer, the float experts ``(w_in [E, H, D], w_out [E, D, F])``;
+            each expert's weights are quantized per output channel (``Int8Weight``).
+    """
+
+    def __init__(self, weights: list[tuple[Tensor, Tensor]]) -> None:
+        self.experts: list[list[tuple[Int8Weight, Int8Weight]]] = [
+            [(Int8Weight.quantize(w_in[e]), Int8Weight.quantize(w_out[e])) for e in range(w_in.shape[0])]
+            for w_in, w_out in weights
+        ]
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes of the expert's int8 weights and scales."""
+        w_in, w_out = self.experts[key[0]][key[1]]
+        return w_in.nbytes + w_out.nbytes
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        """The expert's ``Int8Weight`` pair (no copy)."""
+        return self.experts[key[0]][key[1]]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every expert held."""
+        return sum(w_in.nbytes + w_out.nbytes for layer in self.experts for w_in, w_out in layer)

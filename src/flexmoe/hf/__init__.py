@@ -11,7 +11,8 @@ installed ``transformers`` (``discover_moe_blocks()`` finds them) with how it ma
 a ``MoELayer`` or why it does not. ``register_experts_implementation()`` adds a
 ``"flexmoe"`` experts implementation to ``transformers``' registry for the blocks that
 keep their own routing. ``load_offloaded(path, expert_budget="8GiB")`` builds a model whose
-experts stay on disk, read into a budgeted cache (``offload_stats(model)`` reports it).
+experts stay on disk, read into a budgeted cache (``offload_stats(model)`` reports it);
+``quantize_experts(src, dst)`` writes a copy with int8 experts that it reads as well.
 
 Needs ``transformers>=5`` (``pip install 'flexmoe[hf]'``), imported only when used.
 """
@@ -26,6 +27,7 @@ from flexmoe.hf.experts_impl import (
 )
 from flexmoe.hf.families import REFUSED, SUPPORTED, Family, UnsupportedMoEError, family_of
 from flexmoe.hf.offload import load_offloaded, offload_stats, parse_bytes
+from flexmoe.hf.quantize import QuantizedCopy, quantize_experts
 from flexmoe.hf.routing import LayerRouting, RoutingOverride, routing_settings, set_routing
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "FlexMoEBlock",
     "LayerRouting",
     "MoEBlockClass",
+    "QuantizedCopy",
     "RoutingOverride",
     "UnsupportedMoEError",
     "convert",
@@ -48,6 +51,7 @@ __all__ = [
     "load_offloaded",
     "offload_stats",
     "parse_bytes",
+    "quantize_experts",
     "register_experts_implementation",
     "revert",
     "routing_settings",

@@ -10,7 +10,8 @@ Steps of ``load_offloaded``:
    with ``transformers``' own checkpoint conversion rules (``save_pretrained`` writes
    per-expert tensors, e.g. ``experts.3.w1.weight``, that ``transformers`` stacks into
    ``experts.gate_up_proj [E, 2F, D]`` on load). Each expert of each block becomes a list
-   of byte ranges: rows of stacked tensors, or per-expert tensors.
+   of byte ranges: rows of stacked tensors, or per-expert tensors. An int8 expert tensor
+   (``quantize_experts``) comes with its scales (``name + "_scale"``), read with it.
 3. Point every block's ``MoELayer`` at one ``ExpertCache`` (``flexmoe.layer.offloaded``),
    which empties its expert Parameters, then allocate the rest (``to_empty``).
 4. Set the buffers a checkpoint does not hold (rotary frequencies, with ``transformers``'
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import POLICIES, CacheStats, ExpertCache, Policy
+from flexmoe.experts.int8 import SCALE_SUFFIX
 from flexmoe.experts.store import ExpertPieces, SafetensorsExpertStore, SafetensorsFile, TensorSlice
 from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
@@ -40,7 +42,7 @@ from flexmoe.hf.convert import convert
 from flexmoe.layer import MoELayer
 from flexmoe.layer.offloaded import offload_experts, offloaded_cache
 
-__all__ = ["load_offloaded", "offload_stats", "parse_bytes"]
+__all__ = ["expert_tensor_names", "load_offloaded", "offload_stats", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -87,7 +89,8 @@ def load_offloaded(
 
     Args:
         path: a directory written by ``save_pretrained`` (one or sharded ``safetensors``
-            files), experts stored per expert or stacked ``[E, 2F, D]``.
+            files), experts stored per expert or stacked ``[E, 2F, D]``; or its copy with
+            int8 experts (``flexmoe.hf.quantize_experts``), read and computed as int8.
         expert_budget: the most bytes of expert weights held at once: an int or a size
             such as ``"8GiB"``; ``None``: unlimited. It must hold the top-k experts one
             token needs in one layer (else ``ValueError`` naming both numbers).
@@ -124,11 +127,16 @@ def load_offloaded(
     for index, (block_path, block) in enumerate(blocks):
         for expert, expert_pieces in enumerate(stored.expert_pieces(block_path, block)):
             pieces[(index, expert)] = expert_pieces
+    if len({p.quantized for p in pieces.values()}) > 1:
+        raise ValueError(f"{directory}: some experts are int8 and some are not (quantize all or none)")
     store = SafetensorsExpertStore(pieces, dtype=_experts(blocks[0][1]).w_in.dtype, device=device)
     _check_budget(budget, expert_budget, blocks, store)
     # 3. the cache, and every block's experts read through it
     cache = ExpertCache(store, len(blocks), budget, policy, prefetch)
-    strategies = [offload_experts(block.moe, cache, index) for index, (_, block) in enumerate(blocks)]
+    strategies = [
+        offload_experts(block.moe, cache, index, store.nbytes((index, 0)))
+        for index, (_, block) in enumerate(blocks)
+    ]
     for (block_path, _), strategy, following in zip(blocks, strategies, [*blocks[1:], None], strict=True):
         strategy.name = block_path
         if following is not None:
@@ -149,6 +157,29 @@ def offload_stats(model: nn.Module) -> CacheStats:
     if cache is None:
         raise ValueError(f"{type(model).__name__} has no offloaded experts (load it with load_offloaded)")
     return cache.stats
+
+
+def expert_tensor_names(path: str | Path) -> dict[Path, set[str]]:
+    """The stored tensors of a ``save_pretrained`` directory that hold routed experts, by file.
+
+    Found as ``load_offloaded`` finds them: the model built from ``config.json`` on the
+    meta device, converted, and every stored name matched to the model's with
+    ``transformers``' checkpoint conversion rules (shared experts are not routed experts).
+    """
+    transformers = _transformers.require()
+    directory = Path(path)
+    files = _safetensors_files(directory)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(directory)
+        )
+    stored = _StoredTensors.find(model, files, set(convert(model).blocks))
+    names: dict[Path, set[str]] = {file.path: set() for file in files}
+    for parts in stored.experts.values():
+        for by_expert in parts.values():
+            for piece in by_expert.values():
+                names[piece.file.path].add(piece.name)
+    return names
 
 
 def _safetensors_files(directory: Path) -> list[SafetensorsFile]:
@@ -187,7 +218,11 @@ class _StoredTensors:
         names = dict.fromkeys(model.state_dict(keep_vars=True))
         found = cls()
         for file in files:
+            scales = _int8_scales(file)
             for key in file.tensors:
+                if key in scales.values():
+                    continue  # read with the int8 tensor it scales
+                scale = TensorSlice(file, scales[key]) if key in scales else None
                 name, pattern = loading.rename_source_key(
                     key, renamings, converters, model.base_model_prefix, names
                 )
@@ -195,13 +230,15 @@ class _StoredTensors:
                 if block in block_paths and what in ("gate_up_proj", "down_proj"):
                     parts = found.experts.setdefault(f"{block}.experts.{what}", {})
                     if pattern is None:
-                        parts.setdefault("fused", {})[None] = TensorSlice(file, key)
+                        parts.setdefault("fused", {})[None] = TensorSlice(file, key, scale=scale)
                     else:
                         converter = next(c for c in converters if pattern in c.source_patterns)
                         _check_converter(converter, what, key)
                         expert = _expert_index(key, pattern)
                         part = converter.source_patterns.index(pattern)
-                        parts.setdefault(part, {})[expert] = TensorSlice(file, key)
+                        parts.setdefault(part, {})[expert] = TensorSlice(file, key, scale=scale)
+                elif scale is not None:
+                    raise ValueError(f"{key} in {file.path} is int8 but not an expert weight")
                 else:
                     found.plain[name] = TensorSlice(file, key)
         return found
@@ -230,7 +267,8 @@ class _StoredTensors:
                 raise ValueError(
                     f"{whole.name} in {whole.file.path} has shape {whole.shape}, expected {expected}"
                 )
-            return [[TensorSlice(whole.file, whole.name, e)] for e in range(E)]
+            _check_scale(whole)
+            return [[_row(whole, e)] for e in range(E)]
         out: list[list[TensorSlice]] = [[] for _ in range(E)]
         for part, shape in enumerate(split_shapes):
             by_expert = parts.get(part, {})
@@ -242,8 +280,39 @@ class _StoredTensors:
                     raise ValueError(
                         f"{piece.name} in {piece.file.path} has shape {piece.shape}, expected {shape}"
                     )
+                _check_scale(piece)
                 out[e].append(piece)
         return out
+
+
+def _int8_scales(file: SafetensorsFile) -> dict[str, str]:
+    """``int8 tensor -> its scales`` in ``file`` (``name`` and ``name + SCALE_SUFFIX``)."""
+    return {
+        name: name + SCALE_SUFFIX
+        for name, info in file.tensors.items()
+        if info.dtype == torch.int8 and name + SCALE_SUFFIX in file.tensors
+    }
+
+
+def _row(whole: TensorSlice, e: int) -> TensorSlice:
+    """Expert ``e``'s row of a stacked tensor (and of its scales)."""
+    scale = None if whole.scale is None else TensorSlice(whole.scale.file, whole.scale.name, e)
+    return TensorSlice(whole.file, whole.name, e, scale)
+
+
+def _check_scale(piece: TensorSlice) -> None:
+    """Raise ``ValueError`` unless an int8 tensor ``[..., O, I]`` has scales ``[..., O]`` (float: none)."""
+    info = piece.file.tensors[piece.name]
+    if piece.scale is None:
+        if info.dtype == torch.int8:
+            raise ValueError(f"{piece.name} in {piece.file.path} is int8 without {piece.name + SCALE_SUFFIX}")
+        return
+    scale = piece.file.tensors[piece.scale.name].shape
+    if scale != info.shape[:-1]:
+        raise ValueError(
+            f"{piece.scale.name} in {piece.file.path} has shape {scale}, expected {info.shape[:-1]} "
+            f"(one scale per output channel of {piece.name})"
+        )
 
 
 def _experts(block: FlexMoEBlock) -> GroupedExperts:

@@ -9,7 +9,8 @@ K top-k, N kept routed slots.
 rows as soon as that expert is in memory (resident experts first, while the I/O
 thread reads the others). Before computing, it applies the *next* layer's router to
 this layer's input and tells the cache: the next layer's likely experts are read while
-this one computes. Inference only: the cached weights take no gradient.
+this one computes. Inference only: the cached weights take no gradient. Experts the
+cache holds as int8 (``Int8Weight``) are computed from the int8 values directly.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from torch import Tensor, nn
 from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache
+from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn
+from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
 from flexmoe.routing import Router, RouterOutput
 
-__all__ = ["OffloadedExperts", "offload_experts", "offloaded_cache"]
+__all__ = [
+    "OffloadedExperts",
+    "compute_dtype",
+    "int8_experts_in_memory",
+    "offload_experts",
+    "offloaded_cache",
+]
 
 
 class OffloadedExperts(LocalExperts):
@@ -98,6 +107,11 @@ class OffloadedExperts(LocalExperts):
         with closing(served):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
+                if isinstance(w_in, Int8Weight) and isinstance(w_out, Int8Weight):
+                    x_rows = x_ND[rows].to(compute_dtype(x_ND))
+                    outputs[e] = int8_expert_ffn(x_rows, w_in, w_out, experts.activation, row_weights_N[rows])
+                    continue
+                assert isinstance(w_in, Tensor) and isinstance(w_out, Tensor)  # one kind per store
                 weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
                 outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
@@ -114,8 +128,20 @@ class OffloadedExperts(LocalExperts):
             )
 
 
-def offload_experts(layer: MoELayer, cache: ExpertCache, layer_index: int) -> OffloadedExperts:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def offload_experts(
+    layer: MoELayer, cache: ExpertCache, layer_index: int, expert_bytes: int | None = None
+) -> OffloadedExperts:
     """Run ``layer``'s experts from ``cache`` (key ``(layer_index, expert)``); their Parameters become empty.
+
+    ``expert_bytes``: what one expert takes in the cache (default: its weights in the
+    layer's dtype; less for int8 experts).
 
     The layer must be a single-device layer with the built-in ``GroupedExperts`` without
     biases. Its ``experts.w_in`` / ``experts.w_out`` are replaced by ``[0, H, D]`` /
@@ -129,7 +155,8 @@ def offload_experts(layer: MoELayer, cache: ExpertCache, layer_index: int) -> Of
         raise ValueError("offload_experts does not support expert biases")
     w_in, w_out = experts.w_in, experts.w_out
     H, D, F = w_in.shape[1], w_in.shape[2], w_out.shape[2]
-    expert_bytes = (H * D + D * F) * w_in.dtype.itemsize
+    if expert_bytes is None:
+        expert_bytes = (H * D + D * F) * w_in.dtype.itemsize
     experts.w_in = nn.Parameter(w_in.new_empty(0, H, D), requires_grad=False)
     experts.w_out = nn.Parameter(w_out.new_empty(0, D, F), requires_grad=False)
     strategy = OffloadedExperts(
@@ -150,3 +177,37 @@ def offloaded_cache(model: nn.Module) -> ExpertCache | None:
         if isinstance(module, MoELayer) and isinstance(module.strategy, OffloadedExperts):
             return module.strategy.cache
     return None
+
+
+def int8_experts_in_memory(model: nn.Module) -> Int8MemoryStore:
+    """Quantize the experts of every ``MoELayer`` of ``model`` to int8 in place, for inference.
+
+    Each layer's expert weights are quantized per output channel (``flexmoe.experts.int8``)
+    and its experts then run from those through an unlimited ``ExpertCache`` (as
+    ``offload_experts`` does, without disk): the float expert Parameters are emptied, so
+    the experts take half the memory of bf16 (a quarter of fp32) and are computed from
+    the int8 values. The layers must be single-device ``MoELayer`` s with the built-in
+    ``GroupedExperts`` and no expert biases (a model after ``flexmoe.hf.convert``, or
+    ``TinyMoELM``). The model is for inference from then on: the experts take no
+    gradient, and their Parameters can no longer be saved. Returns the store (its
+    ``total_bytes``: what the int8 experts hold).
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoELayer to quantize")
+    weights = []
+    for layer in layers:
+        experts = layer.experts
+        if type(layer.strategy) is not LocalExperts or not isinstance(experts, GroupedExperts):
+            raise ValueError(
+                "int8_experts_in_memory needs single-device MoELayers with the built-in GroupedExperts"
+            )
+        if experts.b_in is not None or experts.b_out is not None:
+            raise ValueError("int8_experts_in_memory does not support expert biases")
+        weights.append((experts.w_in.detach(), experts.w_out.detach()))
+    with torch.no_grad():
+        store = Int8MemoryStore(weights)
+    cache = ExpertCache(store, len(layers), budget_bytes=None, prefetch=False)
+    for index, layer in enumerate(layers):
+        offload_experts(layer, cache, index, store.nbytes((index, 0)))
+    return store

@@ -1,0 +1,627 @@
+"""Experts on disk: flexmoe's budgeted expert cache against accelerate's disk offload and plain mmap.
+
+Part 1, a model larger than memory. A random-weight Qwen3-MoE-shaped model (Qwen3-30B-A3B's
+widths: D 2048, F 768, 128 experts, top-8) with ``--experts-gb`` of bf16 experts (30 GB:
+more than this machine's RAM), generated once under ``--cache-dir`` (tensor by tensor,
+never held in memory) in ``transformers``' own stacked layout (``experts.gate_up_proj
+[E, 2F, D]``), so that accelerate's disk offload reads the files in place rather than
+copying them; its int8 copy (``flexmoe.hf.quantize_experts``) beside it. Each contestant
+runs in its own process, after the page cache of every file was dropped
+(``posix_fadvise(POSIX_FADV_DONTNEED)``): a prefill of ``--prompt-tokens`` and a greedy
+decode of ``--new-tokens``, batch 1:
+
+- ``accelerate``: ``from_pretrained(device_map="auto", max_memory={"cpu": non-expert
+  weights + budget}, offload_folder=...)``: what does not fit stays on disk, read per
+  layer (every expert of it) at every step;
+- ``mmap``: every tensor a view of the memory-mapped files (the OS page cache as the
+  cache, free to use all free memory), ``transformers``' own experts code;
+- ``flexmoe-bf16`` and ``flexmoe-int8``: ``flexmoe.hf.load_offloaded(expert_budget=...)``.
+
+It prints tokens/s for prefill and decode, peak resident memory, bytes read from storage
+per token (``/proc/self/io``), the cache's hit rate, the int8 copy's logit error against
+bf16, and the ratios (flexmoe against accelerate and mmap, int8 against bf16).
+
+Part 2, real routing. The model ``flexmoe train`` produces (``--trained RUN_DIR``, else one
+trained here and cached), on held-out text: its routing drives one ``ExpertCache`` with a
+budget of a quarter of its experts, one token at a time as in decoding, with the next
+layer's router predicting its experts (as ``load_offloaded`` does): hit rate and prefetch
+precision / recall for the predictive policy, LRU and LFU. Also the int8 experts' cost on
+that text: logit error and perplexity against the trained weights.
+
+    python benchmarks/offload.py --tiny                 # a check, in about a minute
+    python benchmarks/offload.py --prepare-only         # generate the 30 GB model (and its int8 copy)
+    python benchmarks/offload.py --json offload.json    # the full run (Linux)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import json
+import math
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flexmoe.hf
+from flexmoe.checkpoint import load_checkpoint
+from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
+from flexmoe.experts.int8 import quantize_int8
+from flexmoe.experts.store import SafetensorsFile
+from flexmoe.hf.quantize import TensorSpec, write_safetensors
+from flexmoe.layer import MoELayer
+from flexmoe.models import TinyMoELM, TinyMoELMConfig
+from flexmoe.models.data import stdlib_corpus
+from harness import environment, write_json
+
+CONTESTANTS = ("accelerate", "mmap", "flexmoe-bf16", "flexmoe-int8")
+QWEN3_30B_A3B = {  # the widths of Qwen3-30B-A3B; the depth follows --experts-gb
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+}
+TINY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+}
+COMPLETE = ".complete"  # written last: a directory without it is regenerated
+
+
+# ---------------------------------------------------------------- the model on disk
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Qwen3MoeConfig`` fields of the benchmark model."""
+    shape = dict(TINY if args.tiny else QWEN3_30B_A3B)
+    per_layer = shape["num_experts"] * 3 * shape["hidden_size"] * shape["moe_intermediate_size"] * 2
+    layers = args.layers or max(1, math.ceil(args.experts_gb * 1e9 / per_layer))
+    return {
+        **shape,
+        "num_hidden_layers": layers,
+        "norm_topk_prob": True,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+    }
+
+
+def model_dirs(args: argparse.Namespace, config: dict[str, Any]) -> tuple[Path, Path]:
+    """``(bf16 directory, int8 directory)`` under the cache folder, named by the configuration."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(args.cache_dir).expanduser() / f"qwen3moe-L{config['num_hidden_layers']}-{digest}"
+    return root / "bf16", root / "int8"
+
+
+def generate_model(directory: Path, fields: dict[str, Any], seed: int = 0) -> None:
+    """Write a random-weight model as ``save_pretrained`` would, one shard per layer, tensor by tensor."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    if (directory / COMPLETE).exists():
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    config = Qwen3MoeConfig(**fields)
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        shapes = {
+            k: (tuple(v.shape), v.dtype)
+            for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+        }
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        group = f"layer{int(parts[2]):03d}" if parts[:2] == ["model", "layers"] else "other"
+        groups.setdefault(group, []).append(name)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for number, (group, names) in enumerate(sorted(groups.items()), start=1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        specs = [TensorSpec(name, torch.bfloat16, shapes[name][0]) for name in names]
+        write_safetensors(directory / file, specs, _random_tensors(specs, generator))
+        weight_map |= dict.fromkeys(names, file)
+        total += sum(spec.nbytes for spec in specs)
+        print(f"  wrote {file} ({group}, {sum(s.nbytes for s in specs) / 1e9:.2f} GB)", flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (directory / COMPLETE).touch()
+
+
+def _random_tensors(specs: list[TensorSpec], generator: torch.Generator) -> Iterator[Tensor]:
+    for spec in specs:
+        if spec.name.endswith("norm.weight"):
+            yield torch.ones(spec.shape, dtype=spec.dtype)
+        else:
+            yield torch.empty(spec.shape, dtype=spec.dtype).normal_(0.0, 0.02, generator=generator)
+
+
+def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
+    """The model and its int8 copy, generated if missing."""
+    config = model_config(args)
+    bf16, int8 = model_dirs(args, config)
+    expert_gb = config["num_hidden_layers"] * config["num_experts"] * 3 * config["hidden_size"]
+    expert_gb *= config["moe_intermediate_size"] * 2 / 1e9
+    print(
+        f"model: {config['num_hidden_layers']} layers, {expert_gb:.1f} GB of bf16 experts, in {bf16.parent}"
+    )
+    generate_model(bf16, config)
+    if not (int8 / COMPLETE).exists():
+        shutil.rmtree(int8, ignore_errors=True)
+        copy_ = flexmoe.hf.quantize_experts(bf16, int8)
+        print(
+            f"  int8 copy: experts {copy_.expert_bytes_before / 1e9:.2f} -> "
+            f"{copy_.expert_bytes_after / 1e9:.2f} GB"
+        )
+        (int8 / COMPLETE).touch()
+    return config, bf16, int8
+
+
+def drop_page_cache(*directories: Path) -> None:
+    """Evict every file under ``directories`` from the page cache (``POSIX_FADV_DONTNEED``: no root)."""
+    for directory in directories:
+        for path in directory.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # dirty pages are not dropped
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+# ---------------------------------------------------------------- contestants (one process each)
+
+
+def load_contestant(name: str, args: argparse.Namespace, bf16: Path, int8: Path, offload: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    budget = flexmoe.hf.parse_bytes(args.budget)
+    if name == "accelerate":
+        limit = non_expert_bytes(bf16) + (budget or 0)
+        return AutoModelForCausalLM.from_pretrained(
+            bf16, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": limit}, offload_folder=offload
+        ).eval()
+    if name == "mmap":
+        return load_mmap(bf16).eval()
+    directory = int8 if name == "flexmoe-int8" else bf16
+    return flexmoe.hf.load_offloaded(directory, expert_budget=budget, dtype=torch.bfloat16)
+
+
+def non_expert_bytes(directory: Path) -> int:
+    files = [SafetensorsFile(p) for p in sorted(directory.glob("*.safetensors"))]
+    return sum(i.end - i.begin for f in files for n, i in f.tensors.items() if ".experts." not in n)
+
+
+def load_mmap(directory: Path) -> nn.Module:
+    """The model with every tensor a view of the memory-mapped files (copy-on-write, never written)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        header = SafetensorsFile(path)
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, info in header.tensors.items():
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.end - info.begin, offset=info.begin)
+            state[name] = raw.view(info.dtype).reshape(info.shape)
+    model.load_state_dict(state, assign=True, strict=True)
+    rotary = model.model.rotary_emb  # its non-persistent frequencies, as from_pretrained sets them
+    model.model.rotary_emb = type(rotary)(config=config)
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"mmap loader left tensors on the meta device: {meta[:3]}")
+    return model
+
+
+def read_bytes() -> int:
+    """Bytes this process caused to be read from storage (``/proc/self/io``; 0 where absent)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_contestant(args: argparse.Namespace) -> None:
+    """One contestant in this process: load, prefill, decode; prints one JSON line."""
+    config, bf16, int8 = prepare_quiet(args)
+    offload = Path(args.offload_folder)
+    start, io = time.perf_counter(), read_bytes()
+    model = load_contestant(args.run_contestant, args, bf16, int8, offload)
+    load_s, load_read = time.perf_counter() - start, read_bytes() - io
+    ids = torch.randint(
+        0, config["vocab_size"], (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1)
+    )
+    tokens = []
+    with torch.no_grad():
+        start, io = time.perf_counter(), read_bytes()
+        out = model(ids, use_cache=True)
+        prefill_s, prefill_read = time.perf_counter() - start, read_bytes() - io
+        last_logits = out.logits[0, -1].float()
+        start, io = time.perf_counter(), read_bytes()
+        new_tokens = decoded_tokens(args, args.run_contestant)
+        for _ in range(new_tokens):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+            out = model(token, use_cache=True, **kv_cache(model, out))
+        decode_s, decode_read = time.perf_counter() - start, read_bytes() - io
+    result: dict[str, Any] = {
+        "name": args.run_contestant,
+        "load_s": load_s,
+        "load_read": load_read,
+        "prefill_tok_s": args.prompt_tokens / prefill_s,
+        "prefill_read_per_token": prefill_read / args.prompt_tokens,
+        "new_tokens": new_tokens,
+        "decode_tok_s": new_tokens / decode_s,
+        "decode_read_per_token": decode_read / new_tokens,
+        "peak_rss": peak_rss(),
+        "tokens": tokens,
+    }
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None:  # accelerate: how much of the model it left on disk
+        result["disk_modules"] = sum(1 for where in device_map.values() if where == "disk")
+        result["modules"] = len(device_map)
+    if args.run_contestant.startswith("flexmoe"):
+        stats = flexmoe.hf.offload_stats(model)
+        result |= {"hit_rate": stats.hit_rate, "cache_bytes_read": stats.bytes_read}
+        result |= {"precision": stats.prefetch_precision, "recall": stats.prefetch_recall}
+    torch.save(last_logits, Path(args.offload_folder) / f"{args.run_contestant}.logits.pt")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def kv_cache(model: nn.Module, out: Any) -> dict[str, Any]:
+    """The keyword that passes the last step's KV cache back (``cache`` since transformers 5.25)."""
+    if "cache" in inspect.signature(type(model).forward).parameters:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out["past_key_values"]}
+
+
+def decoded_tokens(args: argparse.Namespace, name: str) -> int:
+    """Tokens ``name`` decodes: accelerate reads every offloaded layer whole at every step, so fewer."""
+    return min(args.new_tokens, args.accelerate_new_tokens) if name == "accelerate" else args.new_tokens
+
+
+def prepare_quiet(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
+    config = model_config(args)
+    bf16, int8 = model_dirs(args, config)
+    return config, bf16, int8
+
+
+def large_model(args: argparse.Namespace) -> dict[str, Any]:
+    config, bf16, int8 = prepare(args)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="flexmoe-bench-") as scratch:
+        for name in args.contestants:
+            offload = Path(scratch) / name
+            offload.mkdir()
+            drop_page_cache(bf16, int8)
+            command = [
+                sys.executable,
+                __file__,
+                *sys.argv[1:],
+                "--run-contestant",
+                name,
+                "--offload-folder",
+                str(offload),
+            ]
+            print(f"running {name} ...", flush=True)
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                print(f"  {name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+                continue
+            results[name] = json.loads(lines[-1].removeprefix("RESULT "))
+            results[name]["logits"] = torch.load(offload / f"{name}.logits.pt")
+            drop_page_cache(offload)
+    print_large(results, config, args)
+    for result in results.values():
+        result.pop("logits", None)
+    return {"config": config, "budget": args.budget, "results": results}
+
+
+def print_large(results: dict[str, dict[str, Any]], config: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"\nQwen3-MoE-shaped, {config['num_hidden_layers']} layers, expert budget {args.budget}, "
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+        f"(accelerate: {decoded_tokens(args, 'accelerate')}), batch 1, cold page cache"
+    )
+    header = f"{'contestant':14} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
+    header += f"{'peak RSS GiB':>13} {'read MB/token':>14} {'hit rate':>9}"
+    print(header)
+    for name, r in results.items():
+        hit = f"{r['hit_rate']:.0%}" if "hit_rate" in r else "-"
+        print(
+            f"{name:14} {r['load_s']:7.1f} {r['prefill_tok_s']:14.2f} {r['decode_tok_s']:13.3f} "
+            f"{r['peak_rss'] / 2**30:13.2f} {r['decode_read_per_token'] / 1e6:14.1f} {hit:>9}"
+        )
+    if "accelerate" in results:
+        r = results["accelerate"]
+        print(
+            f"(accelerate left {r.get('disk_modules', 0)} of {r.get('modules', 0)} modules "
+            "of its device map on disk)"
+        )
+    pairs = [
+        ("flexmoe-bf16", "accelerate"),
+        ("flexmoe-bf16", "mmap"),
+        ("flexmoe-int8", "accelerate"),
+        ("flexmoe-int8", "mmap"),
+        ("flexmoe-int8", "flexmoe-bf16"),
+    ]
+    print("\nratios (same run)")
+    for a, b in pairs:
+        if a in results and b in results:
+            decode = results[a]["decode_tok_s"] / results[b]["decode_tok_s"]
+            prefill = results[a]["prefill_tok_s"] / results[b]["prefill_tok_s"]
+            print(f"  {a} / {b}: decode {decode:.2f}x, prefill {prefill:.2f}x")
+    if "flexmoe-int8" in results and "flexmoe-bf16" in results:
+        int8, bf16 = results["flexmoe-int8"]["logits"], results["flexmoe-bf16"]["logits"]
+        error = (int8 - bf16).abs()
+        print(
+            f"  int8 vs bf16 experts, last prompt position: logits max |diff| {error.max():.4f}, "
+            f"mean {error.mean():.4f} (logit std {bf16.std():.3f}); "
+            f"same argmax: {bool(int8.argmax() == bf16.argmax())}"
+        )
+
+
+# ---------------------------------------------------------------- part 2: the trained model's routing
+
+
+class MemoryStore:
+    """An ``ExpertStore`` over one model's in-memory experts: ``(layer, e) -> (w_in[e], w_out[e])``."""
+
+    def __init__(self, layers: list[MoELayer]) -> None:
+        self.weights = [(layer.experts.w_in.detach(), layer.experts.w_out.detach()) for layer in layers]
+
+    def nbytes(self, key: ExpertKey) -> int:
+        w_in, w_out = self.weights[key[0]]
+        return (w_in[0].numel() + w_out[0].numel()) * w_in.element_size()
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        w_in, w_out = self.weights[key[0]]
+        return w_in[key[1]].clone(), w_out[key[1]].clone()
+
+
+def trained_run(args: argparse.Namespace) -> Path:
+    """``--trained``, else a run of ``flexmoe train`` made (once) under the cache folder."""
+    if args.trained:
+        return Path(args.trained)
+    options = ["--steps", str(args.train_steps)]
+    if args.tiny:
+        options += ["--dim", "64", "--expert-hidden", "64", "--context", "64", "--batch-size", "8"]
+    digest = hashlib.sha256(" ".join(options).encode()).hexdigest()[:10]
+    run = Path(args.cache_dir).expanduser() / f"trained-{digest}"
+    if not (run / "summary.json").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        print(f"training the main job's model: flexmoe train {' '.join(options)} --run-dir {run}", flush=True)
+        command = [sys.executable, "-m", "flexmoe", "train", *options, "--run-dir", str(run), "--no-progress"]
+        subprocess.run(command, check=True, capture_output=True)
+    return run
+
+
+def load_trained(run: Path) -> TinyMoELM:
+    settings = json.loads((run / "config.json").read_text())
+    settings = settings.get("config", settings)
+    config = TinyMoELMConfig(
+        context=settings["context"],
+        dim=settings["dim"],
+        num_layers=settings["layers"],
+        num_heads=settings["heads"],
+        num_experts=settings["experts"],
+        top_k=settings["top_k"],
+        expert_hidden_dim=settings["expert_hidden"],
+    )
+    model = TinyMoELM(config)
+    load_checkpoint(run / "checkpoints", model)
+    return model.eval()
+
+
+def moe_inputs(model: TinyMoELM, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The logits and each MoE layer's input ``[B, L, D]`` for ``tokens``."""
+    inputs: list[Tensor] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _, a: inputs.append(a[0].detach()))
+        for layer in model.moe_layers()
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, inputs
+
+
+def replay_decode(layers: list[MoELayer], inputs: list[Tensor], policy: str, budget_experts: int) -> Any:
+    """Drive an ``ExpertCache`` as decoding does: token by token, layer by layer, predicting the next."""
+    store = MemoryStore(layers)
+    cache = ExpertCache(store, len(layers), budget_experts * store.nbytes((0, 0)), policy, prefetch=True)
+    B, L, _ = inputs[0].shape
+    with torch.no_grad():
+        for b in range(B):
+            for t in range(L):
+                for index, layer in enumerate(layers):
+                    x_TD = inputs[index][b, t : t + 1]
+                    active = layer.router.forward(x_TD, layer.config.top_k).expert_ids_TK.unique().tolist()
+                    for _ in cache.use(index, active):
+                        pass
+                    if index + 1 < len(layers):
+                        following = layers[index + 1]
+                        predicted = following.router.forward(x_TD, following.config.top_k).expert_ids_TK
+                        cache.prefetch(index + 1, predicted.unique().tolist())
+                        cache.wait_for_reads()  # the prefetch lands while this layer computes
+    cache.close()
+    return cache.stats
+
+
+def int8_roundtrip(model: TinyMoELM) -> TinyMoELM:
+    """A copy whose expert weights are replaced by their int8 values (per output channel)."""
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in quantized.moe_layers():
+            for weight in (layer.experts.w_in, layer.experts.w_out):
+                q, scale = quantize_int8(weight)
+                weight.copy_(q.float() * scale.unsqueeze(-1))
+    return quantized
+
+
+def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
+    run = trained_run(args)
+    model = load_trained(run)
+    corpus = stdlib_corpus()
+    tokens, targets = corpus.batch(
+        "val", args.windows, model.config.context, torch.Generator().manual_seed(0)
+    )
+    logits, inputs = moe_inputs(model, tokens)
+    layers = model.moe_layers()
+    total = len(layers) * model.config.num_experts
+    budget = max(total // 4, layers[0].config.top_k)
+    print(
+        f"\ntrained model {run}: {len(layers)} layers x {model.config.num_experts} experts, "
+        f"top-{model.config.top_k}; budget {budget} experts (a quarter); "
+        f"{args.windows} held-out windows of {model.config.context} bytes, decoded one token at a time"
+    )
+    print(f"{'policy':11} {'hit rate':>9} {'precision':>10} {'recall':>7} {'reads/token':>12}")
+    policies = {}
+    for policy in ("predictive", "lru", "lfu"):
+        stats = replay_decode(layers, inputs, policy, budget)
+        steps = tokens.numel()
+        policies[policy] = {
+            "hit_rate": stats.hit_rate,
+            "precision": stats.prefetch_precision,
+            "recall": stats.prefetch_recall,
+            "reads_per_token": stats.reads / steps,
+        }
+        print(
+            f"{policy:11} {stats.hit_rate:9.1%} {stats.prefetch_precision:10.1%} "
+            f"{stats.prefetch_recall:7.1%} {stats.reads / steps:12.2f}"
+        )
+    with torch.no_grad():
+        int8_logits = int8_roundtrip(model)(tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    int8_loss = F.cross_entropy(int8_logits.flatten(0, 1), targets.flatten()).item()
+    error = (int8_logits - logits).abs()
+    quality = {
+        "perplexity": math.exp(loss),
+        "int8_perplexity": math.exp(int8_loss),
+        "logit_max_error": error.max().item(),
+        "logit_mean_error": error.mean().item(),
+        "logit_std": logits.std().item(),
+        "same_argmax": (int8_logits.argmax(-1) == logits.argmax(-1)).float().mean().item(),
+    }
+    print(
+        f"int8 experts on this text: perplexity {quality['perplexity']:.4f} -> "
+        f"{quality['int8_perplexity']:.4f} "
+        f"({quality['int8_perplexity'] / quality['perplexity'] - 1:+.3%}), logits max |diff| "
+        f"{quality['logit_max_error']:.4f}, mean {quality['logit_mean_error']:.5f} "
+        f"(logit std {quality['logit_std']:.2f}), same argmax {quality['same_argmax']:.2%}"
+    )
+    return {"run": str(run), "budget_experts": budget, "policies": policies, "int8": quality}
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a check that everything runs")
+    parser.add_argument(
+        "--cache-dir", default="~/.cache/flexmoe-bench", help="where the generated models live"
+    )
+    parser.add_argument(
+        "--experts-gb", type=float, default=30.0, help="bf16 expert bytes of the large model (GB)"
+    )
+    parser.add_argument("--layers", type=int, default=None, help="layers (default: from --experts-gb)")
+    parser.add_argument("--budget", default=None, help="expert budget (default 8GiB; --tiny: 256KiB)")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=None, help="prefill length (default 64; --tiny 16)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 32; --tiny 8)")
+    parser.add_argument(
+        "--accelerate-new-tokens",
+        type=int,
+        default=8,
+        help="tokens accelerate decodes (each step reads its offloaded layers whole; default 8)",
+    )
+    parser.add_argument("--contestants", nargs="+", choices=CONTESTANTS, default=list(CONTESTANTS))
+    parser.add_argument("--trained", default=None, help="a flexmoe train run directory (default: train one)")
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="steps if training (default 400; --tiny 30)"
+    )
+    parser.add_argument("--windows", type=int, default=None, help="held-out windows (default 16; --tiny 2)")
+    parser.add_argument("--skip-large", action="store_true", help="only part 2 (the trained model)")
+    parser.add_argument("--skip-trained", action="store_true", help="only part 1 (the large model)")
+    parser.add_argument("--prepare-only", action="store_true", help="generate the model files and stop")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--run-contestant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--offload-folder", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tiny = args.tiny
+    args.budget = args.budget or ("256KiB" if tiny else "8GiB")
+    args.prompt_tokens = args.prompt_tokens or (16 if tiny else 64)
+    args.new_tokens = args.new_tokens or (8 if tiny else 32)
+    args.train_steps = args.train_steps or (30 if tiny else 400)
+    args.windows = args.windows or (2 if tiny else 16)
+    if tiny and args.layers is None:
+        args.layers = 4
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.run_contestant:
+        run_contestant(args)
+        return
+    if args.prepare_only:
+        prepare(args)
+        return
+    print(json.dumps(environment()))
+    payload: dict[str, Any] = {"environment": environment()}
+    if not args.skip_large:
+        payload["large"] = large_model(args)
+    if not args.skip_trained:
+        payload["trained"] = trained_routing(args)
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()

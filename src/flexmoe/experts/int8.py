@@ -1,0 +1,120 @@
+"""Weight-only int8 experts: per-output-channel scales, and the expert FFN computed from them.
+
+Legend: N rows (tokens routed to the expert), D model dim, F expert hidden dim, H
+first-projection width (2F gated, else F), O output channels, I input channels.
+
+A weight ``w [O, I]`` (``transformers``' ``[out, in]`` layout) is stored as
+``q [O, I]`` int8 and ``scale [O]``: ``w ≈ q * scale[:, None]`` with
+``scale = max|w[o]| / 127`` and ``q = round(w / scale)``, so each weight is off by at
+most ``scale / 2`` and an expert takes half the bytes of bf16 (plus ``4 (O)`` bytes of
+fp32 scales). Only the weights are quantized; the activations stay in the model's dtype.
+
+On CPU, ``torch._weight_int8pack_mm`` multiplies bf16, fp16 or fp32 activations by the
+int8 weight directly (16-bit ones when the input width is a multiple of 16, as in every
+real model); elsewhere (CUDA, fp64, odd widths) the weight is dequantized on use. Both
+compute ``x @ (q * scale)^T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexmoe.experts.activations import activate
+
+__all__ = ["SCALE_SUFFIX", "Int8Weight", "int8_expert_ffn", "int8_linear", "quantize_int8"]
+
+SCALE_SUFFIX = "_scale"  # a quantized tensor ``name`` has its scales in ``name + SCALE_SUFFIX``
+_INT8_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, scale)`` of ``w [..., I]``: int8 ``q`` of ``w``'s shape, fp32 ``scale [...]`` per row.
+
+    Symmetric and per output channel (each row over the last dim, the input dim of
+    ``transformers``' ``[out, in]`` weights): ``|w - q * scale| <= scale / 2``. An all-zero
+    row gets scale 1 (its ``q`` is zero).
+    """
+    if w.dim() < 1 or not w.is_floating_point():
+        raise ValueError(
+            f"quantize_int8 needs a floating-point tensor of dim >= 1, got {w.dtype} {tuple(w.shape)}"
+        )
+    w32 = w.float()
+    amax = w32.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w32 / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight ``[O, I]`` held as int8 ``q [O, I]`` and per-output-channel ``scale [O]``."""
+
+    q: Tensor
+    scale: Tensor
+
+    def __post_init__(self) -> None:
+        if self.q.dtype != torch.int8 or self.q.dim() != 2:
+            raise ValueError(f"q must be a 2-d int8 tensor, got {self.q.dtype} {tuple(self.q.shape)}")
+        if tuple(self.scale.shape) != (self.q.shape[0],):
+            raise ValueError(f"scale must have shape ({self.q.shape[0]},), got {tuple(self.scale.shape)}")
+
+    @classmethod
+    def quantize(cls, w: Tensor) -> Int8Weight:
+        """``w [O, I]`` quantized (see ``quantize_int8``)."""
+        return cls(*quantize_int8(w))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(O, I)``."""
+        return int(self.q.shape[0]), int(self.q.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the int8 values and the scales."""
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``q * scale[:, None]`` in ``dtype`` (computed in fp32, or fp64 for fp64)."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        return (self.q.to(compute) * self.scale.to(compute).unsqueeze(1)).to(dtype)
+
+    def to(self, device: torch.device | str, scale_dtype: torch.dtype | None = None) -> Int8Weight:
+        """On ``device``, the scales cast to ``scale_dtype`` (default: kept)."""
+        return Int8Weight(self.q.to(device), self.scale.to(device, scale_dtype or self.scale.dtype))
+
+
+def int8_linear(x_NI: Tensor, weight: Int8Weight) -> Tensor:
+    """``x @ (q * scale)^T`` in ``x``'s dtype: ``[N, I] -> [N, O]``."""
+    if _int8_kernel_takes(x_NI):
+        # the int8 values are read as they are, scaled per output channel after the sum
+        return torch._weight_int8pack_mm(x_NI.contiguous(), weight.q, weight.scale.to(x_NI.dtype))
+    return F.linear(x_NI, weight.dequantize(x_NI.dtype))
+
+
+def _int8_kernel_takes(x_NI: Tensor) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` handles ``x``: CPU, fp32 or 16-bit with ``I % 16 == 0``.
+
+    Its 16-bit CPU kernel works in blocks of 16 input channels and crashes the process on
+    other widths (torch 2.13), so those are dequantized instead.
+    """
+    if x_NI.device.type != "cpu" or x_NI.dtype not in _INT8_MM_DTYPES or x_NI.shape[0] == 0:
+        return False
+    return x_NI.dtype == torch.float32 or x_NI.shape[1] % 16 == 0
+
+
+def int8_expert_ffn(
+    x_ND: Tensor, w_in: Int8Weight, w_out: Int8Weight, activation: str, row_weights_N: Tensor | None = None
+) -> Tensor:
+    """One expert on its rows: ``(act(x @ w_in^T) * row_weight) @ w_out^T``, ``[N, D] -> [N, D]``.
+
+    ``w_in`` is ``[H, D]`` (``[gate; up]`` for gated activations), ``w_out`` ``[D, F]``;
+    the same math as the grouped experts' reference loop, with int8 weights.
+    """
+    a_NF = activate(int8_linear(x_ND, w_in), activation)
+    if row_weights_N is not None:
+        a_NF = a_NF * row_weights_N.unsqueeze(1).to(a_NF.dtype)
+    return int8_linear(a_NF, w_out)
