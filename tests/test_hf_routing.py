@@ -237,3 +237,15 @@ def test_an_offloaded_model_refuses_a_top_k_its_budget_cannot_hold_at_once(saved
     with set_routing(model, top_k=1):
         assert moe_layers(model)[0][1].strategy.next_top_k == 1
     assert moe_layers(model)[0][1].strategy.next_top_k == 3
+
+
+@pytest.mark.parametrize("routing", [{"top_k": 1}, {"top_p": 1e-6, "min_k": 1}])
+def test_the_prediction_reads_the_next_layers_routing_as_it_is_at_each_call(saved, routing):
+    each = expert_bytes(converted("qwen3_moe"))
+    model = load_offloaded(saved, expert_budget=4 * each)
+    layers = [layer for _, layer in moe_layers(model)]
+    layers[1].set_routing(**routing)  # on the layer itself, not through flexmoe.hf.set_routing
+    before = offload_stats(model)
+    with torch.no_grad():
+        model(prompt()[:1, :1])  # one token: layer 1 takes one expert, so one is predicted
+    assert offload_stats(model).predicted - before.predicted == 1

@@ -140,7 +140,7 @@ def load_offloaded(
     for (block_path, _), strategy, following in zip(blocks, strategies, [*blocks[1:], None], strict=True):
         strategy.name = block_path
         if following is not None:
-            strategy.predict_next(following[1].moe.router, following[1].moe.config.top_k)
+            strategy.predict_next(following[1].moe)
     model.to_empty(device=device)
     # 4. the buffers no file holds, then every stored non-expert tensor
     _initialise_unsaved_buffers(model)

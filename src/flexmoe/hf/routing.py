@@ -203,7 +203,7 @@ def _settings(index: int, path: str, layer: MoELayer) -> LayerRouting:
 
 
 def _apply(model: nn.Module, changes: list[_Change]) -> None:
-    """Set every layer's routing (a refusal names the layer), then make offloaded predictions follow."""
+    """Set every layer's routing (a refusal names the layer); offloaded predictions read it per call."""
     for path, layer, top_k, top_p, min_k in changes:
         strategy = layer.strategy
         try:
@@ -212,20 +212,3 @@ def _apply(model: nn.Module, changes: list[_Change]) -> None:
             layer.set_routing(top_k=top_k, top_p=top_p, min_k=min_k)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-    _follow_predictions(model)
-
-
-def _follow_predictions(model: nn.Module) -> None:
-    """Each offloaded layer predicts the next layer's experts with that layer's current ``top_k``.
-
-    ``load_offloaded`` hands each layer the next layer's router and ``top_k`` once; the
-    router's own settings follow ``set_routing``, the ``top_k`` is given again here.
-    """
-    layers = [layer for _, layer in moe_layers(model)]
-    by_router = {id(layer.router): layer for layer in layers}
-    for layer in layers:
-        strategy = layer.strategy
-        if isinstance(strategy, OffloadedExperts) and strategy.next_router is not None:
-            following = by_router.get(id(strategy.next_router))
-            if following is not None and strategy.next_top_k != following.config.top_k:
-                strategy.predict_next(following.router, following.config.top_k)

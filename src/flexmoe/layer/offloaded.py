@@ -66,14 +66,26 @@ class OffloadedExperts(LocalExperts):
         self.cache = cache
         self.layer_index = layer_index
         self.expert_bytes = expert_bytes
-        self.next_router: Router | None = None  # the next layer's router: predicts its experts
-        self.next_top_k = 0
+        self.next_layer: MoELayer | None = None  # its router predicts its experts
         self.name = f"layer {layer_index}"
 
-    def predict_next(self, router: Router, top_k: int) -> None:
-        """Predict the next layer's experts with ``router`` (its router) and prefetch them."""
-        self.next_router = router
-        self.next_top_k = top_k
+    def predict_next(self, layer: MoELayer) -> None:
+        """Predict ``layer``'s experts (the next layer) with its router, and prefetch them.
+
+        The prediction uses that layer's routing as it is at each call (its ``top_k``
+        and ``top_p``, whatever ``set_routing`` made of them).
+        """
+        self.next_layer = layer
+
+    @property
+    def next_router(self) -> Router | None:
+        """The router that predicts the next layer's experts (``None``: no prediction)."""
+        return None if self.next_layer is None else self.next_layer.router
+
+    @property
+    def next_top_k(self) -> int:
+        """How many experts per token the prediction reads (0: no prediction)."""
+        return 0 if self.next_layer is None else self.next_layer.config.top_k
 
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Dispatch, fetch the active experts through the cache, compute each one's rows."""
@@ -96,11 +108,8 @@ class OffloadedExperts(LocalExperts):
         # 1. ask for this layer's experts: the misses start reading now
         served = self.cache.use(self.layer_index, active)
         # 2. ExpertFlow: the next layer's router on these hidden states predicts its experts
-        if self.next_router is not None:
-            with torch.no_grad():
-                ids_TK = self.next_router.forward(x_TD, self.next_top_k).expert_ids_TK
-            predicted = torch.unique(ids_TK).tolist()  # NOTE: host sync (the expert ids to read)
-            self.cache.prefetch(self.layer_index + 1, predicted)
+        if self.next_layer is not None:
+            self.cache.prefetch(self.layer_index + 1, self._predicted(x_TD, self.next_layer))
         # 3. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
         experts = self.grouped
@@ -116,6 +125,17 @@ class OffloadedExperts(LocalExperts):
                 outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
+
+    @staticmethod
+    def _predicted(x_TD: Tensor, layer: MoELayer) -> list[int]:
+        """The routed experts ``layer``'s router picks for ``x_TD`` (unused top-p slots left out)."""
+        config = layer.config
+        with torch.no_grad():
+            route = layer.router(x_TD, config.top_k, config.router.top_p)
+        ids = route.expert_ids_TK if route.valid_TK is None else route.expert_ids_TK[route.valid_TK]
+        ids = ids[ids < config.num_experts]  # zero-computation experts have nothing to read
+        predicted: list[int] = torch.unique(ids).tolist()  # NOTE: host sync (the expert ids to read)
+        return predicted
 
     def check_budget(self, top_k: int) -> None:
         """Raise ``ValueError`` if the cache's budget cannot hold the ``top_k`` experts one token needs."""
