@@ -111,6 +111,12 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
     adapters = lora_adapters(model)
     if not adapters:
         raise ValueError("model has no LoRA adapters to save (add_lora or load_peft_adapter first)")
+    spread = sorted(path for path, a in adapters.items() if a.adapted_experts is not None)
+    if spread:
+        raise NotImplementedError(
+            f"PEFT files of adapters on distributed layers ({spread}) are not supported: "
+            "load lora_state_dict(model) into a single-device copy and save that"
+        )
     settings = {(a.rank, a.alpha, a.use_rslora) for a in adapters.values()}
     if len(settings) > 1:
         raise ValueError(

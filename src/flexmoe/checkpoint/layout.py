@@ -53,6 +53,11 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
             raise CheckpointError(
                 f"MoE layer {name or '<root>'!r} has custom experts; checkpoints need the built-in ones"
             )
+        if layer.world_size > 1 and layer.experts.lora is not None:
+            raise CheckpointError(
+                f"MoE layer {name or '<root>'!r}: checkpoints of LoRA adapters on distributed layers are "
+                "not supported yet; save the adapter with flexmoe.adapters.lora_state_dict"
+            )
     return layers
 
 

@@ -15,6 +15,7 @@ map ``[n, D] -> [n, D]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Self
 
 import torch
@@ -129,18 +130,30 @@ class GroupedExperts(nn.Module):
         weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
         row_weights_N: Tensor | None = None,
         backend: str | None = None,
+        lora_factors: Sequence[Tensor | None] | None = None,
     ) -> Tensor:
         """``forward`` with other weights ``(w_in, w_out, b_in, b_out)`` in this module's layout.
 
-        Expert parallelism runs gathered or sliced weights through here; LoRA adapters do
-        not run there yet (refused unless merged).
+        Expert parallelism runs gathered or sliced weights through here. With an unmerged
+        LoRA adapter, ``lora_factors`` are its factors moved the same way
+        (``ExpertLoRA.travelling_factors``: one row per expert of ``weights``).
         """
+        lora = None
         if self.active_lora() is not None:
-            raise NotImplementedError(
-                "LoRA adapters on experts spread over ranks are not supported yet; merge them first "
-                "(flexmoe.adapters.merge_lora)"
-            )
-        return self._run(x_ND, counts, weights, row_weights_N, backend, None)
+            assert self.lora is not None
+            if lora_factors is None:
+                raise ValueError(
+                    "apply_weights: the experts have a LoRA adapter; pass its moved lora_factors"
+                )
+            lora = self.lora.unit_terms(lora_factors)
+        return self._run(x_ND, counts, weights, row_weights_N, backend, lora)
+
+    def travelling_lora(self) -> tuple[Tensor | None, ...]:
+        """The LoRA factors that move with moved expert weights: none without an unmerged adapter."""
+        if self.active_lora() is None:
+            return ()
+        assert self.lora is not None
+        return self.lora.travelling_factors()
 
     def _run(
         self,

@@ -145,6 +145,9 @@ class ExpertLoRA(nn.Module):
             slots[e] = k
         self.slot_of_expert = tuple(slots)
         self.merged = False
+        # On a distributed layer: the adapted logical experts, while the factors hold one
+        # row per stored expert (zero rows for the others; see ``flexmoe.adapters``).
+        self.adapted_experts: tuple[int, ...] | None = None
         k = len(ids)
         factory = {"device": device, "dtype": dtype}
         shapes = {
@@ -198,6 +201,30 @@ class ExpertLoRA(nn.Module):
         return LoRATerms(
             self.A_in, self.B_in, self.A_out, self.B_out, self.slot_of_expert, self.scaling, dropout
         )
+
+    def travelling_factors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(A_in, B_in, A_out, B_out)``, one row per expert: what moves with moved expert weights.
+
+        Only an adapter of every expert has them (the storage of distributed layers, whose
+        experts without an adapter hold zero factors).
+        """
+        if len(self.experts) != self.num_experts:
+            raise ValueError(
+                f"an adapter of some experts ({list(self.experts)}) has no factors per expert to move"
+            )
+        return self.A_in, self.B_in, self.A_out, self.B_out
+
+    def unit_terms(self, factors: Sequence[Tensor | None]) -> LoRATerms | None:
+        """The terms of a forward on moved experts: ``factors`` (as ``travelling_factors``), one row per unit.
+
+        ``None`` where nothing is to be added (merged).
+        """
+        if self.merged:
+            return None
+        A_in, B_in, A_out, B_out = factors
+        units = next(t for t in factors if t is not None).shape[0]
+        dropout = self.dropout if self.training else 0.0
+        return LoRATerms(A_in, B_in, A_out, B_out, tuple(range(units)), self.scaling, dropout)
 
     @torch.no_grad()
     def merge_into(self, w_in: Tensor, w_out: Tensor) -> None:

@@ -1,0 +1,56 @@
+"""LoRA adapters on distributed layers equal the single-device layer with the same adapter.
+
+On 2 and 4 gloo processes: every valid plan (pipelined ``d``, flat and hierarchical
+exchange, ``r = 0`` weight gathering, forced least-loaded rerouting and shadowing, which
+move the factors with the weights), for seeded random cases (activation, bias,
+capacity, uneven and empty per-rank batches, adapted subsets, targets, ranks); outputs,
+input and factor gradients. Training moves placements and holds replicas between steps
+(see ``lora_parallel_workers``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .distributed import run_distributed
+from .lora_parallel_workers import (
+    LoRACase,
+    check_lora_equivalence,
+    check_lora_refusals,
+    check_lora_training,
+    random_cases,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+def test_two_ranks_every_plan_equals_single_device_lora():
+    cases = [
+        LoRACase(num_experts=4, ranks_per_node=1),
+        LoRACase(num_experts=4, top_k=1, experts=[1], hot=True, seed=1),
+        LoRACase(
+            num_experts=2, activation="gelu", bias=True, capacity_factor=1.0, targets=("w_out",), seed=2
+        ),
+        *random_cases(2, 4, seed=3),
+    ]
+    checked = run_distributed(check_lora_equivalence, 2, cases, timeout=300)
+    # Per case: r = 0, r = 1 with d in {1, 2} and both exchanges, least-loaded and shadowing with d in {1, 2}.
+    assert checked[0] == 7 * (1 + 4 + 4)
+
+
+def test_four_ranks_every_plan_equals_single_device_lora():
+    cases = [LoRACase(num_experts=8, top_k=1, experts=[0, 5], hot=True), *random_cases(4, 3, seed=4)]
+    assert run_distributed(check_lora_equivalence, 4, cases, timeout=400)[0] == 4 * (1 + 4 + 4)
+
+
+def test_training_moves_factors_with_placements_and_replicas():
+    moves = [[], [1, 0, 3, 2], [], [2, 3, 0, 1]]
+    losses = run_distributed(check_lora_training, 2, 4, moves, timeout=200)
+    assert all(len(per_rank) == len(moves) for per_rank in losses)
+
+
+def test_sharded_experts_and_checkpoints_refuse_lora(tmp_path):
+    sharded, checkpoint = run_distributed(check_lora_refusals, 2, str(tmp_path), timeout=120)[0]
+    assert "sharded experts" in sharded and "num_experts=1 < world size 2" in sharded
+    assert "lora_state_dict" in checkpoint
+    assert not any(tmp_path.iterdir())  # refused before writing anything
