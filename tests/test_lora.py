@@ -400,7 +400,7 @@ def test_paths_without_lora_support_refuse_an_unmerged_adapter() -> None:
             p.normal_()
         moved = experts.apply_weights(x, [1, 1, 1, 1], weights, lora_factors=experts.travelling_lora())
         torch.testing.assert_close(moved, experts(x, [1, 1, 1, 1]))
-    with pytest.raises(NotImplementedError, match=r"torch\.compile"):
+    with pytest.raises(NotImplementedError, match="forward_tokens"):
         experts.forward_rows(x, torch.tensor([1, 1, 1, 1]), torch.ones(4))
     with torch.no_grad():  # packed inference weights (base only) are not used while an adapter is active
         for p in experts.lora.parameters():

@@ -184,11 +184,17 @@ class GroupedExperts(nn.Module):
         ``flexmoe.experts.ops.routed_experts``); nothing here reads them on the host, so
         the compiler traces the call with static shapes. Runs the fused backend.
         """
-        self._refuse_compiled_lora()
+        lora = self.active_lora()
+        if lora is not None and lora.dropout > 0.0:
+            raise NotImplementedError(
+                f"LoRA dropout ({lora.dropout}) under torch.compile is not supported; train with "
+                "dropout=0 there, or run eagerly"
+            )
         params = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_TD, weights, rw_S = _in_compute_dtype(x_TD, params, row_weights_S)
         assert rw_S is not None
-        return routed_experts(x_TD, rw_S, token_ids_S, inverse_S, counts_E, weights, self.activation)
+        lora = None if lora is None else lora.to(x_TD.dtype)
+        return routed_experts(x_TD, rw_S, token_ids_S, inverse_S, counts_E, weights, self.activation, lora)
 
     def forward_rows(self, x_SD: Tensor, counts_E: Tensor, row_weights_S: Tensor) -> Tensor:
         """``forward`` on one row per routed slot with ``torch._grouped_mm``, traceable by the compiler.
@@ -196,19 +202,15 @@ class GroupedExperts(nn.Module):
         ``x_SD`` holds the ``sum(counts_E)`` kept rows first (expert-major, ``counts_E`` a
         tensor), then rows whose output is zero (the dropped slots).
         """
-        self._refuse_compiled_lora()
+        if self.active_lora() is not None:
+            raise NotImplementedError(
+                "forward_rows runs no LoRA adapter (the compiled layer runs forward_tokens then)"
+            )
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S)
         with torch.autocast(x_SD.device.type, enabled=False):
             return grouped_ffn_grouped_mm_rows(
                 x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S
-            )
-
-    def _refuse_compiled_lora(self) -> None:
-        if self.active_lora() is not None:
-            raise NotImplementedError(
-                "LoRA adapters under torch.compile are not supported yet; merge them first "
-                "(flexmoe.adapters.merge_lora) or run eagerly"
             )
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
@@ -220,14 +222,15 @@ class GroupedExperts(nn.Module):
     def compiled_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         """The backend under ``torch.compile``: ``grouped_mm`` or ``fused``.
 
-        ``grouped_mm`` (``forward_rows``) where it resolves so in bf16, else ``fused``
-        (``forward_tokens``).
+        ``grouped_mm`` (``forward_rows``) where it resolves so in bf16 and no unmerged
+        LoRA adapter is attached, else ``fused`` (``forward_tokens``).
 
         The compiler's shape function for ``torch._grouped_mm`` accepts bf16 only (the
         eager CPU kernel also runs fp32).
         """
         usable = dtype == torch.bfloat16 and self.resolved_backend(device, dtype) == "grouped_mm"
-        return "grouped_mm" if usable else "fused"
+        # An unmerged LoRA adapter runs in the fused operator, which computes its terms.
+        return "grouped_mm" if usable and self.active_lora() is None else "fused"
 
     def resolved_backend(self, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
         """The backend a forward on this device and dtype runs (see ``resolve_backend``)."""

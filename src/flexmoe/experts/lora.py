@@ -272,15 +272,25 @@ class SegmentLoRA:
     dropout masks), ``2 r N`` values besides the masks.
     """
 
-    def __init__(self, terms: LoRATerms, x_ND: Tensor, F: int) -> None:
+    def __init__(
+        self, terms: LoRATerms, x_ND: Tensor, F: int, u_rN: Tensor | None = None, v_Nr: Tensor | None = None
+    ) -> None:
         self.terms = terms
         N, D = x_ND.shape
         r = terms.rank()
         self.mask_in_ND, mask_out_NF = lora_masks(terms, N, D, F, x_ND)
         self.mask_out_FN = None if mask_out_NF is None else mask_out_NF.t()
         self.x_ND = x_ND if self.mask_in_ND is None else x_ND * self.mask_in_ND
-        self.u_rN = x_ND.new_empty(r, N) if terms.A_in is not None else None
-        self.v_Nr = x_ND.new_empty(N, r) if terms.A_out is not None else None
+        # ``u_rN`` / ``v_Nr``: where to keep them (the compiled operator's outputs), else new.
+        if terms.A_in is None:
+            u_rN = None
+        elif u_rN is None:
+            u_rN = x_ND.new_empty(r, N)
+        if terms.A_out is None:
+            v_Nr = None
+        elif v_Nr is None:
+            v_Nr = x_ND.new_empty(N, r)
+        self.u_rN, self.v_Nr = u_rN, v_Nr
         self.a_FN: Tensor | None = None  # the (weighted, dropped) activation, during a pass
         self.grad_v_Nr: Tensor | None = None
         self.grad_a_dropped_FN: Tensor | None = None
