@@ -93,7 +93,7 @@ def test_compiled_lora_dropout_refused_merged_runs_base() -> None:
     add_lora(layer, rank=4, dropout=0.1)
     x = torch.randn(6, 16)
     # fullgraph: dynamo reports the refusal; otherwise the layer breaks the graph and runs eagerly.
-    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"LoRA dropout \(0.1\) under torch.compile"):
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"LoRA dropout under torch\.compile"):
         torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     layer.eval()  # dropout applies in training only
     torch._dynamo.reset()

@@ -187,7 +187,7 @@ class GroupedExperts(nn.Module):
         lora = self.active_lora()
         if lora is not None and lora.dropout > 0.0:
             raise NotImplementedError(
-                f"LoRA dropout ({lora.dropout}) under torch.compile is not supported; train with "
+                "LoRA dropout under torch.compile is not supported; train with the adapter's "
                 "dropout=0 there, or run eagerly"
             )
         params = (self.w_in, self.w_out, self.b_in, self.b_out)
