@@ -19,7 +19,7 @@ import torch
 
 from flexmoe import MoELayer, Plan, RouterConfig
 from flexmoe.adapters import add_lora, load_lora_state_dict, lora_adapters, lora_state_dict
-from flexmoe.checkpoint import CheckpointError, save_checkpoint
+from flexmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 FACTORS = ("A_in", "B_in", "A_out", "B_out")
 
@@ -187,16 +187,68 @@ def check_lora_training(rank: int, world: int, num_experts: int, moves: list[lis
 
 
 def check_lora_refusals(rank: int, world: int, directory: str) -> list[str]:
-    """Sharded experts (E < W) refuse an adapter; checkpoints and PEFT files of spread adapters refuse."""
+    """Sharded experts (E < W) refuse an adapter; PEFT files of spread adapters refuse."""
     messages = []
     sharded = MoELayer(16, 8, 1, 1)
     with pytest.raises(NotImplementedError) as refused:
         add_lora(sharded, rank=2)
     assert not lora_adapters(sharded)
     messages.append(str(refused.value))
-    layer = MoELayer(16, 8, 2 * world, 1)
-    add_lora(layer, rank=2)
-    with pytest.raises(CheckpointError) as checkpoint:
-        save_checkpoint(directory, layer, step=0)
-    messages.append(str(checkpoint.value))
     return messages
+
+
+def _checkpoint_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A block with an adapter on experts 0 and 3 and its AdamW; seed 0: the same on any world size."""
+    torch.manual_seed(123)
+    oracle = MoELayer(16, 8, 4, 1, group=False)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, 4, 1))
+    if seed == 0:
+        model[1].load_single_device_state_dict(oracle.state_dict())
+    add_lora(oracle, rank=2, alpha=4, experts=[0, 3])
+    add_lora(model, rank=2, alpha=4, experts=[0, 3])
+    torch.manual_seed(321 + seed)  # the layers above drew per-rank numbers of values
+    with torch.no_grad():
+        for p in oracle.experts.lora.parameters():  # type: ignore[union-attr]
+            p.normal_(0.0, 0.3)
+    state = {f"1.{key}": value for key, value in lora_state_dict(oracle).items()}
+    load_lora_state_dict(model, state)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    return model, optimizer
+
+
+def _checkpoint_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, rank: int, world: int
+) -> None:
+    torch.manual_seed(500 + step)
+    x_global = torch.randn(12, 16)
+    x = x_global.chunk(world)[rank]
+    model(x).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def lora_checkpoint_run(rank: int, world: int, directory: str, mode: str) -> dict[str, Any]:
+    """``save``: step 1, checkpoint, step 2; ``load``: load the checkpoint, step 2. The adapter after step 2.
+
+    The base (another seed on each side) comes from the checkpoint too. Returned as
+    nested lists (tensors would not survive the worker's exit in the result queue).
+    """
+    model, optimizer = _checkpoint_model(seed=0 if mode == "save" else 7)
+    if mode == "save":
+        _checkpoint_step(model, optimizer, 1, rank, world)
+        save_checkpoint(directory, model, optimizer, step=1)
+    else:
+        load_checkpoint(directory, model, optimizer)
+    _checkpoint_step(model, optimizer, 2, rank, world)
+    return {key: value.tolist() for key, value in lora_state_dict(model).items()}
+
+
+def check_lora_checkpoint_refusal(rank: int, world: int, directory: str) -> str:
+    """A checkpoint of an adapter on experts 0 and 3 refuses a model adapting experts 1 and 2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, 4, 1))
+    add_lora(model, rank=2, alpha=4, experts=[1, 2])
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(directory, model)
+    return str(refused.value)

@@ -11,13 +11,16 @@ input and factor gradients. Training moves placements and holds replicas between
 from __future__ import annotations
 
 import pytest
+import torch
 
 from .distributed import run_distributed
 from .lora_parallel_workers import (
     LoRACase,
+    check_lora_checkpoint_refusal,
     check_lora_equivalence,
     check_lora_refusals,
     check_lora_training,
+    lora_checkpoint_run,
     random_cases,
 )
 
@@ -49,8 +52,27 @@ def test_training_moves_factors_with_placements_and_replicas():
     assert all(len(per_rank) == len(moves) for per_rank in losses)
 
 
-def test_sharded_experts_and_checkpoints_refuse_lora(tmp_path):
-    sharded, checkpoint = run_distributed(check_lora_refusals, 2, str(tmp_path), timeout=120)[0]
+def test_sharded_experts_refuse_lora(tmp_path):
+    (sharded,) = run_distributed(check_lora_refusals, 2, str(tmp_path), timeout=120)[0]
     assert "sharded experts" in sharded and "num_experts=1 < world size 2" in sharded
-    assert "lora_state_dict" in checkpoint
-    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        got_key, want_key = torch.tensor(got[key]), torch.tensor(want[key])
+        torch.testing.assert_close(got_key, want_key, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_checkpoints_with_lora_reshard_between_one_and_two_ranks(tmp_path):
+    """Factors and their AdamW state are stored per expert: saved on 1 rank, resumed on 2, and back."""
+    single = lora_checkpoint_run(0, 1, str(tmp_path / "one"), "save")
+    assert torch.tensor(single["1.experts.lora.A_in"]).shape == (2, 2, 16)  # experts 0 and 3
+    resumed = run_distributed(lora_checkpoint_run, 2, str(tmp_path / "one"), "load", timeout=200)
+    spread = run_distributed(lora_checkpoint_run, 2, str(tmp_path / "two"), "save", timeout=200)
+    for state in (*resumed, *spread):
+        _same(state, single)
+    _same(lora_checkpoint_run(0, 1, str(tmp_path / "two"), "load"), single)
+    refused = run_distributed(check_lora_checkpoint_refusal, 2, str(tmp_path / "one"), timeout=200)
+    assert all("does not adapt" in message for message in refused)
+    assert "does not adapt" in check_lora_checkpoint_refusal(0, 1, str(tmp_path / "two"))
