@@ -17,9 +17,19 @@ from typing import Any
 import pytest
 import torch
 
+import flexmoe.hf
 from flexmoe import MoELayer, Plan, RouterConfig
-from flexmoe.adapters import add_lora, load_lora_state_dict, lora_adapters, lora_state_dict
+from flexmoe.adapters import (
+    add_lora,
+    load_lora_state_dict,
+    load_peft_adapter,
+    lora_adapters,
+    lora_state_dict,
+    save_peft_adapter,
+)
 from flexmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from .hf_tiny import tiny_model
 
 FACTORS = ("A_in", "B_in", "A_out", "B_out")
 
@@ -187,13 +197,21 @@ def check_lora_training(rank: int, world: int, num_experts: int, moves: list[lis
 
 
 def check_lora_refusals(rank: int, world: int, directory: str) -> list[str]:
-    """Sharded experts (E < W) refuse an adapter; PEFT files of spread adapters refuse."""
+    """Sharded experts (E < W) refuse an adapter; PEFT files of spread adapters refuse, both ways."""
     messages = []
     sharded = MoELayer(16, 8, 1, 1)
     with pytest.raises(NotImplementedError) as refused:
         add_lora(sharded, rank=2)
     assert not lora_adapters(sharded)
     messages.append(str(refused.value))
+    model = tiny_model("qwen3_moe")
+    flexmoe.hf.convert(model, group=None)  # the default group: experts spread over the ranks
+    add_lora(model, rank=2)
+    with pytest.raises(NotImplementedError) as saving:
+        save_peft_adapter(model, f"{directory}/rank{rank}")
+    with pytest.raises(NotImplementedError) as loading:
+        load_peft_adapter(model, directory)
+    messages += [str(saving.value), str(loading.value)]
     return messages
 
 

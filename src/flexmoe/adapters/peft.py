@@ -178,6 +178,12 @@ def load_peft_adapter(
     (a flexmoe adapter of some experts) get no adapter. ``freeze_base`` as in ``add_lora``.
     """
     blocks = _blocks(model)
+    spread = sorted(path for path, block in blocks.items() if block.moe.world_size > 1)
+    if spread:
+        raise NotImplementedError(
+            f"PEFT files into distributed blocks ({spread}) are not supported: load them into a "
+            "single-device copy, then load_lora_state_dict(model, lora_state_dict(copy))"
+        )
     folder = Path(directory)
     config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
     problems = []
