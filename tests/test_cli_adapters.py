@@ -67,6 +67,8 @@ def test_cli_lora_run_on_the_main_job(base_run, tmp_path, capsys):
     assert "fine-tuning lora adapters" in printed and "step     3  loss" in printed
     settings = json.loads((out / "adapter" / "adapter.json").read_text())
     assert settings["rank"] == 2 and settings["targets"] == ["w_out"] and settings["experts"] is None
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["steps"] == 3 and recorded["adapter"] == settings
 
 
 def test_cli_lora_run_on_a_transformers_checkpoint_writes_peft_files(tmp_path, capsys):

@@ -10,7 +10,8 @@ frozen, and the run trains on the same offline text as ``flexmoe train`` with it
 the text's bytes modulo its vocabulary as token ids: a quick check that adapters
 train, not a recipe for a real task.
 
-The run directory gets ``adapter/`` (``adapter.json``: the method and its settings,
+The run directory gets ``config.json`` (every setting, the adapter's under ``adapter``),
+``adapter/`` (``adapter.json``: the method and its settings,
 and ``adapter.safetensors``: ``lora_state_dict``), for ``--hf-model`` also
 ``adapter-peft/`` (the files PEFT writes, loadable with ``PeftModel.from_pretrained``),
 and ``summary.json``. ``load_adapter_dir`` attaches a saved adapter to a fresh copy of
@@ -270,6 +271,8 @@ def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, d
     trainable = attach_adapter(model, options)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate(config, 1), weight_decay=0.0)
     run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**config.to_json(), "adapter": options.to_json()}
+    (run_dir / "config.json").write_text(json.dumps(settings, indent=1) + "\n")
     count = sum(p.numel() for p in trainable)
     print(f"fine-tuning {options.method} adapters ({count} parameters, base frozen) for {config.steps} steps")
     initial = evaluate(run_model, corpus, config.batch_size, context, config.eval_batches, 0, 1)
