@@ -25,6 +25,7 @@ from flexmoe.adapters import (
     load_peft_adapter,
     lora_adapters,
     lora_state_dict,
+    merge_lora,
     save_peft_adapter,
 )
 from flexmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -270,3 +271,22 @@ def check_lora_checkpoint_refusal(rank: int, world: int, directory: str) -> str:
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(directory, model)
     return str(refused.value)
+
+
+def check_lora_inference(rank: int, world: int) -> int:
+    """Without autograd, unmerged then merged: every plan equals the oracle."""
+    oracle, layer = _layers(LoRACase(num_experts=2 * world, experts=[0, 2 * world - 1], seed=5))
+    oracle.eval()
+    layer.eval()
+    torch.manual_seed(9)
+    x_global = torch.randn(6 * world, 16)
+    mine = x_global.chunk(world)[rank]
+    plans = _plans(layer)
+    with torch.no_grad():
+        want = oracle(x_global).chunk(world)[rank]
+        for plan in plans:
+            _close(f"rank {rank}, unmerged, {plan}", layer(mine, plan=plan), want)
+        merge_lora(layer)
+        for plan in plans:
+            torch.testing.assert_close(layer(mine, plan=plan), want, rtol=1e-4, atol=1e-5)
+    return 2 * len(plans)

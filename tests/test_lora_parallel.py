@@ -18,6 +18,7 @@ from .lora_parallel_workers import (
     LoRACase,
     check_lora_checkpoint_refusal,
     check_lora_equivalence,
+    check_lora_inference,
     check_lora_refusals,
     check_lora_training,
     lora_checkpoint_run,
@@ -44,6 +45,10 @@ def test_two_ranks_every_plan_equals_single_device_lora():
 def test_four_ranks_every_plan_equals_single_device_lora():
     cases = [LoRACase(num_experts=8, top_k=1, experts=[0, 5], hot=True), *random_cases(4, 3, seed=4)]
     assert run_distributed(check_lora_equivalence, 4, cases, timeout=400)[0] == 4 * (1 + 4 + 4)
+
+
+def test_inference_unmerged_and_merged_equals_single_device_lora():
+    assert run_distributed(check_lora_inference, 2, timeout=200)[0] == 2 * (1 + 4 + 4)
 
 
 def test_training_moves_factors_with_placements_and_replicas():
