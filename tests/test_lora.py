@@ -393,9 +393,14 @@ def test_paths_without_lora_support_refuse_an_unmerged_adapter() -> None:
     experts = layer.experts
     x = torch.randn(4, 8)
     weights = (experts.w_in, experts.w_out, None, None)
-    with pytest.raises(NotImplementedError, match="spread over ranks"):
+    with pytest.raises(ValueError, match="lora_factors"):  # moved weights need the moved factors
         experts.apply_weights(x, [1, 1, 1, 1], weights)
-    with pytest.raises(NotImplementedError, match=r"torch\.compile"):
+    with torch.no_grad():  # an adapter of every expert: its factors travel with the weights
+        for p in experts.lora.parameters():
+            p.normal_()
+        moved = experts.apply_weights(x, [1, 1, 1, 1], weights, lora_factors=experts.travelling_lora())
+        torch.testing.assert_close(moved, experts(x, [1, 1, 1, 1]))
+    with pytest.raises(NotImplementedError, match="forward_tokens"):
         experts.forward_rows(x, torch.tensor([1, 1, 1, 1]), torch.ones(4))
     with torch.no_grad():  # packed inference weights (base only) are not used while an adapter is active
         for p in experts.lora.parameters():

@@ -28,13 +28,17 @@ __all__ = [
 
 
 def grouped_experts(model: nn.Module) -> dict[str, GroupedExperts]:
-    """Every ``GroupedExperts`` of ``model`` by its path (``named_modules``), refusing distributed layers."""
-    for path, module in model.named_modules():
-        if isinstance(module, MoELayer) and module.world_size > 1:
-            raise NotImplementedError(
-                f"{path or 'the model'}: LoRA adapters on experts spread over ranks are not supported yet"
-            )
+    """Every ``GroupedExperts`` of ``model`` by its path (``named_modules``)."""
     return {path: m for path, m in model.named_modules() if isinstance(m, GroupedExperts)}
+
+
+def distributed_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """The distributed MoE layers of ``model`` by the path of their experts (``<layer>.experts``)."""
+    return {
+        f"{path}.experts" if path else "experts": m
+        for path, m in model.named_modules()
+        if isinstance(m, MoELayer) and m.world_size > 1
+    }
 
 
 def add_lora(
@@ -65,10 +69,16 @@ def add_lora(
             (routers, experts, attention, ...), so that only the adapters train.
 
     New adapters start with ``B = 0``: the model's outputs are unchanged until they train.
+
+    On a distributed layer (experts spread over ranks, ``num_experts >= world size``)
+    each rank holds the factors of the experts it stores, one row per stored expert
+    (zero rows, which stay zero, for experts without an adapter); ``A`` takes those
+    rows of what a single-device layer draws from the same seed.
     """
     found = grouped_experts(model)
     if not found:
         raise ValueError(f"model has no GroupedExperts to adapt (a {type(model).__name__})")
+    spread = distributed_layers(model)
     chosen: dict[str, Sequence[int] | None]
     if isinstance(experts, Mapping):
         unknown = sorted(set(experts) - set(found))
@@ -82,11 +92,18 @@ def add_lora(
     for path in chosen:
         if found[path].lora is not None:
             raise ValueError(f"{path or 'the experts'} already has a LoRA adapter; remove_lora() it first")
+        layer = spread.get(path)
+        if layer is not None and layer.placement is not None and layer.placement.sharded:
+            raise NotImplementedError(
+                f"{path}: LoRA adapters on sharded experts (num_experts={layer.config.num_experts} < "
+                f"world size {layer.world_size}) are not supported; use num_experts >= world size"
+            )
     adapters = {}
     for path, ids in chosen.items():
         module = found[path]
-        adapters[path] = ExpertLoRA(
-            module.num_experts,
+        E = spread[path].config.num_experts if path in spread else module.num_experts
+        adapter = ExpertLoRA(
+            E,
             module.dim,
             module.w_in.shape[1],
             module.hidden_dim,
@@ -99,12 +116,48 @@ def add_lora(
             device=module.w_in.device,
             dtype=module.w_in.dtype,
         )
+        adapters[path] = (
+            adapter if path not in spread else _stored_rows(adapter, spread[path], module.w_in.shape[1])
+        )
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
     for path, adapter in adapters.items():
         found[path].lora = adapter
     return adapters
+
+
+def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA:
+    """A single-device ``adapter`` as a distributed layer stores it: one row per stored expert."""
+    stored = layer.stored_experts
+    local = ExpertLoRA(
+        len(stored),
+        layer.config.dim,
+        width,
+        layer.config.hidden_dim,
+        adapter.rank,
+        adapter.alpha,
+        adapter.dropout,
+        None,
+        adapter.targets,
+        adapter.use_rslora,
+        device=adapter.expert_ids.device,
+        dtype=next(adapter.parameters()).dtype,
+    )
+    local.adapted_experts = adapter.experts
+    with torch.no_grad():
+        for name, value in _dense_factors(adapter).items():
+            getattr(local, name).copy_(layer.local_expert_rows(value))
+    return local
+
+
+def _dense_factors(adapter: ExpertLoRA) -> dict[str, Tensor]:
+    """A single-device adapter's factors with one row per expert (zero rows for experts without one)."""
+    out = {}
+    for name, value in adapter.named_parameters():
+        full = value.new_zeros(adapter.num_experts, *value.shape[1:])
+        out[name] = full.index_copy_(0, adapter.expert_ids.to(value.device), value.detach())
+    return out
 
 
 def lora_adapters(model: nn.Module) -> dict[str, ExpertLoRA]:
@@ -116,16 +169,31 @@ def _prefix(path: str) -> str:
     return f"{path}.lora." if path else "lora."
 
 
+def _single_device_state(adapter: ExpertLoRA, layer: MoELayer | None) -> dict[str, Tensor]:
+    """``adapter.state_dict()`` as the equivalent single-device adapter's (gathered: a collective)."""
+    if adapter.adapted_experts is None or layer is None:
+        return {name: value.detach() for name, value in adapter.state_dict().items()}
+    ids = torch.tensor(adapter.adapted_experts, device=adapter.expert_ids.device)
+    names = [name for name, _ in adapter.named_parameters()]
+    full = layer.single_device_expert_rows([p.detach() for _, p in adapter.named_parameters()])
+    state = {name: value.index_select(0, ids) for name, value in zip(names, full, strict=True)}
+    state["expert_ids"] = ids
+    return state
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapters' factors and expert ids, by ``<experts path>.lora.<name>`` (detached).
 
     Only the adapters: the base model saves as before (``state_dict`` of a converted
-    ``transformers`` model still writes the original checkpoint names).
+    ``transformers`` model still writes the original checkpoint names). Adapters of
+    distributed layers are gathered into the single-device layout (a collective: call
+    it on every rank), so a state saved on any world size loads on any other.
     """
+    spread = distributed_layers(model)
     state = {}
     for path, adapter in lora_adapters(model).items():
-        for name, value in adapter.state_dict().items():
-            state[_prefix(path) + name] = value.detach()
+        for name, value in _single_device_state(adapter, spread.get(path)).items():
+            state[_prefix(path) + name] = value
     return state
 
 
@@ -134,17 +202,21 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     """Copy ``lora_state_dict`` values into adapters already attached with the same settings.
 
     Every adapter entry must be given and every given entry must match an adapter of the
-    same shape and expert ids (``ValueError`` otherwise, naming the entries).
+    same shape and expert ids (``ValueError`` otherwise, naming the entries). Adapters of
+    distributed layers take the single-device layout and keep the rows of their experts.
     """
-    expected: dict[str, Tensor] = {}
+    spread = distributed_layers(model)
+    expected: dict[str, tuple[Tensor, ExpertLoRA, MoELayer | None]] = {}
     for path, adapter in lora_adapters(model).items():
-        for name, value in adapter.state_dict(keep_vars=True).items():
-            expected[_prefix(path) + name] = value
+        layer = spread.get(path) if adapter.adapted_experts is not None else None
+        shapes = adapter.state_dict(keep_vars=True) if layer is None else _single_device_like(adapter)
+        for name, value in shapes.items():
+            expected[_prefix(path) + name] = (value, adapter, layer)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(f"LoRA state dict: missing entries {missing}, unexpected entries {unexpected}")
-    for key, held in expected.items():
+    for key, (held, _, _) in expected.items():
         value = state_dict[key]
         if tuple(value.shape) != tuple(held.shape):
             raise ValueError(
@@ -152,8 +224,24 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
             )
         if key.endswith("expert_ids") and not torch.equal(value.to(held.device), held):
             raise ValueError(f"LoRA state dict: {key} adapts experts {value.tolist()}, not {held.tolist()}")
-    for key, held in expected.items():
-        held.copy_(state_dict[key])
+    for key, (held, adapter, layer) in expected.items():
+        value = state_dict[key]
+        if layer is None:
+            held.copy_(value)
+        elif not key.endswith("expert_ids"):
+            assert adapter.adapted_experts is not None
+            ids = torch.tensor(adapter.adapted_experts, device=value.device)
+            full = value.new_zeros(layer.config.num_experts, *value.shape[1:]).index_copy_(0, ids, value)
+            getattr(adapter, key.rsplit(".", 1)[1]).copy_(layer.local_expert_rows(full))
+
+
+def _single_device_like(adapter: ExpertLoRA) -> dict[str, Tensor]:
+    """Empty tensors shaped like the single-device state of a distributed layer's adapter."""
+    assert adapter.adapted_experts is not None
+    k = len(adapter.adapted_experts)
+    out = {name: p.new_empty(k, *p.shape[1:]) for name, p in adapter.named_parameters()}
+    out["expert_ids"] = torch.tensor(adapter.adapted_experts, device=adapter.expert_ids.device)
+    return out
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -111,6 +111,12 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
     adapters = lora_adapters(model)
     if not adapters:
         raise ValueError("model has no LoRA adapters to save (add_lora or load_peft_adapter first)")
+    spread = sorted(path for path, a in adapters.items() if a.adapted_experts is not None)
+    if spread:
+        raise NotImplementedError(
+            f"PEFT files of adapters on distributed layers ({spread}) are not supported: "
+            "load lora_state_dict(model) into a single-device copy and save that"
+        )
     settings = {(a.rank, a.alpha, a.use_rslora) for a in adapters.values()}
     if len(settings) > 1:
         raise ValueError(
@@ -172,6 +178,12 @@ def load_peft_adapter(
     (a flexmoe adapter of some experts) get no adapter. ``freeze_base`` as in ``add_lora``.
     """
     blocks = _blocks(model)
+    spread = sorted(path for path, block in blocks.items() if block.moe.world_size > 1)
+    if spread:
+        raise NotImplementedError(
+            f"PEFT files into distributed blocks ({spread}) are not supported: load them into a "
+            "single-device copy, then load_lora_state_dict(model, lora_state_dict(copy))"
+        )
     folder = Path(directory)
     config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
     problems = []

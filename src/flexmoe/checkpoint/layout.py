@@ -3,6 +3,10 @@
 Every tensor except the experts' is stored under its ``state_dict`` name. Experts are
 stored one tensor per expert and whole, with the single-device shape of that expert,
 whatever the world size and placement that wrote them: ``<layer>.experts.w_in.e<expert>``.
+A LoRA adapter's factors go the same way, one row per expert of every expert
+(``<layer>.experts.lora.A_in.e<expert>``, zero for experts without an adapter), whether
+the layer keeps rows of adapted experts only (one device) or of every stored expert
+(distributed); its ``expert_ids`` are the model's own, not stored.
 Optimizer state is named ``optim/<parameter>/<key>``, with ``.e<expert>`` for the
 per-expert state of expert parameters. A checkpoint written by ``W`` ranks thus loads on
 ``W'`` ranks: each rank reads the whole experts it stores and keeps its slice.
@@ -19,22 +23,31 @@ from torch import Tensor, nn
 from flexmoe.checkpoint.errors import CheckpointError
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts import GroupedExperts
+from flexmoe.experts.lora import ExpertLoRA
 from flexmoe.layer import MoELayer
 
 __all__ = [
     "EXPERT_NAMES",
+    "LORA_NAMES",
     "ExpertParam",
+    "adapted_rows",
     "expert_key",
     "expert_params",
+    "expert_rows",
+    "expert_tensor",
     "layer_config",
+    "layer_expert_names",
     "local_from_whole",
+    "lora_derived_keys",
     "moe_layers",
     "optim_key",
+    "unadapted_rows",
     "whole_expert_shapes",
     "whole_experts",
 ]
 
 EXPERT_NAMES = ("w_in", "w_out", "b_in", "b_out")
+LORA_NAMES = ("lora.A_in", "lora.B_in", "lora.A_out", "lora.B_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +66,7 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
             raise CheckpointError(
                 f"MoE layer {name or '<root>'!r} has custom experts; checkpoints need the built-in ones"
             )
+
     return layers
 
 
@@ -102,7 +116,79 @@ def whole_expert_shapes(layer: MoELayer) -> dict[str, tuple[int, ...]]:
     one = GroupedExperts(
         1, cfg.dim, cfg.hidden_dim, activation=cfg.experts.activation, bias=cfg.experts.bias, device="meta"
     )
-    return {pname: tuple(p.shape[1:]) for pname in EXPERT_NAMES if (p := getattr(one, pname)) is not None}
+    shapes = {pname: tuple(p.shape[1:]) for pname in EXPERT_NAMES if (p := getattr(one, pname)) is not None}
+    for pname in LORA_NAMES:  # an adapter's factors: its rows have the per-expert shape
+        factor = expert_tensor(layer, pname)
+        if factor is not None:
+            shapes[pname] = tuple(factor.shape[1:])
+    return shapes
+
+
+def _adapter(layer: MoELayer) -> ExpertLoRA | None:
+    experts = layer.experts
+    return experts.lora if isinstance(experts, GroupedExperts) else None
+
+
+def layer_expert_names(layer: MoELayer) -> list[str]:
+    """The names of ``layer``'s per-expert tensors: ``EXPERT_NAMES``, then its adapter's factors."""
+    adapter = _adapter(layer)
+    lora = [] if adapter is None else [n for n in LORA_NAMES if expert_tensor(layer, n) is not None]
+    return [*EXPERT_NAMES, *lora]
+
+
+def expert_tensor(layer: MoELayer, name: str) -> Tensor | None:
+    """The stored tensor ``name`` of ``layer`` (``w_in``, ..., ``lora.A_in``, ...), ``None`` where absent."""
+    if name.startswith("lora."):
+        adapter = _adapter(layer)
+        factor: Tensor | None = None if adapter is None else getattr(adapter, name.removeprefix("lora."))
+        return factor
+    value: Tensor | None = getattr(layer.experts, name)
+    return value
+
+
+def expert_rows(layer: MoELayer, name: str, tensor: Tensor | None) -> Tensor | None:
+    """``tensor`` (shaped like ``expert_tensor(layer, name)``) with one row per stored expert.
+
+    Only a single-device adapter of some experts changes: its rows are spread over every
+    expert, zero for the others.
+    """
+    adapter = _adapter(layer)
+    if (
+        tensor is None
+        or not name.startswith("lora.")
+        or adapter is None
+        or adapter.adapted_experts is not None
+    ):
+        return tensor
+    if len(adapter.experts) == adapter.num_experts:
+        return tensor
+    full = tensor.new_zeros(adapter.num_experts, *tensor.shape[1:])
+    return full.index_copy_(0, adapter.expert_ids.to(tensor.device), tensor.detach())
+
+
+def adapted_rows(layer: MoELayer, name: str, rows: Tensor) -> Tensor:
+    """The inverse of ``expert_rows``: a single-device adapter's rows of ``rows`` (one per stored expert)."""
+    adapter = _adapter(layer)
+    if not name.startswith("lora.") or adapter is None or adapter.adapted_experts is not None:
+        return rows
+    return rows.index_select(0, adapter.expert_ids.to(rows.device))
+
+
+def unadapted_rows(layer: MoELayer, rows: Tensor) -> Tensor:
+    """The rows (one per stored expert) of experts without an adapter: they must be zero."""
+    adapter = _adapter(layer)
+    assert adapter is not None
+    adapted = set(adapter.experts if adapter.adapted_experts is None else adapter.adapted_experts)
+    stored = layer.stored_experts
+    keep = [row for row, e in enumerate(stored) if e not in adapted]
+    return rows.index_select(0, torch.tensor(keep, dtype=torch.int64, device=rows.device))
+
+
+def lora_derived_keys(layers: dict[str, MoELayer]) -> set[str]:
+    """``state_dict`` keys the model itself decides, never stored: adapters' ``expert_ids``."""
+    return {
+        expert_prefix(n) + "lora.expert_ids" for n, layer in layers.items() if _adapter(layer) is not None
+    }
 
 
 def whole_experts(layer: MoELayer, tensors: dict[str, Tensor | None]) -> dict[int, dict[str, Tensor]]:
@@ -116,9 +202,7 @@ def whole_experts(layer: MoELayer, tensors: dict[str, Tensor | None]) -> dict[in
     if placement is not None and placement.sharded and placement.shard_index != 0:
         return {}
     return {
-        expert: {
-            name: t[row].detach().contiguous() for name in EXPERT_NAMES if (t := whole.get(name)) is not None
-        }
+        expert: {name: t[row].detach().contiguous() for name, t in whole.items() if t is not None}
         for row, expert in enumerate(layer.stored_experts)
     }
 

@@ -25,12 +25,16 @@ from flexmoe.checkpoint.errors import CheckpointError
 from flexmoe.checkpoint.files import TensorInfo, read_safetensors_header, resolve_inside, safetensors_torch
 from flexmoe.checkpoint.layout import (
     ExpertParam,
+    adapted_rows,
     expert_key,
     expert_params,
+    expert_tensor,
     layer_config,
     local_from_whole,
+    lora_derived_keys,
     moe_layers,
     optim_key,
+    unadapted_rows,
     whole_expert_shapes,
 )
 from flexmoe.checkpoint.manifest import Manifest, read_manifest
@@ -175,12 +179,13 @@ def _check_layers(manifest: Manifest, layers: dict[str, MoELayer]) -> None:
 def _expected_model_tensors(model: nn.Module, layers: dict[str, MoELayer]) -> dict[str, Expect]:
     """Every model tensor the checkpoint must hold: ``state_dict`` entries, experts whole."""
     experts = expert_params(layers)
+    derived = lora_derived_keys(layers)
     with flexmoe_state_names():  # converted transformers blocks: flexmoe's names, no collective
         state = model.state_dict()
     expect = {
         key: Expect(TensorInfo(value.dtype, tuple(value.shape)))
         for key, value in state.items()
-        if key not in experts
+        if key not in experts and key not in derived
     }
     for name, (info, count) in _whole_expert_infos(layers).items():
         expect.update({expert_key(name, e): Expect(info) for e in range(count)})
@@ -193,7 +198,8 @@ def _whole_expert_infos(layers: dict[str, MoELayer]) -> dict[str, tuple[TensorIn
     for name, param in expert_params(layers).items():
         layer = layers[param.layer]
         shape = whole_expert_shapes(layer)[param.name]
-        dtype = layer.experts.w_in.dtype
+        stored = expert_tensor(layer, param.name)
+        dtype = layer.experts.w_in.dtype if stored is None else stored.dtype
         assert isinstance(dtype, torch.dtype)
         out[name] = (TensorInfo(dtype, shape), layer.config.num_experts)
     return out
@@ -278,16 +284,24 @@ def _read_model_state(
 ) -> dict[str, Tensor]:
     """The model's ``state_dict`` as stored: this rank's part of each expert parameter."""
     experts = expert_params(layers)
+    derived = lora_derived_keys(layers)
     with flexmoe_state_names():
-        keys = list(model.state_dict())
-    state = {key: read(key) for key in keys if key not in experts}
+        current = model.state_dict()
+    state = {key: read(key) for key in current if key not in experts and key not in derived}
+    state.update({key: current[key] for key in derived})  # the model's own adapters' expert ids
     for name, param in experts.items():
         layer = layers[param.layer]
-        if getattr(layer.experts, param.name) is None:
+        if expert_tensor(layer, param.name) is None:
             continue  # a sharded expert's b_out off shard 0
         local = local_from_whole(layer, param.name, _per_expert(read, name))
-        if local is not None:
-            state[name] = local
+        if local is None:
+            continue
+        if param.name.startswith("lora.") and unadapted_rows(layer, local).any():
+            raise CheckpointError(
+                f"{name}: the checkpoint's adapter has factors for experts this model's adapter "
+                "does not adapt (attach the adapter with the same experts)"
+            )
+        state[name] = adapted_rows(layer, param.name, local)
     return state
 
 
@@ -309,7 +323,9 @@ def _read_optimizer_tensors(
                 key = optim_key(name, state_key)
                 if name in experts and key not in stored:
                     param = experts[name]
-                    value = local_from_whole(layers[param.layer], param.name, _per_expert(read, key))
+                    layer = layers[param.layer]
+                    value = local_from_whole(layer, param.name, _per_expert(read, key))
+                    value = None if value is None else adapted_rows(layer, param.name, value)
                 else:
                     value = read(key)
                 if value is not None:

@@ -27,11 +27,14 @@ from flexmoe.checkpoint.files import (
     write_json_atomic,
 )
 from flexmoe.checkpoint.layout import (
-    EXPERT_NAMES,
     expert_key,
     expert_params,
     expert_prefix,
+    expert_rows,
+    expert_tensor,
     layer_config,
+    layer_expert_names,
+    lora_derived_keys,
     moe_layers,
     optim_key,
     whole_experts,
@@ -124,21 +127,24 @@ def _collect(optimizer: torch.optim.Optimizer | None, model: nn.Module) -> Colle
 
 
 def _expert_tensors(layers: dict[str, MoELayer], collected: CollectedOptimizer | None) -> dict[str, Tensor]:
-    """The whole experts this rank writes: parameters, then per-expert optimizer state."""
+    """The whole experts this rank writes: parameters (and adapters' factors), then their optimizer state."""
     state = {} if collected is None else collected.tensors
     out: dict[str, Tensor] = {}
     for lname, layer in layers.items():
         prefix = expert_prefix(lname)
-        params: dict[str, Tensor | None] = {p: getattr(layer.experts, p) for p in EXPERT_NAMES}
+        names = layer_expert_names(layer)
+        params = {p: expert_rows(layer, p, expert_tensor(layer, p)) for p in names}
         for e, parts in whole_experts(layer, params).items():
             out.update({expert_key(prefix + p, e): t for p, t in parts.items()})
         # State shaped like the parameters goes the same way; scalars are written whole by rank 0.
-        keys = {k for p in EXPERT_NAMES for k, v in state.get(prefix + p, {}).items() if v.dim() > 0}
+        keys = {k for p in names for k, v in state.get(prefix + p, {}).items() if v.dim() > 0}
         for key in sorted(keys):  # the same order on every rank: gathers pair up
-            held = {p for p in EXPERT_NAMES if key in state.get(prefix + p, {})}
+            held = {p for p in names if key in state.get(prefix + p, {})}
             like = {
-                p: None if t is None else state.get(prefix + p, {}).get(key, torch.zeros_like(t))
-                for p, t in params.items()
+                p: None
+                if t is None
+                else expert_rows(layer, p, state.get(prefix + p, {}).get(key, torch.zeros_like(t)))
+                for p, t in ((p, expert_tensor(layer, p)) for p in names)
             }
             for e, parts in whole_experts(layer, like).items():
                 out.update(
@@ -152,9 +158,10 @@ def _dense_tensors(
 ) -> dict[str, Tensor]:
     """Everything but the whole experts: the other model tensors and the other optimizer state."""
     experts = expert_params(layers)
+    derived = lora_derived_keys(layers)
     with flexmoe_state_names():  # converted transformers blocks: flexmoe's names, no collective
         state = model.state_dict()
-    out = {k: v.detach().contiguous() for k, v in state.items() if k not in experts}
+    out = {k: v.detach().contiguous() for k, v in state.items() if k not in experts and k not in derived}
     for name, state in ({} if collected is None else collected.tensors).items():
         for key, value in state.items():
             if name not in experts or value.dim() == 0:

@@ -19,6 +19,7 @@ from flexmoe.cli.options import CliError, OneLineParser
 from flexmoe.cli.plan import add_plan_arguments, run_plan
 from flexmoe.cli.report import add_report_arguments, run_report
 from flexmoe.cli.train import run_train
+from flexmoe.cli.train_adapters import adapter_options_from_args, add_adapter_arguments, run_finetune
 from flexmoe.cli.train_config import add_train_arguments, train_config_from_args
 
 __all__ = ["build_parser", "main"]
@@ -53,7 +54,9 @@ def build_parser() -> OneLineParser:
         return commands.add_parser(name, help=help, parents=common, formatter_class=shown)
 
     train_help = "train a small MoE language model on real offline text (1 or N workers)"
-    add_train_arguments(command("train", train_help, show_defaults=False))
+    train = command("train", train_help, show_defaults=False)
+    add_train_arguments(train)
+    add_adapter_arguments(train)  # --lora-rank ...: fine-tune adapters instead (train_adapters)
     demo_help = "a shorter `flexmoe train` (150 steps)"
     add_train_arguments(command("demo", demo_help, show_defaults=False), steps=150)
     add_report_arguments(command("report", "HTML page and plots of a `flexmoe train` run"))
@@ -66,7 +69,12 @@ def build_parser() -> OneLineParser:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command in ("train", "demo"):
-        run_train(train_config_from_args(args))
+        config = train_config_from_args(args)
+        adapters = adapter_options_from_args(args) if args.command == "train" else None
+        if adapters is None:
+            run_train(config)
+        else:
+            run_finetune(config, adapters)
     elif args.command == "report":
         run_report(args)
     elif args.command == "plan":

@@ -15,6 +15,7 @@ map ``[n, D] -> [n, D]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Self
 
 import torch
@@ -131,18 +132,30 @@ class GroupedExperts(nn.Module):
         weights: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
         row_weights_N: Tensor | None = None,
         backend: str | None = None,
+        lora_factors: Sequence[Tensor | None] | None = None,
     ) -> Tensor:
         """``forward`` with other weights ``(w_in, w_out, b_in, b_out)`` in this module's layout.
 
-        Expert parallelism runs gathered or sliced weights through here; LoRA adapters do
-        not run there yet (refused unless merged).
+        Expert parallelism runs gathered or sliced weights through here. With an unmerged
+        LoRA adapter, ``lora_factors`` are its factors moved the same way
+        (``ExpertLoRA.travelling_factors``: one row per expert of ``weights``).
         """
+        lora = None
         if self.active_lora() is not None:
-            raise NotImplementedError(
-                "LoRA adapters on experts spread over ranks are not supported yet; merge them first "
-                "(flexmoe.adapters.merge_lora)"
-            )
-        return self._run(x_ND, counts, weights, row_weights_N, backend, None)
+            assert self.lora is not None
+            if lora_factors is None:
+                raise ValueError(
+                    "apply_weights: the experts have a LoRA adapter; pass its moved lora_factors"
+                )
+            lora = self.lora.unit_terms(lora_factors)
+        return self._run(x_ND, counts, weights, row_weights_N, backend, lora)
+
+    def travelling_lora(self) -> tuple[Tensor | None, ...]:
+        """The LoRA factors that move with moved expert weights: none without an unmerged adapter."""
+        if self.active_lora() is None:
+            return ()
+        assert self.lora is not None
+        return self.lora.travelling_factors()
 
     def _run(
         self,
@@ -176,11 +189,17 @@ class GroupedExperts(nn.Module):
         ``flexmoe.experts.ops.routed_experts``); nothing here reads them on the host, so
         the compiler traces the call with static shapes. Runs the fused backend.
         """
-        self._refuse_compiled_lora()
+        lora = self.active_lora()
+        if lora is not None and lora.dropout > 0.0:
+            raise NotImplementedError(
+                "LoRA dropout under torch.compile is not supported; train with the adapter's "
+                "dropout=0 there, or run eagerly"
+            )
         params = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_TD, weights, rw_S = _in_compute_dtype(x_TD, params, row_weights_S, self.casts)
         assert rw_S is not None
-        return routed_experts(x_TD, rw_S, token_ids_S, inverse_S, counts_E, weights, self.activation)
+        lora = None if lora is None else lora.to(x_TD.dtype)
+        return routed_experts(x_TD, rw_S, token_ids_S, inverse_S, counts_E, weights, self.activation, lora)
 
     def forward_rows(self, x_SD: Tensor, counts_E: Tensor, row_weights_S: Tensor) -> Tensor:
         """``forward`` on one row per routed slot with ``torch._grouped_mm``, traceable by the compiler.
@@ -188,19 +207,15 @@ class GroupedExperts(nn.Module):
         ``x_SD`` holds the ``sum(counts_E)`` kept rows first (expert-major, ``counts_E`` a
         tensor), then rows whose output is zero (the dropped slots).
         """
-        self._refuse_compiled_lora()
+        if self.active_lora() is not None:
+            raise NotImplementedError(
+                "forward_rows runs no LoRA adapter (the compiled layer runs forward_tokens then)"
+            )
         weights = (self.w_in, self.w_out, self.b_in, self.b_out)
         x_SD, (w_in, w_out, b_in, b_out), rw_S = _in_compute_dtype(x_SD, weights, row_weights_S, self.casts)
         with torch.autocast(x_SD.device.type, enabled=False):
             return grouped_ffn_grouped_mm_rows(
                 x_SD, counts_E, w_in, w_out, b_in, b_out, self.activation, rw_S
-            )
-
-    def _refuse_compiled_lora(self) -> None:
-        if self.active_lora() is not None:
-            raise NotImplementedError(
-                "LoRA adapters under torch.compile are not supported yet; merge them first "
-                "(flexmoe.adapters.merge_lora) or run eagerly"
             )
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
@@ -212,14 +227,15 @@ class GroupedExperts(nn.Module):
     def compiled_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         """The backend under ``torch.compile``: ``grouped_mm`` or ``fused``.
 
-        ``grouped_mm`` (``forward_rows``) where it resolves so in bf16, else ``fused``
-        (``forward_tokens``).
+        ``grouped_mm`` (``forward_rows``) where it resolves so in bf16 and no unmerged
+        LoRA adapter is attached, else ``fused`` (``forward_tokens``).
 
         The compiler's shape function for ``torch._grouped_mm`` accepts bf16 only (the
         eager CPU kernel also runs fp32).
         """
         usable = dtype == torch.bfloat16 and self.resolved_backend(device, dtype) == "grouped_mm"
-        return "grouped_mm" if usable else "fused"
+        # An unmerged LoRA adapter runs in the fused operator, which computes its terms.
+        return "grouped_mm" if usable and self.active_lora() is None else "fused"
 
     def resolved_backend(self, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
         """The backend a forward on this device and dtype runs (see ``resolve_backend``)."""

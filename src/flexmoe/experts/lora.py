@@ -145,6 +145,9 @@ class ExpertLoRA(nn.Module):
             slots[e] = k
         self.slot_of_expert = tuple(slots)
         self.merged = False
+        # On a distributed layer: the adapted logical experts, while the factors hold one
+        # row per stored expert (zero rows for the others; see ``flexmoe.adapters``).
+        self.adapted_experts: tuple[int, ...] | None = None
         k = len(ids)
         factory = {"device": device, "dtype": dtype}
         shapes = {
@@ -199,6 +202,30 @@ class ExpertLoRA(nn.Module):
             self.A_in, self.B_in, self.A_out, self.B_out, self.slot_of_expert, self.scaling, dropout
         )
 
+    def travelling_factors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(A_in, B_in, A_out, B_out)``, one row per expert: what moves with moved expert weights.
+
+        Only an adapter of every expert has them (the storage of distributed layers, whose
+        experts without an adapter hold zero factors).
+        """
+        if len(self.experts) != self.num_experts:
+            raise ValueError(
+                f"an adapter of some experts ({list(self.experts)}) has no factors per expert to move"
+            )
+        return self.A_in, self.B_in, self.A_out, self.B_out
+
+    def unit_terms(self, factors: Sequence[Tensor | None]) -> LoRATerms | None:
+        """The terms of a forward on moved experts: ``factors`` (as ``travelling_factors``), one row per unit.
+
+        ``None`` where nothing is to be added (merged).
+        """
+        if self.merged:
+            return None
+        A_in, B_in, A_out, B_out = factors
+        units = next(t for t in factors if t is not None).shape[0]
+        dropout = self.dropout if self.training else 0.0
+        return LoRATerms(A_in, B_in, A_out, B_out, tuple(range(units)), self.scaling, dropout)
+
     @torch.no_grad()
     def merge_into(self, w_in: Tensor, w_out: Tensor) -> None:
         """Add the updates to the base weights (in place) and stop adding them on the fly."""
@@ -245,15 +272,25 @@ class SegmentLoRA:
     dropout masks), ``2 r N`` values besides the masks.
     """
 
-    def __init__(self, terms: LoRATerms, x_ND: Tensor, F: int) -> None:
+    def __init__(
+        self, terms: LoRATerms, x_ND: Tensor, F: int, u_rN: Tensor | None = None, v_Nr: Tensor | None = None
+    ) -> None:
         self.terms = terms
         N, D = x_ND.shape
         r = terms.rank()
         self.mask_in_ND, mask_out_NF = lora_masks(terms, N, D, F, x_ND)
         self.mask_out_FN = None if mask_out_NF is None else mask_out_NF.t()
         self.x_ND = x_ND if self.mask_in_ND is None else x_ND * self.mask_in_ND
-        self.u_rN = x_ND.new_empty(r, N) if terms.A_in is not None else None
-        self.v_Nr = x_ND.new_empty(N, r) if terms.A_out is not None else None
+        # ``u_rN`` / ``v_Nr``: where to keep them (the compiled operator's outputs), else new.
+        if terms.A_in is None:
+            u_rN = None
+        elif u_rN is None:
+            u_rN = x_ND.new_empty(r, N)
+        if terms.A_out is None:
+            v_Nr = None
+        elif v_Nr is None:
+            v_Nr = x_ND.new_empty(N, r)
+        self.u_rN, self.v_Nr = u_rN, v_Nr
         self.a_FN: Tensor | None = None  # the (weighted, dropped) activation, during a pass
         self.grad_v_Nr: Tensor | None = None
         self.grad_a_dropped_FN: Tensor | None = None

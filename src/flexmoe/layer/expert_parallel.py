@@ -260,8 +260,9 @@ class ExpertParallelExperts:
         """The experts' weighted rows in this rank's expert-major order, and the replica hits."""
         ep, experts = self.ep, self.experts
         if plan.r == 0:  # every expert gathered here; no rows move
-            weights = ep.gather_weights(experts, 0)
-            return experts.apply_weights(x_ND, glayout.local.counts, weights, row_weights_N), 0
+            weights, lora = ep.gather_weights(experts, 0), ep.gather_lora(experts, 0)
+            counts = glayout.local.counts
+            return experts.apply_weights(x_ND, counts, weights, row_weights_N, lora_factors=lora or None), 0
         held = self.replicas.held_slots(self.slots.slot_of_expert)
         if reroute is None or held is None:
             y_ND = ep.run(x_ND, glayout.kept, plan, experts, reroute)
@@ -335,6 +336,8 @@ class ExpertParallelExperts:
             return MoveReport(0, 0, 0, 0, 0, 0, 0, 0.0)
         ep.check_same({"num_tokens": 0, "placement": stable_hash(repr(slots))})
         params = [p for p in (getattr(self.experts, n) for n in EXPERT_TENSORS) if p is not None]
+        if self.experts.lora is not None:  # an adapter's factors (one row per expert) move too
+            params += [p for p in self.experts.lora.travelling_factors() if p is not None]
         report = move_experts(params, self.slots.slot_of_expert, slots, ep.comm, optimizer)
         self.slots.set(slots)
         return report
@@ -428,6 +431,18 @@ class ExpertParallelExperts:
         for name, value in zip(EXPERT_TENSORS, full, strict=True):
             out[name] = None if value is None else self.slots.to_logical(value).detach().clone()
         return out
+
+    def single_device_rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Tensors with one row per stored expert, gathered into ``[E, ...]`` in logical order.
+
+        Whole experts only; a collective over every rank.
+        """
+        if self.ep.placement.sharded:
+            raise NotImplementedError("per-expert rows of sharded experts (E < W) cannot be gathered whole")
+        with torch.no_grad():
+            return [
+                self.slots.to_logical(self.ep.gather_expert_rows(t, "expert rows")).clone() for t in tensors
+            ]
 
     def whole_stored_experts(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         """Tensors shaped like this rank's experts, as the whole experts it stores (see the layer)."""

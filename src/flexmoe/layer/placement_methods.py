@@ -214,6 +214,22 @@ class ExpertPlacementMethods(nn.Module):
             }
         return {f"experts.{name}": value.detach() for name, value in gathered.items() if value is not None}
 
+    def single_device_expert_rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Tensors with one row per stored expert (``[El, ...]``), as ``[E, ...]`` in logical order.
+
+        For per-expert tensors besides the expert weights (a LoRA adapter's factors).
+        Distributed: gathered from every rank, a collective; whole experts only.
+        """
+        strategy = self.strategy
+        if not isinstance(strategy, ExpertParallelExperts):
+            return [t.detach().clone() for t in tensors]
+        return strategy.single_device_rows(tensors)
+
+    def local_expert_rows(self, full: Tensor) -> Tensor:
+        """The rows of a per-expert ``[E, ...]`` tensor (logical order) that this rank stores."""
+        rows = torch.tensor(self.stored_experts, device=full.device)
+        return full.index_select(0, rows)
+
     def whole_stored_experts(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         """Tensors shaped like this rank's expert parameters, as the whole experts it stores.
 

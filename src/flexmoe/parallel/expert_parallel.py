@@ -121,9 +121,12 @@ class _Engine:
         self.rank = dist.get_rank(comm.group)
 
     def compute(self, x_rows: Tensor, i: int, weights: list[Tensor | None]) -> Tensor:
-        w_in, w_out, b_in, b_out = weights
+        w_in, w_out, b_in, b_out = weights[:4]
         assert w_in is not None and w_out is not None
-        return self.experts.apply_weights(x_rows, self.chunks[i].unit_counts, (w_in, w_out, b_in, b_out))
+        lora = weights[4:] or None  # an adapter's factors, moved with the weights
+        return self.experts.apply_weights(
+            x_rows, self.chunks[i].unit_counts, (w_in, w_out, b_in, b_out), lora_factors=lora
+        )
 
     def _exchange(self, rows: Tensor, matrix: list[list[int]]) -> Tensor:
         return exchange(rows, matrix, self.rank, self.plan.exchange, self.ranks_per_node, self.comm.group)
@@ -290,6 +293,21 @@ class ExpertParallel:
         own: Weights = (experts.w_in, experts.w_out, experts.b_in, experts.b_out)
         return self.gather_like(own, experts, r)
 
+    def gather_lora(self, experts: GroupedExperts, r: int) -> tuple[Tensor | None, ...]:
+        """The LoRA factors that go with ``gather_weights(experts, r)`` (whole experts only)."""
+        factors = experts.travelling_lora()
+        members = self.placement.gather_group(r)
+        if not factors or len(members) == 1:
+            return factors
+        if self.placement.sharded:
+            raise NotImplementedError("LoRA adapters on sharded experts (E < W) are not supported")
+        return tuple(None if t is None else self.gather_expert_rows(t, "lora factor") for t in factors)
+
+    def gather_expert_rows(self, own: Tensor, what: str) -> Tensor:
+        """``[El, ...]`` per rank -> ``[W * El, ...]`` in slot order, differentiably; a collective."""
+        gathered: Tensor = GatherExperts.apply(own, self.comm, what)
+        return gathered
+
     def gather_like(
         self, tensors: Weights, experts: GroupedExperts, r: int, has_bias: bool | None = None
     ) -> Weights:
@@ -363,8 +381,11 @@ class ExpertParallel:
         sends: list[tuple[int, int]] | None = None,
         cached: dict[int, Tensor] | None = None,
         received: dict[int, Tensor] | None = None,
-    ) -> Weights:
+    ) -> tuple[Weights, tuple[Tensor | None, ...]]:
         """The rank's own experts followed by the copies ``reroute`` gives it (differentiably).
+
+        Returns the weights and the LoRA factors that travel with them (see
+        ``GroupedExperts.travelling_lora``).
 
         ``sends``: the ``(expert, rank)`` copies that travel this step (default: the plan's
         transfers; every rank passes the same list); a copy this rank uses but is not
@@ -374,7 +395,8 @@ class ExpertParallel:
         pl = self.placement
         El, me, W = pl.local_experts, pl.rank, pl.world_size
         sends = reroute.transfers if sends is None else sends
-        own = [experts.w_in, experts.w_out, experts.b_in, experts.b_out]
+        lora = experts.travelling_lora()
+        own = [experts.w_in, experts.w_out, experts.b_in, experts.b_out, *lora]
         present = [t for t in own if t is not None]
         mine = sorted(e for e, p in sends if p == me)  # sources in rank order = experts in order
         send_local: list[int] = []
@@ -412,7 +434,8 @@ class ExpertParallel:
         w_in, w_out = next(out), next(out)
         b_in = next(out) if experts.b_in is not None else None
         b_out = next(out) if experts.b_out is not None else None
-        return w_in, w_out, b_in, b_out
+        moved_lora = tuple(None if t is None else next(out) for t in lora)
+        return (w_in, w_out, b_in, b_out), moved_lora
 
     def run(
         self,
@@ -432,14 +455,14 @@ class ExpertParallel:
         assert plan.r is not None and plan.r >= 1
         pl = self.placement
         if reroute is None:
-            weights = self.gather_weights(experts, plan.r)
+            weights, lora = self.gather_weights(experts, plan.r), self.gather_lora(experts, plan.r)
             pieces = plan_pieces(pl, kept, plan.r)
             units = pl.local_experts
         else:
-            weights = self.with_copies(experts, reroute, sends, cached, received)
+            weights, lora = self.with_copies(experts, reroute, sends, cached, received)
             pieces = reroute_pieces(kept, reroute, pl.local_experts)
             units = pl.local_experts + len(reroute.copies[pl.rank])
         chunks = build_chunks(pl.world_size, pl.rank, kept, pieces, units, plan.d, x_N.device)
         engine = _Engine(chunks, self.comm, plan, self.placement.ranks_per_node, experts)
-        out: Tensor = _ExchangeExperts.apply(x_N, engine, *weights)
+        out: Tensor = _ExchangeExperts.apply(x_N, engine, *weights, *lora)
         return out

@@ -1,0 +1,292 @@
+"""Worker functions for the LoRA-under-expert-parallelism tests (importable by spawned processes).
+
+Each case builds a single-device ``MoELayer`` with a LoRA adapter (the oracle, itself
+checked against base + dense per-expert deltas in ``test_lora``) and a distributed layer
+loaded with the same base weights and the same adapter, runs the global batch through
+the oracle and each rank's slice through the distributed layer under every plan, and
+compares outputs and gradients: the input's and the LoRA factors' (gathered into the
+single-device layout); the base is frozen and gets none.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import flexmoe.hf
+from flexmoe import MoELayer, Plan, RouterConfig
+from flexmoe.adapters import (
+    add_lora,
+    load_lora_state_dict,
+    load_peft_adapter,
+    lora_adapters,
+    lora_state_dict,
+    merge_lora,
+    save_peft_adapter,
+)
+from flexmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from .hf_tiny import tiny_model
+
+FACTORS = ("A_in", "B_in", "A_out", "B_out")
+
+
+@dataclass
+class LoRACase:
+    num_experts: int
+    top_k: int = 2
+    activation: str = "swiglu"
+    bias: bool = False
+    capacity_factor: float = 0.0
+    tokens_per_rank: list[int] | None = None  # default: 6 on every rank
+    ranks_per_node: int | None = None
+    rank: int = 2
+    experts: list[int] | None = None  # the adapted experts (None: all)
+    targets: tuple[str, ...] = ("w_in", "w_out")
+    hot: bool = False  # a selection bias sends most tokens to expert 0 (rerouting moves rows)
+    seed: int = 0
+    plans: list[Plan] = field(default_factory=list)  # default: every valid plan and forced rerouting
+
+
+def random_cases(world: int, count: int, seed: int) -> list[LoRACase]:
+    """``count`` cases drawn from ``seed``: experts, top-k, activation, bias, capacity, adapted subset."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        E = world * rng.choice([1, 2])
+        subset = sorted(rng.sample(range(E), rng.randint(1, E)))
+        cases.append(
+            LoRACase(
+                num_experts=E,
+                top_k=rng.randint(1, min(2, E)),
+                activation=rng.choice(["swiglu", "gelu"]),
+                bias=rng.random() < 0.3,
+                capacity_factor=rng.choice([0.0, 1.0, 1.25]),
+                tokens_per_rank=[rng.randint(0, 9) for _ in range(world)],
+                ranks_per_node=rng.choice([None, 1]),
+                rank=rng.choice([1, 2, 4]),
+                experts=None if len(subset) == E else subset,
+                targets=rng.choice([("w_in", "w_out"), ("w_in",), ("w_out",)]),
+                hot=rng.random() < 0.5,
+                seed=seed * 100 + i,
+            )
+        )
+    return cases
+
+
+def _layers(case: LoRACase) -> tuple[MoELayer, MoELayer]:
+    """The oracle with a trained-looking adapter, and the distributed layer holding the same."""
+    torch.manual_seed(case.seed)
+    router = RouterConfig(kind="sigmoid", selection_bias=True) if case.hot else "softmax"
+    kwargs: dict[str, Any] = {
+        "activation": case.activation,
+        "bias": case.bias,
+        "capacity_factor": case.capacity_factor,
+        "router": router,
+        "load_balance_weight": 0.0,
+    }
+    D, F, E, K = 16, 8, case.num_experts, case.top_k
+    oracle = MoELayer(D, F, E, K, group=False, **kwargs)
+    if case.hot:
+        oracle.router.expert_bias_E.copy_(torch.tensor([100.0] + [0.0] * (E - 1)))
+    layer = MoELayer(D, F, E, K, ranks_per_node=case.ranks_per_node, **kwargs)
+    layer.load_single_device_state_dict(oracle.state_dict())
+    settings = {"rank": case.rank, "alpha": 2.0 * case.rank, "experts": case.experts, "targets": case.targets}
+    add_lora(oracle, **settings)
+    add_lora(layer, **settings)
+    with torch.no_grad():
+        for p in oracle.experts.lora.parameters():  # type: ignore[union-attr]
+            p.normal_(0.0, 0.3)  # B starts at zero: stand in for a trained adapter
+    load_lora_state_dict(layer, lora_state_dict(oracle))
+    return oracle, layer
+
+
+def _plans(layer: MoELayer) -> list[Plan]:
+    plans = layer.valid_plans(degrees=(1, 2), exchanges=("flat", "2dh"))
+    return plans + [Plan(reroute=kind, d=d) for kind in ("lla", "shadow") for d in (1, 2)]
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def check_lora_equivalence(rank: int, world: int, cases: list[LoRACase]) -> int:
+    """Every case, every plan: outputs, input and LoRA-factor gradients equal the oracle's."""
+    checked = 0
+    for case in cases:
+        checked += _check_case(rank, world, case)
+    return checked
+
+
+def _check_case(rank: int, world: int, case: LoRACase) -> int:
+    oracle, layer = _layers(case)
+    tokens = case.tokens_per_rank or [6] * world
+    start, T = sum(tokens[:rank]), tokens[rank]
+    torch.manual_seed(1000 + case.seed)
+    x_global, g_global = torch.randn(sum(tokens), 16), torch.randn(sum(tokens), 16)
+    x_ref = x_global.clone().requires_grad_()
+    y_ref = oracle(x_ref)
+    torch.sum(y_ref * g_global).backward()
+    adapter = oracle.experts.lora
+    assert adapter is not None
+    ids = list(adapter.experts)
+    others = [e for e in range(case.num_experts) if e not in ids]
+    plans = case.plans or _plans(layer)
+    copies = 0
+    for plan in plans:
+        layer.zero_grad(set_to_none=True)
+        x = x_global[start : start + T].clone().requires_grad_()
+        y = layer(x, plan=plan)
+        torch.sum(y * g_global[start : start + T]).backward()
+        where = f"rank {rank}, {case}, {plan}"
+        _close(f"output ({where})", y, y_ref[start : start + T].detach())
+        assert x.grad is not None and x_ref.grad is not None
+        _close(f"input grad ({where})", x.grad, x_ref.grad[start : start + T])
+        local = layer.experts.lora
+        assert local is not None
+        for name in FACTORS:
+            param, want = getattr(local, name), getattr(adapter, name)
+            if param is None:
+                assert want is None, where
+                continue
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            full = layer.single_device_expert_rows([grad])[0]
+            _close(f"lora.{name} grad ({where})", full[ids], want.grad)
+            assert not full[others].any(), f"{where}: experts without an adapter got a gradient"
+        assert all(p.grad is None for n, p in layer.named_parameters() if ".lora." not in n), where
+        stats = layer.stats
+        assert stats is not None
+        copies += stats.expert_copies
+    if case.hot and world > 1 and case.top_k == 1:
+        assert copies > 0, f"rank {rank}, {case}: no plan moved an expert's copy"
+    return len(plans)
+
+
+def check_lora_training(rank: int, world: int, num_experts: int, moves: list[list[int]]) -> list[float]:
+    """AdamW steps on the adapter equal the oracle's, with placements moved and replicas held between."""
+    case = LoRACase(num_experts=num_experts, experts=[0, num_experts - 1], hot=True, seed=11, top_k=1)
+    oracle, layer = _layers(case)
+    oracle_opt = torch.optim.AdamW([p for p in oracle.parameters() if p.requires_grad], lr=0.05)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05)
+    tokens = [6] * world
+    losses = []
+    for step, placement in enumerate(moves):
+        if placement:
+            layer.apply_placement(placement, opt)  # the factors and their optimizer state move too
+            layer.set_replicas([[0]] * world if step % 2 else None)
+        torch.manual_seed(step)
+        x_global = torch.randn(sum(tokens), 16)
+        loss_ref = oracle(x_global).square().sum()
+        loss_ref.backward()
+        oracle_opt.step()
+        oracle_opt.zero_grad()
+        x = x_global[rank * 6 : rank * 6 + 6]
+        loss = layer(x, plan=Plan(reroute="lla" if step % 2 else False)).square().sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    got, want = lora_state_dict(layer), lora_state_dict(oracle)
+    assert got.keys() == want.keys()
+    for key in want:
+        _close(f"rank {rank}: {key} after training", got[key], want[key])
+    return losses
+
+
+def check_lora_refusals(rank: int, world: int, directory: str) -> list[str]:
+    """Sharded experts (E < W) refuse an adapter; PEFT files of spread adapters refuse, both ways."""
+    messages = []
+    sharded = MoELayer(16, 8, 1, 1)
+    with pytest.raises(NotImplementedError) as refused:
+        add_lora(sharded, rank=2)
+    assert not lora_adapters(sharded)
+    messages.append(str(refused.value))
+    model = tiny_model("qwen3_moe")
+    flexmoe.hf.convert(model, group=None)  # the default group: experts spread over the ranks
+    add_lora(model, rank=2)
+    with pytest.raises(NotImplementedError) as saving:
+        save_peft_adapter(model, f"{directory}/rank{rank}")
+    with pytest.raises(NotImplementedError) as loading:
+        load_peft_adapter(model, directory)
+    messages += [str(saving.value), str(loading.value)]
+    return messages
+
+
+def _checkpoint_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A block with an adapter on experts 0 and 3 and its AdamW; seed 0: the same on any world size."""
+    torch.manual_seed(123)
+    oracle = MoELayer(16, 8, 4, 1, group=False)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, 4, 1))
+    if seed == 0:
+        model[1].load_single_device_state_dict(oracle.state_dict())
+    add_lora(oracle, rank=2, alpha=4, experts=[0, 3])
+    add_lora(model, rank=2, alpha=4, experts=[0, 3])
+    torch.manual_seed(321 + seed)  # the layers above drew per-rank numbers of values
+    with torch.no_grad():
+        for p in oracle.experts.lora.parameters():  # type: ignore[union-attr]
+            p.normal_(0.0, 0.3)
+    state = {f"1.{key}": value for key, value in lora_state_dict(oracle).items()}
+    load_lora_state_dict(model, state)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    return model, optimizer
+
+
+def _checkpoint_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, rank: int, world: int
+) -> None:
+    torch.manual_seed(500 + step)
+    x_global = torch.randn(12, 16)
+    x = x_global.chunk(world)[rank]
+    model(x).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def lora_checkpoint_run(rank: int, world: int, directory: str, mode: str) -> dict[str, Any]:
+    """``save``: step 1, checkpoint, step 2; ``load``: load the checkpoint, step 2. The adapter after step 2.
+
+    The base (another seed on each side) comes from the checkpoint too. Returned as
+    nested lists (tensors would not survive the worker's exit in the result queue).
+    """
+    model, optimizer = _checkpoint_model(seed=0 if mode == "save" else 7)
+    if mode == "save":
+        _checkpoint_step(model, optimizer, 1, rank, world)
+        save_checkpoint(directory, model, optimizer, step=1)
+    else:
+        load_checkpoint(directory, model, optimizer)
+    _checkpoint_step(model, optimizer, 2, rank, world)
+    return {key: value.tolist() for key, value in lora_state_dict(model).items()}
+
+
+def check_lora_checkpoint_refusal(rank: int, world: int, directory: str) -> str:
+    """A checkpoint of an adapter on experts 0 and 3 refuses a model adapting experts 1 and 2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, 4, 1))
+    add_lora(model, rank=2, alpha=4, experts=[1, 2])
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(directory, model)
+    return str(refused.value)
+
+
+def check_lora_inference(rank: int, world: int) -> int:
+    """Without autograd, unmerged then merged: every plan equals the oracle."""
+    oracle, layer = _layers(LoRACase(num_experts=2 * world, experts=[0, 2 * world - 1], seed=5))
+    oracle.eval()
+    layer.eval()
+    torch.manual_seed(9)
+    x_global = torch.randn(6 * world, 16)
+    mine = x_global.chunk(world)[rank]
+    plans = _plans(layer)
+    with torch.no_grad():
+        want = oracle(x_global).chunk(world)[rank]
+        for plan in plans:
+            _close(f"rank {rank}, unmerged, {plan}", layer(mine, plan=plan), want)
+        merge_lora(layer)
+        for plan in plans:
+            torch.testing.assert_close(layer(mine, plan=plan), want, rtol=1e-4, atol=1e-5)
+    return 2 * len(plans)

@@ -1,0 +1,106 @@
+"""``flexmoe train --lora-rank``: fine-tune expert adapters of a trained run or a transformers checkpoint.
+
+A short run changes only the adapters (every base tensor equals the base's), the saved
+adapter reloads onto a fresh base with the same logits, and a ``transformers`` run's
+PEFT files load in PEFT with the same logits; bad option combinations are one-line
+refusals.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import flexmoe.hf
+from flexmoe.adapters import load_peft_adapter
+from flexmoe.cli import main
+from flexmoe.cli.train_adapters import AdapterOptions, finetune, load_adapter_dir, main_job_model
+from flexmoe.cli.train_config import TrainConfig
+
+from .cli_helpers import refusal
+from .hf_tiny import tiny_model
+
+SMALL = ["--batch-size", "4", "--context", "32", "--dim", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory):
+    run = tmp_path_factory.mktemp("base") / "run"
+    main(["train", "--steps", "4", "--log-every", "2", *SMALL, "--run-dir", str(run)])
+    return run
+
+
+def test_lora_finetune_changes_only_the_adapter_and_reloads(base_run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    config = TrainConfig(steps=5, batch_size=4, context=32, lr=1e-2, log_every=5, eval_batches=2, run_dir=out)
+    options = AdapterOptions(rank=4, alpha=8, experts=(0, 2, 5), init_from=base_run)
+    model, summary = finetune(config, options)
+    base = main_job_model(base_run)
+    trained = model.state_dict()
+    for name, value in base.state_dict().items():  # the base is untouched
+        assert torch.equal(trained[name], value), name
+    lora = {name: value for name, value in trained.items() if ".lora." in name}
+    assert lora and all(value.shape[0] == 3 for name, value in lora.items() if ".B_" in name)
+    assert any(value.abs().sum() > 0 for name, value in lora.items() if ".B_" in name)  # trained
+    assert summary["trainable_parameters"] == sum(v.numel() for n, v in lora.items() if "expert_ids" not in n)
+    tokens = torch.randint(0, 256, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        want, before = model(tokens), base(tokens)
+    assert not torch.allclose(want, before)
+    loaded = load_adapter_dir(base, out / "adapter")  # the same base, the saved adapter
+    assert loaded == options
+    with torch.no_grad():
+        torch.testing.assert_close(base(tokens), want)
+    assert json.loads((out / "summary.json").read_text())["adapter"] == str(out / "adapter")
+
+
+def test_cli_lora_run_on_the_main_job(base_run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["train", "--steps", "3", "--log-every", "1", "--eval-batches", "1", *SMALL, "--run-dir", str(out)]
+    main([*argv, "--lora-rank", "2", "--lora-targets", "w_out", "--init-from", str(base_run)])
+    printed = capsys.readouterr().out
+    assert "fine-tuning lora adapters" in printed and "step     3  loss" in printed
+    settings = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert settings["rank"] == 2 and settings["targets"] == ["w_out"] and settings["experts"] is None
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["steps"] == 3 and recorded["adapter"] == settings
+
+
+def test_cli_lora_run_on_a_transformers_checkpoint_writes_peft_files(tmp_path, capsys):
+    hf_dir, out = tmp_path / "hf", tmp_path / "ft"
+    tiny_model("qwen3_moe").save_pretrained(hf_dir)
+    argv = ["train", "--steps", "3", "--eval-batches", "1", "--lr", "0.02", *SMALL, "--run-dir", str(out)]
+    main([*argv, "--lora-rank", "4", "--lora-alpha", "8", "--hf-model", str(hf_dir)])
+    ids = torch.randint(0, 101, (1, 12))
+    converted = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    flexmoe.hf.convert(converted)
+    load_adapter_dir(converted, out / "adapter")
+    plain = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        want = converted(ids).logits
+        assert not torch.allclose(plain(ids).logits, want)
+        peft_model = PeftModel.from_pretrained(plain, out / "adapter-peft")
+        torch.testing.assert_close(peft_model(ids).logits, want, rtol=1e-4, atol=1e-4)
+        again = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        flexmoe.hf.convert(again)
+        load_peft_adapter(again, out / "adapter-peft")
+        torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_options_are_checked(tmp_path, capsys):
+    assert "needs an adapter to fine-tune" in refusal(["train", "--init-from", str(tmp_path)], capsys)
+    assert "exactly one base" in refusal(["train", "--lora-rank", "4"], capsys)
+    assert "--lora-rank: must be an int >= 1" in refusal(
+        ["train", "--lora-rank", "0", "--init-from", str(tmp_path)], capsys
+    )
+    bad_ids = ["train", "--lora-rank", "2", "--lora-experts", "1,x", "--init-from", str(tmp_path)]
+    assert "comma-separated expert ids" in refusal(bad_ids, capsys)
+    missing = ["train", "--lora-rank", "2", "--init-from", str(tmp_path / "no")]
+    assert "--init-from" in refusal(missing, capsys)
+    workers = ["train", "--workers", "2", "--lora-rank", "2", "--init-from", str(tmp_path)]
+    assert "runs on one worker" in refusal(workers, capsys)
