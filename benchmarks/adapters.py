@@ -19,8 +19,9 @@ the same imports and the steps, and the rise over the resident size after buildi
 model (what training adds). The targets (``>= 1.5x`` steps/s, no more peak memory) are
 printed with the result.
 
-``--part serving`` runs the many-adapters serving benchmark (``adapters_serving``),
-``--part all`` both.
+``--part serving`` runs the many-adapters serving benchmark (``adapters_serving.py``:
+a mixed batch over ``--serving-adapters`` LoRA and ESFT adapters against the base alone)
+on the same shape, ``--part all`` both.
 
     python benchmarks/adapters.py                        # fine-tuning, defaults
     python benchmarks/adapters.py --layers 1 --steps 2 --rounds 2   # a quick check
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+import adapters_serving
 import flexmoe.hf
 from flexmoe.adapters import add_lora, save_peft_adapter
 from harness import environment, measure_interleaved, write_json
@@ -206,9 +208,15 @@ def print_finetune(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def run_serving(args: argparse.Namespace) -> dict[str, Any]:
-    """The many-adapters serving part (``benchmarks/adapters_serving.py``), wired in with it."""
-    raise SystemExit(
-        "--part serving: the serving benchmark (benchmarks/adapters_serving.py) is not wired in yet"
+    """The many-adapters serving part (``benchmarks/adapters_serving.py``) on this run's shape."""
+    return adapters_serving.run_serving(
+        adapters=args.serving_adapters,
+        lora_rank=args.rank,
+        layers=args.layers,
+        hidden=args.dim,
+        expert_hidden=args.expert_hidden,
+        batch=args.serving_batch,
+        repeats=args.rounds,
     )
 
 
@@ -227,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serving-adapters", type=int, default=20, help="adapters in the mixed serving batch")
+    p.add_argument("--serving-batch", type=int, default=40, help="sequences in the mixed serving batch")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--memory-of", choices=CONTESTANTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--adapter-dir", type=Path, default=None, help=argparse.SUPPRESS)
