@@ -1,0 +1,262 @@
+"""Adaptive computation per token on the main job: eval loss against expert FLOPs per token.
+
+Trains ``flexmoe train`` (the main job's data and model size: byte-level LM on the
+standard library's source, 2 layers, dim 128, 8 SwiGLU experts of hidden 256) under
+several routing configurations and seeds, then measures each final checkpoint on
+held-out text: its eval loss and the **measured** mean routed experts per token of each
+layer (zero-computation experts and top-p count what they really routed). Expert FLOPs
+per token are ``sum over layers of mean_k(layer) * 6 * dim * expert_hidden`` (a SwiGLU
+expert's three matrices, forward multiply-adds counted as 2 FLOPs); the router and the
+attention are the same in every configuration and not counted.
+
+Writes ``OUT/results.json`` (every run), ``docs/images/adaptive-study.json`` (the
+aggregate), ``docs/images/adaptive-study.png`` (the plot) and prints a markdown table.
+Runs already trained (a ``summary.json`` in their directory) are not trained again, so
+the study can be extended or resumed.
+
+    python benchmarks/adaptive_study.py --steps 200 --seeds 0 1 2 --jobs 2
+    python benchmarks/adaptive_study.py --configs top1 top2 --seeds 0 --steps 20   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmoe.checkpoint import load_checkpoint
+from flexmoe.cli.train import build, load_corpus
+from flexmoe.cli.train_adaptive import RoutingControl
+from flexmoe.cli.train_config import TrainConfig
+from flexmoe.layer import MoELayer, MoEStats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> flexmoe train flags (on top of the common ones)
+CONFIGS: dict[str, list[str]] = {
+    "top1": ["--top-k", "1"],
+    "top2": ["--top-k", "2"],
+    "top4": ["--top-k", "4"],
+    "top-p 0.5": ["--top-k", "4", "--top-p", "0.5"],
+    "top-p 0.7": ["--top-k", "4", "--top-p", "0.7"],
+    "top-p 0.9": ["--top-k", "4", "--top-p", "0.9"],
+    "zero experts (top2 + skip,copy,const)": ["--top-k", "2", "--zero-experts", "skip,copy,constant"],
+    "layers top-k 2,1": ["--top-k", "2", "--layer-top-k", "2,1"],
+    "layers top-k 1,2": ["--top-k", "2", "--layer-top-k", "1,2"],
+    "controller k=1.5 (top-p)": ["--top-k", "4", "--top-p", "0.7", "--target-experts", "1.5"],
+}
+SLUG = {name: "".join(c if c.isalnum() else "-" for c in name).strip("-") for name in CONFIGS}
+
+
+def train_run(name: str, seed: int, args: argparse.Namespace) -> Path:
+    """Train one configuration and seed (skipped when its run directory has a summary)."""
+    run_dir = args.out / f"{SLUG[name]}-s{seed}"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    command = [sys.executable, "-m", "flexmoe", "train", *CONFIGS[name], "--seed", str(seed)]
+    command += ["--steps", str(args.steps), "--run-dir", str(run_dir), "--no-progress"]
+    command += ["--eval-every", str(args.steps), "--log-every", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(args.src)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.txt", "w", encoding="utf-8") as out:
+        subprocess.run(
+            ["nice", "-n", "10", *command], env=env, stdout=out, stderr=subprocess.STDOUT, check=True
+        )
+    print(f"trained {name} seed {seed}", flush=True)
+    return run_dir
+
+
+@torch.no_grad()
+def measure(run_dir: Path, batches: int) -> dict[str, Any]:
+    """The final checkpoint's eval loss and per-layer measured experts per token on held-out batches."""
+    settings = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    settings.pop("world_size")
+    config = TrainConfig(**{k: Path(v) if k in _PATHS and v is not None else v for k, v in settings.items()})
+    trainer = build(config, 0, 1)
+    manifest = load_checkpoint(run_dir / "checkpoints", trainer.model)
+    control = RoutingControl.from_config(config, trainer.model.moe_layers())
+    control.load_state(manifest.get("extra", {}).get("adaptive"))
+    control.before_step(config.steps)  # the routing the run ended with
+    model = trainer.model.eval()
+    corpus = load_corpus(config)
+    layers = model.moe_layers()
+    hists: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64) for _ in layers]
+    zero = [0 for _ in layers]
+    choices = [0 for _ in layers]
+    losses = []
+    for b in range(batches):
+        generator = torch.Generator().manual_seed(1234 + b)
+        x, y = corpus.batch("val", config.batch_size, config.context, generator)
+        logits = model(x)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+        for i, layer in enumerate(layers):
+            stats = _stats(layer)
+            hist = stats.experts_per_token
+            assert hist is not None
+            hists[i] = _add(hists[i], hist)
+            zero[i] += 0 if stats.zero_expert_choices is None else int(stats.zero_expert_choices.sum())
+            choices[i] += stats.num_tokens * stats.top_k
+    mean_k = [float((h * torch.arange(len(h))).sum()) / float(h.sum()) for h in hists]
+    flops = sum(mean_k) * 6 * config.dim * config.expert_hidden
+    return {
+        "eval_loss": statistics.fmean(losses),
+        "mean_k_per_layer": mean_k,
+        "hist_per_layer": [h.tolist() for h in hists],
+        "skip_rate_per_layer": [z / c for z, c in zip(zero, choices, strict=True)],
+        "expert_flops_per_token": flops,
+        "train_mean_k_per_layer": _train_mean_k(run_dir),
+    }
+
+
+_PATHS = ("run_dir", "resume", "trace", "tensorboard")
+
+
+def _stats(layer: MoELayer) -> MoEStats:
+    stats = layer.stats
+    assert stats is not None
+    return stats
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = max(len(a), len(b))
+    out = torch.zeros(n, dtype=torch.int64)
+    out[: len(a)] += a
+    out[: len(b)] += b
+    return out
+
+
+def _train_mean_k(run_dir: Path) -> list[float] | None:
+    """Mean experts per token per layer over every training step (``metrics.jsonl``'s per-step columns)."""
+    per_layer: list[list[float]] = []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        columns = record.get("per_step", {}).get("layers", [])
+        for i, layer in enumerate(columns):
+            if "experts_per_token" not in layer:
+                return None
+            while len(per_layer) <= i:
+                per_layer.append([])
+            per_layer[i] += layer["experts_per_token"]
+    return [statistics.fmean(v) for v in per_layer] if per_layer else None
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration: mean, min and max over seeds of the eval loss and the expert FLOPs per token."""
+    rows = []
+    for name in CONFIGS:
+        runs = [r for r in results if r["config"] == name]
+        if not runs:
+            continue
+        loss = [r["eval_loss"] for r in runs]
+        flops = [r["expert_flops_per_token"] for r in runs]
+        rows.append(
+            {
+                "config": name,
+                "flags": " ".join(CONFIGS[name]),
+                "seeds": [r["seed"] for r in runs],
+                "eval_loss": statistics.fmean(loss),
+                "eval_loss_min": min(loss),
+                "eval_loss_max": max(loss),
+                "eval_loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+                "expert_flops_per_token": statistics.fmean(flops),
+                "expert_flops_min": min(flops),
+                "expert_flops_max": max(flops),
+                "mean_k_per_layer": [
+                    statistics.fmean(r["mean_k_per_layer"][i] for r in runs)
+                    for i in range(len(runs[0]["mean_k_per_layer"]))
+                ],
+                "skip_rate": statistics.fmean(statistics.fmean(r["skip_rate_per_layer"]) for r in runs),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table: loss mean ± std (min..max), FLOPs relative to top-2."""
+    base = next((r for r in rows if r["config"] == "top2"), None)
+    lines = [
+        "| configuration | eval loss (mean ± std, min..max) | experts/token per layer | skip rate | "
+        "expert MFLOPs/token | vs top-2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ks = ", ".join(f"{k:.2f}" for k in r["mean_k_per_layer"])
+        ratio = f"{r['expert_flops_per_token'] / base['expert_flops_per_token'] - 1:+.0%}" if base else "-"
+        lines.append(
+            f"| {r['config']} | {r['eval_loss']:.4f} ± {r['eval_loss_std']:.4f} "
+            f"({r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f}) | {ks} | {r['skip_rate']:.0%} | "
+            f"{r['expert_flops_per_token'] / 1e6:.3f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Eval loss (mean, bars min..max over seeds) against expert FLOPs per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        x = r["expert_flops_per_token"] / 1e6
+        y = r["eval_loss"]
+        yerr = [[y - r["eval_loss_min"]], [r["eval_loss_max"] - y]]
+        xerr = [[x - r["expert_flops_min"] / 1e6], [r["expert_flops_max"] / 1e6 - x]]
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="o", capsize=3, label=r["config"])
+    ax.set_xlabel("expert MFLOPs per token (measured experts per token, both layers)")
+    ax.set_ylabel("eval loss (nats/byte), mean and min..max over seeds")
+    ax.set_title("Adaptive computation on the main job")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--eval-batches", type=int, default=16, help="held-out batches measured per run")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "adaptive-study")
+    parser.add_argument("--src", type=Path, default=ROOT / "src", help="the flexmoe sources the runs use")
+    parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--train-only", action="store_true", help="train, do not measure")
+    args = parser.parse_args()
+    jobs = [(name, seed) for seed in args.seeds for name in args.configs]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        run_dirs = list(pool.map(lambda job: train_run(*job, args), jobs))
+    if args.train_only:
+        return
+    torch.set_num_threads(args.threads)
+    results = []
+    for (name, seed), run_dir in zip(jobs, run_dirs, strict=True):
+        results.append(
+            {"config": name, "seed": seed, "run_dir": str(run_dir), **measure(run_dir, args.eval_batches)}
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    rows = aggregate(results)
+    args.images.mkdir(parents=True, exist_ok=True)
+    meta = {"steps": args.steps, "seeds": args.seeds, "eval_batches": args.eval_batches, "command": sys.argv}
+    (args.images / "adaptive-study.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1)
+    )
+    plot(rows, args.images / "adaptive-study.png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
