@@ -80,7 +80,7 @@ def test_the_controller_measures_each_layer_and_applies_the_rule():
     assert controller.measured() == pytest.approx(expected)
     after = controller.step()
     assert after == pytest.approx(
-        [reference_update(p, k, 1.5, 0.1, 0.05, 1.0) for p, k in zip(before, expected)]
+        [reference_update(p, k, 1.5, 0.1, 0.05, 1.0) for p, k in zip(before, expected, strict=True)]
     )
     assert [layer.config.router.top_p for layer in layers] == after
     assert controller.measured() == [None, None]  # the counts start again
@@ -122,7 +122,7 @@ def test_in_training_the_controller_holds_the_target_while_the_router_learns():
     controller.attach(optimizer)
     generator = torch.Generator().manual_seed(1)
     late = []
-    for step in range(250):
+    for _ in range(250):
         x = torch.randn(96, 16, generator=generator)
         loss = (head(layer(x)).squeeze(-1) - x[:, 0]).square().mean() + layer.aux_loss
         loss.backward()

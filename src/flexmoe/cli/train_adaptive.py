@@ -18,14 +18,52 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from flexmoe.cli.options import OptionError
 from flexmoe.config import ZERO_EXPERTS
 from flexmoe.layer import ExpertsPerTokenController, MoELayer, RoutingSchedule
 
-if TYPE_CHECKING:
-    from flexmoe.cli.train_config import TrainConfig
+
+class RoutingOptions(Protocol):
+    """The ``TrainConfig`` fields this module reads (``flexmoe.cli.train_config`` imports this module)."""
+
+    @property
+    def layers(self) -> int: ...
+
+    @property
+    def experts(self) -> int: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @property
+    def top_p(self) -> float | None: ...
+
+    @property
+    def min_k(self) -> int: ...
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def zero_experts(self) -> str | None: ...
+
+    @property
+    def layer_top_k(self) -> str | None: ...
+
+    @property
+    def layer_top_p(self) -> str | None: ...
+
+    @property
+    def layer_capacity_factor(self) -> str | None: ...
+
+    @property
+    def target_experts(self) -> float | None: ...
+
+    @property
+    def target_rate(self) -> float: ...
+
 
 __all__ = ["RoutingControl", "check_routing_options", "zero_experts_of"]
 
@@ -43,7 +81,7 @@ def zero_experts_of(text: str | None) -> tuple[str, ...]:
     return kinds
 
 
-def schedule_of(config: TrainConfig) -> RoutingSchedule:
+def schedule_of(config: RoutingOptions) -> RoutingSchedule:
     """The layer schedules of ``config`` (``OptionError`` naming the option for bad text)."""
     texts = {
         "layer_top_k": config.layer_top_k,
@@ -61,7 +99,7 @@ def schedule_of(config: TrainConfig) -> RoutingSchedule:
     return RoutingSchedule.parse(config.layers, **parsed)
 
 
-def check_routing_options(config: TrainConfig) -> None:
+def check_routing_options(config: RoutingOptions) -> None:
     """The cross-field rules of the adaptive-routing options (``OptionError`` naming one)."""
     zero_experts_of(config.zero_experts)
     if config.zero_experts is not None and config.workers > 1:
@@ -110,7 +148,7 @@ class RoutingControl:
         self.controller = controller
 
     @staticmethod
-    def from_config(config: TrainConfig, layers: Sequence[MoELayer]) -> RoutingControl:
+    def from_config(config: RoutingOptions, layers: Sequence[MoELayer]) -> RoutingControl:
         """The schedule and the controller ``config`` asks for (neither: a control that does nothing)."""
         controller = None
         if config.target_experts is not None:
