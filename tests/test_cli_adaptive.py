@@ -92,11 +92,13 @@ def test_schedules_and_the_controller_resume_exactly(tmp_path, capsys):
     [
         (
             ["--zero-experts", "skip,nothing"],
-            "argument --zero-experts: must be a comma-separated list of skip, copy, constant, got 'skip,nothing'",
+            "argument --zero-experts: must be a comma-separated list of skip, copy, constant, "
+            "got 'skip,nothing'",
         ),
         (
             ["--layer-top-k", "2,1,1"],
-            "argument --layer-top-k: expected 1 entry (every layer) or 2 (one per MoE layer), got 3 in '2,1,1'",
+            "argument --layer-top-k: expected 1 entry (every layer) or 2 (one per MoE layer), "
+            "got 3 in '2,1,1'",
         ),
         (
             ["--layer-top-k", "2,x"],
