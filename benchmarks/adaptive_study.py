@@ -58,7 +58,7 @@ SLUG = {name: "".join(c if c.isalnum() else "-" for c in name).strip("-") for na
 
 def train_run(name: str, seed: int, args: argparse.Namespace) -> Path:
     """Train one configuration and seed (skipped when its run directory has a summary)."""
-    run_dir = args.out / f"{SLUG[name]}-s{seed}"
+    run_dir = _run_dir(name, seed, args)
     if (run_dir / "summary.json").exists():
         return run_dir
     command = [sys.executable, "-m", "flexmoe", "train", *CONFIGS[name], "--seed", str(seed)]
@@ -72,6 +72,10 @@ def train_run(name: str, seed: int, args: argparse.Namespace) -> Path:
         )
     print(f"trained {name} seed {seed}", flush=True)
     return run_dir
+
+
+def _run_dir(name: str, seed: int, args: argparse.Namespace) -> Path:
+    return Path(args.out) / f"{SLUG[name]}-s{seed}"
 
 
 @torch.no_grad()
@@ -234,10 +238,15 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the flexmoe sources the runs use")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
     parser.add_argument("--train-only", action="store_true", help="train, do not measure")
+    parser.add_argument("--measure-only", action="store_true", help="measure the runs already trained")
     args = parser.parse_args()
     jobs = [(name, seed) for seed in args.seeds for name in args.configs]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        run_dirs = list(pool.map(lambda job: train_run(*job, args), jobs))
+    if args.measure_only:
+        jobs = [job for job in jobs if (_run_dir(*job, args) / "summary.json").exists()]
+        run_dirs = [_run_dir(*job, args) for job in jobs]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            run_dirs = list(pool.map(lambda job: train_run(*job, args), jobs))
     if args.train_only:
         return
     torch.set_num_threads(args.threads)
