@@ -52,6 +52,12 @@ CONFIGS: dict[str, list[str]] = {
     "layers top-k 2,1": ["--top-k", "2", "--layer-top-k", "2,1"],
     "layers top-k 1,2": ["--top-k", "2", "--layer-top-k", "1,2"],
     "controller k=1.5 (top-p)": ["--top-k", "4", "--top-p", "0.7", "--target-experts", "1.5"],
+    "top-k 2->1 at step 100": ["--top-k", "2", "--layer-top-k", "2->1@100"],
+}
+# name -> (the trained configuration, MoELayer.set_routing at evaluation): no training of their own
+EVAL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "top2, evaluated at top-1": ("top2", {"top_k": 1}),
+    "top2, evaluated at top-p 0.5": ("top2", {"top_p": 0.5}),
 }
 SLUG = {name: "".join(c if c.isalnum() else "-" for c in name).strip("-") for name in CONFIGS}
 
@@ -79,7 +85,7 @@ def _run_dir(name: str, seed: int, args: argparse.Namespace) -> Path:
 
 
 @torch.no_grad()
-def measure(run_dir: Path, batches: int) -> dict[str, Any]:
+def measure(run_dir: Path, batches: int, routing: dict[str, Any] | None = None) -> dict[str, Any]:
     """The final checkpoint's eval loss and per-layer measured experts per token on held-out batches."""
     settings = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     settings.pop("world_size")
@@ -89,6 +95,8 @@ def measure(run_dir: Path, batches: int) -> dict[str, Any]:
     control = RoutingControl.from_config(config, trainer.model.moe_layers())
     control.load_state(manifest.get("extra", {}).get("adaptive"))
     control.before_step(config.steps)  # the routing the run ended with
+    for layer in trainer.model.moe_layers():
+        layer.set_routing(**(routing or {}))
     model = trainer.model.eval()
     corpus = load_corpus(config)
     layers = model.moe_layers()
@@ -155,7 +163,7 @@ def _train_mean_k(run_dir: Path) -> list[float] | None:
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per configuration: mean, min and max over seeds of the eval loss and the expert FLOPs per token."""
     rows = []
-    for name in CONFIGS:
+    for name in [*CONFIGS, *EVAL_VARIANTS]:
         runs = [r for r in results if r["config"] == name]
         if not runs:
             continue
@@ -164,7 +172,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "config": name,
-                "flags": " ".join(CONFIGS[name]),
+                "flags": " ".join(CONFIGS[name]) if name in CONFIGS else str(EVAL_VARIANTS[name]),
                 "seeds": [r["seed"] for r in runs],
                 "eval_loss": statistics.fmean(loss),
                 "eval_loss_min": min(loss),
