@@ -132,6 +132,24 @@ def test_in_training_the_controller_holds_the_target_while_the_router_learns():
     assert abs(sum(late[-80:]) / 80 - 1.6) < 0.06
 
 
+def test_per_layer_targets_are_layer_budgets():
+    layers = _layers(2, seed=5)
+    controller = ExpertsPerTokenController(layers, target=[1.2, 2.5], rate=0.05)
+    generator = torch.Generator().manual_seed(2)
+    late = []
+    for step in range(250):
+        for layer in layers:
+            layer(torch.randn(128, 16, generator=generator))
+        if step >= 150:
+            late.append(controller.measured())
+        controller.step()
+    assert [sum(m[i] for m in late) / len(late) for i in range(2)] == pytest.approx([1.2, 2.5], abs=0.05)
+    with pytest.raises(
+        ValueError, match=r"target must be a finite number >= 0 or 2 of them \(one per layer\)"
+    ):
+        ExpertsPerTokenController(layers, target=[1.5])
+
+
 def test_an_unreachable_target_rests_at_the_bound():
     (layer,) = _layers(1, top_p=0.5)
     controller = ExpertsPerTokenController(layer, target=4.0, rate=0.5, p_max=0.6)

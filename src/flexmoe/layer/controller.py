@@ -3,7 +3,7 @@
 Between optimizer steps, each layer's ``p`` moves by the integral rule of
 ``flexmoe.routing.top_p_update``::
 
-    p_l <- clamp(p_l + rate * (target - k_l), p_min, p_max)
+    p_l <- clamp(p_l + rate * (target_l - k_l), p_min, p_max)
 
 where ``k_l`` is layer ``l``'s measured mean routed experts per token over the training
 forward calls since the previous update (its ``MoEStats.experts_per_token``: zero-
@@ -15,7 +15,7 @@ changes no weights and needs no gradient; its state (each layer's ``p``) is a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,8 @@ class ExpertsPerTokenController:
         modules: a model (its ``MoELayer`` s) or the layers themselves; every one must
             route with top-p (``RouterConfig(top_p=...)`` or ``set_routing(top_p=...)``):
             its ``p`` is where the controller starts.
-        target: the wanted mean routed experts per token, in ``[min_k, top_k]`` of each layer.
+        target: the wanted mean routed experts per token, in ``[min_k, top_k]`` of each
+            layer: one number for every layer, or one per layer (layer budgets).
         rate: the gain: ``p`` moves by ``rate`` per expert of error per update, > 0.
         p_min, p_max: the bounds of ``p``, ``0 < p_min <= p_max <= 1``.
 
@@ -53,7 +54,7 @@ class ExpertsPerTokenController:
     def __init__(
         self,
         modules: nn.Module | Iterable[MoELayer],
-        target: float,
+        target: float | Sequence[float],
         rate: float = 0.05,
         *,
         p_min: float = 0.05,
@@ -63,8 +64,14 @@ class ExpertsPerTokenController:
         self.layers = [m for m in layers if isinstance(m, MoELayer)]
         if not self.layers:
             raise ValueError("modules: expected a model with MoELayers or MoELayers, got none")
-        if not isinstance(target, int | float) or not math.isfinite(target) or target < 0:
-            raise ValueError(f"target must be a finite number >= 0, got {target!r}")
+        targets = [target] * len(self.layers) if isinstance(target, int | float) else list(target)
+        if len(targets) != len(self.layers) or not all(
+            isinstance(t, int | float) and math.isfinite(t) and t >= 0 for t in targets
+        ):
+            raise ValueError(
+                f"target must be a finite number >= 0 or {len(self.layers)} of them (one per layer), "
+                f"got {target!r}"
+            )
         if not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
             raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
         if not 0 < p_min <= p_max <= 1:
@@ -77,7 +84,8 @@ class ExpertsPerTokenController:
                     f"modules: MoE layer {i} does not route with top-p; give it a starting p "
                     "(RouterConfig(top_p=...) or set_routing(top_p=...))"
                 )
-        self.target, self.rate, self.p_min, self.p_max = float(target), float(rate), p_min, p_max
+        self.targets = [float(t) for t in targets]
+        self.rate, self.p_min, self.p_max = float(rate), p_min, p_max
         self._expert_sums = [0 for _ in self.layers]  # routed experts summed over counted tokens
         self._tokens = [0 for _ in self.layers]
         self._hooks = [layer.register_forward_hook(self._count) for layer in self.layers]
@@ -107,7 +115,7 @@ class ExpertsPerTokenController:
         """One update of every layer that saw tokens (see the module docstring); returns the new ``p`` s."""
         for i, (layer, k) in enumerate(zip(self.layers, self.measured(), strict=True)):
             if k is not None:
-                p = top_p_update(_top_p(layer, i), k, self.target, self.rate, self.p_min, self.p_max)
+                p = top_p_update(_top_p(layer, i), k, self.targets[i], self.rate, self.p_min, self.p_max)
                 layer.set_routing(top_p=p)
         self._expert_sums = [0 for _ in self.layers]
         self._tokens = [0 for _ in self.layers]
@@ -130,7 +138,7 @@ class ExpertsPerTokenController:
     def state_dict(self) -> dict[str, Any]:
         """The controller's state: its settings and each layer's ``p`` (JSON-ready)."""
         return {
-            "target": self.target,
+            "targets": self.targets,
             "rate": self.rate,
             "p_min": self.p_min,
             "p_max": self.p_max,
