@@ -91,10 +91,10 @@ def measure(run_dir: Path, batches: int, routing: dict[str, Any] | None = None) 
     settings.pop("world_size")
     config = TrainConfig(**{k: Path(v) if k in _PATHS and v is not None else v for k, v in settings.items()})
     trainer = build(config, 0, 1)
-    manifest = load_checkpoint(run_dir / "checkpoints", trainer.model)
     control = RoutingControl.from_config(config, trainer.model.moe_layers())
+    control.before_step(config.steps)  # the routing the run ended with (the checkpoint records top_k)
+    manifest = load_checkpoint(run_dir / "checkpoints", trainer.model)
     control.load_state(manifest.get("extra", {}).get("adaptive"))
-    control.before_step(config.steps)  # the routing the run ended with
     for layer in trainer.model.moe_layers():
         layer.set_routing(**(routing or {}))
     model = trainer.model.eval()

@@ -87,6 +87,19 @@ def test_schedules_and_the_controller_resume_exactly(tmp_path, capsys):
     }
 
 
+@pytest.mark.parametrize("top_k", ["2,1", "2->1@3"])
+def test_a_top_k_schedule_resumes_from_a_checkpoint_of_another_top_k(tmp_path, capsys, top_k):
+    # The checkpoint records each layer's top_k: the resumed model takes the checkpoint step's.
+    common = [*TINY, "--top-k", "2", "--layer-top-k", top_k, "--steps", "5"]
+    main(["train", *common, "--run-dir", str(tmp_path / "straight"), "--checkpoint-every", "3"])
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-000003"
+    main(["train", *common, "--run-dir", str(tmp_path / "resumed"), "--resume", str(checkpoint)])
+    straight = _per_step(tmp_path / "straight", "experts_per_token")
+    resumed = _per_step(tmp_path / "resumed", "experts_per_token")
+    expected = [2.0, 1.0] if top_k == "2,1" else [1.0, 1.0]  # every layer top-1 from step 3
+    assert resumed == {4: expected, 5: expected} == {s: straight[s] for s in resumed}
+
+
 @pytest.mark.parametrize(
     ("flags", "line"),
     [

@@ -279,12 +279,16 @@ def check_resume(config: TrainConfig) -> None:
     source = _resume_source(config)
     if source is None:
         return
+    _refuse_finished(source, _saved_step(source), config)
+
+
+def _saved_step(source: Path) -> int:
+    """The step of the newest checkpoint in ``source``, from its manifest (``CliError`` if unreadable)."""
     try:
         manifest = json.loads((latest_checkpoint(source) / "manifest.json").read_text(encoding="utf-8"))
-        done = check_int("step", manifest.get("step") if isinstance(manifest, dict) else None, minimum=0)
+        return check_int("step", manifest.get("step") if isinstance(manifest, dict) else None, minimum=0)
     except (CheckpointError, OptionError, OSError, ValueError) as error:
         raise CliError(f"argument --resume: {one_line(error)}") from None
-    _refuse_finished(source, done, config)
 
 
 def restore(trainer: Trainer) -> tuple[int, list[str]]:
@@ -297,6 +301,9 @@ def restore(trainer: Trainer) -> tuple[int, list[str]]:
     source = _resume_source(config)
     if source is None:
         return 0, []
+    # A top-k schedule changes the layers' top_k, which the checkpoint records: the model
+    # takes the routing of the checkpoint's step before loading it.
+    trainer.routing.before_step(_saved_step(source))
     try:
         manifest = load_checkpoint(source, trainer.model, trainer.optimizer)
         done = check_int("step", manifest.get("step"), minimum=0)
