@@ -161,7 +161,13 @@ def _train_mean_k(run_dir: Path) -> list[float] | None:
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per configuration: mean, min and max over seeds of the eval loss and the expert FLOPs per token."""
+    """Per configuration: mean, min and max over seeds of the eval loss and the expert FLOPs per token.
+
+    Also the eval loss minus top-2's of the same seed (the same initial weights of the
+    shared parts and the same data order): a paired difference, with less of the
+    seed-to-seed spread than the losses themselves.
+    """
+    top2 = {r["seed"]: r["eval_loss"] for r in results if r["config"] == "top2"}
     rows = []
     for name in [*CONFIGS, *EVAL_VARIANTS]:
         runs = [r for r in results if r["config"] == name]
@@ -169,9 +175,13 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         loss = [r["eval_loss"] for r in runs]
         flops = [r["expert_flops_per_token"] for r in runs]
+        paired = [r["eval_loss"] - top2[r["seed"]] for r in runs if r["seed"] in top2]
         rows.append(
             {
                 "config": name,
+                "delta_vs_top2": statistics.fmean(paired) if paired else None,
+                "delta_vs_top2_std": statistics.stdev(paired) if len(paired) > 1 else 0.0,
+                "delta_vs_top2_per_seed": paired,
                 "flags": " ".join(CONFIGS[name]) if name in CONFIGS else str(EVAL_VARIANTS[name]),
                 "seeds": [r["seed"] for r in runs],
                 "eval_loss": statistics.fmean(loss),
@@ -195,19 +205,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table: loss mean ± std (min..max), FLOPs relative to top-2."""
     base = next((r for r in rows if r["config"] == "top2"), None)
     lines = [
-        "| configuration | eval loss (mean ± std, min..max) | experts/token per layer | skip rate | "
-        "expert MFLOPs/token | vs top-2 |",
-        "|---|---|---|---|---|---|",
+        "| configuration | eval loss (mean ± std, min..max) | loss − top-2's, same seed (mean ± std) | "
+        "experts/token per layer | skip rate | expert MFLOPs/token | FLOPs vs top-2 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ks = ", ".join(f"{k:.2f}" for k in r["mean_k_per_layer"])
         ratio = f"{r['expert_flops_per_token'] / base['expert_flops_per_token'] - 1:+.0%}" if base else "-"
         lines.append(
             f"| {r['config']} | {r['eval_loss']:.4f} ± {r['eval_loss_std']:.4f} "
-            f"({r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f}) | {ks} | {r['skip_rate']:.0%} | "
+            f"({r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f}) | {_delta(r)} | {ks} | "
+            f"{r['skip_rate']:.0%} | "
             f"{r['expert_flops_per_token'] / 1e6:.3f} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def _delta(row: dict[str, Any]) -> str:
+    if row["delta_vs_top2"] is None:
+        return "-"
+    return f"{row['delta_vs_top2']:+.4f} ± {row['delta_vs_top2_std']:.4f}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -260,9 +277,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = []
     for (name, seed), run_dir in zip(jobs, run_dirs, strict=True):
-        results.append(
-            {"config": name, "seed": seed, "run_dir": str(run_dir), **measure(run_dir, args.eval_batches)}
-        )
+        measured = measure(run_dir, args.eval_batches)
+        results.append({"config": name, "seed": seed, "run_dir": str(run_dir), **measured})
+        for variant, (trained, routing) in EVAL_VARIANTS.items():
+            if trained == name:
+                measured = measure(run_dir, args.eval_batches, routing)
+                results.append({"config": variant, "seed": seed, "run_dir": str(run_dir), **measured})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     rows = aggregate(results)
