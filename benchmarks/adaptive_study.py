@@ -228,26 +228,42 @@ def _delta(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Eval loss (mean, bars min..max over seeds) against expert FLOPs per token."""
+    """Left: eval loss (mean, min..max over seeds); right: minus top-2's of the same seed (mean ± std).
+
+    Both against expert FLOPs per token; the dotted lines mark top-2's loss and 75 % of its FLOPs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), layout="constrained")
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>pPX*h"
+    base = next((r for r in rows if r["config"] == "top2"), None)
+    for n, r in enumerate(rows):
         x = r["expert_flops_per_token"] / 1e6
+        style = {
+            "color": colors[(2 * n) % 20 if n < 10 else (2 * n + 1) % 20],
+            "marker": markers[n % len(markers)],
+        }
         y = r["eval_loss"]
         yerr = [[y - r["eval_loss_min"]], [r["eval_loss_max"] - y]]
-        xerr = [[x - r["expert_flops_min"] / 1e6], [r["expert_flops_max"] / 1e6 - x]]
-        ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="o", capsize=3, label=r["config"])
-    ax.set_xlabel("expert MFLOPs per token (measured experts per token, both layers)")
-    ax.set_ylabel("eval loss (nats/byte), mean and min..max over seeds")
-    ax.set_title("Adaptive computation on the main job")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        left.errorbar(x, y, yerr=yerr, fmt="", capsize=3, ls="none", label=r["config"], **style)
+        if r["delta_vs_top2"] is not None:
+            right.errorbar(x, r["delta_vs_top2"], yerr=r["delta_vs_top2_std"], capsize=3, ls="none", **style)
+    if base is not None:
+        for ax, level in ((left, base["eval_loss"]), (right, 0.0)):
+            ax.axhline(level, color="grey", ls=":", lw=1)
+            ax.axvline(0.75 * base["expert_flops_per_token"] / 1e6, color="grey", ls=":", lw=1)
+    left.set_ylabel("eval loss (nats/byte): mean, min..max over seeds")
+    right.set_ylabel("eval loss − top-2's with the same seed: mean ± std")
+    for ax in (left, right):
+        ax.set_xlabel("expert MFLOPs per token (measured routed experts per token, both layers)")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=8)
+    fig.suptitle("Adaptive computation on the main job (flexmoe train, 2 layers x 8 experts)")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
