@@ -150,6 +150,23 @@ def test_per_layer_targets_are_layer_budgets():
         ExpertsPerTokenController(layers, target=[1.5])
 
 
+def test_with_zero_experts_the_controller_counts_only_routed_experts():
+    torch.manual_seed(4)
+    layer = MoELayer(16, 32, 8, top_k=4, router=RouterConfig(top_p=0.9), zero_experts=("skip", "copy"))
+    controller = ExpertsPerTokenController(layer, target=1.4, rate=0.05)
+    generator = torch.Generator().manual_seed(3)
+    late = []
+    for step in range(250):
+        layer(torch.randn(128, 16, generator=generator))
+        stats = layer.stats
+        assert int(stats.routed_per_expert.sum()) == round(controller.measured()[0] * 128)  # routed only
+        if step >= 150:
+            late.append(controller.measured()[0])
+        controller.step()
+    assert int(stats.zero_expert_choices.sum()) > 0
+    assert abs(sum(late) / len(late) - 1.4) < 0.05
+
+
 def test_an_unreachable_target_rests_at_the_bound():
     (layer,) = _layers(1, top_p=0.5)
     controller = ExpertsPerTokenController(layer, target=4.0, rate=0.5, p_max=0.6)

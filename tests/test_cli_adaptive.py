@@ -100,6 +100,20 @@ def test_a_top_k_schedule_resumes_from_a_checkpoint_of_another_top_k(tmp_path, c
     assert resumed == {4: expected, 5: expected} == {s: straight[s] for s in resumed}
 
 
+def test_adaptive_options_come_from_a_config_file(tmp_path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text('layer-top-k = "2->1@2"\nzero_experts = "skip"\ntop-k = 2\n')
+    run = tmp_path / "run"
+    main(["train", *TINY, "--config", str(config), "--steps", "3", "--run-dir", str(run)])
+    settings = json.loads((run / "config.json").read_text())
+    assert (settings["layer_top_k"], settings["zero_experts"]) == ("2->1@2", "skip")
+    assert [layer["top_k"] for layer in _records(run)[-2]["layers"]] == [1, 1]  # step 3: top-1
+    config.write_text("layer-top-k = [2, 1]\n")
+    assert refusal(["train", *TINY, "--config", str(config), "--run-dir", str(run)], capsys) == (
+        f"flexmoe train: error: --config {config}: layer-top-k: must be non-empty text, got [2, 1]"
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "line"),
     [
