@@ -9,8 +9,9 @@ per token are ``sum over layers of mean_k(layer) * 6 * dim * expert_hidden`` (a 
 expert's three matrices, forward multiply-adds counted as 2 FLOPs); the router and the
 attention are the same in every configuration and not counted.
 
-Writes ``OUT/results.json`` (every run), ``docs/images/adaptive-study.json`` (the
-aggregate), ``docs/images/adaptive-study.png`` (the plot) and prints a markdown table.
+Writes ``OUT/results.json`` (every run), ``docs/images/NAME.json`` (the aggregate;
+``--name``, default ``adaptive-study``), ``docs/images/NAME.png`` (the plot) and prints a
+markdown table.
 Runs already trained (a ``summary.json`` in their directory) are not trained again, so
 the study can be extended or resumed.
 
@@ -278,6 +279,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "adaptive-study")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the flexmoe sources the runs use")
     parser.add_argument("--images", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--name", default="adaptive-study", help="file name of the JSON and the plot")
     parser.add_argument("--train-only", action="store_true", help="train, do not measure")
     parser.add_argument("--measure-only", action="store_true", help="measure the runs already trained")
     args = parser.parse_args()
@@ -304,10 +306,10 @@ def main() -> None:
     rows = aggregate(results)
     args.images.mkdir(parents=True, exist_ok=True)
     meta = {"steps": args.steps, "seeds": args.seeds, "eval_batches": args.eval_batches, "command": sys.argv}
-    (args.images / "adaptive-study.json").write_text(
+    (args.images / f"{args.name}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1)
     )
-    plot(rows, args.images / "adaptive-study.png")
+    plot(rows, args.images / f"{args.name}.png")
     print(table(rows))
 
 
