@@ -206,15 +206,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table: loss mean ± std (min..max), FLOPs relative to top-2."""
     base = next((r for r in rows if r["config"] == "top2"), None)
     lines = [
-        "| configuration | eval loss (mean ± std, min..max) | loss − top-2's, same seed (mean ± std) | "
+        "| configuration | seeds | eval loss (mean ± std, min..max) | loss − top-2's, same seed (mean ± std) | "
         "experts/token per layer | skip rate | expert MFLOPs/token | FLOPs vs top-2 |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ks = ", ".join(f"{k:.2f}" for k in r["mean_k_per_layer"])
         ratio = f"{r['expert_flops_per_token'] / base['expert_flops_per_token'] - 1:+.0%}" if base else "-"
         lines.append(
-            f"| {r['config']} | {r['eval_loss']:.4f} ± {r['eval_loss_std']:.4f} "
+            f"| {r['config']} | {len(r['seeds'])} | {r['eval_loss']:.4f} ± {r['eval_loss_std']:.4f} "
             f"({r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f}) | {_delta(r)} | {ks} | "
             f"{r['skip_rate']:.0%} | "
             f"{r['expert_flops_per_token'] / 1e6:.3f} | {ratio} |"
