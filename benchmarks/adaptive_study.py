@@ -206,8 +206,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table: loss mean ± std (min..max), FLOPs relative to top-2."""
     base = next((r for r in rows if r["config"] == "top2"), None)
     lines = [
-        "| configuration | seeds | eval loss (mean ± std, min..max) | loss − top-2's, same seed (mean ± std) | "
-        "experts/token per layer | skip rate | expert MFLOPs/token | FLOPs vs top-2 |",
+        "| configuration | seeds | eval loss (mean ± std, min..max) | "
+        "loss − top-2's, same seed (mean ± std) | experts/token per layer | skip rate | expert MFLOPs/token | FLOPs vs top-2 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
