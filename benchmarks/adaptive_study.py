@@ -207,7 +207,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["config"] == "top2"), None)
     lines = [
         "| configuration | seeds | eval loss (mean ± std, min..max) | "
-        "loss − top-2's, same seed (mean ± std) | experts/token per layer | skip rate | expert MFLOPs/token | FLOPs vs top-2 |",
+        "loss − top-2's, same seed (mean ± std) | experts/token per layer | skip rate | "
+        "expert MFLOPs/token | FLOPs vs top-2 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
