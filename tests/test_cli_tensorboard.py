@@ -37,9 +37,11 @@ def _expected(lines: list[str]) -> dict[str, list[tuple[int, float]]]:
         columns = record["per_step"]
         for name in ("loss", "lr", "aux_loss", "grad_norm"):
             out.setdefault(f"train/{name}", []).extend(zip(columns["step"], columns[name], strict=True))
-        for name in ("dropped", "rerouted_rows", "expert_copies"):
+        for name in ("dropped", "rerouted_rows", "expert_copies", "experts_per_token", "skip_rate", "top_p"):
             values = columns["layers"][0][name]
-            out.setdefault(f"layer0/{name}", []).extend(zip(columns["step"], values, strict=True))
+            points = [(s, v) for s, v in zip(columns["step"], values, strict=True) if v is not None]
+            if points:  # top_p is null without top-p routing: no event
+                out.setdefault(f"layer0/{name}", []).extend(points)
         out.setdefault("train/tokens_per_s", []).append((record["step"], record["tokens_per_s"]))
         load = record["layers"][0]["load_max_over_mean"]
         out.setdefault("layer0/load_max_over_mean", []).append((record["step"], load))

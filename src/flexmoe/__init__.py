@@ -12,7 +12,15 @@ from flexmoe.config import (
     RouterConfig,
     TunerConfig,
 )
-from flexmoe.layer import MoELayer, MoEStats, attach_aux_free_update, name_moe_layers, update_expert_biases
+from flexmoe.layer import (
+    ExpertsPerTokenController,
+    MoELayer,
+    MoEStats,
+    RoutingSchedule,
+    attach_aux_free_update,
+    name_moe_layers,
+    update_expert_biases,
+)
 from flexmoe.logs import LIBRARY_LOGGER
 
 __version__ = "0.1.0"
@@ -25,12 +33,14 @@ __all__ = [
     "BalanceConfig",
     "CapacityConfig",
     "ExpertConfig",
+    "ExpertsPerTokenController",
     "MoEConfig",
     "MoELayer",
     "MoEStats",
     "Plan",
     "RerouteConfig",
     "RouterConfig",
+    "RoutingSchedule",
     "TunerConfig",
     "__version__",
     "attach_aux_free_update",

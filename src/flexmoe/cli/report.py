@@ -11,7 +11,10 @@ with units), the plots (``report_plots``) and the run's settings. The plots:
 - ``throughput.png``: tokens per second, from zero;
 - ``load_layer<i>.png``: per-expert share of the routed assignments over time, per layer
   (a heatmap: an even router is a flat colour, a hot expert a bright row);
-- ``experts_per_token.png``: when the records hold it and it varies;
+- ``experts_per_token.png`` and ``experts_per_token_hist.png``: mean routed experts per
+  token per layer over the steps (with top-p and the skip rate of zero-computation
+  experts when they vary), and the tokens by number of experts
+  (``report_adaptive``), when the number of experts per token varies;
 - ``dropped.png``: share of assignments dropped, only when a capacity limit could drop
   (a dropless run says "dropless" in the summary instead);
 - ``plans.png``: the plan each layer ran, one row per layer, when it changed;
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.cli.options import CliError
+from flexmoe.cli.report_adaptive import adaptive_summary
 from flexmoe.cli.report_plots import FIGURES, can_drop, ema
 from flexmoe.cli.report_read import RunRecords, read_run
 
@@ -170,6 +174,7 @@ def summary_rows(run: RunRecords) -> list[tuple[str, str]]:
         ("training loss", _train_loss_summary(run)),
         ("gradient norm", _grad_norm_summary(run)),
         ("dropped assignments", _drop_summary(run)),
+        ("experts per token", adaptive_summary(run)),
         ("parallel plan", _plan_summary(run)),
         ("rerouting", _rerouting_summary(run)),
     ]

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flexmoe.cli.report_adaptive import adaptive_figures
 from flexmoe.cli.report_read import RunRecords, StepSeries
 
 __all__ = ["EMA_WEIGHT", "FIGURES", "Figures", "can_drop", "ema", "plan_segments"]
@@ -144,20 +145,6 @@ def load_figures(plt: Any, run: RunRecords) -> Figures:
     return out
 
 
-def experts_per_token_figures(plt: Any, run: RunRecords) -> Figures:
-    """Experts per token per layer, when the records hold it and it varies (adaptive top-k)."""
-    values = [[layer.get("experts_per_token") for layer in r["layers"]] for r in run.train]
-    flat = [v for row in values for v in row]
-    if not flat or not all(isinstance(v, int | float) for v in flat) or max(flat) - min(flat) < 1e-9:
-        return []
-    fig, axes = _axes(plt, 2.6)
-    steps = [r["step"] for r in run.train]
-    for i in range(len(values[0])):
-        axes[0][0].plot(steps, [row[i] for row in values], "o-", ms=3, label=f"layer {i}")
-    _finish(axes[0][0], "experts per token", legend=True)
-    return [(fig, "experts_per_token.png", "Experts per token (mean over the step's tokens)")]
-
-
 def can_drop(run: RunRecords) -> bool:
     """Whether any assignment could be dropped: a drop happened, or a capacity limit was in force."""
     if any(d > 0 for layer in run.steps.layers for d in layer.dropped):
@@ -251,7 +238,7 @@ FIGURES: list[Callable[[Any, RunRecords], Figures]] = [
     grad_norm_figures,
     throughput_figures,
     load_figures,
-    experts_per_token_figures,
+    adaptive_figures,
     dropped_figures,
     plans_figures,
     rerouting_figures,

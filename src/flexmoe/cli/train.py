@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from flexmoe.cli.launch import RunLock, check_launcher_alive, guard_worker, launch_workers, run_dir_lock
 from flexmoe.cli.options import CliError, OptionError, check_int, one_line, option_flag
+from flexmoe.cli.train_adaptive import RoutingControl, zero_experts_of
 from flexmoe.cli.train_config import TrainConfig
 from flexmoe.cli.train_log import RunLog, StepResult
 from flexmoe.cli.train_tensorboard import require_tensorboard
@@ -138,6 +139,7 @@ class Trainer:
     model: TinyMoELM
     trained: nn.Module  # the model as trained: DDP-wrapped when distributed
     optimizer: torch.optim.Optimizer
+    routing: RoutingControl  # layer schedules and the mean-k controller (flexmoe.cli.train_adaptive)
 
 
 def train(config: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
@@ -150,11 +152,14 @@ def train(config: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
     try:  # the metrics file and the TensorBoard events are flushed and closed, even on an error
         _describe(log, corpus, trainer, done, notes)
         recorder = _routing_recorder(trainer, run_dir, start_step=done + 1, log=log)
+        trainer.routing.before_step(done)  # the scheduled routing after `done` steps
         initial = _evaluate(trainer, corpus)
         log.say(f"initial eval loss {initial:.3f} (uniform over bytes would be {math.log(256):.3f})")
         log.evaluation(done, initial)
         for step in range(done + 1, config.steps + 1):
+            trainer.routing.before_step(step)
             result = train_step(trainer, *train_batch(corpus, config, step, rank, world), step=step)
+            trainer.routing.after_step()
             if recorder is not None:
                 recorder.step(step)  # one record per MoE layer (evaluations are not recorded)
             log.train_step(step, result)
@@ -227,6 +232,7 @@ def build(config: TrainConfig, rank: int, world: int) -> Trainer:
         top_k=config.top_k,
         top_p=config.top_p,
         min_k=config.min_k,
+        zero_experts=zero_experts_of(config.zero_experts),
         expert_hidden_dim=config.expert_hidden,
         capacity_factor=config.capacity_factor,
         load_balance_weight=config.load_balance_weight,
@@ -238,7 +244,16 @@ def build(config: TrainConfig, rank: int, world: int) -> Trainer:
         raise CliError(f"cannot build the model: {one_line(error)}") from None
     trained = wrap_data_parallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate(config, 1), weight_decay=0.01)
-    return Trainer(config=config, rank=rank, world=world, model=model, trained=trained, optimizer=optimizer)
+    routing = RoutingControl.from_config(config, model.moe_layers())
+    return Trainer(
+        config=config,
+        rank=rank,
+        world=world,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        routing=routing,
+    )
 
 
 def _resume_source(config: TrainConfig) -> Path | None:
@@ -264,12 +279,16 @@ def check_resume(config: TrainConfig) -> None:
     source = _resume_source(config)
     if source is None:
         return
+    _refuse_finished(source, _saved_step(source), config)
+
+
+def _saved_step(source: Path) -> int:
+    """The step of the newest checkpoint in ``source``, from its manifest (``CliError`` if unreadable)."""
     try:
         manifest = json.loads((latest_checkpoint(source) / "manifest.json").read_text(encoding="utf-8"))
-        done = check_int("step", manifest.get("step") if isinstance(manifest, dict) else None, minimum=0)
+        return check_int("step", manifest.get("step") if isinstance(manifest, dict) else None, minimum=0)
     except (CheckpointError, OptionError, OSError, ValueError) as error:
         raise CliError(f"argument --resume: {one_line(error)}") from None
-    _refuse_finished(source, done, config)
 
 
 def restore(trainer: Trainer) -> tuple[int, list[str]]:
@@ -282,6 +301,9 @@ def restore(trainer: Trainer) -> tuple[int, list[str]]:
     source = _resume_source(config)
     if source is None:
         return 0, []
+    # A top-k schedule changes the layers' top_k, which the checkpoint records: the model
+    # takes the routing of the checkpoint's step before loading it.
+    trainer.routing.before_step(_saved_step(source))
     try:
         manifest = load_checkpoint(source, trainer.model, trainer.optimizer)
         done = check_int("step", manifest.get("step"), minimum=0)
@@ -289,6 +311,7 @@ def restore(trainer: Trainer) -> tuple[int, list[str]]:
         raise CliError(f"argument --resume: {one_line(error)}") from None
     _refuse_finished(source, done, config)
     extra = manifest.get("extra")
+    trainer.routing.load_state(extra.get("adaptive") if isinstance(extra, dict) else None)
     saved = extra.get("trainer") if isinstance(extra, dict) else None
     if not isinstance(saved, dict) or saved.get("version") != TRAINER_STATE_VERSION:
         return done, ["the checkpoint holds no trainer state (an older flexmoe): the resume may not be exact"]
@@ -359,8 +382,9 @@ def train_step(trainer: Trainer, x: Tensor, y: Tensor, *, step: int) -> StepResu
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     layers = [layer.stats for layer in model.moe_layers() if layer.stats is not None]
+    top_p = [layer.config.router.top_p for layer in model.moe_layers()]
     return StepResult(
-        loss=loss.detach(), aux_loss=aux_loss.detach(), lr=lr, grad_norm=grad_norm, layers=layers
+        loss=loss.detach(), aux_loss=aux_loss.detach(), lr=lr, grad_norm=grad_norm, layers=layers, top_p=top_p
     )
 
 
@@ -396,6 +420,8 @@ def save(trainer: Trainer, run_dir: Path, step: int) -> Path:
     """Checkpoint ``step`` into ``RUN_DIR/checkpoints`` with the trainer state a resume needs."""
     check_launcher_alive()  # a worker whose launcher is gone writes nothing more
     extra = {"settings": trainer.config.to_json(), "trainer": _trainer_state(trainer, step)}
+    if (adaptive := trainer.routing.state()) is not None:
+        extra["adaptive"] = adaptive
     return save_checkpoint(
         run_dir / "checkpoints",
         trainer.model,

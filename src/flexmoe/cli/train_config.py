@@ -31,6 +31,7 @@ from flexmoe.cli.options import (
     describe_default,
     option_flag,
 )
+from flexmoe.cli.train_adaptive import check_routing_options
 from flexmoe.config import Plan
 from flexmoe.placement import Placement
 
@@ -80,6 +81,44 @@ class TrainConfig:
     )
     min_k: int = field(
         default=1, metadata=_meta("the fewest experts a token takes under --top-p, in [1, --top-k]")
+    )
+    zero_experts: str | None = field(
+        default=None,
+        metadata=_meta(
+            "zero-computation experts the routers also choose among, comma-separated: skip, copy, "
+            "constant (e.g. skip,copy,constant) (none: no zero experts)",
+            kind="text",
+        ),
+    )
+    layer_top_k: str | None = field(
+        default=None,
+        metadata=_meta(
+            "per-layer top-k, comma-separated, each a number or a schedule over steps "
+            "(2->1@300: a step change, 2->1@0..300: linear), in [--min-k, --experts] (none: --top-k)",
+            kind="text",
+        ),
+    )
+    layer_top_p: str | None = field(
+        default=None,
+        metadata=_meta("per-layer top-p, as --layer-top-k, in (0, 1] (none: --top-p)", kind="text"),
+    )
+    layer_capacity_factor: str | None = field(
+        default=None,
+        metadata=_meta("per-layer capacity factor, as --layer-top-k (none: --capacity-factor)", kind="text"),
+    )
+    target_experts: float | None = field(
+        default=None,
+        metadata=_meta(
+            "hold each layer's mean experts per token at this by moving its top-p after every step "
+            "(starts from --top-p; see --target-rate) (none: no controller)",
+            kind="float",
+        ),
+    )
+    target_rate: float = field(
+        default=0.02,
+        metadata=_meta(
+            "the controller's gain: p += rate * (target - measured experts per token), > 0", kind="float"
+        ),
     )
     expert_hidden: int = field(default=256, metadata=_meta("hidden width of each expert, >= 1"))
     capacity_factor: float = field(
@@ -166,6 +205,7 @@ class TrainConfig:
             raise OptionError("top_k", f"must be <= --experts ({self.experts}), got {self.top_k}")
         if self.min_k > self.top_k:
             raise OptionError("min_k", f"must be <= --top-k ({self.top_k}), got {self.min_k}")
+        check_routing_options(self)
         if self.dim % self.heads != 0:
             raise OptionError("heads", f"must divide --dim ({self.dim}), got {self.heads}")
         if self.workers > 1:
@@ -240,13 +280,19 @@ def _checked(f: dataclasses.Field[Any], value: object) -> object:
             if number > 1:
                 raise OptionError(f.name, f"must be a finite number in (0, 1], got {value!r}")
             return number
-        if f.name == "lr":
+        if f.name in ("lr", "target_rate"):
             return check_float(f.name, value, positive=True)
+        if f.name == "target_experts":
+            return check_float(f.name, value, minimum=0.0)
         if f.name == "load_balance_weight":
             return check_float(f.name, value, minimum=0.0)
         return check_float(f.name, value)
     if kind == "path":
         return check_optional_path(f.name, value)
+    if kind == "text":
+        if not isinstance(value, str) or not value.strip():
+            raise OptionError(f.name, f"must be non-empty text, got {value!r}")
+        return value
     if kind == "flag":
         return check_bool(f.name, value)
     if kind == "choice":
@@ -296,8 +342,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, steps: int = 400) ->
         if kind == "choice":
             kwargs["choices"] = f.metadata["choices"]
         else:
-            kwargs["type"] = {"int": _parse_int, "float": _parse_float, "path": Path}[kind]
-            kwargs["metavar"] = {"int": "N", "float": "X", "path": "PATH"}[kind]
+            kwargs["type"] = {"int": _parse_int, "float": _parse_float, "path": Path, "text": str}[kind]
+            kwargs["metavar"] = {"int": "N", "float": "X", "path": "PATH", "text": "TEXT"}[kind]
         parser.add_argument(flag, **kwargs)
     parser.set_defaults(train_defaults=defaults)
 

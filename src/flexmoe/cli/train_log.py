@@ -10,15 +10,19 @@ A ``metrics.jsonl`` line is an evaluation (``step``, ``eval_loss``) or a logged 
 (since the previous logged step), ``time_s``, a snapshot of each MoE layer's statistics
 (``layers``) and ``per_step``: every step since the previous logged step, as columns
 (``step``, ``loss``, ``aux_loss``, ``lr``, ``grad_norm``, and per layer ``plan``,
-``tuner``, ``dropped``, ``rerouted_rows``, ``expert_copies``). Older runs have no
-``per_step``, ``aux_loss`` or ``grad_norm``; ``flexmoe report`` reads both.
+``tuner``, ``dropped``, ``rerouted_rows``, ``expert_copies``, ``experts_per_token``
+(the mean routed experts per token), ``skip_rate`` (the share of the tokens' choices
+that went to zero-computation experts) and ``top_p`` (``null`` without top-p)). A
+layer's snapshot also holds ``experts_per_token_hist`` (tokens that used 0, 1, ...,
+``top_k`` routed experts in the step). Older runs have no ``per_step``, ``aux_loss``
+or ``grad_norm``; ``flexmoe report`` reads both.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,7 +35,7 @@ from flexmoe.config import Plan
 from flexmoe.layer import MoEStats
 from flexmoe.parallel import all_reduce_sum_
 
-__all__ = ["RunLog", "StepResult", "plan_text"]
+__all__ = ["RunLog", "StepResult", "plan_text", "skip_rate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +47,7 @@ class StepResult:
     lr: float  # the learning rate the step used
     grad_norm: float  # the whole model's gradient norm before clipping (equal on every rank)
     layers: list[MoEStats]  # per MoE layer, in depth order
+    top_p: list[float | None] = field(default_factory=list)  # per MoE layer: its top-p (None: off)
 
 
 @dataclass
@@ -68,7 +73,11 @@ class _Window:
         self.grad_norms.append(result.grad_norm)
         if not self.layers:
             self.layers = [{name: [] for name in _LAYER_COLUMNS} for _ in result.layers]
-        for columns, stats in zip(self.layers, result.layers, strict=True):
+        top_p = result.top_p or [None] * len(result.layers)
+        for columns, stats, p in zip(self.layers, result.layers, top_p, strict=True):
+            columns["experts_per_token"].append(stats.mean_experts_per_token)
+            columns["skip_rate"].append(skip_rate(stats))
+            columns["top_p"].append(p)
             columns["plan"].append(plan_text(stats.plan))
             columns["tuner"].append(stats.tuner.phase if stats.tuner is not None else None)
             columns["dropped"].append(stats.dropped)
@@ -76,7 +85,16 @@ class _Window:
             columns["expert_copies"].append(stats.expert_copies)
 
 
-_LAYER_COLUMNS = ("plan", "tuner", "dropped", "rerouted_rows", "expert_copies")
+_LAYER_COLUMNS = (
+    "plan",
+    "tuner",
+    "dropped",
+    "rerouted_rows",
+    "expert_copies",
+    "experts_per_token",
+    "skip_rate",
+    "top_p",
+)
 
 
 def _mean_over_workers(rows: list[list[float]], world: int) -> list[list[float]]:
@@ -202,7 +220,10 @@ class RunLog:
                 "tokens_per_s": rate,
                 "lr": result.lr,
                 "time_s": tick - self.start,
-                "layers": [_layer_record(s) for s in result.layers],
+                "layers": [
+                    {**_layer_record(s), "top_p": p}
+                    for s, p in zip(result.layers, result.top_p or [None] * len(result.layers), strict=True)
+                ],
                 "per_step": {
                     "step": window.steps,
                     "loss": losses,
@@ -233,6 +254,10 @@ def _layer_record(stats: MoEStats) -> dict[str, Any]:
         "dropped": stats.dropped,
         "assignments": int(stats.routed_per_expert.sum()),
         "experts_per_token": stats.mean_experts_per_token,
+        "experts_per_token_hist": None
+        if stats.experts_per_token is None
+        else stats.experts_per_token.tolist(),
+        "skip_rate": skip_rate(stats),
         "load_max_over_mean": stats.load_max_over_mean,
         "plan": plan_text(stats.plan),
         "tuner": stats.tuner.phase if stats.tuner is not None else None,
@@ -243,6 +268,13 @@ def _layer_record(stats: MoEStats) -> dict[str, Any]:
         "capacity": stats.capacity,
         "top_k": stats.top_k,
     }
+
+
+def skip_rate(stats: MoEStats) -> float:
+    """The share of the call's choices that went to zero-computation experts (0.0 without them)."""
+    zero = 0 if stats.zero_expert_choices is None else int(stats.zero_expert_choices.sum())
+    routed = int(stats.routed_per_expert.sum())
+    return zero / (zero + routed) if zero + routed else 0.0
 
 
 def plan_text(plan: Plan) -> str:

@@ -4,8 +4,9 @@ One function, ``record_scalars``, says which scalars a ``metrics.jsonl`` record 
 and under which tags, so the event file and the metrics file cannot disagree:
 
 - ``train/loss``, ``train/lr``, ``train/aux_loss``, ``train/grad_norm`` and, per MoE
-  layer ``i``, ``layer<i>/dropped``, ``layer<i>/rerouted_rows``, ``layer<i>/expert_copies``:
-  every training step;
+  layer ``i``, ``layer<i>/dropped``, ``layer<i>/rerouted_rows``, ``layer<i>/expert_copies``,
+  ``layer<i>/experts_per_token``, ``layer<i>/skip_rate`` and (with top-p)
+  ``layer<i>/top_p``: every training step;
 - ``train/tokens_per_s`` and ``layer<i>/load_max_over_mean``: every logged step;
 - ``eval/loss``: every evaluation.
 
@@ -23,7 +24,7 @@ __all__ = ["TensorBoardLog", "record_scalars", "require_tensorboard"]
 
 _MISSING = "argument --tensorboard: needs the tensorboard package: pip install 'flexmoe[tensorboard]'"
 _PER_STEP = ("loss", "lr", "aux_loss", "grad_norm")
-_PER_STEP_LAYER = ("dropped", "rerouted_rows", "expert_copies")
+_PER_STEP_LAYER = ("dropped", "rerouted_rows", "expert_copies", "experts_per_token", "skip_rate", "top_p")
 
 
 def require_tensorboard() -> None:
@@ -45,7 +46,8 @@ def record_scalars(record: dict[str, Any]) -> list[tuple[str, int, float]]:
         out += [(f"train/{name}", s, v) for s, v in zip(steps, per_step.get(name, []), strict=False)]
     for i, layer in enumerate(per_step.get("layers", [])):
         for name in _PER_STEP_LAYER:
-            out += [(f"layer{i}/{name}", s, v) for s, v in zip(steps, layer.get(name, []), strict=False)]
+            values = zip(steps, layer.get(name, []), strict=False)
+            out += [(f"layer{i}/{name}", s, v) for s, v in values if v is not None]  # top_p: None when off
     out.append(("train/tokens_per_s", record["step"], record["tokens_per_s"]))
     for i, layer in enumerate(record["layers"]):
         out.append((f"layer{i}/load_max_over_mean", record["step"], layer["load_max_over_mean"]))

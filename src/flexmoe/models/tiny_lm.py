@@ -30,6 +30,7 @@ class TinyMoELMConfig:
     top_k: int = 2
     top_p: float | None = None  # top-p routing (a per-token number of experts), see RouterConfig
     min_k: int = 1
+    zero_experts: tuple[str, ...] = ()  # zero-computation experts, see ExpertConfig.zero_experts
     expert_hidden_dim: int = 256
     capacity_factor: float = 0.0
     load_balance_weight: float = 0.01
@@ -55,6 +56,7 @@ class _Block(nn.Module):
             config.num_experts,
             config.top_k,
             router=RouterConfig(top_p=config.top_p, min_k=config.min_k),
+            zero_experts=config.zero_experts,
             capacity_factor=config.capacity_factor,
             load_balance_weight=config.load_balance_weight,
         )

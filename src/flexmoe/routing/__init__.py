@@ -1,5 +1,6 @@
-"""Routing: routers, balancing losses and the aux-loss-free bias rule."""
+"""Routing: routers, balancing losses, the aux-loss-free bias rule and the top-p controller rule."""
 
+from flexmoe.routing.control import top_p_update
 from flexmoe.routing.losses import aux_free_bias_update, load_balance_loss, router_z_loss
 from flexmoe.routing.routers import (
     CosineRouter,
@@ -22,4 +23,5 @@ __all__ = [
     "load_balance_loss",
     "router_z_loss",
     "select_top_k",
+    "top_p_update",
 ]
