@@ -50,10 +50,8 @@ def test_top_p_routing_trains_and_logs_experts_per_token(tmp_path, capsys):
     main(["train", *SMALL, "--top-k", "3", "--top-p", "0.3", "--run-dir", str(run), "--no-progress"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     layers = [layer for r in records if "loss" in r for layer in r["layers"]]
-    assert layers and all(0 <= layer["experts_per_token"] < 3 for layer in layers)
+    assert layers and all(1 <= layer["experts_per_token"] < 3 for layer in layers)
     assert all(layer["assignments"] == sum(layer["routed"]) for layer in layers)
-    assert all(0 <= layer["skip_rate"] <= 1 for layer in layers)
-    assert {layer["top_p"] for layer in layers} != {0.3}  # the controller moved p, alike on both ranks
     assert json.loads((run / "config.json").read_text())["top_p"] == 0.3
 
 
