@@ -215,6 +215,8 @@ def test_an_expert_larger_than_the_budget():
         ({"policy": "fifo"}, "policy"),
         ({"num_layers": 0}, "num_layers"),
         ({"budget_bytes": 0}, "budget_bytes"),
+        ({"io_threads": 0}, "io_threads must be an int >= 1"),
+        ({"io_threads": 2.0}, "io_threads must be an int >= 1"),
     ],
 )
 def test_invalid_arguments(kwargs, message):

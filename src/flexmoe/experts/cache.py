@@ -138,8 +138,10 @@ class ExpertCache:
         budget_bytes: the most bytes held at once (``None``: unlimited). It must hold at
             least one expert; callers check their own larger minimum.
         policy: ``"predictive"``, ``"lru"`` or ``"lfu"`` (see the module docstring).
-        prefetch: read misses and predictions on a background I/O thread (else every read
+        prefetch: read misses and predictions on background I/O threads (else every read
             happens when a layer needs it, and predictions are only scored).
+        io_threads: how many reads run at once in the background (storage serves several
+            outstanding reads faster than one after another).
     """
 
     def __init__(
@@ -149,9 +151,12 @@ class ExpertCache:
         budget_bytes: int | None = None,
         policy: Policy = "predictive",
         prefetch: bool = True,
+        io_threads: int = 4,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not (isinstance(io_threads, int) and not isinstance(io_threads, bool) and io_threads >= 1):
+            raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
         if not (isinstance(num_layers, int) and num_layers >= 1):
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         if budget_bytes is not None and not (isinstance(budget_bytes, int) and budget_bytes > 0):
@@ -171,7 +176,9 @@ class ExpertCache:
         self._stats = CacheStats(budget_bytes)
         self._executor: ThreadPoolExecutor | None = None
         if prefetch:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmoe-expert-io")
+            self._executor = ThreadPoolExecutor(
+                max_workers=io_threads, thread_name_prefix="flexmoe-expert-io"
+            )
             weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ public

@@ -77,6 +77,7 @@ def load_offloaded(
     policy: Policy = "predictive",
     prefetch: bool = True,
     backend: str = "auto",
+    io_threads: int = 4,
 ) -> Any:
     """A ``transformers`` causal LM from a ``save_pretrained`` directory, its experts left on disk.
 
@@ -98,9 +99,10 @@ def load_offloaded(
         device: where the model runs and the cached experts live.
         policy: the cache's eviction policy, ``"predictive"`` (default), ``"lru"`` or
             ``"lfu"`` (see ``flexmoe.experts.cache``).
-        prefetch: read experts on a background I/O thread: a layer's misses, and the next
+        prefetch: read experts on background I/O threads: a layer's misses, and the next
             layer's experts as predicted by its router applied to this layer's input.
         backend: flexmoe's expert GEMM backend.
+        io_threads: how many expert reads run at once in the background.
 
     Returns:
         The model (eval mode). Do not save or ``revert`` it: its experts are not in it.
@@ -132,7 +134,7 @@ def load_offloaded(
     store = SafetensorsExpertStore(pieces, dtype=_experts(blocks[0][1]).w_in.dtype, device=device)
     _check_budget(budget, expert_budget, blocks, store)
     # 3. the cache, and every block's experts read through it
-    cache = ExpertCache(store, len(blocks), budget, policy, prefetch)
+    cache = ExpertCache(store, len(blocks), budget, policy, prefetch, io_threads)
     strategies = [
         offload_experts(block.moe, cache, index, store.nbytes((index, 0)))
         for index, (_, block) in enumerate(blocks)
