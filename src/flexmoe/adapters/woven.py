@@ -14,7 +14,6 @@ over the slots' factors, and added back (``index_add``). Plain autograd througho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,21 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate
+from flexmoe.experts.backends import contiguous_grad
 from flexmoe.experts.ffn import resolve_backend
 
 __all__ = ["Groups", "LoRAPart", "segment_matmul", "woven_ffn"]
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous (``_grouped_mm`` rejects stride-0 ones)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
 
 
 class Groups:
@@ -79,7 +67,7 @@ def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "
     widths = (w_GOI.shape[2], w_GOI.shape[1])
     if resolve_backend(backend, x_NI.device, x_NI.dtype, widths) == "grouped_mm":
         y: Tensor = torch._grouped_mm(x_NI.contiguous(), w_GOI.transpose(-2, -1), offs=groups.ends)
-        return _ContiguousGrad.apply(y)  # type: ignore[no-any-return]
+        return contiguous_grad(y)
     counts = groups.counts_G
     starts = np.cumsum(counts) - counts
     outputs = [

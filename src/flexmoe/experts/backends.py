@@ -34,6 +34,7 @@ from flexmoe.experts.segments import for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
+    "contiguous_grad",
     "fused_backward",
     "fused_forward",
     "fused_inference",
@@ -512,6 +513,12 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def contiguous_grad(x: Tensor) -> Tensor:
+    """``x``, whose gradient is made contiguous (for ``torch._grouped_mm`` outputs)."""
+    y: Tensor = _ContiguousGrad.apply(x)
+    return y
+
+
 def grouped_ffn_grouped_mm(
     x_ND: Tensor,
     counts: list[int],
@@ -537,7 +544,7 @@ def grouped_ffn_grouped_mm(
     a_NF = activate(h_NH, activation)
     if row_weights_N is not None:
         a_NF = a_NF * row_weights_N[:, None]
-    y_ND: Tensor = _ContiguousGrad.apply(torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets))
+    y_ND: Tensor = contiguous_grad(torch._grouped_mm(a_NF, w_out.transpose(-2, -1), offs=offsets))
     if lora is not None and lora.A_out is not None and lora.B_out is not None:
         y_ND = y_ND + _lora_grouped_mm(a_NF, mask_out_NF, lora.A_out, lora.B_out, lora, offsets)
     if b_out is not None:
@@ -559,7 +566,7 @@ def _lora_grouped_mm(
     A_E, B_E = A[slots.clamp(min=0)] * has_adapter_E, B[slots.clamp(min=0)] * has_adapter_E
     x_lora = x_NI if mask_NI is None else x_NI * mask_NI
     u_Nr = torch._grouped_mm(x_lora, A_E.transpose(-2, -1), offs=offsets)
-    delta: Tensor = _ContiguousGrad.apply(torch._grouped_mm(u_Nr, B_E.transpose(-2, -1), offs=offsets))
+    delta: Tensor = contiguous_grad(torch._grouped_mm(u_Nr, B_E.transpose(-2, -1), offs=offsets))
     return delta * lora.scaling
 
 
@@ -590,7 +597,7 @@ def grouped_ffn_grouped_mm_rows(
         h_SH = h_SH + b_in[expert_of_row]
     scale_S = kept_S.to(x_SD.dtype) if row_weights_S is None else row_weights_S * kept_S
     a_SF = activate(h_SH, activation) * scale_S[:, None]
-    y_SD: Tensor = _ContiguousGrad.apply(torch._grouped_mm(a_SF, w_out.transpose(-2, -1), offs=offsets))
+    y_SD: Tensor = contiguous_grad(torch._grouped_mm(a_SF, w_out.transpose(-2, -1), offs=offsets))
     if b_out is not None:
         y_SD = y_SD + b_out[expert_of_row] * scale_S[:, None]
     return y_SD
