@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
-from flexmoe.adapters import load_peft_adapter
+from flexmoe.adapters import load_esft_adapter, load_peft_adapter
 from flexmoe.cli import main
 from flexmoe.cli.train_adapters import AdapterOptions, finetune, load_adapter_dir, main_job_model
 from flexmoe.cli.train_config import TrainConfig
@@ -104,3 +104,49 @@ def test_adapter_options_are_checked(tmp_path, capsys):
     assert "--init-from" in refusal(missing, capsys)
     workers = ["train", "--workers", "2", "--lora-rank", "2", "--init-from", str(tmp_path)]
     assert "runs on one worker" in refusal(workers, capsys)
+
+
+def test_esft_finetune_trains_only_the_chosen_experts_and_reloads(base_run, tmp_path):
+    out = tmp_path / "esft"
+    main(
+        [
+            "train",
+            "--steps",
+            "4",
+            *SMALL,
+            "--lr",
+            "1e-2",
+            "--esft",
+            "0.3",
+            "--init-from",
+            str(base_run),
+            "--run-dir",
+            str(out),
+        ]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    chosen = summary["esft_experts"]
+    assert chosen and all(0 < len(ids) < 8 for ids in chosen.values())  # a few of the 8 experts per layer
+    adapter = load_esft_adapter(out / "adapter")
+    assert {path: list(e.expert_ids) for path, e in adapter.layers.items()} == chosen
+    base, tuned = main_job_model(base_run), main_job_model(base_run)
+    options = load_adapter_dir(tuned, out / "adapter")
+    assert options.method == "esft" and options.esft_threshold == 0.3
+    changed = set()
+    for (name, before), after in zip(base.state_dict().items(), tuned.state_dict().values(), strict=True):
+        if not torch.equal(before, after):
+            changed.add(name)
+            assert name.endswith(("experts.w_in", "experts.w_out")), name  # nothing but experts
+    assert changed
+    for path, experts in adapter.layers.items():  # and of those, only the chosen rows
+        w_in = dict(tuned.named_parameters())[f"{path}.w_in"]
+        w_in_base = dict(base.named_parameters())[f"{path}.w_in"]
+        others = [e for e in range(w_in.shape[0]) if e not in experts.expert_ids]
+        assert torch.equal(w_in[others], w_in_base[others])
+
+
+def test_lora_and_esft_together_are_refused(base_run, capsys):
+    line = refusal(["train", "--lora-rank", "4", "--esft", "0.3", "--init-from", str(base_run)], capsys)
+    assert "choose one adapter" in line
+    line = refusal(["train", "--esft", "1.5", "--init-from", str(base_run)], capsys)
+    assert "--esft: must be in (0, 1], got 1.5" in line

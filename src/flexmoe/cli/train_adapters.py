@@ -1,25 +1,24 @@
-"""``flexmoe train --lora-rank N``: fine-tune expert adapters of a trained model, base frozen.
+"""``flexmoe train --lora-rank N`` / ``--esft P``: fine-tune expert adapters of a trained model.
 
 The base is either the main job's model from a ``flexmoe train`` run (``--init-from
 RUN_DIR``: its settings and newest checkpoint) or a ``transformers`` MoE checkpoint
-directory (``--hf-model DIR``, converted with ``flexmoe.hf.convert``). Every expert
-layer gets a LoRA adapter (``flexmoe.adapters.add_lora``), every other parameter is
-frozen, and the run trains on the same offline text as ``flexmoe train`` with its
-``--steps``, ``--batch-size``, ``--context``, ``--lr`` (warm-up and cosine), ``--seed``,
-``--log-every``, ``--eval-every`` and ``--eval-batches``. A ``transformers`` model reads
-the text's bytes modulo its vocabulary as token ids: a quick check that adapters
-train, not a recipe for a real task.
+directory (``--hf-model DIR``, converted with ``flexmoe.hf.convert``). With
+``--lora-rank`` every expert layer gets a LoRA adapter (``flexmoe.adapters.add_lora``);
+with ``--esft P`` each layer's fewest experts that take ``P`` of the routing mass of the
+first training batches get trainable copies (``esft_select``, ``esft_prepare``). Every
+other parameter is frozen, and the run trains on the same offline text as ``flexmoe
+train`` with its ``--steps``, ``--batch-size``, ``--context``, ``--lr`` (warm-up and
+cosine), ``--seed``, ``--log-every``, ``--eval-every`` and ``--eval-batches``. A
+``transformers`` model reads the text's bytes modulo its vocabulary as token ids: a
+quick check that adapters train, not a recipe for a real task.
 
 The run directory gets ``config.json`` (every setting, the adapter's under ``adapter``),
-``adapter/`` (``adapter.json``: the method and its settings,
-and ``adapter.safetensors``: ``lora_state_dict``), for ``--hf-model`` also
-``adapter-peft/`` (the files PEFT writes, loadable with ``PeftModel.from_pretrained``),
-and ``summary.json``. ``load_adapter_dir`` attaches a saved adapter to a fresh copy of
-the base; ``main_job_model`` builds the base of an ``--init-from`` run.
-
-Methods: ``lora`` now; another method (expert-specialised fine-tuning) adds a choice to
-``METHODS`` and a branch in ``attach_adapter`` / ``load_adapter_dir``. Runs on one
-worker.
+``adapter/`` (``adapter.json``: the method and its settings, and the adapter alone:
+``adapter.safetensors``, ``lora_state_dict``, or ESFT's own files with just the chosen
+experts), for a LoRA ``--hf-model`` run also ``adapter-peft/`` (the files PEFT writes,
+loadable with ``PeftModel.from_pretrained``), and ``summary.json``. ``load_adapter_dir``
+applies a saved adapter to a fresh copy of the base (an ESFT one is merged into it);
+``main_job_model`` builds the base of an ``--init-from`` run. Runs on one worker.
 """
 
 from __future__ import annotations
@@ -40,7 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flexmoe.hf
-from flexmoe.adapters import add_lora, load_lora_state_dict, lora_state_dict, save_peft_adapter
+from flexmoe.adapters import (
+    ESFTAdapter,
+    add_lora,
+    esft_prepare,
+    esft_select,
+    load_esft_adapter,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_esft_adapter,
+    save_esft_adapter,
+    save_peft_adapter,
+)
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from flexmoe.checkpoint.files import safetensors_torch
 from flexmoe.cli.options import CliError, OptionError, one_line
@@ -60,7 +70,9 @@ __all__ = [
     "run_finetune",
 ]
 
-METHODS = ("lora",)  # an --esft option adds "esft" here
+METHODS = ("lora", "esft")
+ESFT_SCORES = ("gate", "token")
+ESFT_BATCHES = 8  # training batches whose routing chooses the ESFT experts
 TARGETS = {"both": ("w_in", "w_out"), "w_in": ("w_in",), "w_out": ("w_out",)}
 ADAPTER_JSON = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -70,7 +82,7 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 class AdapterOptions:
     """What to fine-tune and from which base (exactly one of ``init_from`` and ``hf_model``)."""
 
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "esft"] = "lora"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -78,10 +90,16 @@ class AdapterOptions:
     targets: tuple[str, ...] = ("w_in", "w_out")
     init_from: Path | None = None
     hf_model: Path | None = None
+    esft_threshold: float = 0.2
+    esft_score: Literal["gate", "token"] = "gate"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise OptionError("method", f"must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 < self.esft_threshold <= 1.0:
+            raise OptionError("esft", f"must be in (0, 1], got {self.esft_threshold!r}")
+        if self.esft_score not in ESFT_SCORES:
+            raise OptionError("esft_score", f"must be one of {ESFT_SCORES}, got {self.esft_score!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise OptionError("lora_rank", f"must be an int >= 1, got {self.rank!r}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
@@ -131,6 +149,20 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora-targets", choices=tuple(TARGETS), default="both", help="projections to adapt (default: both)"
     )
     group.add_argument(
+        "--esft",
+        type=float,
+        default=None,
+        metavar="P",
+        help="expert-specialised fine-tuning instead: train each layer's fewest experts that take P of "
+        "the task's routing mass (default: none)",
+    )
+    group.add_argument(
+        "--esft-score",
+        choices=ESFT_SCORES,
+        default="gate",
+        help="ESFT's routing mass: the routing weights (gate) or the routed tokens (token) (default: gate)",
+    )
+    group.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -148,11 +180,26 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
 
 def adapter_options_from_args(args: argparse.Namespace) -> AdapterOptions | None:
     """The fine-tuning options given, or ``None`` for ordinary training; ``CliError`` when inconsistent."""
+    if args.lora_rank is not None and args.esft is not None:
+        raise CliError("argument --esft: choose one adapter, --lora-rank N or --esft P")
+    if args.esft is not None:
+        if args.lora_experts is not None:
+            raise CliError("argument --lora-experts: ESFT chooses its experts from the routing (--esft P)")
+        try:
+            return AdapterOptions(
+                method="esft",
+                esft_threshold=args.esft,
+                esft_score=args.esft_score,
+                init_from=args.init_from,
+                hf_model=args.hf_model,
+            )
+        except OptionError as error:
+            raise CliError(f"argument --{error.option.replace('_', '-')}: {error.reason}") from None
     if args.lora_rank is None:
         for name in ("init_from", "hf_model", "lora_experts"):
             if getattr(args, name) is not None:
                 flag = "--" + name.replace("_", "-")
-                raise CliError(f"argument {flag}: needs an adapter to fine-tune (--lora-rank N)")
+                raise CliError(f"argument {flag}: needs an adapter to fine-tune (--lora-rank N or --esft P)")
         return None
     experts = None
     if args.lora_experts is not None:
@@ -226,8 +273,28 @@ def _hf_model(directory: Path) -> nn.Module:
     return model
 
 
-def attach_adapter(model: nn.Module, options: AdapterOptions) -> list[nn.Parameter]:
-    """Attach the adapter ``options`` describe to every expert layer, freeze the rest; its parameters."""
+@dataclass(frozen=True)
+class Attached:
+    """An adapter attached for training: its parameters, and the ESFT adapter (what is saved) if ESFT."""
+
+    parameters: list[nn.Parameter]
+    esft: ESFTAdapter | None = None
+
+
+def attach_adapter(
+    model: nn.Module, options: AdapterOptions, batches: list[Tensor] | None = None
+) -> Attached:
+    """Attach the adapter ``options`` describe to every expert layer and freeze the rest.
+
+    ESFT chooses its experts by their routing on ``batches`` (samples of the task's data).
+    """
+    if options.method == "esft":
+        if not batches:
+            raise ValueError("batches: ESFT chooses its experts from the task's routing; give some batches")
+        selection = esft_select(model, batches, options.esft_threshold, options.esft_score)
+        adapter = esft_prepare(model, selection, options.esft_score, options.esft_threshold)
+        parameters = [p for p in adapter.parameters() if isinstance(p, nn.Parameter)]
+        return Attached(parameters, adapter)
     try:
         add_lora(
             model,
@@ -239,7 +306,7 @@ def attach_adapter(model: nn.Module, options: AdapterOptions) -> list[nn.Paramet
         )
     except ValueError as error:
         raise CliError(f"argument --lora-experts: {one_line(error)}") from None
-    return [p for p in model.parameters() if p.requires_grad]
+    return Attached([p for p in model.parameters() if p.requires_grad])
 
 
 # ---------------------------------------------------------------- the run
@@ -268,7 +335,9 @@ def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, d
         run_model = _Logits(model)
     config = dataclasses.replace(config, context=context, run_dir=run_dir)
     corpus = _in_vocabulary(load_corpus(config), _vocab(run_model))
-    trainable = attach_adapter(model, options)
+    task = [train_batch(corpus, config, step, 0, 1)[0] for step in range(1, ESFT_BATCHES + 1)]
+    attached = attach_adapter(model, options, task)
+    trainable = attached.parameters
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate(config, 1), weight_decay=0.0)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {**config.to_json(), "adapter": options.to_json()}
@@ -294,7 +363,7 @@ def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, d
             print(f"step {step:5d}  eval loss {_eval(run_model, corpus, config):.3f}")
     elapsed = time.perf_counter() - start
     final = _eval(run_model, corpus, config)
-    adapter_dir = save_adapter_dir(model, run_dir / "adapter", options)
+    adapter_dir = save_adapter_dir(model, run_dir / "adapter", options, attached.esft)
     summary: dict[str, Any] = {
         "method": options.method,
         "steps": config.steps,
@@ -304,7 +373,9 @@ def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, d
         "final_eval_loss": final,
         "adapter": str(adapter_dir),
     }
-    if options.hf_model is not None:
+    if attached.esft is not None:
+        summary["esft_experts"] = {path: list(e.expert_ids) for path, e in attached.esft.layers.items()}
+    if options.hf_model is not None and attached.esft is None:
         summary["adapter_peft"] = str(save_peft_adapter(model, run_dir / "adapter-peft"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"done: eval loss {initial:.3f} -> {final:.3f}; adapter saved to {adapter_dir}")
@@ -330,10 +401,15 @@ def _eval(run_model: nn.Module, corpus: Any, config: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------- saving
-def save_adapter_dir(model: nn.Module, directory: Path, options: AdapterOptions) -> Path:
-    """Write ``adapter.json`` and ``adapter.safetensors`` (the adapter alone) into ``directory``."""
+def save_adapter_dir(
+    model: nn.Module, directory: Path, options: AdapterOptions, esft: ESFTAdapter | None = None
+) -> Path:
+    """Write ``adapter.json`` and the adapter alone: ``adapter.safetensors`` (LoRA) or ESFT's files."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_JSON).write_text(json.dumps(options.to_json(), indent=1) + "\n")
+    if esft is not None:
+        save_esft_adapter(esft, directory)
+        return directory
     tensors = {key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
     safetensors_torch().save_file(tensors, str(directory / ADAPTER_WEIGHTS))
     return directory
@@ -348,6 +424,9 @@ def load_adapter_dir(model: nn.Module, directory: Path) -> AdapterOptions:
     for key in ("init_from", "hf_model"):
         settings[key] = None if settings[key] is None else Path(settings[key])
     options = AdapterOptions(**settings)
+    if options.method == "esft":  # the trained experts written into the base's
+        merge_esft_adapter(model, load_esft_adapter(folder))
+        return options
     attach_adapter(model, options)
     load_lora_state_dict(model, safetensors_torch().load_file(str(folder / ADAPTER_WEIGHTS)))
     return options
