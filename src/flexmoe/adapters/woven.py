@@ -40,6 +40,7 @@ class Groups:
         self.counts_G = counts_G
         self.counts_device = counts_device
         self._ends: Tensor | None = None
+        self._nonempty: tuple[Tensor, Tensor] | None = None
 
     @property
     def ends(self) -> Tensor:
@@ -47,6 +48,14 @@ class Groups:
         if self._ends is None:
             self._ends = self.counts_device.cumsum(0, dtype=torch.int32)
         return self._ends
+
+    def nonempty(self) -> tuple[Tensor, Tensor]:
+        """The non-empty groups' indices and their ``cumsum`` end offsets (int32), on the device."""
+        if self._nonempty is None:
+            index = torch.from_numpy(np.flatnonzero(self.counts_G)).to(self.counts_device.device)
+            ends = self.counts_device.index_select(0, index).cumsum(0, dtype=torch.int32)
+            self._nonempty = (index, ends)
+        return self._nonempty
 
     def group_of_row(self, num_rows: int) -> Tensor:
         """Each row's group ``[N]`` (on the device)."""
@@ -66,7 +75,13 @@ def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "
         return x_NI.new_zeros(0, w_GOI.shape[1])
     widths = (w_GOI.shape[2], w_GOI.shape[1])
     if resolve_backend(backend, x_NI.device, x_NI.dtype, widths) == "grouped_mm":
-        y: Tensor = torch._grouped_mm(x_NI.contiguous(), w_GOI.transpose(-2, -1), offs=groups.ends)
+        w, ends = w_GOI, groups.ends
+        if x_NI.device.type == "cpu" and not groups.counts_G.all():
+            # On CPU torch._grouped_mm steps through every group, empty ones included:
+            # many adapters x experts, few rows each, leave most of them empty.
+            index, ends = groups.nonempty()
+            w = w_GOI.index_select(0, index)
+        y: Tensor = torch._grouped_mm(x_NI.contiguous(), w.transpose(-2, -1), offs=ends)
         return contiguous_grad(y)
     counts = groups.counts_G
     starts = np.cumsum(counts) - counts
