@@ -176,13 +176,7 @@ def run(experts: GroupedExperts, case: Case, x, rw, grad_y, backend: str, seed: 
     torch.manual_seed(seed)
     y = experts(x, case.counts, rw, backend=backend)
     (y * grad_y).sum().backward()
-    grads = {"x": x.grad, "rw": None if rw is None else rw.grad}
-    assert experts.lora is not None
-    for name in FACTORS:
-        p = getattr(experts.lora, name)
-        grads[name] = None if p is None else p.grad
-    grads["w_in"], grads["w_out"] = experts.w_in.grad, experts.w_out.grad
-    return y, grads
+    return y, gradients(experts, x, rw)
 
 
 def reference_grads(experts: GroupedExperts, case: Case, x, rw, grad_y, masks=(None, None)):
@@ -192,13 +186,18 @@ def reference_grads(experts: GroupedExperts, case: Case, x, rw, grad_y, masks=(N
     rw = None if rw is None else rw.detach().to(torch.float64).requires_grad_(True)
     y = reference(experts, x, case.counts, rw, masks)
     (y * grad_y.to(torch.float64)).sum().backward()
+    return y, gradients(experts, x, rw)
+
+
+def gradients(experts: GroupedExperts, x, rw) -> dict:
+    """``{x, rw, A_in, ..., w_in, w_out}``: the gradients a backward left."""
     grads = {"x": x.grad, "rw": None if rw is None else rw.grad}
     assert experts.lora is not None
     for name in FACTORS:
         p = getattr(experts.lora, name)
         grads[name] = None if p is None else p.grad
     grads["w_in"], grads["w_out"] = experts.w_in.grad, experts.w_out.grad
-    return y, grads
+    return grads
 
 
 def assert_close_grads(got: dict, want: dict) -> None:

@@ -134,6 +134,14 @@ class LocalExperts:
         """
         if torch.compiler.is_compiling() and isinstance(self.experts, GroupedExperts):
             return self._run_static(x_TD, route, call)
+        layout, x_ND, row_weights_N = self.dispatch(x_TD, route, call)
+        y_ND = run_experts(self.experts, x_ND, layout.counts, row_weights_N)
+        return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
+
+    def dispatch(
+        self, x_TD: Tensor, route: RouterOutput, call: Call
+    ) -> tuple[DispatchLayout, Tensor, Tensor]:
+        """The call's layout (capacity, drops), its expert-major rows and their routing weights."""
         layout = make_layout(
             route.expert_ids_TK,
             route.weights_TK,
@@ -143,8 +151,7 @@ class LocalExperts:
             route.valid_TK,
         )
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
-        y_ND = run_experts(self.experts, permute(x_TD, layout), layout.counts, row_weights_N)
-        return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
+        return layout, permute(x_TD, layout), row_weights_N
 
     def _run_static(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput:
         assert isinstance(self.experts, GroupedExperts)

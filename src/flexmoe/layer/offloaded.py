@@ -20,7 +20,6 @@ from contextlib import closing
 import torch
 from torch import Tensor, nn
 
-from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache
 from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn
@@ -90,16 +89,7 @@ class OffloadedExperts(LocalExperts):
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Dispatch, fetch the active experts through the cache, compute each one's rows."""
         self.check_budget(call.top_k)
-        layout = make_layout(
-            route.expert_ids_TK,
-            route.weights_TK,
-            self.num_experts,
-            call.capacity_factor,
-            self.batch_prioritized,
-            route.valid_TK,
-        )
-        row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
-        x_ND = permute(x_TD, layout)
+        layout, x_ND, row_weights_N = self.dispatch(x_TD, route, call)
         counts = layout.counts
         starts = [0]
         for count in counts:
