@@ -55,12 +55,10 @@ def test_top_p_routing_trains_and_logs_experts_per_token(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["top_p"] == 0.3
 
 
-def test_adaptive_routing_on_two_workers(tmp_path):
-    run = tmp_path / "run"
-    adaptive = ["--top-k", "3", "--top-p", "0.3", "--target-experts", "1.5", "--zero-experts", "skip"]
-    command = ["train", "--workers", "2", *SMALL, *adaptive, "--run-dir", str(run)]
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m flexmoe.cli ARGS`` in a fresh process (workers need one); it must succeed."""
     result = subprocess.run(
-        [sys.executable, "-m", "flexmoe.cli", *command],
+        [sys.executable, "-m", "flexmoe.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -68,6 +66,14 @@ def test_adaptive_routing_on_two_workers(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_adaptive_routing_on_two_workers(tmp_path):
+    run = tmp_path / "run"
+    adaptive = ["--top-k", "3", "--top-p", "0.3", "--target-experts", "1.5", "--zero-experts", "skip"]
+    command = ["train", "--workers", "2", *SMALL, *adaptive, "--run-dir", str(run)]
+    result = run_cli(*command)
     assert "2 worker(s)" in result.stdout and "done: 6 steps" in result.stdout, result.stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     layers = [layer for r in records if "loss" in r for layer in r["layers"]]
@@ -130,31 +136,20 @@ def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, 
     # one worker, and a one-worker checkpoint resumes on two: the loss after loading matches.
     two = tmp_path / "two"
     # `scripts/main.sh` is this command after setting up .venv (which a test must not touch).
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flexmoe.cli",
-            "train",
-            "--workers",
-            "2",
-            *SMALL,
-            "--plan-d",
-            "2",
-            "--exchange",
-            "2dh",
-            "--reroute",
-            "shadow",
-            "--run-dir",
-            str(two),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = run_cli(
+        "train",
+        "--workers",
+        "2",
+        *SMALL,
+        "--plan-d",
+        "2",
+        "--exchange",
+        "2dh",
+        "--reroute",
+        "shadow",
+        "--run-dir",
+        str(two),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "2 worker(s)" in out and "8 experts over 2 workers (4 per worker)" in out, out
     assert "step     6" in out and "done: 6 steps" in out, out
@@ -170,30 +165,20 @@ def test_main_job_on_two_workers_and_checkpoints_across_worker_counts(tmp_path, 
 
     # And back: the one-worker checkpoint on two workers.
     again = tmp_path / "again"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flexmoe.cli",
-            "train",
-            "--workers",
-            "2",
-            *SMALL,
-            "--steps",
-            "9",  # two more steps, with the online tuner
-            "--plan",
-            "auto",
-            "--resume",
-            str(one),
-            "--run-dir",
-            str(again),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    result = run_cli(
+        "train",
+        "--workers",
+        "2",
+        *SMALL,
+        "--steps",
+        "9",  # two more steps, with the online tuner
+        "--plan",
+        "auto",
+        "--resume",
+        str(one),
+        "--run-dir",
+        str(again),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "plan auto (the online tuner)" in result.stdout, result.stdout
     tuned = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
     assert any(layer["tuner"] == "search" for r in tuned if "layers" in r for layer in r["layers"])
