@@ -3,7 +3,7 @@
 For each case, in one run: time per step (median of interleaved repeats), achieved
 GFLOP/s, percentage of this machine's dense-GEMM throughput (measured in the same run),
 for memory-bound cases the percentage of the bandwidth roofline (bytes of expert
-weights touched / measured read bandwidth), and the ratio against transformers'
+weights touched / the read bandwidth of the experts' weights, timed in the same rounds), and the ratio against transformers'
 ``MixtralSparseMoeBlock`` holding the same weights, in each of its experts
 implementations (``eager``, ``grouped_mm``), when transformers is installed. Cases without
 gradients also time ``flexmoe[prepared]``: the same layer and weights after the opt-in
@@ -254,8 +254,17 @@ def run_case(
     a, b, out = (torch.randn(size, size, dtype=compute) for _ in range(3))
     gemm_reps = max(1, round(flops / (2 * size**3)))
     candidates["dense GEMM"] = lambda: [torch.mm(a, b, out=out) for _ in range(gemm_reps)]
+    read_bandwidth = limits.read_bandwidth
+    if not case.train:
+        # The roofline's bandwidth, timed in the same rounds: a streaming read of every
+        # expert's weights in the compute dtype (the bytes the step must read, and more).
+        stored = [w.detach().to(compute) for w in (layer.experts.w_in, layer.experts.w_out)]
+        stored_bytes = sum(w.numel() * w.element_size() for w in stored)
+        candidates["read weights"] = lambda: [w.sum() for w in stored]
     timings = measure_interleaved(candidates, warmup=1, repeats=repeats)
     gemm_flops = 2 * size**3 * gemm_reps / timings.pop("dense GEMM").median
+    if not case.train:
+        read_bandwidth = stored_bytes / timings.pop("read weights").median
     paired = {}
     if "flexmoe[compiled]" in timings:
         ours = timings["flexmoe[compiled]"]
@@ -273,13 +282,14 @@ def run_case(
             "pct_dense_gemm": 100 * flops / t / gemm_flops,
         }
         if not case.train:
-            row["pct_bandwidth_roofline"] = 100 * (weight_bytes / limits.read_bandwidth) / t
+            row["pct_bandwidth_roofline"] = 100 * (weight_bytes / read_bandwidth) / t
         for impl in hf_blocks:
             row[f"speedup_vs_hf_{impl}"] = timings[f"hf[{impl}]"].median / t
         rows[name] = row
     return {
         "case": case.__dict__,
         "dense_gemm_gflops": gemm_flops / 1e9,
+        "read_bandwidth_gbs": read_bandwidth / 1e9,
         "flops_per_step": flops,
         "expert_weight_bytes_touched": weight_bytes,
         "active_experts": active,
@@ -295,7 +305,9 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         f"  {result['flops_per_step'] / 1e9:.1f} GFLOP/step, {result['active_experts']} active experts, "
         f"load max/mean {result['load_max_over_mean']:.2f}, "
         f"expert weights touched {result['expert_weight_bytes_touched'] / 1e9:.2f} GB; "
-        f"dense GEMM {result['dense_gemm_gflops']:.1f} GFLOP/s (timed alongside)"
+        f"dense GEMM {result['dense_gemm_gflops']:.1f} GFLOP/s"
+        + ("" if case.train else f", read bandwidth {result['read_bandwidth_gbs']:.1f} GB/s")
+        + " (timed alongside)"
     )
     header = f"  {'impl':<18}{'ms/step':>10}{'GFLOP/s':>10}{'% GEMM':>9}"
     if not case.train:

@@ -221,6 +221,20 @@ def test_router_runs_in_fp32_under_autocast() -> None:
     torch.testing.assert_close(route.logits_TE, x @ layer.router.weight.t(), atol=1e-6, rtol=1e-6)
 
 
+def test_tokens_reach_the_experts_in_autocast_dtype() -> None:
+    # Cast before the permutation: T rows cast, K copies of each moved in bf16.
+    layer = make_layer()
+    seen: list[torch.dtype] = []
+    layer.experts.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x = torch.randn(5, D, requires_grad=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert seen == [torch.bfloat16]
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    layer(torch.randn(5, D))
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 # ----------------------------------------------------------------- state_dict
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "cosine"])
 def test_state_dict_round_trip(router: str) -> None:

@@ -380,7 +380,7 @@ class MoELayer(ExpertPlacementMethods):
         resolver = self.expert_resolver
         out = None if resolver is None else resolver.run(x_TD, routed, call)
         if out is None:
-            out = strategy.run(x_TD, routed, call, header)
+            out = strategy.run(self._experts_input(x_TD, strategy), routed, call, header)
         # 4. combine: the per-token sum of the weighted expert rows
         y_TD = out.combine()
         if zero_experts:
@@ -395,6 +395,22 @@ class MoELayer(ExpertPlacementMethods):
             source = dataclasses.replace(source, zero_expert_choices=choices[self.config.num_experts :])
         self._record(source)
         return strategy.end(y_TD).reshape(x.shape)
+
+    def _experts_input(self, x_TD: Tensor, strategy: object) -> Tensor:
+        """``x_TD`` in the dtype the local grouped experts compute in.
+
+        Under autocast they compute in its dtype: casting the tokens before the permutation
+        moves half the bytes and casts ``T`` rows instead of ``T * K`` (the router has
+        already read ``x_TD`` in its own precision).
+        """
+        device_type = x_TD.device.type
+        if (
+            type(strategy) is LocalExperts
+            and isinstance(self.experts, GroupedExperts)
+            and torch.is_autocast_enabled(device_type)
+        ):
+            return x_TD.to(torch.get_autocast_dtype(device_type))
+        return x_TD
 
     def _zero_experts(self, x_TD: Tensor, route: RouterOutput) -> Tensor:
         """What the zero-computation experts add: ``w * x`` (copy), ``w * c`` (constant), nothing (skip)."""
