@@ -3,9 +3,10 @@
 For each case, in one run: time per step (median of interleaved repeats), achieved
 GFLOP/s, percentage of this machine's dense-GEMM throughput (measured in the same run),
 for memory-bound cases the percentage of the bandwidth roofline (bytes of expert
-weights touched / the read bandwidth of the experts' weights, timed in the same rounds), and the ratio against transformers'
-``MixtralSparseMoeBlock`` holding the same weights, in each of its experts
-implementations (``eager``, ``grouped_mm``), when transformers is installed. Cases without
+weights touched / the read bandwidth of a streaming read of the experts' weights, timed
+in the same rounds), and the ratio against transformers' ``MixtralSparseMoeBlock``
+holding the same weights, in each of its experts implementations (``eager``,
+``grouped_mm``), when transformers is installed. Cases without
 gradients also time ``flexmoe[prepared]``: the same layer and weights after the opt-in
 ``experts.prepare_for_inference()`` (oneDNN-packed weight copies, see flexmoe.experts.packed).
 ``GEMMs only[seq|par]`` time the step's expert GEMMs alone on its real per-expert row
