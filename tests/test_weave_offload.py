@@ -19,10 +19,15 @@ from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
 from flexmoe.adapters import ESFTAdapter, ESFTExperts, ExpertWeave, add_lora, lora_adapters, use
+from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import quantize_int8
+from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.hf import load_offloaded, offload_stats
 from flexmoe.layer.local import LocalExperts
+from flexmoe.layer.offloaded import offload_experts
 from tests.hf_tiny import VOCAB, tiny_model
+from tests.test_weave import Case, build, cases
+from tests.test_weave import weave as weave_layer
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3"]
 
@@ -266,3 +271,62 @@ def test_other_strategies_are_refused(strategy, message):
     layer.strategy = strategy(layer.experts, 4, False)
     with pytest.raises(NotImplementedError, match=message):
         ExpertWeave(layer)
+
+
+class MemoryStore:
+    """One layer's float experts handed out by the cache as they are (an ``ExpertStore``)."""
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
+        self.w_in, self.w_out = w_in.detach().clone(), w_out.detach().clone()
+
+    def nbytes(self, key: ExpertKey) -> int:
+        return (self.w_in[0].numel() + self.w_out[0].numel()) * self.w_in.element_size()
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        return self.w_in[key[1]], self.w_out[key[1]]
+
+
+@given(
+    case=cases().filter(lambda case: not case.bias),  # offloaded experts have no biases
+    int8=st.booleans(),
+    spare=st.integers(0, 3),
+    prefetch=st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_offloaded_layer_equals_the_in_memory_layer(
+    case: Case, int8: bool, spare: int, prefetch: bool
+) -> None:
+    """A layer's weave with its experts in a budgeted cache: outputs and input and router gradients."""
+    base, adapters, _ = build(case)
+    offloaded = copy.deepcopy(base)
+    w_in, w_out = base.experts.w_in, base.experts.w_out
+    store: MemoryStore | Int8MemoryStore = MemoryStore(w_in, w_out)
+    if int8:  # the reference computes from the same int8 values, dequantized
+        store = Int8MemoryStore([(w_in.detach(), w_out.detach())])
+        with torch.no_grad():
+            for w in (w_in, w_out):
+                q, scale = quantize_int8(w)
+                w.copy_(q.float() * scale[..., None])
+    budget = (case.top_k + spare) * store.nbytes((0, 0))
+    offload_experts(offloaded, ExpertCache(store, 1, budget, prefetch=prefetch), 0, store.nbytes((0, 0)))
+    weave_layer(base, adapters)
+    weave_layer(offloaded, adapters)
+    grad_y = torch.randn(len(case.ids), case.S, case.D)
+    grads = not int8  # torch's int8 kernel has no backward (offloaded experts are for inference)
+    for _step in range(2):  # the second call finds some experts resident: another serving order
+        x = torch.randn(len(case.ids), case.S, case.D, requires_grad=grads)
+        x_ref = x.detach().clone().requires_grad_(grads)
+        with use(offloaded, case.ids):
+            y = offloaded(x)
+        with use(base, case.ids):
+            y_ref = base(x_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        if grads:
+            (y * grad_y).sum().backward()
+            (y_ref * grad_y).sum().backward()
+            torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    if grads:
+        torch.testing.assert_close(
+            offloaded.router.weight.grad, base.router.weight.grad, rtol=1e-4, atol=1e-5
+        )
+    assert offloaded.strategy.cache.stats.peak_resident_bytes <= budget
