@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
-from flexmoe.adapters import ESFTAdapter, ESFTExperts, ExpertWeave, add_lora, lora_adapters, use
+from flexmoe.adapters import ESFTAdapter, ESFTExperts, ExpertWeave, add_lora, esft_prepare, lora_adapters, use
 from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import quantize_int8
 from flexmoe.experts.store import Int8MemoryStore
@@ -129,6 +129,7 @@ def test_mixed_batch_and_generate_equal_the_in_memory_weave(saved, family, budge
     assert stats.lookups > 0 and stats.hits + stats.misses == stats.lookups
     assert stats.reads > 0 and stats.bytes_read == stats.reads * each
     assert stats.predicted > 0 and stats.predicted_used > 0  # the next layer's experts were predicted
+    assert stats.prefetch_reads > 0  # ... and read ahead
     if budget is not None:
         assert stats.peak_resident_bytes <= budget
         assert stats.evictions > 0
@@ -330,3 +331,14 @@ def test_offloaded_layer_equals_the_in_memory_layer(
             offloaded.router.weight.grad, base.router.weight.grad, rtol=1e-4, atol=1e-5
         )
     assert offloaded.strategy.cache.stats.peak_resident_bytes <= budget
+
+
+def test_fine_tuning_offloaded_experts_is_refused(saved):
+    model = load_offloaded(saved["qwen3_moe"], expert_budget=None)
+    with pytest.raises(
+        ValueError, match=r"add_lora: the experts of model\.layers\.0\.mlp\.moe\.experts are offloaded"
+    ):
+        add_lora(model, rank=2)
+    with pytest.raises(ValueError, match=r"esft_prepare: the experts of .* are offloaded"):
+        esft_prepare(model, {"model.layers.1.mlp.moe.experts": [2]})
+    assert all(layer.experts.lora is None for layer in model.modules() if isinstance(layer, flexmoe.MoELayer))
