@@ -101,11 +101,3 @@ def test_fine_tune_save_and_serve_many_with_generate(tmp_path) -> None:
     remove_weave(base)
     with torch.no_grad():
         torch.testing.assert_close(base(prompts).logits, own["base"](prompts).logits)
-
-
-def test_offloaded_experts_are_refused(tmp_path) -> None:
-    model = AutoModelForCausalLM.from_config(CONFIG)
-    model.save_pretrained(tmp_path)
-    offloaded = flexmoe.hf.load_offloaded(tmp_path, expert_budget=None, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="offloaded experts are not supported yet"):
-        ExpertWeave(offloaded)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, experts_of_layers
+from flexmoe.adapters.lora import check_in_memory
 from flexmoe.adapters.weave import ExpertWeave, weave_of
 
 __all__ = ["esft_prepare"]
@@ -47,6 +48,7 @@ def esft_prepare(
     chosen = {}
     for path, ids in selection.items():
         experts = layers[path][1]
+        check_in_memory(path, experts, "esft_prepare")
         ids = sorted({int(e) for e in ids})
         if not ids:
             continue

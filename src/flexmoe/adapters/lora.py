@@ -90,6 +90,7 @@ def add_lora(
     else:
         chosen = dict.fromkeys(found, experts)
     for path in chosen:
+        check_in_memory(path, found[path], "add_lora")
         if found[path].lora is not None:
             raise ValueError(f"{path or 'the experts'} already has a LoRA adapter; remove_lora() it first")
         layer = spread.get(path)
@@ -125,6 +126,19 @@ def add_lora(
     for path, adapter in adapters.items():
         found[path].lora = adapter
     return adapters
+
+
+def check_in_memory(path: str, experts: GroupedExperts, what: str) -> None:
+    """Raise ``ValueError`` where ``experts`` are offloaded (``flexmoe.hf.load_offloaded``): nothing to train.
+
+    Offloading empties the expert Parameters (no rows at all), which a layer never has
+    otherwise (under expert parallelism every rank stores at least one expert).
+    """
+    if experts.w_in.shape[0] == 0 and experts.num_experts > 0:
+        raise ValueError(
+            f"{what}: the experts of {path or 'the layer'} are offloaded (load_offloaded) and cannot be "
+            "fine-tuned; fine-tune the model loaded in memory, then serve the adapter with ExpertWeave"
+        )
 
 
 def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA:

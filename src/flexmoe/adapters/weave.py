@@ -15,6 +15,12 @@ experts' groups runs the base and LoRA rows on the base weights as they are (the
 terms on their sub-segments, ``flexmoe.adapters.woven``), and one over the ESFT stack
 runs the ESFT rows. Calls whose tokens all use the base (``-1``) run the layer as before.
 
+A layer whose experts are offloaded (``flexmoe.layer.offloaded``, ``flexmoe.hf.load_offloaded``)
+has no stacked base weights: its base experts with base or LoRA rows are asked of its
+``ExpertCache`` (which also prefetches the next layer's predicted experts) and each
+computes its rows as it arrives (``flexmoe.adapters.woven_offloaded``); the adapters'
+own tensors stay in the weave, outside the cache's budget.
+
 The per-sequence adapter ids reach every layer through ``use(model, adapter_ids)``; each
 layer expands them to its tokens (``T / B`` consecutive tokens per sequence, the
 ``[B, S, D]`` row-major order of a batch), so prompt and decode steps of ``generate``
@@ -23,8 +29,8 @@ work alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,20 +39,24 @@ from torch import Tensor, nn
 
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, check_adapter_fits, experts_of_layers
 from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn
+from flexmoe.adapters.woven_offloaded import served_woven_ffn
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.backends import grouped_ffn
+from flexmoe.experts.cache import ExpertWeights
 from flexmoe.experts.ffn import resolve_backend
 from flexmoe.experts.lora import ExpertLoRA
 from flexmoe.layer import MoELayer
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts
+from flexmoe.layer.offloaded import OffloadedExperts, compute_dtype
 from flexmoe.layer.stats import ExpertStep
 from flexmoe.routing import RouterOutput
 
 __all__ = ["ExpertWeave", "LayerWeave", "remove_weave", "use", "weave_of"]
 
 ESFT_NAMES = ("w_in", "w_out", "b_in", "b_out")
+Served = Iterable[tuple[int, ExpertWeights]]  # (base expert, its weights) as an ExpertCache serves them
 
 
 @dataclass
@@ -75,6 +85,9 @@ class LayerWeave:
         self.path = path
         self.num_experts = experts.num_experts
         self.num_adapters = 0
+        # an offloaded layer: its base experts are read through its cache (fetch), never stacked
+        strategy = layer.strategy
+        self.offloaded = strategy if isinstance(strategy, OffloadedExperts) else None
         self.esft: dict[str, Tensor] = {}
         self.esft_slots: list[tuple[int, int]] = []  # (adapter, expert), in stack order
         self.lora: dict[tuple[str, int], LoRAStack] = {}
@@ -204,7 +217,14 @@ class LayerWeave:
         layout = make_layout(virtual_TK, route.weights_TK, self.num_virtual, 0.0, False, route.valid_TK)
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         counts = Groups(np.asarray(layout.counts, dtype=np.int64), layout.tokens_per_expert_E)
-        y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N)
+        if self.offloaded is None:
+            y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N)
+        else:
+            # the base experts with base or LoRA rows come from the cache (an ESFT-replaced one is not read)
+            self.offloaded.check_budget(call.top_k)
+            active = np.unique(self.base_of_main[counts.counts_G[: self.num_main] > 0]).tolist()
+            with closing(self.offloaded.fetch(x_TD, active)) as served:
+                y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N, served)
         step = ExpertStep(
             num_tokens=T,
             capacity=None,
@@ -221,14 +241,20 @@ class LayerWeave:
         totals = torch.zeros(self.num_experts, dtype=counts_V.dtype, device=counts_V.device)
         return totals.index_add_(0, self.base_of_virtual_V.to(counts_V.device), counts_V)
 
-    def compute(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
-        """The weighted expert rows (``counts``: rows per virtual expert): the base-weight part, then ESFT."""
+    def compute(
+        self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor, served: Served | None = None
+    ) -> Tensor:
+        """The weighted expert rows (``counts``: rows per virtual expert): the base-weight part, then ESFT.
+
+        ``served``: the base experts' weights as an offloaded layer's cache serves them
+        (``None``: the layer's own stacked weights).
+        """
         M = self.num_main
         n_main = int(counts.counts_G[:M].sum())
         outputs = []
         if n_main:
             main = Groups(counts.counts_G[:M], counts.counts_device[:M])
-            outputs.append(self.compute_main(x_ND[:n_main], main, row_weights_N[:n_main]))
+            outputs.append(self.compute_main(x_ND[:n_main], main, row_weights_N[:n_main], served))
         if n_main < x_ND.shape[0]:
             esft = Groups(counts.counts_G[M:], counts.counts_device[M:])
             outputs.append(self.compute_esft(x_ND[n_main:], esft, row_weights_N[n_main:]))
@@ -236,8 +262,10 @@ class LayerWeave:
             return x_ND.new_zeros(x_ND.shape)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def compute_main(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
-        """Base and LoRA rows on the base weights, grouped by base expert."""
+    def compute_main(
+        self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor, served: Served | None = None
+    ) -> Tensor:
+        """Base and LoRA rows on the base weights, grouped by base expert (``served``: see ``compute``)."""
         experts = self.experts
         counts_M, counts_M_dev = counts.counts_G, counts.counts_device
         group_counts_E = np.bincount(self.base_of_main, weights=counts_M, minlength=self.num_experts)
@@ -255,6 +283,17 @@ class LayerWeave:
             if rows_n.numel():
                 A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
                 parts.append(LoRAPart(stack.target, rows_n, slots, A, B))
+        if served is not None:  # offloaded: each expert as the cache serves it
+            dtype = compute_dtype(x_ND)
+            return served_woven_ffn(
+                x_ND.to(dtype),
+                groups,
+                served,
+                experts.activation,
+                row_weights_N.to(dtype),
+                parts,
+                experts.backend,
+            )
         if not parts:  # no LoRA rows in this call: the experts' own forward (every backend)
             y: Tensor = experts(x_ND, group_counts_E.astype(np.int64).tolist(), row_weights_N)
             return y
@@ -336,13 +375,15 @@ class ExpertWeave:
     """Any number of LoRA and ESFT adapters served on one base model, mixed within a batch.
 
     ``ExpertWeave(model)`` installs itself on every ``MoELayer`` of ``model`` (its grouped
-    experts must all be in this process: not spread over ranks, not offloaded, no unmerged
-    LoRA adapter attached). ``add_lora`` / ``add_esft`` return the new adapter's id
-    (``0, 1, ...``); ``use(adapter_ids)`` (or ``flexmoe.adapters.use(model, ...)``) sets one
-    id per sequence for the calls inside it (``-1`` or ``None``: the base model).
+    experts must all be in this process, in memory or offloaded to an expert cache: not
+    spread over ranks, no unmerged LoRA adapter attached). ``add_lora`` / ``add_esft``
+    return the new adapter's id (``0, 1, ...``); ``use(adapter_ids)`` (or
+    ``flexmoe.adapters.use(model, ...)``) sets one id per sequence for the calls inside it
+    (``-1`` or ``None``: the base model).
 
     Memory: the base is never copied; the weave holds each adapter's own parameters
-    (stacked per layer) plus a small index map (``adapter_bytes``, ``index_bytes``). Add
+    (stacked per layer) plus a small index map (``adapter_bytes``, ``index_bytes``), in
+    memory even where the base experts are offloaded (outside the cache's budget). Add
     adapters after moving the model to its device and dtype: they are stored like the
     experts' weights at the time they are added.
     """
@@ -463,10 +504,10 @@ def refuse_layer(path: str, layer: MoELayer, experts: GroupedExperts) -> None:
         raise NotImplementedError(
             f"{path}: multi-adapter serving of experts spread over ranks is not supported yet"
         )
-    if type(layer.strategy) is not LocalExperts:
+    if type(layer.strategy) not in (LocalExperts, OffloadedExperts):
         raise NotImplementedError(
-            f"{path}: multi-adapter serving needs every expert resident in this process; this layer runs "
-            f"{type(layer.strategy).__name__} (offloaded experts are not supported yet)"
+            f"{path}: multi-adapter serving needs every expert in this process or in its expert cache; "
+            f"this layer runs {type(layer.strategy).__name__}"
         )
     if experts.lora is not None and not experts.lora.merged:
         raise ValueError(

@@ -15,13 +15,14 @@ cache holds as int8 (``Int8Weight``) are computed from the int8 values directly.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from contextlib import closing
 
 import torch
 from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
-from flexmoe.experts.cache import ExpertCache
+from flexmoe.experts.cache import ExpertCache, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
@@ -95,12 +96,9 @@ class OffloadedExperts(LocalExperts):
         for count in counts:
             starts.append(starts[-1] + count)
         active = [e for e, count in enumerate(counts) if count > 0]
-        # 1. ask for this layer's experts: the misses start reading now
-        served = self.cache.use(self.layer_index, active)
-        # 2. ExpertFlow: the next layer's router on these hidden states predicts its experts
-        if self.next_layer is not None:
-            self.cache.prefetch(self.layer_index + 1, self._predicted(x_TD, self.next_layer))
-        # 3. each expert's rows as soon as its weights are here
+        # 1. this layer's experts (their misses start reading now), the next layer's predicted
+        served = self.fetch(x_TD, active)
+        # 2. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
         experts = self.grouped
         with closing(served):
@@ -115,6 +113,20 @@ class OffloadedExperts(LocalExperts):
                 outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
+
+    def fetch(self, x_TD: Tensor, active: list[int]) -> Generator[tuple[int, ExpertWeights], None, None]:
+        """Ask the cache for this layer's ``active`` experts: ``(expert, weights)`` once each, resident first.
+
+        The misses start reading at once; then (ExpertFlow) the next layer's router on
+        this layer's input ``x_TD`` predicts that layer's experts, which are read in the
+        background. Each expert stays pinned until the next is asked for: close the
+        generator when done (``contextlib.closing``). Used by ``run`` and by expert
+        resolvers that compute this layer's experts themselves (``flexmoe.adapters``).
+        """
+        served = self.cache.use(self.layer_index, active)
+        if self.next_layer is not None:
+            self.cache.prefetch(self.layer_index + 1, self._predicted(x_TD, self.next_layer))
+        return served
 
     @staticmethod
     def _predicted(x_TD: Tensor, layer: MoELayer) -> list[int]:
