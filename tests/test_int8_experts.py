@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
-from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn, int8_linear, quantize_int8
+from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
+from flexmoe.experts.served import served_expert_ffn
 from flexmoe.hf import load_offloaded, offload_stats, quantize_experts
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
@@ -77,7 +78,7 @@ def test_int8_expert_equals_dequantized_fp64_reference(tokens, D, F_, activation
     w_out = Int8Weight.quantize(torch.randn(D, F_, generator=generator))
     x = torch.randn(tokens, D, generator=generator).to(dtype)
     row_weights = torch.rand(tokens, generator=generator)
-    y = int8_expert_ffn(x, w_in, w_out, activation, row_weights)
+    y = served_expert_ffn(x, w_in, w_out, activation, row_weights)
     assert y.dtype == dtype and y.shape == (tokens, D)
     expected = reference_ffn(x, w_in, w_out, activation, row_weights)
     scale = 1 + expected.abs().max().item() if tokens else 1

@@ -20,13 +20,12 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.adapters.woven import Groups, LoRAPart
 from flexmoe.experts.activations import activate
 from flexmoe.experts.cache import ExpertWeights
-from flexmoe.experts.int8 import Int8Weight, int8_linear
+from flexmoe.experts.served import served_linear
 
 __all__ = ["served_woven_ffn"]
 
@@ -44,7 +43,7 @@ def served_woven_ffn(
 
     ``groups``: rows per base expert (``E`` groups, base and LoRA rows of an expert
     consecutive); ``served``: ``(expert, (w_in [H, D], w_out [D, F]))`` once for every
-    expert with rows, in any order (float in ``x``'s dtype, or ``Int8Weight``); ``parts``:
+    expert with rows, in any order (float in ``x``'s dtype, ``Int8Weight`` or ``PackedWeight``); ``parts``:
     the LoRA stacks' shares of the call, as for ``woven_ffn``. ``backend``: ``"loop"``
     runs the LoRA GEMMs one slot at a time, anything else with ``torch._grouped_mm``
     where it runs (``woven_ffn``'s rule).
@@ -66,11 +65,11 @@ def served_woven_ffn(
     activations: dict[int, Tensor] = {}
     for j, (w_in, w_out) in served:
         rows = slice(int(starts[j]), int(ends[j]))
-        h_nH = linear(x_ND[rows], w_in)
+        h_nH = served_linear(x_ND[rows], w_in)
         if delta_NH is not None:
             h_nH = h_nH + delta_NH[rows]
         a_nF = activate(h_nH, activation) * row_weights_N[rows, None]
-        outputs[j] = linear(a_nF, w_out)
+        outputs[j] = served_linear(a_nF, w_out)
         if keep_activations:
             activations[j] = a_nF
     order = np.flatnonzero(groups.counts_G).tolist()
@@ -86,10 +85,3 @@ def served_woven_ffn(
             if part.target == "w_out":
                 y_ND = y_ND.index_add(0, part.rows_n, part.delta(a_NF, lora_backend))
     return y_ND
-
-
-def linear(x_NI: Tensor, weight: Tensor | Int8Weight) -> Tensor:
-    """``x @ w^T`` for a float or int8 weight ``[O, I]`` (int8: ``flexmoe.experts.int8.int8_linear``)."""
-    if isinstance(weight, Int8Weight):
-        return int8_linear(x_NI, weight)
-    return F.linear(x_NI, weight.to(x_NI.dtype))

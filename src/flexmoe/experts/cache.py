@@ -43,12 +43,14 @@ from typing import Literal, Protocol
 from torch import Tensor
 
 from flexmoe.experts.int8 import Int8Weight
+from flexmoe.experts.packed import PackedWeight
 
 __all__ = ["POLICIES", "CacheStats", "ExpertCache", "ExpertKey", "ExpertStore", "ExpertWeights", "Policy"]
 
 ExpertKey = tuple[int, int]  # (layer, expert)
-# (w_in [H, D], w_out [D, F]): in the model's dtype, or int8 with per-output-channel scales
-ExpertWeights = tuple[Tensor, Tensor] | tuple[Int8Weight, Int8Weight]
+# (w_in [H, D], w_out [D, F]): in the model's dtype, int8 with per-output-channel scales,
+# or packed by oneDNN
+ExpertWeights = tuple[Tensor, Tensor] | tuple[Int8Weight, Int8Weight] | tuple[PackedWeight, PackedWeight]
 Policy = Literal["predictive", "lru", "lfu"]
 POLICIES: tuple[str, ...] = ("predictive", "lru", "lfu")
 

@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexmoe.experts.activations import activate
-
-__all__ = ["SCALE_SUFFIX", "Int8Weight", "int8_expert_ffn", "int8_linear", "quantize_int8"]
+__all__ = ["SCALE_SUFFIX", "Int8Weight", "int8_linear", "quantize_int8"]
 
 SCALE_SUFFIX = "_scale"  # a quantized tensor ``name`` has its scales in ``name + SCALE_SUFFIX``
 _INT8_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -104,17 +102,3 @@ def _int8_kernel_takes(x_NI: Tensor) -> bool:
     if x_NI.device.type != "cpu" or x_NI.dtype not in _INT8_MM_DTYPES or x_NI.shape[0] == 0:
         return False
     return x_NI.dtype == torch.float32 or x_NI.shape[1] % 16 == 0
-
-
-def int8_expert_ffn(
-    x_ND: Tensor, w_in: Int8Weight, w_out: Int8Weight, activation: str, row_weights_N: Tensor | None = None
-) -> Tensor:
-    """One expert on its rows: ``(act(x @ w_in^T) * row_weight) @ w_out^T``, ``[N, D] -> [N, D]``.
-
-    ``w_in`` is ``[H, D]`` (``[gate; up]`` for gated activations), ``w_out`` ``[D, F]``;
-    the same math as the grouped experts' reference loop, with int8 weights.
-    """
-    a_NF = activate(int8_linear(x_ND, w_in), activation)
-    if row_weights_N is not None:
-        a_NF = a_NF * row_weights_N.unsqueeze(1).to(a_NF.dtype)
-    return int8_linear(a_NF, w_out)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +54,14 @@ from flexmoe.experts.backends import weighted_activation
 from flexmoe.experts.segments import for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
-__all__ = ["MAX_PACKED_ROWS", "PackedExpertWeights", "packed_ffn_inference", "packed_inference_supported"]
+__all__ = [
+    "MAX_PACKED_ROWS",
+    "PackedExpertWeights",
+    "PackedWeight",
+    "packed_ffn_inference",
+    "packed_inference_supported",
+    "packed_linear",
+]
 
 ROWS_HINT = 4  # the batch size oneDNN packs for: best measured for 2-16 rows (1, 8, 16 and none: no better)
 MAX_PACKED_ROWS = 128  # beyond this MKL on the plain weights is as fast (and from ~256 rows, faster)
@@ -91,6 +99,38 @@ def _pack(weight: Tensor) -> Tensor:
 def _linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     y: Tensor = torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
     return y
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One weight ``[O, I]`` held only as oneDNN's packed copy, for inference on the CPU.
+
+    Packed for one row at a time (decoding): a one-row product then runs about 1.6x
+    faster than the BLAS call on the plain bf16 weight, and a few hundred rows as fast.
+    It holds about the bytes of the plain weight (``nbytes`` counts those).
+    """
+
+    packed: Tensor
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @classmethod
+    def pack(cls, weight: Tensor) -> PackedWeight:
+        """``weight [O, I]`` packed (check ``packed_inference_supported`` first)."""
+        packed: Tensor = torch.ops.mkldnn._reorder_linear_weight.default(weight.contiguous(), 1)
+        return cls(packed, (int(weight.shape[0]), int(weight.shape[1])), weight.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the plain weight (the packed layout adds at most its padding)."""
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+
+def packed_linear(x_NI: Tensor, weight: PackedWeight) -> Tensor:
+    """``x @ w^T`` for a packed weight, in the weight's dtype: ``[N, I] -> [N, O]``."""
+    if x_NI.shape[0] == 0:
+        return x_NI.new_zeros(0, weight.shape[0], dtype=weight.dtype)
+    return _linear(x_NI.to(weight.dtype).contiguous(), weight.packed, None)
 
 
 class PackedExpertWeights:

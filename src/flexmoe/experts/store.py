@@ -27,6 +27,7 @@ from torch import Tensor
 
 from flexmoe.experts.cache import ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight
+from flexmoe.experts.packed import PackedWeight, packed_inference_supported
 from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
 
 __all__ = [
@@ -152,14 +153,25 @@ class SafetensorsExpertStore:
         pieces: ``(layer, expert) -> ExpertPieces``.
         dtype: the dtype the weights are returned in (cast after reading).
         device: where the weights are returned.
+        pack: return float experts as ``PackedWeight`` (packed on the reading thread);
+            only where ``packed_inference_supported(device, dtype)``.
     """
 
     def __init__(
-        self, pieces: dict[ExpertKey, ExpertPieces], dtype: torch.dtype, device: torch.device | str = "cpu"
+        self,
+        pieces: dict[ExpertKey, ExpertPieces],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        pack: bool = False,
     ) -> None:
         self.pieces = pieces
         self.dtype = dtype
         self.device = torch.device(device)
+        if pack and not packed_inference_supported(self.device, dtype):
+            raise ValueError(
+                f"pack: packed experts need a CPU with oneDNN {dtype} matmuls, got {self.device}"
+            )
+        self.pack = pack
 
     def nbytes(self, key: ExpertKey) -> int:
         """Bytes of the expert's ``w_in`` and ``w_out`` in ``dtype`` (int8 ones: int8 and fp32 scales)."""
@@ -171,13 +183,15 @@ class SafetensorsExpertStore:
         return numel * self.dtype.itemsize
 
     def read(self, key: ExpertKey) -> ExpertWeights:
-        """The expert's ``(w_in [H, D], w_out [D, F])`` on ``device``: in ``dtype``, or as ``Int8Weight``."""
+        """The expert's ``(w_in [H, D], w_out [D, F])`` on ``device``: in ``dtype``, packed, or int8."""
         pieces = self.pieces[key]
         if pieces.quantized:
             return _read_int8(pieces.w_in, self.device), _read_int8((pieces.w_out,), self.device)
-        w_in = _cat([piece.read() for piece in pieces.w_in])
-        w_out = pieces.w_out.read()
-        return w_in.to(self.device, self.dtype), w_out.to(self.device, self.dtype)
+        w_in = _cat([piece.read() for piece in pieces.w_in]).to(self.device, self.dtype)
+        w_out = pieces.w_out.read().to(self.device, self.dtype)
+        if self.pack:
+            return PackedWeight.pack(w_in), PackedWeight.pack(w_out)
+        return w_in, w_out
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

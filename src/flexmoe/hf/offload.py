@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import POLICIES, CacheStats, ExpertCache, Policy
 from flexmoe.experts.int8 import SCALE_SUFFIX
+from flexmoe.experts.packed import packed_inference_supported
 from flexmoe.experts.store import ExpertPieces, SafetensorsExpertStore, SafetensorsFile, TensorSlice
 from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
@@ -78,6 +79,7 @@ def load_offloaded(
     prefetch: bool = True,
     backend: str = "auto",
     io_threads: int = 4,
+    packed: bool | None = None,
 ) -> Any:
     """A ``transformers`` causal LM from a ``save_pretrained`` directory, its experts left on disk.
 
@@ -103,6 +105,10 @@ def load_offloaded(
             layer's experts as predicted by its router applied to this layer's input.
         backend: flexmoe's expert GEMM backend.
         io_threads: how many expert reads run at once in the background.
+        packed: keep float experts in the cache as oneDNN-packed weights
+            (``flexmoe.experts.packed.PackedWeight``): decoding computes them about 1.6x
+            faster on the CPU, in about the same bytes. ``None`` (default): where the
+            device and dtype support it (a CPU with oneDNN fp32 or native bf16 matmuls).
 
     Returns:
         The model (eval mode). Do not save or ``revert`` it: its experts are not in it.
@@ -131,7 +137,13 @@ def load_offloaded(
             pieces[(index, expert)] = expert_pieces
     if len({p.quantized for p in pieces.values()}) > 1:
         raise ValueError(f"{directory}: some experts are int8 and some are not (quantize all or none)")
-    store = SafetensorsExpertStore(pieces, dtype=_experts(blocks[0][1]).w_in.dtype, device=device)
+    expert_dtype = _experts(blocks[0][1]).w_in.dtype
+    quantized = any(p.quantized for p in pieces.values())
+    if packed is None:
+        packed = not quantized and packed_inference_supported(torch.device(device), expert_dtype)
+    elif packed and quantized:
+        raise ValueError(f"packed: {directory} holds int8 experts, which are not packed (use packed=None)")
+    store = SafetensorsExpertStore(pieces, dtype=expert_dtype, device=device, pack=packed)
     _check_budget(budget, expert_budget, blocks, store)
     # 3. the cache, and every block's experts read through it
     cache = ExpertCache(store, len(blocks), budget, policy, prefetch, io_threads)

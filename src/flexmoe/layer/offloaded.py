@@ -10,7 +10,8 @@ rows as soon as that expert is in memory (resident experts first, while the I/O
 thread reads the others). Before computing, it applies the *next* layer's router to
 this layer's input and tells the cache: the next layer's likely experts are read while
 this one computes. Inference only: the cached weights take no gradient. Experts the
-cache holds as int8 (``Int8Weight``) are computed from the int8 values directly.
+cache holds as int8 (``Int8Weight``) or packed (``PackedWeight``) are computed from
+those directly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
-from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn
+from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
@@ -104,11 +105,11 @@ class OffloadedExperts(LocalExperts):
         with closing(served):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
-                if isinstance(w_in, Int8Weight) and isinstance(w_out, Int8Weight):
+                if not (isinstance(w_in, Tensor) and isinstance(w_out, Tensor)):  # int8 or packed
                     x_rows = x_ND[rows].to(compute_dtype(x_ND))
-                    outputs[e] = int8_expert_ffn(x_rows, w_in, w_out, experts.activation, row_weights_N[rows])
+                    rw = row_weights_N[rows]
+                    outputs[e] = served_expert_ffn(x_rows, w_in, w_out, experts.activation, rw)
                     continue
-                assert isinstance(w_in, Tensor) and isinstance(w_out, Tensor)  # one kind per store
                 weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
                 outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])

@@ -1,0 +1,52 @@
+"""One expert computed from its weights as a cache serves them: float, int8 or packed.
+
+Legend: N rows, D model dim, F expert hidden dim, H first-projection width (2F gated,
+else F).
+
+An ``ExpertCache`` (``flexmoe.experts.cache``) hands out each expert's ``(w_in [H, D],
+w_out [D, F])`` in the form its store reads them: plain float tensors, ``Int8Weight``
+(``flexmoe.experts.int8``) or ``PackedWeight`` (``flexmoe.experts.packed``). These
+functions compute with any of them, the same math as the grouped experts' reference loop.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexmoe.experts.activations import activate
+from flexmoe.experts.int8 import Int8Weight, int8_linear
+from flexmoe.experts.packed import PackedWeight, packed_linear
+
+__all__ = ["ServedWeight", "served_expert_ffn", "served_linear"]
+
+ServedWeight = Tensor | Int8Weight | PackedWeight
+
+
+def served_linear(x_NI: Tensor, weight: ServedWeight) -> Tensor:
+    """``x @ w^T`` for a weight ``[O, I]`` as served: ``[N, I] -> [N, O]``, in ``x``'s dtype.
+
+    A packed weight computes in its own dtype (which is the model's, hence ``x``'s).
+    """
+    if isinstance(weight, Int8Weight):
+        return int8_linear(x_NI, weight)
+    if isinstance(weight, PackedWeight):
+        return packed_linear(x_NI, weight)
+    return F.linear(x_NI, weight.to(x_NI.dtype))
+
+
+def served_expert_ffn(
+    x_ND: Tensor,
+    w_in: ServedWeight,
+    w_out: ServedWeight,
+    activation: str,
+    row_weights_N: Tensor | None = None,
+) -> Tensor:
+    """One expert on its rows: ``(act(x @ w_in^T) * row_weight) @ w_out^T``, ``[N, D] -> [N, D]``.
+
+    ``w_in`` is ``[H, D]`` (``[gate; up]`` for gated activations), ``w_out`` ``[D, F]``.
+    """
+    a_NF = activate(served_linear(x_ND, w_in), activation)
+    if row_weights_N is not None:
+        a_NF = a_NF * row_weights_N.unsqueeze(1).to(a_NF.dtype)
+    return served_linear(a_NF, w_out)

@@ -1,0 +1,110 @@
+"""Experts computed from weights as a cache serves them: packed (oneDNN) against the plain math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+import flexmoe.hf
+from flexmoe.experts.packed import PackedWeight, packed_inference_supported
+from flexmoe.experts.served import served_expert_ffn, served_linear
+from flexmoe.experts.store import SafetensorsExpertStore
+from flexmoe.hf import load_offloaded, quantize_experts
+from flexmoe.layer.offloaded import offloaded_cache
+from tests.hf_tiny import VOCAB, tiny_model
+
+CPU = torch.device("cpu")
+ACTIVATIONS = ["silu", "gelu", "relu", "swiglu", "geglu"]
+DTYPES = [d for d in (torch.float32, torch.bfloat16) if packed_inference_supported(CPU, d)]
+pytestmark = pytest.mark.skipif(not DTYPES, reason="no oneDNN packed matmuls on this CPU")
+
+
+def reference_ffn(x, w_in, w_out, activation, row_weights):
+    """The expert in fp64 from the plain weights: ``(act(x w_in^T) * r) w_out^T``."""
+    h = x.double() @ w_in.double().T
+    if activation in ("swiglu", "geglu"):
+        gate, up = h.chunk(2, dim=-1)
+        a = (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    else:
+        a = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation](h)
+    return (a * row_weights.double()[:, None]) @ w_out.double().T
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.integers(0, 40),
+    D=st.sampled_from([1, 5, 16, 23, 64]),
+    F_=st.sampled_from([1, 7, 16, 20, 48]),
+    activation=st.sampled_from(ACTIVATIONS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_expert_equals_the_plain_fp64_reference(tokens, D, F_, activation, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    H = 2 * F_ if activation in ("swiglu", "geglu") else F_
+    w_in = torch.randn(H, D, generator=generator).to(dtype)
+    w_out = torch.randn(D, F_, generator=generator).to(dtype)
+    x = torch.randn(tokens, D, generator=generator).to(dtype)
+    row_weights = torch.rand(tokens, generator=generator)
+    packed_in, packed_out = PackedWeight.pack(w_in), PackedWeight.pack(w_out)
+    assert packed_in.shape == (H, D) and packed_in.nbytes == w_in.numel() * w_in.element_size()
+    y = served_expert_ffn(x, packed_in, packed_out, activation, row_weights)
+    assert y.dtype == dtype and y.shape == (tokens, D)
+    expected = reference_ffn(x, w_in, w_out, activation, row_weights)
+    scale = 1 + expected.abs().max().item() if tokens else 1
+    tolerance = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=tolerance * scale)
+    plain = served_expert_ffn(x, w_in, w_out, activation, row_weights)
+    torch.testing.assert_close(plain.double(), expected, rtol=0, atol=tolerance * scale)
+
+
+def test_packed_linear_casts_the_input_to_the_weights_dtype():
+    w = torch.randn(6, 16)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = served_linear(x, PackedWeight.pack(w))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x.float() @ w.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen3_moe")
+    tiny_model("qwen3_moe").save_pretrained(directory)
+    return directory
+
+
+def served_weights(model) -> list:
+    """What the model's cache is handed for each expert it holds."""
+    cache = offloaded_cache(model)
+    return [cache.store.read(key) for key in sorted(cache.resident())]
+
+
+def greedy(model, ids):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_offloaded_experts_are_packed_where_supported(saved, dtype):
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    reference = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype).eval()
+    flexmoe.hf.convert(reference)
+    expected = greedy(reference, ids)
+    for packed, kind in ((None, PackedWeight), (True, PackedWeight), (False, torch.Tensor)):
+        model = load_offloaded(saved, expert_budget=None, dtype=dtype, packed=packed)
+        assert torch.equal(greedy(model, ids), expected)
+        weights = served_weights(model)
+        assert weights and all(isinstance(w, kind) for pair in weights for w in pair)
+
+
+def test_packed_is_refused_where_it_cannot_run(saved, tmp_path):
+    quantize_experts(saved, tmp_path / "int8")
+    with pytest.raises(ValueError, match=r"packed: .* int8 experts"):
+        load_offloaded(tmp_path / "int8", packed=True)
+    assert load_offloaded(tmp_path / "int8", packed=None) is not None  # int8: never packed
+    with pytest.raises(ValueError, match="pack: packed experts need"):
+        SafetensorsExpertStore({}, torch.float16, "cpu", pack=True)
