@@ -112,3 +112,50 @@ def test_distributed_calls_that_switch_plans_stay_under_the_bound():
     bound = 2 << 20
     peaks = run_distributed(_switching_plans, 2, bound)
     assert all(0 < peak <= bound for peak in peaks), peaks
+
+
+def _expert_grads_step(layer: flexmoe.MoELayer, x: torch.Tensor) -> None:
+    layer(x).square().sum().backward()
+
+
+def test_expert_weight_gradients_reuse_their_memory_once_dropped():
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(64, 128, 4, top_k=2)
+    x = torch.randn(32, 64)
+    _expert_grads_step(layer, x)
+    first = layer.experts.w_in.grad.data_ptr(), layer.experts.w_out.grad.data_ptr()
+    expected = layer.experts.w_in.grad.clone(), layer.experts.w_out.grad.clone()
+    layer.zero_grad(set_to_none=True)  # the gradients go back to the pool...
+    _expert_grads_step(layer, x)  # ...and the next backward writes them in the same memory
+    assert (layer.experts.w_in.grad.data_ptr(), layer.experts.w_out.grad.data_ptr()) == first
+    torch.testing.assert_close(layer.experts.w_in.grad, expected[0])
+    torch.testing.assert_close(layer.experts.w_out.grad, expected[1])
+
+
+def test_a_gradient_still_held_is_never_overwritten():
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(64, 128, 4, top_k=2)
+    _expert_grads_step(layer, torch.randn(32, 64))
+    kept = layer.experts.w_in.grad  # the user keeps it (a reference, and a view of it)
+    view = layer.experts.w_out.grad[1:]
+    values = kept.clone(), view.clone()
+    layer.zero_grad(set_to_none=True)
+    for _ in range(2):
+        _expert_grads_step(layer, torch.randn(32, 64))
+        layer.zero_grad(set_to_none=True)
+    assert torch.equal(kept, values[0]) and torch.equal(view, values[1])
+
+
+def test_accumulated_gradients_add_up():
+    torch.manual_seed(0)
+    layer = flexmoe.MoELayer(64, 128, 4, top_k=2)
+    xs = [torch.randn(32, 64) for _ in range(3)]
+    singles = []
+    for x in xs:
+        layer.zero_grad(set_to_none=True)
+        _expert_grads_step(layer, x)
+        singles.append(layer.experts.w_in.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    for x in xs:
+        _expert_grads_step(layer, x)  # accumulates into .grad; each step's own gradient is freed
+    torch.testing.assert_close(layer.experts.w_in.grad, sum(singles), rtol=1e-5, atol=1e-6)

@@ -6,6 +6,8 @@ the next step's buffers of the same size then pay a page fault per 4 KiB on firs
 touch: on a 2-core CPU VM an elementwise op producing a fresh 32 MiB tensor takes
 20 ms, the same op into a reused buffer 3.5 ms. The pool keeps scratch buffers of the
 MoE data path alive between calls, on CPU only; elsewhere ``take`` is ``torch.empty``.
+The expert weights' gradients come from it too (``take_until_released``): once the
+user drops them (``zero_grad``), the next backward reuses their memory.
 
 The pool is bounded: at most ``max_per_key`` buffers per size and ``max_bytes`` in all
 (``WORKSPACE.max_bytes``, 1 GiB by default; a layer step keeps a few hundred MiB). Calls

@@ -352,8 +352,13 @@ class _FusedGroupedFFN(torch.autograd.Function):
 
 
 def _empty_grad_like(weight: Tensor, segments: list[Segment]) -> Tensor:
-    """Uninitialised per-expert gradient, zeroed only for experts that get no rows."""
-    grad = torch.empty_like(weight)
+    """Uninitialised per-expert gradient, zeroed only for experts that get no rows.
+
+    From the workspace pool, to which it returns once freed (``zero_grad`` setting it to
+    ``None``): the next step's gradient reuses its memory instead of page-faulting a
+    fresh one in (as large as the expert weights).
+    """
+    grad = WORKSPACE.take_until_released(tuple(weight.shape), weight.dtype, weight.device)
     active = {e for e, _, _ in segments}
     for e in range(weight.shape[0]):
         if e not in active:
