@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from flexmoe import MoELayer
-from flexmoe.experts.cast_cache import CastCache
+from flexmoe.experts.cast_cache import CastCache, pooled_cast
+from flexmoe.workspace import WORKSPACE
 
 
 def autocast_call(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,35 @@ def test_training_under_autocast_keeps_no_copy_and_gets_fp32_gradients() -> None
     y.float().sum().backward()
     assert layer.experts.casts.nbytes == 0  # ... is dropped by a call with grad
     assert layer.experts.w_in.grad is not None and layer.experts.w_in.grad.dtype == torch.float32
+
+
+def test_pooled_cast_is_a_differentiable_cast() -> None:
+    weight = torch.randn(6, 5, requires_grad=True)
+    cast = pooled_cast(weight, torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, weight.detach().bfloat16())
+    grad = torch.randn(6, 5).bfloat16()
+    cast.backward(grad)
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+    assert torch.equal(weight.grad, grad.float())
+
+
+def pooled_bytes_after_releases() -> int:
+    """What the workspace pool holds once the buffers released so far are pooled."""
+    WORKSPACE.give(WORKSPACE.take((1,), torch.float32, torch.device("cpu")))  # a take pools them
+    return WORKSPACE.pooled_bytes()
+
+
+def test_training_under_autocast_returns_the_fp32_gradients_to_the_pool() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(32, 64)).float().sum().backward()
+    grads = [layer.experts.w_in.grad, layer.experts.w_out.grad]
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    before = pooled_bytes_after_releases()
+    del grads
+    layer.zero_grad(set_to_none=True)  # the fp32 gradients (cast back from bf16) are freed
+    assert pooled_bytes_after_releases() >= before + grad_bytes
 
 
 def test_cast_cache_returns_the_weight_itself_in_its_own_dtype() -> None:

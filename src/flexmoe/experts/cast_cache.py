@@ -6,16 +6,23 @@ but decoding under autocast would cast every expert's weights for every token, w
 for a decode step costs more than the GEMMs themselves (they read each weight once).
 ``CastCache`` keeps the copies made without gradients and reuses them until the
 parameter changes in place (its version counter moves), is replaced, or moves.
+
+With gradients, each step's copies and the gradients cast back to fp32 are as large
+as the expert weights; they come from the workspace pool and return to it once freed,
+so the next step reuses their memory instead of faulting in fresh pages (on CPU).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CastCache"]
+from flexmoe.workspace import WORKSPACE
+
+__all__ = ["CastCache", "pooled_cast"]
 
 
 @dataclass
@@ -26,12 +33,33 @@ class _Copy:
     tensor: Tensor
 
 
+class _PooledCast(torch.autograd.Function):
+    """``weight.to(dtype)`` and its gradient cast back, both into pooled buffers."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.source_dtype = weight.dtype
+        copy = WORKSPACE.take_until_released(tuple(weight.shape), dtype, weight.device)
+        return copy.copy_(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        grad_source = WORKSPACE.take_until_released(tuple(grad.shape), ctx.source_dtype, grad.device)
+        return grad_source.copy_(grad), None
+
+
+def pooled_cast(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight.to(dtype)`` (differentiable), the copy and its gradient in pooled memory."""
+    cast: Tensor = _PooledCast.apply(weight, dtype)
+    return cast
+
+
 class CastCache:
     """Casts of parameters to a compute dtype, reused while grad mode is off and they are unchanged.
 
-    With grad mode on, ``cast`` is a plain differentiable ``.to(dtype)`` and keeps
-    nothing: the copy is needed by the backward anyway, and the optimizer changes the
-    weights before the next step.
+    With grad mode on, ``cast`` is a differentiable ``.to(dtype)`` (``pooled_cast``) and
+    keeps nothing: the copy is needed by the backward anyway, and the optimizer changes
+    the weights before the next step.
     """
 
     def __init__(self) -> None:
@@ -44,9 +72,12 @@ class CastCache:
         key = (name, dtype)
         if torch.compiler.is_compiling():  # a compiled graph keeps its own casts
             return weight.to(dtype)
-        if torch.is_grad_enabled() or weight.is_inference():  # inference tensors have no version
+        if weight.is_inference():  # inference tensors have no version
             self._copies.pop(key, None)
             return weight.to(dtype)
+        if torch.is_grad_enabled():
+            self._copies.pop(key, None)
+            return pooled_cast(weight, dtype)
         entry = self._copies.get(key)
         pointer, version = weight.data_ptr(), weight._version
         if (
