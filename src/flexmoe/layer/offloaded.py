@@ -7,10 +7,17 @@ K top-k, N kept routed slots.
 ``flexmoe.experts.cache``) instead of its own Parameters: it dispatches like
 ``LocalExperts``, asks the cache for the active experts, and computes each expert's
 rows as soon as that expert is in memory (resident experts first, while the I/O
-thread reads the others). Before computing, it applies the *next* layer's router to
-this layer's input and tells the cache: the next layer's likely experts are read while
-this one computes. Inference only: the cached weights take no gradient. Experts the
-cache holds as int8 (``Int8Weight``) are computed from the int8 values directly.
+thread reads the others). Inference only: the cached weights take no gradient. Experts
+the cache holds as int8 (``Int8Weight``) are computed from the int8 values directly.
+
+Prediction (ExpertFlow, as Mixtral-offloading does it): ``prefetch_experts(layer, h)``
+applies ``layer``'s router to hidden states ``h`` that come before it, the residual
+stream as the previous layer left it, normalised as ``layer``'s input will be
+(``flexmoe.hf.load_offloaded`` does this at the start of each decoder layer, so the
+reads overlap its attention). The residual stream changes little from one layer to
+the next, so the router usually picks the experts it will pick on the real input.
+Only the experts it gives at least ``confidence / E`` probability are read: a guess the
+router is unsure of costs a read and the room of an expert that may be needed.
 """
 
 from __future__ import annotations
@@ -26,15 +33,22 @@ from flexmoe.experts.int8 import Int8Weight, int8_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
-from flexmoe.routing import Router, RouterOutput
+from flexmoe.routing import RouterOutput
 
 __all__ = [
+    "DEFAULT_CONFIDENCE",
     "OffloadedExperts",
     "compute_dtype",
     "int8_experts_in_memory",
     "offload_experts",
     "offloaded_cache",
+    "predicted_experts",
+    "prefetch_experts",
 ]
+
+# A predicted expert is read ahead when the router gives it at least this many times the
+# uniform probability 1/E (measured on `flexmoe train`'s model: see docs/offload.md).
+DEFAULT_CONFIDENCE = 1.2
 
 
 class OffloadedExperts(LocalExperts):
@@ -65,26 +79,8 @@ class OffloadedExperts(LocalExperts):
         self.cache = cache
         self.layer_index = layer_index
         self.expert_bytes = expert_bytes
-        self.next_layer: MoELayer | None = None  # its router predicts its experts
         self.name = f"layer {layer_index}"
-
-    def predict_next(self, layer: MoELayer) -> None:
-        """Predict ``layer``'s experts (the next layer) with its router, and prefetch them.
-
-        The prediction uses that layer's routing as it is at each call (its ``top_k``
-        and ``top_p``, whatever ``set_routing`` made of them).
-        """
-        self.next_layer = layer
-
-    @property
-    def next_router(self) -> Router | None:
-        """The router that predicts the next layer's experts (``None``: no prediction)."""
-        return None if self.next_layer is None else self.next_layer.router
-
-    @property
-    def next_top_k(self) -> int:
-        """How many experts per token the prediction reads (0: no prediction)."""
-        return 0 if self.next_layer is None else self.next_layer.config.top_k
+        self.confidence = DEFAULT_CONFIDENCE  # of prefetch_experts' predictions
 
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Dispatch, fetch the active experts through the cache, compute each one's rows."""
@@ -97,10 +93,7 @@ class OffloadedExperts(LocalExperts):
         active = [e for e, count in enumerate(counts) if count > 0]
         # 1. ask for this layer's experts: the misses start reading now
         served = self.cache.use(self.layer_index, active)
-        # 2. ExpertFlow: the next layer's router on these hidden states predicts its experts
-        if self.next_layer is not None:
-            self.cache.prefetch(self.layer_index + 1, self._predicted(x_TD, self.next_layer))
-        # 3. each expert's rows as soon as its weights are here
+        # 2. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
         experts = self.grouped
         with closing(served):
@@ -116,17 +109,6 @@ class OffloadedExperts(LocalExperts):
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
-    @staticmethod
-    def _predicted(x_TD: Tensor, layer: MoELayer) -> list[int]:
-        """The routed experts ``layer``'s router picks for ``x_TD`` (unused top-p slots left out)."""
-        config = layer.config
-        with torch.no_grad():
-            route = layer.router(x_TD, config.top_k, config.router.top_p)
-        ids = route.expert_ids_TK if route.valid_TK is None else route.expert_ids_TK[route.valid_TK]
-        ids = ids[ids < config.num_experts]  # zero-computation experts have nothing to read
-        predicted: list[int] = torch.unique(ids).tolist()  # NOTE: host sync (the expert ids to read)
-        return predicted
-
     def check_budget(self, top_k: int) -> None:
         """Raise ``ValueError`` if the cache's budget cannot hold the ``top_k`` experts one token needs."""
         budget = self.cache.budget_bytes
@@ -136,6 +118,45 @@ class OffloadedExperts(LocalExperts):
                 f"expert_budget of {budget} bytes is too small: one step of {self.name} needs its "
                 f"top-{top_k} experts in memory at once, {top_k} x {self.expert_bytes} = {need} bytes"
             )
+
+
+def predicted_experts(layer: MoELayer, h_TD: Tensor, confidence: float = DEFAULT_CONFIDENCE) -> list[int]:
+    """The experts ``layer``'s router picks for ``h_TD [..., D]`` with probability >= ``confidence / E``.
+
+    The router runs with ``layer``'s routing as it is now (its ``top_k`` and ``top_p``,
+    whatever ``set_routing`` made of them); of each token's chosen experts, those the
+    router gives less than ``confidence`` times the uniform probability are left out
+    (``confidence=0``: all of them), and so are unused top-p slots and zero-computation
+    experts (nothing to read). Sorted, each expert once.
+    """
+    if not confidence >= 0.0:
+        raise ValueError(f"confidence must be a number >= 0, got {confidence!r}")
+    config = layer.config
+    with torch.no_grad():
+        route = layer.router(h_TD.reshape(-1, h_TD.shape[-1]), config.top_k, config.router.top_p)
+        ids_TK = route.expert_ids_TK
+        keep_TK = route.probs_TE.gather(1, ids_TK) >= confidence / route.probs_TE.shape[1]
+        if route.valid_TK is not None:
+            keep_TK &= route.valid_TK
+        ids = ids_TK[keep_TK & (ids_TK < config.num_experts)]
+        predicted: list[int] = torch.unique(ids).tolist()  # NOTE: host sync (the expert ids to read)
+    return predicted
+
+
+def prefetch_experts(layer: MoELayer, h_TD: Tensor) -> list[int]:
+    """Predict the experts of offloaded ``layer`` from hidden states ``h_TD`` and read them ahead.
+
+    ``h_TD`` should be close to what ``layer`` will be given (the residual stream before
+    it, normalised as its input is). The prediction (``predicted_experts`` with the
+    strategy's ``confidence``) replaces any earlier one for this layer; the cache scores
+    it when the layer runs. Returns the predicted experts.
+    """
+    strategy = layer.strategy
+    if not isinstance(strategy, OffloadedExperts):
+        raise ValueError(f"prefetch_experts needs an offloaded layer, got a {type(strategy).__name__}")
+    predicted = predicted_experts(layer, h_TD, strategy.confidence)
+    strategy.cache.prefetch(strategy.layer_index, predicted)
+    return predicted
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
