@@ -150,10 +150,19 @@ def test_budget_and_stats_hold_with_prefetching(capacity, policy, calls):
     store = FakeStore()
     cache = ExpertCache(store, 4, capacity * EXPERT_BYTES, policy=policy, prefetch=True)
     for layer, experts, predicted in calls:
+        before = Counter(store.reads)
         assert sorted(serve(cache, layer, experts)) == sorted(set(experts))
+        read = store.reads - before
+        assert all(read[(layer, e)] <= 1 for e in experts), "an expert the layer needed was evicted"
+        cache.wait_for_reads()
+        kept = {((layer + 1) % 4, e) for e in predicted} & cache.resident()
         cache.prefetch((layer + 1) % 4, predicted)
+        cache.wait_for_reads()
+        assert kept <= cache.resident(), "a prefetch evicted a predicted expert"
     cache.close()
     check_stats(cache)
+    stats = cache.stats
+    assert stats.reads == stats.evictions + len(cache.resident())  # every read expert is held or was evicted
 
 
 def predictive_reference(
