@@ -64,7 +64,12 @@ from flexmoe.experts.int8 import quantize_int8
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
-from flexmoe.layer.offloaded import DEFAULT_CONFIDENCE, offload_experts, prefetch_experts
+from flexmoe.layer.offloaded import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MIN_PRECISION,
+    offload_experts,
+    prefetch_experts,
+)
 from flexmoe.models import TinyMoELM, TinyMoELMConfig
 from flexmoe.models.data import stdlib_corpus
 from harness import environment, write_json
@@ -487,18 +492,20 @@ def replay_decode(
     policy: str,
     budget_experts: int,
     confidence: float,
+    min_precision: float,
 ) -> Any:
     """Drive an ``ExpertCache`` as decoding with ``load_offloaded`` does: token by token, layer by layer.
 
     Before each layer but the first, its router applied to the residual stream the
     previous layer left (``predictions``) predicts its experts, which are read ahead
-    (assumed to land during the layer's attention); then the layer asks for the experts
-    its router picks on its real input.
+    (assumed to land during the layer's attention); then the layer runs on its real
+    input, its experts read through the cache.
     """
     store = MemoryStore(layers)
     cache = ExpertCache(store, len(layers), budget_experts * store.nbytes((0, 0)), policy, prefetch=True)
     for index, layer in enumerate(layers):
-        offload_experts(layer, cache, index, store.nbytes((index, 0))).confidence = confidence
+        strategy = offload_experts(layer, cache, index, store.nbytes((index, 0)))
+        strategy.confidence, strategy.min_precision = confidence, min_precision
     B, L, _ = inputs[0].shape
     with torch.no_grad():
         for b in range(B):
@@ -507,10 +514,7 @@ def replay_decode(
                     if index > 0:
                         prefetch_experts(layer, predictions[index][b, t : t + 1])
                         cache.wait_for_reads()  # the prefetch lands while the attention computes
-                    x_TD = inputs[index][b, t : t + 1]
-                    active = layer.router.forward(x_TD, layer.config.top_k).expert_ids_TK.unique().tolist()
-                    for _ in cache.use(index, active):
-                        pass
+                    layer(inputs[index][b, t : t + 1])  # its experts through the cache
     cache.close()
     return cache.stats
 
@@ -540,7 +544,7 @@ def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
         f"\ntrained model {run}: {len(model.blocks)} layers x {model.config.num_experts} experts, "
         f"top-{model.config.top_k}; budget {budget} experts (a quarter); "
         f"{args.windows} held-out windows of {model.config.context} bytes, decoded one token at a time; "
-        f"prefetch confidence {args.prefetch_confidence}"
+        f"prefetch confidence {args.prefetch_confidence}, min precision {args.prefetch_min_precision}"
     )
     print(
         f"{'policy':11} {'hit rate':>9} {'precision':>10} {'recall':>7} "
@@ -550,7 +554,9 @@ def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
     for policy in POLICIES:
         # each policy on a fresh copy: replaying offloads the copy's experts
         layers = copy.deepcopy(model).moe_layers()
-        stats = replay_decode(layers, inputs, predictions, policy, budget, args.prefetch_confidence)
+        stats = replay_decode(
+            layers, inputs, predictions, policy, budget, args.prefetch_confidence, args.prefetch_min_precision
+        )
         steps = tokens.numel()
         policies[policy] = {
             "hit_rate": stats.hit_rate,
@@ -587,6 +593,7 @@ def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
         "run": str(run),
         "budget_experts": budget,
         "prefetch_confidence": args.prefetch_confidence,
+        "prefetch_min_precision": args.prefetch_min_precision,
         "policies": policies,
         "int8": quality,
     }
@@ -630,6 +637,13 @@ def parse_args() -> argparse.Namespace:
         default=DEFAULT_CONFIDENCE,
         help=f"part 2: read a predicted expert only if its router probability is >= this / E "
         f"(default {DEFAULT_CONFIDENCE}; 0: the whole predicted top-k)",
+    )
+    parser.add_argument(
+        "--prefetch-min-precision",
+        type=float,
+        default=DEFAULT_MIN_PRECISION,
+        help="part 2: read a predicted expert only if this fraction of its past predictions was used "
+        f"(default {DEFAULT_MIN_PRECISION}; 0: always)",
     )
     parser.add_argument("--skip-large", action="store_true", help="only part 2 (the trained model)")
     parser.add_argument("--skip-trained", action="store_true", help="only part 1 (the large model)")

@@ -217,7 +217,7 @@ def test_an_offloaded_model_generates_what_the_in_memory_model_does_under_the_sa
     assert torch.equal(generate(model, ids), expected)
     top_k = routing_settings(model)[0].top_k
     for _, layer in moe_layers(model):
-        layer.strategy.confidence = 0.0  # predict the whole top-k
+        layer.strategy.confidence = layer.strategy.min_precision = 0.0  # predict the whole top-k
     before = offload_stats(model)
     with torch.no_grad():
         model(ids[:1, :1])  # one token: layer 1 is predicted with its top-k, as it now is
@@ -234,7 +234,7 @@ def test_an_offloaded_model_refuses_a_top_k_its_budget_cannot_hold_at_once(saved
         set_routing(model, top_k=4)
     assert routing_settings(model) == before
     for _, layer in moe_layers(model):
-        layer.strategy.confidence = 0.0  # predict the whole top-k
+        layer.strategy.confidence = layer.strategy.min_precision = 0.0  # predict the whole top-k
     assert predicted_by_one_token(model) == 3  # layer 1's top-3
     with set_routing(model, top_k=1):
         assert predicted_by_one_token(model) == 1
@@ -255,7 +255,7 @@ def test_the_prediction_reads_the_next_layers_routing_as_it_is_at_each_call(save
     model = load_offloaded(saved, expert_budget=4 * each)
     layers = [layer for _, layer in moe_layers(model)]
     layers[1].set_routing(**routing)  # on the layer itself, not through flexmoe.hf.set_routing
-    layers[1].strategy.confidence = 0.0  # predict the whole top-k
+    layers[1].strategy.confidence = layers[1].strategy.min_precision = 0.0  # the whole top-k
     before = offload_stats(model)
     with torch.no_grad():
         model(prompt()[:1, :1])  # one token: layer 1 takes one expert, so one is predicted

@@ -95,6 +95,32 @@ def test_prefetch_experts_reads_the_prediction_ahead_and_the_layer_is_unchanged(
     cache.close()
 
 
+def test_an_expert_whose_predictions_go_unused_is_left_out_until_it_is_right_again():
+    torch.manual_seed(0)
+    layer = MoELayer(D, 8, E, 1).eval()  # top-1
+    candidates = torch.randn(64, D)
+    top_1 = layer.router(candidates, 1).expert_ids_TK[:, 0]
+    h, x = candidates[0:1], candidates[int((top_1 != top_1[0]).nonzero()[0, 0])].view(1, D)
+    a = int(top_1[0])  # h picks a, x picks another expert
+    cache = ExpertCache(Store(layer), 1, None, prefetch=False)
+    strategy = offload_experts(layer, cache, 0)
+    strategy.confidence = 0.0  # min_precision: the default 0.5
+    steps = [  # (real input, expected prediction, a's record after the call)
+        (x, [a], 1 / 3),  # trusted at first (1 right, 1 wrong to start), then wrong
+        (x, [], 1 / 4),  # left out, still scored
+        (h, [], 2 / 5),  # right, not yet trusted
+        (h, [], 3 / 6),
+        (h, [a], 4 / 7),  # trusted again
+    ]
+    for real, expected, record in steps:
+        assert prefetch_experts(layer, h) == expected
+        with torch.no_grad():
+            layer(real)
+        assert strategy.prediction_precision(a) == pytest.approx(record)
+    stats = cache.stats
+    assert (stats.predicted, stats.predicted_used, stats.used_after_prediction) == (2, 1, 5)
+
+
 @pytest.mark.parametrize("confidence", [0.0, 1.2])
 def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_path, confidence):
     family_model = tiny_model("qwen3_moe", seed=2, num_hidden_layers=3)
@@ -131,7 +157,9 @@ def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_pa
     for hook in hooks:
         hook.remove()
 
-    model = load_offloaded(tmp_path, expert_budget=None, prefetch_confidence=confidence)
+    model = load_offloaded(
+        tmp_path, expert_budget=None, prefetch_confidence=confidence, prefetch_min_precision=0
+    )
     cache = model.model.layers[0].mlp.moe.strategy.cache
     calls: list[tuple[int, list[int]]] = []
     prefetch = cache.prefetch
@@ -146,7 +174,9 @@ def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_pa
     assert stats.predicted == sum(len(experts) for _, experts in expected)
 
 
-def test_load_offloaded_refuses_a_bad_confidence(tmp_path):
+def test_load_offloaded_refuses_bad_prefetch_settings(tmp_path):
     tiny_model("qwen3_moe").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="prefetch_confidence must be a number >= 0, got -1"):
         load_offloaded(tmp_path, prefetch_confidence=-1)
+    with pytest.raises(ValueError, match=r"prefetch_min_precision must be a number in \[0, 1\], got 1.5"):
+        load_offloaded(tmp_path, prefetch_min_precision=1.5)

@@ -40,7 +40,13 @@ from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
 from flexmoe.hf.convert import convert
 from flexmoe.layer import MoELayer
-from flexmoe.layer.offloaded import DEFAULT_CONFIDENCE, offload_experts, offloaded_cache, prefetch_experts
+from flexmoe.layer.offloaded import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MIN_PRECISION,
+    offload_experts,
+    offloaded_cache,
+    prefetch_experts,
+)
 
 __all__ = ["expert_tensor_names", "load_offloaded", "offload_stats", "parse_bytes"]
 
@@ -79,6 +85,7 @@ def load_offloaded(
     backend: str = "auto",
     io_threads: int = 4,
     prefetch_confidence: float = DEFAULT_CONFIDENCE,
+    prefetch_min_precision: float = DEFAULT_MIN_PRECISION,
 ) -> Any:
     """A ``transformers`` causal LM from a ``save_pretrained`` directory, its experts left on disk.
 
@@ -110,6 +117,9 @@ def load_offloaded(
         prefetch_confidence: a predicted expert is read ahead only if the router gives it
             at least this many times the uniform probability ``1 / E`` (0: every one of
             the predicted top-k).
+        prefetch_min_precision: a predicted expert is read ahead only if at least this
+            fraction of its block's past predictions of it were used (counted with one
+            right and one wrong guess to start; 0: always).
 
     Returns:
         The model (eval mode). Do not save or ``revert`` it: its experts are not in it.
@@ -122,6 +132,10 @@ def load_offloaded(
         isinstance(prefetch_confidence, int | float) and prefetch_confidence >= 0
     ):
         raise ValueError(f"prefetch_confidence must be a number >= 0, got {prefetch_confidence!r}")
+    if isinstance(prefetch_min_precision, bool) or not (
+        isinstance(prefetch_min_precision, int | float) and 0 <= prefetch_min_precision <= 1
+    ):
+        raise ValueError(f"prefetch_min_precision must be a number in [0, 1], got {prefetch_min_precision!r}")
     directory = Path(path)
     files = _safetensors_files(directory)
     config = transformers.AutoConfig.from_pretrained(directory)
@@ -153,6 +167,7 @@ def load_offloaded(
     for (block_path, _), strategy in zip(blocks, strategies, strict=True):
         strategy.name = block_path
         strategy.confidence = float(prefetch_confidence)
+        strategy.min_precision = float(prefetch_min_precision)
     for block_path, block in blocks[1:]:
         _predict_from_residual(model, block_path, block.moe)
     model.to_empty(device=device)

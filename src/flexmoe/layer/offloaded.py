@@ -17,7 +17,13 @@ stream as the previous layer left it, normalised as ``layer``'s input will be
 reads overlap its attention). The residual stream changes little from one layer to
 the next, so the router usually picks the experts it will pick on the real input.
 Only the experts it gives at least ``confidence / E`` probability are read: a guess the
-router is unsure of costs a read and the room of an expert that may be needed.
+router is unsure of costs a read and the room of an expert that may be needed. Each
+layer also keeps the track record of its candidates (ExpertFlow's correction of
+mispredictions): an expert whose past predictions the layer used less than
+``min_precision`` of the time (counted with one right and one wrong guess to start) is
+left out, since a router applied to the residual stream can be biased towards an expert
+the real input never picks, which would then be read for nothing at every token. The
+candidates left out are still scored, so an expert comes back when it is picked again.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from flexmoe.routing import RouterOutput
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
+    "DEFAULT_MIN_PRECISION",
     "OffloadedExperts",
     "compute_dtype",
     "int8_experts_in_memory",
@@ -47,8 +54,10 @@ __all__ = [
 ]
 
 # A predicted expert is read ahead when the router gives it at least this many times the
-# uniform probability 1/E (measured on `flexmoe train`'s model: see docs/offload.md).
+# uniform probability 1/E, and when at least this fraction of its past predictions were
+# used (both measured on `flexmoe train`'s models: see docs/offload.md).
 DEFAULT_CONFIDENCE = 1.2
+DEFAULT_MIN_PRECISION = 0.5
 
 
 class OffloadedExperts(LocalExperts):
@@ -81,6 +90,31 @@ class OffloadedExperts(LocalExperts):
         self.expert_bytes = expert_bytes
         self.name = f"layer {layer_index}"
         self.confidence = DEFAULT_CONFIDENCE  # of prefetch_experts' predictions
+        self.min_precision = DEFAULT_MIN_PRECISION
+        self._candidates: list[int] | None = None  # of the coming call, scored when it runs
+        self._candidate_counts = [0] * num_experts  # times each expert was a candidate
+        self._candidate_used = [0] * num_experts  # ... and the layer then used it
+
+    def trusted(self, candidates: list[int]) -> list[int]:
+        """The ``candidates`` for the coming call whose past predictions were right often enough.
+
+        Remembers ``candidates`` (replacing earlier ones) to score them when the layer runs.
+        """
+        self._candidates = candidates
+        return [e for e in candidates if self.prediction_precision(e) >= self.min_precision]
+
+    def prediction_precision(self, expert: int) -> float:
+        """How often ``expert`` was used when it was a candidate: ``(used + 1) / (candidate + 2)``."""
+        return (self._candidate_used[expert] + 1) / (self._candidate_counts[expert] + 2)
+
+    def _score_candidates(self, active: list[int]) -> None:
+        if self._candidates is None:
+            return
+        used = set(active)
+        for e in self._candidates:
+            self._candidate_counts[e] += 1
+            self._candidate_used[e] += e in used
+        self._candidates = None
 
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Dispatch, fetch the active experts through the cache, compute each one's rows."""
@@ -91,6 +125,7 @@ class OffloadedExperts(LocalExperts):
         for count in counts:
             starts.append(starts[-1] + count)
         active = [e for e, count in enumerate(counts) if count > 0]
+        self._score_candidates(active)
         # 1. ask for this layer's experts: the misses start reading now
         served = self.cache.use(self.layer_index, active)
         # 2. each expert's rows as soon as its weights are here
@@ -149,12 +184,14 @@ def prefetch_experts(layer: MoELayer, h_TD: Tensor) -> list[int]:
     ``h_TD`` should be close to what ``layer`` will be given (the residual stream before
     it, normalised as its input is). The prediction (``predicted_experts`` with the
     strategy's ``confidence``) replaces any earlier one for this layer; the cache scores
-    it when the layer runs. Returns the predicted experts.
+    it when the layer runs. Of the experts the router picks, those whose past
+    predictions this layer used less than ``strategy.min_precision`` of the time are
+    left out (``OffloadedExperts.trusted``). Returns the predicted experts.
     """
     strategy = layer.strategy
     if not isinstance(strategy, OffloadedExperts):
         raise ValueError(f"prefetch_experts needs an offloaded layer, got a {type(strategy).__name__}")
-    predicted = predicted_experts(layer, h_TD, strategy.confidence)
+    predicted = strategy.trusted(predicted_experts(layer, h_TD, strategy.confidence))
     strategy.cache.prefetch(strategy.layer_index, predicted)
     return predicted
 
