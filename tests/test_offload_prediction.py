@@ -12,7 +12,7 @@ import flexmoe.hf
 from flexmoe import MoELayer
 from flexmoe.experts.cache import ExpertCache
 from flexmoe.hf import load_offloaded, offload_stats
-from flexmoe.layer.offloaded import offload_experts, predicted_experts, prefetch_experts
+from flexmoe.layer.offloaded import offload_experts, offloaded_cache, predicted_experts, prefetch_experts
 from tests.hf_tiny import VOCAB, tiny_model
 
 E, D = 8, 16
@@ -121,9 +121,13 @@ def test_an_expert_whose_predictions_go_unused_is_left_out_until_it_is_right_aga
     assert (stats.predicted, stats.predicted_used, stats.used_after_prediction) == (2, 1, 5)
 
 
-@pytest.mark.parametrize("confidence", [0.0, 1.2])
-def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_path, confidence):
-    family_model = tiny_model("qwen3_moe", seed=2, num_hidden_layers=3)
+@pytest.mark.parametrize(
+    ("family", "confidence"),
+    [("qwen3_moe", 0.0), ("qwen3_moe", 1.2), ("deepseek_v3", 0.0)],  # deepseek_v3: layer 0 dense
+)
+def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_path, family, confidence):
+    overrides = {"num_hidden_layers": 3} if family == "qwen3_moe" else {}
+    family_model = tiny_model(family, seed=2, **overrides)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # norms that differ (initialised, every one is all ones)
         for module in family_model.modules():
@@ -142,30 +146,33 @@ def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_pa
         for decoder in decoders
     ]
     ids = torch.randint(1, VOCAB, (1, 2), generator=torch.Generator().manual_seed(0))
+    moe_decoders = [i for i, d in enumerate(decoders) if isinstance(d.mlp, flexmoe.hf.FlexMoEBlock)]
     with torch.no_grad():
         reference(ids)
-        expected = [
+        expected = [  # (the block's cache layer, its prediction); not in the first decoder layer
             (
-                index,
-                predicted_experts(
-                    decoders[index].mlp.moe, decoders[index].post_attention_layernorm(x), confidence
-                ),
+                moe_decoders.index(i),
+                predicted_experts(decoders[i].mlp.moe, decoders[i].post_attention_layernorm(x), confidence),
             )
-            for index, x in enumerate(inputs)
-            if index > 0  # the first block is not predicted
+            for i, x in enumerate(inputs)
+            if i in moe_decoders and i > 0
         ]
     for hook in hooks:
         hook.remove()
+    assert len(expected) == 2
 
     model = load_offloaded(
         tmp_path, expert_budget=None, prefetch_confidence=confidence, prefetch_min_precision=0
     )
-    cache = model.model.layers[0].mlp.moe.strategy.cache
+    cache = offloaded_cache(model)
     calls: list[tuple[int, list[int]]] = []
     prefetch = cache.prefetch
-    cache.prefetch = lambda layer, experts: (calls.append((layer, list(experts))), prefetch(layer, experts))[
-        1
-    ]
+
+    def recording(layer: int, experts: list[int]) -> None:
+        calls.append((layer, list(experts)))
+        prefetch(layer, experts)
+
+    cache.prefetch = recording
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
     assert calls == expected

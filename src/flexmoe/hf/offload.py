@@ -110,7 +110,7 @@ def load_offloaded(
         prefetch: read experts on background I/O threads: a layer's misses, and each
             MoE block's predicted experts while its decoder layer's attention runs (its
             router applied to the decoder layer's input, normalised as the block's input
-            is; every MoE block but the first is predicted). ``False``: predictions are
+            is; every MoE block but one in the first decoder layer is predicted). ``False``: predictions are
             still made and scored, and every read happens when a block needs it.
         backend: flexmoe's expert GEMM backend.
         io_threads: how many expert reads run at once in the background.
@@ -168,7 +168,7 @@ def load_offloaded(
         strategy.name = block_path
         strategy.confidence = float(prefetch_confidence)
         strategy.min_precision = float(prefetch_min_precision)
-    for block_path, block in blocks[1:]:
+    for block_path, block in blocks:
         _predict_from_residual(model, block_path, block.moe)
     model.to_empty(device=device)
     # 4. the buffers no file holds, then every stored non-expert tensor
@@ -199,12 +199,15 @@ def _predict_from_residual(model: nn.Module, block_path: str, moe: MoELayer) -> 
 
     The decoder layer's input is the residual stream the previous layer left; its
     ``post_attention_layernorm`` is what normalises the block's own input after the
-    attention, so the router sees nearly what it will see. A family whose decoder layer
-    has no such norm gets no prediction.
+    attention, so the router sees nearly what it will see. Not in the first decoder
+    layer (``model.layers.0``), whose input is the token's embedding: the attention
+    changes it too much for a useful guess. A family whose decoder layer has no such
+    norm gets no prediction.
     """
-    decoder = model.get_submodule(block_path.rpartition(".")[0])
+    decoder_path = block_path.rpartition(".")[0]
+    decoder = model.get_submodule(decoder_path)
     norm = getattr(decoder, "post_attention_layernorm", None)
-    if isinstance(norm, nn.Module):
+    if isinstance(norm, nn.Module) and not decoder_path.endswith(".0"):
         decoder.register_forward_pre_hook(_ResidualPredictor(moe, norm), with_kwargs=True)
 
 
