@@ -59,11 +59,17 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flexmoe.hf
 from flexmoe.checkpoint import load_checkpoint
-from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
+from flexmoe.experts.cache import POLICIES, ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import quantize_int8
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
+from flexmoe.layer.offloaded import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MIN_PRECISION,
+    offload_experts,
+    prefetch_experts,
+)
 from flexmoe.models import TinyMoELM, TinyMoELMConfig
 from flexmoe.models.data import stdlib_corpus
 from harness import environment, write_json
@@ -453,40 +459,62 @@ def load_trained(run: Path) -> TinyMoELM:
     return model.eval()
 
 
-def moe_inputs(model: TinyMoELM, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The logits and each MoE layer's input ``[B, L, D]`` for ``tokens``."""
+def moe_inputs(model: TinyMoELM, tokens: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The logits, each MoE layer's input ``[B, L, D]``, and the prediction's input for each layer.
+
+    The prediction's input is what ``load_offloaded`` gives the router at the start of a
+    decoder layer: the block's input (the residual stream the previous block left),
+    normalised by the norm that will normalise the MoE layer's own input.
+    """
     inputs: list[Tensor] = []
+    blocks: list[Tensor] = []
     hooks = [
         layer.register_forward_pre_hook(lambda _, a: inputs.append(a[0].detach()))
         for layer in model.moe_layers()
     ]
+    hooks += [
+        block.register_forward_pre_hook(lambda _, a: blocks.append(a[0].detach())) for block in model.blocks
+    ]
     try:
         with torch.no_grad():
             logits = model(tokens)
+            predictions = [block.norm_moe(x) for block, x in zip(model.blocks, blocks, strict=True)]
     finally:
         for hook in hooks:
             hook.remove()
-    return logits, inputs
+    return logits, inputs, predictions
 
 
-def replay_decode(layers: list[MoELayer], inputs: list[Tensor], policy: str, budget_experts: int) -> Any:
-    """Drive an ``ExpertCache`` as decoding does: token by token, layer by layer, predicting the next."""
+def replay_decode(
+    layers: list[MoELayer],
+    inputs: list[Tensor],
+    predictions: list[Tensor],
+    policy: str,
+    budget_experts: int,
+    confidence: float,
+    min_precision: float,
+) -> Any:
+    """Drive an ``ExpertCache`` as decoding with ``load_offloaded`` does: token by token, layer by layer.
+
+    Before each layer but the first, its router applied to the residual stream the
+    previous layer left (``predictions``) predicts its experts, which are read ahead
+    (assumed to land during the layer's attention); then the layer runs on its real
+    input, its experts read through the cache.
+    """
     store = MemoryStore(layers)
     cache = ExpertCache(store, len(layers), budget_experts * store.nbytes((0, 0)), policy, prefetch=True)
+    for index, layer in enumerate(layers):
+        strategy = offload_experts(layer, cache, index, store.nbytes((index, 0)))
+        strategy.confidence, strategy.min_precision = confidence, min_precision
     B, L, _ = inputs[0].shape
     with torch.no_grad():
         for b in range(B):
             for t in range(L):
                 for index, layer in enumerate(layers):
-                    x_TD = inputs[index][b, t : t + 1]
-                    active = layer.router.forward(x_TD, layer.config.top_k).expert_ids_TK.unique().tolist()
-                    for _ in cache.use(index, active):
-                        pass
-                    if index + 1 < len(layers):
-                        following = layers[index + 1]
-                        predicted = following.router.forward(x_TD, following.config.top_k).expert_ids_TK
-                        cache.prefetch(index + 1, predicted.unique().tolist())
-                        cache.wait_for_reads()  # the prefetch lands while this layer computes
+                    if index > 0:
+                        prefetch_experts(layer, predictions[index][b, t : t + 1])
+                        cache.wait_for_reads()  # the prefetch lands while the attention computes
+                    layer(inputs[index][b, t : t + 1])  # its experts through the cache
     cache.close()
     return cache.stats
 
@@ -509,29 +537,37 @@ def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
     tokens, targets = corpus.batch(
         "val", args.windows, model.config.context, torch.Generator().manual_seed(0)
     )
-    logits, inputs = moe_inputs(model, tokens)
-    layers = model.moe_layers()
-    total = len(layers) * model.config.num_experts
-    budget = max(total // 4, layers[0].config.top_k)
+    logits, inputs, predictions = moe_inputs(model, tokens)
+    total = len(model.blocks) * model.config.num_experts
+    budget = max(total // 4, model.config.top_k)
     print(
-        f"\ntrained model {run}: {len(layers)} layers x {model.config.num_experts} experts, "
+        f"\ntrained model {run}: {len(model.blocks)} layers x {model.config.num_experts} experts, "
         f"top-{model.config.top_k}; budget {budget} experts (a quarter); "
-        f"{args.windows} held-out windows of {model.config.context} bytes, decoded one token at a time"
+        f"{args.windows} held-out windows of {model.config.context} bytes, decoded one token at a time; "
+        f"prefetch confidence {args.prefetch_confidence}, min precision {args.prefetch_min_precision}"
     )
-    print(f"{'policy':11} {'hit rate':>9} {'precision':>10} {'recall':>7} {'reads/token':>12}")
+    print(
+        f"{'policy':11} {'hit rate':>9} {'precision':>10} {'recall':>7} "
+        f"{'reads used':>11} {'reads/token':>12}"
+    )
     policies = {}
-    for policy in ("predictive", "lru", "lfu"):
-        stats = replay_decode(layers, inputs, policy, budget)
+    for policy in POLICIES:
+        # each policy on a fresh copy: replaying offloads the copy's experts
+        layers = copy.deepcopy(model).moe_layers()
+        stats = replay_decode(
+            layers, inputs, predictions, policy, budget, args.prefetch_confidence, args.prefetch_min_precision
+        )
         steps = tokens.numel()
         policies[policy] = {
             "hit_rate": stats.hit_rate,
             "precision": stats.prefetch_precision,
             "recall": stats.prefetch_recall,
+            "prefetch_use_rate": stats.prefetch_use_rate,
             "reads_per_token": stats.reads / steps,
         }
         print(
             f"{policy:11} {stats.hit_rate:9.1%} {stats.prefetch_precision:10.1%} "
-            f"{stats.prefetch_recall:7.1%} {stats.reads / steps:12.2f}"
+            f"{stats.prefetch_recall:7.1%} {stats.prefetch_use_rate:11.1%} {stats.reads / steps:12.2f}"
         )
     with torch.no_grad():
         int8_logits = int8_roundtrip(model)(tokens)
@@ -553,7 +589,14 @@ def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
         f"{quality['logit_max_error']:.4f}, mean {quality['logit_mean_error']:.5f} "
         f"(logit std {quality['logit_std']:.2f}), same argmax {quality['same_argmax']:.2%}"
     )
-    return {"run": str(run), "budget_experts": budget, "policies": policies, "int8": quality}
+    return {
+        "run": str(run),
+        "budget_experts": budget,
+        "prefetch_confidence": args.prefetch_confidence,
+        "prefetch_min_precision": args.prefetch_min_precision,
+        "policies": policies,
+        "int8": quality,
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -588,6 +631,20 @@ def parse_args() -> argparse.Namespace:
         "--train-steps", type=int, default=None, help="steps if training (default 400; --tiny 30)"
     )
     parser.add_argument("--windows", type=int, default=None, help="held-out windows (default 16; --tiny 2)")
+    parser.add_argument(
+        "--prefetch-confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help=f"part 2: read a predicted expert only if its router probability is >= this / E "
+        f"(default {DEFAULT_CONFIDENCE}; 0: the whole predicted top-k)",
+    )
+    parser.add_argument(
+        "--prefetch-min-precision",
+        type=float,
+        default=DEFAULT_MIN_PRECISION,
+        help="part 2: read a predicted expert only if this fraction of its past predictions was used "
+        f"(default {DEFAULT_MIN_PRECISION}; 0: always)",
+    )
     parser.add_argument("--skip-large", action="store_true", help="only part 2 (the trained model)")
     parser.add_argument("--skip-trained", action="store_true", help="only part 1 (the large model)")
     parser.add_argument("--prepare-only", action="store_true", help="generate the model files and stop")

@@ -150,24 +150,120 @@ def test_budget_and_stats_hold_with_prefetching(capacity, policy, calls):
     store = FakeStore()
     cache = ExpertCache(store, 4, capacity * EXPERT_BYTES, policy=policy, prefetch=True)
     for layer, experts, predicted in calls:
+        before = Counter(store.reads)
         assert sorted(serve(cache, layer, experts)) == sorted(set(experts))
+        read = store.reads - before
+        assert all(read[(layer, e)] <= 1 for e in experts), "an expert the layer needed was evicted"
+        cache.wait_for_reads()
+        kept = {((layer + 1) % 4, e) for e in predicted} & cache.resident()
         cache.prefetch((layer + 1) % 4, predicted)
+        cache.wait_for_reads()
+        assert kept <= cache.resident(), "a prefetch evicted a predicted expert"
     cache.close()
+    check_stats(cache)
+    stats = cache.stats
+    assert stats.reads == stats.evictions + len(cache.resident())  # every read expert is held or was evicted
+
+
+def predictive_reference(
+    calls: list[tuple[int, list[int], list[int]]], capacity: int
+) -> tuple[int, list[set[ExpertKey]]]:
+    """Hits and contents of the predictive policy without background reads, written out plainly.
+
+    Each call ``(layer, experts, predicted)`` uses ``experts`` of ``layer`` (its prediction,
+    if any, is then spent), then predicts ``predicted`` for the next layer. A call takes
+    its resident experts first, then reads each miss in turn; a read evicts, while the
+    budget is full, the expert first in the order: of a layer whose prediction left it
+    out, of a layer without a prediction, predicted; least recently used first within
+    each. Experts of the call not served yet are never evicted.
+    """
+    last_use: dict[ExpertKey, int] = {}  # the resident experts
+    predictions: dict[int, set[int]] = {}
+    tick = hits = 0
+    contents = []
+
+    def rank(key: ExpertKey) -> int:
+        predicted = predictions.get(key[0])
+        return 1 if predicted is None else 2 if key[1] in predicted else 0
+
+    for layer, experts, predicted in calls:
+        keys = [(layer, e) for e in dict.fromkeys(experts)]
+        predictions.pop(layer, None)
+        resident = [k for k in keys if k in last_use]
+        hits += len(resident)
+        waiting = set(keys)
+        for key in resident + [k for k in keys if k not in last_use]:
+            if key not in last_use:
+                while len(last_use) == capacity:
+                    candidates = [k for k in last_use if k not in waiting]
+                    victim = min(candidates, key=lambda k: (rank(k), last_use[k]))
+                    del last_use[victim]
+            tick += 1
+            last_use[key] = tick
+            waiting.discard(key)
+        predictions[(layer + 1) % 3] = set(predicted)
+        contents.append(set(last_use))
+    return hits, contents
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(1, 5),
+    calls=st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.lists(st.integers(0, 4), min_size=1, max_size=4),
+            st.lists(st.integers(0, 4), max_size=2),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+)
+def test_predictive_matches_reference(capacity, calls):
+    cache = ExpertCache(FakeStore(), 3, capacity * EXPERT_BYTES, policy="predictive", prefetch=False)
+    hits, contents = predictive_reference(calls, capacity)
+    for (layer, experts, predicted), expected in zip(calls, contents, strict=True):
+        assert sorted(serve(cache, layer, experts)) == sorted(set(experts))
+        cache.prefetch((layer + 1) % 3, predicted)  # prefetch=False: recorded and scored, not read
+        assert cache.resident() == expected
+    assert cache.stats.hits == hits
     check_stats(cache)
 
 
-def test_predictive_beats_lru_on_layers_in_turn():
-    # Layers run in turn, each with the same experts; the cache holds 2/3 of them. LRU evicts
-    # exactly what comes next (no hits); the predictive policy evicts what comes last.
-    results = {}
-    for policy in ("lru", "predictive"):
-        cache = ExpertCache(FakeStore(), 3, 4 * EXPERT_BYTES, policy=policy, prefetch=False)
-        for _ in range(10):
-            for layer in range(3):
-                serve(cache, layer, [0, 1])
-        results[policy] = cache.stats.hit_rate
-    assert results["lru"] == 0.0
-    assert results["predictive"] > 0.3
+def test_a_prefetch_takes_the_room_of_what_the_prediction_left_out():
+    # 3 layers, room for 4 experts. Layer 1's expert 0 is more recent than layer 0's, but
+    # layer 1's prediction leaves it out: the predictive policy evicts it for the prefetch,
+    # LRU evicts layer 0's expert 0 (the least recent).
+    evicted = {}
+    for policy in ("predictive", "lru"):
+        cache = ExpertCache(FakeStore(), 3, 4 * EXPERT_BYTES, policy=policy, prefetch=True)
+        for layer, experts in ((0, [0, 1]), (1, [0]), (2, [0])):
+            serve(cache, layer, experts)
+        before = cache.resident()
+        cache.prefetch(1, [3])
+        cache.wait_for_reads()
+        assert (1, 3) in cache.resident()
+        (evicted[policy],) = before - cache.resident()
+        cache.close()
+    assert evicted == {"predictive": (1, 0), "lru": (0, 0)}
+
+
+def test_predicted_experts_are_evicted_last_and_never_by_a_prefetch():
+    store = FakeStore()
+    cache = ExpertCache(store, 3, 3 * EXPERT_BYTES, policy="predictive", prefetch=True)
+    cache.prefetch(2, [5])  # predicted for layer 2, read ahead
+    cache.wait_for_reads()
+    serve(cache, 0, [0, 1])  # fills the budget
+    serve(cache, 1, [0, 1])  # evicts layer 0's experts, not the predicted (2, 5)
+    assert cache.resident() == {(1, 0), (1, 1), (2, 5)}
+    cache.prefetch(0, [7])  # room among the unpredicted: (1, 0), the least recent
+    cache.prefetch(2, [5, 6])  # replaces layer 2's prediction; room only at (1, 1), not (0, 7)
+    cache.wait_for_reads()
+    assert cache.resident() == {(2, 5), (2, 6), (0, 7)}
+    serve(cache, 2, [5, 6])
+    assert (cache.stats.hits, cache.stats.prefetch_used) == (2, 2)
+    cache.close()
+    check_stats(cache)
 
 
 def test_prediction_scores():

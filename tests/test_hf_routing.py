@@ -216,11 +216,11 @@ def test_an_offloaded_model_generates_what_the_in_memory_model_does_under_the_sa
     set_routing(model, **routing)
     assert torch.equal(generate(model, ids), expected)
     top_k = routing_settings(model)[0].top_k
-    strategies = [layer.strategy for _, layer in moe_layers(model)]
-    assert strategies[0].next_top_k == top_k  # the prediction follows the new top_k
+    for _, layer in moe_layers(model):
+        layer.strategy.confidence = layer.strategy.min_precision = 0.0  # predict the whole top-k
     before = offload_stats(model)
     with torch.no_grad():
-        model(ids[:1, :1])  # one token: layer 0 predicts top_k experts of layer 1
+        model(ids[:1, :1])  # one token: layer 1 is predicted with its top-k, as it now is
     assert offload_stats(model).predicted - before.predicted == top_k
 
 
@@ -233,10 +233,20 @@ def test_an_offloaded_model_refuses_a_top_k_its_budget_cannot_hold_at_once(saved
     ):
         set_routing(model, top_k=4)
     assert routing_settings(model) == before
-    assert moe_layers(model)[0][1].strategy.next_top_k == 3
+    for _, layer in moe_layers(model):
+        layer.strategy.confidence = layer.strategy.min_precision = 0.0  # predict the whole top-k
+    assert predicted_by_one_token(model) == 3  # layer 1's top-3
     with set_routing(model, top_k=1):
-        assert moe_layers(model)[0][1].strategy.next_top_k == 1
-    assert moe_layers(model)[0][1].strategy.next_top_k == 3
+        assert predicted_by_one_token(model) == 1
+    assert predicted_by_one_token(model) == 3
+
+
+def predicted_by_one_token(model: nn.Module) -> int:
+    """Experts predicted (for every layer but the first) in a forward of one token."""
+    before = offload_stats(model).predicted
+    with torch.no_grad():
+        model(prompt()[:1, :1])
+    return offload_stats(model).predicted - before
 
 
 @pytest.mark.parametrize("routing", [{"top_k": 1}, {"top_p": 1e-6, "min_k": 1}])
@@ -245,6 +255,7 @@ def test_the_prediction_reads_the_next_layers_routing_as_it_is_at_each_call(save
     model = load_offloaded(saved, expert_budget=4 * each)
     layers = [layer for _, layer in moe_layers(model)]
     layers[1].set_routing(**routing)  # on the layer itself, not through flexmoe.hf.set_routing
+    layers[1].strategy.confidence = layers[1].strategy.min_precision = 0.0  # the whole top-k
     before = offload_stats(model)
     with torch.no_grad():
         model(prompt()[:1, :1])  # one token: layer 1 takes one expert, so one is predicted

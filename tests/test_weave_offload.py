@@ -119,7 +119,8 @@ def test_mixed_batch_and_generate_equal_the_in_memory_weave(saved, family, budge
     expected_logits, expected = run(reference, ids, MIX)
 
     budget = None if budget_experts is None else max(budget_experts, top_k) * each
-    model = load_offloaded(saved[family], expert_budget=budget, dtype=torch.float32)
+    # every predicted expert read ahead, however flat the tiny random routers are
+    model = load_offloaded(saved[family], expert_budget=budget, dtype=torch.float32, prefetch_confidence=0)
     woven = weave(model, adapters)
     logits, generated = run(model, ids, MIX)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
@@ -128,7 +129,7 @@ def test_mixed_batch_and_generate_equal_the_in_memory_weave(saved, family, budge
     stats = offload_stats(model)
     assert stats.lookups > 0 and stats.hits + stats.misses == stats.lookups
     assert stats.reads > 0 and stats.bytes_read == stats.reads * each
-    assert stats.predicted > 0 and stats.predicted_used > 0  # the next layer's experts were predicted
+    assert stats.predicted > 0 and stats.predicted_used > 0  # each block's experts were predicted
     assert stats.prefetch_reads > 0  # ... and read ahead
     if budget is not None:
         assert stats.peak_resident_bytes <= budget

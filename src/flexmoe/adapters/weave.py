@@ -223,7 +223,7 @@ class LayerWeave:
             # the base experts with base or LoRA rows come from the cache (an ESFT-replaced one is not read)
             self.offloaded.check_budget(call.top_k)
             active = np.unique(self.base_of_main[counts.counts_G[: self.num_main] > 0]).tolist()
-            with closing(self.offloaded.fetch(x_TD, active)) as served:
+            with closing(self.offloaded.fetch(active)) as served:
                 y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N, served)
         step = ExpertStep(
             num_tokens=T,

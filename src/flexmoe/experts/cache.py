@@ -13,22 +13,24 @@ come first, misses are read ahead by the I/O thread as far as the budget allows,
 each expert is yielded once, pinned while the caller computes with it. A layer that
 needs more experts than fit at once (a long prefill) therefore reads each of them
 once, in groups. ``prefetch(layer, experts)`` records a prediction of what a later
-layer will use (ExpertFlow: the next layer's router applied to the current hidden
-states) and reads it in the background; the prediction's precision and recall are
-scored when that layer runs.
+layer will use (ExpertFlow; ``flexmoe.layer.offloaded`` applies the layer's router to
+the hidden states before it) and reads it in the background; the prediction's
+precision and recall are scored when that layer runs.
 
 Eviction (``policy``):
 
+- ``"predictive"`` (default): the prediction first, then recency. An expert of a layer
+  whose prediction left it out goes first (the prediction says that layer will not use
+  it next), then the others in least-recently-used order; an expert predicted for a
+  layer that has not run yet goes last. A prediction is the best guess at what its layer
+  will use, while the experts of layers not predicted yet are only guessed by recency.
 - ``"lru"``: the least recently used expert.
 - ``"lfu"``: the least frequently used expert (ties: least recently used).
-- ``"predictive"``: experts of the next layers' predictions stay; of the others, the
-  one whose layer runs again last (layers run in order, so the layer just computed
-  is needed last: a cyclic access pattern, where LRU evicts exactly what comes next),
-  then the least frequently used. A prefetch never evicts an expert needed sooner
-  than the one it reads.
 
-Under every policy a prefetch never evicts a predicted expert, and nothing evicts an
-expert in use or one the running layer has yet to use.
+Under every policy a prefetch never evicts a predicted expert (it only takes the room
+the eviction order yields from the others), and nothing evicts an expert in use or one
+the running layer has yet to use. A prefetched expert that was never used counts as
+used longest ago.
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ class CacheStats:
         return self.predicted_used / self.predicted if self.predicted else 0.0
 
     @property
+    def prefetch_use_rate(self) -> float:
+        """Of the experts read for predictions, the fraction a layer used before eviction (0 without)."""
+        return self.prefetch_used / self.prefetch_reads if self.prefetch_reads else 0.0
+
+    @property
     def prefetch_recall(self) -> float:
         """Of the experts a predicted layer used, the fraction that was predicted (0 without predictions)."""
         return self.predicted_used / self.used_after_prediction if self.used_after_prediction else 0.0
@@ -172,7 +179,6 @@ class ExpertCache:
         self._needed: set[ExpertKey] = set()  # the running layer's experts not yet served
         self._predicted: dict[int, set[int]] = {}
         self._pending: list[ExpertKey] = []  # predicted experts waiting for room to be prefetched
-        self._layer = num_layers - 1  # the layer running now (before the first: "the last one ran")
         self._tick = 0
         self._held = 0
         self._stats = CacheStats(budget_bytes)
@@ -227,7 +233,6 @@ class ExpertCache:
         """
         keys = [(layer, int(e)) for e in dict.fromkeys(experts)]
         with self._cond:
-            self._layer = layer
             self._score_prediction(layer, [key[1] for key in keys])
             self._pending = [key for key in self._pending if key[0] != layer]  # needed now, or not at all
             hits = sum(1 for key in keys if self._landed(key))
@@ -246,8 +251,8 @@ class ExpertCache:
 
         The prediction replaces any earlier one for ``layer`` and is scored (precision,
         recall) when ``layer`` runs. Reads stop at the first expert for which no room
-        can be made without evicting what is needed sooner (or predicted, under the
-        predictive policy).
+        can be made without evicting a predicted expert, one in use or one the running
+        layer has yet to use.
         """
         wanted = [int(e) for e in dict.fromkeys(experts)]
         with self._cond:
@@ -346,7 +351,7 @@ class ExpertCache:
         if budget is not None and self._held + nbytes > budget:
             # the fewest victims, in the policy's order; none are evicted unless they make room
             victims, freed = [], 0
-            for victim in self._eviction_order(key, demand):
+            for victim in self._eviction_order(demand):
                 if self._held - freed + nbytes <= budget:
                     break
                 victims.append(victim)
@@ -362,12 +367,11 @@ class ExpertCache:
         self._stats = replace(self._stats, resident_bytes=self._held, peak_resident_bytes=peak)
         return True
 
-    def _eviction_order(self, incoming: ExpertKey, demand: bool) -> list[ExpertKey]:
-        """The entries that may be evicted for ``incoming``, first victim first.
+    def _eviction_order(self, demand: bool) -> list[ExpertKey]:
+        """The entries that may be evicted (for a demand read, else a prefetch), first victim first.
 
         Never a pinned expert, one still being read, or one the running layer has yet
-        to use. A prefetch never evicts a predicted expert either, and under the
-        predictive policy nothing needed sooner than ``incoming``.
+        to use; a prefetch never evicts a predicted expert either.
         """
         entries, predicted = self._entries, self._predicted
         candidates = [
@@ -377,26 +381,18 @@ class ExpertCache:
         ]
         if not demand:
             candidates = [key for key in candidates if key[1] not in predicted.get(key[0], ())]
-            if self.policy == "predictive":
-                soon = self._until_needed(incoming[0])
-                candidates = [key for key in candidates if self._until_needed(key[0]) > soon]
         if self.policy == "lru":
             return sorted(candidates, key=lambda k: entries[k].last_use)
         if self.policy == "lfu":
             return sorted(candidates, key=lambda k: (entries[k].uses, entries[k].last_use))
-        return sorted(
-            candidates,
-            key=lambda k: (
-                k[1] in predicted.get(k[0], ()),
-                -self._until_needed(k[0]),
-                entries[k].uses,
-                entries[k].last_use,
-            ),
-        )
+        return sorted(candidates, key=lambda k: (self._prediction_rank(k), entries[k].last_use))
 
-    def _until_needed(self, layer: int) -> int:
-        """How many layer calls until ``layer`` runs next: 1 for the next layer, ``L`` for the running one."""
-        return (layer - self._layer - 1) % self.num_layers + 1
+    def _prediction_rank(self, key: ExpertKey) -> int:
+        """0: its layer's prediction left it out; 1: its layer has no prediction; 2: predicted."""
+        predicted = self._predicted.get(key[0])
+        if predicted is None:
+            return 1
+        return 2 if key[1] in predicted else 0
 
     def _drop(self, key: ExpertKey) -> None:
         entry = self._entries.pop(key, None)

@@ -41,7 +41,13 @@ from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
 from flexmoe.hf.convert import convert
 from flexmoe.layer import MoELayer
-from flexmoe.layer.offloaded import offload_experts, offloaded_cache
+from flexmoe.layer.offloaded import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MIN_PRECISION,
+    offload_experts,
+    offloaded_cache,
+    prefetch_experts,
+)
 
 __all__ = ["expert_tensor_names", "load_offloaded", "offload_stats", "parse_bytes"]
 
@@ -80,6 +86,8 @@ def load_offloaded(
     backend: str = "auto",
     io_threads: int = 4,
     packed: bool | None = None,
+    prefetch_confidence: float = DEFAULT_CONFIDENCE,
+    prefetch_min_precision: float = DEFAULT_MIN_PRECISION,
 ) -> Any:
     """A ``transformers`` causal LM from a ``save_pretrained`` directory, its experts left on disk.
 
@@ -101,14 +109,23 @@ def load_offloaded(
         device: where the model runs and the cached experts live.
         policy: the cache's eviction policy, ``"predictive"`` (default), ``"lru"`` or
             ``"lfu"`` (see ``flexmoe.experts.cache``).
-        prefetch: read experts on background I/O threads: a layer's misses, and the next
-            layer's experts as predicted by its router applied to this layer's input.
+        prefetch: read experts on background I/O threads: a layer's misses, and each
+            MoE block's predicted experts while its decoder layer's attention runs (its
+            router applied to the decoder layer's input, normalised as the block's input
+            is; every MoE block but one in the first decoder layer is predicted). ``False``: predictions are
+            still made and scored, and every read happens when a block needs it.
         backend: flexmoe's expert GEMM backend.
         io_threads: how many expert reads run at once in the background.
         packed: keep float experts in the cache as oneDNN-packed weights
             (``flexmoe.experts.packed.PackedWeight``): decoding computes them about 1.6x
             faster on the CPU, in about the same bytes. ``None`` (default): where the
             device and dtype support it (a CPU with oneDNN fp32 or native bf16 matmuls).
+        prefetch_confidence: a predicted expert is read ahead only if the router gives it
+            at least this many times the uniform probability ``1 / E`` (0: every one of
+            the predicted top-k).
+        prefetch_min_precision: a predicted expert is read ahead only if at least this
+            fraction of its block's past predictions of it were used (counted with one
+            right and one wrong guess to start; 0: always).
 
     Returns:
         The model (eval mode). Do not save or ``revert`` it: its experts are not in it.
@@ -117,6 +134,14 @@ def load_offloaded(
     budget = parse_bytes(expert_budget)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if isinstance(prefetch_confidence, bool) or not (
+        isinstance(prefetch_confidence, int | float) and prefetch_confidence >= 0
+    ):
+        raise ValueError(f"prefetch_confidence must be a number >= 0, got {prefetch_confidence!r}")
+    if isinstance(prefetch_min_precision, bool) or not (
+        isinstance(prefetch_min_precision, int | float) and 0 <= prefetch_min_precision <= 1
+    ):
+        raise ValueError(f"prefetch_min_precision must be a number in [0, 1], got {prefetch_min_precision!r}")
     directory = Path(path)
     files = _safetensors_files(directory)
     config = transformers.AutoConfig.from_pretrained(directory)
@@ -151,10 +176,12 @@ def load_offloaded(
         offload_experts(block.moe, cache, index, store.nbytes((index, 0)))
         for index, (_, block) in enumerate(blocks)
     ]
-    for (block_path, _), strategy, following in zip(blocks, strategies, [*blocks[1:], None], strict=True):
+    for (block_path, _), strategy in zip(blocks, strategies, strict=True):
         strategy.name = block_path
-        if following is not None:
-            strategy.predict_next(following[1].moe)
+        strategy.confidence = float(prefetch_confidence)
+        strategy.min_precision = float(prefetch_min_precision)
+    for block_path, block in blocks:
+        _predict_from_residual(model, block_path, block.moe)
     model.to_empty(device=device)
     # 4. the buffers no file holds, then every stored non-expert tensor
     _initialise_unsaved_buffers(model)
@@ -163,6 +190,37 @@ def load_offloaded(
     if generation.is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     return model
+
+
+class _ResidualPredictor:
+    """A decoder layer's forward pre-hook: its input, normalised, predicts its MoE block's experts."""
+
+    def __init__(self, moe: MoELayer, norm: nn.Module) -> None:
+        self.moe = moe
+        self.norm = norm
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, Tensor):
+            with torch.no_grad():
+                prefetch_experts(self.moe, self.norm(hidden))
+
+
+def _predict_from_residual(model: nn.Module, block_path: str, moe: MoELayer) -> None:
+    """Predict ``moe``'s experts when its decoder layer starts (Mixtral-offloading's prediction).
+
+    The decoder layer's input is the residual stream the previous layer left; its
+    ``post_attention_layernorm`` is what normalises the block's own input after the
+    attention, so the router sees nearly what it will see. Not in the first decoder
+    layer (``model.layers.0``), whose input is the token's embedding: the attention
+    changes it too much for a useful guess. A family whose decoder layer has no such
+    norm gets no prediction.
+    """
+    decoder_path = block_path.rpartition(".")[0]
+    decoder = model.get_submodule(decoder_path)
+    norm = getattr(decoder, "post_attention_layernorm", None)
+    if isinstance(norm, nn.Module) and not decoder_path.endswith(".0"):
+        decoder.register_forward_pre_hook(_ResidualPredictor(moe, norm), with_kwargs=True)
 
 
 def offload_stats(model: nn.Module) -> CacheStats:

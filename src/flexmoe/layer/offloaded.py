@@ -7,11 +7,24 @@ K top-k, N kept routed slots.
 ``flexmoe.experts.cache``) instead of its own Parameters: it dispatches like
 ``LocalExperts``, asks the cache for the active experts, and computes each expert's
 rows as soon as that expert is in memory (resident experts first, while the I/O
-thread reads the others). Before computing, it applies the *next* layer's router to
-this layer's input and tells the cache: the next layer's likely experts are read while
-this one computes. Inference only: the cached weights take no gradient. Experts the
-cache holds as int8 (``Int8Weight``) or packed (``PackedWeight``) are computed from
+thread reads the others). Inference only: the cached weights take no gradient. Experts
+the cache holds as int8 (``Int8Weight``) or packed (``PackedWeight``) are computed from
 those directly.
+
+Prediction (ExpertFlow, as Mixtral-offloading does it): ``prefetch_experts(layer, h)``
+applies ``layer``'s router to hidden states ``h`` that come before it, the residual
+stream as the previous layer left it, normalised as ``layer``'s input will be
+(``flexmoe.hf.load_offloaded`` does this at the start of each decoder layer, so the
+reads overlap its attention). The residual stream changes little from one layer to
+the next, so the router usually picks the experts it will pick on the real input.
+Only the experts it gives at least ``confidence / E`` probability are read: a guess the
+router is unsure of costs a read and the room of an expert that may be needed. Each
+layer also keeps the track record of its candidates (ExpertFlow's correction of
+mispredictions): an expert whose past predictions the layer used less than
+``min_precision`` of the time (counted with one right and one wrong guess to start) is
+left out, since a router applied to the residual stream can be biased towards an expert
+the real input never picks, which would then be read for nothing at every token. The
+candidates left out are still scored, so an expert comes back when it is picked again.
 """
 
 from __future__ import annotations
@@ -28,15 +41,25 @@ from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
-from flexmoe.routing import Router, RouterOutput
+from flexmoe.routing import RouterOutput
 
 __all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_MIN_PRECISION",
     "OffloadedExperts",
     "compute_dtype",
     "int8_experts_in_memory",
     "offload_experts",
     "offloaded_cache",
+    "predicted_experts",
+    "prefetch_experts",
 ]
+
+# A predicted expert is read ahead when the router gives it at least this many times the
+# uniform probability 1/E, and when at least this fraction of its past predictions were
+# used (both measured on `flexmoe train`'s models: see docs/offload.md).
+DEFAULT_CONFIDENCE = 1.2
+DEFAULT_MIN_PRECISION = 0.5
 
 
 class OffloadedExperts(LocalExperts):
@@ -67,26 +90,33 @@ class OffloadedExperts(LocalExperts):
         self.cache = cache
         self.layer_index = layer_index
         self.expert_bytes = expert_bytes
-        self.next_layer: MoELayer | None = None  # its router predicts its experts
         self.name = f"layer {layer_index}"
+        self.confidence = DEFAULT_CONFIDENCE  # of prefetch_experts' predictions
+        self.min_precision = DEFAULT_MIN_PRECISION
+        self._candidates: list[int] | None = None  # of the coming call, scored when it runs
+        self._candidate_counts = [0] * num_experts  # times each expert was a candidate
+        self._candidate_used = [0] * num_experts  # ... and the layer then used it
 
-    def predict_next(self, layer: MoELayer) -> None:
-        """Predict ``layer``'s experts (the next layer) with its router, and prefetch them.
+    def trusted(self, candidates: list[int]) -> list[int]:
+        """The ``candidates`` for the coming call whose past predictions were right often enough.
 
-        The prediction uses that layer's routing as it is at each call (its ``top_k``
-        and ``top_p``, whatever ``set_routing`` made of them).
+        Remembers ``candidates`` (replacing earlier ones) to score them when the layer runs.
         """
-        self.next_layer = layer
+        self._candidates = candidates
+        return [e for e in candidates if self.prediction_precision(e) >= self.min_precision]
 
-    @property
-    def next_router(self) -> Router | None:
-        """The router that predicts the next layer's experts (``None``: no prediction)."""
-        return None if self.next_layer is None else self.next_layer.router
+    def prediction_precision(self, expert: int) -> float:
+        """How often ``expert`` was used when it was a candidate: ``(used + 1) / (candidate + 2)``."""
+        return (self._candidate_used[expert] + 1) / (self._candidate_counts[expert] + 2)
 
-    @property
-    def next_top_k(self) -> int:
-        """How many experts per token the prediction reads (0: no prediction)."""
-        return 0 if self.next_layer is None else self.next_layer.config.top_k
+    def _score_candidates(self, active: list[int]) -> None:
+        if self._candidates is None:
+            return
+        used = set(active)
+        for e in self._candidates:
+            self._candidate_counts[e] += 1
+            self._candidate_used[e] += e in used
+        self._candidates = None
 
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Dispatch, fetch the active experts through the cache, compute each one's rows."""
@@ -97,8 +127,8 @@ class OffloadedExperts(LocalExperts):
         for count in counts:
             starts.append(starts[-1] + count)
         active = [e for e, count in enumerate(counts) if count > 0]
-        # 1. this layer's experts (their misses start reading now), the next layer's predicted
-        served = self.fetch(x_TD, active)
+        # 1. this layer's experts: the misses start reading now
+        served = self.fetch(active)
         # 2. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
         experts = self.grouped
@@ -115,30 +145,16 @@ class OffloadedExperts(LocalExperts):
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
-    def fetch(self, x_TD: Tensor, active: list[int]) -> Generator[tuple[int, ExpertWeights], None, None]:
+    def fetch(self, active: list[int]) -> Generator[tuple[int, ExpertWeights], None, None]:
         """Ask the cache for this layer's ``active`` experts: ``(expert, weights)`` once each, resident first.
 
-        The misses start reading at once; then (ExpertFlow) the next layer's router on
-        this layer's input ``x_TD`` predicts that layer's experts, which are read in the
-        background. Each expert stays pinned until the next is asked for: close the
+        The misses start reading at once, and the layer's predictions are scored against
+        ``active``. Each expert stays pinned until the next is asked for: close the
         generator when done (``contextlib.closing``). Used by ``run`` and by expert
         resolvers that compute this layer's experts themselves (``flexmoe.adapters``).
         """
-        served = self.cache.use(self.layer_index, active)
-        if self.next_layer is not None:
-            self.cache.prefetch(self.layer_index + 1, self._predicted(x_TD, self.next_layer))
-        return served
-
-    @staticmethod
-    def _predicted(x_TD: Tensor, layer: MoELayer) -> list[int]:
-        """The routed experts ``layer``'s router picks for ``x_TD`` (unused top-p slots left out)."""
-        config = layer.config
-        with torch.no_grad():
-            route = layer.router(x_TD, config.top_k, config.router.top_p)
-        ids = route.expert_ids_TK if route.valid_TK is None else route.expert_ids_TK[route.valid_TK]
-        ids = ids[ids < config.num_experts]  # zero-computation experts have nothing to read
-        predicted: list[int] = torch.unique(ids).tolist()  # NOTE: host sync (the expert ids to read)
-        return predicted
+        self._score_candidates(active)
+        return self.cache.use(self.layer_index, active)
 
     def check_budget(self, top_k: int) -> None:
         """Raise ``ValueError`` if the cache's budget cannot hold the ``top_k`` experts one token needs."""
@@ -149,6 +165,47 @@ class OffloadedExperts(LocalExperts):
                 f"expert_budget of {budget} bytes is too small: one step of {self.name} needs its "
                 f"top-{top_k} experts in memory at once, {top_k} x {self.expert_bytes} = {need} bytes"
             )
+
+
+def predicted_experts(layer: MoELayer, h_TD: Tensor, confidence: float = DEFAULT_CONFIDENCE) -> list[int]:
+    """The experts ``layer``'s router picks for ``h_TD [..., D]`` with probability >= ``confidence / E``.
+
+    The router runs with ``layer``'s routing as it is now (its ``top_k`` and ``top_p``,
+    whatever ``set_routing`` made of them); of each token's chosen experts, those the
+    router gives less than ``confidence`` times the uniform probability are left out
+    (``confidence=0``: all of them), and so are unused top-p slots and zero-computation
+    experts (nothing to read). Sorted, each expert once.
+    """
+    if not confidence >= 0.0:
+        raise ValueError(f"confidence must be a number >= 0, got {confidence!r}")
+    config = layer.config
+    with torch.no_grad():
+        route = layer.router(h_TD.reshape(-1, h_TD.shape[-1]), config.top_k, config.router.top_p)
+        ids_TK = route.expert_ids_TK
+        keep_TK = route.probs_TE.gather(1, ids_TK) >= confidence / route.probs_TE.shape[1]
+        if route.valid_TK is not None:
+            keep_TK &= route.valid_TK
+        ids = ids_TK[keep_TK & (ids_TK < config.num_experts)]
+        predicted: list[int] = torch.unique(ids).tolist()  # NOTE: host sync (the expert ids to read)
+    return predicted
+
+
+def prefetch_experts(layer: MoELayer, h_TD: Tensor) -> list[int]:
+    """Predict the experts of offloaded ``layer`` from hidden states ``h_TD`` and read them ahead.
+
+    ``h_TD`` should be close to what ``layer`` will be given (the residual stream before
+    it, normalised as its input is). The prediction (``predicted_experts`` with the
+    strategy's ``confidence``) replaces any earlier one for this layer; the cache scores
+    it when the layer runs. Of the experts the router picks, those whose past
+    predictions this layer used less than ``strategy.min_precision`` of the time are
+    left out (``OffloadedExperts.trusted``). Returns the predicted experts.
+    """
+    strategy = layer.strategy
+    if not isinstance(strategy, OffloadedExperts):
+        raise ValueError(f"prefetch_experts needs an offloaded layer, got a {type(strategy).__name__}")
+    predicted = strategy.trusted(predicted_experts(layer, h_TD, strategy.confidence))
+    strategy.cache.prefetch(strategy.layer_index, predicted)
+    return predicted
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
