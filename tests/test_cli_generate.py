@@ -108,6 +108,16 @@ def test_greedy_tokens_equal_the_in_memory_models_and_the_summary_adds_up(model_
     assert cache["predicted"] > 0
 
 
+def test_prefetch_thresholds_decide_what_is_read_ahead(model_dir, capsys):
+    argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "6"]
+    argv += ["--expert-budget", str(4 * expert_bytes())]
+    expected = reference_ids(in_memory(model_dir), PROMPT, 6, do_sample=False)
+    every = run_json([*argv, "--prefetch-confidence", "0", "--prefetch-min-precision", "0"], capsys)
+    none = run_json([*argv, "--prefetch-confidence", "1e9"], capsys)
+    assert every["new_ids"] == none["new_ids"] == expected
+    assert every["cache"]["prefetch_reads"] > 0 and none["cache"]["prefetch_reads"] == 0
+
+
 def test_the_plain_output_is_the_ids_then_a_summary_on_stderr(model_dir, capsys):
     budget = str(4 * expert_bytes())
     argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "5"]
@@ -256,6 +266,24 @@ def test_bad_arguments_are_one_line_refusals(model_dir, tmp_path, capsys):
         ],
         "--policy: needs --expert-budget": [*base, *ids, "--policy", "lru"],
         "--no-prefetch: needs --expert-budget": [*base, *ids, "--no-prefetch"],
+        "--prefetch-confidence: needs --expert-budget": [*base, *ids, "--prefetch-confidence", "2"],
+        "--prefetch-min-precision: needs --expert-budget": [*base, *ids, "--prefetch-min-precision", "0"],
+        r"--prefetch-min-precision: expected a number in \[0, 1\], got '2'": [
+            *base,
+            *ids,
+            "--expert-budget",
+            "1GiB",
+            "--prefetch-min-precision",
+            "2",
+        ],
+        "--prefetch-confidence: expected a finite number >= 0, got '-1'": [
+            *base,
+            *ids,
+            "--expert-budget",
+            "1GiB",
+            "--prefetch-confidence",
+            "-1",
+        ],
         "--temperature: needs --sample": [*base, *ids, "--temperature", "0.7"],
         "--sampling-top-p: needs --sample": [*base, *ids, "--sampling-top-p", "0.7"],
         "--routing-min-k: needs --routing-top-p": [*base, *ids, "--routing-min-k", "2"],

@@ -34,7 +34,7 @@ from flexmoe.cli.generate_monitor import GenerationMonitor, GenerationSummary, L
 from flexmoe.cli.options import CliError, float_in, int_in, one_line
 from flexmoe.experts.cache import POLICIES, CacheStats
 from flexmoe.hf.routing import moe_layers
-from flexmoe.layer.offloaded import offloaded_cache
+from flexmoe.layer.offloaded import DEFAULT_CONFIDENCE, DEFAULT_MIN_PRECISION, offloaded_cache
 
 __all__ = [
     "add_generate_arguments",
@@ -60,6 +60,17 @@ def _probability(text: str) -> float:
         value = float("nan")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse ``type=``: a number in ``[0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
 
 
@@ -112,6 +123,22 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-prefetch",
         action="store_true",
         help="read experts only when needed, with --expert-budget (default: off)",
+    )
+    memory.add_argument(
+        "--prefetch-confidence",
+        metavar="X",
+        type=float_in(0),
+        default=None,
+        help="read a predicted expert ahead only if its router gives it at least X times the uniform "
+        f"probability, with --expert-budget (default: {DEFAULT_CONFIDENCE}; 0: every predicted one)",
+    )
+    memory.add_argument(
+        "--prefetch-min-precision",
+        metavar="P",
+        type=_fraction,
+        default=None,
+        help="read a predicted expert ahead only if at least P of its past predictions were used, "
+        f"with --expert-budget (default: {DEFAULT_MIN_PRECISION}; 0: always)",
     )
     memory.add_argument(
         "--dtype",
@@ -177,7 +204,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_options(args: argparse.Namespace) -> None:
     """Refuse options that need another one."""
     if args.expert_budget is None:
-        for given, flag in ((args.policy is not None, "--policy"), (args.no_prefetch, "--no-prefetch")):
+        offload_only = (
+            (args.policy is not None, "--policy"),
+            (args.no_prefetch, "--no-prefetch"),
+            (args.prefetch_confidence is not None, "--prefetch-confidence"),
+            (args.prefetch_min_precision is not None, "--prefetch-min-precision"),
+        )
+        for given, flag in offload_only:
             if given:
                 raise CliError(f"argument {flag}: needs --expert-budget (the model is otherwise in memory)")
     if not args.sample:
@@ -222,6 +255,9 @@ def load_model(args: argparse.Namespace, transformers: Any) -> Any:
             budget = flexmoe.hf.parse_bytes(args.expert_budget)
         except ValueError as error:
             raise CliError(f"argument --expert-budget: {one_line(error)}") from None
+        confidence = DEFAULT_CONFIDENCE if args.prefetch_confidence is None else args.prefetch_confidence
+        min_precision = args.prefetch_min_precision
+        min_precision = DEFAULT_MIN_PRECISION if min_precision is None else min_precision
         try:
             return flexmoe.hf.load_offloaded(
                 directory,
@@ -230,6 +266,8 @@ def load_model(args: argparse.Namespace, transformers: Any) -> Any:
                 device=device,
                 policy=args.policy or "predictive",
                 prefetch=not args.no_prefetch,
+                prefetch_confidence=confidence,
+                prefetch_min_precision=min_precision,
             )
         except ValueError as error:
             flag = "--expert-budget" if "expert_budget" in str(error) else "MODEL_DIR"
