@@ -279,3 +279,25 @@ def test_gathered_lora_is_each_rows_own_product(target: str) -> None:
     A, B, x = torch.randn(3, 2, 5), torch.randn(3, 6, 2), torch.randn(3, 5)
     expected = torch.stack([B[slot] @ (A[slot] @ x[n]) for n, slot in enumerate([0, 0, 2])])
     torch.testing.assert_close(woven.gathered_lora(x, A, B, slots), expected)
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.integers(1, 9))
+@settings(max_examples=40, deadline=None)
+def test_split_parts_cover_the_slots_and_add_up(counts: list[int], pieces: int) -> None:
+    torch.manual_seed(0)
+    n = sum(counts)
+    slots = Groups(np.array(counts, dtype=np.int64), torch.tensor(counts))
+    part = LoRAPart(
+        "w_in",
+        torch.randperm(n + 3)[:n],
+        slots,
+        torch.randn(len(counts), 2, 5),
+        torch.randn(len(counts), 4, 2),
+    )
+    x = torch.randn(n + 3, 5)
+    split = part.split(pieces)
+    assert 1 <= len(split) <= max(pieces, 1) or n == 0
+    assert torch.equal(torch.cat([p.rows_n for p in split]), part.rows_n)
+    assert sum(len(p.slots.counts_G) for p in split) <= len(counts)
+    whole = part.delta(x, "loop")
+    torch.testing.assert_close(torch.cat([p.delta(x, "loop") for p in split]), whole)

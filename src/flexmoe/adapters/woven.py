@@ -19,7 +19,8 @@ terms in place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -157,6 +158,24 @@ class LoRAPart:
         u = segment_matmul(x_nI, self.A, self.slots, backend)
         return segment_matmul(u, self.B, self.slots, backend)
 
+    def split(self, pieces: int) -> list[LoRAPart]:
+        """The part as at most ``pieces`` parts over consecutive slots, with about equal rows each."""
+        counts = self.slots.counts_G
+        ends = np.cumsum(counts)
+        n = int(ends[-1]) if len(ends) else 0
+        if pieces <= 1 or n == 0:
+            return [self]
+        # each piece ends after the first slot whose rows reach its share of all rows
+        cuts = np.searchsorted(ends, np.arange(1, pieces) * n / pieces) + 1
+        bounds = [0, *sorted({min(int(c), len(counts)) for c in cuts}), len(counts)]
+        split = []
+        for l0, l1 in itertools.pairwise(bounds):
+            r0, r1 = int(ends[l0 - 1]) if l0 else 0, int(ends[l1 - 1]) if l1 else 0
+            if r1 > r0:
+                slots = Groups(counts[l0:l1], self.slots.counts_device[l0:l1])
+                split.append(LoRAPart(self.target, self.rows_n[r0:r1], slots, self.A[l0:l1], self.B[l0:l1]))
+        return split
+
     def gathers(self) -> bool:
         """Whether the rows average at most ``GATHER_ROWS_PER_SLOT`` per non-empty slot."""
         nonempty = int(np.count_nonzero(self.slots.counts_G))
@@ -257,10 +276,11 @@ def woven_inference(
                 torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
 
     for_each_segment(segments, project_in, device)
-    for part in parts:
-        if part.target == "w_in":
-            delta_nH = part.delta(x_ND, "grouped_mm")
-            h_PNF.index_add_(1, part.rows_n, delta_nH.view(-1, P, F).transpose(0, 1))
+
+    def add_in(rows_n: Tensor, delta_nH: Tensor) -> None:
+        h_PNF.index_add_(1, rows_n, delta_nH.view(-1, P, F).transpose(0, 1))
+
+    add_lora_terms(parts, "w_in", x_ND, add_in)
     # 2. the routing-weighted activation
     a_NF = weighted_activation(h_PNF, activation, row_weights_N)
     # 3. second projection, group by group, then the LoRA terms of w_out into it
@@ -273,8 +293,32 @@ def woven_inference(
             y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
     for_each_segment(segments, project_out, device)
-    for part in parts:
-        if part.target == "w_out":
-            y_ND.index_add_(0, part.rows_n, part.delta(a_NF, "grouped_mm"))
+    add_lora_terms(parts, "w_out", a_NF, lambda rows_n, delta_nD: y_ND.index_add_(0, rows_n, delta_nD))
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
+
+
+def add_lora_terms(
+    parts: list[LoRAPart], target: str, x_NI: Tensor, add: Callable[[Tensor, Tensor], object]
+) -> None:
+    """``add(rows_n, delta)`` for the LoRA terms of every part of ``target`` (no autograd).
+
+    A gathered part is one batched product (threaded by PyTorch); a part of grouped GEMMs
+    runs on one thread inside ``torch._grouped_mm`` (one tiny GEMM per slot), so on CPU
+    it is split into pieces of consecutive slots spread over the threads, like the base
+    experts' segments (each piece adds into its own rows).
+    """
+    pieces: list[LoRAPart] = []
+    threads = torch.get_num_threads() if x_NI.device.type == "cpu" else 1
+    for part in parts:
+        if part.target != target:
+            continue
+        if part.gathers():
+            add(part.rows_n, part.delta(x_NI, "grouped_mm"))
+        else:
+            pieces += part.split(4 * threads)
+
+    def run(i: int, start: int, end: int) -> None:
+        add(pieces[i].rows_n, pieces[i].delta(x_NI, "grouped_mm"))
+
+    for_each_segment([(i, 0, len(piece.rows_n)) for i, piece in enumerate(pieces)], run, x_NI.device)
