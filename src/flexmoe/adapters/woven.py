@@ -67,6 +67,7 @@ class Groups:
         self.counts_device = counts_device
         self._ends: Tensor | None = None
         self._nonempty: tuple[Tensor, Tensor] | None = None
+        self._group_of_row: Tensor | None = None
 
     @property
     def ends(self) -> Tensor:
@@ -84,10 +85,12 @@ class Groups:
         return self._nonempty
 
     def group_of_row(self, num_rows: int) -> Tensor:
-        """Each row's group ``[N]`` (on the device)."""
-        device = self.counts_device.device
-        groups = torch.arange(len(self.counts_G), device=device)
-        return torch.repeat_interleave(groups, self.counts_device, output_size=num_rows)
+        """Each row's group ``[N]`` (on the device; built once, ``num_rows`` must be ``sum(counts)``)."""
+        if self._group_of_row is None:
+            device = self.counts_device.device
+            groups = torch.arange(len(self.counts_G), device=device)
+            self._group_of_row = torch.repeat_interleave(groups, self.counts_device, output_size=num_rows)
+        return self._group_of_row
 
 
 def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "auto") -> Tensor:
