@@ -69,7 +69,7 @@ def cases(draw) -> Case:
         bias=draw(st.booleans()),
         adapters=adapters,
         counts=draw(st.lists(st.integers(0, most), min_size=E + num_slots, max_size=E + num_slots)),
-        gather_threshold=draw(st.sampled_from([0, woven.GATHER_ROWS_PER_SLOT, 10**6])),
+        gather_threshold=draw(st.sampled_from([0, woven.GATHER_BYTES_PER_SLOT, 10**12])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -200,17 +200,17 @@ def reference(
 
 
 class GatherThreshold:
-    """Sets ``woven.GATHER_ROWS_PER_SLOT`` inside a ``with`` block (both LoRA forms get drawn)."""
+    """Sets ``woven.GATHER_BYTES_PER_SLOT`` inside a ``with`` block (both LoRA forms get drawn)."""
 
     def __init__(self, value: int) -> None:
         self.value = value
 
     def __enter__(self) -> None:
-        self.saved = woven.GATHER_ROWS_PER_SLOT
-        woven.GATHER_ROWS_PER_SLOT = self.value
+        self.saved = woven.GATHER_BYTES_PER_SLOT
+        woven.GATHER_BYTES_PER_SLOT = self.value
 
     def __exit__(self, *exc: object) -> None:
-        woven.GATHER_ROWS_PER_SLOT = self.saved
+        woven.GATHER_BYTES_PER_SLOT = self.saved
 
 
 @given(cases(), st.sampled_from(["loop", "fused", "grouped_mm"]))
@@ -264,10 +264,10 @@ def test_woven_inference_equals_each_row_alone(case: Case) -> None:
 
 
 def test_lora_terms_gather_only_slots_with_few_rows() -> None:
-    slots = Groups(np.array([0, 1, 0, 2, 1]), torch.tensor([0, 1, 0, 2, 1]))
-    A, B = torch.zeros(5, 2, 4), torch.zeros(5, 4, 2)
-    few = LoRAPart("w_in", torch.arange(4), slots, A, B)
-    assert few.gathers()  # 4 rows over 3 non-empty slots
+    # rank 8 on 512 -> 512: 32 KiB of factors per row
+    A, B = torch.empty(5, 8, 512), torch.empty(5, 512, 8)
+    few = Groups(np.array([0, 1, 0, 2, 1]), torch.tensor([0, 1, 0, 2, 1]))
+    assert LoRAPart("w_in", torch.arange(4), few, A, B).gathers()  # 4 rows over 3 non-empty slots
     many = Groups(np.array([0, 9, 0, 0, 0]), torch.tensor([0, 9, 0, 0, 0]))
     assert not LoRAPart("w_in", torch.arange(9), many, A, B).gathers()
 
