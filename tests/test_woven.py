@@ -69,7 +69,7 @@ def cases(draw) -> Case:
         bias=draw(st.booleans()),
         adapters=adapters,
         counts=draw(st.lists(st.integers(0, most), min_size=E + num_slots, max_size=E + num_slots)),
-        gather_threshold=draw(st.sampled_from([0, woven.GATHER_BYTES_PER_SLOT, 10**12])),
+        gather_threshold=draw(st.sampled_from([0, 1, 10**6])),  # x the defaults: never, default, always
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -200,17 +200,18 @@ def reference(
 
 
 class GatherThreshold:
-    """Sets ``woven.GATHER_BYTES_PER_SLOT`` inside a ``with`` block (both LoRA forms get drawn)."""
+    """Scales ``woven.GATHER_*_PER_SLOT`` by ``factor`` in a ``with`` block (both LoRA forms get drawn)."""
 
-    def __init__(self, value: int) -> None:
-        self.value = value
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
 
     def __enter__(self) -> None:
-        self.saved = woven.GATHER_BYTES_PER_SLOT
-        woven.GATHER_BYTES_PER_SLOT = self.value
+        self.saved = (woven.GATHER_ROWS_PER_SLOT, woven.GATHER_BYTES_PER_SLOT)
+        woven.GATHER_ROWS_PER_SLOT = self.saved[0] * self.factor
+        woven.GATHER_BYTES_PER_SLOT = self.saved[1] * self.factor
 
     def __exit__(self, *exc: object) -> None:
-        woven.GATHER_BYTES_PER_SLOT = self.saved
+        woven.GATHER_ROWS_PER_SLOT, woven.GATHER_BYTES_PER_SLOT = self.saved
 
 
 @given(cases(), st.sampled_from(["loop", "fused", "grouped_mm"]))
@@ -264,12 +265,15 @@ def test_woven_inference_equals_each_row_alone(case: Case) -> None:
 
 
 def test_lora_terms_gather_only_slots_with_few_rows() -> None:
-    # rank 8 on 512 -> 512: 32 KiB of factors per row
-    A, B = torch.empty(5, 8, 512), torch.empty(5, 512, 8)
+    wide = torch.empty(5, 8, 512), torch.empty(5, 512, 8)  # rank 8, 512 -> 512: 32 KiB per row
     few = Groups(np.array([0, 1, 0, 2, 1]), torch.tensor([0, 1, 0, 2, 1]))
-    assert LoRAPart("w_in", torch.arange(4), few, A, B).gathers()  # 4 rows over 3 non-empty slots
-    many = Groups(np.array([0, 9, 0, 0, 0]), torch.tensor([0, 9, 0, 0, 0]))
-    assert not LoRAPart("w_in", torch.arange(9), many, A, B).gathers()
+    assert LoRAPart("w_in", torch.arange(4), few, *wide).gathers()  # 4 rows over 3 non-empty slots
+    many = Groups(np.array([0, 3, 0, 0, 0]), torch.tensor([0, 3, 0, 0, 0]))
+    assert not LoRAPart("w_in", torch.arange(3), many, *wide).gathers()
+    narrow = torch.empty(5, 8, 64), torch.empty(5, 64, 8)  # 4 KiB per row: 8 rows per slot gather
+    eight = Groups(np.array([0, 8, 0, 0, 0]), torch.tensor([0, 8, 0, 0, 0]))
+    assert LoRAPart("w_in", torch.arange(8), eight, *narrow).gathers()
+    assert not LoRAPart("w_in", torch.arange(8), eight, *wide).gathers()
 
 
 @pytest.mark.parametrize("target", TARGETS)

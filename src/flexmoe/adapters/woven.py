@@ -37,6 +37,7 @@ from flexmoe.workspace import WORKSPACE
 
 __all__ = [
     "GATHER_BYTES_PER_SLOT",
+    "GATHER_ROWS_PER_SLOT",
     "ExpertTensors",
     "Groups",
     "LoRAPart",
@@ -46,13 +47,15 @@ __all__ = [
     "woven_inference",
 ]
 
-# A LoRA stack's rows gather their own factors (``gathered_lora``) while those come to at
-# most this many bytes per non-empty slot, else the slots run as grouped GEMMs (a pair of
-# small GEMMs per slot). Measured on CPU (rank 8, 640 slots): both cost the same at about
-# 3 rows per slot with 512 / 384 wide projections (28 KiB of factors per row) and at 6 to
-# 7 rows per slot with 128 / 128 (8 KiB per row); decode-sized calls (about one row per
-# slot) run 2-5x faster gathered, prefill-sized ones at width 512 up to 10x slower.
-GATHER_BYTES_PER_SLOT = 64 * 1024
+# A LoRA stack's rows gather their own factors (``gathered_lora``) while they average at
+# most GATHER_ROWS_PER_SLOT rows or GATHER_BYTES_PER_SLOT bytes of gathered factors per
+# non-empty slot, else the slots run as grouped GEMMs (a pair of small GEMMs per slot).
+# Measured on CPU (rank 8, 640 slots): decode-sized calls (about one row per slot) run
+# 2-5x faster gathered; alone, both forms cost the same at about 3 rows per slot with
+# 512 / 384 wide projections (28 KiB of factors per row) and 6 rows with 128 / 128
+# (8 KiB), but inside a whole model call gathering 48 KiB per slot was already slower.
+GATHER_ROWS_PER_SLOT = 2
+GATHER_BYTES_PER_SLOT = 32 * 1024
 
 
 class Groups:
@@ -182,11 +185,15 @@ class LoRAPart:
         return split
 
     def gathers(self) -> bool:
-        """Whether the rows' gathered factors come to at most ``GATHER_BYTES_PER_SLOT`` per non-empty slot."""
+        """Whether the rows average few enough per non-empty slot to gather their factors.
+
+        At most ``GATHER_ROWS_PER_SLOT`` rows, or ``GATHER_BYTES_PER_SLOT`` bytes of factors.
+        """
         nonempty = int(np.count_nonzero(self.slots.counts_G))
+        n = self.rows_n.shape[0]
         _, rank, width_in = self.A.shape
         row_bytes = rank * (width_in + self.B.shape[1]) * self.A.element_size()
-        return self.rows_n.shape[0] * row_bytes <= GATHER_BYTES_PER_SLOT * nonempty
+        return n <= GATHER_ROWS_PER_SLOT * nonempty or n * row_bytes <= GATHER_BYTES_PER_SLOT * nonempty
 
 
 def woven_ffn(
