@@ -13,7 +13,9 @@ rewrites each choice (ExpertWeave's batched rerouting ``TopK'(x) = Pi[A(x), TopK
 and the dispatch sorts the rows by virtual expert. Then one grouped GEMM over the base
 experts' groups runs the base and LoRA rows on the base weights as they are (the LoRA
 terms on their sub-segments, ``flexmoe.adapters.woven``), and one over the ESFT stack
-runs the ESFT rows. Calls whose tokens all use the base (``-1``) run the layer as before.
+runs the ESFT rows; calls without autograd on the fused backend (CPU inference) run
+both in one pass (``woven_inference``). Calls whose tokens all use the base (``-1``) run
+the layer as before.
 
 The per-sequence adapter ids reach every layer through ``use(model, adapter_ids)``; each
 layer expands them to its tokens (``T / B`` consecutive tokens per sequence, the

@@ -317,10 +317,11 @@ def add_lora_terms(
 ) -> None:
     """``add(rows_n, delta)`` for the LoRA terms of every part of ``target`` (no autograd).
 
-    A gathered part is one batched product (threaded by PyTorch); a part of grouped GEMMs
-    runs on one thread inside ``torch._grouped_mm`` (one tiny GEMM per slot), so on CPU
-    it is split into pieces of consecutive slots spread over the threads, like the base
-    experts' segments (each piece adds into its own rows).
+    A gathered part is one batched product (threaded by PyTorch). A part of grouped GEMMs
+    is one tiny GEMM per slot, which gains nothing from splitting each GEMM over threads
+    (on 2 threads of a busy machine it ran 4-5x slower than on one); on CPU it is split
+    into pieces of consecutive slots spread over the threads instead, like the base
+    experts' segments, each on one thread (each piece adds into its own rows).
     """
     pieces: list[LoRAPart] = []
     threads = torch.get_num_threads() if x_NI.device.type == "cpu" else 1
