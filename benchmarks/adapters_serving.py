@@ -9,10 +9,11 @@ Every sequence of the batch uses one adapter, round-robin over the 20.
 Printed, per shape (prefill ``[B, S]`` and a decode-shaped ``[B, 1]`` forward without a
 KV cache): the median latency of the base alone and of the mixed batch, timed in
 interleaved rounds, and the paired overhead (median over rounds of mixed / base within
-a round; target <= +15 %). Memory, counted in bytes exactly: the base's parameters and
-buffers, the adapters' own parameters, what the weave holds (its stacks and expert
-maps), and (base + weave) / (base + adapters) (target within 5 %); on CUDA also the
-allocator's growth when the adapters were added.
+a round; target <= +15 %) with the range of the per-round overheads (a wide range means
+the machine was busy: rerun with nothing else running). Memory, counted in bytes
+exactly: the base's parameters and buffers, the adapters' own parameters, what the
+weave holds (its stacks and expert maps), and (base + weave) / (base + adapters)
+(target within 5 %); on CUDA also the allocator's growth when the adapters were added.
 
     python benchmarks/adapters_serving.py                       # CPU, fp32
     python benchmarks/adapters_serving.py --device cuda --json out.json   # bf16 on CUDA
@@ -178,10 +179,19 @@ def run_serving(
         calls = {"base": forward(model, tokens, None), "mixed": forward(model, tokens, ids)}
         timings = measure_interleaved(calls, warmup=2, repeats=repeats, device=torch.device(device))
         overhead = timings["base"].paired_speedup(timings["mixed"]) - 1.0
-        results[shape] = {"base": timings["base"], "mixed": timings["mixed"], "paired_overhead": overhead}
+        rounds = [m / b - 1.0 for m, b in zip(timings["mixed"].samples, timings["base"].samples, strict=True)]
+        results[shape] = {
+            "base": timings["base"],
+            "mixed": timings["mixed"],
+            "paired_overhead": overhead,
+            "round_overheads": rounds,
+        }
         print(f"{shape:8s} [{batch}, {length}]  base {timings['base']}")
         print(f"{'':8s} mixed over {adapters} adapters {timings['mixed']}")
-        print(f"{'':8s} paired overhead {overhead * 100:+.1f} % (target <= +15 %)")
+        print(
+            f"{'':8s} paired overhead {overhead * 100:+.1f} % (target <= +15 %; rounds "
+            f"{min(rounds) * 100:+.1f} .. {max(rounds) * 100:+.1f} %)"
+        )
     esft_experts = sum(len(w.esft_slots) for w in weave.layers.values())
     print(
         f"memory: base {base_bytes / 2**20:.2f} MiB, "

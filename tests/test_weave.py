@@ -147,6 +147,9 @@ def test_mixed_batch_equals_each_adapters_own_model(case: Case) -> None:
     with use(base, case.ids):
         y = base(x)
     (y * grad_y).sum().backward()
+    with torch.no_grad(), use(base, case.ids):  # without autograd: the fused backend's own pass
+        y_inference = base(x)
+    torch.testing.assert_close(y_inference, y, rtol=1e-4, atol=1e-5)
     for b, a in enumerate(case.ids):
         model = plain if a < 0 else own[a]
         x_b = x[b : b + 1].detach().requires_grad_()

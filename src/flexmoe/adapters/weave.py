@@ -13,7 +13,9 @@ rewrites each choice (ExpertWeave's batched rerouting ``TopK'(x) = Pi[A(x), TopK
 and the dispatch sorts the rows by virtual expert. Then one grouped GEMM over the base
 experts' groups runs the base and LoRA rows on the base weights as they are (the LoRA
 terms on their sub-segments, ``flexmoe.adapters.woven``), and one over the ESFT stack
-runs the ESFT rows. Calls whose tokens all use the base (``-1``) run the layer as before.
+runs the ESFT rows; calls without autograd on the fused backend (CPU inference) run
+both in one pass (``woven_inference``). Calls whose tokens all use the base (``-1``) run
+the layer as before.
 
 A layer whose experts are offloaded (``flexmoe.layer.offloaded``, ``flexmoe.hf.load_offloaded``)
 has no stacked base weights: its base experts with base or LoRA rows are asked of its
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, check_adapter_fits, experts_of_layers
-from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn
+from flexmoe.adapters.woven import ExpertTensors, Groups, LoRAPart, woven_ffn, woven_inference
 from flexmoe.adapters.woven_offloaded import served_woven_ffn
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute
@@ -249,6 +251,8 @@ class LayerWeave:
         ``served``: the base experts' weights as an offloaded layer's cache serves them
         (``None``: the layer's own stacked weights).
         """
+        if served is None and self.runs_inference(x_ND, row_weights_N):
+            return self.compute_inference(x_ND, counts, row_weights_N)
         M = self.num_main
         n_main = int(counts.counts_G[:M].sum())
         outputs = []
@@ -262,6 +266,60 @@ class LayerWeave:
             return x_ND.new_zeros(x_ND.shape)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
+    def runs_inference(self, x_ND: Tensor, row_weights_N: Tensor) -> bool:
+        """Whether this call runs ``woven_inference``: no gradient needed, the experts' backend ``fused``.
+
+        (The CPU default; ``loop`` stays the plain reference, ``grouped_mm`` runs the
+        autograd path's few large GEMMs.)
+        """
+        experts = self.experts
+        if experts.resolved_backend(x_ND.device, experts.compute_dtype(x_ND)) != "fused":
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        tensors = (x_ND, row_weights_N, experts.w_in, experts.w_out, experts.b_in, experts.b_out)
+        return not any(t is not None and t.requires_grad for t in (*tensors, *self.esft.values()))
+
+    def compute_inference(self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor) -> Tensor:
+        """``compute`` without autograd: base, LoRA and ESFT rows in one ``woven_inference`` pass."""
+        M, E = self.num_main, self.num_experts
+        counts_M = counts.counts_G[:M]
+        # the base and LoRA rows of base expert j form group j; then one group per ESFT expert
+        group_counts = np.bincount(self.base_of_main, weights=counts_M, minlength=E).astype(np.int64)
+        n_main = int(group_counts.sum())
+        parts = self.lora_parts(x_ND, counts_M, counts.counts_device[:M]) if n_main else []
+        experts = self.experts
+        stacks = [expert_tensors(x_ND, experts.w_in, experts.w_out, experts.b_in, experts.b_out)]
+        if self.esft:
+            esft = self.esft
+            stacks.append(
+                expert_tensors(x_ND, esft["w_in"], esft["w_out"], esft.get("b_in"), esft.get("b_out"))
+            )
+        dtype = stacks[0].w_in.dtype
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return woven_inference(
+                x_ND.to(dtype),
+                [*group_counts.tolist(), *counts.counts_G[M:].tolist()],
+                stacks,
+                experts.activation,
+                row_weights_N.to(dtype),
+                parts,
+            )
+
+    def lora_parts(self, x_ND: Tensor, counts_M: np.ndarray, counts_M_dev: Tensor) -> list[LoRAPart]:
+        """The LoRA stacks' shares of a call (rows per virtual expert of the main part: ``counts_M``)."""
+        parts = []
+        rows_of: dict[int, tuple[Tensor, Groups]] = {}
+        for stack in self.lora.values():
+            if stack.rows_key not in rows_of:
+                counts_L = counts_M[stack.virtual_ids]
+                rows_of[stack.rows_key] = self.slot_rows(stack.virtual_ids_device, counts_L, counts_M_dev)
+            rows_n, slots = rows_of[stack.rows_key]
+            if rows_n.numel():
+                A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
+                parts.append(LoRAPart(stack.target, rows_n, slots, A, B))
+        return parts
+
     def compute_main(
         self, x_ND: Tensor, counts: Groups, row_weights_N: Tensor, served: Served | None = None
     ) -> Tensor:
@@ -273,16 +331,7 @@ class LayerWeave:
             0, self.base_of_virtual_V[: self.num_main], counts_M_dev
         )
         groups = Groups(group_counts_E.astype(np.int64), group_counts_dev)
-        parts = []
-        rows_of: dict[int, tuple[Tensor, Groups]] = {}
-        for stack in self.lora.values():
-            if stack.rows_key not in rows_of:
-                counts_L = counts_M[stack.virtual_ids]
-                rows_of[stack.rows_key] = self.slot_rows(stack.virtual_ids_device, counts_L, counts_M_dev)
-            rows_n, slots = rows_of[stack.rows_key]
-            if rows_n.numel():
-                A, B = in_dtype(x_ND, stack.A), in_dtype(x_ND, stack.B)
-                parts.append(LoRAPart(stack.target, rows_n, slots, A, B))
+        parts = self.lora_parts(x_ND, counts_M, counts_M_dev)
         if served is not None:  # offloaded: each expert as the cache serves it
             dtype = compute_dtype(x_ND)
             return served_woven_ffn(
@@ -356,6 +405,14 @@ class LayerWeave:
         """Every tensor of the adapters held here (the stacks)."""
         lora = [t for stack in self.lora.values() for t in (stack.A, stack.B)]
         return list(self.esft.values()) + lora
+
+
+def expert_tensors(
+    x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None
+) -> ExpertTensors:
+    """A stack of experts' tensors in the dtype the GEMMs of input ``x`` run in (``in_dtype``)."""
+    b_in, b_out = (None if b is None else in_dtype(x, b) for b in (b_in, b_out))
+    return ExpertTensors(in_dtype(x, w_in), in_dtype(x, w_out), b_in, b_out)
 
 
 def in_dtype(x: Tensor, t: Tensor) -> Tensor:

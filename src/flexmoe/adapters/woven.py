@@ -1,19 +1,28 @@
 """The expert FFN of a multi-adapter batch: base experts with LoRA terms on sub-segments.
 
 Legend: N rows (expert-major), D model dim, F expert hidden dim, H first-projection
-width (2F gated, else F), E base experts, L LoRA slots of one stack, r rank, G groups.
+width (2F gated, else F), E base experts, L LoRA slots of one stack, r rank, G groups,
+n rows of one LoRA stack, P first-projection blocks (2 gated, else 1).
 
 In a multi-adapter batch the rows of base expert ``j`` are sorted as ``[base rows of j,
 rows of adapter a1's LoRA version of j, rows of a2's, ...]``, so one grouped GEMM over
 the ``E`` base-expert groups (the base weights as they are, never copied or gathered)
 computes every row's base projection, and each adapter's low-rank term is added on its
-own sub-segment: the rows of a LoRA stack's slots are gathered, run as two grouped GEMMs
-over the slots' factors, and added back (``index_add``). Plain autograd throughout.
+own sub-segment: the rows of a LoRA stack's slots are gathered and their terms computed
+for all slots at once (``LoRAPart.delta``), then added back.
+
+Two forms of the same math: ``woven_ffn`` under plain autograd (the reference, and the
+``grouped_mm`` path), and ``woven_inference`` without autograd on the fused backend's
+layout, which also runs the ESFT experts' groups in the same pass and adds the LoRA
+terms in place.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,10 +30,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate
-from flexmoe.experts.backends import contiguous_grad
+from flexmoe.experts.backends import contiguous_grad, weighted_activation
 from flexmoe.experts.ffn import resolve_backend
+from flexmoe.experts.segments import for_each_segment, segments_of
+from flexmoe.workspace import WORKSPACE
 
-__all__ = ["Groups", "LoRAPart", "segment_matmul", "woven_ffn"]
+__all__ = [
+    "GATHER_BYTES_PER_SLOT",
+    "GATHER_ROWS_PER_SLOT",
+    "ExpertTensors",
+    "Groups",
+    "LoRAPart",
+    "gathered_lora",
+    "segment_matmul",
+    "woven_ffn",
+    "woven_inference",
+]
+
+# A LoRA stack's rows gather their own factors (``gathered_lora``) while they average at
+# most GATHER_ROWS_PER_SLOT rows or GATHER_BYTES_PER_SLOT bytes of gathered factors per
+# non-empty slot, else the slots run as grouped GEMMs (a pair of small GEMMs per slot).
+# Measured on CPU (rank 8, 640 slots): decode-sized calls (about one row per slot) run
+# 2-5x faster gathered; alone, both forms cost the same at about 3 rows per slot with
+# 512 / 384 wide projections (28 KiB of factors per row) and 6 rows with 128 / 128
+# (8 KiB), but inside a whole model call gathering 48 KiB per slot was already slower.
+GATHER_ROWS_PER_SLOT = 2
+GATHER_BYTES_PER_SLOT = 32 * 1024
 
 
 class Groups:
@@ -41,6 +72,7 @@ class Groups:
         self.counts_device = counts_device
         self._ends: Tensor | None = None
         self._nonempty: tuple[Tensor, Tensor] | None = None
+        self._group_of_row: Tensor | None = None
 
     @property
     def ends(self) -> Tensor:
@@ -58,10 +90,12 @@ class Groups:
         return self._nonempty
 
     def group_of_row(self, num_rows: int) -> Tensor:
-        """Each row's group ``[N]`` (on the device)."""
-        device = self.counts_device.device
-        groups = torch.arange(len(self.counts_G), device=device)
-        return torch.repeat_interleave(groups, self.counts_device, output_size=num_rows)
+        """Each row's group ``[N]`` (on the device; built once, ``num_rows`` must be ``sum(counts)``)."""
+        if self._group_of_row is None:
+            device = self.counts_device.device
+            groups = torch.arange(len(self.counts_G), device=device)
+            self._group_of_row = torch.repeat_interleave(groups, self.counts_device, output_size=num_rows)
+        return self._group_of_row
 
 
 def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "auto") -> Tensor:
@@ -92,6 +126,18 @@ def segment_matmul(x_NI: Tensor, w_GOI: Tensor, groups: Groups, backend: str = "
     return torch.cat(outputs)
 
 
+def gathered_lora(x_nI: Tensor, A_LrI: Tensor, B_LOr: Tensor, slots: Groups) -> Tensor:
+    """``(x_n A[l]^T) B[l]^T`` for every row ``n`` of slot ``l``, ``[n, O]``, as two batched products.
+
+    Punica's and S-LoRA's BGMV: each row gathers its slot's factors, then one batched
+    matrix-vector product per factor runs all rows at once (no per-slot GEMM). The
+    gathers copy ``r (I + O)`` values per row: cheap while slots hold a row or two.
+    """
+    slot_n = slots.group_of_row(x_nI.shape[0])
+    u_n1r = torch.bmm(x_nI[:, None, :], A_LrI.index_select(0, slot_n).transpose(1, 2))
+    return torch.bmm(u_n1r, B_LOr.index_select(0, slot_n).transpose(1, 2))[:, 0]
+
+
 @dataclass(frozen=True)
 class LoRAPart:
     """One LoRA stack's share of a call: its slots' rows and factors.
@@ -108,9 +154,46 @@ class LoRAPart:
     B: Tensor
 
     def delta(self, x_NI: Tensor, backend: str) -> Tensor:
-        """``(x_rows A^T) B^T`` slot by slot, ``[n, O]``."""
-        u = segment_matmul(x_NI.index_select(0, self.rows_n), self.A, self.slots, backend)
+        """``(x_rows A^T) B^T`` slot by slot, ``[n, O]``.
+
+        ``backend="loop"``: one GEMM per slot (the reference); otherwise gathered per row
+        (``gathered_lora``) where the slots hold few rows each, else grouped GEMMs over the
+        slots with rows.
+        """
+        x_nI = x_NI.index_select(0, self.rows_n)
+        if backend != "loop" and self.gathers():
+            return gathered_lora(x_nI, self.A, self.B, self.slots)
+        u = segment_matmul(x_nI, self.A, self.slots, backend)
         return segment_matmul(u, self.B, self.slots, backend)
+
+    def split(self, pieces: int) -> list[LoRAPart]:
+        """The part as at most ``pieces`` parts over consecutive slots, with about equal rows each."""
+        counts = self.slots.counts_G
+        ends = np.cumsum(counts)
+        n = int(ends[-1]) if len(ends) else 0
+        if pieces <= 1 or n == 0:
+            return [self]
+        # each piece ends after the first slot whose rows reach its share of all rows
+        cuts = np.searchsorted(ends, np.arange(1, pieces) * n / pieces) + 1
+        bounds = [0, *sorted({min(int(c), len(counts)) for c in cuts}), len(counts)]
+        split = []
+        for l0, l1 in itertools.pairwise(bounds):
+            r0, r1 = int(ends[l0 - 1]) if l0 else 0, int(ends[l1 - 1]) if l1 else 0
+            if r1 > r0:
+                slots = Groups(counts[l0:l1], self.slots.counts_device[l0:l1])
+                split.append(LoRAPart(self.target, self.rows_n[r0:r1], slots, self.A[l0:l1], self.B[l0:l1]))
+        return split
+
+    def gathers(self) -> bool:
+        """Whether the rows average few enough per non-empty slot to gather their factors.
+
+        At most ``GATHER_ROWS_PER_SLOT`` rows, or ``GATHER_BYTES_PER_SLOT`` bytes of factors.
+        """
+        nonempty = int(np.count_nonzero(self.slots.counts_G))
+        n = self.rows_n.shape[0]
+        _, rank, width_in = self.A.shape
+        row_bytes = rank * (width_in + self.B.shape[1]) * self.A.element_size()
+        return n <= GATHER_ROWS_PER_SLOT * nonempty or n * row_bytes <= GATHER_BYTES_PER_SLOT * nonempty
 
 
 def woven_ffn(
@@ -131,12 +214,12 @@ def woven_ffn(
     LoRA rows alike); ``parts`` add each LoRA slot's terms to its rows: ``w_in`` parts to the
     pre-activation, ``w_out`` parts to the output (of the routing-weighted activation,
     as the backends do). ``backend``: the experts' backend for the base GEMMs
-    (``grouped_mm`` or a loop over the groups); the LoRA GEMMs use ``torch._grouped_mm``
-    where it runs unless ``backend`` is ``"loop"``.
+    (``grouped_mm`` or a loop over the groups); the LoRA terms use ``LoRAPart.delta``'s
+    batched forms unless ``backend`` is ``"loop"``. Plain autograd throughout.
     """
-    # The thin LoRA GEMMs run over many small slots (adapters x experts): one
-    # torch._grouped_mm wherever it runs beats a Python loop over them, also on CPU
-    # (where the base GEMMs keep the experts' backend); "loop" stays the plain reference.
+    # The thin LoRA GEMMs run over many small slots (adapters x experts): batched forms
+    # beat a Python loop over them, also on CPU (where the base GEMMs keep the experts'
+    # backend); "loop" stays the plain reference.
     lora_backend = "loop" if backend == "loop" else "grouped_mm"
     # 1. first projection over the base-expert groups, plus the LoRA terms of w_in
     h_NH = segment_matmul(x_ND, w_in, groups, backend)
@@ -156,3 +239,101 @@ def woven_ffn(
         if part.target == "w_out":
             y_ND = y_ND.index_add(0, part.rows_n, part.delta(a_NF, lora_backend))
     return y_ND
+
+
+class ExpertTensors(NamedTuple):
+    """A stack of experts' weights in the backends' layout: ``w_in [G, H, D]``, ``w_out [G, D, F]``."""
+
+    w_in: Tensor
+    w_out: Tensor
+    b_in: Tensor | None
+    b_out: Tensor | None
+
+
+def woven_inference(
+    x_ND: Tensor,
+    counts: list[int],
+    stacks: Sequence[ExpertTensors],
+    activation: str,
+    row_weights_N: Tensor,
+    parts: list[LoRAPart],
+) -> Tensor:
+    """``woven_ffn`` without autograd, on the fused backend's inference layout, over several stacks.
+
+    Group ``g`` (``counts[g]`` consecutive rows) runs on the experts of ``stacks`` taken
+    one after the other: the first ``len(stacks[0].w_in)`` groups on ``stacks[0]``, the
+    next on ``stacks[1]``, ... (the base experts, then the ESFT experts: one pass over
+    every row). As ``flexmoe.experts.backends.fused_inference``: each group's GEMMs write
+    into pooled buffers (gate and up halves as separate ``[N, F]`` blocks), spread over
+    threads where the groups balance. The LoRA terms of ``parts`` (rows of the base
+    groups) are computed for all their rows at once and added in place.
+    """
+    N, D = x_ND.shape
+    F = stacks[0].w_out.shape[2]
+    P = stacks[0].w_in.shape[1] // F
+    device, dtype = x_ND.device, x_ND.dtype
+    if N == 0:
+        return x_ND.new_zeros(0, D)
+    x_ND = x_ND.contiguous()
+    owners = [(stack, e) for stack in stacks for e in range(stack.w_in.shape[0])]
+    segments = segments_of(counts)
+    # 1. first projection, group by group, then the LoRA terms of w_in into it
+    h_PNF = WORKSPACE.take((P, N, F), dtype, device)
+
+    def project_in(g: int, s: int, t: int) -> None:
+        stack, e = owners[g]
+        for p in range(P):
+            rows = slice(p * F, (p + 1) * F)
+            if stack.b_in is None:
+                torch.mm(x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
+            else:
+                torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
+
+    for_each_segment(segments, project_in, device)
+
+    def add_in(rows_n: Tensor, delta_nH: Tensor) -> None:
+        h_PNF.index_add_(1, rows_n, delta_nH.view(-1, P, F).transpose(0, 1))
+
+    add_lora_terms(parts, "w_in", x_ND, add_in)
+    # 2. the routing-weighted activation
+    a_NF = weighted_activation(h_PNF, activation, row_weights_N)
+    # 3. second projection, group by group, then the LoRA terms of w_out into it
+    y_ND = WORKSPACE.take((N, D), dtype, device)
+
+    def project_out(g: int, s: int, t: int) -> None:
+        stack, e = owners[g]
+        torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
+        if stack.b_out is not None:
+            y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
+
+    for_each_segment(segments, project_out, device)
+    add_lora_terms(parts, "w_out", a_NF, lambda rows_n, delta_nD: y_ND.index_add_(0, rows_n, delta_nD))
+    WORKSPACE.give(a_NF, h_PNF)
+    return y_ND
+
+
+def add_lora_terms(
+    parts: list[LoRAPart], target: str, x_NI: Tensor, add: Callable[[Tensor, Tensor], object]
+) -> None:
+    """``add(rows_n, delta)`` for the LoRA terms of every part of ``target`` (no autograd).
+
+    A gathered part is one batched product (threaded by PyTorch). A part of grouped GEMMs
+    is one tiny GEMM per slot, which gains nothing from splitting each GEMM over threads
+    (on 2 threads of a busy machine it ran 4-5x slower than on one); on CPU it is split
+    into pieces of consecutive slots spread over the threads instead, like the base
+    experts' segments, each on one thread (each piece adds into its own rows).
+    """
+    pieces: list[LoRAPart] = []
+    threads = torch.get_num_threads() if x_NI.device.type == "cpu" else 1
+    for part in parts:
+        if part.target != target:
+            continue
+        if part.gathers():
+            add(part.rows_n, part.delta(x_NI, "grouped_mm"))
+        else:
+            pieces += part.split(4 * threads)
+
+    def run(i: int, start: int, end: int) -> None:
+        add(pieces[i].rows_n, pieces[i].delta(x_NI, "grouped_mm"))
+
+    for_each_segment([(i, 0, len(piece.rows_n)) for i, piece in enumerate(pieces)], run, x_NI.device)
