@@ -15,6 +15,7 @@ import torch
 from flexmoe import MoELayer
 from flexmoe.adapters import lora_state_dict
 from flexmoe.experts.lora import FACTOR_SHARDS
+from flexmoe.parallel import clip_grad_norm_
 
 from .lora_parallel_workers import FACTORS, LoRACase, assert_near, layers_for, single_device_factor_grads
 
@@ -61,7 +62,7 @@ def whole_factor_copies(layer: MoELayer) -> dict[str, list[Any]]:
 
 
 def check_sharded_training(rank: int, world: int, num_experts: int, steps: int) -> list[dict[str, list[Any]]]:
-    """AdamW steps on the adapter equal the oracle's; returns the whole factors' copies at each backward."""
+    """AdamW steps and gradient norms equal the oracle's; returns the whole factors' copies per backward."""
     case = LoRACase(num_experts=num_experts, top_k=1, experts=[num_experts - 1], seed=21)
     oracle, layer = layers_for(case)
     oracle_opt = torch.optim.AdamW([p for p in oracle.parameters() if p.requires_grad], lr=0.05)
@@ -72,9 +73,12 @@ def check_sharded_training(rank: int, world: int, num_experts: int, steps: int) 
         torch.manual_seed(step)
         x_global = torch.randn(6 * world, 16)
         oracle(x_global).square().sum().backward()
+        want_norm = torch.stack([p.grad.norm() for p in oracle.parameters() if p.grad is not None]).norm()
         oracle_opt.step()
         oracle_opt.zero_grad()
         layer(x_global.chunk(world)[rank], plan=plans[step % len(plans)]).square().sum().backward()
+        norm = clip_grad_norm_(layer, 1e9)  # A_in and B_out, whole on every shard, count once
+        torch.testing.assert_close(norm, float(want_norm), rtol=1e-5, atol=0.0)
         copies.append(whole_factor_copies(layer))
         opt.step()
         opt.zero_grad()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.lora import FACTOR_SHARDS, TARGETS, ExpertLoRA
 from flexmoe.layer import MoELayer
+from flexmoe.parallel import tag_expert_parameters
 
 __all__ = [
     "add_lora",
@@ -164,6 +165,11 @@ def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA
     with torch.no_grad():
         for name, value in _dense_factors(adapter).items():
             getattr(local, name).copy_(layer.local_expert_rows(value, FACTOR_SHARDS[name]))
+    # Expert parameters, like the weights they adapt: data parallelism leaves them alone, and
+    # a factor every shard holds whole counts once in clip_grad_norm_.
+    shards = 1 if placement is None else placement.shards
+    for name, param in local.named_parameters():
+        tag_expert_parameters(param, shards if FACTOR_SHARDS[name] is None else 1)
     return local
 
 
