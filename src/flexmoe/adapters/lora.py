@@ -147,9 +147,28 @@ def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA
     stored = layer.stored_experts
     placement = layer.placement
     hidden = layer.config.hidden_dim if placement is None else placement.local_hidden_dim
-    local = ExpertLoRA(
-        len(stored),
-        layer.config.dim,
+    device = adapter.expert_ids.device
+    # Its own initial draw is overwritten below; it must not move the generator, so that the
+    # next layers' adapters still draw what single-device ones would.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        local = _empty_like_rows(adapter, len(stored), layer.config.dim, width, hidden)
+    local.adapted_experts = adapter.experts
+    with torch.no_grad():
+        for name, value in _dense_factors(adapter).items():
+            getattr(local, name).copy_(layer.local_expert_rows(value, FACTOR_SHARDS[name]))
+    # Expert parameters, like the weights they adapt: data parallelism leaves them alone, and
+    # a factor every shard holds whole counts once in clip_grad_norm_.
+    shards = 1 if placement is None else placement.shards
+    for name, param in local.named_parameters():
+        tag_expert_parameters(param, shards if FACTOR_SHARDS[name] is None else 1)
+    return local
+
+
+def _empty_like_rows(adapter: ExpertLoRA, rows: int, dim: int, width: int, hidden: int) -> ExpertLoRA:
+    """An adapter with ``adapter``'s settings and ``rows`` rows, every one adapted (values to be set)."""
+    return ExpertLoRA(
+        rows,
+        dim,
         width,
         hidden,
         adapter.rank,
@@ -161,16 +180,6 @@ def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA
         device=adapter.expert_ids.device,
         dtype=next(adapter.parameters()).dtype,
     )
-    local.adapted_experts = adapter.experts
-    with torch.no_grad():
-        for name, value in _dense_factors(adapter).items():
-            getattr(local, name).copy_(layer.local_expert_rows(value, FACTOR_SHARDS[name]))
-    # Expert parameters, like the weights they adapt: data parallelism leaves them alone, and
-    # a factor every shard holds whole counts once in clip_grad_norm_.
-    shards = 1 if placement is None else placement.shards
-    for name, param in local.named_parameters():
-        tag_expert_parameters(param, shards if FACTOR_SHARDS[name] is None else 1)
-    return local
 
 
 def _dense_factors(adapter: ExpertLoRA) -> dict[str, Tensor]:
