@@ -116,10 +116,23 @@ def _logged_losses(out: str) -> list[float]:
     return [float(loss) for loss in re.findall(r"step +\d+  loss ([0-9.]+)", out)]
 
 
-def test_lora_finetune_on_two_workers_trains_the_one_worker_adapter(base_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def one_expert_run(tmp_path_factory: pytest.TempPathFactory):
+    run = tmp_path_factory.mktemp("base1") / "run"
+    main(["train", "--steps", "2", "--experts", "1", "--top-k", "1", *SMALL, "--run-dir", str(run)])
+    return run
+
+
+@pytest.mark.parametrize(
+    ("base", "experts"),
+    [("base_run", "0,3,5"), ("one_expert_run", "0")],  # 8 experts, 4 per worker; 1 sharded over 2
+)
+def test_lora_finetune_on_two_workers_trains_the_one_worker_adapter(base, experts, request, tmp_path, capsys):
     """The same global batch on 2 workers (4 windows each) as on 1 (8): the same losses and adapter."""
+    base_run = request.getfixturevalue(base)
+    capsys.readouterr()  # the base run's own output, when it runs now
     common = ["--steps", "3", "--log-every", "1", "--context", "32", "--eval-batches", "2", "--no-progress"]
-    lora = ["--lr", "0.01", "--lora-rank", "2", "--lora-experts", "0,3,5", "--init-from", str(base_run)]
+    lora = ["--lr", "0.01", "--lora-rank", "2", "--lora-experts", experts, "--init-from", str(base_run)]
     one, two = tmp_path / "one", tmp_path / "two"
     main(["train", "--batch-size", "8", *common, *lora, "--run-dir", str(one)])
     alone = capsys.readouterr().out
