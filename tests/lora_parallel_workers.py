@@ -23,12 +23,13 @@ from flexmoe.adapters import (
     add_lora,
     load_lora_state_dict,
     load_peft_adapter,
-    lora_adapters,
     lora_state_dict,
     merge_lora,
     save_peft_adapter,
+    unmerge_lora,
 )
 from flexmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flexmoe.experts.lora import FACTOR_SHARDS
 
 from .hf_tiny import tiny_model
 
@@ -78,7 +79,7 @@ def random_cases(world: int, count: int, seed: int) -> list[LoRACase]:
     return cases
 
 
-def _layers(case: LoRACase) -> tuple[MoELayer, MoELayer]:
+def layers_for(case: LoRACase) -> tuple[MoELayer, MoELayer]:
     """The oracle with a trained-looking adapter, and the distributed layer holding the same."""
     torch.manual_seed(case.seed)
     router = RouterConfig(kind="sigmoid", selection_bias=True) if case.hot else "softmax"
@@ -105,12 +106,29 @@ def _layers(case: LoRACase) -> tuple[MoELayer, MoELayer]:
     return oracle, layer
 
 
-def _plans(layer: MoELayer) -> list[Plan]:
+def every_plan(layer: MoELayer) -> list[Plan]:
     plans = layer.valid_plans(degrees=(1, 2), exchanges=("flat", "2dh"))
+    if layer.placement is not None and layer.placement.sharded:  # no rerouting of sharded experts
+        return plans
     return plans + [Plan(reroute=kind, d=d) for kind in ("lla", "shadow") for d in (1, 2)]
 
 
-def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+def single_device_factor_grads(layer: MoELayer) -> dict[str, torch.Tensor | None]:
+    """The gradients of ``layer``'s adapter factors, gathered into ``[E, ...]`` (a collective)."""
+    local = layer.experts.lora
+    assert local is not None
+    out: dict[str, torch.Tensor | None] = {}
+    for name in FACTORS:
+        param = getattr(local, name)
+        if param is None:
+            out[name] = None
+            continue
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        out[name] = layer.single_device_expert_rows([grad], FACTOR_SHARDS[name])[0]
+    return out
+
+
+def assert_near(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
@@ -123,7 +141,7 @@ def check_lora_equivalence(rank: int, world: int, cases: list[LoRACase]) -> int:
 
 
 def _check_case(rank: int, world: int, case: LoRACase) -> int:
-    oracle, layer = _layers(case)
+    oracle, layer = layers_for(case)
     tokens = case.tokens_per_rank or [6] * world
     start, T = sum(tokens[:rank]), tokens[rank]
     torch.manual_seed(1000 + case.seed)
@@ -135,7 +153,7 @@ def _check_case(rank: int, world: int, case: LoRACase) -> int:
     assert adapter is not None
     ids = list(adapter.experts)
     others = [e for e in range(case.num_experts) if e not in ids]
-    plans = case.plans or _plans(layer)
+    plans = case.plans or every_plan(layer)
     copies = 0
     for plan in plans:
         layer.zero_grad(set_to_none=True)
@@ -143,19 +161,15 @@ def _check_case(rank: int, world: int, case: LoRACase) -> int:
         y = layer(x, plan=plan)
         torch.sum(y * g_global[start : start + T]).backward()
         where = f"rank {rank}, {case}, {plan}"
-        _close(f"output ({where})", y, y_ref[start : start + T].detach())
+        assert_near(f"output ({where})", y, y_ref[start : start + T].detach())
         assert x.grad is not None and x_ref.grad is not None
-        _close(f"input grad ({where})", x.grad, x_ref.grad[start : start + T])
-        local = layer.experts.lora
-        assert local is not None
-        for name in FACTORS:
-            param, want = getattr(local, name), getattr(adapter, name)
-            if param is None:
+        assert_near(f"input grad ({where})", x.grad, x_ref.grad[start : start + T])
+        for name, full in single_device_factor_grads(layer).items():
+            want = getattr(adapter, name)
+            if full is None:
                 assert want is None, where
                 continue
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            full = layer.single_device_expert_rows([grad])[0]
-            _close(f"lora.{name} grad ({where})", full[ids], want.grad)
+            assert_near(f"lora.{name} grad ({where})", full[ids], want.grad)
             assert not full[others].any(), f"{where}: experts without an adapter got a gradient"
         assert all(p.grad is None for n, p in layer.named_parameters() if ".lora." not in n), where
         stats = layer.stats
@@ -169,7 +183,7 @@ def _check_case(rank: int, world: int, case: LoRACase) -> int:
 def check_lora_training(rank: int, world: int, num_experts: int, moves: list[list[int]]) -> list[float]:
     """AdamW steps on the adapter equal the oracle's, with placements moved and replicas held between."""
     case = LoRACase(num_experts=num_experts, experts=[0, num_experts - 1], hot=True, seed=11, top_k=1)
-    oracle, layer = _layers(case)
+    oracle, layer = layers_for(case)
     oracle_opt = torch.optim.AdamW([p for p in oracle.parameters() if p.requires_grad], lr=0.05)
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05)
     tokens = [6] * world
@@ -193,18 +207,13 @@ def check_lora_training(rank: int, world: int, num_experts: int, moves: list[lis
     got, want = lora_state_dict(layer), lora_state_dict(oracle)
     assert got.keys() == want.keys()
     for key in want:
-        _close(f"rank {rank}: {key} after training", got[key], want[key])
+        assert_near(f"rank {rank}: {key} after training", got[key], want[key])
     return losses
 
 
 def check_lora_refusals(rank: int, world: int, directory: str) -> list[str]:
-    """Sharded experts (E < W) refuse an adapter; PEFT files of spread adapters refuse, both ways."""
+    """PEFT files of spread adapters refuse, both ways."""
     messages = []
-    sharded = MoELayer(16, 8, 1, 1)
-    with pytest.raises(NotImplementedError) as refused:
-        add_lora(sharded, rank=2)
-    assert not lora_adapters(sharded)
-    messages.append(str(refused.value))
     model = tiny_model("qwen3_moe")
     flexmoe.hf.convert(model, group=None)  # the default group: experts spread over the ranks
     add_lora(model, rank=2)
@@ -216,16 +225,18 @@ def check_lora_refusals(rank: int, world: int, directory: str) -> list[str]:
     return messages
 
 
-def _checkpoint_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A block with an adapter on experts 0 and 3 and its AdamW; seed 0: the same on any world size."""
+def checkpoint_model(
+    seed: int, num_experts: int = 4, experts: tuple[int, ...] = (0, 3)
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A block with an adapter on ``experts`` and its AdamW; seed 0: the same on any world size."""
     torch.manual_seed(123)
-    oracle = MoELayer(16, 8, 4, 1, group=False)
+    oracle = MoELayer(16, 8, num_experts, 1, group=False)
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, 4, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 1))
     if seed == 0:
         model[1].load_single_device_state_dict(oracle.state_dict())
-    add_lora(oracle, rank=2, alpha=4, experts=[0, 3])
-    add_lora(model, rank=2, alpha=4, experts=[0, 3])
+    add_lora(oracle, rank=2, alpha=4, experts=list(experts))
+    add_lora(model, rank=2, alpha=4, experts=list(experts))
     torch.manual_seed(321 + seed)  # the layers above drew per-rank numbers of values
     with torch.no_grad():
         for p in oracle.experts.lora.parameters():  # type: ignore[union-attr]
@@ -236,7 +247,7 @@ def _checkpoint_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer
     return model, optimizer
 
 
-def _checkpoint_step(
+def checkpoint_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, rank: int, world: int
 ) -> None:
     torch.manual_seed(500 + step)
@@ -247,46 +258,53 @@ def _checkpoint_step(
     optimizer.zero_grad()
 
 
-def lora_checkpoint_run(rank: int, world: int, directory: str, mode: str) -> dict[str, Any]:
+def lora_checkpoint_run(
+    rank: int, world: int, directory: str, mode: str, num_experts: int = 4, experts: tuple[int, ...] = (0, 3)
+) -> dict[str, Any]:
     """``save``: step 1, checkpoint, step 2; ``load``: load the checkpoint, step 2. The adapter after step 2.
 
     The base (another seed on each side) comes from the checkpoint too. Returned as
     nested lists (tensors would not survive the worker's exit in the result queue).
     """
-    model, optimizer = _checkpoint_model(seed=0 if mode == "save" else 7)
+    model, optimizer = checkpoint_model(0 if mode == "save" else 7, num_experts, experts)
     if mode == "save":
-        _checkpoint_step(model, optimizer, 1, rank, world)
+        checkpoint_step(model, optimizer, 1, rank, world)
         save_checkpoint(directory, model, optimizer, step=1)
     else:
         load_checkpoint(directory, model, optimizer)
-    _checkpoint_step(model, optimizer, 2, rank, world)
+    checkpoint_step(model, optimizer, 2, rank, world)
     return {key: value.tolist() for key, value in lora_state_dict(model).items()}
 
 
-def check_lora_checkpoint_refusal(rank: int, world: int, directory: str) -> str:
-    """A checkpoint of an adapter on experts 0 and 3 refuses a model adapting experts 1 and 2."""
+def check_lora_checkpoint_refusal(
+    rank: int, world: int, directory: str, num_experts: int = 4, experts: tuple[int, ...] = (1, 2)
+) -> str:
+    """A checkpoint of an adapter on other experts (default: 0 and 3) refuses a model adapting ``experts``."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, 4, 1))
-    add_lora(model, rank=2, alpha=4, experts=[1, 2])
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), MoELayer(16, 8, num_experts, 1))
+    add_lora(model, rank=2, alpha=4, experts=list(experts))
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(directory, model)
     return str(refused.value)
 
 
-def check_lora_inference(rank: int, world: int) -> int:
-    """Without autograd, unmerged then merged: every plan equals the oracle."""
-    oracle, layer = _layers(LoRACase(num_experts=2 * world, experts=[0, 2 * world - 1], seed=5))
+def check_lora_inference(rank: int, world: int, num_experts: int | None = None) -> int:
+    """Without autograd, unmerged then merged: every plan equals the oracle (default ``2 W`` experts)."""
+    E = 2 * world if num_experts is None else num_experts
+    oracle, layer = layers_for(LoRACase(num_experts=E, top_k=min(2, E), experts=[0, E - 1], seed=5))
     oracle.eval()
     layer.eval()
     torch.manual_seed(9)
     x_global = torch.randn(6 * world, 16)
     mine = x_global.chunk(world)[rank]
-    plans = _plans(layer)
+    plans = every_plan(layer)
     with torch.no_grad():
         want = oracle(x_global).chunk(world)[rank]
         for plan in plans:
-            _close(f"rank {rank}, unmerged, {plan}", layer(mine, plan=plan), want)
+            assert_near(f"rank {rank}, unmerged, {plan}", layer(mine, plan=plan), want)
         merge_lora(layer)
         for plan in plans:
             torch.testing.assert_close(layer(mine, plan=plan), want, rtol=1e-4, atol=1e-5)
+        unmerge_lora(layer)
+        torch.testing.assert_close(layer(mine, plan=plans[-1]), want, rtol=1e-4, atol=1e-5)
     return 2 * len(plans)

@@ -9,6 +9,9 @@ refusals.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
 from flexmoe.adapters import load_esft_adapter, load_peft_adapter
+from flexmoe.checkpoint.files import safetensors_torch
 from flexmoe.cli import main
 from flexmoe.cli.train_adapters import AdapterOptions, finetune, load_adapter_dir, main_job_model
 from flexmoe.cli.train_config import TrainConfig
@@ -102,8 +106,80 @@ def test_adapter_options_are_checked(tmp_path, capsys):
     assert "comma-separated expert ids" in refusal(bad_ids, capsys)
     missing = ["train", "--lora-rank", "2", "--init-from", str(tmp_path / "no")]
     assert "--init-from" in refusal(missing, capsys)
-    workers = ["train", "--workers", "2", "--lora-rank", "2", "--init-from", str(tmp_path)]
-    assert "runs on one worker" in refusal(workers, capsys)
+    esft_workers = ["train", "--workers", "2", "--esft", "0.3", "--init-from", str(tmp_path)]
+    assert "--workers: ESFT fine-tuning runs on one worker" in refusal(esft_workers, capsys)
+    hf_workers = ["train", "--workers", "2", "--lora-rank", "2", "--hf-model", str(tmp_path)]
+    assert "--workers: fine-tuning a --hf-model runs on one worker" in refusal(hf_workers, capsys)
+
+
+def _logged_losses(out: str) -> list[float]:
+    return [float(loss) for loss in re.findall(r"step +\d+  loss ([0-9.]+)", out)]
+
+
+@pytest.fixture(scope="module")
+def one_expert_run(tmp_path_factory: pytest.TempPathFactory):
+    run = tmp_path_factory.mktemp("base1") / "run"
+    main(["train", "--steps", "2", "--experts", "1", "--top-k", "1", *SMALL, "--run-dir", str(run)])
+    return run
+
+
+@pytest.mark.parametrize(
+    ("base", "experts"),
+    [("base_run", "0,3,5"), ("one_expert_run", "0")],  # 8 experts, 4 per worker; 1 sharded over 2
+)
+def test_lora_finetune_on_two_workers_trains_the_one_worker_adapter(base, experts, request, tmp_path, capsys):
+    """The same global batch on 2 workers (4 windows each) as on 1 (8): the same losses and adapter."""
+    base_run = request.getfixturevalue(base)
+    capsys.readouterr()  # the base run's own output, when it runs now
+    common = ["--steps", "3", "--log-every", "1", "--context", "32", "--eval-batches", "2", "--no-progress"]
+    lora = ["--lr", "0.01", "--lora-rank", "2", "--lora-experts", experts, "--init-from", str(base_run)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(["train", "--batch-size", "8", *common, *lora, "--run-dir", str(one)])
+    alone = capsys.readouterr().out
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexmoe.cli",
+            "train",
+            "--workers",
+            "2",
+            "--batch-size",
+            "4",
+            *common,
+            *lora,
+            "--run-dir",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    size = re.findall(r"adapters \((\d+) parameters, base frozen\)", alone)
+    assert f"adapters ({size[0]} parameters, base frozen) on 2 workers" in result.stdout, result.stdout
+    assert len(_logged_losses(alone)) == 3
+    assert _logged_losses(result.stdout) == pytest.approx(_logged_losses(alone), abs=2e-3)
+    read = safetensors_torch().load_file
+    want, got = (
+        read(str(one / "adapter" / "adapter.safetensors")),
+        read(str(two / "adapter" / "adapter.safetensors")),
+    )
+    assert got.keys() == want.keys()
+    for key in want:  # AdamW's first steps turn rounding-sized gradients into lr-sized updates: atol
+        torch.testing.assert_close(
+            got[key], want[key], rtol=1e-3, atol=1e-3, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    tokens = torch.randint(0, 256, (2, 16))
+    logits = []
+    for run in (one, two):  # each saved adapter loads on one device
+        model = main_job_model(base_run).eval()
+        load_adapter_dir(model, run / "adapter")
+        with torch.no_grad():
+            logits.append(model(tokens))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+    assert json.loads((two / "summary.json").read_text())["workers"] == 2
 
 
 def test_esft_finetune_trains_only_the_chosen_experts_and_reloads(base_run, tmp_path):

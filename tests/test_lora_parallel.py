@@ -57,9 +57,8 @@ def test_training_moves_factors_with_placements_and_replicas():
     assert all(len(per_rank) == len(moves) for per_rank in losses)
 
 
-def test_sharded_experts_and_peft_files_of_spread_adapters_refuse(tmp_path):
-    sharded, saving, loading = run_distributed(check_lora_refusals, 2, str(tmp_path), timeout=120)[0]
-    assert "sharded experts" in sharded and "num_experts=1 < world size 2" in sharded
+def test_peft_files_of_spread_adapters_refuse(tmp_path):
+    saving, loading = run_distributed(check_lora_refusals, 2, str(tmp_path), timeout=120)[0]
     assert "PEFT files of adapters on distributed layers" in saving
     assert "PEFT files into distributed blocks" in loading
 

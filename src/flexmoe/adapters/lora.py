@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
-from flexmoe.experts.lora import TARGETS, ExpertLoRA
+from flexmoe.experts.lora import FACTOR_SHARDS, TARGETS, ExpertLoRA
 from flexmoe.layer import MoELayer
+from flexmoe.parallel import tag_expert_parameters
 
 __all__ = [
     "add_lora",
@@ -70,10 +71,12 @@ def add_lora(
 
     New adapters start with ``B = 0``: the model's outputs are unchanged until they train.
 
-    On a distributed layer (experts spread over ranks, ``num_experts >= world size``)
-    each rank holds the factors of the experts it stores, one row per stored expert
-    (zero rows, which stay zero, for experts without an adapter); ``A`` takes those
-    rows of what a single-device layer draws from the same seed.
+    On a distributed layer each rank holds the factors of the experts it stores, one row
+    per stored expert (zero rows, which stay zero, for experts without an adapter); ``A``
+    takes those rows of what a single-device layer draws from the same seed. With
+    sharded experts (``num_experts < world size``) a rank's row is its part of its
+    expert's factors: ``B_in`` and ``A_out`` cut along the hidden dim like ``w_in`` and
+    ``w_out``, ``A_in`` and ``B_out`` whole (their gradients are summed over the shards).
     """
     found = grouped_experts(model)
     if not found:
@@ -93,21 +96,19 @@ def add_lora(
         check_in_memory(path, found[path], "add_lora")
         if found[path].lora is not None:
             raise ValueError(f"{path or 'the experts'} already has a LoRA adapter; remove_lora() it first")
-        layer = spread.get(path)
-        if layer is not None and layer.placement is not None and layer.placement.sharded:
-            raise NotImplementedError(
-                f"{path}: LoRA adapters on sharded experts (num_experts={layer.config.num_experts} < "
-                f"world size {layer.world_size}) are not supported; use num_experts >= world size"
-            )
     adapters = {}
     for path, ids in chosen.items():
         module = found[path]
-        E = spread[path].config.num_experts if path in spread else module.num_experts
+        E, width, hidden = module.num_experts, module.w_in.shape[1], module.hidden_dim
+        if path in spread:  # the single-device adapter; each rank keeps its part below
+            placement = spread[path].placement
+            assert placement is not None
+            E, width, hidden = placement.num_experts, width * placement.shards, placement.hidden_dim
         adapter = ExpertLoRA(
             E,
             module.dim,
-            module.w_in.shape[1],
-            module.hidden_dim,
+            width,
+            hidden,
             rank,
             alpha,
             dropout,
@@ -144,11 +145,32 @@ def check_in_memory(path: str, experts: GroupedExperts, what: str) -> None:
 def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA:
     """A single-device ``adapter`` as a distributed layer stores it: one row per stored expert."""
     stored = layer.stored_experts
-    local = ExpertLoRA(
-        len(stored),
-        layer.config.dim,
+    placement = layer.placement
+    hidden = layer.config.hidden_dim if placement is None else placement.local_hidden_dim
+    device = adapter.expert_ids.device
+    # Its own initial draw is overwritten below; it must not move the generator, so that the
+    # next layers' adapters still draw what single-device ones would.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        local = _empty_like_rows(adapter, len(stored), layer.config.dim, width, hidden)
+    local.adapted_experts = adapter.experts
+    with torch.no_grad():
+        for name, value in _dense_factors(adapter).items():
+            getattr(local, name).copy_(layer.local_expert_rows(value, FACTOR_SHARDS[name]))
+    # Expert parameters, like the weights they adapt: data parallelism leaves them alone, and
+    # a factor every shard holds whole counts once in clip_grad_norm_.
+    shards = 1 if placement is None else placement.shards
+    for name, param in local.named_parameters():
+        tag_expert_parameters(param, shards if FACTOR_SHARDS[name] is None else 1)
+    return local
+
+
+def _empty_like_rows(adapter: ExpertLoRA, rows: int, dim: int, width: int, hidden: int) -> ExpertLoRA:
+    """An adapter with ``adapter``'s settings and ``rows`` rows, every one adapted (values to be set)."""
+    return ExpertLoRA(
+        rows,
+        dim,
         width,
-        layer.config.hidden_dim,
+        hidden,
         adapter.rank,
         adapter.alpha,
         adapter.dropout,
@@ -158,11 +180,6 @@ def _stored_rows(adapter: ExpertLoRA, layer: MoELayer, width: int) -> ExpertLoRA
         device=adapter.expert_ids.device,
         dtype=next(adapter.parameters()).dtype,
     )
-    local.adapted_experts = adapter.experts
-    with torch.no_grad():
-        for name, value in _dense_factors(adapter).items():
-            getattr(local, name).copy_(layer.local_expert_rows(value))
-    return local
 
 
 def _dense_factors(adapter: ExpertLoRA) -> dict[str, Tensor]:
@@ -188,9 +205,10 @@ def _single_device_state(adapter: ExpertLoRA, layer: MoELayer | None) -> dict[st
     if adapter.adapted_experts is None or layer is None:
         return {name: value.detach() for name, value in adapter.state_dict().items()}
     ids = torch.tensor(adapter.adapted_experts, device=adapter.expert_ids.device)
-    names = [name for name, _ in adapter.named_parameters()]
-    full = layer.single_device_expert_rows([p.detach() for _, p in adapter.named_parameters()])
-    state = {name: value.index_select(0, ids) for name, value in zip(names, full, strict=True)}
+    state = {
+        name: layer.single_device_expert_rows([p.detach()], FACTOR_SHARDS[name])[0].index_select(0, ids)
+        for name, p in adapter.named_parameters()
+    }
     state["expert_ids"] = ids
     return state
 
@@ -223,7 +241,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
     expected: dict[str, tuple[Tensor, ExpertLoRA, MoELayer | None]] = {}
     for path, adapter in lora_adapters(model).items():
         layer = spread.get(path) if adapter.adapted_experts is not None else None
-        shapes = adapter.state_dict(keep_vars=True) if layer is None else _single_device_like(adapter)
+        shapes = adapter.state_dict(keep_vars=True) if layer is None else _single_device_like(adapter, layer)
         for name, value in shapes.items():
             expected[_prefix(path) + name] = (value, adapter, layer)
     missing = sorted(set(expected) - set(state_dict))
@@ -246,14 +264,23 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
             assert adapter.adapted_experts is not None
             ids = torch.tensor(adapter.adapted_experts, device=value.device)
             full = value.new_zeros(layer.config.num_experts, *value.shape[1:]).index_copy_(0, ids, value)
-            getattr(adapter, key.rsplit(".", 1)[1]).copy_(layer.local_expert_rows(full))
+            name = key.rsplit(".", 1)[1]
+            getattr(adapter, name).copy_(layer.local_expert_rows(full, FACTOR_SHARDS[name]))
 
 
-def _single_device_like(adapter: ExpertLoRA) -> dict[str, Tensor]:
+def _single_device_like(adapter: ExpertLoRA, layer: MoELayer) -> dict[str, Tensor]:
     """Empty tensors shaped like the single-device state of a distributed layer's adapter."""
     assert adapter.adapted_experts is not None
     k = len(adapter.adapted_experts)
-    out = {name: p.new_empty(k, *p.shape[1:]) for name, p in adapter.named_parameters()}
+    shards = 1 if layer.placement is None else layer.placement.shards
+    out = {}
+    for name, p in adapter.named_parameters():
+        shape = list(p.shape)
+        shape[0] = k
+        like = FACTOR_SHARDS[name]
+        if like is not None:  # a sharded expert's rank holds 1/S of the hidden dim
+            shape[1 if like == "w_in" else 2] *= shards
+        out[name] = p.new_empty(shape)
     out["expert_ids"] = torch.tensor(adapter.adapted_experts, device=adapter.expert_ids.device)
     return out
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from flexmoe.checkpoint.errors import CheckpointError
 from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts import GroupedExperts
-from flexmoe.experts.lora import ExpertLoRA
+from flexmoe.experts.lora import FACTOR_SHARDS, ExpertLoRA
 from flexmoe.layer import MoELayer
 
 __all__ = [
@@ -117,10 +117,12 @@ def whole_expert_shapes(layer: MoELayer) -> dict[str, tuple[int, ...]]:
         1, cfg.dim, cfg.hidden_dim, activation=cfg.experts.activation, bias=cfg.experts.bias, device="meta"
     )
     shapes = {pname: tuple(p.shape[1:]) for pname in EXPERT_NAMES if (p := getattr(one, pname)) is not None}
-    for pname in LORA_NAMES:  # an adapter's factors: its rows have the per-expert shape
-        factor = expert_tensor(layer, pname)
-        if factor is not None:
-            shapes[pname] = tuple(factor.shape[1:])
+    adapter = _adapter(layer)
+    if adapter is not None:  # an adapter's factors, per expert (a sharded expert's rank holds a part)
+        (H, D), F, r = shapes["w_in"], cfg.hidden_dim, adapter.rank
+        whole = {"lora.A_in": (r, D), "lora.B_in": (H, r), "lora.A_out": (r, F), "lora.B_out": (D, r)}
+        present = [pname for pname in LORA_NAMES if expert_tensor(layer, pname) is not None]
+        shapes.update({pname: whole[pname] for pname in present})
     return shapes
 
 
@@ -216,4 +218,8 @@ def local_from_whole(layer: MoELayer, name: str, get: Callable[[int], Tensor]) -
     if placement is None or not placement.sharded:
         return torch.stack([get(e) for e in layer.stored_experts])
     gated = layer.config.experts.activation in GATED_ACTIVATIONS
-    return placement.shard_of(name, get(placement.first_expert).unsqueeze(0), gated)
+    whole = get(placement.first_expert).unsqueeze(0)
+    if name.startswith("lora."):  # an adapter's factor: cut like w_in / w_out, or whole on every shard
+        like = FACTOR_SHARDS[name.removeprefix("lora.")]
+        return whole if like is None else placement.shard_of(like, whole, gated)
+    return placement.shard_of(name, whole, gated)

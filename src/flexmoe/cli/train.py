@@ -71,6 +71,7 @@ from flexmoe.tools.recorder import RoutingRecorder
 __all__ = [
     "Trainer",
     "build",
+    "build_model",
     "check_resume",
     "evaluate",
     "learning_rate",
@@ -215,6 +216,23 @@ def stream_seed(seed: int, stream: str, *counters: int) -> int:
 
 def build(config: TrainConfig, rank: int, world: int) -> Trainer:
     """The model (its MoE layers spread over ``world`` ranks) and its AdamW optimizer."""
+    model = build_model(config, rank, world)
+    trained = wrap_data_parallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate(config, 1), weight_decay=0.01)
+    routing = RoutingControl.from_config(config, model.moe_layers())
+    return Trainer(
+        config=config,
+        rank=rank,
+        world=world,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        routing=routing,
+    )
+
+
+def build_model(config: TrainConfig, rank: int, world: int) -> TinyMoELM:
+    """The model of ``config``, its MoE layers spread over ``world`` ranks (a collective if ``world > 1``)."""
     if world > 1:
         try:
             config.check_world(world)
@@ -239,21 +257,9 @@ def build(config: TrainConfig, rank: int, world: int) -> Trainer:
         plan=config.layer_plan(world),
     )
     try:
-        model = TinyMoELM(model_config)
+        return TinyMoELM(model_config)
     except (ValueError, RuntimeError, MemoryError) as error:  # e.g. a model too large for memory
         raise CliError(f"cannot build the model: {one_line(error)}") from None
-    trained = wrap_data_parallel(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate(config, 1), weight_decay=0.01)
-    routing = RoutingControl.from_config(config, model.moe_layers())
-    return Trainer(
-        config=config,
-        rank=rank,
-        world=world,
-        model=model,
-        trained=trained,
-        optimizer=optimizer,
-        routing=routing,
-    )
 
 
 def _resume_source(config: TrainConfig) -> Path | None:

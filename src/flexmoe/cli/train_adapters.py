@@ -18,7 +18,9 @@ The run directory gets ``config.json`` (every setting, the adapter's under ``ada
 experts), for a LoRA ``--hf-model`` run also ``adapter-peft/`` (the files PEFT writes,
 loadable with ``PeftModel.from_pretrained``), and ``summary.json``. ``load_adapter_dir``
 applies a saved adapter to a fresh copy of the base (an ESFT one is merged into it);
-``main_job_model`` builds the base of an ``--init-from`` run. Runs on one worker.
+``main_job_model`` builds the base of an ``--init-from`` run. LoRA on an ``--init-from``
+base also runs on ``--workers N`` (or under ``torchrun``), spread as the main job is;
+ESFT and ``--hf-model`` runs take one worker.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import datetime
 import importlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +56,18 @@ from flexmoe.adapters import (
 )
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from flexmoe.checkpoint.files import safetensors_torch
+from flexmoe.cli.launch import RunLock, guard_worker, launch_workers, run_dir_lock
 from flexmoe.cli.options import CliError, OptionError, one_line
-from flexmoe.cli.train import build, evaluate, learning_rate, load_corpus, stream_seed, train_batch
+from flexmoe.cli.train import build_model, evaluate, learning_rate, load_corpus, stream_seed, train_batch
 from flexmoe.cli.train_config import TrainConfig
 from flexmoe.models import ByteCorpus, TinyMoELM
+from flexmoe.parallel import (
+    all_reduce_mean,
+    clip_grad_norm_,
+    init_distributed,
+    scale_expert_gradients,
+    shutdown,
+)
 
 __all__ = [
     "METHODS",
@@ -76,6 +87,7 @@ ESFT_BATCHES = 8  # training batches whose routing chooses the ESFT experts
 TARGETS = {"both": ("w_in", "w_out"), "w_in": ("w_in",), "w_out": ("w_out",)}
 ADAPTER_JSON = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
+PLAN_SETTINGS = ("plan", "plan_r", "plan_d", "exchange", "reroute")  # the fine-tune's, not the base run's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +120,23 @@ class AdapterOptions:
             raise OptionError("lora_dropout", f"must be in [0, 1), got {self.dropout!r}")
         if (self.init_from is None) == (self.hf_model is None):
             raise OptionError("init_from", "give exactly one base: --init-from RUN_DIR or --hf-model DIR")
+
+    def to_argv(self) -> list[str]:
+        """The ``flexmoe train`` flags that give these options (what ``--workers`` hands its workers)."""
+        base = ["--init-from", str(self.init_from)] if self.init_from is not None else []
+        base += ["--hf-model", str(self.hf_model)] if self.hf_model is not None else []
+        if self.method == "esft":
+            return [f"--esft={self.esft_threshold!r}", f"--esft-score={self.esft_score}", *base]
+        targets = next(flag for flag, chosen in TARGETS.items() if chosen == self.targets)
+        experts = [] if self.experts is None else [f"--lora-experts={','.join(map(str, self.experts))}"]
+        return [
+            f"--lora-rank={self.rank}",
+            f"--lora-alpha={self.alpha!r}",
+            f"--lora-dropout={self.dropout!r}",
+            f"--lora-targets={targets}",
+            *experts,
+            *base,
+        ]
 
     def to_json(self) -> dict[str, Any]:
         """The settings, JSON-ready (what ``adapter.json`` records)."""
@@ -228,16 +257,24 @@ def _checkpoints(run_dir: Path) -> Path:
     return run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
 
 
-def main_job_model(run_dir: Path) -> TinyMoELM:
-    """The main job's model of a ``flexmoe train`` run (or checkpoint folder), from its newest checkpoint."""
+def main_job_model(
+    run_dir: Path, rank: int = 0, world: int = 1, plan: TrainConfig | None = None
+) -> TinyMoELM:
+    """The main job's model of a ``flexmoe train`` run (or checkpoint folder), from its newest checkpoint.
+
+    With ``world > 1`` its experts are spread over the ranks (a collective) with the plan
+    settings of ``plan`` (``--plan``, ``--plan-r``, ...; default: the run's own).
+    """
     source = _checkpoints(Path(run_dir))
     try:
         manifest = json.loads((latest_checkpoint(source) / "manifest.json").read_text(encoding="utf-8"))
         settings = manifest["extra"]["settings"]
-        base = TrainConfig(**{**settings, "workers": 1, "run_dir": None, "resume": None})
+        if plan is not None:
+            settings = {**settings, **{key: getattr(plan, key) for key in PLAN_SETTINGS}}
+        base = TrainConfig(**{**settings, "workers": world, "run_dir": None, "resume": None})
     except (CheckpointError, OSError, ValueError, KeyError, TypeError, OptionError) as error:
         raise CliError(f"argument --init-from: {one_line(error)}") from None
-    model = build(base, 0, 1).model
+    model = build_model(base, rank, world)
     try:
         load_checkpoint(source, model)
     except CheckpointError as error:
@@ -311,21 +348,60 @@ def attach_adapter(
 
 # ---------------------------------------------------------------- the run
 def run_finetune(config: TrainConfig, options: AdapterOptions) -> dict[str, Any]:
-    """``flexmoe train`` with adapter options: fine-tune, save the adapter; returns the summary."""
-    return finetune(config, options)[1]
+    """``flexmoe train`` with adapter options: fine-tune, save the adapter; returns the summary.
+
+    With ``--workers N`` (or under ``torchrun``) as the main job runs: this process
+    launches ``N`` workers and returns the summary they wrote.
+    """
+    _check_workers(config.workers, options)
+    if config.workers == 1 and "LOCAL_RANK" not in os.environ:
+        return finetune(config, options)[1]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    config = dataclasses.replace(config, run_dir=config.run_dir or Path("runs") / f"finetune-{stamp}")
+    run_dir = config.run_dir
+    assert run_dir is not None
+    if "LOCAL_RANK" not in os.environ:
+        lock = RunLock.acquire(run_dir)
+        try:
+            launch_workers([*config.to_argv(), *options.to_argv()], config.workers, lock)
+        finally:
+            lock.release()
+        summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        return summary
+    launched = guard_worker()
+    rank, world = init_distributed()
+    try:
+        with run_dir_lock(run_dir, rank, launched=launched):
+            return finetune(config, options, rank, world)[1]
+    finally:
+        shutdown()
 
 
-def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune (see the module docstring); returns the model as trained and the summary."""
-    if config.workers > 1:
-        raise CliError("argument --workers: adapter fine-tuning runs on one worker")
+def _check_workers(workers: int, options: AdapterOptions) -> None:
+    if workers > 1 and options.method == "esft":
+        raise CliError("argument --workers: ESFT fine-tuning runs on one worker")
+    if workers > 1 and options.hf_model is not None:
+        raise CliError("argument --workers: fine-tuning a --hf-model runs on one worker (use --init-from)")
+
+
+def finetune(
+    config: TrainConfig, options: AdapterOptions, rank: int = 0, world: int = 1
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune (see the module docstring) as rank ``rank`` of ``world``; returns the model and the summary.
+
+    On several ranks the experts (and their adapters) are spread over them and each
+    rank trains on its slice of every global batch (``batch_size * world`` windows, the
+    data of one worker with that batch size), the gradients those of the global batch's
+    mean loss; rank 0 writes the run directory. Every rank calls it.
+    """
+    _check_workers(world, options)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = config.run_dir or Path("runs") / f"finetune-{stamp}"
     torch.manual_seed(config.seed)
     model: nn.Module
     run_model: nn.Module
     if options.init_from is not None:
-        main_job = main_job_model(options.init_from)
+        main_job = main_job_model(options.init_from, rank, world, config)
         context = min(config.context, main_job.config.context)  # the model's positions end there
         model = run_model = main_job
     else:
@@ -336,37 +412,49 @@ def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, d
     config = dataclasses.replace(config, context=context, run_dir=run_dir)
     corpus = _in_vocabulary(load_corpus(config), _vocab(run_model))
     task = [train_batch(corpus, config, step, 0, 1)[0] for step in range(1, ESFT_BATCHES + 1)]
+    torch.manual_seed(config.seed)  # the adapter's A: the same draw on any number of workers
     attached = attach_adapter(model, options, task)
     trainable = attached.parameters
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate(config, 1), weight_decay=0.0)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**config.to_json(), "adapter": options.to_json()}
-    (run_dir / "config.json").write_text(json.dumps(settings, indent=1) + "\n")
+    say = print if rank == 0 else _quiet
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        settings = {**config.to_json(), "adapter": options.to_json()}
+        (run_dir / "config.json").write_text(json.dumps(settings, indent=1) + "\n")
     count = sum(p.numel() for p in trainable)
-    print(f"fine-tuning {options.method} adapters ({count} parameters, base frozen) for {config.steps} steps")
-    initial = evaluate(run_model, corpus, config.batch_size, context, config.eval_batches, 0, 1)
-    print(f"initial eval loss {initial:.3f}")
+    if world > 1:  # the single-device adapter's size (each rank holds zero rows besides its part)
+        count = sum(v.numel() for k, v in lora_state_dict(model).items() if not k.endswith("expert_ids"))
+    workers = f" on {world} workers" if world > 1 else ""
+    what = f"{options.method} adapters ({count} parameters, base frozen){workers}"
+    say(f"fine-tuning {what} for {config.steps} steps")
+    initial = evaluate(run_model, corpus, config.batch_size, context, config.eval_batches, rank, world)
+    say(f"initial eval loss {initial:.3f}")
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
-        torch.manual_seed(stream_seed(config.seed, "model", 0, step))
+        torch.manual_seed(stream_seed(config.seed, "model", rank, step))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        x, y = train_batch(corpus, config, step, 0, 1)
+        x, y = train_batch(corpus, config, step, rank, world)
         loss = F.cross_entropy(run_model(x).flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        if world > 1:  # the adapters are expert parameters: their gradients sum every rank's loss
+            scale_expert_gradients(model)
+            clip_grad_norm_(model, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % config.log_every == 0 or step == config.steps:
-            print(f"step {step:5d}  loss {loss.item():.3f}")
+            say(f"step {step:5d}  loss {all_reduce_mean(loss.item()):.3f}")
         if step % config.eval_every == 0 and step != config.steps:
-            print(f"step {step:5d}  eval loss {_eval(run_model, corpus, config):.3f}")
+            say(f"step {step:5d}  eval loss {_eval(run_model, corpus, config, rank, world):.3f}")
     elapsed = time.perf_counter() - start
-    final = _eval(run_model, corpus, config)
-    adapter_dir = save_adapter_dir(model, run_dir / "adapter", options, attached.esft)
+    final = _eval(run_model, corpus, config, rank, world)
+    adapter_dir = save_adapter_dir(model, run_dir / "adapter", options, attached.esft, rank)
     summary: dict[str, Any] = {
         "method": options.method,
         "steps": config.steps,
+        "workers": world,
         "seconds": elapsed,
         "trainable_parameters": count,
         "initial_eval_loss": initial,
@@ -377,9 +465,14 @@ def finetune(config: TrainConfig, options: AdapterOptions) -> tuple[nn.Module, d
         summary["esft_experts"] = {path: list(e.expert_ids) for path, e in attached.esft.layers.items()}
     if options.hf_model is not None and attached.esft is None:
         summary["adapter_peft"] = str(save_peft_adapter(model, run_dir / "adapter-peft"))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"done: eval loss {initial:.3f} -> {final:.3f}; adapter saved to {adapter_dir}")
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    say(f"done: eval loss {initial:.3f} -> {final:.3f}; adapter saved to {adapter_dir}")
     return model, summary
+
+
+def _quiet(*_: object) -> None:
+    """``print`` on ranks other than 0: one worker speaks for the run."""
 
 
 def _in_vocabulary(corpus: ByteCorpus, vocab_size: int) -> ByteCorpus:
@@ -396,21 +489,28 @@ def _vocab(run_model: nn.Module) -> int:
     return int(config.vocab_size)
 
 
-def _eval(run_model: nn.Module, corpus: Any, config: TrainConfig) -> float:
-    return evaluate(run_model, corpus, config.batch_size, config.context, config.eval_batches, 0, 1)
+def _eval(run_model: nn.Module, corpus: Any, config: TrainConfig, rank: int, world: int) -> float:
+    return evaluate(run_model, corpus, config.batch_size, config.context, config.eval_batches, rank, world)
 
 
 # ---------------------------------------------------------------- saving
 def save_adapter_dir(
-    model: nn.Module, directory: Path, options: AdapterOptions, esft: ESFTAdapter | None = None
+    model: nn.Module, directory: Path, options: AdapterOptions, esft: ESFTAdapter | None = None, rank: int = 0
 ) -> Path:
-    """Write ``adapter.json`` and the adapter alone: ``adapter.safetensors`` (LoRA) or ESFT's files."""
+    """Write ``adapter.json`` and the adapter alone: ``adapter.safetensors`` (LoRA) or ESFT's files.
+
+    A model with distributed layers: every rank calls it (the adapter is gathered), rank 0 writes.
+    """
+    state = None if esft is not None else lora_state_dict(model)  # a collective when distributed
+    if rank != 0:
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_JSON).write_text(json.dumps(options.to_json(), indent=1) + "\n")
     if esft is not None:
         save_esft_adapter(esft, directory)
         return directory
-    tensors = {key: value.contiguous().cpu() for key, value in lora_state_dict(model).items()}
+    assert state is not None
+    tensors = {key: value.contiguous().cpu() for key, value in state.items()}
     safetensors_torch().save_file(tensors, str(directory / ADAPTER_WEIGHTS))
     return directory
 

@@ -25,9 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TARGETS", "ExpertLoRA", "LoRATerms", "SegmentLoRA", "lora_masks"]
+__all__ = ["FACTOR_SHARDS", "TARGETS", "ExpertLoRA", "LoRATerms", "SegmentLoRA", "lora_masks"]
 
 TARGETS = ("w_in", "w_out")
+
+# How each factor is split where an expert's hidden units are sharded over ranks: cut
+# along the hidden dim like the named expert weight (``B_in``'s rows are ``w_in``'s,
+# ``A_out``'s columns are ``w_out``'s), or ``None``: whole on every shard of the expert
+# (``A_in`` and ``B_out`` do not touch the hidden dim). Each shard's ``B_out A_out_s a_s``
+# is then its part of the output, summed like the base's partial outputs.
+FACTOR_SHARDS: dict[str, str | None] = {"A_in": None, "B_in": "w_in", "A_out": "w_out", "B_out": None}
 
 
 @dataclass(frozen=True)

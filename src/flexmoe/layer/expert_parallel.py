@@ -29,6 +29,7 @@ from torch import Tensor
 from flexmoe.config import GATED_ACTIVATIONS, MoEConfig, Plan
 from flexmoe.dispatch import permute
 from flexmoe.experts import GroupedExperts
+from flexmoe.experts.lora import FACTOR_SHARDS
 from flexmoe.layer.cost import build_tuner, cost_model
 from flexmoe.layer.local import Call, ExpertsOutput
 from flexmoe.layer.replicas import ReplicaCache, Stamp
@@ -432,13 +433,16 @@ class ExpertParallelExperts:
             out[name] = None if value is None else self.slots.to_logical(value).detach().clone()
         return out
 
-    def single_device_rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def single_device_rows(self, tensors: Sequence[Tensor], split_like: str | None = None) -> list[Tensor]:
         """Tensors with one row per stored expert, gathered into ``[E, ...]`` in logical order.
 
-        Whole experts only; a collective over every rank.
+        ``split_like``: sharded experts only, see ``MoELayer.single_device_expert_rows``.
+        A collective over every rank.
         """
         if self.ep.placement.sharded:
-            raise NotImplementedError("per-expert rows of sharded experts (E < W) cannot be gathered whole")
+            gated = self.config.experts.activation in GATED_ACTIVATIONS
+            with torch.no_grad():
+                return [self.ep.gather_expert_part(t, split_like, 0, gated).clone() for t in tensors]
         with torch.no_grad():
             return [
                 self.slots.to_logical(self.ep.gather_expert_rows(t, "expert rows")).clone() for t in tensors
@@ -448,6 +452,7 @@ class ExpertParallelExperts:
         """Tensors shaped like this rank's experts, as the whole experts it stores (see the layer)."""
         if not self.ep.placement.sharded:
             return dict(tensors)
+        gated = self.config.experts.activation in GATED_ACTIVATIONS
         with torch.no_grad():
             whole = self.ep.gather_like(
                 tuple(tensors.get(n) for n in EXPERT_TENSORS),  # type: ignore[arg-type]
@@ -455,4 +460,21 @@ class ExpertParallelExperts:
                 1,
                 has_bias=self.experts.b_in is not None,
             )
-        return dict(zip(EXPERT_TENSORS, whole, strict=True))
+            out = dict(zip(EXPERT_TENSORS, whole, strict=True))
+            for name, t in tensors.items():  # an adapter's factors: "lora.A_in", ...
+                if name.startswith("lora."):
+                    like = FACTOR_SHARDS[name.removeprefix("lora.")]
+                    out[name] = t if t is None else self.ep.gather_expert_part(t, like, 1, gated)
+        return out
+
+    def local_rows(self, full: Tensor, split_like: str | None = None) -> Tensor:
+        """The part this rank stores of a per-expert ``[E, ...]`` tensor (``MoELayer.local_expert_rows``)."""
+        pl = self.ep.placement
+        if not pl.sharded:
+            return full.index_select(0, torch.tensor(self.stored_experts, device=full.device))
+        one = full[pl.first_expert : pl.first_expert + 1]
+        if split_like is None:
+            return one
+        part = pl.shard_of(split_like, one, self.config.experts.activation in GATED_ACTIVATIONS)
+        assert part is not None
+        return part

@@ -214,26 +214,37 @@ class ExpertPlacementMethods(nn.Module):
             }
         return {f"experts.{name}": value.detach() for name, value in gathered.items() if value is not None}
 
-    def single_device_expert_rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def single_device_expert_rows(
+        self, tensors: Sequence[Tensor], split_like: str | None = None
+    ) -> list[Tensor]:
         """Tensors with one row per stored expert (``[El, ...]``), as ``[E, ...]`` in logical order.
 
         For per-expert tensors besides the expert weights (a LoRA adapter's factors).
-        Distributed: gathered from every rank, a collective; whole experts only.
+        Distributed: gathered from every rank, a collective. With sharded experts
+        (``E < W``) each rank holds its part of its expert's row: ``split_like="w_in"`` or
+        ``"w_out"`` for tensors cut along the hidden dim like that weight (a LoRA adapter's
+        ``B_in``, ``A_out``), ``None`` for tensors whole on every shard (``A_in``, ``B_out``).
         """
         strategy = self.strategy
         if not isinstance(strategy, ExpertParallelExperts):
             return [t.detach().clone() for t in tensors]
-        return strategy.single_device_rows(tensors)
+        return strategy.single_device_rows(tensors, split_like)
 
-    def local_expert_rows(self, full: Tensor) -> Tensor:
-        """The rows of a per-expert ``[E, ...]`` tensor (logical order) that this rank stores."""
-        rows = torch.tensor(self.stored_experts, device=full.device)
-        return full.index_select(0, rows)
+    def local_expert_rows(self, full: Tensor, split_like: str | None = None) -> Tensor:
+        """The part of a per-expert ``[E, ...]`` tensor (logical order) that this rank stores.
+
+        ``split_like``: with sharded experts, as in ``single_device_expert_rows``.
+        """
+        strategy = self.strategy
+        if isinstance(strategy, ExpertParallelExperts):
+            return strategy.local_rows(full, split_like)
+        return full
 
     def whole_stored_experts(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         """Tensors shaped like this rank's expert parameters, as the whole experts it stores.
 
-        ``tensors`` maps ``w_in``, ``w_out``, ``b_in``, ``b_out`` to tensors shaped like
+        ``tensors`` maps ``w_in``, ``w_out``, ``b_in``, ``b_out`` (and an adapter's
+        ``lora.A_in``, ..., split as ``flexmoe.experts.lora.FACTOR_SHARDS`` says) to tensors shaped like
         those parameters (the parameters, their gradients or optimizer state; ``None`` where
         there is none). Returns one row per expert of ``stored_experts``, each with its
         single-device shape. Only sharded experts (``E < W``) change: the hidden shards of

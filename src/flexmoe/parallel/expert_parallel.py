@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from flexmoe.config import GATED_ACTIVATIONS, Plan
 from flexmoe.experts import GroupedExperts
+from flexmoe.experts.lora import FACTOR_SHARDS
 from flexmoe.parallel.comm import (
     Communicator,
     exchange,
@@ -34,11 +35,25 @@ from flexmoe.parallel.comm import (
 from flexmoe.parallel.layout import GlobalLayout, check_header, make_global_layout
 from flexmoe.parallel.routes import Chunk, build_chunks, plan_pieces, reroute_pieces
 from flexmoe.parallel.runtime import DistributedContext, local_world_size, resolve_group
-from flexmoe.parallel.weights import ExpertCopies, GatherExperts, GatherShards, Weights
+from flexmoe.parallel.weights import ExpertCopies, GatherExperts, GatherShards, SumOverShards, Weights
 from flexmoe.placement import Placement, ReroutePlan
 from flexmoe.workspace import WORKSPACE
 
 __all__ = ["ExpertParallel"]
+
+
+def _join_hidden(t: Tensor, n_sh: int, F_loc: int, hidden_axis: int, gated: bool) -> Tensor:
+    """``[members, 1, ...]`` hidden shards (``n_sh`` per expert, in order) -> ``[n_e, ...]`` joined.
+
+    ``hidden_axis`` 1 (``w_in``'s rows; gated: ``[gate_s; up_s]`` per shard -> ``[gate; up]``)
+    or 2 (``w_out``'s columns).
+    """
+    n_e = t.shape[0] // n_sh
+    t = t.view(n_e, n_sh, *t.shape[2:])
+    if gated and hidden_axis == 1:
+        t = t.view(n_e, n_sh, 2, F_loc, *t.shape[3:]).transpose(1, 2)
+        return t.reshape(n_e, 2 * n_sh * F_loc, *t.shape[4:])
+    return torch.cat(t.unbind(1), dim=hidden_axis)
 
 
 class _ExchangeExperts(torch.autograd.Function):
@@ -294,14 +309,60 @@ class ExpertParallel:
         return self.gather_like(own, experts, r)
 
     def gather_lora(self, experts: GroupedExperts, r: int) -> tuple[Tensor | None, ...]:
-        """The LoRA factors that go with ``gather_weights(experts, r)`` (whole experts only)."""
+        """The LoRA factors that go with ``gather_weights(experts, r)``, differentiably.
+
+        Sharded experts: ``B_in`` and ``A_out`` are gathered like ``w_in`` and ``w_out``;
+        ``A_in`` and ``B_out``, whole on each shard, first pass through ``SumOverShards``
+        (each shard's gradient is partial), and are gathered only for ``r = 0`` (a gather
+        group of ``r >= 1`` holds one expert, whose factors every member has).
+        """
         factors = experts.travelling_lora()
         members = self.placement.gather_group(r)
-        if not factors or len(members) == 1:
+        if not factors:
             return factors
         if self.placement.sharded:
-            raise NotImplementedError("LoRA adapters on sharded experts (E < W) are not supported")
+            return self._gather_sharded_lora(factors, r, experts.activation in GATED_ACTIVATIONS)
+        if len(members) == 1:
+            return factors
         return tuple(None if t is None else self.gather_expert_rows(t, "lora factor") for t in factors)
+
+    def _gather_sharded_lora(
+        self, factors: tuple[Tensor | None, ...], r: int, gated: bool
+    ) -> tuple[Tensor | None, ...]:
+        out = list(factors)
+        names = list(FACTOR_SHARDS)
+        whole = [i for i, t in enumerate(out) if t is not None and FACTOR_SHARDS[names[i]] is None]
+        summed = [i for i in whole if out[i].requires_grad]  # type: ignore[union-attr]
+        if summed and torch.is_grad_enabled():
+            expert_ranks = self.placement.gather_group(1)  # the S shards of this rank's expert
+            moved = SumOverShards.apply(expert_ranks, self.comm, *(out[i] for i in summed))
+            for i, t in zip(summed, moved, strict=True):
+                out[i] = t
+        if len(self.placement.gather_group(r)) == 1:
+            return tuple(out)
+        return tuple(
+            t
+            if t is None or (r >= 1 and FACTOR_SHARDS[name] is None)
+            else self.gather_expert_part(t, FACTOR_SHARDS[name], r, gated)
+            for name, t in zip(names, out, strict=True)
+        )
+
+    def gather_expert_part(self, own: Tensor, like: str | None, r: int, gated: bool) -> Tensor:
+        """A sharded expert's per-expert tensor ``[1, ...]`` gathered over the group of ``r``, differentiably.
+
+        ``like``: ``"w_in"`` or ``"w_out"`` for a tensor cut along the hidden dim like that
+        weight (joined like ``gather_weights`` joins it), ``None`` for one whole on every
+        shard (each expert's first member's copy is kept). Returns ``[n_e, ...]``: the
+        group's experts (``r = 0``: all ``E``). A collective over the group.
+        """
+        pl = self.placement
+        members = pl.gather_group(r)
+        gathered: Tensor = GatherShards.apply(own.reshape(-1), members, self.comm)
+        parts = gathered.view(len(members), *own.shape)
+        n_sh = min(len(members), pl.shards)
+        if like is None:
+            return parts.view(len(members) // n_sh, n_sh, *own.shape[1:])[:, 0]
+        return _join_hidden(parts, n_sh, pl.local_hidden_dim, 1 if like == "w_in" else 2, gated)
 
     def gather_expert_rows(self, own: Tensor, what: str) -> Tensor:
         """``[El, ...]`` per rank -> ``[W * El, ...]`` in slot order, differentiably; a collective."""
@@ -359,20 +420,12 @@ class ExpertParallel:
         n_sh = min(len(members), pl.shards)
         n_e = len(members) // n_sh
         F_loc = pl.local_hidden_dim
-
-        def join_hidden(t: Tensor, hidden_axis: int) -> Tensor:
-            # t: [members, 1, ...] -> [n_e, ..., n_sh * width along hidden_axis]
-            t = t.view(n_e, n_sh, *t.shape[2:])
-            if gated and hidden_axis == 1:  # [gate_s; up_s] per shard -> [gate; up]
-                t = t.view(n_e, n_sh, 2, F_loc, *t.shape[3:]).transpose(1, 2)
-                return t.reshape(n_e, 2 * n_sh * F_loc, *t.shape[4:])
-            return torch.cat(t.unbind(1), dim=hidden_axis)
-
-        b_in = join_hidden(parts[2], 1) if has_bias else None
+        b_in = _join_hidden(parts[2], n_sh, F_loc, 1, gated) if has_bias else None
         b_out = None
         if has_bias and members[0] % pl.shards == 0:  # the slice holding hidden shard 0
             b_out = parts[3].view(n_e, n_sh, D)[:, 0]
-        return join_hidden(parts[0], 1), join_hidden(parts[1], 2), b_in, b_out
+        w_in = _join_hidden(parts[0], n_sh, F_loc, 1, gated)
+        return w_in, _join_hidden(parts[1], n_sh, F_loc, 2, gated), b_in, b_out
 
     def with_copies(
         self,

@@ -37,6 +37,7 @@ __all__ = [
     "barrier",
     "clip_grad_norm_",
     "ddp_ignore_expert_parameters",
+    "expert_copies",
     "expert_parameters",
     "init_distributed",
     "is_distributed",
@@ -129,15 +130,26 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def tag_expert_parameters(module: nn.Module) -> None:
-    """Mark every parameter of ``module`` as an expert parameter."""
-    for param in module.parameters():
-        setattr(param, _EXPERT_TAG, True)
+def tag_expert_parameters(module: nn.Module | nn.Parameter, copies: int = 1) -> None:
+    """Mark every parameter of ``module`` (or ``module`` itself) as an expert parameter.
+
+    ``copies``: how many ranks hold the same tensor with the same gradient (a LoRA
+    factor every shard of a sharded expert holds whole), so that ``clip_grad_norm_``
+    counts it once.
+    """
+    params = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+    for param in params:
+        setattr(param, _EXPERT_TAG, copies)
 
 
 def is_expert_parameter(param: nn.Parameter) -> bool:
     """Whether ``param`` belongs to a distributed layer's experts (not data-parallel)."""
     return bool(getattr(param, _EXPERT_TAG, False))
+
+
+def expert_copies(param: nn.Parameter) -> int:
+    """How many ranks hold this expert parameter (see ``tag_expert_parameters``); 1 for others."""
+    return int(getattr(param, _EXPERT_TAG, 1))
 
 
 def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -232,11 +244,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     identical. Returns the total norm.
     """
     dense = [p.grad for p in model.parameters() if p.grad is not None and not is_expert_parameter(p)]
-    experts = [p.grad for p in model.parameters() if p.grad is not None and is_expert_parameter(p)]
+    expert_params = [p for p in model.parameters() if p.grad is not None and is_expert_parameter(p)]
+    experts = [p.grad for p in expert_params if p.grad is not None]
     squares = torch.zeros(2, dtype=torch.float64)
-    for i, grads in enumerate((dense, experts)):
-        for grad in grads:
-            squares[i] += grad.detach().double().square().sum().cpu()
+    for grad in dense:
+        squares[0] += grad.detach().double().square().sum().cpu()
+    for param, grad in zip(expert_params, experts, strict=True):  # a tensor held by n ranks counts once
+        squares[1] += grad.detach().double().square().sum().cpu() / expert_copies(param)
     if experts and is_distributed():
         expert_sq = squares[1:].clone()
         dist.all_reduce(expert_sq)

@@ -17,9 +17,22 @@ from torch import Tensor
 
 from flexmoe.parallel.comm import Communicator, all_gather_rows, all_to_all, reduce_scatter_rows
 
-__all__ = ["ExpertCopies", "GatherExperts", "GatherShards", "Weights"]
+__all__ = ["ExpertCopies", "GatherExperts", "GatherShards", "SumOverShards", "Weights"]
 
 Weights = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def _splits(n: int, members: list[int], comm: Communicator) -> list[int]:
+    return [n if p in members else 0 for p in range(dist.get_world_size(comm.group))]
+
+
+def gather_within(flat: Tensor, members: list[int], comm: Communicator, what: str) -> Tensor:
+    """Every member's ``flat`` (this rank among ``members``), ``[members, n]``; a collective."""
+    n = flat.numel()
+    splits = _splits(n, members, comm)
+    send = flat.unsqueeze(0).expand(len(members), n).reshape(-1)
+    out = comm.run(all_to_all, what, send, splits, splits, comm.group)
+    return out.view(len(members), n)
 
 
 class GatherShards(torch.autograd.Function):
@@ -31,13 +44,8 @@ class GatherShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, flat: Tensor, members: list[int], comm: Communicator) -> Tensor:
         """The moved tensors (see the class docstring)."""
-        W = dist.get_world_size(comm.group)
-        n = flat.numel()
-        splits = [n if p in members else 0 for p in range(W)]
-        ctx.members, ctx.comm, ctx.splits = members, comm, splits
-        send = flat.unsqueeze(0).expand(len(members), n).reshape(-1)
-        out = comm.run(all_to_all, "weight all-gather", send, splits, splits, comm.group)
-        return out.view(len(members), n)
+        ctx.members, ctx.comm, ctx.splits = members, comm, _splits(flat.numel(), members, comm)
+        return gather_within(flat, members, comm, "weight all-gather")
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -47,6 +55,32 @@ class GatherShards(torch.autograd.Function):
             all_to_all, "weight reduce-scatter", grad.reshape(-1), ctx.splits, ctx.splits, comm.group
         )
         return back.view(len(ctx.members), -1).sum(0), None, None
+
+
+class SumOverShards(torch.autograd.Function):
+    """The identity on tensors every shard of an expert holds whole; backward sums their gradients.
+
+    ``members`` are the ranks holding the expert's shards (this rank among them). Each
+    computes with its own copy on its part of the expert, so its gradient is partial;
+    the sum over ``members`` is the whole gradient, the same on every member (summed in
+    member order everywhere), so the copies stay equal under any optimizer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, members: list[int], comm: Communicator, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The tensors themselves (see the class docstring)."""
+        ctx.members, ctx.comm = members, comm
+        ctx.shapes = [t.shape for t in tensors]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        """The gradients summed over ``members`` (one exchange for all of them)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        summed = gather_within(flat, ctx.members, ctx.comm, "replicated factor gradient sum").sum(0)
+        sizes = [s.numel() for s in ctx.shapes]
+        parts = [p.view(s) for p, s in zip(summed.split(sizes), ctx.shapes, strict=True)]
+        return (None, None, *parts)
 
 
 class GatherExperts(torch.autograd.Function):
