@@ -1,5 +1,8 @@
 """The segment runner: threaded per-expert GEMMs give the same results as the serial loop."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -32,6 +35,21 @@ def test_every_segment_runs_once_in_parallel(two_threads):
     for_each_segment(segments, lambda e, s, t: seen.append((e, s, t)), torch.device("cpu"))
     assert sorted(seen) == segments
     assert torch.get_num_threads() == 2  # restored
+
+
+@pytest.mark.parametrize(
+    ("dtype", "threaded"), [(torch.float32, True), (torch.bfloat16, False), (torch.float16, False)]
+)
+def test_only_fp32_segments_are_spread_over_threads(two_threads, dtype, threaded):
+    segments = segments_of([5] * 16)
+    threads = set()
+
+    def work(e: int, s: int, t: int) -> None:
+        threads.add(threading.get_ident())
+        time.sleep(0.002)  # long enough for the other thread to take a segment too
+
+    for_each_segment(segments, work, torch.device("cpu"), dtype)
+    assert (len(threads) > 1) is threaded
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

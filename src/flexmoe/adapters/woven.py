@@ -289,7 +289,7 @@ def woven_inference(
             else:
                 torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
 
-    for_each_segment(segments, project_in, device)
+    for_each_segment(segments, project_in, device, dtype)
 
     def add_in(rows_n: Tensor, delta_nH: Tensor) -> None:
         h_PNF.index_add_(1, rows_n, delta_nH.view(-1, P, F).transpose(0, 1))
@@ -306,7 +306,7 @@ def woven_inference(
         if stack.b_out is not None:
             y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
-    for_each_segment(segments, project_out, device)
+    for_each_segment(segments, project_out, device, dtype)
     add_lora_terms(parts, "w_out", a_NF, lambda rows_n, delta_nD: y_ND.index_add_(0, rows_n, delta_nD))
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
@@ -336,4 +336,6 @@ def add_lora_terms(
     def run(i: int, start: int, end: int) -> None:
         add(pieces[i].rows_n, pieces[i].delta(x_NI, "grouped_mm"))
 
-    for_each_segment([(i, 0, len(piece.rows_n)) for i, piece in enumerate(pieces)], run, x_NI.device)
+    for_each_segment(
+        [(i, 0, len(piece.rows_n)) for i, piece in enumerate(pieces)], run, x_NI.device, x_NI.dtype
+    )

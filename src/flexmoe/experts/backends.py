@@ -133,7 +133,7 @@ def fused_forward(
         if lora is not None:
             lora.add_in(e, s, t, h_HN)
 
-    for_each_segment(segments, project_in, device)
+    for_each_segment(segments, project_in, device, dtype)
     a_FN = activation_into(base_activation(activation), h_HN[:F], WORKSPACE.take((F, N), dtype, device))
     if h_HN.shape[0] == 2 * F:
         a_FN.mul_(h_HN[F:])
@@ -153,7 +153,7 @@ def fused_forward(
 
     if lora is not None:
         lora.set_activation(a_FN)
-    for_each_segment(segments, project_out, device)
+    for_each_segment(segments, project_out, device, dtype)
     if lora is not None:
         lora.release_activation()
     WORKSPACE.give(a_FN)
@@ -204,7 +204,7 @@ def fused_backward(
         if lora is not None:
             lora.backward_out(e, s, t, grad_y_ND, grad_a_FN)
 
-    for_each_segment(segments, project_out_backward, device)
+    for_each_segment(segments, project_out_backward, device, dtype)
     if lora is not None:
         lora.finish_backward_out(grad_a_FN)
     grad_rw = None
@@ -221,7 +221,7 @@ def fused_backward(
         grad_a_FN.mul_(row_weights_N)
     if lora is not None:
         lora.set_activation(a_FN)
-        for_each_segment(segments, lora.backward_out_A, device)
+        for_each_segment(segments, lora.backward_out_A, device, dtype)
         lora.release_activation()
     grad_w_out = None
     if need_w_out:
@@ -231,6 +231,7 @@ def fused_backward(
             segments,
             lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), weighted_a_FN[:, s:t].t(), out=grad_w_out[e]),
             device,
+            dtype,
         )
     if gated:
         WORKSPACE.give(a_FN)
@@ -260,7 +261,7 @@ def fused_backward(
         if lora is not None:
             lora.backward_in(e, s, t, grad_h_HN, grad_x_ND)
 
-    for_each_segment(segments, project_in_backward, device)
+    for_each_segment(segments, project_in_backward, device, dtype)
     grad_b_in = None
     if need_b_in:
         grad_b_in = w_in.new_zeros(w_in.shape[:2])
@@ -405,7 +406,7 @@ def fused_inference(
             else:
                 torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
 
-    for_each_segment(segments, project_in, device)
+    for_each_segment(segments, project_in, device, dtype)
     a_NF = weighted_activation(h_PNF, activation, row_weights_N)
     y_ND = WORKSPACE.take((N, D), dtype, device)
 
@@ -417,7 +418,7 @@ def fused_inference(
             else:
                 y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
 
-    for_each_segment(segments, project_out, device)
+    for_each_segment(segments, project_out, device, dtype)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
 

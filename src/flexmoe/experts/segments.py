@@ -8,7 +8,11 @@ cores: no per-GEMM synchronisation, and each core streams its own weights (on a
 2-core CPU, 64 experts of 256 rows: 113 -> 134 GFLOP/s; decode-sized segments of about
 4 rows: 8 -> 12 GB/s of weights; ``benchmarks/layer.py``). With few or
 very uneven segments the per-GEMM parallelism of the BLAS library is better, so the
-runner only spreads work over threads when the segments balance well.
+runner only spreads work over threads when the segments balance well. In bf16 and fp16
+it never does: oneDNN's 16-bit GEMMs use both cores well even on a few rows, and a
+second thread running GEMMs competes with the OpenMP workers that keep spinning after
+each elementwise op (on this CPU, bf16 training steps of ``benchmarks/layer.py`` run
+9-13 % and a packed bf16 decode 9 % faster one GEMM at a time, measured paired).
 """
 
 from __future__ import annotations
@@ -55,16 +59,23 @@ def _balances(segments: list[Segment], threads: int) -> bool:
     return max(loads) <= _BALANCE_SLACK * sum(loads) / threads
 
 
+_ONE_AT_A_TIME = (torch.bfloat16, torch.float16)  # see the module docstring
+
+
 def for_each_segment(
-    segments: list[Segment], work: Callable[[int, int, int], object], device: torch.device
+    segments: list[Segment],
+    work: Callable[[int, int, int], object],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Call ``work(expert, start, end)`` for every segment; in parallel where it pays.
 
     ``work`` must only write rows ``[start, end)`` or expert ``e``'s own outputs, so
-    that segments are independent.
+    that segments are independent. ``dtype``: what its GEMMs compute in.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2 or len(segments) < 2 * threads or not _balances(segments, threads):
+    serial = device.type != "cpu" or threads < 2 or dtype in _ONE_AT_A_TIME or len(segments) < 2 * threads
+    if serial or not _balances(segments, threads):
         for segment in segments:
             work(*segment)
         return
