@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flexmoe.experts.backends import grouped_ffn
-from flexmoe.experts.segments import _balances, for_each_segment, segments_of
+from flexmoe.experts.segments import SERIAL_16BIT_ROWS, _balances, for_each_segment, segments_of
 
 
 @pytest.fixture
@@ -38,17 +38,24 @@ def test_every_segment_runs_once_in_parallel(two_threads):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "threaded"), [(torch.float32, True), (torch.bfloat16, False), (torch.float16, False)]
+    ("dtype", "rows", "serial_rows", "threaded"),
+    [
+        (torch.float32, 32, SERIAL_16BIT_ROWS, True),
+        (torch.bfloat16, 32, SERIAL_16BIT_ROWS, False),  # large 16-bit segments: one at a time
+        (torch.float16, 32, SERIAL_16BIT_ROWS, False),
+        (torch.bfloat16, 4, SERIAL_16BIT_ROWS, True),  # decode-sized ones still use the threads
+        (torch.bfloat16, 4, 0, False),  # unless the caller asks (the packed weights)
+    ],
 )
-def test_only_fp32_segments_are_spread_over_threads(two_threads, dtype, threaded):
-    segments = segments_of([5] * 16)
+def test_which_segments_are_spread_over_threads(two_threads, dtype, rows, serial_rows, threaded):
+    segments = segments_of([rows] * 16)
     threads = set()
 
     def work(e: int, s: int, t: int) -> None:
         threads.add(threading.get_ident())
         time.sleep(0.002)  # long enough for the other thread to take a segment too
 
-    for_each_segment(segments, work, torch.device("cpu"), dtype)
+    for_each_segment(segments, work, torch.device("cpu"), dtype, serial_16bit_rows=serial_rows)
     assert (len(threads) > 1) is threaded
 
 

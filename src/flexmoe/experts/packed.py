@@ -276,7 +276,7 @@ def packed_ffn_inference(
             else:
                 torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
 
-    for_each_segment(segments, project_in, device, dtype)
+    for_each_segment(segments, project_in, device, dtype, serial_16bit_rows=0)
     a_NF = weighted_activation(h_PNF, activation, row_weights_N)
     y_ND = WORKSPACE.take((N, D), dtype, device)
     # Without row weights the bias joins the GEMM; with them it is scaled per row after.
@@ -298,6 +298,6 @@ def packed_ffn_inference(
         if b_out is not None and row_weights_N is not None:
             y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
 
-    for_each_segment(segments, project_out, device, dtype)
+    for_each_segment(segments, project_out, device, dtype, serial_16bit_rows=0)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND

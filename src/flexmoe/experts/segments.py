@@ -9,10 +9,13 @@ cores: no per-GEMM synchronisation, and each core streams its own weights (on a
 4 rows: 8 -> 12 GB/s of weights; ``benchmarks/layer.py``). With few or
 very uneven segments the per-GEMM parallelism of the BLAS library is better, so the
 runner only spreads work over threads when the segments balance well. In bf16 and fp16
-it never does: oneDNN's 16-bit GEMMs use both cores well even on a few rows, and a
-second thread running GEMMs competes with the OpenMP workers that keep spinning after
-each elementwise op (on this CPU, bf16 training steps of ``benchmarks/layer.py`` run
-9-13 % and a packed bf16 decode 9 % faster one GEMM at a time, measured paired).
+it does not either once the segments average ``SERIAL_16BIT_ROWS`` rows or more:
+oneDNN's 16-bit GEMMs use both cores well there, and a second thread running GEMMs
+competes with the OpenMP workers that keep spinning after each elementwise op (on this
+CPU, bf16 training steps of ``benchmarks/layer.py`` run 9-13 % faster one GEMM at a
+time, measured paired). Decode-sized 16-bit segments on plain weights still gain from
+the threads; on oneDNN-packed weights they do not (the packed path asks for
+``serial_16bit_rows=0``: 8-12 % faster).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["for_each_segment", "segments_of"]
+__all__ = ["SERIAL_16BIT_ROWS", "for_each_segment", "segments_of"]
 
 Segment = tuple[int, int, int]
 
@@ -59,7 +62,8 @@ def _balances(segments: list[Segment], threads: int) -> bool:
     return max(loads) <= _BALANCE_SLACK * sum(loads) / threads
 
 
-_ONE_AT_A_TIME = (torch.bfloat16, torch.float16)  # see the module docstring
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+SERIAL_16BIT_ROWS = 16  # see the module docstring
 
 
 def for_each_segment(
@@ -67,15 +71,21 @@ def for_each_segment(
     work: Callable[[int, int, int], object],
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    serial_16bit_rows: int = SERIAL_16BIT_ROWS,
 ) -> None:
     """Call ``work(expert, start, end)`` for every segment; in parallel where it pays.
 
     ``work`` must only write rows ``[start, end)`` or expert ``e``'s own outputs, so
-    that segments are independent. ``dtype``: what its GEMMs compute in.
+    that segments are independent. ``dtype``: what its GEMMs compute in; in 16 bits,
+    segments averaging ``serial_16bit_rows`` rows or more run one after another.
     """
     threads = torch.get_num_threads()
-    serial = device.type != "cpu" or threads < 2 or dtype in _ONE_AT_A_TIME or len(segments) < 2 * threads
-    if serial or not _balances(segments, threads):
+    if device.type != "cpu" or threads < 2 or len(segments) < 2 * threads or not _balances(segments, threads):
+        serial = True
+    else:
+        rows = sum(t - s for _, s, t in segments)
+        serial = dtype in _SIXTEEN_BIT and rows >= serial_16bit_rows * len(segments)
+    if serial:
         for segment in segments:
             work(*segment)
         return
