@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +123,16 @@ BLOCK_OVERRIDES: dict[str, dict[str, Any]] = {
     "HYV3MoE": {"enable_moe_fp32_combine": False},
     "Lfm2MoeSparseMoeBlock": {"norm_topk_prob": False, "use_expert_bias": True},
 }
+
+
+def save_tiny_models(tmp_path_factory: Any, families: Iterable[str]) -> dict[str, Path]:
+    """family -> a ``save_pretrained`` directory of its tiny model, sharded into several files."""
+    directories = {}
+    for family in families:
+        directory = tmp_path_factory.mktemp(family)
+        tiny_model(family).save_pretrained(directory, max_shard_size="40KB")
+        directories[family] = directory
+    return directories
 
 
 def _config_class(block_class: type[nn.Module]) -> type:

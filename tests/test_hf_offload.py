@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
 from flexmoe.hf import load_offloaded, offload_stats, parse_bytes
-from tests.hf_tiny import MODELS, VOCAB, tiny_model
+from tests.hf_tiny import MODELS, VOCAB, save_tiny_models, tiny_model
 
 FAMILIES = sorted(MODELS)  # mixtral, qwen3_moe, qwen2_moe, olmoe, granitemoe, deepseek_v3, deepseek_v2
 
@@ -30,13 +30,7 @@ def expert_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """family -> a save_pretrained directory of its tiny model (sharded: several files)."""
-    directories = {}
-    for family in FAMILIES:
-        directory = tmp_path_factory.mktemp(family)
-        tiny_model(family).save_pretrained(directory, max_shard_size="40KB")
-        directories[family] = directory
-    return directories
+    return save_tiny_models(tmp_path_factory, FAMILIES)
 
 
 def prompt() -> torch.Tensor:

@@ -25,9 +25,8 @@ from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.hf import load_offloaded, offload_stats
 from flexmoe.layer.local import LocalExperts
 from flexmoe.layer.offloaded import offload_experts
-from tests.hf_tiny import VOCAB, tiny_model
-from tests.test_weave import Case, build, cases
-from tests.test_weave import weave as weave_layer
+from tests.hf_tiny import VOCAB, save_tiny_models
+from tests.test_weave import Case, build, cases, weave
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3"]
 
@@ -42,13 +41,7 @@ def expert_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """family -> a sharded save_pretrained directory of its tiny model."""
-    directories = {}
-    for family in FAMILIES:
-        directory = tmp_path_factory.mktemp(family)
-        tiny_model(family).save_pretrained(directory, max_shard_size="40KB")
-        directories[family] = directory
-    return directories
+    return save_tiny_models(tmp_path_factory, FAMILIES)
 
 
 def in_memory(directory, dtype: torch.dtype = torch.float32):
@@ -81,16 +74,6 @@ def make_adapters(reference, seed: int = 1) -> list[object]:
             )
     adapters.append(ESFTAdapter(layers))
     return adapters
-
-
-def weave(model, adapters: list[object]) -> ExpertWeave:
-    woven = ExpertWeave(model)
-    for adapter in adapters:
-        if isinstance(adapter, ESFTAdapter):
-            woven.add_esft(adapter)
-        else:
-            woven.add_lora(adapter)  # type: ignore[arg-type]
-    return woven
 
 
 def run(
@@ -311,8 +294,8 @@ def test_offloaded_layer_equals_the_in_memory_layer(
                 w.copy_(q.float() * scale[..., None])
     budget = (case.top_k + spare) * store.nbytes((0, 0))
     offload_experts(offloaded, ExpertCache(store, 1, budget, prefetch=prefetch), 0, store.nbytes((0, 0)))
-    weave_layer(base, adapters)
-    weave_layer(offloaded, adapters)
+    weave(base, adapters)
+    weave(offloaded, adapters)
     grad_y = torch.randn(len(case.ids), case.S, case.D)
     grads = not int8  # torch's int8 kernel has no backward (offloaded experts are for inference)
     for _step in range(2):  # the second call finds some experts resident: another serving order
