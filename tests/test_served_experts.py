@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
-from flexmoe.experts.packed import PackedWeight, packed_inference_supported
+from flexmoe.experts.int8 import Int8Weight
+from flexmoe.experts.packed import PackedLinear, PackedWeight, packed_inference_supported
 from flexmoe.experts.served import served_expert_ffn, served_linear
 from flexmoe.experts.store import SafetensorsExpertStore
 from flexmoe.hf import load_offloaded, quantize_experts
+from flexmoe.hf.offload import pack_linear_layers
 from flexmoe.layer.offloaded import offloaded_cache
 from tests.hf_tiny import VOCAB, tiny_model
 
@@ -99,12 +101,39 @@ def test_offloaded_experts_are_packed_where_supported(saved, dtype):
         assert torch.equal(greedy(model, ids), expected)
         weights = served_weights(model)
         assert weights and all(isinstance(w, kind) for pair in weights for w in pair)
+        linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        assert bool(linears) is (packed is not False)
 
 
-def test_packed_is_refused_where_it_cannot_run(saved, tmp_path):
+def test_int8_experts_stay_int8_and_the_linear_layers_are_packed(saved, tmp_path):
     quantize_experts(saved, tmp_path / "int8")
-    with pytest.raises(ValueError, match=r"packed: .* int8 experts"):
-        load_offloaded(tmp_path / "int8", packed=True)
-    assert load_offloaded(tmp_path / "int8", packed=None) is not None  # int8: never packed
+    model = load_offloaded(tmp_path / "int8", expert_budget=None, packed=True)
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    greedy(model, ids)
+    assert all(isinstance(w, Int8Weight) for pair in served_weights(model) for w in pair)
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_packed_is_refused_where_it_cannot_run(saved):
+    with pytest.raises(ValueError, match=r"packed: needs a CPU with oneDNN torch.float16 matmuls"):
+        load_offloaded(saved, dtype=torch.float16, packed=True)
     with pytest.raises(ValueError, match="pack: packed experts need"):
         SafetensorsExpertStore({}, torch.float16, "cpu", pack=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-head"])
+def test_pack_linear_layers_equals_the_plain_layers(dtype, tied):
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", tie_word_embeddings=tied).to(dtype)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+        linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+        packed = pack_linear_layers(model)
+        logits = model(ids).logits
+    assert packed == len(linears) - tied  # a head tied to the embedding stays as it is
+    assert isinstance(model.lm_head, torch.nn.Linear) is tied
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=tolerance * scale)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from flexmoe.experts.backends import weighted_activation
@@ -57,6 +57,7 @@ from flexmoe.workspace import WORKSPACE
 __all__ = [
     "MAX_PACKED_ROWS",
     "PackedExpertWeights",
+    "PackedLinear",
     "PackedWeight",
     "packed_ffn_inference",
     "packed_inference_supported",
@@ -131,6 +132,37 @@ def packed_linear(x_NI: Tensor, weight: PackedWeight) -> Tensor:
     if x_NI.shape[0] == 0:
         return x_NI.new_zeros(0, weight.shape[0], dtype=weight.dtype)
     return _linear(x_NI.to(weight.dtype).contiguous(), weight.packed, None)
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` for inference whose weight is held only as oneDNN's packed copy.
+
+    ``PackedLinear.of(linear)`` takes the layer's weight (and bias); the plain weight is
+    then no longer needed. Inference only (no gradient reaches the weight), CPU only.
+    """
+
+    def __init__(self, weight: PackedWeight, bias: Tensor | None) -> None:
+        super().__init__()
+        self.packed = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> PackedLinear:
+        """``linear``'s weight packed (check ``packed_inference_supported`` first)."""
+        with torch.no_grad():
+            return cls(PackedWeight.pack(linear.weight.detach()), linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ W^T + b`` over the last dimension of ``x``."""
+        y = packed_linear(x.reshape(-1, self.in_features), self.packed)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        """What ``print(model)`` shows of it."""
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.packed.dtype}"
 
 
 class PackedExpertWeights:
