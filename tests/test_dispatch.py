@@ -104,6 +104,24 @@ def test_permute_combine_round_trip(routing, D: int, seed: int) -> None:
     assert torch.autograd.gradcheck(lambda v: combine(permute(v, layout) * w_N[:, None], layout), (x_leaf,))
 
 
+@settings(max_examples=40)
+@given(
+    routing=routings(min_tokens=1),
+    D=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_combine_is_the_sum_over_each_tokens_kept_slots(routing, D: int, dtype, seed: int) -> None:
+    # Bitwise what a sum over k in the rows' dtype gives (one rounding for k = 2, as sum(1)).
+    E, K, rows, weights, cf, batch_prioritized = routing
+    T = len(rows)
+    ids, w = as_tensors(K, rows, weights)
+    layout = make_layout(ids, w, E, cf, batch_prioritized)
+    y_ND = torch.randn(len(layout.slot_ids_N), D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y_SD = torch.zeros(T * K, D, dtype=dtype).index_copy_(0, layout.slot_ids_N, y_ND)
+    assert torch.equal(combine(y_ND, layout), y_SD.view(T, K, D).sum(1))
+
+
 @pytest.mark.parametrize("K", [1, 2])
 @pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
 def test_permute_combine_zero_tokens(K: int, capacity_factor: float) -> None:

@@ -34,7 +34,10 @@ def slots_to_tokens(rows_ND: Tensor, layout: DispatchLayout) -> Tensor:
         rows_SD.zero_().index_copy_(0, layout.slot_ids_N, rows_ND)
     if K == 1:
         return rows_SD
-    out_TD = rows_SD.view(T, K, D).sum(1)
+    rows_TKD = rows_SD.view(T, K, D)
+    # Two rows: one add, the same result as sum(1) (one rounding either way), and in bf16
+    # several times faster than the reduction over a strided axis.
+    out_TD = rows_TKD[:, 0] + rows_TKD[:, 1] if K == 2 else rows_TKD.sum(1)
     WORKSPACE.give(rows_SD)
     return out_TD
 
