@@ -52,26 +52,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _probability(text: str) -> float:
-    """An argparse ``type=``: a number in ``(0, 1]``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+def _unit_interval(*, open_below: bool) -> Callable[[str], float]:
+    """An argparse ``type=``: a number in ``(0, 1]`` (``open_below``) or ``[0, 1]``."""
+    expected = "(0, 1]" if open_below else "[0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (0 < value <= 1 if open_below else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"expected a number in {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
-def _fraction(text: str) -> float:
-    """An argparse ``type=``: a number in ``[0, 1]``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
+_probability = _unit_interval(open_below=True)
+_fraction = _unit_interval(open_below=False)
 
 
 def _per_layer(parse: Callable[[str], T]) -> Callable[[str], list[T]]:
