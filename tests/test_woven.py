@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexmoe.adapters import woven
-from flexmoe.adapters.woven import ExpertTensors, Groups, LoRAPart, woven_ffn, woven_inference
+from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn, woven_inference
 from flexmoe.experts.activations import activate
+from flexmoe.experts.backends import ExpertTensors
 
 ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
 TARGETS = ("w_in", "w_out")

@@ -40,12 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, check_adapter_fits, experts_of_layers
-from flexmoe.adapters.woven import ExpertTensors, Groups, LoRAPart, woven_ffn, woven_inference
+from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn, woven_inference
 from flexmoe.adapters.woven_offloaded import served_woven_ffn
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute
 from flexmoe.experts import GroupedExperts
-from flexmoe.experts.backends import grouped_ffn
+from flexmoe.experts.backends import ExpertTensors, grouped_ffn
 from flexmoe.experts.cache import ExpertWeights
 from flexmoe.experts.ffn import resolve_backend
 from flexmoe.experts.lora import ExpertLoRA

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,15 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate
-from flexmoe.experts.backends import contiguous_grad, weighted_activation
+from flexmoe.experts.backends import ExpertTensors, contiguous_grad, stacked_inference
 from flexmoe.experts.ffn import resolve_backend
-from flexmoe.experts.segments import for_each_segment, segments_of
-from flexmoe.workspace import WORKSPACE
+from flexmoe.experts.segments import for_each_segment
 
 __all__ = [
     "GATHER_BYTES_PER_SLOT",
     "GATHER_ROWS_PER_SLOT",
-    "ExpertTensors",
     "Groups",
     "LoRAPart",
     "gathered_lora",
@@ -241,15 +238,6 @@ def woven_ffn(
     return y_ND
 
 
-class ExpertTensors(NamedTuple):
-    """A stack of experts' weights in the backends' layout: ``w_in [G, H, D]``, ``w_out [G, D, F]``."""
-
-    w_in: Tensor
-    w_out: Tensor
-    b_in: Tensor | None
-    b_out: Tensor | None
-
-
 def woven_inference(
     x_ND: Tensor,
     counts: list[int],
@@ -260,56 +248,23 @@ def woven_inference(
 ) -> Tensor:
     """``woven_ffn`` without autograd, on the fused backend's inference layout, over several stacks.
 
-    Group ``g`` (``counts[g]`` consecutive rows) runs on the experts of ``stacks`` taken
-    one after the other: the first ``len(stacks[0].w_in)`` groups on ``stacks[0]``, the
-    next on ``stacks[1]``, ... (the base experts, then the ESFT experts: one pass over
-    every row). As ``flexmoe.experts.backends.fused_inference``: each group's GEMMs write
-    into pooled buffers (gate and up halves as separate ``[N, F]`` blocks), spread over
-    threads where the groups balance. The LoRA terms of ``parts`` (rows of the base
-    groups) are computed for all their rows at once and added in place.
+    ``flexmoe.experts.backends.stacked_inference`` runs the groups on the experts of
+    ``stacks`` (the base experts, then the ESFT experts: one pass over every row); the
+    LoRA terms of ``parts`` (rows of the base groups) are computed for all their rows at
+    once and added in place, into the first projection and into the output.
     """
-    N, D = x_ND.shape
-    F = stacks[0].w_out.shape[2]
-    P = stacks[0].w_in.shape[1] // F
-    device, dtype = x_ND.device, x_ND.dtype
-    if N == 0:
-        return x_ND.new_zeros(0, D)
-    x_ND = x_ND.contiguous()
-    owners = [(stack, e) for stack in stacks for e in range(stack.w_in.shape[0])]
-    segments = segments_of(counts)
-    # 1. first projection, group by group, then the LoRA terms of w_in into it
-    h_PNF = WORKSPACE.take((P, N, F), dtype, device)
+    P = stacks[0].w_in.shape[1] // stacks[0].w_out.shape[2]
 
-    def project_in(g: int, s: int, t: int) -> None:
-        stack, e = owners[g]
-        for p in range(P):
-            rows = slice(p * F, (p + 1) * F)
-            if stack.b_in is None:
-                torch.mm(x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
-            else:
-                torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
+    def add_in(h_PNF: Tensor) -> None:
+        def add(rows_n: Tensor, delta_nH: Tensor) -> None:
+            h_PNF.index_add_(1, rows_n, delta_nH.view(-1, P, h_PNF.shape[2]).transpose(0, 1))
 
-    for_each_segment(segments, project_in, device, dtype)
+        add_lora_terms(parts, "w_in", x_ND, add)
 
-    def add_in(rows_n: Tensor, delta_nH: Tensor) -> None:
-        h_PNF.index_add_(1, rows_n, delta_nH.view(-1, P, F).transpose(0, 1))
+    def add_out(a_NF: Tensor, y_ND: Tensor) -> None:
+        add_lora_terms(parts, "w_out", a_NF, lambda rows_n, delta_nD: y_ND.index_add_(0, rows_n, delta_nD))
 
-    add_lora_terms(parts, "w_in", x_ND, add_in)
-    # 2. the routing-weighted activation
-    a_NF = weighted_activation(h_PNF, activation, row_weights_N)
-    # 3. second projection, group by group, then the LoRA terms of w_out into it
-    y_ND = WORKSPACE.take((N, D), dtype, device)
-
-    def project_out(g: int, s: int, t: int) -> None:
-        stack, e = owners[g]
-        torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
-        if stack.b_out is not None:
-            y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
-
-    for_each_segment(segments, project_out, device, dtype)
-    add_lora_terms(parts, "w_out", a_NF, lambda rows_n, delta_nD: y_ND.index_add_(0, rows_n, delta_nD))
-    WORKSPACE.give(a_NF, h_PNF)
-    return y_ND
+    return stacked_inference(x_ND, counts, stacks, activation, row_weights_N, add_in, add_out)
 
 
 def add_lora_terms(

@@ -22,7 +22,8 @@ more ``torch._grouped_mm`` calls per projection.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from flexmoe.experts.segments import for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
+    "ExpertTensors",
     "contiguous_grad",
     "fused_backward",
     "fused_forward",
@@ -44,6 +46,7 @@ __all__ = [
     "grouped_ffn_grouped_mm_rows",
     "grouped_ffn_loop",
     "grouped_mm_available",
+    "stacked_inference",
     "weighted_activation",
 ]
 
@@ -384,41 +387,81 @@ def fused_inference(
     counts: list[int],
     activation: str,
 ) -> Tensor:
-    """The forward without autograd, in token-major layout.
+    """The forward without autograd, in token-major layout (``stacked_inference`` on one stack).
 
     Decode-sized segments (a few rows per expert) stream each expert's weights once;
     BLAS does that best as ``x_e @ W^T`` into contiguous rows, measured 1.5x faster than
     the transposed layout the training path uses. Gate and up halves are separate
     GEMMs into a ``[P, N, F]`` buffer so the elementwise work stays contiguous.
     """
-    segments = segments_of(counts)
+    stack = ExpertTensors(w_in, w_out, b_in, b_out)
+    return stacked_inference(x_ND, counts, [stack], activation, row_weights_N)
+
+
+class ExpertTensors(NamedTuple):
+    """A stack of experts' weights in the backends' layout: ``w_in [G, H, D]``, ``w_out [G, D, F]``."""
+
+    w_in: Tensor
+    w_out: Tensor
+    b_in: Tensor | None
+    b_out: Tensor | None
+
+
+def stacked_inference(
+    x_ND: Tensor,
+    counts: list[int],
+    stacks: Sequence[ExpertTensors],
+    activation: str,
+    row_weights_N: Tensor | None,
+    add_in: Callable[[Tensor], object] | None = None,
+    add_out: Callable[[Tensor, Tensor], object] | None = None,
+) -> Tensor:
+    """``fused_inference`` over the experts of several stacks taken one after the other.
+
+    Group ``g`` (``counts[g]`` consecutive rows) runs on the ``g``-th expert of
+    ``stacks`` concatenated (the base experts, then an adapter's: one pass over every
+    row, nothing copied). ``add_in(h_PNF)`` may add to the first projection before the
+    activation, ``add_out(a_NF, y_ND)`` to the output (the LoRA terms of a multi-adapter
+    batch, ``flexmoe.adapters.woven``).
+    """
     N, D = x_ND.shape
-    F = w_out.shape[2]
-    P = w_in.shape[1] // F
+    if N == 0:
+        return x_ND.new_zeros(0, D)
+    x_ND = x_ND.contiguous()
+    F = stacks[0].w_out.shape[2]
+    P = stacks[0].w_in.shape[1] // F
     device, dtype = x_ND.device, x_ND.dtype
+    owners = [(stack, e) for stack in stacks for e in range(stack.w_in.shape[0])]
+    segments = segments_of(counts)
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
 
-    def project_in(e: int, s: int, t: int) -> None:
+    def project_in(g: int, s: int, t: int) -> None:
+        stack, e = owners[g]
         for p in range(P):
             rows = slice(p * F, (p + 1) * F)
-            if b_in is None:
-                torch.mm(x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
+            if stack.b_in is None:
+                torch.mm(x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
             else:
-                torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
+                torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
 
     for_each_segment(segments, project_in, device, dtype)
+    if add_in is not None:
+        add_in(h_PNF)
     a_NF = weighted_activation(h_PNF, activation, row_weights_N)
     y_ND = WORKSPACE.take((N, D), dtype, device)
 
-    def project_out(e: int, s: int, t: int) -> None:
-        torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
-        if b_out is not None:
+    def project_out(g: int, s: int, t: int) -> None:
+        stack, e = owners[g]
+        torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
+        if stack.b_out is not None:
             if row_weights_N is None:
-                y_ND[s:t] += b_out[e]
+                y_ND[s:t] += stack.b_out[e]
             else:
-                y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
+                y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
     for_each_segment(segments, project_out, device, dtype)
+    if add_out is not None:
+        add_out(a_NF, y_ND)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
 
