@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
 import flexmoe
 from flexmoe.workspace import WORKSPACE, Workspace
 
 from .distributed import run_distributed
+from .test_experts import ScaleExperts
 
 CPU = torch.device("cpu")
 
@@ -159,3 +163,53 @@ def test_accumulated_gradients_add_up():
     for x in xs:
         _expert_grads_step(layer, x)  # accumulates into .grad; each step's own gradient is freed
     torch.testing.assert_close(layer.experts.w_in.grad, sum(singles), rtol=1e-5, atol=1e-6)
+
+
+class CountingWorkspace(Workspace):
+    """A pool that counts the buffers it could not serve from what it holds."""
+
+    fresh = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        pooled = self.pooled_bytes()
+        buffer = super().take(shape, dtype, device)
+        self.fresh += self.pooled_bytes() == pooled
+        return buffer
+
+
+def test_inference_calls_give_their_permuted_rows_back(monkeypatch):
+    """After the first call, the rows ``permute`` takes and the combine's come from the pool."""
+    torch.manual_seed(0)
+    pool = CountingWorkspace()
+    # permute's and combine's buffers (the package exports a function of the module's name)
+    monkeypatch.setattr(importlib.import_module("flexmoe.dispatch.permute"), "WORKSPACE", pool)
+    layer = flexmoe.MoELayer(64, 128, 4, top_k=2)
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        expected = layer(x)
+        first = pool.fresh
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), expected)
+    assert first >= 1 and pool.fresh == first
+
+
+@pytest.mark.parametrize("custom", [False, True])  # custom experts save the rows themselves
+def test_training_calls_keep_their_permuted_rows_for_the_backward(custom: bool, monkeypatch):
+    torch.manual_seed(0)
+    experts = ScaleExperts(4, 64) if custom else None
+    layer = flexmoe.MoELayer(64, 128, 4, top_k=2, experts=experts)
+    x, other = torch.randn(32, 64), torch.randn(32, 64)
+    permute_module = importlib.import_module("flexmoe.dispatch.permute")
+    with monkeypatch.context() as patch:  # the reference: permute and combine without a pool
+        patch.setattr(permute_module, "WORKSPACE", Workspace(max_bytes=0))
+        layer(x).square().sum().backward()
+    expected = [p.grad.clone() for p in layer.experts.parameters()]
+    layer.zero_grad(set_to_none=True)
+    pointers: list[int] = []
+    layer.experts.register_forward_pre_hook(lambda _, args: pointers.append(args[0].data_ptr()))
+    loss = layer(x).square().sum()
+    layer(other).square().sum()  # a second call before the first's backward
+    loss.backward()
+    assert pointers[0] != pointers[1]
+    for p, grad in zip(layer.experts.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, grad)

@@ -7,7 +7,7 @@ from flexmoe.dispatch.layout import (
     count_per_expert,
     make_layout,
 )
-from flexmoe.dispatch.permute import combine, permute
+from flexmoe.dispatch.permute import combine, permute, release_rows
 from flexmoe.dispatch.static import StaticLayout, combine_static, make_static_layout, permute_static
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "make_static_layout",
     "permute",
     "permute_static",
+    "release_rows",
 ]

@@ -28,6 +28,7 @@ from flexmoe.dispatch import (
     make_static_layout,
     permute,
     permute_static,
+    release_rows,
 )
 from flexmoe.experts import GroupedExperts
 from flexmoe.layer.stats import ExpertStep
@@ -136,6 +137,7 @@ class LocalExperts:
             return self._run_static(x_TD, route, call)
         layout, x_ND, row_weights_N = self.dispatch(x_TD, route, call)
         y_ND = run_experts(self.experts, x_ND, layout.counts, row_weights_N)
+        release_rows(x_ND)
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
     def dispatch(
