@@ -45,6 +45,8 @@ class Case:
     adapters: list[Adapter]
     counts: list[int]  # rows per virtual expert: per base expert j, its base rows, then its slots'
     gather_threshold: int
+    bag_layout: bool  # factors stored as the weave stores them (summed in place on CPU)
+    bag_indices: int  # woven.BAG_INDICES: small ones take the rows in several chunks
     seed: int
 
 
@@ -71,6 +73,8 @@ def cases(draw) -> Case:
         adapters=adapters,
         counts=draw(st.lists(st.integers(0, most), min_size=E + num_slots, max_size=E + num_slots)),
         gather_threshold=draw(st.sampled_from([0, 1, 10**6])),  # x the defaults: never, default, always
+        bag_layout=draw(st.booleans()),
+        bag_indices=draw(st.sampled_from([8, woven.BAG_INDICES])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -141,8 +145,8 @@ def build(case: Case) -> Built:
                 for n in range(s, s + count):
                     slot_of_row[target][n] = (key, index)
             counts_L = [starts[slot][1] for slot in slots]
-            A = torch.randn(len(slots), rank, width_in)
-            stacks[key] = (counts_L, A, torch.randn(len(slots), width_out, rank) * 0.5)
+            A, B = torch.randn(len(slots), rank, width_in), torch.randn(len(slots), width_out, rank) * 0.5
+            stacks[key] = (counts_L, *(woven.bag_layout(A, B) if case.bag_layout else (A, B)))
             rows[key] = stack_rows
     return Built(
         torch.randn(N, D),
@@ -201,18 +205,27 @@ def reference(
 
 
 class GatherThreshold:
-    """Scales ``woven.GATHER_*_PER_SLOT`` by ``factor`` in a ``with`` block (both LoRA forms get drawn)."""
+    """Scales the thresholds of ``woven``'s per-row LoRA forms by ``factor`` in a ``with`` block.
 
-    def __init__(self, factor: int) -> None:
+    ``GATHER_*_PER_SLOT`` and ``BAG_SLOT_WIDTHS`` (so that every LoRA form gets drawn);
+    ``BAG_INDICES`` becomes ``bag_indices``.
+    """
+
+    NAMES = ("GATHER_ROWS_PER_SLOT", "GATHER_BYTES_PER_SLOT", "BAG_SLOT_WIDTHS")
+
+    def __init__(self, factor: int, bag_indices: int = woven.BAG_INDICES) -> None:
         self.factor = factor
+        self.bag_indices = bag_indices
 
     def __enter__(self) -> None:
-        self.saved = (woven.GATHER_ROWS_PER_SLOT, woven.GATHER_BYTES_PER_SLOT)
-        woven.GATHER_ROWS_PER_SLOT = self.saved[0] * self.factor
-        woven.GATHER_BYTES_PER_SLOT = self.saved[1] * self.factor
+        self.saved = [getattr(woven, name) for name in (*self.NAMES, "BAG_INDICES")]
+        for name, value in zip(self.NAMES, self.saved, strict=False):
+            setattr(woven, name, value * self.factor)
+        woven.BAG_INDICES = self.bag_indices
 
     def __exit__(self, *exc: object) -> None:
-        woven.GATHER_ROWS_PER_SLOT, woven.GATHER_BYTES_PER_SLOT = self.saved
+        for name, value in zip((*self.NAMES, "BAG_INDICES"), self.saved, strict=True):
+            setattr(woven, name, value)
 
 
 @given(cases(), st.sampled_from(["loop", "fused", "grouped_mm"]))
@@ -229,7 +242,7 @@ def test_woven_ffn_equals_each_row_alone(case: Case, backend: str) -> None:
     row_weights = built.row_weights[:n_main].clone().requires_grad_()
     counts = np.array(built.group_counts[: case.E], dtype=np.int64)
     groups = Groups(counts, torch.from_numpy(counts))
-    with GatherThreshold(case.gather_threshold):
+    with GatherThreshold(case.gather_threshold, case.bag_indices):
         y = woven_ffn(x, groups, *base, case.activation, row_weights, parts_of(built, A_B), backend)
     expected = reference(built, x, row_weights, [base], A_B, case.activation)
     torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
@@ -257,7 +270,7 @@ def test_woven_inference_equals_each_row_alone(case: Case) -> None:
     built = build(case)
     A_B = {key: (A, B) for key, (_, A, B) in built.stacks.items()}
     stacks = [built.base, built.extra] if case.extra else [built.base]
-    with torch.no_grad(), GatherThreshold(case.gather_threshold):
+    with torch.no_grad(), GatherThreshold(case.gather_threshold, case.bag_indices):
         y = woven_inference(
             built.x, built.group_counts, stacks, case.activation, built.row_weights, parts_of(built, A_B)
         )
@@ -275,6 +288,30 @@ def test_lora_terms_gather_only_slots_with_few_rows() -> None:
     eight = Groups(np.array([0, 8, 0, 0, 0]), torch.tensor([0, 8, 0, 0, 0]))
     assert LoRAPart("w_in", torch.arange(8), eight, *narrow).gathers()
     assert not LoRAPart("w_in", torch.arange(8), eight, *wide).gathers()
+
+
+def test_lora_terms_sum_in_place_while_slots_are_narrow() -> None:
+    plain = torch.empty(5, 8, 512), torch.empty(5, 384, 8)  # rank 8, 512 -> 384: 896 wide
+    bagged = woven.bag_layout(*plain)
+    assert woven.in_bag_layout(*bagged) and not woven.in_bag_layout(*plain)
+    nine = Groups(np.array([0, 9, 0, 0, 0]), torch.tensor([0, 9, 0, 0, 0]))  # 9 x 896 <= 8192
+    ten = Groups(np.array([0, 10, 0, 0, 0]), torch.tensor([0, 10, 0, 0, 0]))
+    assert LoRAPart("w_in", torch.arange(9), nine, *bagged).bags()
+    assert not LoRAPart("w_in", torch.arange(10), ten, *bagged).bags()
+    assert not LoRAPart("w_in", torch.arange(10), ten, *bagged).gathers()
+    assert not LoRAPart("w_in", torch.arange(9), nine, *plain).bags()
+
+
+@pytest.mark.parametrize("bag_indices", [5, woven.BAG_INDICES])  # 5: one row per chunk
+def test_bagged_lora_is_each_rows_own_product(bag_indices: int) -> None:
+    torch.manual_seed(0)
+    slots = Groups(np.array([2, 0, 3]), torch.tensor([2, 0, 3]))
+    A, B = woven.bag_layout(torch.randn(3, 2, 5), torch.randn(3, 6, 2))
+    x, rows, slot_of_row = torch.randn(7, 5), [6, 0, 2, 3, 5], [0, 0, 2, 2, 2]
+    expected = torch.stack([B[slot] @ (A[slot] @ x[n]) for n, slot in zip(rows, slot_of_row, strict=True)])
+    with GatherThreshold(1, bag_indices):
+        got = woven.bagged_lora(x, torch.tensor(rows), A, B, slots)
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("target", TARGETS)

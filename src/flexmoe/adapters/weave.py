@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, check_adapter_fits, experts_of_layers
-from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn, woven_inference
+from flexmoe.adapters.woven import Groups, LoRAPart, bag_layout, woven_ffn, woven_inference
 from flexmoe.adapters.woven_offloaded import served_woven_ffn
 from flexmoe.config import Plan
-from flexmoe.dispatch import make_layout, permute
+from flexmoe.dispatch import make_layout, permute, release_rows
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.backends import ExpertTensors, grouped_ffn
 from flexmoe.experts.cache import ExpertWeights
@@ -66,7 +66,8 @@ class LoRAStack:
     """One projection's LoRA factors at one rank, over every (expert, adapter) slot that has them.
 
     ``slots`` are ``(expert, adapter)`` pairs in increasing order (so in virtual-expert
-    order); ``A [L, r, I]``, ``B [L, O, r]`` (``B`` scaled by the adapter's ``alpha / r``).
+    order); ``A [L, r, I]``, ``B [L, O, r]`` (``B`` scaled by the adapter's ``alpha / r``),
+    stored in ``bag_layout`` (each slot's transposed factors contiguous).
     """
 
     target: str
@@ -120,20 +121,14 @@ class LayerWeave:
             key = (target, lora.rank)
             old = self.lora.get(key)
             if old is None:
-                # Copies (A may still be the caller's tensor): later changes to it do not leak in.
-                A, B = A.clone(memory_format=torch.contiguous_format), B.contiguous()
-                self.lora[key] = LoRAStack(target, A, B, new_slots, np.zeros(0))
+                # bag_layout copies (A may still be the caller's tensor: later changes do not leak in)
+                self.lora[key] = LoRAStack(target, *bag_layout(A, B), new_slots, np.zeros(0))
                 continue
             slots = old.slots + new_slots
             order = sorted(range(len(slots)), key=slots.__getitem__)
             index = torch.tensor(order, device=A.device)
-            self.lora[key] = LoRAStack(
-                target,
-                torch.cat([old.A, A]).index_select(0, index),
-                torch.cat([old.B, B]).index_select(0, index),
-                [slots[i] for i in order],
-                np.zeros(0),
-            )
+            A, B = (torch.cat([o, t]).index_select(0, index) for o, t in ((old.A, A), (old.B, B)))
+            self.lora[key] = LoRAStack(target, *bag_layout(A, B), [slots[i] for i in order], np.zeros(0))
         self.lora_slots.update(new_slots)
 
     def add_esft(self, adapter_id: int, replaced: ESFTExperts, share: bool) -> None:
@@ -219,14 +214,16 @@ class LayerWeave:
         layout = make_layout(virtual_TK, route.weights_TK, self.num_virtual, 0.0, False, route.valid_TK)
         row_weights_N = route.weights_TK.reshape(-1).index_select(0, layout.slot_ids_N)
         counts = Groups(np.asarray(layout.counts, dtype=np.int64), layout.tokens_per_expert_E)
+        x_ND = permute(x_TD, layout)
         if self.offloaded is None:
-            y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N)
+            y_ND = self.compute(x_ND, counts, row_weights_N)
         else:
             # the base experts with base or LoRA rows come from the cache (an ESFT-replaced one is not read)
             self.offloaded.check_budget(call.top_k)
             active = np.unique(self.base_of_main[counts.counts_G[: self.num_main] > 0]).tolist()
             with closing(self.offloaded.fetch(active)) as served:
-                y_ND = self.compute(permute(x_TD, layout), counts, row_weights_N, served)
+                y_ND = self.compute(x_ND, counts, row_weights_N, served)
+        release_rows(x_ND)
         step = ExpertStep(
             num_tokens=T,
             capacity=None,

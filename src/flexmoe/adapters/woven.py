@@ -34,25 +34,39 @@ from flexmoe.experts.ffn import resolve_backend
 from flexmoe.experts.segments import for_each_segment
 
 __all__ = [
+    "BAG_INDICES",
+    "BAG_SLOT_WIDTHS",
     "GATHER_BYTES_PER_SLOT",
     "GATHER_ROWS_PER_SLOT",
     "Groups",
     "LoRAPart",
+    "bag_layout",
+    "bagged_lora",
     "gathered_lora",
+    "in_bag_layout",
     "segment_matmul",
     "woven_ffn",
     "woven_inference",
 ]
 
-# A LoRA stack's rows gather their own factors (``gathered_lora``) while they average at
-# most GATHER_ROWS_PER_SLOT rows or GATHER_BYTES_PER_SLOT bytes of gathered factors per
+# A LoRA stack's rows read their own factors (BGMV) while they average few rows per
 # non-empty slot, else the slots run as grouped GEMMs (a pair of small GEMMs per slot).
-# Measured on CPU (rank 8, 640 slots): decode-sized calls (about one row per slot) run
-# 2-5x faster gathered; alone, both forms cost the same at about 3 rows per slot with
-# 512 / 384 wide projections (28 KiB of factors per row) and 6 rows with 128 / 128
-# (8 KiB), but inside a whole model call gathering 48 KiB per slot was already slower.
+# On CPU, with the factors in ``bag_layout``, the rows sum them in place with
+# ``embedding_bag`` (``bagged_lora``) while rows x (I + O) per non-empty slot stay under
+# BAG_SLOT_WIDTHS. Measured at rank 8 over 640 slots against the grouped GEMMs, the
+# forms break even at about 16 rows per slot with 512 / 384 wide projections, 14 with
+# 192 / 512 and 7 with 2048 / 1536 (rank 32 and 64: about 32 with 512 / 384); at 8 rows
+# and 512 / 384 the sums take 0.55x the time. Elsewhere each row gathers copies of
+# its factors for two batched products (``gathered_lora``) while they average at most
+# GATHER_ROWS_PER_SLOT rows or GATHER_BYTES_PER_SLOT bytes of gathered factors: decode
+# sizes ran 2-5x faster so, and both forms broke even at about 3 rows per slot with
+# 512 / 384 wide projections and 6 with 128 / 128.
+BAG_SLOT_WIDTHS = 8192
 GATHER_ROWS_PER_SLOT = 2
 GATHER_BYTES_PER_SLOT = 32 * 1024
+# bagged_lora takes rows in chunks of about this many indices: a larger index tensor (and
+# its gathered rows) cost more in fresh pages than the sums themselves
+BAG_INDICES = 1 << 18
 
 
 class Groups:
@@ -135,6 +149,50 @@ def gathered_lora(x_nI: Tensor, A_LrI: Tensor, B_LOr: Tensor, slots: Groups) -> 
     return torch.bmm(u_n1r, B_LOr.index_select(0, slot_n).transpose(1, 2))[:, 0]
 
 
+def bag_layout(A_LrI: Tensor, B_LOr: Tensor) -> tuple[Tensor, Tensor]:
+    """The factors with each slot's ``A^T [I, r]`` and ``B^T [r, O]`` contiguous (same shapes, views).
+
+    In this layout ``bagged_lora`` reads each row's factors as rows of two embedding
+    tables, and the grouped GEMMs take the transposed views as they are.
+    """
+    A_LIr = A_LrI.transpose(1, 2).contiguous()
+    B_LrO = B_LOr.transpose(1, 2).contiguous()
+    return A_LIr.transpose(1, 2), B_LrO.transpose(1, 2)
+
+
+def in_bag_layout(A_LrI: Tensor, B_LOr: Tensor) -> bool:
+    """Whether the factors are stored as ``bag_layout`` makes them."""
+    return A_LrI.transpose(1, 2).is_contiguous() and B_LOr.transpose(1, 2).is_contiguous()
+
+
+def bagged_lora(x_NI: Tensor, rows_n: Tensor, A_LrI: Tensor, B_LOr: Tensor, slots: Groups) -> Tensor:
+    """``gathered_lora`` of the rows ``rows_n`` of ``x_NI``: sums over factors in ``bag_layout``.
+
+    ``u_n = sum_i x_n[i] A^T[slot_n][i]`` (a bag of the ``I`` rows of the slot's ``A^T``,
+    weighted by the row's values), then ``sum_j u_n[j] B^T[slot_n][j]``: each row reads
+    its factors where they lie, no copies of them. Rows go in chunks of about
+    ``BAG_INDICES`` indices.
+    """
+    L, rank, width_in = A_LrI.shape
+    width_out = B_LOr.shape[1]
+    A_table = A_LrI.transpose(1, 2).view(L * width_in, rank)
+    B_table = B_LOr.transpose(1, 2).view(L * rank, width_out)
+    device = x_NI.device
+    cols_I = torch.arange(width_in, device=device, dtype=torch.int32)
+    cols_r = torch.arange(rank, device=device, dtype=torch.int32)
+    # int32: half the index bytes of int64
+    slot_n1 = slots.group_of_row(rows_n.shape[0]).to(torch.int32)[:, None]
+    chunk = max(1, BAG_INDICES // width_in)
+    deltas = []
+    for start in range(0, rows_n.shape[0], chunk):
+        slot_c1 = slot_n1[start : start + chunk]
+        x_cI = x_NI.index_select(0, rows_n[start : start + chunk])
+        u_cr = F.embedding_bag(slot_c1 * width_in + cols_I, A_table, mode="sum", per_sample_weights=x_cI)
+        delta = F.embedding_bag(slot_c1 * rank + cols_r, B_table, mode="sum", per_sample_weights=u_cr)
+        deltas.append(delta)
+    return deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+
+
 @dataclass(frozen=True)
 class LoRAPart:
     """One LoRA stack's share of a call: its slots' rows and factors.
@@ -153,10 +211,13 @@ class LoRAPart:
     def delta(self, x_NI: Tensor, backend: str) -> Tensor:
         """``(x_rows A^T) B^T`` slot by slot, ``[n, O]``.
 
-        ``backend="loop"``: one GEMM per slot (the reference); otherwise gathered per row
-        (``gathered_lora``) where the slots hold few rows each, else grouped GEMMs over the
+        ``backend="loop"``: one GEMM per slot (the reference); otherwise each row reads
+        its own factors where the slots hold few rows each (``bagged_lora`` on CPU with
+        factors in ``bag_layout``, else ``gathered_lora``), else grouped GEMMs over the
         slots with rows.
         """
+        if backend != "loop" and self.bags():
+            return bagged_lora(x_NI, self.rows_n, self.A, self.B, self.slots)
         x_nI = x_NI.index_select(0, self.rows_n)
         if backend != "loop" and self.gathers():
             return gathered_lora(x_nI, self.A, self.B, self.slots)
@@ -181,11 +242,26 @@ class LoRAPart:
                 split.append(LoRAPart(self.target, self.rows_n[r0:r1], slots, self.A[l0:l1], self.B[l0:l1]))
         return split
 
-    def gathers(self) -> bool:
-        """Whether the rows average few enough per non-empty slot to gather their factors.
+    def bags(self) -> bool:
+        """Whether the rows sum their factors in place (``bagged_lora``).
 
-        At most ``GATHER_ROWS_PER_SLOT`` rows, or ``GATHER_BYTES_PER_SLOT`` bytes of factors.
+        On CPU, with the factors in ``bag_layout``, while ``rows x (I + O)`` per non-empty
+        slot averages at most ``BAG_SLOT_WIDTHS``.
         """
+        if self.A.device.type != "cpu" or not in_bag_layout(self.A, self.B):
+            return False
+        widths = self.A.shape[2] + self.B.shape[1]
+        nonempty = int(np.count_nonzero(self.slots.counts_G))
+        return self.rows_n.shape[0] * widths <= BAG_SLOT_WIDTHS * nonempty
+
+    def gathers(self) -> bool:
+        """Whether the rows read their own factors, in place (``bags``) or gathered.
+
+        Gathered: at most ``GATHER_ROWS_PER_SLOT`` rows, or ``GATHER_BYTES_PER_SLOT``
+        bytes of factors, per non-empty slot.
+        """
+        if self.bags():
+            return True
         nonempty = int(np.count_nonzero(self.slots.counts_G))
         n = self.rows_n.shape[0]
         _, rank, width_in = self.A.shape
@@ -272,8 +348,9 @@ def add_lora_terms(
 ) -> None:
     """``add(rows_n, delta)`` for the LoRA terms of every part of ``target`` (no autograd).
 
-    A gathered part is one batched product (threaded by PyTorch). A part of grouped GEMMs
-    is one tiny GEMM per slot, which gains nothing from splitting each GEMM over threads
+    A part whose rows read their own factors (``gathers``) is one call (threaded by
+    PyTorch). A part of grouped GEMMs is one tiny GEMM per slot, which gains nothing from
+    splitting each GEMM over threads
     (on 2 threads of a busy machine it ran 4-5x slower than on one); on CPU it is split
     into pieces of consecutive slots spread over the threads instead, like the base
     experts' segments, each on one thread (each piece adds into its own rows).
