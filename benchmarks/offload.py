@@ -44,6 +44,7 @@ import math
 import mmap
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flexmoe.hf
 from flexmoe.checkpoint import load_checkpoint
 from flexmoe.experts.cache import POLICIES, ExpertCache, ExpertKey, ExpertWeights
-from flexmoe.experts.int8 import quantize_int8
+from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
+from flexmoe.experts.packed import PackedWeight, packed_inference_supported, packed_linear
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
@@ -332,57 +334,84 @@ def prepare_quiet(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]
 
 
 def large_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Every contestant ``--rounds`` times, round-robin, each in its own process from a cold page cache."""
     config, bf16, int8 = prepare(args)
-    results: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="flexmoe-bench-") as scratch:
-        for name in args.contestants:
-            offload = Path(scratch) / name
-            offload.mkdir()
-            drop_page_cache(bf16, int8)
-            command = [
-                sys.executable,
-                __file__,
-                *sys.argv[1:],
-                "--run-contestant",
-                name,
-                "--offload-folder",
-                str(offload),
-            ]
-            print(f"running {name} ...", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                print(f"  {name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-                continue
-            results[name] = json.loads(lines[-1].removeprefix("RESULT "))
-            results[name]["logits"] = torch.load(offload / f"{name}.logits.pt")
-            drop_page_cache(offload)
-    print_large(results, config, args)
-    for result in results.values():
-        result.pop("logits", None)
-    return {"config": config, "budget": args.budget, "results": results}
+        for r in range(args.rounds):
+            results: dict[str, dict[str, Any]] = {}
+            for name in args.contestants:
+                result = run_in_process(name, args, bf16, int8, Path(scratch) / f"{name}-{r}")
+                if result is not None:
+                    results[name] = result
+            rounds.append(results)
+    print_large(rounds, config, args)
+    rates = matrix_vector_rates(config)
+    print_matrix_vector_bound(rates, config)
+    for results in rounds:
+        for result in results.values():
+            result.pop("logits", None)
+    return {"config": config, "budget": args.budget, "rounds": rounds, "matrix_vector_gb_s": rates}
 
 
-def print_large(results: dict[str, dict[str, Any]], config: dict[str, Any], args: argparse.Namespace) -> None:
+def run_in_process(
+    name: str, args: argparse.Namespace, bf16: Path, int8: Path, offload: Path
+) -> dict[str, Any] | None:
+    """One run of contestant ``name`` in a fresh process after dropping the page cache (``None``: failed)."""
+    offload.mkdir()
+    drop_page_cache(bf16, int8)
+    command = [
+        sys.executable,
+        __file__,
+        *sys.argv[1:],
+        "--run-contestant",
+        name,
+        "--offload-folder",
+        str(offload),
+    ]
+    print(f"running {name} ...", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"  {name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    result["logits"] = torch.load(offload / f"{name}.logits.pt")
+    drop_page_cache(offload)
+    return result
+
+
+def median_of(rounds: list[dict[str, dict[str, Any]]], name: str, key: str) -> float:
+    """The median of ``key`` over the rounds where ``name`` ran."""
+    return statistics.median(results[name][key] for results in rounds if name in results)
+
+
+def print_large(
+    rounds: list[dict[str, dict[str, Any]]], config: dict[str, Any], args: argparse.Namespace
+) -> None:
     print(
         f"\nQwen3-MoE-shaped, {config['num_hidden_layers']} layers, expert budget {args.budget}, "
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
-        f"(accelerate: {decoded_tokens(args, 'accelerate')}), batch 1, cold page cache"
+        f"(accelerate: {decoded_tokens(args, 'accelerate')}), batch 1, cold page cache, "
+        f"medians of {len(rounds)} round-robin rounds"
     )
     header = f"{'contestant':14} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} "
     header += f"{'peak RSS GiB':>13} {'read MB/token':>14} {'hit rate':>9}"
     print(header)
-    for name, r in results.items():
-        hit = f"{r['hit_rate']:.0%}" if "hit_rate" in r else "-"
+    names = [name for name in args.contestants if any(name in results for results in rounds)]
+    for name in names:
+        hit = f"{median_of(rounds, name, 'hit_rate'):.0%}" if "hit_rate" in rounds[0].get(name, {}) else "-"
+        prefill, decode = median_of(rounds, name, "prefill_tok_s"), median_of(rounds, name, "decode_tok_s")
         print(
-            f"{name:14} {r['load_s']:7.1f} {r['prefill_tok_s']:14.2f} {r['decode_tok_s']:13.3f} "
-            f"{r['peak_rss'] / 2**30:13.2f} {r['decode_read_per_token'] / 1e6:14.1f} {hit:>9}"
+            f"{name:14} {median_of(rounds, name, 'load_s'):7.1f} {prefill:14.2f} {decode:13.3f} "
+            f"{median_of(rounds, name, 'peak_rss') / 2**30:13.2f} "
+            f"{median_of(rounds, name, 'decode_read_per_token') / 1e6:14.1f} {hit:>9}"
         )
-    if "accelerate" in results:
-        r = results["accelerate"]
+    accelerate = next((results["accelerate"] for results in rounds if "accelerate" in results), None)
+    if accelerate is not None:
         print(
-            f"(accelerate left {r.get('disk_modules', 0)} of {r.get('modules', 0)} modules "
-            "of its device map on disk)"
+            f"(accelerate left {accelerate.get('disk_modules', 0)} of {accelerate.get('modules', 0)} "
+            "modules of its device map on disk)"
         )
     pairs = [
         ("flexmoe-bf16", "accelerate"),
@@ -391,20 +420,69 @@ def print_large(results: dict[str, dict[str, Any]], config: dict[str, Any], args
         ("flexmoe-int8", "mmap"),
         ("flexmoe-int8", "flexmoe-bf16"),
     ]
-    print("\nratios (same run)")
+    print("\nratios: median over rounds of the ratio within a round (range)")
     for a, b in pairs:
-        if a in results and b in results:
-            decode = results[a]["decode_tok_s"] / results[b]["decode_tok_s"]
-            prefill = results[a]["prefill_tok_s"] / results[b]["prefill_tok_s"]
-            print(f"  {a} / {b}: decode {decode:.2f}x, prefill {prefill:.2f}x")
-    if "flexmoe-int8" in results and "flexmoe-bf16" in results:
-        int8, bf16 = results["flexmoe-int8"]["logits"], results["flexmoe-bf16"]["logits"]
+        both = [results for results in rounds if a in results and b in results]
+        if not both:
+            continue
+        parts = []
+        for key, label in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            ratios = [results[a][key] / results[b][key] for results in both]
+            parts.append(f"{label} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"  {a} / {b}: " + ", ".join(parts))
+    both = [results for results in rounds if "flexmoe-int8" in results and "flexmoe-bf16" in results]
+    if both:
+        int8, bf16 = both[0]["flexmoe-int8"]["logits"], both[0]["flexmoe-bf16"]["logits"]
         error = (int8 - bf16).abs()
         print(
             f"  int8 vs bf16 experts, last prompt position: logits max |diff| {error.max():.4f}, "
             f"mean {error.mean():.4f} (logit std {bf16.std():.3f}); "
             f"same argmax: {bool(int8.argmax() == bf16.argmax())}"
         )
+
+
+def matrix_vector_rates(config: dict[str, Any], rounds: int = 7) -> dict[str, float] | None:
+    """GB/s of one-row products with an expert's ``w_in`` ``[2F, D]``: packed bf16 and int8 weights.
+
+    Decoding is matrix-vector products; these rates bound what int8 experts can gain over
+    bf16 ones per product: ``2 x int8 rate / bf16 rate`` (half the bytes, each read at its
+    own kernel's rate). The weights span more than the CPU's caches, as the experts do.
+    Interleaved rounds, medians. ``None`` where packed bf16 products are not supported.
+    """
+    if not packed_inference_supported(torch.device("cpu"), torch.bfloat16):
+        return None
+    out_dim, in_dim = 2 * config["moe_intermediate_size"], config["hidden_size"]
+    count = max(4, (256 << 20) // (2 * out_dim * in_dim))  # 256 MiB of bf16 weights
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out_dim, in_dim, generator=generator) for _ in range(count)]
+    forms = {
+        "bf16 packed": ([PackedWeight.pack(w.to(torch.bfloat16)) for w in weights], packed_linear, 2),
+        "int8": ([Int8Weight.quantize(w) for w in weights], int8_linear, 1),
+    }
+    x = torch.randn(1, in_dim, generator=generator).to(torch.bfloat16)
+    seconds: dict[str, list[float]] = {name: [] for name in forms}
+    with torch.no_grad():
+        for _ in range(rounds + 1):  # the first round warms up
+            for name, (stored, linear, _) in forms.items():
+                start = time.perf_counter()
+                for w in stored:
+                    linear(x, w)  # type: ignore[operator]
+                seconds[name].append(time.perf_counter() - start)
+    return {
+        name: count * out_dim * in_dim * size / statistics.median(seconds[name][1:]) / 1e9
+        for name, (_, _, size) in forms.items()
+    }
+
+
+def print_matrix_vector_bound(rates: dict[str, float] | None, config: dict[str, Any]) -> None:
+    if rates is None:
+        return
+    bf16, int8 = rates["bf16 packed"], rates["int8"]
+    print(
+        f"  one-row products with w_in [{2 * config['moe_intermediate_size']}, {config['hidden_size']}]: "
+        f"packed bf16 {bf16:.1f} GB/s, int8 {int8:.1f} GB/s: int8 is at most "
+        f"{2 * int8 / bf16:.2f}x bf16 per product (half the bytes at its kernel's rate)"
+    )
 
 
 # ---------------------------------------------------------------- part 2: the trained model's routing
@@ -626,6 +704,12 @@ def parse_args() -> argparse.Namespace:
         help="tokens accelerate decodes (each step reads its offloaded layers whole; default 8)",
     )
     parser.add_argument("--contestants", nargs="+", choices=CONTESTANTS, default=list(CONTESTANTS))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="round-robin rounds of every contestant (default 3; --tiny 1)",
+    )
     parser.add_argument("--trained", default=None, help="a flexmoe train run directory (default: train one)")
     parser.add_argument(
         "--train-steps", type=int, default=None, help="steps if training (default 400; --tiny 30)"
@@ -658,6 +742,7 @@ def parse_args() -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (8 if tiny else 32)
     args.train_steps = args.train_steps or (30 if tiny else 400)
     args.windows = args.windows or (2 if tiny else 16)
+    args.rounds = args.rounds or (1 if tiny else 3)
     if tiny and args.layers is None:
         args.layers = 4
     return args
