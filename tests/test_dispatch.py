@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from flexmoe import MoELayer, RouterConfig
 from flexmoe.dispatch import combine, compute_capacity, make_layout, permute
+from flexmoe.dispatch.permute import sums_in_place
 from tests.reference import kept_assignments
 
 CAPACITY_FACTORS = [0.0, 0.25, 0.5, 1.0, 1.25, 2.0, -0.25, -0.5, -1.0, -2.0]
@@ -112,14 +113,33 @@ def test_permute_combine_round_trip(routing, D: int, seed: int) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_combine_is_the_sum_over_each_tokens_kept_slots(routing, D: int, dtype, seed: int) -> None:
-    # Bitwise what a sum over k in the rows' dtype gives (one rounding for k = 2, as sum(1)).
+    # Bitwise what a sum over k in the rows' dtype gives (one rounding for k = 2, as sum(1)),
+    # but for a gather-sum in bf16: the fp32 total rounded with ties away from zero.
     E, K, rows, weights, cf, batch_prioritized = routing
     T = len(rows)
     ids, w = as_tensors(K, rows, weights)
     layout = make_layout(ids, w, E, cf, batch_prioritized)
     y_ND = torch.randn(len(layout.slot_ids_N), D, generator=torch.Generator().manual_seed(seed)).to(dtype)
     y_SD = torch.zeros(T * K, D, dtype=dtype).index_copy_(0, layout.slot_ids_N, y_ND)
-    assert torch.equal(combine(y_ND, layout), y_SD.view(T, K, D).sum(1))
+    expected = y_SD.view(T, K, D).sum(1)
+    if dtype == torch.bfloat16 and layout.inverse_S is not None and sums_in_place(y_ND, K):
+        expected = bf16_ties_away(y_SD.view(T, K, D).float().sum(1))
+    assert torch.equal(combine(y_ND, layout), expected)
+
+
+def bf16_ties_away(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to bf16, to nearest with ties away from zero (finite values)."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the fp32 bit pattern, unsigned
+    rounded = (bits + 0x8000) & 0xFFFF0000  # half an ulp added to the magnitude, then cut
+    signed = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    return signed.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def test_bf16_ties_away_rounds_half_ulps_up_in_magnitude() -> None:
+    x = torch.tensor([1.0 + 2**-8, -(1.0 + 2**-8), 1.0 + 3 * 2**-8, 1.0 + 2**-9])
+    expected = [1.0 + 2**-7, -(1.0 + 2**-7), 1.0 + 2**-6, 1.0]
+    assert bf16_ties_away(x).tolist() == expected
+    assert x.to(torch.bfloat16).tolist() == [1.0, -1.0, 1.0 + 2**-6, 1.0]  # to even
 
 
 @pytest.mark.parametrize("K", [1, 2])
