@@ -62,7 +62,7 @@ __all__ = [
 
 DTYPES = SAFETENSORS_DTYPES
 MAX_SPARE_PER_SIZE = 4  # spare buffers kept per byte size (a burst of prefetches on 4 I/O threads)
-_MAX_WAITING = 64  # released buffers a leftover view still uses, waiting to become spare
+_MAX_WAITING = 64  # released buffers something still uses, waiting to become spare
 
 
 @dataclass(frozen=True)
@@ -102,15 +102,7 @@ class SafetensorsFile:
         ``out``: a contiguous 1-d uint8 CPU tensor of exactly the bytes read (``nbytes``);
         the result is then a view of it. Else the bytes go to a new tensor.
         """
-        if name in self.unsupported:
-            raise ValueError(f"{self.path}: tensor {name!r} has a dtype this reader does not support")
-        info = self.tensors[name]
-        shape, begin, end = info.shape, info.begin, info.end
-        if index is not None:
-            if not 0 <= index < shape[0]:
-                raise IndexError(f"{self.path}: row {index} of {name!r} with shape {shape}")
-            row = (end - begin) // shape[0]
-            shape, begin, end = shape[1:], begin + index * row, begin + (index + 1) * row
+        shape, begin, end = self._extent(name, index)
         if out is None:
             out = torch.empty(end - begin, dtype=torch.uint8)
         elif not (
@@ -132,12 +124,25 @@ class SafetensorsFile:
                 if got <= 0:
                     raise OSError(f"{self.path}: unexpected end of file reading {name!r}")
                 done += got
-        return out.view(info.dtype).reshape(shape)
+        return out.view(self.tensors[name].dtype).reshape(shape)
 
     def nbytes(self, name: str, index: int | None = None) -> int:
         """Bytes of tensor ``name``, or of its row ``index``."""
+        _, begin, end = self._extent(name, index)
+        return end - begin
+
+    def _extent(self, name: str, index: int | None) -> tuple[tuple[int, ...], int, int]:
+        """``(shape, begin, end)`` of tensor ``name`` or of its row ``index`` (absolute byte offsets)."""
+        if name in self.unsupported:
+            raise ValueError(f"{self.path}: tensor {name!r} has a dtype this reader does not support")
         info = self.tensors[name]
-        return (info.end - info.begin) // (info.shape[0] if index is not None else 1)
+        shape, begin, end = info.shape, info.begin, info.end
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                raise IndexError(f"{self.path}: row {index} of {name!r} with shape {shape}")
+            row = (end - begin) // shape[0]
+            shape, begin, end = shape[1:], begin + index * row, begin + (index + 1) * row
+        return shape, begin, end
 
     def _fd(self) -> int:
         """The file descriptor of the calling thread (opened on first use, closed with the thread)."""
