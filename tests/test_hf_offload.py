@@ -244,7 +244,7 @@ def test_memory_stays_bounded(tmp_path, experts):
     assert bytes_read > experts_bytes  # more than every expert passed through the 8 MiB cache
     limit = {
         # Plain experts are read into the memory of evicted ones: beyond the budget only the
-        # spare buffers (at most 4 per weight size: 6 MiB here). Measured: 3-6 MiB in all.
+        # spare buffers (at most 4 per weight size: 6 MiB here). Measured: 3-10 MiB in all.
         "plain": 8 * MiB + 4 * expert,
         # Packed experts (the default on a CPU with oneDNN) are new memory from the reading
         # threads, whose glibc malloc arenas keep freed copies; plus one 1 MiB read buffer
