@@ -209,10 +209,11 @@ class ReadBuffers:
 
     ``take(nbytes)`` hands out a spare buffer of that size, else a new one.
     ``reuse_when_freed(weight)`` marks a weight built on such a buffer: once the weight
-    is garbage (no Python reference) its memory is released here, and it becomes spare
-    as soon as nothing else (a view) uses it, so memory someone still reads is never
-    handed out. Thread-safe. At most ``max_per_size`` spare buffers of each size are
-    kept; the others are freed.
+    is garbage (no Python reference; a finalizer tells) its memory is released here, and
+    it becomes spare only when no tensor at all uses it (PyTorch's storage use count: an
+    alias of the weight may outlive it), so memory someone still reads is never handed
+    out. Thread-safe. At most ``max_per_size`` spare buffers of each size are kept; the
+    others are freed.
 
     Attributes:
         taken: buffers handed out; ``reused`` of them were spare (the rest new memory).
@@ -245,7 +246,7 @@ class ReadBuffers:
         return buffer
 
     def reuse_when_freed(self, weight: Tensor) -> None:
-        """Release ``weight``'s memory here once ``weight`` is garbage (it must start its storage)."""
+        """Release ``weight``'s memory (its whole storage, a buffer from ``take``) once it is garbage."""
         finalizer = weakref.finalize(weight, self._released.append, weight.untyped_storage())
         finalizer.atexit = False
 
