@@ -5,14 +5,27 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import Tensor
 
 from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
+from flexmoe.experts.int8 import SCALE_SUFFIX, Int8Weight, quantize_int8
+from flexmoe.experts.packed import PackedWeight, packed_inference_supported, packed_linear
+from flexmoe.experts.store import (
+    ExpertPieces,
+    ReadBuffers,
+    SafetensorsExpertStore,
+    SafetensorsFile,
+    TensorSlice,
+)
 
+CPU = torch.device("cpu")
 H, D = 4, 2  # each fake expert: w_in [4, 2] and w_out [2, 2] fp32 = 48 bytes
 EXPERT_BYTES = (H * D + D * D) * 4
 
@@ -319,3 +332,222 @@ def test_invalid_arguments(kwargs, message):
     arguments = {"num_layers": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         ExpertCache(FakeStore(), **arguments)
+
+
+# ---------------------------------------------------------------- reads into recycled memory
+LAYERS, EXPERTS, F_, D_ = 2, 4, 3, 5  # an expert: w_in [2F, D] (gate; up), w_out [D, F]
+STORE_KINDS = [
+    "float",
+    "cast",
+    "int8",
+    *(["packed"] if packed_inference_supported(CPU, torch.float32) else []),
+]
+
+
+def write_experts(directory: Path, kind: str) -> dict[ExpertKey, ExpertPieces]:
+    """A file of random stacked experts (``cast``: bf16; ``int8``: with scales), and their pieces."""
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for layer in range(LAYERS):
+        for name, shape in (("gate", (F_, D_)), ("up", (F_, D_)), ("down", (D_, F_))):
+            w = torch.randn(EXPERTS, *shape, generator=generator)
+            if kind == "int8":
+                tensors[f"{layer}.{name}"], tensors[f"{layer}.{name}{SCALE_SUFFIX}"] = quantize_int8(w)
+            else:
+                tensors[f"{layer}.{name}"] = w.to(torch.bfloat16 if kind == "cast" else torch.float32)
+    path = directory / f"{kind}.safetensors"
+    save_file(tensors, path)
+    file = SafetensorsFile(path)
+
+    def piece(layer: int, name: str, expert: int) -> TensorSlice:
+        scale = TensorSlice(file, f"{layer}.{name}{SCALE_SUFFIX}", expert) if kind == "int8" else None
+        return TensorSlice(file, f"{layer}.{name}", expert, scale)
+
+    return {
+        (layer, e): ExpertPieces((piece(layer, "gate", e), piece(layer, "up", e)), piece(layer, "down", e))
+        for layer in range(LAYERS)
+        for e in range(EXPERTS)
+    }
+
+
+def plain_read(pieces: ExpertPieces) -> tuple[Tensor, ...]:
+    """The expert's weights read into new tensors and stacked: ``(w_in, w_out)``, and their scales if int8."""
+    w_in = torch.cat([piece.file.read(piece.name, piece.index) for piece in pieces.w_in])
+    w_out = pieces.w_out.file.read(pieces.w_out.name, pieces.w_out.index)
+    if not pieces.quantized:
+        return w_in.float(), w_out.float()
+    scales = [s for s in (*(p.scale for p in pieces.w_in), pieces.w_out.scale) if s is not None]
+    scale_in = torch.cat([s.file.read(s.name, s.index) for s in scales[:2]])
+    return w_in, w_out, scale_in, scales[2].file.read(scales[2].name, scales[2].index)
+
+
+def assert_served_as_read(weights: ExpertWeights, pieces: ExpertPieces) -> None:
+    """The served weights hold exactly the file's values (packed ones: their products are the plain ones')."""
+    expected = plain_read(pieces)
+    w_in, w_out = weights
+    if isinstance(w_in, Int8Weight) and isinstance(w_out, Int8Weight):
+        for got, want in zip((w_in.q, w_out.q, w_in.scale, w_out.scale), expected, strict=True):
+            assert torch.equal(got, want)
+    elif isinstance(w_in, PackedWeight) and isinstance(w_out, PackedWeight):
+        for weight, want in zip((w_in, w_out), expected, strict=True):
+            x = torch.randn(3, want.shape[1], generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(packed_linear(x, weight), x @ want.T, rtol=1e-5, atol=1e-5)
+    else:
+        assert isinstance(w_in, Tensor) and isinstance(w_out, Tensor)
+        assert w_in.dtype == w_out.dtype == torch.float32
+        assert torch.equal(w_in, expected[0]) and torch.equal(w_out, expected[1])
+
+
+def store_of(directory: Path, kind: str) -> SafetensorsExpertStore:
+    return SafetensorsExpertStore(write_experts(directory, kind), torch.float32, pack=kind == "packed")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, SafetensorsExpertStore]:
+    directory = tmp_path_factory.mktemp("experts")
+    return {kind: store_of(directory, kind) for kind in STORE_KINDS}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(STORE_KINDS),
+    capacity=st.integers(1, 3),
+    prefetch=st.booleans(),
+    calls=st.lists(
+        st.tuples(
+            st.integers(0, LAYERS - 1),
+            st.lists(st.integers(0, EXPERTS - 1), min_size=1, max_size=EXPERTS),
+            st.lists(st.integers(0, EXPERTS - 1), max_size=2),
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+)
+def test_reads_into_recycled_memory_return_the_files_bytes(stores, kind, capacity, prefetch, calls):
+    store = stores[kind]
+    cache = ExpertCache(store, LAYERS, capacity * store.nbytes((0, 0)), prefetch=prefetch)
+    for layer, experts, predicted in calls:
+        for expert, weights in cache.use(layer, experts):
+            assert_served_as_read(weights, store.pieces[(layer, expert)])
+        cache.prefetch((layer + 1) % LAYERS, predicted)
+    cache.wait_for_reads()
+    for layer, expert in cache.resident():  # what the cache still holds was not overwritten since
+        checked(cache, store, layer, [expert])
+    cache.close()
+
+
+def checked(cache: ExpertCache, store: SafetensorsExpertStore, layer: int, experts: list[int]) -> None:
+    """Use the experts, checking each against the file, and keep no reference to any of them."""
+    for expert, weights in cache.use(layer, experts):
+        assert_served_as_read(weights, store.pieces[(layer, expert)])
+
+
+@pytest.mark.parametrize("kind", ["float", "cast", "int8"])
+def test_an_evicted_experts_memory_is_read_into_again(tmp_path, kind):
+    store = store_of(tmp_path, kind)
+    cache = ExpertCache(store, LAYERS, store.nbytes((0, 0)), prefetch=False)  # room for one expert
+    for expert in range(EXPERTS):
+        checked(cache, store, 0, [expert])
+    reads = cache.stats.reads
+    assert reads == EXPERTS and cache.stats.evictions == EXPERTS - 1
+    buffers = 2 if kind != "int8" else 4  # w_in, w_out (and their scales)
+    # every read after the first filled the memory of the expert it evicted
+    assert (store.buffers.taken, store.buffers.reused) == (buffers * reads, buffers * (reads - 1))
+    assert store.buffers.spare_bytes() == 0
+    assert store.scratch_bytes() == (F_ * D_ * 2 if kind == "cast" else 0)  # a bf16 piece before its cast
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_a_held_expert_is_never_overwritten(tmp_path, kind, prefetch):
+    store = store_of(tmp_path, kind)
+    cache = ExpertCache(store, LAYERS, store.nbytes((0, 0)), prefetch=prefetch)
+    served = cache.use(0, [0])
+    _, held = next(served)
+    served.close()
+    w_in, w_out = held
+    # an alias of w_in's memory that does not keep w_in itself alive (a slice view would)
+    alias = (
+        w_in.q.detach()
+        if isinstance(w_in, Int8Weight)
+        else w_in.detach()
+        if isinstance(w_in, Tensor)
+        else None
+    )
+    expected_alias = None if alias is None else alias.clone()
+    for step in range(3):  # each read evicts the one before: the held expert's memory must not be reused
+        for layer in range(LAYERS):
+            checked(cache, store, layer, [(step + layer + 1) % EXPERTS])
+            cache.prefetch((layer + 1) % LAYERS, [step % EXPERTS])
+    cache.wait_for_reads()
+    assert (0, 0) not in cache.resident() and cache.stats.evictions >= 6
+    assert_served_as_read(held, store.pieces[(0, 0)])
+    del held, w_in, w_out, served  # only the alias is left now
+    # reads of other experts that take every spare buffer there is
+    kept = {key: store.read(key) for key in store.pieces if key != (0, 0)}
+    for key, weights in kept.items():
+        assert_served_as_read(weights, store.pieces[key])
+    if alias is not None:
+        assert torch.equal(alias, expected_alias)
+    cache.close()
+
+
+def test_a_released_buffer_becomes_spare_only_when_nothing_uses_it():
+    buffers = ReadBuffers(max_per_size=1)
+    weight = buffers.take(64).view(torch.float32)
+    buffers.reuse_when_freed(weight)
+    pointer = weight.data_ptr()
+    alias = weight.detach()  # shares the memory, not the tensor (a slice would keep weight alive)
+    del weight
+    assert buffers.spare_bytes() == 0  # the alias still reads it
+    assert buffers.take(64).data_ptr() != pointer
+    del alias
+    assert buffers.spare_bytes() == 64
+    assert buffers.take(64).data_ptr() == pointer
+    assert (buffers.taken, buffers.reused) == (3, 1)
+    for _ in range(3):  # more released buffers of one size than it keeps: the others are freed
+        released = [buffers.take(64) for _ in range(2)]
+        for buffer in released:
+            buffers.reuse_when_freed(buffer)
+        del released, buffer
+        assert buffers.spare_bytes() == 64
+
+
+@pytest.mark.skipif("packed" not in STORE_KINDS, reason="no oneDNN packed fp32 matmuls on this CPU")
+def test_packed_experts_stay_right_after_the_scratch_is_reused(tmp_path, monkeypatch):
+    store = store_of(tmp_path, "packed")
+    packed_from = []
+
+    def pack(weight: Tensor) -> PackedWeight:
+        packed_from.append(weight.data_ptr())
+        return original(weight)
+
+    original = PackedWeight.pack
+    monkeypatch.setattr(PackedWeight, "pack", pack)
+    first = store.read((0, 0))
+    expected = plain_read(store.pieces[(0, 0)])
+    for key in store.pieces:  # the same thread: each read overwrites the scratch the first was read into
+        assert_served_as_read(store.read(key), store.pieces[key])
+    assert len(set(packed_from)) == 1 and len(packed_from) == 2 * (1 + len(store.pieces))
+    assert store.scratch_bytes() == 2 * F_ * D_ * 4  # one buffer of the largest weight
+    for weight, want in zip(first, expected, strict=True):
+        x = torch.randn(4, want.shape[1])
+        torch.testing.assert_close(packed_linear(x, weight), x @ want.T, rtol=1e-5, atol=1e-5)
+
+
+def test_reading_into_a_buffer_of_the_wrong_size(tmp_path):
+    pieces = write_experts(tmp_path, "float")
+    file = pieces[(0, 0)].w_out.file
+    out = torch.empty(D_ * F_ * 4, dtype=torch.uint8)
+    assert file.read("0.down", 1, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out.view(torch.float32).view(D_, F_), file.read("0.down", 1))
+    for bad in (
+        out[:-1],
+        out.view(torch.float32),
+        out.view(D_, F_ * 4),
+        torch.empty(2 * out.numel(), dtype=torch.uint8)[::2],
+    ):
+        with pytest.raises(
+            ValueError, match=rf"out must be a contiguous 1-d uint8 CPU tensor of {out.numel()} bytes"
+        ):
+            file.read("0.down", 1, out=bad)

@@ -30,7 +30,7 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_MAX_BYTES", "WORKSPACE", "Workspace"]
+__all__ = ["DEFAULT_MAX_BYTES", "WORKSPACE", "Workspace", "storage_unused"]
 
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: a few steps' worth of the data path's largest buffers
@@ -141,7 +141,7 @@ class Workspace:
         waiting = []
         while self._pending:
             storage, dtype = self._pending.pop(0)
-            if _storage_unused(storage):
+            if storage_unused(storage):
                 self._keep(storage, dtype)
             else:
                 waiting.append((storage, dtype))
@@ -169,8 +169,11 @@ class Workspace:
             return self._bytes
 
 
-def _storage_unused(storage: torch.UntypedStorage) -> bool:
-    """Whether nothing but this storage object (no tensor, no view) uses the storage."""
+def storage_unused(storage: torch.UntypedStorage) -> bool:
+    """Whether nothing but this storage object (no tensor, no view) uses the storage.
+
+    ``False`` where PyTorch cannot tell (its use count is a private API): never reuse then.
+    """
     try:
         return bool(torch._C._storage_Use_Count(storage._cdata) <= 1)
     except (AttributeError, RuntimeError):  # private API gone: never pool

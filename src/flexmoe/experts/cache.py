@@ -6,7 +6,10 @@ L layers.
 Entries are keyed ``(layer, expert)``; each holds one expert's ``(w_in [H, D], w_out
 [D, F])``. The budget counts every entry, including those whose read is still in
 flight (their bytes are reserved before the read starts), so the cache never holds
-more than ``budget_bytes`` whatever the thread timing.
+more than ``budget_bytes`` whatever the thread timing. An evicted expert is only
+dropped: a store that recycles memory (``SafetensorsExpertStore``) reads later experts
+into its buffers once nothing holds them any more, neither the cache nor a caller it
+served them to.
 
 A layer asks for its active experts with ``use(layer, experts)``: resident experts
 come first, misses are read ahead by the I/O thread as far as the budget allows, and
@@ -65,7 +68,11 @@ class ExpertStore(Protocol):
         ...
 
     def read(self, key: ExpertKey) -> ExpertWeights:
-        """The expert's ``(w_in [H, D], w_out [D, F])``, newly allocated."""
+        """The expert's ``(w_in [H, D], w_out [D, F])``.
+
+        The caller may hold them as long as it likes: a store may reuse their memory
+        only once they are garbage.
+        """
         ...
 
 

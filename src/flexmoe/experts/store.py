@@ -5,8 +5,22 @@ Legend: D model dim, F expert hidden dim, H first-projection width (2F gated, el
 A ``safetensors`` file is an 8-byte little-endian header length, a JSON header giving
 each tensor's dtype, shape and byte range, then the raw bytes. One expert of a stacked
 ``[E, ...]`` tensor is one contiguous byte range, so ``SafetensorsFile.read`` reads just
-those bytes (``os.preadv`` straight into a new tensor): no memory map, so the process
-holds only what it read, and reads from several threads need no lock.
+those bytes (``os.preadv`` straight into a tensor, or into a buffer given as ``out``):
+no memory map, so the process holds only what it read, and reads from several threads
+need no lock.
+
+The store reads an expert without allocating fresh memory once the cache is full (a
+fresh buffer's pages fault in on first touch: thousands of faults for a 10 MB expert,
+and glibc keeps freed buffers in each reading thread's own malloc arena):
+
+- Weights kept as read (plain float experts in the file's dtype, int8 experts and
+  their scales; on CPU) are read into ``ReadBuffers``: spare buffers keyed by byte size.
+  When a weight the store returned becomes garbage (the cache evicted it and no caller
+  or view still holds it), its memory becomes a spare buffer for a later read.
+- Weights that are converted after the read (packed by oneDNN, cast to another dtype,
+  or copied to another device) are read into a scratch buffer of the reading thread,
+  reused by its next read; only the converted copy is new memory. Packing keeps no
+  reference to its input, so overwriting the scratch never changes a packed expert.
 
 Int8 experts (``flexmoe.experts.int8``) are int8 tensors with their per-output-channel
 scales beside them (``name + "_scale"``, one fp32 number per row): the store reads both
@@ -16,9 +30,13 @@ and returns ``Int8Weight`` pairs, half the bytes of bf16.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
+import weakref
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +47,13 @@ from flexmoe.experts.cache import ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight
 from flexmoe.experts.packed import PackedWeight, packed_inference_supported
 from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
+from flexmoe.workspace import storage_unused
 
 __all__ = [
     "DTYPES",
     "ExpertPieces",
     "Int8MemoryStore",
+    "ReadBuffers",
     "SafetensorsExpertStore",
     "SafetensorsFile",
     "TensorInfo",
@@ -41,6 +61,8 @@ __all__ = [
 ]
 
 DTYPES = SAFETENSORS_DTYPES
+MAX_SPARE_PER_SIZE = 4  # spare buffers kept per byte size (a burst of prefetches on 4 I/O threads)
+_MAX_WAITING = 64  # released buffers something still uses, waiting to become spare
 
 
 @dataclass(frozen=True)
@@ -74,8 +96,43 @@ class SafetensorsFile:
         self.unsupported = frozenset(name for name in header if header[name]["dtype"] not in DTYPES)
         self._local = threading.local()
 
-    def read(self, name: str, index: int | None = None) -> Tensor:
-        """Tensor ``name``, or its row ``index`` (``name[index]``), as a new CPU tensor."""
+    def read(self, name: str, index: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Tensor ``name``, or its row ``index`` (``name[index]``), as a CPU tensor.
+
+        ``out``: a contiguous 1-d uint8 CPU tensor of exactly the bytes read (``nbytes``);
+        the result is then a view of it. Else the bytes go to a new tensor.
+        """
+        shape, begin, end = self._extent(name, index)
+        if out is None:
+            out = torch.empty(end - begin, dtype=torch.uint8)
+        elif not (
+            out.dtype == torch.uint8
+            and out.device.type == "cpu"
+            and out.dim() == 1
+            and out.is_contiguous()
+            and out.numel() == end - begin
+        ):
+            raise ValueError(
+                f"out must be a contiguous 1-d uint8 CPU tensor of {end - begin} bytes, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        if end > begin:
+            view = memoryview(out.numpy())  # type: ignore[arg-type]
+            done = 0
+            while done < len(view):  # preadv may return fewer bytes than asked
+                got = os.preadv(self._fd(), [view[done:]], begin + done)
+                if got <= 0:
+                    raise OSError(f"{self.path}: unexpected end of file reading {name!r}")
+                done += got
+        return out.view(self.tensors[name].dtype).reshape(shape)
+
+    def nbytes(self, name: str, index: int | None = None) -> int:
+        """Bytes of tensor ``name``, or of its row ``index``."""
+        _, begin, end = self._extent(name, index)
+        return end - begin
+
+    def _extent(self, name: str, index: int | None) -> tuple[tuple[int, ...], int, int]:
+        """``(shape, begin, end)`` of tensor ``name`` or of its row ``index`` (absolute byte offsets)."""
         if name in self.unsupported:
             raise ValueError(f"{self.path}: tensor {name!r} has a dtype this reader does not support")
         info = self.tensors[name]
@@ -85,16 +142,7 @@ class SafetensorsFile:
                 raise IndexError(f"{self.path}: row {index} of {name!r} with shape {shape}")
             row = (end - begin) // shape[0]
             shape, begin, end = shape[1:], begin + index * row, begin + (index + 1) * row
-        out = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            view = memoryview(out.numpy())  # type: ignore[arg-type]
-            done = 0
-            while done < len(view):  # preadv may return fewer bytes than asked
-                got = os.preadv(self._fd(), [view[done:]], begin + done)
-                if got <= 0:
-                    raise OSError(f"{self.path}: unexpected end of file reading {name!r}")
-                done += got
-        return out.view(info.dtype).reshape(shape)
+        return shape, begin, end
 
     def _fd(self) -> int:
         """The file descriptor of the calling thread (opened on first use, closed with the thread)."""
@@ -122,9 +170,19 @@ class TensorSlice:
         shape = self.file.tensors[self.name].shape
         return shape[1:] if self.index is not None else shape
 
-    def read(self) -> Tensor:
-        """The slice, read from its file."""
-        return self.file.read(self.name, self.index)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype stored in the file."""
+        return self.file.tensors[self.name].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slice in the file."""
+        return self.file.nbytes(self.name, self.index)
+
+    def read(self, out: Tensor | None = None) -> Tensor:
+        """The slice, read from its file (into ``out``: see ``SafetensorsFile.read``)."""
+        return self.file.read(self.name, self.index, out)
 
 
 @dataclass(frozen=True)
@@ -146,6 +204,76 @@ class ExpertPieces:
         return all(piece.scale is not None for piece in (*self.w_in, self.w_out))
 
 
+class ReadBuffers:
+    """Spare CPU byte buffers, keyed by size: the memory of weights nothing uses any more.
+
+    ``take(nbytes)`` hands out a spare buffer of that size, else a new one.
+    ``reuse_when_freed(weight)`` marks a weight built on such a buffer: once the weight
+    is garbage (no Python reference; a finalizer tells) its memory is released here, and
+    it becomes spare only when no tensor at all uses it (PyTorch's storage use count: an
+    alias of the weight may outlive it), so memory someone still reads is never handed
+    out. Thread-safe. At most ``max_per_size`` spare buffers of each size are kept; the
+    others are freed.
+
+    Attributes:
+        taken: buffers handed out; ``reused`` of them were spare (the rest new memory).
+    """
+
+    def __init__(self, max_per_size: int = MAX_SPARE_PER_SIZE) -> None:
+        if not (isinstance(max_per_size, int) and max_per_size >= 0):
+            raise ValueError(f"max_per_size must be an int >= 0, got {max_per_size!r}")
+        self.max_per_size = max_per_size
+        self.taken = 0
+        self.reused = 0
+        self._spare: dict[int, list[torch.UntypedStorage]] = {}
+        self._lock = threading.Lock()
+        # Appended by finalizers, which may run at any moment (even inside ``take`` on this
+        # thread): a deque's append and popleft need no lock.
+        self._released: deque[torch.UntypedStorage] = deque()
+
+    def take(self, nbytes: int) -> Tensor:
+        """A contiguous uint8 CPU tensor of ``nbytes``, uninitialised: spare memory where there is some."""
+        self._collect_released()
+        with self._lock:
+            self.taken += 1
+            spare = self._spare.get(nbytes)
+            storage = spare.pop() if spare else None
+            self.reused += storage is not None
+        if storage is None:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        # set_ (not a view of another tensor) so that the result is the storage's only user
+        buffer: Tensor = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))  # type: ignore[call-overload]
+        return buffer
+
+    def reuse_when_freed(self, weight: Tensor) -> None:
+        """Release ``weight``'s memory (its whole storage, a buffer from ``take``) once it is garbage."""
+        finalizer = weakref.finalize(weight, self._released.append, weight.untyped_storage())
+        finalizer.atexit = False
+
+    def spare_bytes(self) -> int:
+        """Bytes of the spare buffers held now (released ones still in use not counted)."""
+        self._collect_released()
+        with self._lock:
+            return sum(storage.nbytes() for spare in self._spare.values() for storage in spare)
+
+    def _collect_released(self) -> None:
+        """Make the released buffers nothing uses any more spare; the others wait (the oldest let go)."""
+        waiting = []
+        for _ in range(len(self._released)):
+            try:
+                storage = self._released.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            if storage_unused(storage):
+                with self._lock:
+                    spare = self._spare.setdefault(storage.nbytes(), [])
+                    if len(spare) < self.max_per_size:
+                        spare.append(storage)
+            else:
+                waiting.append(storage)
+        self._released.extend(waiting[-_MAX_WAITING:])
+
+
 class SafetensorsExpertStore:
     """An ``ExpertStore`` over ``safetensors`` files: each expert's pieces, read and cast on demand.
 
@@ -155,6 +283,10 @@ class SafetensorsExpertStore:
         device: where the weights are returned.
         pack: return float experts as ``PackedWeight`` (packed on the reading thread);
             only where ``packed_inference_supported(device, dtype)``.
+
+    Weights returned on CPU unconverted (not packed, the file's dtype) are built on
+    ``buffers``, where their memory returns once they are garbage; converted ones are
+    read through one scratch buffer per reading thread (see the module docstring).
     """
 
     def __init__(
@@ -172,6 +304,8 @@ class SafetensorsExpertStore:
                 f"pack: packed experts need a CPU with oneDNN {dtype} matmuls, got {self.device}"
             )
         self.pack = pack
+        self.buffers = ReadBuffers()
+        self._local = threading.local()  # each reading thread's scratch buffers
 
     def nbytes(self, key: ExpertKey) -> int:
         """Bytes of the expert's ``w_in`` and ``w_out`` in ``dtype`` (int8 ones: int8 and fp32 scales)."""
@@ -186,23 +320,60 @@ class SafetensorsExpertStore:
         """The expert's ``(w_in [H, D], w_out [D, F])`` on ``device``: in ``dtype``, packed, or int8."""
         pieces = self.pieces[key]
         if pieces.quantized:
-            return _read_int8(pieces.w_in, self.device), _read_int8((pieces.w_out,), self.device)
-        w_in = _cat([piece.read() for piece in pieces.w_in]).to(self.device, self.dtype)
-        w_out = pieces.w_out.read().to(self.device, self.dtype)
+            return self._read_int8(pieces.w_in), self._read_int8((pieces.w_out,))
         if self.pack:
-            return PackedWeight.pack(w_in), PackedWeight.pack(w_out)
-        return w_in, w_out
+            # one after the other: both are read into this thread's scratch buffer
+            w_in = PackedWeight.pack(self._stacked(pieces.w_in, self.dtype, scratch=True))
+            w_out = PackedWeight.pack(self._stacked((pieces.w_out,), self.dtype, scratch=True))
+            return w_in, w_out
+        return self._stacked(pieces.w_in, self.dtype), self._stacked((pieces.w_out,), self.dtype)
 
+    def scratch_bytes(self) -> int:
+        """Bytes of the calling thread's scratch buffers."""
+        scratch: dict[str, Tensor] = getattr(self._local, "scratch", {})
+        return sum(buffer.numel() for buffer in scratch.values())
 
-def _cat(parts: list[Tensor]) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def _read_int8(self, pieces: tuple[TensorSlice, ...]) -> Int8Weight:
+        """The int8 pieces stacked on dim 0, with their scales (fp32)."""
+        scales = [piece.scale for piece in pieces if piece.scale is not None]
+        return Int8Weight(self._stacked(pieces, torch.int8), self._stacked(scales, torch.float32))
 
+    def _stacked(self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool = False) -> Tensor:
+        """The slices read and stacked on dim 0 as one tensor of ``dtype`` on ``device``.
 
-def _read_int8(pieces: tuple[TensorSlice, ...], device: torch.device) -> Int8Weight:
-    """The int8 pieces stacked on dim 0, with their scales (fp32)."""
-    scales = [piece.scale.read() for piece in pieces if piece.scale is not None]
-    q = _cat([piece.read() for piece in pieces])
-    return Int8Weight(q.to(device), _cat(scales).to(device, torch.float32))
+        ``scratch``: the result lives in the calling thread's scratch buffer, valid until its
+        next read (for packing); else it is the caller's, on CPU built on ``buffers``.
+        """
+        shape = (sum(piece.shape[0] for piece in slices), *slices[0].shape[1:])
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        out_bytes: Tensor | None = None
+        if self.device.type != "cpu":
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+        else:
+            nbytes = shape[0] * row_bytes
+            out_bytes = self._scratch("out", nbytes) if scratch else self.buffers.take(nbytes)
+            out = out_bytes.view(dtype).view(shape)
+        row = 0
+        for piece in slices:
+            rows = piece.shape[0]
+            if out_bytes is not None and piece.dtype == dtype:
+                piece.read(out_bytes[row * row_bytes : (row + rows) * row_bytes])
+            else:  # read as stored, then cast or copied to the device
+                out[row : row + rows].copy_(piece.read(self._scratch("raw", piece.nbytes)))
+            row += rows
+        if out_bytes is not None and not scratch:
+            self.buffers.reuse_when_freed(out)
+        return out
+
+    def _scratch(self, role: str, nbytes: int) -> Tensor:
+        """The calling thread's buffer for ``role`` (grown when too small), its first ``nbytes``."""
+        scratch: dict[str, Tensor] | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = {}
+        buffer = scratch.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = scratch[role] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes]
 
 
 class Int8MemoryStore:
