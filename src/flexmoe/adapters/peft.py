@@ -130,10 +130,10 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
     alpha and rslora setting (PEFT's config holds one of each). Merged adapters are
     refused (their update is in the base weights). Returns the directory.
 
-    With blocks distributed over ranks it is a collective: call it on every rank. The
-    factors are gathered into the single-device layout and rank 0 writes the same files
-    a single-device model with the same adapter writes; the other ranks write nothing,
-    and every rank raises if rank 0's write failed.
+    With blocks distributed over ranks it is a collective: call it on every rank of the
+    default process group. The factors are gathered into the single-device layout and
+    rank 0 writes the same files a single-device model with the same adapter writes; the
+    other ranks write nothing, wait for it, and raise too if rank 0's write failed.
     """
     adapters = lora_adapters(model)
     if not adapters:
