@@ -250,6 +250,38 @@ def logits_under_every_plan(model: torch.nn.Module) -> list[tuple[Plan, torch.Te
     return out
 
 
+def train_alike(
+    rank: int, world: int, single: torch.nn.Module, spread: torch.nn.Module, steps: int = 2
+) -> None:
+    """AdamW steps on the adapters: ``spread`` on this rank's batch, ``single`` on all of them.
+
+    Each rank's loss is a mean over its tokens and the factors' gradients sum every rank's
+    tokens, so the single-device model's loss is the sum of the ranks' losses; the trained
+    adapters then agree (checked on the gathered factors).
+    """
+    optimizers = [
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.01) for m in (single, spread)
+    ]
+    before = lora_state_dict(spread)
+    for step in range(steps):
+        batches = [
+            torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(50 * step + r))
+            for r in range(world)
+        ]
+        sum(single(input_ids=ids, labels=ids).loss for ids in batches).backward()
+        spread(input_ids=batches[rank], labels=batches[rank]).loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    got, want = lora_state_dict(spread), lora_state_dict(single)
+    for key, value in want.items():
+        torch.testing.assert_close(
+            got[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"rank {rank}, trained {k}: {m}"
+        )
+        if not key.endswith("expert_ids"):
+            assert not torch.equal(got[key], before[key]), f"rank {rank}: {key} did not train"
+
+
 def check_peft_save(
     rank: int,
     world: int,
@@ -259,7 +291,7 @@ def check_peft_save(
     targets: tuple[str, ...],
     move: bool,
 ) -> list[Any]:
-    """``save_peft_adapter`` of a spread model: rank 0 writes, the other ranks nothing.
+    """``save_peft_adapter`` of a spread model, its adapter trained: rank 0 writes, the other ranks nothing.
 
     Rank 0 also saves the single-device model with the same adapter under ``single``;
     returns that model's logits (nested lists), which PEFT must reproduce from the files.
@@ -281,6 +313,8 @@ def check_peft_save(
     if move:  # experts (and their factors) in reversed slots: the files stay in logical order
         for layer in layers:
             layer.apply_placement(list(reversed(range(num_experts))))
+    train_alike(rank, world, single, spread)
+    load_lora_state_dict(single, lora_state_dict(spread))  # the very values, for the byte comparison
     with torch.no_grad():
         want = single(input_ids=peft_input_ids()).logits
     for plan, got in logits_under_every_plan(spread):

@@ -5,7 +5,9 @@ exchange, ``r = 0`` weight gathering, forced least-loaded rerouting and shadowin
 move the factors with the weights), for seeded random cases (activation, bias,
 capacity, uneven and empty per-rank batches, adapted subsets, targets, ranks); outputs,
 input and factor gradients. Training moves placements and holds replicas between steps
-(see ``lora_parallel_workers``).
+(see ``lora_parallel_workers``). PEFT's adapter files of a converted ``transformers`` model
+with spread experts: what it saves is the single-device model's files and loads in PEFT
+with equal logits; PEFT's files load into it with PEFT's logits under every plan.
 """
 
 from __future__ import annotations
