@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from flexmoe.adapters import (
     add_lora,
     load_lora_state_dict,
     load_peft_adapter,
+    lora_adapters,
     lora_state_dict,
     merge_lora,
     save_peft_adapter,
@@ -31,7 +33,7 @@ from flexmoe.adapters import (
 from flexmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flexmoe.experts.lora import FACTOR_SHARDS
 
-from .hf_tiny import tiny_model
+from .hf_tiny import VOCAB, tiny_model
 
 FACTORS = ("A_in", "B_in", "A_out", "B_out")
 
@@ -211,18 +213,158 @@ def check_lora_training(rank: int, world: int, num_experts: int, moves: list[lis
     return losses
 
 
-def check_lora_refusals(rank: int, world: int, directory: str) -> list[str]:
-    """PEFT files of spread adapters refuse, both ways."""
-    messages = []
-    model = tiny_model("qwen3_moe")
-    flexmoe.hf.convert(model, group=None)  # the default group: experts spread over the ranks
-    add_lora(model, rank=2)
-    with pytest.raises(NotImplementedError) as saving:
-        save_peft_adapter(model, f"{directory}/rank{rank}")
-    with pytest.raises(NotImplementedError) as loading:
-        load_peft_adapter(model, directory)
-    messages += [str(saving.value), str(loading.value)]
-    return messages
+PEFT_MODEL = "qwen3_moe"
+PEFT_TARGETS = {  # flexmoe targets -> PEFT's target_parameters
+    ("w_in", "w_out"): ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ("w_out",): ["mlp.experts.down_proj"],
+}
+
+
+def peft_input_ids() -> torch.Tensor:
+    return torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def peft_tiny_model(num_experts: int) -> torch.nn.Module:
+    """The unconverted model of the PEFT tests (the same weights on every rank and in the test)."""
+    return tiny_model(PEFT_MODEL, num_experts=num_experts, num_experts_per_tok=min(3, num_experts))
+
+
+def converted_model(num_experts: int, spread: bool) -> torch.nn.Module:
+    """``peft_tiny_model`` converted: on one device, or its experts spread over the default group."""
+    model = peft_tiny_model(num_experts)
+    flexmoe.hf.convert(model, group=None if spread else False)
+    return model
+
+
+def logits_under_every_plan(model: torch.nn.Module) -> list[tuple[Plan, torch.Tensor]]:
+    """The converted model's logits of ``peft_input_ids`` with every block under each plan in turn."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    out = []
+    for plan in every_plan(layers[0]):
+        for layer in layers:
+            layer.plan = plan
+        with torch.no_grad():
+            out.append((plan, model(input_ids=peft_input_ids()).logits))
+    for layer in layers:
+        layer.plan = None
+    return out
+
+
+def train_alike(
+    rank: int, world: int, single: torch.nn.Module, spread: torch.nn.Module, steps: int = 2
+) -> None:
+    """AdamW steps on the adapters: ``spread`` on this rank's batch, ``single`` on all of them.
+
+    Each rank's loss is a mean over its tokens and the factors' gradients sum every rank's
+    tokens, so the single-device model's loss is the sum of the ranks' losses; the trained
+    adapters then agree (checked on the gathered factors).
+    """
+    optimizers = [
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.01) for m in (single, spread)
+    ]
+    before = lora_state_dict(spread)
+    for step in range(steps):
+        batches = [
+            torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(50 * step + r))
+            for r in range(world)
+        ]
+        sum(single(input_ids=ids, labels=ids).loss for ids in batches).backward()
+        spread(input_ids=batches[rank], labels=batches[rank]).loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    got, want = lora_state_dict(spread), lora_state_dict(single)
+    for key, value in want.items():
+        torch.testing.assert_close(
+            got[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"rank {rank}, trained {k}: {m}"
+        )
+        if not key.endswith("expert_ids"):
+            assert not torch.equal(got[key], before[key]), f"rank {rank}: {key} did not train"
+
+
+def check_peft_save(
+    rank: int,
+    world: int,
+    directory: str,
+    num_experts: int,
+    experts: list[int] | None,
+    targets: tuple[str, ...],
+    move: bool,
+) -> list[Any]:
+    """``save_peft_adapter`` of a spread model, its adapter trained: rank 0 writes, the other ranks nothing.
+
+    Rank 0 also saves the single-device model with the same adapter under ``single``;
+    returns that model's logits (nested lists), which PEFT must reproduce from the files.
+    """
+    single, spread = converted_model(num_experts, False), converted_model(num_experts, True)
+    settings: dict[str, Any] = {"rank": 4, "alpha": 8, "experts": experts, "targets": targets}
+    add_lora(single, **settings)
+    add_lora(spread, **settings)
+    torch.manual_seed(7)  # the same trained-looking adapter on every rank
+    with torch.no_grad():
+        for adapter in lora_adapters(single).values():
+            for p in adapter.parameters():
+                p.normal_(0.0, 0.2)
+    load_lora_state_dict(spread, lora_state_dict(single))
+    layers = [m for m in spread.modules() if isinstance(m, MoELayer)]
+    for layer in layers:  # sharded experts where they are fewer than the ranks
+        assert layer.world_size == world and layer.placement is not None
+        assert layer.placement.sharded == (num_experts < world)
+    if move:  # experts (and their factors) in reversed slots: the files stay in logical order
+        for layer in layers:
+            layer.apply_placement(list(reversed(range(num_experts))))
+    train_alike(rank, world, single, spread)
+    load_lora_state_dict(single, lora_state_dict(spread))  # the very values, for the byte comparison
+    with torch.no_grad():
+        want = single(input_ids=peft_input_ids()).logits
+    for plan, got in logits_under_every_plan(spread):
+        assert_near(f"rank {rank}, logits under {plan}", got, want)
+
+    merge_lora(spread)  # refused on every rank alike, before any collective
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        save_peft_adapter(spread, f"{directory}/merged")
+    unmerge_lora(spread)
+
+    assert save_peft_adapter(spread, f"{directory}/spread") == Path(f"{directory}/spread")
+    mine = Path(f"{directory}/rank{rank}")
+    assert save_peft_adapter(spread, mine) == mine
+    assert mine.exists() == (rank == 0), f"rank {rank} wrote {mine}" if rank else "rank 0 wrote nothing"
+    if rank == 0:
+        save_peft_adapter(single, f"{directory}/single")
+    return want.tolist()
+
+
+def check_peft_load(rank: int, world: int, directory: str, num_experts: int, want: list[Any]) -> int:
+    """``load_peft_adapter`` of PEFT's files into a spread model: every plan gives PEFT's logits ``want``.
+
+    Each rank's factors equal the single-device model's loaded from the same files
+    (gathered back exactly); the spread model then saves the files PEFT wrote, under ``again``.
+    """
+    single, spread = converted_model(num_experts, False), converted_model(num_experts, True)
+    expected = load_peft_adapter(single, directory)
+    adapters = load_peft_adapter(spread, directory)
+    assert adapters.keys() == expected.keys()
+    for path, adapter in adapters.items():
+        assert adapter.targets == expected[path].targets
+        assert adapter.adapted_experts == expected[path].experts
+    trainable = {name for name, p in spread.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in name for name in trainable), trainable
+    got_state, want_state = lora_state_dict(spread), lora_state_dict(single)
+    assert got_state.keys() == want_state.keys()
+    for key, value in want_state.items():
+        assert torch.equal(got_state[key], value), f"rank {rank}: {key}"
+    peft_logits = torch.tensor(want)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            single(input_ids=peft_input_ids()).logits, peft_logits, rtol=1e-4, atol=1e-4
+        )
+    checked = logits_under_every_plan(spread)
+    for plan, got in checked:
+        torch.testing.assert_close(got, peft_logits, rtol=1e-4, atol=1e-4, msg=lambda m, p=plan: f"{p}: {m}")
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        load_peft_adapter(spread, directory)
+    save_peft_adapter(spread, f"{directory}/again")
+    return len(checked)
 
 
 def checkpoint_model(

@@ -109,6 +109,11 @@ def test_peft_adapter_errors(tmp_path: Path) -> None:
     get_peft_model(tiny_model(MODEL), config).save_pretrained(tmp_path / "attention")
     with pytest.raises(ValueError, match="does not adapt"):
         load_peft_adapter(model, tmp_path / "attention")
+    other = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=TARGETS[("w_out",)])
+    get_peft_model(tiny_model(MODEL, num_experts=4), other).save_pretrained(tmp_path / "four_experts")
+    with pytest.raises(ValueError, match=r"lora_A.weight has shape \(8, 24\), expected \(16, 24\)"):
+        load_peft_adapter(model, tmp_path / "four_experts")
+    assert not lora_adapters(model)  # refused before any block got an adapter
     add_lora(model, rank=2)
     merge_lora(model)
     with pytest.raises(ValueError, match="unmerge"):

@@ -19,6 +19,11 @@ the experts module's Parameter order (PEFT sorts the targets and walks
 
 PEFT's ``ParamWrapper`` refuses dropout: an adapter saved from flexmoe records
 ``lora_dropout: 0.0`` (dropout is a training-time setting; the weights are the same).
+
+Blocks whose experts are spread over ranks (``flexmoe.hf.convert(model, group=...)``)
+go through the single-device layout of ``lora_state_dict`` / ``load_lora_state_dict``:
+saving gathers every rank's factors (a collective) and rank 0 writes what a
+single-device model writes; loading gives each rank its own experts' rows (or shards).
 """
 
 from __future__ import annotations
@@ -30,11 +35,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flexmoe.adapters.lora import add_lora, lora_adapters
+from flexmoe.adapters.lora import (
+    add_lora,
+    distributed_layers,
+    load_lora_state_dict,
+    lora_adapters,
+    lora_state_dict,
+)
 from flexmoe.checkpoint.files import safetensors_torch
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.lora import ExpertLoRA
 from flexmoe.hf import FlexMoEBlock
+from flexmoe.parallel import all_ranks_ok, rank_and_world
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "save_peft_adapter"]
 
@@ -42,6 +54,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _TARGET_OF = {"w_in": "gate_up_proj", "w_out": "down_proj"}  # flexmoe target -> transformers name
+_FACTORS_OF = {"w_in": ("A_in", "B_in"), "w_out": ("A_out", "B_out")}  # flexmoe target -> factor names
 
 
 def _blocks(model: nn.Module) -> dict[str, FlexMoEBlock]:
@@ -51,22 +64,30 @@ def _blocks(model: nn.Module) -> dict[str, FlexMoEBlock]:
     return blocks
 
 
-def _experts_modules(block: FlexMoEBlock, path: str) -> tuple[nn.Module, GroupedExperts]:
-    """The original ``transformers`` experts module (checked to share flexmoe's weights) and flexmoe's."""
+def _peft_experts(block: FlexMoEBlock, path: str) -> nn.Module:
+    """The original ``transformers`` experts module, checked to map onto flexmoe's ``w_in`` / ``w_out``.
+
+    On one device its ``gate_up_proj`` / ``down_proj`` are flexmoe's Parameters; on a
+    distributed block they were released after each rank copied its experts' rows
+    (``FlexMoEBlock.build``), so only their presence and layout are checked.
+    """
     experts = getattr(block.original, "experts", None)
     moe_experts = block.moe.experts
-    if (
-        not isinstance(experts, nn.Module)
-        or not isinstance(moe_experts, GroupedExperts)
-        or getattr(experts, "gate_up_proj", None) is not moe_experts.w_in
-        or getattr(experts, "down_proj", None) is not moe_experts.w_out
-        or getattr(experts, "is_transposed", False)
-    ):
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if isinstance(moe_experts, GroupedExperts) and block.moe.world_size > 1:
+        mapped = isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
+    else:
+        mapped = (
+            isinstance(moe_experts, GroupedExperts)
+            and gate_up is moe_experts.w_in
+            and down is moe_experts.w_out
+        )
+    if not isinstance(experts, nn.Module) or not mapped or getattr(experts, "is_transposed", False):
         raise NotImplementedError(
             f"{path}: PEFT's adapter format is mapped for blocks whose experts.gate_up_proj and "
             f"experts.down_proj are flexmoe's w_in and w_out ({block.original_class} is not)"
         )
-    return experts, moe_experts
+    return experts
 
 
 def _key_prefixes(experts: nn.Module, path: str, targets: list[str]) -> dict[str, str]:
@@ -81,13 +102,14 @@ def _key_prefixes(experts: nn.Module, path: str, targets: list[str]) -> dict[str
     }
 
 
-def _to_peft(adapter: ExpertLoRA, target: str) -> tuple[Tensor, Tensor]:
-    """PEFT's ``(lora_A.weight [E*r, in], lora_B.weight [out, r*E])``; zero for experts without an adapter."""
-    pair = adapter.factors(target)
-    assert pair is not None
-    A, B = (t.detach() for t in pair)
-    E, r = adapter.num_experts, adapter.rank
-    ids = adapter.expert_ids.to(A.device)
+def _to_peft(A: Tensor, B: Tensor, expert_ids: Tensor, E: int) -> tuple[Tensor, Tensor]:
+    """PEFT's ``(lora_A.weight [E*r, in], lora_B.weight [out, r*E])`` from the adapted experts' factors.
+
+    ``A [k, r, in]`` and ``B [k, out, r]`` are the single-device factors of experts
+    ``expert_ids``; the other experts get zero rows and columns.
+    """
+    r = A.shape[1]
+    ids = expert_ids.to(A.device)
     A_E = A.new_zeros(E, r, A.shape[2]).index_copy_(0, ids, A)
     B_E = B.new_zeros(E, B.shape[1], r).index_copy_(0, ids, B)
     return A_E.reshape(E * r, -1).contiguous(), B_E.permute(1, 2, 0).reshape(B.shape[1], r * E).contiguous()
@@ -107,16 +129,15 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
     converted model with its adapters computes. Every adapter must have the same rank,
     alpha and rslora setting (PEFT's config holds one of each). Merged adapters are
     refused (their update is in the base weights). Returns the directory.
+
+    With blocks distributed over ranks it is a collective: call it on every rank of the
+    default process group. The factors are gathered into the single-device layout and
+    rank 0 writes the same files a single-device model with the same adapter writes; the
+    other ranks write nothing, wait for it, and raise too if rank 0's write failed.
     """
     adapters = lora_adapters(model)
     if not adapters:
         raise ValueError("model has no LoRA adapters to save (add_lora or load_peft_adapter first)")
-    spread = sorted(path for path, a in adapters.items() if a.adapted_experts is not None)
-    if spread:
-        raise NotImplementedError(
-            f"PEFT files of adapters on distributed layers ({spread}) are not supported: "
-            "load lora_state_dict(model) into a single-device copy and save that"
-        )
     settings = {(a.rank, a.alpha, a.use_rslora) for a in adapters.values()}
     if len(settings) > 1:
         raise ValueError(
@@ -124,23 +145,29 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
         )
     if any(a.merged for a in adapters.values()):
         raise ValueError("merged LoRA adapters cannot be saved as adapters: unmerge_lora(model) first")
-    tensors: dict[str, Tensor] = {}
-    target_parameters = []
-    saved = set()
+    # 1. Check everything before the gather, so that every rank refuses alike (none waits alone).
+    adapted = []
     for path, block in _blocks(model).items():
-        original, experts = _experts_modules(block, path)
-        adapter = experts.lora
-        if adapter is None:
-            continue
-        for target, prefix in _key_prefixes(original, path, list(adapter.targets)).items():
-            tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"] = _to_peft(adapter, target)
-            target_parameters.append(f"{path}.experts.{_TARGET_OF[target]}")
-        saved.add(f"{path}.moe.experts")
-    elsewhere = sorted(set(adapters) - saved)
+        original = _peft_experts(block, path)
+        experts_path = f"{path}.moe.experts"
+        if experts_path in adapters:
+            adapted.append((path, original, experts_path, block.moe.config.num_experts))
+    elsewhere = sorted(set(adapters) - {experts_path for _, _, experts_path, _ in adapted})
     if elsewhere:
         raise ValueError(
             f"PEFT's format covers converted transformers blocks only, not the adapters of {elsewhere}"
         )
+    # 2. The factors in the single-device layout (gathered from every rank where distributed).
+    state = lora_state_dict(model)
+    tensors: dict[str, Tensor] = {}
+    target_parameters = []
+    for path, original, experts_path, E in adapted:
+        targets = list(adapters[experts_path].targets)
+        ids = state[f"{experts_path}.lora.expert_ids"]
+        for target, prefix in _key_prefixes(original, path, targets).items():
+            A, B = (state[f"{experts_path}.lora.{name}"] for name in _FACTORS_OF[target])
+            tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"] = _to_peft(A, B, ids, E)
+            target_parameters.append(f"{path}.experts.{_TARGET_OF[target]}")
     rank, alpha, use_rslora = settings.pop()
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -161,30 +188,31 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
         "alpha_pattern": {},
     }
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    safetensors_torch().save_file({k: v.cpu() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS))
+    if not distributed_layers(model):
+        _write(out, config, tensors)
+        return out
+    # 3. Rank 0 writes; every rank learns whether it could (and waits for the files).
+    error: Exception | None = None
+    if rank_and_world()[0] == 0:
+        try:
+            _write(out, config, tensors)
+        except Exception as caught:  # reported to the other ranks first, then raised
+            error = caught
+    if not all_ranks_ok(error is None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"save_peft_adapter: rank 0 failed to write {out}")
     return out
 
 
-def load_peft_adapter(
-    model: nn.Module, directory: str | Path, freeze_base: bool = True
-) -> dict[str, ExpertLoRA]:
-    """Attach the LoRA adapter PEFT saved in ``directory`` to a converted model; returns the adapters.
+def _write(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    safetensors_torch().save_file({k: v.cpu() for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS))
 
-    The adapter must target only the experts' ``gate_up_proj`` / ``down_proj``
-    (``target_parameters``) of converted blocks, with one rank and alpha, no DoRA and no
-    LoRA bias (``ValueError`` otherwise). Experts whose factors are all zero in the file
-    (a flexmoe adapter of some experts) get no adapter. ``freeze_base`` as in ``add_lora``.
-    """
-    blocks = _blocks(model)
-    spread = sorted(path for path, block in blocks.items() if block.moe.world_size > 1)
-    if spread:
-        raise NotImplementedError(
-            f"PEFT files into distributed blocks ({spread}) are not supported: load them into a "
-            "single-device copy, then load_lora_state_dict(model, lora_state_dict(copy))"
-        )
-    folder = Path(directory)
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """The adapter's config, checked for what flexmoe maps (``ValueError`` naming the rest)."""
     config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
     problems = []
     if config.get("peft_type") != "LORA":
@@ -197,14 +225,42 @@ def load_peft_adapter(
             problems.append(f"{key}={config[key]!r}")
     if problems:
         raise ValueError(f"{folder}: unsupported PEFT adapter: {', '.join(problems)}")
+    return config
+
+
+def _peft_shapes(block: FlexMoEBlock, target: str, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The single-device shapes of PEFT's ``lora_A.weight`` and ``lora_B.weight`` for ``target``."""
+    cfg = block.moe.config
+    E, D, F = cfg.num_experts, cfg.dim, cfg.hidden_dim
+    in_dim, out_dim = (D, 2 * F) if target == "w_in" else (F, D)
+    return (E * rank, in_dim), (out_dim, rank * E)
+
+
+def load_peft_adapter(
+    model: nn.Module, directory: str | Path, freeze_base: bool = True
+) -> dict[str, ExpertLoRA]:
+    """Attach the LoRA adapter PEFT saved in ``directory`` to a converted model; returns the adapters.
+
+    The adapter must target only the experts' ``gate_up_proj`` / ``down_proj``
+    (``target_parameters``) of converted blocks, with one rank and alpha, no DoRA and no
+    LoRA bias (``ValueError`` otherwise). Experts whose factors are all zero in the file
+    (a flexmoe adapter of some experts) get no adapter. ``freeze_base`` as in ``add_lora``.
+
+    Blocks distributed over ranks: every rank reads the files and keeps the factors of
+    the experts it stores (its shard of them with sharded experts), as
+    ``load_lora_state_dict`` places a single-device state; call it on every rank.
+    """
+    blocks = _blocks(model)
+    folder = Path(directory)
+    config = _read_config(folder)
     tensors: dict[str, Tensor] = safetensors_torch().load_file(str(folder / ADAPTER_WEIGHTS))
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     targets_given = list(config.get("target_parameters") or [])
     used: set[str] = set()
-    loaded: dict[str, ExpertLoRA] = {}
     plans = []
+    # 1. Map and check every entry before attaching anything (every rank refuses alike).
     for path, block in blocks.items():
-        original, experts = _experts_modules(block, path)
+        original = _peft_experts(block, path)
         targets = [
             t
             for t, name in _TARGET_OF.items()
@@ -220,39 +276,44 @@ def load_peft_adapter(
             keys = (prefix + "lora_A.weight", prefix + "lora_B.weight")
             if not all(k in tensors for k in keys):
                 raise ValueError(f"{folder}: {keys[0]} or {keys[1]} is missing")
+            for key, shape in zip(keys, _peft_shapes(block, target, rank), strict=True):
+                if tuple(tensors[key].shape) != shape:
+                    raise ValueError(
+                        f"{folder}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}"
+                    )
             used.update(keys)
-            factors[target] = _from_peft(tensors[keys[0]], tensors[keys[1]], experts.num_experts)
-        plans.append((path, experts, factors))
+            factors[target] = _from_peft(tensors[keys[0]], tensors[keys[1]], block.moe.config.num_experts)
+        plans.append((path, block, factors))
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"{folder}: entries for parts flexmoe does not adapt: {unused[:4]}")
     if not plans:
         raise ValueError(f"{folder}: the adapter targets no converted block's experts ({targets_given})")
-    for path, experts, factors in plans:
-        nonzero = torch.zeros(experts.num_experts, dtype=torch.bool)
+    # 2. Attach each block's adapter and load its factors in the single-device layout.
+    loaded: dict[str, ExpertLoRA] = {}
+    for path, block, factors in plans:
+        E = block.moe.config.num_experts
+        nonzero = torch.zeros(E, dtype=torch.bool)
         for A, B in factors.values():
-            nonzero |= (A.reshape(A.shape[0], -1) != 0).any(1).cpu() | (B.reshape(B.shape[0], -1) != 0).any(
-                1
-            ).cpu()
+            nonzero |= (A.reshape(E, -1) != 0).any(1).cpu() | (B.reshape(E, -1) != 0).any(1).cpu()
         ids = nonzero.nonzero().flatten().tolist() or None
-        experts_path = f"{path}.moe.experts"
         adapter = add_lora(
-            experts,
+            block.moe,
             rank,
             alpha,
             experts=ids,
             targets=list(factors),
             use_rslora=bool(config.get("use_rslora", False)),
             freeze_base=False,
-        )[""]
-        with torch.no_grad():
-            index = adapter.expert_ids.to(next(iter(factors.values()))[0].device)
-            for target, (A, B) in factors.items():
-                own = adapter.factors(target)
-                assert own is not None
-                own[0].copy_(A.index_select(0, index))
-                own[1].copy_(B.index_select(0, index))
-        loaded[experts_path] = adapter
+        )["experts"]
+        index = torch.tensor(list(range(E)) if ids is None else ids, dtype=torch.int64)
+        state = {"experts.lora.expert_ids": index}
+        for target, (A, B) in factors.items():
+            A_name, B_name = _FACTORS_OF[target]
+            state[f"experts.lora.{A_name}"] = A.index_select(0, index.to(A.device))
+            state[f"experts.lora.{B_name}"] = B.index_select(0, index.to(B.device))
+        load_lora_state_dict(block.moe, state)  # a distributed block keeps its experts' rows
+        loaded[f"{path}.moe.experts"] = adapter
     if freeze_base:
         adapter_params = {id(p) for a in loaded.values() for p in a.parameters()}
         for p in model.parameters():
