@@ -108,8 +108,6 @@ def test_adapter_options_are_checked(tmp_path, capsys):
     assert "--init-from" in refusal(missing, capsys)
     esft_workers = ["train", "--workers", "2", "--esft", "0.3", "--init-from", str(tmp_path)]
     assert "--workers: ESFT fine-tuning runs on one worker" in refusal(esft_workers, capsys)
-    hf_workers = ["train", "--workers", "2", "--lora-rank", "2", "--hf-model", str(tmp_path)]
-    assert "--workers: fine-tuning a --hf-model runs on one worker" in refusal(hf_workers, capsys)
 
 
 def _logged_losses(out: str) -> list[float]:
@@ -226,3 +224,45 @@ def test_lora_and_esft_together_are_refused(base_run, capsys):
     assert "choose one adapter" in line
     line = refusal(["train", "--esft", "1.5", "--init-from", str(base_run)], capsys)
     assert "--esft: must be in (0, 1], got 1.5" in line
+
+
+def test_lora_finetune_of_a_transformers_checkpoint_on_two_workers(tmp_path, capsys):
+    """A --hf-model base on 2 workers (experts split, 4 windows each) trains what 1 worker (8) does."""
+    hf_dir, one, two = tmp_path / "hf", tmp_path / "one", tmp_path / "two"
+    tiny_model("qwen3_moe").save_pretrained(hf_dir)
+    common = ["--steps", "3", "--log-every", "1", "--context", "32", "--eval-batches", "2", "--no-progress"]
+    lora = ["--lr", "0.01", "--lora-rank", "2", "--hf-model", str(hf_dir)]
+    main(["train", "--batch-size", "8", *common, *lora, "--run-dir", str(one)])
+    alone = capsys.readouterr().out
+    command = [sys.executable, "-m", "flexmoe.cli", "train", "--workers", "2", "--batch-size", "4"]
+    result = subprocess.run(
+        [*command, *common, *lora, "--run-dir", str(two)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on 2 workers" in result.stdout, result.stdout
+    assert len(_logged_losses(alone)) == 3
+    assert _logged_losses(result.stdout) == pytest.approx(_logged_losses(alone), abs=2e-3)
+    read = safetensors_torch().load_file
+    for folder, name in (("adapter", "adapter.safetensors"), ("adapter-peft", "adapter_model.safetensors")):
+        want, got = read(str(one / folder / name)), read(str(two / folder / name))
+        assert got.keys() == want.keys()
+        for key in want:  # AdamW's first steps turn rounding-sized gradients into lr-sized updates
+            torch.testing.assert_close(
+                got[key], want[key], rtol=1e-3, atol=1e-3, msg=lambda m, k=key: f"{k}: {m}"
+            )
+    assert json.loads((two / "adapter-peft" / "adapter_config.json").read_text()) == json.loads(
+        (one / "adapter-peft" / "adapter_config.json").read_text()
+    )
+    ids = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():  # the two workers' PEFT files load in PEFT as the one worker's do
+        logits = [
+            PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(hf_dir).eval(), run / "adapter-peft"
+            )(ids).logits
+            for run in (one, two)
+        ]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)

@@ -18,9 +18,10 @@ The run directory gets ``config.json`` (every setting, the adapter's under ``ada
 experts), for a LoRA ``--hf-model`` run also ``adapter-peft/`` (the files PEFT writes,
 loadable with ``PeftModel.from_pretrained``), and ``summary.json``. ``load_adapter_dir``
 applies a saved adapter to a fresh copy of the base (an ESFT one is merged into it);
-``main_job_model`` builds the base of an ``--init-from`` run. LoRA on an ``--init-from``
-base also runs on ``--workers N`` (or under ``torchrun``), spread as the main job is;
-ESFT and ``--hf-model`` runs take one worker.
+``main_job_model`` builds the base of an ``--init-from`` run. LoRA also runs on
+``--workers N`` (or under ``torchrun``): an ``--init-from`` base spread as the main job
+is, a ``--hf-model`` base with every block's experts spread evenly over the workers
+(``flexmoe.hf.convert(group=...)``); ESFT runs take one worker.
 """
 
 from __future__ import annotations
@@ -294,8 +295,12 @@ class _Logits(nn.Module):
         return logits
 
 
-def _hf_model(directory: Path) -> nn.Module:
-    """A ``transformers`` MoE checkpoint, converted to flexmoe's layers, in fp32."""
+def _hf_model(directory: Path, world: int = 1) -> nn.Module:
+    """A ``transformers`` MoE checkpoint, converted to flexmoe's layers, in fp32.
+
+    With ``world > 1`` every block's experts are spread over the default process group
+    (a collective: every rank loads the checkpoint and keeps its experts' rows).
+    """
     try:
         transformers = importlib.import_module("transformers")  # an optional extra: flexmoe[hf]
     except ImportError:
@@ -304,7 +309,7 @@ def _hf_model(directory: Path) -> nn.Module:
         model: nn.Module = transformers.AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=torch.float32
         )
-        flexmoe.hf.convert(model)
+        flexmoe.hf.convert(model, group=None if world > 1 else False)
     except (OSError, ValueError, TypeError) as error:
         raise CliError(f"argument --hf-model: {one_line(error)}") from None
     return model
@@ -380,8 +385,6 @@ def run_finetune(config: TrainConfig, options: AdapterOptions) -> dict[str, Any]
 def _check_workers(workers: int, options: AdapterOptions) -> None:
     if workers > 1 and options.method == "esft":
         raise CliError("argument --workers: ESFT fine-tuning runs on one worker")
-    if workers > 1 and options.hf_model is not None:
-        raise CliError("argument --workers: fine-tuning a --hf-model runs on one worker (use --init-from)")
 
 
 def finetune(
@@ -406,7 +409,7 @@ def finetune(
         model = run_model = main_job
     else:
         assert options.hf_model is not None
-        model = _hf_model(options.hf_model)
+        model = _hf_model(options.hf_model, world)
         context = config.context
         run_model = _Logits(model)
     config = dataclasses.replace(config, context=context, run_dir=run_dir)
