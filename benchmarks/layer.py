@@ -12,7 +12,9 @@ gradients also time ``flexmoe[prepared]``: the same layer and weights after the 
 ``GEMMs only[seq|par]`` time the step's expert GEMMs alone on its real per-expert row
 counts (no routing, permutation, activation or allocation), one after another on all
 cores or whole GEMMs on separate cores: the floor of any implementation built on those
-BLAS calls, hence a bound on the speed-up any of them can reach over another.
+BLAS calls, hence a bound on the speed-up any of them can reach over another. Cases
+without gradients also time ``GEMMs only[packed]``: the same products on the packed
+weights ``flexmoe[prepared]`` uses, the floor of that path.
 
     python benchmarks/layer.py                 # all cases
     python benchmarks/layer.py --cases A C --repeats 9 --json out.json
@@ -33,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flexmoe
+from flexmoe.experts.packed import PackedExpertWeights, PackedWeight, packed_linear
 from flexmoe.experts.segments import for_each_segment, segments_of
 from harness import environment, machine_limits, measure_interleaved, write_json
 
@@ -174,6 +177,37 @@ def expert_gemms_only(
     return step
 
 
+def packed_gemms_only(layer: flexmoe.MoELayer, counts: list[int], dtype: torch.dtype) -> Callable[[], None]:
+    """The step's expert products on oneDNN-packed weights, and nothing else (inference).
+
+    What ``flexmoe[prepared]`` runs for its experts (``x W_in^T`` and ``a W_out^T`` per
+    expert on its real row count, one product after another on all cores, packed as
+    ``prepare_for_inference`` packs): the floor of the prepared path, and the rate at
+    which this CPU's fastest product kernel reads the weights at these row counts.
+    """
+    w_in = layer.experts.w_in.detach().to(dtype)
+    w_out = layer.experts.w_out.detach().to(dtype)
+    active = [e for e, n in enumerate(counts) if n]
+    experts = PackedExpertWeights(w_in, w_out)  # packed as prepare_for_inference packs
+    packed = {
+        e: (
+            PackedWeight(experts.w_in[e], (w_in.shape[1], w_in.shape[2]), dtype),
+            PackedWeight(experts.w_out[e], (w_out.shape[1], w_out.shape[2]), dtype),
+        )
+        for e in active
+    }
+    x = {e: torch.randn(counts[e], w_in.shape[2], dtype=dtype) for e in active}
+    a = {e: torch.randn(counts[e], w_out.shape[2], dtype=dtype) for e in active}
+
+    def step() -> None:
+        with torch.no_grad():
+            for e in active:
+                packed_linear(x[e], packed[e][0])
+                packed_linear(a[e], packed[e][1])
+
+    return step
+
+
 def run_case(
     case: Case, repeats: int, limits: Any, with_loop: bool, compiled: bool, precision: str = "fp32"
 ) -> dict[str, Any]:
@@ -247,6 +281,8 @@ def run_case(
     candidates["GEMMs only[par]"] = expert_gemms_only(layer, counts, case.train, True, compute)
     if autocast:
         candidates["GEMMs+casts[par]"] = expert_gemms_only(layer, counts, case.train, True, compute, True)
+    if "flexmoe[prepared]" in candidates:
+        candidates["GEMMs only[packed]"] = packed_gemms_only(layer, counts, compute)
 
     # The machine's dense-GEMM throughput, timed round-robin with the candidates so that
     # clock-speed drift affects it alike: square GEMMs in the compute dtype, of about the
@@ -334,6 +370,13 @@ def print_case(case: Case, result: dict[str, Any]) -> None:
         bound = rows["hf[grouped_mm]"]["seconds"] / floor
         summary += f"; no implementation on these GEMMs can beat grouped_mm by more than {bound:.2f}x"
     print(summary)
+    if "GEMMs only[packed]" in rows:
+        packed = rows["GEMMs only[packed]"]
+        print(
+            f"  the expert products on packed weights alone: {packed['seconds'] * 1e3:.1f} ms, "
+            f"{packed['pct_bandwidth_roofline']:.0f} % of the bandwidth roofline at best; flexmoe[prepared] "
+            f"is at {100 * packed['seconds'] / rows['flexmoe[prepared]']['seconds']:.0f} % of that floor"
+        )
     if "GEMMs+casts[par]" in rows:
         casts = rows["GEMMs+casts[par]"]
         print(
