@@ -47,6 +47,6 @@ def served_expert_ffn(
     ``w_in`` is ``[H, D]`` (``[gate; up]`` for gated activations), ``w_out`` ``[D, F]``.
     """
     a_NF = activate(served_linear(x_ND, w_in), activation)
-    if row_weights_N is not None:
-        a_NF = a_NF * row_weights_N.unsqueeze(1).to(a_NF.dtype)
+    if row_weights_N is not None:  # in place: the activation is this call's own tensor
+        a_NF.mul_(row_weights_N.to(a_NF.dtype).unsqueeze(1))
     return served_linear(a_NF, w_out)

@@ -132,13 +132,13 @@ class OffloadedExperts(LocalExperts):
         # 2. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
         experts = self.grouped
+        dtype = compute_dtype(x_ND)
+        x_c, rw_c = x_ND.to(dtype), row_weights_N.to(dtype)  # once, not per expert
         with closing(served):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
                 if not (isinstance(w_in, Tensor) and isinstance(w_out, Tensor)):  # int8 or packed
-                    x_rows = x_ND[rows].to(compute_dtype(x_ND))
-                    rw = row_weights_N[rows]
-                    outputs[e] = served_expert_ffn(x_rows, w_in, w_out, experts.activation, rw)
+                    outputs[e] = served_expert_ffn(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
                     continue
                 weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
                 outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
