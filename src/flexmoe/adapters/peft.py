@@ -46,7 +46,7 @@ from flexmoe.checkpoint.files import safetensors_torch
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.lora import ExpertLoRA
 from flexmoe.hf import FlexMoEBlock
-from flexmoe.parallel import all_ranks_ok, rank_and_world
+from flexmoe.parallel import on_every_rank
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft_adapter", "save_peft_adapter"]
 
@@ -192,16 +192,11 @@ def save_peft_adapter(model: nn.Module, directory: str | Path) -> Path:
         _write(out, config, tensors)
         return out
     # 3. Rank 0 writes; every rank learns whether it could (and waits for the files).
-    error: Exception | None = None
-    if rank_and_world()[0] == 0:
-        try:
-            _write(out, config, tensors)
-        except Exception as caught:  # reported to the other ranks first, then raised
-            error = caught
-    if not all_ranks_ok(error is None):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"save_peft_adapter: rank 0 failed to write {out}")
+    on_every_rank(
+        lambda: _write(out, config, tensors),
+        lambda: RuntimeError(f"save_peft_adapter: rank 0 failed to write {out}"),
+        rank0_only=True,
+    )
     return out
 
 

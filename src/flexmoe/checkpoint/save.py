@@ -42,7 +42,7 @@ from flexmoe.checkpoint.layout import (
 from flexmoe.checkpoint.manifest import Manifest
 from flexmoe.checkpoint.optimizer import CollectedOptimizer, collect_optimizer
 from flexmoe.layer import MoELayer, flexmoe_state_names
-from flexmoe.parallel import all_ranks_ok, rank_and_world
+from flexmoe.parallel import on_every_rank, rank_and_world
 
 __all__ = ["save_checkpoint"]
 
@@ -107,18 +107,11 @@ def _check_arguments(step: object, keep: object, extra: object) -> None:
 
 def _together(what: str, action: Callable[[], T], *, rank0_only: bool = False) -> T | None:
     """``action()`` on every rank (or rank 0 only); if it raised on any rank, every rank raises."""
-    result: T | None = None
-    error: Exception | None = None
-    if not rank0_only or rank_and_world()[0] == 0:
-        try:
-            result = action()
-        except Exception as caught:  # reported to the other ranks first, then raised
-            error = caught
-    if not all_ranks_ok(error is None):
-        if error is not None:
-            raise error
-        raise CheckpointError(f"saving a checkpoint: {what} failed on another rank")
-    return result
+    return on_every_rank(
+        action,
+        lambda: CheckpointError(f"saving a checkpoint: {what} failed on another rank"),
+        rank0_only=rank0_only,
+    )
 
 
 def _collect(optimizer: torch.optim.Optimizer | None, model: nn.Module) -> CollectedOptimizer | None:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import gc
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_expert_parameter",
+    "on_every_rank",
     "rank_and_world",
     "resolve_group",
     "scale_expert_gradients",
@@ -50,6 +51,8 @@ __all__ = [
     "tag_expert_parameters",
     "wrap_data_parallel",
 ]
+
+T = TypeVar("T")
 
 _EXPERT_TAG = "_flexmoe_expert"
 
@@ -267,6 +270,29 @@ def barrier() -> None:
     """Wait for every rank of the default group (a no-op when not distributed)."""
     if is_distributed():
         dist.barrier()
+
+
+def on_every_rank(
+    action: Callable[[], T], failed: Callable[[], Exception], *, rank0_only: bool = False
+) -> T | None:
+    """``action()`` on every rank (or on rank 0 only); if it raised on any rank, every rank raises.
+
+    A collective. A rank whose own ``action`` raised re-raises that error once every rank
+    has heard of it; the others raise ``failed()``. Returns ``action``'s result (``None``
+    on the ranks that did not run it).
+    """
+    result: T | None = None
+    error: Exception | None = None
+    if not rank0_only or rank_and_world()[0] == 0:
+        try:
+            result = action()
+        except Exception as caught:  # reported to the other ranks first, then raised
+            error = caught
+    if not all_ranks_ok(error is None):
+        if error is not None:
+            raise error
+        raise failed()
+    return result
 
 
 def all_ranks_ok(ok: bool) -> bool:
