@@ -16,6 +16,7 @@ weave holds (its stacks and expert maps), and (base + weave) / (base + adapters)
 (target within 5 %); on CUDA also the allocator's growth when the adapters were added.
 
     python benchmarks/adapters_serving.py                       # CPU, fp32
+    python benchmarks/adapters_serving.py --prepared            # base experts packed (CPU)
     python benchmarks/adapters_serving.py --device cuda --json out.json   # bf16 on CUDA
 """
 
@@ -153,9 +154,18 @@ def run_serving(
     repeats: int = 7,
     device: str = "cpu",
     dtype: str = "fp32",
+    prepared: bool = False,
 ) -> dict[str, Any]:
-    """The serving benchmark; returns its numbers (and prints them)."""
+    """The serving benchmark; returns its numbers (and prints them).
+
+    ``prepared``: the base experts get their packed inference copies
+    (``prepare_for_inference``), which the base and the weave's base rows then use.
+    """
     model = qwen3_moe_shaped(layers, hidden, expert_hidden, device, DTYPES[dtype])
+    if prepared:
+        for _, experts in experts_of_layers(model).values():
+            if not experts.prepare_for_inference():
+                raise SystemExit(f"--prepared: no packed inference copies on {device} in {dtype}")
     base_bytes = state_bytes(model)
     on_cuda = device.startswith("cuda")
     allocated_before = torch.cuda.memory_allocated() if on_cuda else 0
@@ -225,6 +235,7 @@ def run_serving(
         "prompt": prompt,
         "device": device,
         "dtype": dtype,
+        "prepared": prepared,
     }
     return results
 
@@ -249,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="default: bf16 on CUDA (where torch._grouped_mm runs), else fp32",
     )
+    parser.add_argument(
+        "--prepared", action="store_true", help="the base experts' packed inference copies (CPU)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         repeats=args.repeats,
         device=args.device,
         dtype=dtype,
+        prepared=args.prepared,
     )
     write_json(args.json, {"environment": environment(), "serving": results})
 

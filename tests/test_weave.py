@@ -52,6 +52,7 @@ class Case:
     ids: list[int]
     S: int
     top_p: float | None
+    prepared: bool  # the base experts' packed inference copies (prepare_for_inference)
     seed: int
 
 
@@ -81,6 +82,7 @@ def cases(draw) -> Case:
         ids=draw(st.lists(st.integers(-1, len(specs) - 1), min_size=B, max_size=B)),
         S=draw(st.integers(1, 4)),
         top_p=draw(st.sampled_from([None, None, 0.7])),
+        prepared=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -147,6 +149,8 @@ def test_mixed_batch_equals_each_adapters_own_model(case: Case) -> None:
     with use(base, case.ids):
         y = base(x)
     (y * grad_y).sum().backward()
+    if case.prepared:  # the inference pass then runs the base experts on their packed copies
+        base.experts.prepare_for_inference()
     with torch.no_grad(), use(base, case.ids):  # without autograd: the fused backend's own pass
         y_inference = base(x)
     torch.testing.assert_close(y_inference, y, rtol=1e-4, atol=1e-5)

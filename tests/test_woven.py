@@ -22,6 +22,7 @@ from flexmoe.adapters import woven
 from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn, woven_inference
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import ExpertTensors
+from flexmoe.experts.packed import PackedExpertWeights, packed_inference_supported
 
 ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
 TARGETS = ("w_in", "w_out")
@@ -47,6 +48,7 @@ class Case:
     gather_threshold: int
     bag_layout: bool  # factors stored as the weave stores them (summed in place on CPU)
     bag_indices: int  # woven.BAG_INDICES: small ones take the rows in several chunks
+    packed_base: bool  # the base stack's products on oneDNN-packed copies (a prepared layer's)
     seed: int
 
 
@@ -75,6 +77,7 @@ def cases(draw) -> Case:
         gather_threshold=draw(st.sampled_from([0, 1, 10**6])),  # x the defaults: never, default, always
         bag_layout=draw(st.booleans()),
         bag_indices=draw(st.sampled_from([8, woven.BAG_INDICES])),
+        packed_base=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -243,7 +246,7 @@ def test_woven_ffn_equals_each_row_alone(case: Case, backend: str) -> None:
     counts = np.array(built.group_counts[: case.E], dtype=np.int64)
     groups = Groups(counts, torch.from_numpy(counts))
     with GatherThreshold(case.gather_threshold, case.bag_indices):
-        y = woven_ffn(x, groups, *base, case.activation, row_weights, parts_of(built, A_B), backend)
+        y = woven_ffn(x, groups, *base[:4], case.activation, row_weights, parts_of(built, A_B), backend)
     expected = reference(built, x, row_weights, [base], A_B, case.activation)
     torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
     if n_main == 0:
@@ -269,7 +272,10 @@ def test_woven_ffn_equals_each_row_alone(case: Case, backend: str) -> None:
 def test_woven_inference_equals_each_row_alone(case: Case) -> None:
     built = build(case)
     A_B = {key: (A, B) for key, (_, A, B) in built.stacks.items()}
-    stacks = [built.base, built.extra] if case.extra else [built.base]
+    base = built.base
+    if case.packed_base and packed_inference_supported(base.w_in.device, base.w_in.dtype):
+        base = base._replace(products=PackedExpertWeights(base.w_in, base.w_out))
+    stacks = [base, built.extra] if case.extra else [base]
     with torch.no_grad(), GatherThreshold(case.gather_threshold, case.bag_indices):
         y = woven_inference(
             built.x, built.group_counts, stacks, case.activation, built.row_weights, parts_of(built, A_B)

@@ -45,7 +45,7 @@ from flexmoe.adapters.woven_offloaded import served_woven_ffn
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute, release_rows
 from flexmoe.experts import GroupedExperts
-from flexmoe.experts.backends import ExpertTensors, grouped_ffn
+from flexmoe.experts.backends import ExpertTensors, StackProducts, grouped_ffn
 from flexmoe.experts.cache import ExpertWeights
 from flexmoe.experts.ffn import resolve_backend
 from flexmoe.experts.lora import ExpertLoRA
@@ -286,7 +286,9 @@ class LayerWeave:
         n_main = int(group_counts.sum())
         parts = self.lora_parts(x_ND, counts_M, counts.counts_device[:M]) if n_main else []
         experts = self.experts
-        stacks = [expert_tensors(x_ND, experts.w_in, experts.w_out, experts.b_in, experts.b_out)]
+        # the base experts' packed copies where the layer was prepared (prepare_for_inference)
+        products = experts.inference_products(x_ND)
+        stacks = [expert_tensors(x_ND, experts.w_in, experts.w_out, experts.b_in, experts.b_out, products)]
         if self.esft:
             esft = self.esft
             stacks.append(
@@ -405,11 +407,16 @@ class LayerWeave:
 
 
 def expert_tensors(
-    x: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    products: StackProducts | None = None,
 ) -> ExpertTensors:
     """A stack of experts' tensors in the dtype the GEMMs of input ``x`` run in (``in_dtype``)."""
     b_in, b_out = (None if b is None else in_dtype(x, b) for b in (b_in, b_out))
-    return ExpertTensors(in_dtype(x, w_in), in_dtype(x, w_out), b_in, b_out)
+    return ExpertTensors(in_dtype(x, w_in), in_dtype(x, w_out), b_in, b_out, products)
 
 
 def in_dtype(x: Tensor, t: Tensor) -> Tensor:

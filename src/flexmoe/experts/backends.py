@@ -23,7 +23,7 @@ more ``torch._grouped_mm`` calls per projection.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +31,12 @@ from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
-from flexmoe.experts.segments import for_each_segment, segments_of
+from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
     "ExpertTensors",
+    "StackProducts",
     "contiguous_grad",
     "fused_backward",
     "fused_forward",
@@ -398,13 +399,28 @@ def fused_inference(
     return stacked_inference(x_ND, counts, [stack], activation, row_weights_N)
 
 
+class StackProducts(Protocol):
+    """Faster products with one stack's experts where they apply (``flexmoe.experts.packed``)."""
+
+    def project_in(self, x_nD: Tensor, expert: int) -> Tensor | None:
+        """``x @ w_in[expert]^T`` (``[n, H]``, no bias), or ``None``: these rows take the plain GEMM."""
+
+    def project_out(self, a_nF: Tensor, expert: int) -> Tensor | None:
+        """``a @ w_out[expert]^T`` (``[n, D]``, no bias), or ``None``: these rows take the plain GEMM."""
+
+
 class ExpertTensors(NamedTuple):
-    """A stack of experts' weights in the backends' layout: ``w_in [G, H, D]``, ``w_out [G, D, F]``."""
+    """A stack of experts' weights in the backends' layout: ``w_in [G, H, D]``, ``w_out [G, D, F]``.
+
+    ``products``: faster products with these weights where they apply (the packed copies
+    of ``GroupedExperts.prepare_for_inference``); ``None``: plain GEMMs.
+    """
 
     w_in: Tensor
     w_out: Tensor
     b_in: Tensor | None
     b_out: Tensor | None
+    products: StackProducts | None = None
 
 
 def stacked_inference(
@@ -433,10 +449,18 @@ def stacked_inference(
     device, dtype = x_ND.device, x_ND.dtype
     owners = [(stack, e) for stack in stacks for e in range(stack.w_in.shape[0])]
     segments = segments_of(counts)
+    # oneDNN's packed products use both cores well at any row count (see for_each_segment)
+    serial_16bit_rows = 0 if any(stack.products is not None for stack in stacks) else SERIAL_16BIT_ROWS
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
 
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
+        h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
+        if h_nH is not None:
+            h_PNF[:, s:t].copy_(h_nH.view(t - s, P, F).transpose(0, 1))
+            if stack.b_in is not None:
+                h_PNF[:, s:t] += stack.b_in[e].view(P, 1, F)
+            return
         for p in range(P):
             rows = slice(p * F, (p + 1) * F)
             if stack.b_in is None:
@@ -444,7 +468,7 @@ def stacked_inference(
             else:
                 torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
 
-    for_each_segment(segments, project_in, device, dtype)
+    for_each_segment(segments, project_in, device, dtype, serial_16bit_rows)
     if add_in is not None:
         add_in(h_PNF)
     a_NF = weighted_activation(h_PNF, activation, row_weights_N)
@@ -452,14 +476,18 @@ def stacked_inference(
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
+        y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
+        if y_nD is None:
+            torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
+        else:
+            y_ND[s:t] = y_nD
         if stack.b_out is not None:
             if row_weights_N is None:
                 y_ND[s:t] += stack.b_out[e]
             else:
                 y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
-    for_each_segment(segments, project_out, device, dtype)
+    for_each_segment(segments, project_out, device, dtype, serial_16bit_rows)
     if add_out is not None:
         add_out(a_NF, y_ND)
     WORKSPACE.give(a_NF, h_PNF)

@@ -287,10 +287,13 @@ class GroupedExperts(nn.Module):
             self.release_inference_weights()
         return super().train(mode)
 
-    def _forward_packed(
-        self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None, backend: str | None
-    ) -> Tensor | None:
-        """The forward on the packed weights, or ``None`` where it does not apply."""
+    def inference_products(self, x_ND: Tensor, backend: str | None = None) -> PackedExpertWeights | None:
+        """The packed copies a forward of ``x_ND`` runs on now, or ``None``.
+
+        They exist (``prepare_for_inference``) and match the current weights, and the call
+        is one they serve: gradients disabled, on CPU, outside autocast, in the weights'
+        dtype, on the ``fused`` backend. Copies whose weights changed are released.
+        """
         packed = self._packed
         if packed is None:
             return None
@@ -304,6 +307,15 @@ class GroupedExperts(nn.Module):
             or x_ND.dtype != self.w_in.dtype
             or self.resolved_backend(x_ND.device, x_ND.dtype, backend) != "fused"
         ):
+            return None
+        return packed
+
+    def _forward_packed(
+        self, x_ND: Tensor, counts: list[int], row_weights_N: Tensor | None, backend: str | None
+    ) -> Tensor | None:
+        """The forward on the packed weights, or ``None`` where it does not apply."""
+        packed = self.inference_products(x_ND, backend)
+        if packed is None:
             return None
         if row_weights_N is not None:
             row_weights_N = row_weights_N.to(x_ND.dtype)

@@ -62,10 +62,21 @@ __all__ = [
     "packed_ffn_inference",
     "packed_inference_supported",
     "packed_linear",
+    "packed_rows",
 ]
 
 ROWS_HINT = 4  # the batch size oneDNN packs for: best measured for 2-16 rows (1, 8, 16 and none: no better)
 MAX_PACKED_ROWS = 128  # beyond this MKL on the plain weights is as fast (and from ~256 rows, faster)
+
+
+def packed_rows(rows: int, dtype: torch.dtype) -> bool:
+    """Whether a product of ``rows`` rows runs on the packed weights (else the plain GEMM).
+
+    Up to ``MAX_PACKED_ROWS``, from one row in bf16 (the BLAS matrix-vector product reads
+    about half as fast as oneDNN's packed matmul there) and from two in fp32 (where
+    ``torch.mv`` on the plain weights is as fast).
+    """
+    return (1 if dtype == torch.bfloat16 else 2) <= rows <= MAX_PACKED_ROWS
 
 
 def _ops_available() -> bool:
@@ -183,6 +194,18 @@ class PackedExpertWeights:
         self.stale = False
         _register(self)
 
+    def project_in(self, x_nD: Tensor, expert: int) -> Tensor | None:
+        """``x @ w_in[expert]^T`` on the packed copy where it pays (``packed_rows``), else ``None``."""
+        if not packed_rows(x_nD.shape[0], x_nD.dtype):
+            return None
+        return _linear(x_nD, self.w_in[expert], None)
+
+    def project_out(self, a_nF: Tensor, expert: int) -> Tensor | None:
+        """``a @ w_out[expert]^T`` on the packed copy where it pays (``packed_rows``), else ``None``."""
+        if not packed_rows(a_nF.shape[0], a_nF.dtype):
+            return None
+        return _linear(a_nF, self.w_out[expert], None)
+
     def matches(self, w_in: Tensor, w_out: Tensor) -> bool:
         """Whether ``w_in``, ``w_out`` are the tensors packed here, unchanged since."""
         if self.stale:
@@ -287,12 +310,8 @@ def packed_ffn_inference(
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
     w_in_packed, w_out_packed = packed.w_in, packed.w_out
 
-    # One row: torch.mv on the plain weights, except in bf16, where the BLAS matrix-vector
-    # product reads about half as fast as oneDNN's packed matmul.
-    fewest_packed = 1 if dtype == torch.bfloat16 else 2
-
     def project_in(e: int, s: int, t: int) -> None:
-        if fewest_packed <= t - s <= MAX_PACKED_ROWS:
+        if packed_rows(t - s, dtype):
             h_NH = _linear(x_ND[s:t], w_in_packed[e], None if b_in is None else b_in[e])
             h_PNF[:, s:t].copy_(h_NH.view(t - s, P, F).transpose(0, 1))
             return
@@ -316,13 +335,13 @@ def packed_ffn_inference(
 
     def project_out(e: int, s: int, t: int) -> None:
         bias = None if fused_bias is None else fused_bias[e]
-        if t - s < fewest_packed:
+        if packed_rows(t - s, dtype):
+            y_ND[s:t] = _linear(a_NF[s:t], w_out_packed[e], bias)
+        elif t - s == 1:
             if bias is None:
                 torch.mv(w_out[e], a_NF[s], out=y_ND[s])
             else:
                 torch.addmv(bias, w_out[e], a_NF[s], out=y_ND[s])
-        elif t - s <= MAX_PACKED_ROWS:
-            y_ND[s:t] = _linear(a_NF[s:t], w_out_packed[e], bias)
         elif bias is None:
             torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
         else:
