@@ -17,11 +17,12 @@ oneDNN, packed weights            16 GB/s  15 GB/s  12 GB/s   9 GB/s
 
 So a prepared module keeps a second copy of every expert's two projection matrices,
 reordered once by oneDNN (``torch.ops.mkldnn._reorder_linear_weight``) into the
-blocked layout its matmul reads fastest, and runs each expert's segment as
-``torch.mv`` on the plain weights for one row, oneDNN's matmul on the packed copy for
-up to ``MAX_PACKED_ROWS`` rows, and MKL on the plain weights beyond that (where MKL is
-faster again, and oneDNN would have to reorder a copy packed for few rows). Experts
-run on all cores at once (``for_each_segment``).
+blocked layout its matmul reads fastest, and runs each expert's segment on the plain
+weights for one fp32 row (as fast there), oneDNN's matmul on the packed copy for up to
+``MAX_PACKED_ROWS`` rows (one bf16 row included), and MKL on the plain weights beyond
+that (where MKL is faster again, and oneDNN would have to reorder a copy packed for few
+rows): ``packed_rows`` decides, ``flexmoe.experts.backends.stacked_inference`` runs the
+pass. Experts run on all cores at once (``for_each_segment``).
 
 On ``benchmarks/layer.py``'s decode case (64 tokens, dim 2048, hidden 768, 128
 experts, top-8, fp32, no grad) a prepared layer runs about 1.2-1.3x faster than an
@@ -50,9 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
-from flexmoe.experts.backends import weighted_activation
-from flexmoe.experts.segments import for_each_segment, segments_of
-from flexmoe.workspace import WORKSPACE
+from flexmoe.experts.backends import ExpertTensors, stacked_inference
 
 __all__ = [
     "MAX_PACKED_ROWS",
@@ -298,57 +297,8 @@ def packed_ffn_inference(
     """The fused backend's forward without autograd, on packed weights where they pay.
 
     Same contract as ``grouped_ffn`` (``w * FFN_e(x)`` per row); ``packed`` must match
-    ``w_in``, ``w_out`` (the caller checks). Token-major layout: the first projection
-    lands in ``P`` contiguous ``[N, F]`` blocks (gate, up), as in the fused backend.
+    ``w_in``, ``w_out`` (the caller checks). ``stacked_inference`` on one stack whose
+    products are the packed copies (``packed_rows``: the plain GEMM elsewhere).
     """
-    x_ND = x_ND.contiguous()
-    segments = segments_of(counts)
-    N, D = x_ND.shape
-    F = w_out.shape[2]
-    P = w_in.shape[1] // F
-    device, dtype = x_ND.device, x_ND.dtype
-    h_PNF = WORKSPACE.take((P, N, F), dtype, device)
-    w_in_packed, w_out_packed = packed.w_in, packed.w_out
-
-    def project_in(e: int, s: int, t: int) -> None:
-        if packed_rows(t - s, dtype):
-            h_NH = _linear(x_ND[s:t], w_in_packed[e], None if b_in is None else b_in[e])
-            h_PNF[:, s:t].copy_(h_NH.view(t - s, P, F).transpose(0, 1))
-            return
-        for p in range(P):
-            rows = slice(p * F, (p + 1) * F)
-            if t - s == 1:
-                if b_in is None:
-                    torch.mv(w_in[e, rows], x_ND[s], out=h_PNF[p, s])
-                else:
-                    torch.addmv(b_in[e, rows], w_in[e, rows], x_ND[s], out=h_PNF[p, s])
-            elif b_in is None:
-                torch.mm(x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
-            else:
-                torch.addmm(b_in[e, rows], x_ND[s:t], w_in[e, rows].t(), out=h_PNF[p, s:t])
-
-    for_each_segment(segments, project_in, device, dtype, serial_16bit_rows=0)
-    a_NF = weighted_activation(h_PNF, activation, row_weights_N)
-    y_ND = WORKSPACE.take((N, D), dtype, device)
-    # Without row weights the bias joins the GEMM; with them it is scaled per row after.
-    fused_bias = b_out if row_weights_N is None else None
-
-    def project_out(e: int, s: int, t: int) -> None:
-        bias = None if fused_bias is None else fused_bias[e]
-        if packed_rows(t - s, dtype):
-            y_ND[s:t] = _linear(a_NF[s:t], w_out_packed[e], bias)
-        elif t - s == 1:
-            if bias is None:
-                torch.mv(w_out[e], a_NF[s], out=y_ND[s])
-            else:
-                torch.addmv(bias, w_out[e], a_NF[s], out=y_ND[s])
-        elif bias is None:
-            torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
-        else:
-            torch.addmm(bias, a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
-        if b_out is not None and row_weights_N is not None:
-            y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
-
-    for_each_segment(segments, project_out, device, dtype, serial_16bit_rows=0)
-    WORKSPACE.give(a_NF, h_PNF)
-    return y_ND
+    stack = ExpertTensors(w_in, w_out, b_in, b_out, packed)
+    return stacked_inference(x_ND, counts, [stack], activation, row_weights_N)
