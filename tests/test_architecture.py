@@ -19,6 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 RANKS: dict[str, int] = {
     "config": 0,
     "workspace": 0,
+    "threads": 0,
     "logs": 0,
     "safetensors_dtypes": 0,
     "routing": 1,

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from flexmoe.experts.int8 import Int8Weight
 from flexmoe.experts.packed import PackedWeight
+from flexmoe.threads import one_thread_worker
 
 __all__ = ["POLICIES", "CacheStats", "ExpertCache", "ExpertKey", "ExpertStore", "ExpertWeights", "Policy"]
 
@@ -192,7 +193,7 @@ class ExpertCache:
         self._executor: ThreadPoolExecutor | None = None
         if prefetch:
             self._executor = ThreadPoolExecutor(
-                max_workers=io_threads, thread_name_prefix="flexmoe-expert-io"
+                max_workers=io_threads, thread_name_prefix="flexmoe-expert-io", initializer=one_thread_worker
             )
             weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
 

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from flexmoe.threads import set_thread_intraop_threads
+
 __all__ = ["SERIAL_16BIT_ROWS", "for_each_segment", "segments_of"]
 
 Segment = tuple[int, int, int]
@@ -95,7 +97,7 @@ def for_each_segment(
     grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def drain() -> None:
-        torch.set_num_threads(1)
+        set_thread_intraop_threads(1)
         with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
             while True:
                 with queue_lock:
@@ -108,6 +110,6 @@ def for_each_segment(
     try:
         drain()
     finally:
-        torch.set_num_threads(threads)
+        set_thread_intraop_threads(threads)
         for helper in helpers:
             helper.result()

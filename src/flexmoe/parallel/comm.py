@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from flexmoe.threads import one_thread_worker
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
@@ -227,7 +228,9 @@ class Communicator:
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexmoe-comm")
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="flexmoe-comm", initializer=one_thread_worker
+                )
             return self._executor
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:

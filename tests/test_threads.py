@@ -1,0 +1,113 @@
+"""flexmoe.threads: background threads run PyTorch ops on one thread without changing anyone else's count."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+import torch
+
+from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
+from flexmoe.experts.segments import for_each_segment, segments_of
+from flexmoe.parallel.comm import Communicator
+from flexmoe.threads import one_thread_worker, set_thread_intraop_threads
+
+T = TypeVar("T")
+OPENMP = "OpenMP" in torch.__config__.parallel_info()
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def in_new_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread started for it."""
+    result: list[T] = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def set_then_count() -> int:
+    one_thread_worker()
+    return torch.get_num_threads()
+
+
+def test_sets_the_calling_thread_only(two_threads):
+    assert in_new_thread(set_then_count) == 1
+    assert torch.get_num_threads() == 2
+    if OPENMP:  # what new threads start with is untouched (with OpenMP: a per-thread value)
+        assert in_new_thread(torch.get_num_threads) == 2
+
+
+def test_restores_a_larger_count(two_threads):
+    def down_and_up() -> tuple[int, int]:
+        set_thread_intraop_threads(1)
+        one = torch.get_num_threads()
+        set_thread_intraop_threads(2)
+        return one, torch.get_num_threads()
+
+    assert in_new_thread(down_and_up) == (1, 2)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "1"])
+def test_bad_thread_counts_are_refused(threads):
+    with pytest.raises(ValueError, match=r"threads must be an int >= 1, got"):
+        set_thread_intraop_threads(threads)
+
+
+class CountingStore:
+    """One expert of 48 bytes per key; notes the thread count each read ran with."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def nbytes(self, key: ExpertKey) -> int:
+        return 48
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        self.counts.append(torch.get_num_threads())
+        return torch.zeros(4, 2), torch.zeros(2, 2)
+
+
+def test_expert_cache_reads_on_one_thread(two_threads):
+    store = CountingStore()
+    cache = ExpertCache(store, 2, None, prefetch=True)
+    cache.prefetch(0, [0, 1])
+    for _ in cache.use(0, [0, 1]):  # waits for the reads
+        pass
+    cache.close()
+    assert store.counts == [1, 1]
+    assert torch.get_num_threads() == 2
+
+
+def test_communicator_thread_runs_on_one_thread(two_threads):
+    communicator = Communicator(None, "layer", timeout=10.0)
+    try:
+        assert communicator.run(torch.get_num_threads, "count") == 1
+    finally:
+        communicator.close()
+    assert torch.get_num_threads() == 2
+
+
+def test_segment_workers_run_on_one_thread(two_threads):
+    counts: dict[str, set[int]] = {}
+    lock = threading.Lock()
+
+    def work(expert: int, start: int, end: int) -> None:
+        with lock:
+            counts.setdefault(threading.current_thread().name, set()).add(torch.get_num_threads())
+
+    for_each_segment(segments_of([5] * 16), work, torch.device("cpu"))
+    assert any(name.startswith("flexmoe-experts") for name in counts)  # a pool thread took part
+    assert all(seen == {1} for seen in counts.values())
+    assert torch.get_num_threads() == 2
+    if OPENMP:
+        assert in_new_thread(torch.get_num_threads) == 2
