@@ -551,3 +551,28 @@ def test_reading_into_a_buffer_of_the_wrong_size(tmp_path):
             ValueError, match=rf"out must be a contiguous 1-d uint8 CPU tensor of {out.numel()} bytes"
         ):
             file.read("0.down", 1, out=bad)
+
+
+@pytest.mark.skipif("packed" not in STORE_KINDS, reason="no oneDNN packed fp32 matmuls on this CPU")
+def test_io_threads_leave_packing_to_the_thread_that_uses_the_expert(tmp_path, monkeypatch):
+    store = store_of(tmp_path, "packed")
+    packed_on: list[str] = []
+
+    def pack(weight: Tensor) -> PackedWeight:
+        packed_on.append(threading.current_thread().name)
+        return original(weight)
+
+    original = PackedWeight.pack
+    monkeypatch.setattr(PackedWeight, "pack", pack)
+    cache = ExpertCache(store, LAYERS, 2 * store.nbytes((0, 0)), prefetch=True)
+    cache.prefetch(1, [0, 1])
+    cache.wait_for_reads()
+    assert packed_on == [] and cache.stats.prefetch_reads == 2  # read, not packed
+    checked(cache, store, 1, [1])  # a prefetched expert: packed when used
+    assert packed_on == [threading.current_thread().name] * 2
+    checked(cache, store, 0, [2, 3])  # misses read by the I/O threads; the unused (1, 0) is evicted unpacked
+    assert packed_on == [threading.current_thread().name] * 6
+    assert cache.stats.reads == 4 and cache.stats.evictions == 2
+    checked(cache, store, 0, [2, 3])  # hits: packed once only
+    assert len(packed_on) == 6
+    cache.close()

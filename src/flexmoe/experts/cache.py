@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -51,7 +51,16 @@ from flexmoe.experts.int8 import Int8Weight
 from flexmoe.experts.packed import PackedWeight
 from flexmoe.threads import one_thread_worker
 
-__all__ = ["POLICIES", "CacheStats", "ExpertCache", "ExpertKey", "ExpertStore", "ExpertWeights", "Policy"]
+__all__ = [
+    "POLICIES",
+    "CacheStats",
+    "ConvertingStore",
+    "ExpertCache",
+    "ExpertKey",
+    "ExpertStore",
+    "ExpertWeights",
+    "Policy",
+]
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 # (w_in [H, D], w_out [D, F]): in the model's dtype, int8 with per-output-channel scales,
@@ -74,6 +83,24 @@ class ExpertStore(Protocol):
         The caller may hold them as long as it likes: a store may reuse their memory
         only once they are garbage.
         """
+        ...
+
+
+@runtime_checkable
+class ConvertingStore(ExpertStore, Protocol):
+    """A store whose ``read`` is a read from storage then compute (packing the weights).
+
+    The cache's I/O threads call ``read_stored`` (the read alone); the thread that uses
+    the expert then calls ``convert``. On a CPU whose cores all run the model's own
+    operations, compute on a background thread only takes them from it.
+    """
+
+    def read_stored(self, key: ExpertKey) -> ExpertWeights:
+        """The expert's weights as stored, for ``convert`` (blocking, thread-safe)."""
+        ...
+
+    def convert(self, stored: ExpertWeights) -> ExpertWeights:
+        """``read_stored``'s result as ``read`` would have returned it."""
         ...
 
 
@@ -138,6 +165,7 @@ class CacheStats:
 class _Entry:
     nbytes: int
     weights: ExpertWeights | None = None  # None while its read is in flight
+    converted: bool = True  # False: read by an I/O thread with ``read_stored``, not converted yet
     in_background: bool = False  # read by the I/O thread (else by the thread that needs it)
     pins: int = 0
     uses: int = 0
@@ -306,7 +334,9 @@ class ExpertCache:
                     if entry.prefetched:
                         entry.prefetched = False
                         self._count(prefetch_used=1)
-                    return entry.weights
+                    if entry.converted:
+                        return entry.weights
+                    break
                 if entry is None and self._reserve(key, demand=True):
                     break
                 if entry is None and not any(e.weights is None for e in self._entries.values()):
@@ -316,8 +346,17 @@ class ExpertCache:
                         f"{self.budget_bytes} bytes: every held expert is in use ({held})"
                     )
                 self._cond.wait()  # its read lands, or a read in flight lands and can be evicted
+        if entry is not None:  # landed from an I/O thread, pinned above: convert it here
+            weights = self._convert(entry.weights)
+            with self._cond:
+                entry.weights, entry.converted = weights, True
+            return weights
         self._read_into(key)  # reserved above; a failed read gives the room back and raises
         return self._acquire(key)
+
+    def _convert(self, stored: ExpertWeights | None) -> ExpertWeights:
+        assert stored is not None and isinstance(self.store, ConvertingStore)
+        return self.store.convert(stored)
 
     def _start_background_read(self, key: ExpertKey, prefetched: bool) -> bool:
         """Reserve room for ``key`` and queue its read on the I/O thread (lock held); False if no room."""
@@ -326,13 +365,20 @@ class ExpertCache:
         entry = self._entries[key]
         entry.in_background = True
         entry.prefetched = prefetched
-        self._executor.submit(self._read_into, key, False)
+        self._executor.submit(self._read_into, key, False, True)
         return True
 
-    def _read_into(self, key: ExpertKey, raise_errors: bool = True) -> None:
-        """Read ``key`` into its reserved entry (no lock held while reading)."""
+    def _read_into(self, key: ExpertKey, raise_errors: bool = True, background: bool = False) -> None:
+        """Read ``key`` into its reserved entry (no lock held while reading).
+
+        ``background``: on an I/O thread, which leaves a ``ConvertingStore``'s conversion
+        to the thread that uses the expert.
+        """
+        store = self.store
+        stored_only = background and isinstance(store, ConvertingStore)
+        read = store.read_stored if isinstance(store, ConvertingStore) and stored_only else store.read
         try:
-            weights = self.store.read(key)
+            weights = read(key)
         except BaseException:
             with self._cond:
                 self._drop(key)
@@ -343,7 +389,7 @@ class ExpertCache:
         with self._cond:
             entry = self._entries.get(key)
             if entry is not None:
-                entry.weights = weights
+                entry.weights, entry.converted = weights, not stored_only
                 self._count(reads=1, bytes_read=entry.nbytes, prefetch_reads=int(entry.prefetched))
             self._cond.notify_all()
 

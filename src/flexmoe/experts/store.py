@@ -281,8 +281,9 @@ class SafetensorsExpertStore:
         pieces: ``(layer, expert) -> ExpertPieces``.
         dtype: the dtype the weights are returned in (cast after reading).
         device: where the weights are returned.
-        pack: return float experts as ``PackedWeight`` (packed on the reading thread);
-            only where ``packed_inference_supported(device, dtype)``.
+        pack: return float experts as ``PackedWeight`` (``read`` packs on the reading
+            thread, ``read_stored`` leaves it to ``convert``); only where
+            ``packed_inference_supported(device, dtype)``.
 
     Weights returned on CPU unconverted (not packed, the file's dtype) are built on
     ``buffers``, where their memory returns once they are garbage; converted ones are
@@ -327,6 +328,25 @@ class SafetensorsExpertStore:
             w_out = PackedWeight.pack(self._stacked((pieces.w_out,), self.dtype, scratch=True))
             return w_in, w_out
         return self._stacked(pieces.w_in, self.dtype), self._stacked((pieces.w_out,), self.dtype)
+
+    def read_stored(self, key: ExpertKey) -> ExpertWeights:
+        """What ``read`` returns, but not packed: the I/O part, for a background thread.
+
+        ``convert`` then packs it where ``pack`` is on, on the thread that computes: a
+        packing is compute, and on a CPU whose cores all run the model's ops a background
+        thread packing beside them only slows them down.
+        """
+        pieces = self.pieces[key]
+        if pieces.quantized or not self.pack:
+            return self.read(key)
+        return self._stacked(pieces.w_in, self.dtype), self._stacked((pieces.w_out,), self.dtype)
+
+    def convert(self, stored: ExpertWeights) -> ExpertWeights:
+        """``read_stored``'s result as ``read`` returns it (packed where ``pack`` is on)."""
+        w_in, w_out = stored
+        if self.pack and isinstance(w_in, Tensor) and isinstance(w_out, Tensor):
+            return PackedWeight.pack(w_in), PackedWeight.pack(w_out)
+        return stored
 
     def scratch_bytes(self) -> int:
         """Bytes of the calling thread's scratch buffers."""
