@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -576,3 +577,32 @@ def test_io_threads_leave_packing_to_the_thread_that_uses_the_expert(tmp_path, m
     checked(cache, store, 0, [2, 3])  # hits: packed once only
     assert len(packed_on) == 6
     cache.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_a_read_asks_for_all_its_pieces_at_once(tmp_path, kind, monkeypatch):
+    store = store_of(tmp_path, kind)
+    advised: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    def file_bytes(offset: int, length: int) -> bytes:
+        with open(pieces.w_out.file.path, "rb") as file:
+            file.seek(offset)
+            return file.read(length)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    pieces = store.pieces[(1, 2)]
+    slices = [*pieces.w_in, pieces.w_out]
+    slices += [piece.scale for piece in slices if piece.scale is not None]
+    reads = ExpertCache(store, LAYERS, None, prefetch=True)
+    checked(reads, store, 1, [2])  # read by an I/O thread
+    reads.close()
+    # one hint per piece, each for exactly that piece's bytes
+    assert {advice for _, _, advice in advised} == {os.POSIX_FADV_WILLNEED}
+    hinted = sorted(file_bytes(offset, length) for offset, length, _ in advised)
+    assert hinted == sorted(piece.read().contiguous().view(torch.uint8).numpy().tobytes() for piece in slices)
