@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from flexmoe.experts.store import (
     SafetensorsExpertStore,
     SafetensorsFile,
     TensorSlice,
+    direct_read_bytes,
 )
 
 CPU = torch.device("cpu")
@@ -399,8 +401,9 @@ def assert_served_as_read(weights: ExpertWeights, pieces: ExpertPieces) -> None:
         assert torch.equal(w_in, expected[0]) and torch.equal(w_out, expected[1])
 
 
-def store_of(directory: Path, kind: str) -> SafetensorsExpertStore:
-    return SafetensorsExpertStore(write_experts(directory, kind), torch.float32, pack=kind == "packed")
+def store_of(directory: Path, kind: str, direct: bool = True) -> SafetensorsExpertStore:
+    pieces = write_experts(directory, kind)
+    return SafetensorsExpertStore(pieces, torch.float32, pack=kind == "packed", direct=direct)
 
 
 @pytest.fixture(scope="module")
@@ -516,7 +519,7 @@ def test_a_released_buffer_becomes_spare_only_when_nothing_uses_it():
 
 @pytest.mark.skipif("packed" not in STORE_KINDS, reason="no oneDNN packed fp32 matmuls on this CPU")
 def test_packed_experts_stay_right_after_the_scratch_is_reused(tmp_path, monkeypatch):
-    store = store_of(tmp_path, "packed")
+    store = store_of(tmp_path, "packed", direct=False)
     packed_from = []
 
     def pack(weight: Tensor) -> PackedWeight:
@@ -582,7 +585,7 @@ def test_io_threads_leave_packing_to_the_thread_that_uses_the_expert(tmp_path, m
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
 @pytest.mark.parametrize("kind", STORE_KINDS)
 def test_a_read_asks_for_all_its_pieces_at_once(tmp_path, kind, monkeypatch):
-    store = store_of(tmp_path, kind)
+    store = store_of(tmp_path, kind, direct=False)
     advised: list[tuple[int, int, int]] = []
     real = os.posix_fadvise
 
@@ -606,3 +609,70 @@ def test_a_read_asks_for_all_its_pieces_at_once(tmp_path, kind, monkeypatch):
     assert {advice for _, _, advice in advised} == {os.POSIX_FADV_WILLNEED}
     hinted = sorted(file_bytes(offset, length) for offset, length, _ in advised)
     assert hinted == sorted(piece.read().contiguous().view(torch.uint8).numpy().tobytes() for piece in slices)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no direct reads on this platform")
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_direct_reads_ask_for_no_page_cache(tmp_path, kind, monkeypatch):
+    store = store_of(tmp_path, kind)
+    advised: list[int] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(length))
+    checked_all = ExpertCache(store, LAYERS, None, prefetch=True)
+    checked(checked_all, store, 1, [2])
+    checked_all.close()
+    pieces = store.pieces[(1, 2)]
+    assert pieces.w_out.file.reads_direct
+    # Read past the page cache: a weight kept as stored in one piece (w_out here). Through
+    # it, with a hint: a weight assembled from pieces (w_in's gate and up) and a cast's.
+    hinted = [*pieces.w_in, *([pieces.w_out] if kind == "cast" else [])]
+    hinted += [piece.scale for piece in hinted if piece.scale is not None]
+    assert sorted(advised) == sorted(piece.nbytes for piece in hinted)
+    if kind in ("float", "int8"):  # kept as read: w_out lies in a direct read's aligned buffer
+        w_out = store.read((1, 2))[1]
+        stored = w_out.q if isinstance(w_out, Int8Weight) else w_out
+        assert stored.untyped_storage().nbytes() == direct_read_bytes(pieces.w_out.nbytes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.lists(st.integers(1, 700), min_size=1, max_size=4),
+    width=st.integers(1, 37),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]),
+)
+def test_direct_reads_equal_reads_through_the_page_cache(tmp_path_factory, rows, width, dtype):
+    directory = tmp_path_factory.mktemp("direct")
+    generator = torch.Generator().manual_seed(len(rows) * 1000 + width)
+    # tensors of odd sizes: their bytes start and end anywhere in a block
+    tensors = {
+        f"t{i}": (torch.randn(n, width, generator=generator) * 50).to(dtype) for i, n in enumerate(rows)
+    }
+    save_file(tensors, str(directory / "w.safetensors"))
+    file = SafetensorsFile(directory / "w.safetensors")
+    if not file.reads_direct:
+        pytest.skip("no direct reads on this platform")
+    buffers = ReadBuffers()
+    for name, tensor in tensors.items():
+        for index in (None, 0, tensor.shape[0] - 1, tensor.shape[0] // 2):
+            got = file.read_direct(name, index, buffers.take)
+            assert got is not None and file.reads_direct
+            want = tensor if index is None else tensor[index]
+            assert got.dtype == want.dtype and torch.equal(got, want)
+            assert got.untyped_storage().nbytes() == direct_read_bytes(file.nbytes(name, index))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no direct reads on this platform")
+def test_a_file_system_without_direct_reads_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    store = store_of(tmp_path, "float")
+    cache = ExpertCache(store, LAYERS, None, prefetch=True)
+    for layer in range(LAYERS):
+        checked(cache, store, layer, list(range(EXPERTS)))
+    cache.close()
+    assert not store.pieces[(0, 0)].w_out.file.reads_direct

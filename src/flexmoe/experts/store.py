@@ -29,6 +29,7 @@ and returns ``Int8Weight`` pairs, half the bytes of bf16.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import struct
 import threading
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from flexmoe.safetensors_dtypes import SAFETENSORS_DTYPES
 from flexmoe.workspace import storage_unused
 
 __all__ = [
+    "DIRECT_ALIGN",
     "DTYPES",
     "ExpertPieces",
     "Int8MemoryStore",
@@ -58,10 +60,12 @@ __all__ = [
     "SafetensorsFile",
     "TensorInfo",
     "TensorSlice",
+    "direct_read_bytes",
 ]
 
 DTYPES = SAFETENSORS_DTYPES
 MAX_SPARE_PER_SIZE = 4  # spare buffers kept per byte size (a burst of prefetches on 4 I/O threads)
+DIRECT_ALIGN = 4096  # direct reads: file offsets, lengths and memory aligned to this (>= the block size)
 _MAX_WAITING = 64  # released buffers something still uses, waiting to become spare
 
 
@@ -73,6 +77,10 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+def _direct_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_DIRECT)
 
 
 class SafetensorsFile:
@@ -95,6 +103,40 @@ class SafetensorsFile:
         # tensors of a dtype this reader does not know (reading one raises)
         self.unsupported = frozenset(name for name in header if header[name]["dtype"] not in DTYPES)
         self._local = threading.local()
+        self._direct = hasattr(os, "O_DIRECT")  # until the file system refuses it
+
+    def read_direct(self, name: str, index: int | None, take: Callable[[int], Tensor]) -> Tensor | None:
+        """Tensor ``name`` (or its row ``index``) read past the page cache (``O_DIRECT``), or ``None``.
+
+        The storage's DMA writes into memory from ``take(direct_read_bytes(nbytes))`` (a
+        uint8 CPU tensor; the result is a view of it), so the read costs the CPU almost
+        nothing: a read through the page cache copies every byte and inserts every page
+        into the cache, CPU time that a decode step on a few cores misses. ``None`` where
+        the platform or the file system has no direct reads (then use ``read``).
+        """
+        fd = self._direct_fd()
+        if fd is None:
+            return None
+        shape, begin, end = self._extent(name, index)
+        start = begin - begin % DIRECT_ALIGN
+        length = -(-(end - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+        buffer = take(direct_read_bytes(end - begin))
+        skip = -buffer.data_ptr() % DIRECT_ALIGN
+        view = memoryview(buffer.numpy())[skip : skip + length]  # type: ignore[arg-type]
+        done = 0
+        try:
+            while done < end - start:
+                got = os.preadv(fd, [view[done:]], start + done)
+                if got <= 0 or (got % DIRECT_ALIGN and done + got < end - start):
+                    raise OSError(f"{self.path}: unexpected end of file reading {name!r}")
+                done += got
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            self._direct = False  # alignment the device does not accept: read through the cache
+            return None
+        first = skip + begin - start
+        return buffer[first : first + end - begin].view(self.tensors[name].dtype).reshape(shape)
 
     def read(self, name: str, index: int | None = None, out: Tensor | None = None) -> Tensor:
         """Tensor ``name``, or its row ``index`` (``name[index]``), as a CPU tensor.
@@ -162,6 +204,33 @@ class SafetensorsFile:
             handle = self._local.file = open(self.path, "rb")  # noqa: SIM115 (lives with the thread)
         return int(handle.fileno())
 
+    @property
+    def reads_direct(self) -> bool:
+        """Whether ``read_direct`` may read (until the file system or the device refuses it)."""
+        return self._direct
+
+    def _direct_fd(self) -> int | None:
+        """The calling thread's ``O_DIRECT`` descriptor, or ``None`` where direct reads are off."""
+        if not self._direct:
+            return None
+        handle = getattr(self._local, "direct", None)
+        if handle is None:
+            try:
+                # lives with the thread, as ``_fd``'s file does
+                handle = open(self.path, "rb", buffering=0, opener=_direct_opener)  # noqa: SIM115
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # a file system without direct I/O (tmpfs)
+                return None
+            self._local.direct = handle
+        return int(handle.fileno())
+
+
+def direct_read_bytes(nbytes: int) -> int:
+    """The buffer ``SafetensorsFile.read_direct`` takes for ``nbytes``: room to align both ends."""
+    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN + 2 * DIRECT_ALIGN
+
 
 @dataclass(frozen=True)
 class TensorSlice:
@@ -194,6 +263,10 @@ class TensorSlice:
     def read(self, out: Tensor | None = None) -> Tensor:
         """The slice, read from its file (into ``out``: see ``SafetensorsFile.read``)."""
         return self.file.read(self.name, self.index, out)
+
+    def read_direct(self, take: Callable[[int], Tensor]) -> Tensor | None:
+        """The slice read past the page cache, or ``None`` (see ``SafetensorsFile.read_direct``)."""
+        return self.file.read_direct(self.name, self.index, take)
 
     def will_need(self) -> None:
         """Start reading the slice (and its scales) into the page cache (``SafetensorsFile.will_need``)."""
@@ -306,6 +379,8 @@ class SafetensorsExpertStore:
         pack: return float experts as ``PackedWeight`` (``read`` packs on the reading
             thread, ``read_stored`` leaves it to ``convert``); only where
             ``packed_inference_supported(device, dtype)``.
+        direct: read weights kept as stored (one piece each, as the file has them) past
+            the page cache (``SafetensorsFile.read_direct``) where the file system allows.
 
     Weights returned on CPU unconverted (not packed, the file's dtype) are built on
     ``buffers``, where their memory returns once they are garbage; converted ones are
@@ -318,10 +393,12 @@ class SafetensorsExpertStore:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         pack: bool = False,
+        direct: bool = True,
     ) -> None:
         self.pieces = pieces
         self.dtype = dtype
         self.device = torch.device(device)
+        self.direct = direct
         if pack and not packed_inference_supported(self.device, dtype):
             raise ValueError(
                 f"pack: packed experts need a CPU with oneDNN {dtype} matmuls, got {self.device}"
@@ -342,7 +419,9 @@ class SafetensorsExpertStore:
     def read(self, key: ExpertKey) -> ExpertWeights:
         """The expert's ``(w_in [H, D], w_out [D, F])`` on ``device``: in ``dtype``, packed, or int8."""
         pieces = self.pieces[key]
-        pieces.will_need()
+        if self.pack and self.direct:  # past the page cache into spare buffers, then packed
+            return self.convert(self.read_stored(key))
+        self._will_need(pieces)
         if pieces.quantized:
             return self._read_int8(pieces.w_in), self._read_int8((pieces.w_out,))
         if self.pack:
@@ -362,7 +441,7 @@ class SafetensorsExpertStore:
         pieces = self.pieces[key]
         if pieces.quantized or not self.pack:
             return self.read(key)
-        pieces.will_need()
+        self._will_need(pieces)
         return self._stacked(pieces.w_in, self.dtype), self._stacked((pieces.w_out,), self.dtype)
 
     def convert(self, stored: ExpertWeights) -> ExpertWeights:
@@ -388,6 +467,11 @@ class SafetensorsExpertStore:
         ``scratch``: the result lives in the calling thread's scratch buffer, valid until its
         next read (for packing); else it is the caller's, on CPU built on ``buffers``.
         """
+        if self._reads_direct(slices, dtype, scratch):
+            weight = slices[0].read_direct(self.buffers.take)
+            if weight is not None:
+                self.buffers.reuse_when_freed(weight)
+                return weight
         shape = (sum(piece.shape[0] for piece in slices), *slices[0].shape[1:])
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         out_bytes: Tensor | None = None
@@ -408,6 +492,26 @@ class SafetensorsExpertStore:
         if out_bytes is not None and not scratch:
             self.buffers.reuse_when_freed(out)
         return out
+
+    def _reads_direct(self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool) -> bool:
+        """Whether ``_stacked`` reads ``slices`` past the page cache: one piece, kept as stored, on CPU."""
+        return (
+            self.direct
+            and not scratch
+            and self.device.type == "cpu"
+            and len(slices) == 1
+            and slices[0].dtype == dtype
+            and slices[0].file.reads_direct
+        )
+
+    def _will_need(self, pieces: ExpertPieces) -> None:
+        """Ask for the pieces read through the page cache, all at once (a direct read needs no hint)."""
+        for slices, dtype in ((pieces.w_in, self.dtype), ((pieces.w_out,), self.dtype)):
+            if pieces.quantized:
+                dtype = torch.int8
+            if not self._reads_direct(slices, dtype, scratch=False):
+                for piece in slices:
+                    piece.will_need()
 
     def _scratch(self, role: str, nbytes: int) -> Tensor:
         """The calling thread's buffer for ``role`` (grown when too small), its first ``nbytes``."""
