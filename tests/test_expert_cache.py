@@ -20,6 +20,7 @@ from flexmoe.experts.cache import ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import SCALE_SUFFIX, Int8Weight, quantize_int8
 from flexmoe.experts.packed import PackedWeight, packed_inference_supported, packed_linear
 from flexmoe.experts.store import (
+    WEIGHT_ALIGN,
     ExpertPieces,
     ReadBuffers,
     SafetensorsExpertStore,
@@ -621,16 +622,32 @@ def test_direct_reads_ask_for_no_page_cache(tmp_path, kind, monkeypatch):
     checked(checked_all, store, 1, [2])
     checked_all.close()
     pieces = store.pieces[(1, 2)]
-    assert pieces.w_out.file.reads_direct
-    # Read past the page cache: a weight kept as stored in one piece (w_out here). Through
-    # it, with a hint: a weight assembled from pieces (w_in's gate and up) and a cast's.
-    hinted = [*pieces.w_in, *([pieces.w_out] if kind == "cast" else [])]
+    out = pieces.w_out
+    assert out.file.reads_direct
+    # Read past the page cache: a weight in one piece, packed or kept as stored (then at
+    # WEIGHT_ALIGN in the file). Through it, with a hint: a weight assembled from pieces
+    # (w_in's gate and up here), a cast's, a misaligned one kept as stored.
+    aligned = out.file.offset(out.name, out.index) % WEIGHT_ALIGN == 0
+    out_direct = kind == "packed" or (kind != "cast" and aligned)
+    hinted = [*pieces.w_in, *([] if out_direct else [out])]
     hinted += [piece.scale for piece in hinted if piece.scale is not None]
     assert sorted(advised) == sorted(piece.nbytes for piece in hinted)
-    if kind in ("float", "int8"):  # kept as read: w_out lies in a direct read's aligned buffer
+    if kind in ("float", "int8"):  # kept as read: w_out lies in a direct read's aligned buffer, or not
         w_out = store.read((1, 2))[1]
         stored = w_out.q if isinstance(w_out, Int8Weight) else w_out
-        assert stored.untyped_storage().nbytes() == direct_read_bytes(pieces.w_out.nbytes)
+        assert (stored.untyped_storage().nbytes() == direct_read_bytes(out.nbytes)) == out_direct
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_weights_kept_as_stored_start_aligned(tmp_path, kind, direct):
+    store = store_of(tmp_path, kind, direct)
+    for key, pieces in store.pieces.items():
+        weights = store.read(key)
+        for weight in weights:
+            for tensor in (weight.q, weight.scale) if isinstance(weight, Int8Weight) else (weight,):
+                assert tensor.data_ptr() % WEIGHT_ALIGN == 0
+        assert_served_as_read(weights, pieces)
 
 
 @settings(max_examples=25, deadline=None)
@@ -670,9 +687,11 @@ def test_a_file_system_without_direct_reads_falls_back_to_the_page_cache(tmp_pat
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", refuse_direct)
-    store = store_of(tmp_path, "float")
+    store = store_of(tmp_path, "packed" if "packed" in STORE_KINDS else "float")  # packed: any offset
     cache = ExpertCache(store, LAYERS, None, prefetch=True)
     for layer in range(LAYERS):
         checked(cache, store, layer, list(range(EXPERTS)))
     cache.close()
-    assert not store.pieces[(0, 0)].w_out.file.reads_direct
+    out = store.pieces[(0, 0)].w_out
+    assert out.read_direct(ReadBuffers().take) is None
+    assert not out.file.reads_direct

@@ -53,6 +53,7 @@ from flexmoe.workspace import storage_unused
 __all__ = [
     "DIRECT_ALIGN",
     "DTYPES",
+    "WEIGHT_ALIGN",
     "ExpertPieces",
     "Int8MemoryStore",
     "ReadBuffers",
@@ -66,6 +67,9 @@ __all__ = [
 DTYPES = SAFETENSORS_DTYPES
 MAX_SPARE_PER_SIZE = 4  # spare buffers kept per byte size (a burst of prefetches on 4 I/O threads)
 DIRECT_ALIGN = 4096  # direct reads: file offsets, lengths and memory aligned to this (>= the block size)
+# Weights handed out as stored start at this alignment, as PyTorch's own allocations do: some
+# CPU kernels assume it (torch 2.13's ``_weight_int8pack_mm`` crashes on a weight 4 bytes off).
+WEIGHT_ALIGN = 64
 _MAX_WAITING = 64  # released buffers something still uses, waiting to become spare
 
 
@@ -178,6 +182,10 @@ class SafetensorsFile:
         _, begin, end = self._extent(name, index)
         if end > begin and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd(), begin, end - begin, os.POSIX_FADV_WILLNEED)
+
+    def offset(self, name: str, index: int | None = None) -> int:
+        """Where tensor ``name`` (or its row ``index``) starts in the file, in bytes."""
+        return self._extent(name, index)[1]
 
     def nbytes(self, name: str, index: int | None = None) -> int:
         """Bytes of tensor ``name``, or of its row ``index``."""
@@ -442,7 +450,8 @@ class SafetensorsExpertStore:
         if pieces.quantized or not self.pack:
             return self.read(key)
         self._will_need(pieces)
-        return self._stacked(pieces.w_in, self.dtype), self._stacked((pieces.w_out,), self.dtype)
+        w_in = self._stacked(pieces.w_in, self.dtype, packing=True)
+        return w_in, self._stacked((pieces.w_out,), self.dtype, packing=True)
 
     def convert(self, stored: ExpertWeights) -> ExpertWeights:
         """``read_stored``'s result as ``read`` returns it (packed where ``pack`` is on)."""
@@ -461,13 +470,15 @@ class SafetensorsExpertStore:
         scales = [piece.scale for piece in pieces if piece.scale is not None]
         return Int8Weight(self._stacked(pieces, torch.int8), self._stacked(scales, torch.float32))
 
-    def _stacked(self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool = False) -> Tensor:
+    def _stacked(
+        self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool = False, packing: bool = False
+    ) -> Tensor:
         """The slices read and stacked on dim 0 as one tensor of ``dtype`` on ``device``.
 
         ``scratch``: the result lives in the calling thread's scratch buffer, valid until its
         next read (for packing); else it is the caller's, on CPU built on ``buffers``.
         """
-        if self._reads_direct(slices, dtype, scratch):
+        if self._reads_direct(slices, dtype, scratch, packing):
             weight = slices[0].read_direct(self.buffers.take)
             if weight is not None:
                 self.buffers.reuse_when_freed(weight)
@@ -493,23 +504,26 @@ class SafetensorsExpertStore:
             self.buffers.reuse_when_freed(out)
         return out
 
-    def _reads_direct(self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool) -> bool:
-        """Whether ``_stacked`` reads ``slices`` past the page cache: one piece, kept as stored, on CPU."""
-        return (
-            self.direct
-            and not scratch
-            and self.device.type == "cpu"
-            and len(slices) == 1
-            and slices[0].dtype == dtype
-            and slices[0].file.reads_direct
-        )
+    def _reads_direct(
+        self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool, packing: bool
+    ) -> bool:
+        """Whether ``_stacked`` reads ``slices`` past the page cache: one piece, in its stored dtype, on CPU.
+
+        A direct read's weight starts where the file has it modulo ``DIRECT_ALIGN``: one
+        kept as read must sit at ``WEIGHT_ALIGN`` in the file; one ``packing`` anywhere.
+        """
+        if not (self.direct and not scratch and self.device.type == "cpu" and len(slices) == 1):
+            return False
+        piece = slices[0]
+        aligned = packing or piece.file.offset(piece.name, piece.index) % WEIGHT_ALIGN == 0
+        return piece.dtype == dtype and aligned and piece.file.reads_direct
 
     def _will_need(self, pieces: ExpertPieces) -> None:
         """Ask for the pieces read through the page cache, all at once (a direct read needs no hint)."""
-        for slices, dtype in ((pieces.w_in, self.dtype), ((pieces.w_out,), self.dtype)):
-            if pieces.quantized:
-                dtype = torch.int8
-            if not self._reads_direct(slices, dtype, scratch=False):
+        dtype = torch.int8 if pieces.quantized else self.dtype
+        packing = self.pack and not pieces.quantized
+        for slices in (pieces.w_in, (pieces.w_out,)):
+            if not self._reads_direct(slices, dtype, scratch=False, packing=packing):
                 for piece in slices:
                     piece.will_need()
 
