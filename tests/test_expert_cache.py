@@ -449,7 +449,7 @@ def checked(cache: ExpertCache, store: SafetensorsExpertStore, layer: int, exper
 
 @pytest.mark.parametrize("kind", ["float", "cast", "int8"])
 def test_an_evicted_experts_memory_is_read_into_again(tmp_path, kind):
-    store = store_of(tmp_path, kind)
+    store = store_of(tmp_path, kind, direct=False)
     cache = ExpertCache(store, LAYERS, store.nbytes((0, 0)), prefetch=False)  # room for one expert
     for expert in range(EXPERTS):
         checked(cache, store, 0, [expert])
@@ -460,6 +460,20 @@ def test_an_evicted_experts_memory_is_read_into_again(tmp_path, kind):
     assert (store.buffers.taken, store.buffers.reused) == (buffers * reads, buffers * (reads - 1))
     assert store.buffers.spare_bytes() == 0
     assert store.scratch_bytes() == (F_ * D_ * 2 if kind == "cast" else 0)  # a bf16 piece before its cast
+
+
+@pytest.mark.parametrize("kind", ["float", "cast", "int8"])
+def test_direct_reads_take_no_new_memory_once_warm(tmp_path, kind):
+    store = store_of(tmp_path, kind)
+    cache = ExpertCache(store, LAYERS, store.nbytes((0, 0)), prefetch=False)  # room for one expert
+    for expert in range(EXPERTS):  # each buffer size met once (aligned direct reads, copies, bounces)
+        checked(cache, store, 0, [expert])
+    new_memory = store.buffers.taken - store.buffers.reused
+    for _ in range(2):
+        for expert in range(EXPERTS):
+            checked(cache, store, 0, [expert])
+    assert store.buffers.taken - store.buffers.reused == new_memory
+    assert store.buffers.taken >= 3 * EXPERTS * 2
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -624,18 +638,16 @@ def test_direct_reads_ask_for_no_page_cache(tmp_path, kind, monkeypatch):
     pieces = store.pieces[(1, 2)]
     out = pieces.w_out
     assert out.file.reads_direct
-    # Read past the page cache: a weight in one piece, packed or kept as stored (then at
-    # WEIGHT_ALIGN in the file). Through it, with a hint: a weight assembled from pieces
-    # (w_in's gate and up here), a cast's, a misaligned one kept as stored.
-    aligned = out.file.offset(out.name, out.index) % WEIGHT_ALIGN == 0
-    out_direct = kind == "packed" or (kind != "cast" and aligned)
-    hinted = [*pieces.w_in, *([] if out_direct else [out])]
+    # Read past the page cache: a weight in one piece in its stored dtype (w_out here).
+    # Through it, with a hint: a weight assembled from pieces (w_in's gate and up), a cast's.
+    hinted = [*pieces.w_in, *([out] if kind == "cast" else [])]
     hinted += [piece.scale for piece in hinted if piece.scale is not None]
     assert sorted(advised) == sorted(piece.nbytes for piece in hinted)
-    if kind in ("float", "int8"):  # kept as read: w_out lies in a direct read's aligned buffer, or not
+    if kind in ("float", "int8"):  # kept as read: in the direct read's buffer, or copied to align it
         w_out = store.read((1, 2))[1]
         stored = w_out.q if isinstance(w_out, Int8Weight) else w_out
-        assert (stored.untyped_storage().nbytes() == direct_read_bytes(out.nbytes)) == out_direct
+        aligned = out.file.offset(out.name, out.index) % WEIGHT_ALIGN == 0
+        assert (stored.untyped_storage().nbytes() == direct_read_bytes(out.nbytes)) == aligned
 
 
 @pytest.mark.parametrize("direct", [False, True])

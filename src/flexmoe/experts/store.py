@@ -478,9 +478,11 @@ class SafetensorsExpertStore:
         ``scratch``: the result lives in the calling thread's scratch buffer, valid until its
         next read (for packing); else it is the caller's, on CPU built on ``buffers``.
         """
-        if self._reads_direct(slices, dtype, scratch, packing):
+        if self._reads_direct(slices, dtype, scratch):
             weight = slices[0].read_direct(self.buffers.take)
             if weight is not None:
+                if not packing and weight.data_ptr() % WEIGHT_ALIGN:
+                    weight = self._aligned_copy(weight)
                 self.buffers.reuse_when_freed(weight)
                 return weight
         shape = (sum(piece.shape[0] for piece in slices), *slices[0].shape[1:])
@@ -504,26 +506,27 @@ class SafetensorsExpertStore:
             self.buffers.reuse_when_freed(out)
         return out
 
-    def _reads_direct(
-        self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool, packing: bool
-    ) -> bool:
-        """Whether ``_stacked`` reads ``slices`` past the page cache: one piece, in its stored dtype, on CPU.
-
-        A direct read's weight starts where the file has it modulo ``DIRECT_ALIGN``: one
-        kept as read must sit at ``WEIGHT_ALIGN`` in the file; one ``packing`` anywhere.
-        """
+    def _reads_direct(self, slices: Sequence[TensorSlice], dtype: torch.dtype, scratch: bool) -> bool:
+        """Whether ``_stacked`` reads ``slices`` past the page cache: one piece, stored dtype, on CPU."""
         if not (self.direct and not scratch and self.device.type == "cpu" and len(slices) == 1):
             return False
-        piece = slices[0]
-        aligned = packing or piece.file.offset(piece.name, piece.index) % WEIGHT_ALIGN == 0
-        return piece.dtype == dtype and aligned and piece.file.reads_direct
+        return slices[0].dtype == dtype and slices[0].file.reads_direct
+
+    def _aligned_copy(self, weight: Tensor) -> Tensor:
+        """``weight`` copied into a spare buffer, which starts at ``WEIGHT_ALIGN`` as every allocation does.
+
+        A direct read's weight starts where the file has it, modulo ``DIRECT_ALIGN``; one
+        kept as read must start aligned (its read buffer becomes spare again at once).
+        """
+        self.buffers.reuse_when_freed(weight)
+        out = self.buffers.take(weight.numel() * weight.element_size()).view(weight.dtype).view(weight.shape)
+        return out.copy_(weight)
 
     def _will_need(self, pieces: ExpertPieces) -> None:
         """Ask for the pieces read through the page cache, all at once (a direct read needs no hint)."""
         dtype = torch.int8 if pieces.quantized else self.dtype
-        packing = self.pack and not pieces.quantized
         for slices in (pieces.w_in, (pieces.w_out,)):
-            if not self._reads_direct(slices, dtype, scratch=False, packing=packing):
+            if not self._reads_direct(slices, dtype, scratch=False):
                 for piece in slices:
                     piece.will_need()
 
