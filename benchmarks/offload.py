@@ -351,7 +351,14 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
     for results in rounds:
         for result in results.values():
             result.pop("logits", None)
-    return {"config": config, "budget": args.budget, "rounds": rounds, "matrix_vector_gb_s": rates}
+    bound = None if rates is None else decode_bound(rates, config)
+    return {
+        "config": config,
+        "budget": args.budget,
+        "rounds": rounds,
+        "matrix_vector_gb_s": rates,
+        "int8_decode_bound": bound,
+    }
 
 
 def run_in_process(
@@ -474,14 +481,44 @@ def matrix_vector_rates(config: dict[str, Any], rounds: int = 7) -> dict[str, fl
     }
 
 
+def product_bytes_per_token(config: dict[str, Any]) -> tuple[int, int]:
+    """``(expert bytes, other bytes)`` of bf16 weights one decoded token's products read.
+
+    The experts: top-k experts' three projections in every layer. The rest: the
+    attention's four projections in every layer and the output head (untied).
+    """
+    D, F, layers = config["hidden_size"], config["moe_intermediate_size"], config["num_hidden_layers"]
+    q_width = config["num_attention_heads"] * config["head_dim"]
+    kv_width = config["num_key_value_heads"] * config["head_dim"]
+    experts = layers * config["num_experts_per_tok"] * 3 * D * F * 2
+    attention = layers * (2 * D * q_width + 2 * D * kv_width) * 2
+    return experts, attention + config["vocab_size"] * D * 2
+
+
+def decode_bound(rates: dict[str, float], config: dict[str, Any]) -> float:
+    """The most int8 experts can gain over bf16 ones in decode, were a step nothing but its products.
+
+    Each product reads its weights at its kernel's rate; the attention and the head stay
+    bf16. Anything else a step does (the same for both) only brings the ratio closer to 1.
+    """
+    experts, other = product_bytes_per_token(config)
+    bf16_s = (experts + other) / rates["bf16 packed"]
+    int8_s = other / rates["bf16 packed"] + experts / 2 / rates["int8"]
+    return bf16_s / int8_s
+
+
 def print_matrix_vector_bound(rates: dict[str, float] | None, config: dict[str, Any]) -> None:
     if rates is None:
         return
     bf16, int8 = rates["bf16 packed"], rates["int8"]
+    experts, other = product_bytes_per_token(config)
     print(
         f"  one-row products with w_in [{2 * config['moe_intermediate_size']}, {config['hidden_size']}]: "
         f"packed bf16 {bf16:.1f} GB/s, int8 {int8:.1f} GB/s: int8 is at most "
-        f"{2 * int8 / bf16:.2f}x bf16 per product (half the bytes at its kernel's rate)"
+        f"{2 * int8 / bf16:.2f}x bf16 per product (half the bytes at its kernel's rate); a decoded "
+        f"token's products read {experts / 1e9:.2f} GB of bf16 experts and {other / 1e9:.2f} GB of "
+        f"bf16 attention and head, so int8 experts decode at most {decode_bound(rates, config):.2f}x "
+        f"faster than bf16 ones (were a step nothing but products)"
     )
 
 

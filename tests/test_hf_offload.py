@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
+from flexmoe.experts.store import SafetensorsExpertStore
 from flexmoe.hf import load_offloaded, offload_stats, parse_bytes
+from flexmoe.layer.offloaded import offloaded_cache
 from tests.hf_tiny import MODELS, VOCAB, save_tiny_models, tiny_model
 
 FAMILIES = sorted(MODELS)  # mixtral, qwen3_moe, qwen2_moe, olmoe, granitemoe, deepseek_v3, deepseek_v2
@@ -130,11 +132,24 @@ def test_policies_and_no_prefetch_are_exact(saved):
             assert stats.peak_resident_bytes <= 40 * 1024
 
 
+def test_through_the_page_cache_or_past_it_alike(saved):
+    ids = prompt()
+    expected = generate(load_offloaded(saved["qwen3_moe"], expert_budget=None), ids)
+    for direct_io in (False, True):
+        model = load_offloaded(saved["qwen3_moe"], expert_budget="40KiB", direct_io=direct_io)
+        assert torch.equal(generate(model, ids), expected)
+        cache = offloaded_cache(model)
+        assert cache is not None and isinstance(cache.store, SafetensorsExpertStore)
+        assert cache.store.direct is direct_io
+
+
 def test_errors(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"neither model\.safetensors"):
         load_offloaded(tmp_path)
     with pytest.raises(ValueError, match="policy"):
         load_offloaded(saved["mixtral"], policy="fifo")
+    with pytest.raises(ValueError, match="direct_io must be True or False, got 'yes'"):
+        load_offloaded(saved["mixtral"], direct_io="yes")
     with pytest.raises(ValueError, match="has no offloaded experts"):
         offload_stats(tiny_model("mixtral"))
 

@@ -87,6 +87,7 @@ def load_offloaded(
     backend: str = "auto",
     io_threads: int = 4,
     packed: bool | None = None,
+    direct_io: bool = True,
     prefetch_confidence: float = DEFAULT_CONFIDENCE,
     prefetch_min_precision: float = DEFAULT_MIN_PRECISION,
 ) -> Any:
@@ -122,6 +123,10 @@ def load_offloaded(
             untied ``nn.Linear`` (``pack_linear_layers``). Decoding computes them about
             1.6x faster on the CPU, in about the same bytes. ``None`` (default): where the
             device and dtype support it (a CPU with oneDNN fp32 or native bf16 matmuls).
+        direct_io: read experts past the OS page cache (``O_DIRECT``) where the file system
+            allows: the disk writes into the cache's buffers and the read costs the CPU
+            almost nothing. ``False``: through the page cache, which then keeps what was
+            read in free memory, for later runs too.
         prefetch_confidence: a predicted expert is read ahead only if the router gives it
             at least this many times the uniform probability ``1 / E`` (0: every one of
             the predicted top-k).
@@ -136,6 +141,8 @@ def load_offloaded(
     budget = parse_bytes(expert_budget)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(direct_io, bool):
+        raise ValueError(f"direct_io must be True or False, got {direct_io!r}")
     if isinstance(prefetch_confidence, bool) or not (
         isinstance(prefetch_confidence, int | float) and prefetch_confidence >= 0
     ):
@@ -170,7 +177,9 @@ def load_offloaded(
     if packed and not supported:
         raise ValueError(f"packed: needs a CPU with oneDNN {expert_dtype} matmuls, got {device}")
     packed = supported if packed is None else packed
-    store = SafetensorsExpertStore(pieces, dtype=expert_dtype, device=device, pack=packed and not quantized)
+    store = SafetensorsExpertStore(
+        pieces, dtype=expert_dtype, device=device, pack=packed and not quantized, direct=direct_io
+    )
     _check_budget(budget, expert_budget, blocks, store)
     # 3. the cache, and every block's experts read through it
     cache = ExpertCache(store, len(blocks), budget, policy, prefetch, io_threads)
