@@ -100,10 +100,14 @@ def test_communicator_thread_runs_on_one_thread(two_threads):
 def test_segment_workers_run_on_one_thread(two_threads):
     counts: dict[str, set[int]] = {}
     lock = threading.Lock()
+    both = threading.Event()  # each thread's first segment waits for the other thread to arrive
 
     def work(expert: int, start: int, end: int) -> None:
         with lock:
             counts.setdefault(threading.current_thread().name, set()).add(torch.get_num_threads())
+            if len(counts) == 2:
+                both.set()
+        both.wait(timeout=10)
 
     for_each_segment(segments_of([5] * 16), work, torch.device("cpu"))
     assert any(name.startswith("flexmoe-experts") for name in counts)  # a pool thread took part
