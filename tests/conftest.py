@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -28,3 +29,12 @@ settings.load_profile("flexmoe")
 
 # Small tensors: extra threads cost more than they save on the 2-core CI machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """PyTorch's intra-op threads set to 2 for the test (the suite runs on 1), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -10,14 +10,6 @@ from flexmoe.experts.backends import grouped_ffn
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, _balances, for_each_segment, segments_of
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_segments_of_skips_empty_experts():
     assert segments_of([2, 0, 3, 0]) == [(0, 0, 2), (2, 2, 5)]
 

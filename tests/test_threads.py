@@ -18,14 +18,6 @@ T = TypeVar("T")
 OPENMP = "OpenMP" in torch.__config__.parallel_info()
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def in_new_thread(fn: Callable[[], T]) -> T:
     """``fn()`` run on a thread started for it."""
     result: list[T] = []
