@@ -17,10 +17,18 @@ and glibc keeps freed buffers in each reading thread's own malloc arena):
   their scales; on CPU) are read into ``ReadBuffers``: spare buffers keyed by byte size.
   When a weight the store returned becomes garbage (the cache evicted it and no caller
   or view still holds it), its memory becomes a spare buffer for a later read.
-- Weights that are converted after the read (packed by oneDNN, cast to another dtype,
-  or copied to another device) are read into a scratch buffer of the reading thread,
-  reused by its next read; only the converted copy is new memory. Packing keeps no
-  reference to its input, so overwriting the scratch never changes a packed expert.
+- Weights that are converted after a read through the page cache (packed by oneDNN,
+  cast to another dtype, or copied to another device) are read into a scratch buffer
+  of the reading thread, reused by its next read; only the converted copy is new
+  memory. Packing keeps no reference to its input, so overwriting the scratch never
+  changes a packed expert.
+
+A weight stored in one piece, in the dtype it is used in, is read past the page cache
+where the file system allows (``SafetensorsFile.read_direct``, ``O_DIRECT``): the
+storage writes into a spare buffer, and the read costs the CPU almost nothing. One to be
+kept as read but off a ``WEIGHT_ALIGN`` boundary in the file is copied once into an
+aligned buffer. Weights read through the page cache are asked for all at once first
+(``posix_fadvise(POSIX_FADV_WILLNEED)``).
 
 Int8 experts (``flexmoe.experts.int8``) are int8 tensors with their per-output-channel
 scales beside them (``name + "_scale"``, one fp32 number per row): the store reads both
