@@ -375,8 +375,10 @@ class ExpertCache:
         to the thread that uses the expert.
         """
         store = self.store
-        stored_only = background and isinstance(store, ConvertingStore)
-        read = store.read_stored if isinstance(store, ConvertingStore) and stored_only else store.read
+        if background and isinstance(store, ConvertingStore):
+            read, stored_only = store.read_stored, True
+        else:
+            read, stored_only = store.read, False
         try:
             weights = read(key)
         except BaseException:

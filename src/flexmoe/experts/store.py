@@ -298,11 +298,6 @@ class ExpertPieces:
     w_in: tuple[TensorSlice, ...]
     w_out: TensorSlice
 
-    def will_need(self) -> None:
-        """Start reading every piece into the page cache, all of them at once."""
-        for piece in (*self.w_in, self.w_out):
-            piece.will_need()
-
     @property
     def w_in_shape(self) -> tuple[int, int]:
         """``(H, D)`` of the assembled ``w_in``."""
