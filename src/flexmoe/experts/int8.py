@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexmoe.experts.rows import rows_int8, takes_int8
+
 __all__ = ["SCALE_SUFFIX", "Int8Weight", "int8_linear", "quantize_int8"]
 
 SCALE_SUFFIX = "_scale"  # a quantized tensor ``name`` has its scales in ``name + SCALE_SUFFIX``
@@ -87,6 +89,8 @@ class Int8Weight:
 
 def int8_linear(x_NI: Tensor, weight: Int8Weight) -> Tensor:
     """``x @ (q * scale)^T`` in ``x``'s dtype: ``[N, I] -> [N, O]``."""
+    if takes_int8(x_NI, weight.q):  # a few rows: streamed at memory speed (flexmoe.experts.rows)
+        return rows_int8(x_NI, weight.q, weight.scale)
     if _int8_kernel_takes(x_NI):
         # the int8 values are read as they are, scaled per output channel after the sum
         return torch._weight_int8pack_mm(x_NI.contiguous(), weight.q, weight.scale.to(x_NI.dtype))

@@ -17,6 +17,7 @@ from torch import Tensor
 from flexmoe.experts.activations import activate
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.packed import PackedWeight, packed_linear
+from flexmoe.experts.rows import rows_bf16, takes_bf16
 
 __all__ = ["ServedWeight", "served_expert_ffn", "served_linear"]
 
@@ -26,12 +27,15 @@ ServedWeight = Tensor | Int8Weight | PackedWeight
 def served_linear(x_NI: Tensor, weight: ServedWeight) -> Tensor:
     """``x @ w^T`` for a weight ``[O, I]`` as served: ``[N, I] -> [N, O]``, in ``x``'s dtype.
 
-    A packed weight computes in its own dtype (which is the model's, hence ``x``'s).
+    A packed weight computes in its own dtype (which is the model's, hence ``x``'s); a
+    plain bf16 weight times a few bf16 rows runs on the row kernels (``flexmoe.experts.rows``).
     """
     if isinstance(weight, Int8Weight):
         return int8_linear(x_NI, weight)
     if isinstance(weight, PackedWeight):
         return packed_linear(x_NI, weight)
+    if takes_bf16(x_NI, weight):
+        return rows_bf16(x_NI, weight)
     return F.linear(x_NI, weight.to(x_NI.dtype))
 
 

@@ -37,6 +37,7 @@ from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import POLICIES, CacheStats, ExpertCache, Policy
 from flexmoe.experts.int8 import SCALE_SUFFIX
 from flexmoe.experts.packed import PackedLinear, packed_inference_supported
+from flexmoe.experts.rows import decodes_plain
 from flexmoe.experts.store import ExpertPieces, SafetensorsExpertStore, SafetensorsFile, TensorSlice
 from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
@@ -121,8 +122,11 @@ def load_offloaded(
         packed: keep the float weights as oneDNN-packed copies: the experts in the cache
             (``flexmoe.experts.packed.PackedWeight``; int8 experts stay int8) and every
             untied ``nn.Linear`` (``pack_linear_layers``). Decoding computes them about
-            1.6x faster on the CPU, in about the same bytes. ``None`` (default): where the
-            device and dtype support it (a CPU with oneDNN fp32 or native bf16 matmuls).
+            1.6x faster on the CPU, in about the same bytes. ``None`` (default): the
+            linear layers where the device and dtype support it (a CPU with oneDNN fp32
+            or native bf16 matmuls), and the experts too unless the row kernels decode
+            them unpacked (bf16 on a CPU with AVX512-BF16, ``flexmoe.experts.rows``):
+            an expert read from disk is then used as read, without a packing.
         direct_io: read experts past the OS page cache (``O_DIRECT``) where the file system
             allows: the disk writes into the cache's buffers and the read costs the CPU
             almost nothing. ``False``: through the page cache, which then keeps what was
@@ -176,9 +180,9 @@ def load_offloaded(
     supported = packed_inference_supported(torch.device(device), expert_dtype)
     if packed and not supported:
         raise ValueError(f"packed: needs a CPU with oneDNN {expert_dtype} matmuls, got {device}")
-    packed = supported if packed is None else packed
+    pack_experts = (supported and not decodes_plain(expert_dtype)) if packed is None else packed
     store = SafetensorsExpertStore(
-        pieces, dtype=expert_dtype, device=device, pack=packed and not quantized, direct=direct_io
+        pieces, dtype=expert_dtype, device=device, pack=pack_experts and not quantized, direct=direct_io
     )
     _check_budget(budget, expert_budget, blocks, store)
     # 3. the cache, and every block's experts read through it
@@ -197,7 +201,7 @@ def load_offloaded(
     # 4. the buffers no file holds, then every stored non-expert tensor
     _initialise_unsaved_buffers(model)
     _load_stored(model, stored, expected)
-    if packed:
+    if supported if packed is None else packed:
         pack_linear_layers(model)
     generation = directory / "generation_config.json"
     if generation.is_file():

@@ -1,0 +1,203 @@
+/* Products of a few rows with a weight read once, for decoding on CPUs with AVX512-BF16.
+ *
+ * y[M, O] = x[M, I] @ w[O, I]^T with the weight in PyTorch's plain row-major layout:
+ *   - flexmoe_rows_bf16: bf16 x and w, products and sums in fp32 (vdpbf16ps), bf16 y;
+ *   - flexmoe_rows_int8: fp32 x (a bf16 model's rows, widened), int8 w with one fp32
+ *     scale per output row, y = (x @ w^T) * scale in bf16 (integer products, below).
+ * A decode step multiplies one row by weights far larger than the caches, so the time is
+ * the time to stream the weight: each block of 4 output rows is read once for every x row
+ * (x stays in L1), and output blocks are split over the calling thread's OpenMP team (the
+ * same runtime, hence the same threads, as PyTorch's: the library is linked against
+ * libgomp.so.1, which PyTorch has loaded before this library).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define OUT_BLOCK 4
+#ifndef PREFETCH
+#define PREFETCH 1024 /* bytes ahead in each weight row: further than the hardware prefetchers go */
+#endif
+
+static inline uint16_t round_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline long clamp_row(long row, long rows) { return row < rows ? row : rows - 1; }
+
+/* ------------------------------------------------------------------ bf16 weights */
+
+/* ROWS x rows (clamped copies past M) against the 4 weight rows starting at o0. */
+#define BF16_STEP(ROWS, MASK)                                                                       \
+    do {                                                                                            \
+        __m512bh wv[OUT_BLOCK];                                                                     \
+        for (int r = 0; r < OUT_BLOCK; r++) {                                                       \
+            wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(MASK, wr[r] + i);                            \
+            _mm_prefetch((const char *)(wr[r] + i) + PREFETCH, _MM_HINT_T0);                        \
+        }                                                                                           \
+        for (int k = 0; k < ROWS; k++) {                                                            \
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(MASK, xr[k] + i);                      \
+            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_dpbf16_ps(acc[k][r], wv[r], xv); \
+        }                                                                                           \
+    } while (0)
+
+/* ROWS x rows (clamped copies past M) against the 4 weight rows starting at o0. */
+#define BF16_BLOCK(ROWS)                                                                            \
+    static void bf16_block_##ROWS(const uint16_t *x, long M, long m0, const uint16_t *w, long O,   \
+                                  long o0, long I, uint16_t *y) {                                   \
+        const uint16_t *wr[OUT_BLOCK], *xr[ROWS];                                                   \
+        for (int r = 0; r < OUT_BLOCK; r++) wr[r] = w + clamp_row(o0 + r, O) * I;                   \
+        for (int k = 0; k < ROWS; k++) xr[k] = x + clamp_row(m0 + k, M) * I;                        \
+        __m512 acc[ROWS][OUT_BLOCK];                                                                \
+        for (int k = 0; k < ROWS; k++)                                                              \
+            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_setzero_ps();                   \
+        long i = 0;                                                                                 \
+        for (; i + 32 <= I; i += 32) BF16_STEP(ROWS, (__mmask32)0xffffffffu);                       \
+        if (i < I) BF16_STEP(ROWS, (__mmask32)((1ull << (I - i)) - 1));                             \
+        for (int k = 0; k < ROWS && m0 + k < M; k++)                                                \
+            for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++)                                       \
+                y[(m0 + k) * O + o0 + r] = round_to_bf16(_mm512_reduce_add_ps(acc[k][r]));          \
+    }
+
+BF16_BLOCK(1)
+BF16_BLOCK(2)
+
+void flexmoe_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
+    long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        long m0 = 0;
+        for (; M - m0 > 1; m0 += 2) bf16_block_2(x, M, m0, w, O, b * OUT_BLOCK, I, y);
+        for (; m0 < M; m0++) bf16_block_1(x, M, m0, w, O, b * OUT_BLOCK, I, y);
+    }
+}
+
+/* ------------------------------------------------------------------ int8 weights */
+
+/* Converting int8 weights to fp32 costs more instructions than memory gives time for, so
+ * the int8 products are integer ones: each x row is rounded to 16-bit fixed point,
+ * x ~ xi * step with step = max|x| / 32767 (an error of at most step / 2, far below the
+ * weights' own int8 rounding), and vpdpwssd multiplies xi by the weights widened to
+ * int16, two columns per lane. A lane's int32 sum gains at most 2 * 127 * 32767 per 32
+ * columns, so each lane is moved to fp32 every CHUNK columns, before it could overflow. */
+#define CHUNK 4096
+#define FIXED_MAX 32767.0f
+
+#define INT8_STEP(ROWS, MASK)                                                                       \
+    do {                                                                                            \
+        __m512i wv[OUT_BLOCK];                                                                      \
+        for (int r = 0; r < OUT_BLOCK; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(MASK, wr[r] + i)); \
+        for (int k = 0; k < ROWS; k++) {                                                            \
+            __m512i xv = _mm512_maskz_loadu_epi16(MASK, xr[k] + i);                                 \
+            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_dpwssd_epi32(acc[k][r], xv, wv[r]); \
+        }                                                                                           \
+    } while (0)
+
+/* 64 columns: one cache line of each weight row, the one PREFETCH bytes ahead requested. */
+#define INT8_LINE(ROWS)                                                                             \
+    do {                                                                                            \
+        __m512i lo[OUT_BLOCK], hi[OUT_BLOCK];                                                       \
+        for (int r = 0; r < OUT_BLOCK; r++) {                                                       \
+            __m512i line = _mm512_loadu_si512(wr[r] + i);                                           \
+            _mm_prefetch((const char *)(wr[r] + i) + PREFETCH, _MM_HINT_T0);                        \
+            lo[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(line));                             \
+            hi[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(line, 1));                       \
+        }                                                                                           \
+        for (int k = 0; k < ROWS; k++) {                                                            \
+            __m512i xlo = _mm512_loadu_si512(xr[k] + i), xhi = _mm512_loadu_si512(xr[k] + i + 32); \
+            for (int r = 0; r < OUT_BLOCK; r++) {                                                   \
+                acc[k][r] = _mm512_dpwssd_epi32(acc[k][r], xlo, lo[r]);                             \
+                acc[k][r] = _mm512_dpwssd_epi32(acc[k][r], xhi, hi[r]);                             \
+            }                                                                                       \
+        }                                                                                           \
+    } while (0)
+
+#define INT8_BLOCK(ROWS)                                                                            \
+    static void int8_block_##ROWS(const int16_t *xi, const float *step, long M, long m0,           \
+                                  const int8_t *w, const float *scale, long O, long o0, long I,    \
+                                  uint16_t *y) {                                          \
+        const int8_t *wr[OUT_BLOCK];                                                                \
+        const int16_t *xr[ROWS];                                                                    \
+        for (int r = 0; r < OUT_BLOCK; r++) wr[r] = w + clamp_row(o0 + r, O) * I;                   \
+        for (int k = 0; k < ROWS; k++) xr[k] = xi + clamp_row(m0 + k, M) * I;                       \
+        float sum[ROWS][OUT_BLOCK] = {{0}};                                                         \
+        for (long c = 0; c < I; c += CHUNK) {                                                       \
+            long end = c + CHUNK < I ? c + CHUNK : I;                                               \
+            __m512i acc[ROWS][OUT_BLOCK];                                                           \
+            for (int k = 0; k < ROWS; k++)                                                          \
+                for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_setzero_si512();            \
+            long i = c;                                                                             \
+            for (; i + 64 <= end; i += 64) INT8_LINE(ROWS);                                         \
+            for (; i + 32 <= end; i += 32) INT8_STEP(ROWS, (__mmask32)0xffffffffu);                 \
+            if (i < end) INT8_STEP(ROWS, (__mmask32)((1ull << (end - i)) - 1));                     \
+            for (int k = 0; k < ROWS; k++)                                                          \
+                for (int r = 0; r < OUT_BLOCK; r++) sum[k][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[k][r])); \
+        }                                                                                           \
+        for (int k = 0; k < ROWS && m0 + k < M; k++)                                                \
+            for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++) {                                     \
+                y[(m0 + k) * O + o0 + r] = round_to_bf16(sum[k][r] * step[m0 + k] * scale[o0 + r]); \
+            }                                                                                       \
+    }
+
+INT8_BLOCK(1)
+INT8_BLOCK(2)
+
+/* x[M, I] rounded to xi * step[m]; a row that is not finite gets step NaN (its outputs NaN). */
+static void to_fixed_point(const float *x, long M, long I, int16_t *xi, float *step) {
+    for (long m = 0; m < M; m++) {
+        const float *row = x + m * I;
+        int16_t *fixed = xi + m * I;
+        __m512 largest = _mm512_setzero_ps();
+        for (long i = 0; i < I; i += 16) {
+            __mmask16 mask = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1);
+            largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + i)));
+        }
+        float top = _mm512_reduce_max_ps(largest);
+        for (long i = 0; i < I; i++) top = isnan(row[i]) ? row[i] : top; /* max_ps drops NaNs */
+        if (!isfinite(top)) {
+            step[m] = NAN;
+            memset(fixed, 0, (size_t)I * sizeof *fixed);
+            continue;
+        }
+        step[m] = top / FIXED_MAX;
+        __m512 inverse = _mm512_set1_ps(top > 0.0f ? FIXED_MAX / top : 0.0f);
+        for (long i = 0; i < I; i += 16) {
+            __mmask16 mask = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1);
+            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + i), inverse));
+            _mm256_mask_storeu_epi16(fixed + i, mask, _mm512_cvtsepi32_epi16(rounded));
+        }
+    }
+}
+
+/* Returns 0, or -1 when the scratch memory could not be allocated. */
+int flexmoe_rows_int8(const float *x, long M, const int8_t *w, const float *scale, long O, long I, uint16_t *y) {
+    int16_t *xi = malloc((size_t)(M * I) * sizeof *xi);
+    float *step = malloc((size_t)M * sizeof *step);
+    if (xi == NULL || step == NULL) {
+        free(xi);
+        free(step);
+        return -1;
+    }
+    to_fixed_point(x, M, I, xi, step);
+    long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        long m0 = 0;
+        for (; M - m0 > 1; m0 += 2) int8_block_2(xi, step, M, m0, w, scale, O, b * OUT_BLOCK, I, y);
+        for (; m0 < M; m0++) int8_block_1(xi, step, M, m0, w, scale, O, b * OUT_BLOCK, I, y);
+    }
+    free(xi);
+    free(step);
+    return 0;
+}
+
+/* The OpenMP team size a parallel region of the calling thread gets: PyTorch's, when the
+ * runtime is shared (what the tests check). */
+int flexmoe_rows_threads(void) { return omp_get_max_threads(); }

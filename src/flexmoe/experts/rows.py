@@ -1,0 +1,226 @@
+"""A few rows times a plain bf16 or int8 weight, read once: the decoding products on CPUs.
+
+Legend: N rows, O output channels, I input channels.
+
+Decoding multiplies one row (or a few) by each weight it uses, and the time is the time
+to stream the weight from memory. PyTorch's CPU kernels for that case either need the
+weight repacked first (oneDNN's packed layout: a conversion whose fresh memory faults in
+on first touch, milliseconds per expert read from disk) or compute slower than memory
+delivers (``torch._weight_int8pack_mm``). ``rows.c`` streams the plain row-major weight
+with AVX512-BF16 dot products (bf16, fp32 sums) or AVX512-VNNI integer ones (int8, one
+scale per output row: each row of ``x`` is rounded to 16-bit fixed point, an error of at
+most ``max|x_row| / 65534`` per element, far below the weights' int8 rounding and the
+bf16 output's), both for bf16 rows, and
+splits the output rows over PyTorch's own OpenMP threads.
+
+The library is compiled on first use with the system's C compiler (``$CC``, else
+``cc``) into ``$XDG_CACHE_HOME/flexmoe/kernels`` (``~/.cache`` by default), once per
+source, compiler and flags. Where the CPU lacks AVX512-BF16, the platform is not Linux,
+no compiler works, or ``FLEXMOE_CPU_KERNELS=0`` is set, ``available()`` is false and the
+callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flexmoe.logs import log_once
+
+__all__ = [
+    "BF16_MAX_ROWS",
+    "INT8_MAX_ROWS",
+    "available",
+    "decodes_plain",
+    "openmp_threads",
+    "rows_bf16",
+    "rows_int8",
+    "takes_bf16",
+    "takes_int8",
+]
+
+logger = logging.getLogger(__name__)
+
+# Beyond these row counts PyTorch's kernels are as fast (measured on an AVX512-BF16 CPU
+# with weights larger than its caches: bf16 against the BLAS product on the plain weight,
+# int8 against torch._weight_int8pack_mm).
+BF16_MAX_ROWS = 2
+INT8_MAX_ROWS = 16
+_SOURCE = Path(__file__).with_name("rows.c")
+_FLAGS = (
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mavx512vnni",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+)
+_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"})
+_ENABLE_VARIABLE = "FLEXMOE_CPU_KERNELS"
+
+
+def _cpu_supports() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split()) >= _CPU_FLAGS
+    return False
+
+
+def _kernel_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flexmoe" / "kernels"
+
+
+def _compiler_version(compiler: str) -> str:
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built now unless an identical build is cached."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _compiler_version(compiler).encode())
+    target = _kernel_dir() / f"rows-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built under a private name, then renamed: processes building at once never see half a file
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=".rows-", suffix=".so")
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", partial],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_long
+    library.flexmoe_rows_bf16.argtypes = [pointer, size, pointer, size, size, pointer]
+    library.flexmoe_rows_bf16.restype = None
+    library.flexmoe_rows_int8.argtypes = [pointer, size, pointer, pointer, size, size, pointer]
+    library.flexmoe_rows_int8.restype = ctypes.c_int
+    library.flexmoe_rows_threads.argtypes = []
+    library.flexmoe_rows_threads.restype = ctypes.c_int
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(_ENABLE_VARIABLE, "1") == "0" or not _cpu_supports():
+        return None
+    compiler = os.environ.get("CC", "cc")
+    try:
+        return _declare(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        log_once(
+            logger, logging.WARNING, "CPU row kernels unavailable (%s failed): %s", compiler, detail.strip()
+        )
+        return None
+
+
+def available() -> bool:
+    """Whether the row kernels run here (built, or cached from an earlier build)."""
+    return _library() is not None
+
+
+def openmp_threads() -> int:
+    """The team size the kernels' parallel loops get on the calling thread (PyTorch's)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the CPU row kernels are not available here")
+    return int(library.flexmoe_rows_threads())
+
+
+def decodes_plain(dtype: torch.dtype) -> bool:
+    """Whether a plain weight of ``dtype`` multiplies decoding rows here on the row kernels."""
+    return dtype == torch.bfloat16 and available()
+
+
+def _takes(x_NI: Tensor, weight: Tensor, dtype: torch.dtype, max_rows: int) -> bool:
+    return (
+        x_NI.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x_NI.dim() == 2
+        and 1 <= x_NI.shape[0] <= max_rows
+        and weight.dim() == 2
+        and weight.dtype == dtype
+        and weight.shape[1] == x_NI.shape[1]
+        and weight.shape[0] > 0
+        and weight.is_contiguous()
+        and available()
+    )
+
+
+def takes_bf16(x_NI: Tensor, w_OI: Tensor) -> bool:
+    """Whether ``rows_bf16`` computes ``x @ w^T``: bf16 on CPU, ``1..BF16_MAX_ROWS`` rows, plain ``w``."""
+    return x_NI.dtype == torch.bfloat16 and _takes(x_NI, w_OI, torch.bfloat16, BF16_MAX_ROWS)
+
+
+def takes_int8(x_NI: Tensor, q_OI: Tensor) -> bool:
+    """Whether ``rows_int8`` computes ``x @ (q * scale)^T``: bf16 ``x`` on CPU, ``1..INT8_MAX_ROWS`` rows.
+
+    Not fp32 ``x``: its 16-bit fixed-point rounding would be coarser than fp32 outputs.
+    """
+    return x_NI.dtype == torch.bfloat16 and _takes(x_NI, q_OI, torch.int8, INT8_MAX_ROWS)
+
+
+def rows_bf16(x_NI: Tensor, w_OI: Tensor) -> Tensor:
+    """``x @ w^T`` in bf16 (fp32 sums), ``[N, I] -> [N, O]``; check ``takes_bf16`` first."""
+    library = _library()
+    assert library is not None and takes_bf16(x_NI, w_OI)
+    x_NI = x_NI.contiguous()
+    rows, (outputs, inputs) = x_NI.shape[0], w_OI.shape
+    y_NO = torch.empty(rows, outputs, dtype=torch.bfloat16)
+    library.flexmoe_rows_bf16(x_NI.data_ptr(), rows, w_OI.data_ptr(), outputs, inputs, y_NO.data_ptr())
+    return y_NO
+
+
+def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:
+    """``x @ (q * scale[:, None])^T`` in bf16, ``[N, I] -> [N, O]``; check ``takes_int8`` first."""
+    library = _library()
+    assert library is not None and takes_int8(x_NI, q_OI)
+    x32_NI = x_NI.to(torch.float32).contiguous()
+    scale32_O = scale_O.to(torch.float32).contiguous()
+    rows, (outputs, inputs) = x_NI.shape[0], q_OI.shape
+    y_NO = torch.empty(rows, outputs, dtype=torch.bfloat16)
+    status = library.flexmoe_rows_int8(
+        x32_NI.data_ptr(),
+        rows,
+        q_OI.data_ptr(),
+        scale32_O.data_ptr(),
+        outputs,
+        inputs,
+        y_NO.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError(f"rows_int8: no memory for the {rows} x {inputs} fixed-point rows")
+    return y_NO

@@ -1,0 +1,152 @@
+"""flexmoe.experts.rows: the few-row bf16 and int8 kernels against an fp64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexmoe.experts.int8 import Int8Weight, int8_linear
+from flexmoe.experts.rows import (
+    BF16_MAX_ROWS,
+    INT8_MAX_ROWS,
+    available,
+    openmp_threads,
+    rows_bf16,
+    rows_int8,
+    takes_bf16,
+    takes_int8,
+)
+from flexmoe.experts.served import served_linear
+
+pytestmark = pytest.mark.skipif(not available(), reason="needs a CPU with AVX512-BF16 and a C compiler")
+
+BF16_STEP = 2.0**-8  # the largest relative rounding error of a bf16 output
+
+
+def tensors(rows: int, outputs: int, inputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inputs, generator=generator).to(torch.bfloat16)
+    w = torch.randn(outputs, inputs, generator=generator).to(torch.bfloat16)
+    return x, w
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, BF16_MAX_ROWS),
+    outputs=st.integers(1, 19),
+    inputs=st.integers(1, 100),  # full 32-column blocks and masked tails
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_rows_equal_the_fp64_product(rows, outputs, inputs, seed):
+    x, w = tensors(rows, outputs, inputs, seed)
+    assert takes_bf16(x, w)
+    y = rows_bf16(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, outputs)
+    expected = x.double() @ w.double().T
+    magnitude = x.double().abs() @ w.double().abs().T  # bounds every partial sum
+    bound = BF16_STEP * expected.abs() + 1e-6 * magnitude + 1e-30
+    assert bool(((y.double() - expected).abs() <= bound).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, INT8_MAX_ROWS),
+    outputs=st.integers(1, 19),
+    inputs=st.integers(1, 150),  # whole 64-column lines, 32-column steps and masked tails
+    seed=st.integers(0, 2**16),
+    zero_row=st.booleans(),
+)
+def test_int8_rows_equal_the_fp64_product_within_the_fixed_point_bound(rows, outputs, inputs, seed, zero_row):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, inputs, generator=generator) * 3).to(torch.bfloat16)
+    if zero_row:
+        x[0] = 0
+    weight = Int8Weight.quantize(torch.randn(outputs, inputs, generator=generator))
+    assert takes_int8(x, weight.q)
+    y = rows_int8(x, weight.q, weight.scale)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, outputs)
+    q, scale, x64 = weight.q.double(), weight.scale.double(), x.double()
+    expected = (x64 @ q.T) * scale
+    # each x is rounded to a step of max|x_row| / 32767: off by half a step at most
+    half_step = x64.abs().amax(dim=1, keepdim=True) / 32767 / 2
+    fixed_point = half_step * (q.abs().sum(dim=1) * scale)
+    bound = BF16_STEP * expected.abs() + 1.01 * fixed_point + 1e-30
+    assert bool(((y.double() - expected).abs() <= bound).all())
+    if zero_row:
+        assert not y[0].any()
+
+
+def test_int8_sums_longer_than_a_chunk_do_not_overflow():
+    # every product at its largest: an int32 sum over 9000 columns would overflow
+    inputs = 9000
+    q = torch.full((3, inputs), 127, dtype=torch.int8)
+    q[1] = -127
+    x = torch.full((1, inputs), 2.0, dtype=torch.bfloat16)
+    y = rows_int8(x, q, torch.ones(3))
+    expected = torch.tensor([[2.0 * 127 * inputs, -2.0 * 127 * inputs, 2.0 * 127 * inputs]])
+    torch.testing.assert_close(y.double(), expected.double(), rtol=BF16_STEP, atol=0)
+
+
+def test_a_row_that_is_not_finite_gives_nan_and_leaves_the_others():
+    q = torch.ones(2, 40, dtype=torch.int8)
+    x = torch.ones(3, 40, dtype=torch.bfloat16)
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    y = rows_int8(x, q, torch.ones(2))
+    assert bool(y[1:].isnan().all())
+    torch.testing.assert_close(y[0].double(), torch.full((2,), 40.0, dtype=torch.float64))
+
+
+def test_what_the_kernels_take():
+    x, w = tensors(1, 4, 64, 0)
+    many = torch.randn(BF16_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    q = torch.ones(4, 64, dtype=torch.int8)
+    assert not takes_bf16(many, w)  # more rows: the BLAS product is as fast
+    assert not takes_bf16(x.float(), w.float())
+    assert not takes_bf16(x, w.T.contiguous().T)  # a strided weight
+    assert not takes_bf16(x[:, :32], w)
+    assert not takes_int8(x.float(), q)  # fp32 rows keep fp32 sums of exact products
+    assert not takes_int8(torch.randn(INT8_MAX_ROWS + 1, 64).to(torch.bfloat16), q)
+    assert not takes_int8(torch.empty(0, 64, dtype=torch.bfloat16), q)
+
+
+def test_served_and_int8_linear_use_them_for_decoding_rows():
+    x, w = tensors(1, 8, 64, 1)
+    assert torch.equal(served_linear(x, w), rows_bf16(x, w))
+    weight = Int8Weight.quantize(w.float())
+    assert torch.equal(int8_linear(x, weight), rows_int8(x, weight.q, weight.scale))
+
+
+def test_the_kernels_run_on_pytorchs_openmp_threads(two_threads):
+    assert openmp_threads() == torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    assert openmp_threads() == 1
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+CHECK = """
+import logging
+logging.basicConfig(level=logging.WARNING)
+from flexmoe.experts.rows import available
+print(available())
+"""
+
+
+def test_without_a_compiler_or_when_turned_off_the_kernels_are_unavailable(tmp_path):
+    broken = run_python(CHECK, {"CC": "false", "XDG_CACHE_HOME": str(tmp_path)})
+    assert broken.returncode == 0 and broken.stdout.strip() == "False"
+    assert "CPU row kernels unavailable (false failed)" in broken.stderr
+    assert not list(tmp_path.rglob("*.so"))
+    off = run_python(CHECK, {"FLEXMOE_CPU_KERNELS": "0"})
+    assert off.returncode == 0 and off.stdout.strip() == "False"
