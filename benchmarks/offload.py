@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,9 @@ import flexmoe.hf
 from flexmoe.checkpoint import load_checkpoint
 from flexmoe.experts.cache import POLICIES, ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
-from flexmoe.experts.packed import PackedWeight, packed_inference_supported, packed_linear
+from flexmoe.experts.packed import PackedWeight, packed_inference_supported
+from flexmoe.experts.rows import decodes_plain
+from flexmoe.experts.served import served_linear
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
@@ -358,6 +360,7 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": rounds,
         "matrix_vector_gb_s": rates,
         "int8_decode_bound": bound,
+        "int8_roofline_bound": roofline_bound(config),
     }
 
 
@@ -449,22 +452,27 @@ def print_large(
 
 
 def matrix_vector_rates(config: dict[str, Any], rounds: int = 7) -> dict[str, float] | None:
-    """GB/s of one-row products with an expert's ``w_in`` ``[2F, D]``: packed bf16 and int8 weights.
+    """GB/s of one-row products with an expert's ``w_in`` ``[2F, D]``, and of reading its bytes.
 
-    Decoding is matrix-vector products; these rates bound what int8 experts can gain over
-    bf16 ones per product: ``2 x int8 rate / bf16 rate`` (half the bytes, each read at its
-    own kernel's rate). The weights span more than the CPU's caches, as the experts do.
-    Interleaved rounds, medians. ``None`` where packed bf16 products are not supported.
+    Decoding is matrix-vector products. ``bf16 experts``: bf16 experts as the cache
+    serves them (plain on the row kernels where they run, else packed); ``bf16 packed``:
+    the attention's and head's packed weights; ``int8``: int8 experts; ``read``: a sum
+    over the same bytes, the rate memory delivers them at. The weights span more than the
+    CPU's caches, as the experts do. Interleaved rounds, medians. ``None`` where packed
+    bf16 products are not supported.
     """
     if not packed_inference_supported(torch.device("cpu"), torch.bfloat16):
         return None
     out_dim, in_dim = 2 * config["moe_intermediate_size"], config["hidden_size"]
     count = max(4, (256 << 20) // (2 * out_dim * in_dim))  # 256 MiB of bf16 weights
     generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(out_dim, in_dim, generator=generator) for _ in range(count)]
-    forms = {
-        "bf16 packed": ([PackedWeight.pack(w.to(torch.bfloat16)) for w in weights], packed_linear, 2),
-        "int8": ([Int8Weight.quantize(w) for w in weights], int8_linear, 1),
+    weights = [torch.randn(out_dim, in_dim, generator=generator).to(torch.bfloat16) for _ in range(count)]
+    packed = [PackedWeight.pack(w) for w in weights]
+    forms: dict[str, tuple[list[Any], Callable[[Tensor, Any], Any], int]] = {
+        "bf16 experts": (weights if decodes_plain(torch.bfloat16) else packed, served_linear, 2),
+        "bf16 packed": (packed, served_linear, 2),
+        "int8": ([Int8Weight.quantize(w.float()) for w in weights], int8_linear, 1),
+        "read": ([w.view(torch.float32) for w in weights], lambda _, w: w.sum(), 2),
     }
     x = torch.randn(1, in_dim, generator=generator).to(torch.bfloat16)
     seconds: dict[str, list[float]] = {name: [] for name in forms}
@@ -473,7 +481,7 @@ def matrix_vector_rates(config: dict[str, Any], rounds: int = 7) -> dict[str, fl
             for name, (stored, linear, _) in forms.items():
                 start = time.perf_counter()
                 for w in stored:
-                    linear(x, w)  # type: ignore[operator]
+                    linear(x, w)
                 seconds[name].append(time.perf_counter() - start)
     return {
         name: count * out_dim * in_dim * size / statistics.median(seconds[name][1:]) / 1e9
@@ -502,23 +510,30 @@ def decode_bound(rates: dict[str, float], config: dict[str, Any]) -> float:
     bf16. Anything else a step does (the same for both) only brings the ratio closer to 1.
     """
     experts, other = product_bytes_per_token(config)
-    bf16_s = (experts + other) / rates["bf16 packed"]
+    bf16_s = experts / rates["bf16 experts"] + other / rates["bf16 packed"]
     int8_s = other / rates["bf16 packed"] + experts / 2 / rates["int8"]
     return bf16_s / int8_s
+
+
+def roofline_bound(config: dict[str, Any]) -> float:
+    """``decode_bound`` for kernels that all read at the rate memory delivers: bytes alone."""
+    experts, other = product_bytes_per_token(config)
+    return (experts + other) / (experts / 2 + other)
 
 
 def print_matrix_vector_bound(rates: dict[str, float] | None, config: dict[str, Any]) -> None:
     if rates is None:
         return
-    bf16, int8 = rates["bf16 packed"], rates["int8"]
     experts, other = product_bytes_per_token(config)
     print(
         f"  one-row products with w_in [{2 * config['moe_intermediate_size']}, {config['hidden_size']}]: "
-        f"packed bf16 {bf16:.1f} GB/s, int8 {int8:.1f} GB/s: int8 is at most "
-        f"{2 * int8 / bf16:.2f}x bf16 per product (half the bytes at its kernel's rate); a decoded "
-        f"token's products read {experts / 1e9:.2f} GB of bf16 experts and {other / 1e9:.2f} GB of "
-        f"bf16 attention and head, so int8 experts decode at most {decode_bound(rates, config):.2f}x "
-        f"faster than bf16 ones (were a step nothing but products)"
+        f"bf16 experts {rates['bf16 experts']:.1f} GB/s, packed bf16 (attention, head) "
+        f"{rates['bf16 packed']:.1f} GB/s, int8 {rates['int8']:.1f} GB/s, reading the bytes "
+        f"{rates['read']:.1f} GB/s; int8 is at most {2 * rates['int8'] / rates['bf16 experts']:.2f}x bf16 "
+        f"per product. A decoded token's products read {experts / 1e9:.2f} GB of bf16 experts and "
+        f"{other / 1e9:.2f} GB of bf16 attention and head, so int8 experts decode at most "
+        f"{decode_bound(rates, config):.2f}x faster than bf16 ones at these rates, and at most "
+        f"{roofline_bound(config):.2f}x with any kernels (were a step nothing but products)"
     )
 
 

@@ -2,8 +2,8 @@
  *
  * y[M, O] = x[M, I] @ w[O, I]^T with the weight in PyTorch's plain row-major layout:
  *   - flexmoe_rows_bf16: bf16 x and w, products and sums in fp32 (vdpbf16ps), bf16 y;
- *   - flexmoe_rows_int8: fp32 x (a bf16 model's rows, widened), int8 w with one fp32
- *     scale per output row, y = (x @ w^T) * scale in bf16 (integer products, below).
+ *   - flexmoe_rows_int8: bf16 x, int8 w with one fp32 scale per output row,
+ *     y = (x @ w^T) * scale in bf16 (integer products, below).
  * A decode step multiplies one row by weights far larger than the caches, so the time is
  * the time to stream the weight: each block of 4 output rows is read once for every x row
  * (x stays in L1), and output blocks are split over the calling thread's OpenMP team (the
@@ -149,18 +149,29 @@ void flexmoe_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, lon
 INT8_BLOCK(1)
 INT8_BLOCK(2)
 
-/* x[M, I] rounded to xi * step[m]; a row that is not finite gets step NaN (its outputs NaN). */
-static void to_fixed_point(const float *x, long M, long I, int16_t *xi, float *step) {
+static inline __m512 load_bf16(__mmask16 mask, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+static inline float bf16_to_float(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
+/* x[M, I] (bf16) rounded to xi * step[m]; a row that is not finite gets step NaN (its outputs NaN). */
+static void to_fixed_point(const uint16_t *x, long M, long I, int16_t *xi, float *step) {
     for (long m = 0; m < M; m++) {
-        const float *row = x + m * I;
+        const uint16_t *row = x + m * I;
         int16_t *fixed = xi + m * I;
         __m512 largest = _mm512_setzero_ps();
         for (long i = 0; i < I; i += 16) {
             __mmask16 mask = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1);
-            largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + i)));
+            largest = _mm512_max_ps(largest, _mm512_abs_ps(load_bf16(mask, row + i)));
         }
         float top = _mm512_reduce_max_ps(largest);
-        for (long i = 0; i < I; i++) top = isnan(row[i]) ? row[i] : top; /* max_ps drops NaNs */
+        for (long i = 0; i < I; i++) top = isnan(bf16_to_float(row[i])) ? NAN : top; /* max_ps drops NaNs */
         if (!isfinite(top)) {
             step[m] = NAN;
             memset(fixed, 0, (size_t)I * sizeof *fixed);
@@ -170,14 +181,14 @@ static void to_fixed_point(const float *x, long M, long I, int16_t *xi, float *s
         __m512 inverse = _mm512_set1_ps(top > 0.0f ? FIXED_MAX / top : 0.0f);
         for (long i = 0; i < I; i += 16) {
             __mmask16 mask = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1);
-            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + i), inverse));
+            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(mask, row + i), inverse));
             _mm256_mask_storeu_epi16(fixed + i, mask, _mm512_cvtsepi32_epi16(rounded));
         }
     }
 }
 
 /* Returns 0, or -1 when the scratch memory could not be allocated. */
-int flexmoe_rows_int8(const float *x, long M, const int8_t *w, const float *scale, long O, long I, uint16_t *y) {
+int flexmoe_rows_int8(const uint16_t *x, long M, const int8_t *w, const float *scale, long O, long I, uint16_t *y) {
     int16_t *xi = malloc((size_t)(M * I) * sizeof *xi);
     float *step = malloc((size_t)M * sizeof *step);
     if (xi == NULL || step == NULL) {

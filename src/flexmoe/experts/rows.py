@@ -208,12 +208,12 @@ def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:
     """``x @ (q * scale[:, None])^T`` in bf16, ``[N, I] -> [N, O]``; check ``takes_int8`` first."""
     library = _library()
     assert library is not None and takes_int8(x_NI, q_OI)
-    x32_NI = x_NI.to(torch.float32).contiguous()
+    x_NI = x_NI.contiguous()
     scale32_O = scale_O.to(torch.float32).contiguous()
     rows, (outputs, inputs) = x_NI.shape[0], q_OI.shape
     y_NO = torch.empty(rows, outputs, dtype=torch.bfloat16)
     status = library.flexmoe_rows_int8(
-        x32_NI.data_ptr(),
+        x_NI.data_ptr(),
         rows,
         q_OI.data_ptr(),
         scale32_O.data_ptr(),
