@@ -31,6 +31,7 @@ from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
+from flexmoe.experts.rows import rows_bf16, takes_bf16
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
@@ -456,6 +457,8 @@ def stacked_inference(
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
         h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
+        if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
+            h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
         if h_nH is not None:
             h_PNF[:, s:t].copy_(h_nH.view(t - s, P, F).transpose(0, 1))
             if stack.b_in is not None:
@@ -477,6 +480,8 @@ def stacked_inference(
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
         y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
+        if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
+            y_nD = rows_bf16(a_NF[s:t], stack.w_out[e])
         if y_nD is None:
             torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
         else:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
+from flexmoe.experts.rows import takes_bf16
 from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
@@ -137,7 +138,10 @@ class OffloadedExperts(LocalExperts):
         with closing(served):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
-                if not (isinstance(w_in, Tensor) and isinstance(w_out, Tensor)):  # int8 or packed
+                # int8, packed, or plain bf16 rows the row kernels take: one expert's FFN
+                # directly (the same products and roundings as the experts' own backend)
+                plain = isinstance(w_in, Tensor) and isinstance(w_out, Tensor)
+                if not plain or takes_bf16(x_c[rows], w_in):
                     outputs[e] = served_expert_ffn(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
                     continue
                 weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
