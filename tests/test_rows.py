@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flexmoe.experts import GroupedExperts, backends
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.rows import (
     BF16_MAX_ROWS,
@@ -23,6 +25,7 @@ from flexmoe.experts.rows import (
     takes_int8,
 )
 from flexmoe.experts.served import served_linear
+from tests.reference import ffn
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs a CPU with AVX512-BF16 and a C compiler")
 
@@ -121,6 +124,38 @@ def test_served_and_int8_linear_use_them_for_decoding_rows():
     assert torch.equal(served_linear(x, w), rows_bf16(x, w))
     weight = Int8Weight.quantize(w.float())
     assert torch.equal(int8_linear(x, weight), rows_int8(x, weight.q, weight.scale))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.sampled_from([0, 1, 1, 2, 2, 3, 6]), min_size=2, max_size=6),
+    activation=st.sampled_from(["swiglu", "gelu", "relu"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts, activation, bias, seed):
+    # decoding rows (1-2 per expert) run on the row kernels, the others on the BLAS products
+    torch.manual_seed(seed)
+    experts = GroupedExperts(len(counts), 64, 48, activation, bias=bias, dtype=torch.bfloat16)
+    x = torch.randn(sum(counts), 64).to(torch.bfloat16)
+    row_weights = torch.rand(sum(counts)).to(torch.bfloat16)
+    with torch.no_grad(), mock.patch.object(backends, "rows_bf16", wraps=rows_bf16) as kernel:
+        y = experts(x, counts, row_weights)
+    assert kernel.call_count == 2 * sum(1 for n in counts if 1 <= n <= BF16_MAX_ROWS)
+    params = {name: p.detach().double() for name, p in experts.named_parameters()}
+    rows, start = [], 0
+    for e, n in enumerate(counts):
+        for r in range(start, start + n):
+            b_in, b_out = (None, None) if not bias else (params["b_in"][e], params["b_out"][e])
+            out = ffn(x[r].double(), params["w_in"][e], params["w_out"][e], b_in, b_out, activation)
+            rows.append(out * float(row_weights[r]))
+        start += n
+    if not rows:
+        assert y.shape == (0, 64)
+        return
+    expected = torch.stack(rows)
+    # bf16 rounds the first projection, the activation and the output: a few bf16 steps
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=0.03 * (1 + float(expected.abs().max())))
 
 
 def test_the_kernels_run_on_pytorchs_openmp_threads(two_threads):
