@@ -354,6 +354,7 @@ def test_rerouting_never_beneficial_under_uniform_load(preset):
         assert not report.best.plan.reroute_kind is not None
 
 
+@pytest.mark.timing  # a wall-clock bound: on a busy machine it measures the machine
 def test_a_2048_device_sweep_point_takes_under_two_seconds():
     cluster = load_cluster("a100-80gb-hdr200")
     layer = MoEWorkload(
