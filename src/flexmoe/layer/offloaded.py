@@ -56,10 +56,11 @@ __all__ = [
     "prefetch_experts",
 ]
 
-# A predicted expert is read ahead when the router gives it at least this many times the
-# uniform probability 1/E, and when at least this fraction of its past predictions were
-# used (both measured on `flexmoe train`'s models: see docs/offload.md).
-DEFAULT_CONFIDENCE = 1.2
+# A predicted expert is read ahead when the router gives it at least the uniform
+# probability 1/E (this many times it: an expert it favours over an even spread), and
+# when at least this fraction of its past predictions were used (both measured on
+# `flexmoe train`'s models: see docs/offload.md).
+DEFAULT_CONFIDENCE = 1.0
 DEFAULT_MIN_PRECISION = 0.5
 
 
