@@ -140,13 +140,13 @@ class OffloadedExperts(LocalExperts):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
                 # int8, packed, or plain bf16 rows the row kernels take: one expert's FFN
-                # directly (the same products and roundings as the experts' own backend)
-                plain = isinstance(w_in, Tensor) and isinstance(w_out, Tensor)
-                if not plain or takes_bf16(x_c[rows], w_in):
-                    outputs[e] = served_expert_ffn(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
+                # directly (the same products and roundings as the experts' own backend);
+                # other plain weights: the experts' backend
+                if isinstance(w_in, Tensor) and isinstance(w_out, Tensor) and not takes_bf16(x_c[rows], w_in):
+                    weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
+                    outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
                     continue
-                weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
-                outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
+                outputs[e] = served_expert_ffn(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
