@@ -7,11 +7,11 @@ to stream the weight from memory. PyTorch's CPU kernels for that case either nee
 weight repacked first (oneDNN's packed layout: a conversion whose fresh memory faults in
 on first touch, milliseconds per expert read from disk) or compute slower than memory
 delivers (``torch._weight_int8pack_mm``). ``rows.c`` streams the plain row-major weight
-with AVX512-BF16 dot products (bf16, fp32 sums) or AVX512-VNNI integer ones (int8, one
-scale per output row: each row of ``x`` is rounded to 16-bit fixed point, an error of at
-most ``max|x_row| / 65534`` per element, far below the weights' int8 rounding and the
-bf16 output's), both for bf16 rows, and
-splits the output rows over PyTorch's own OpenMP threads.
+and splits its output rows over PyTorch's own OpenMP threads. Both kernels take bf16
+rows: bf16 weights run on AVX512-BF16 dot products with fp32 sums; int8 weights (one
+scale per output row) on AVX512-VNNI integer ones, each row of ``x`` rounded to 16-bit
+fixed point first (an error of at most ``max|x_row| / 65534`` per element, far below
+the weights' int8 rounding and the bf16 output's).
 
 The library is compiled on first use with the system's C compiler (``$CC``, else
 ``cc``) into ``$XDG_CACHE_HOME/flexmoe/kernels`` (``~/.cache`` by default), once per
