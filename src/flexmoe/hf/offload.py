@@ -180,6 +180,7 @@ def load_offloaded(
     supported = packed_inference_supported(torch.device(device), expert_dtype)
     if packed and not supported:
         raise ValueError(f"packed: needs a CPU with oneDNN {expert_dtype} matmuls, got {device}")
+    pack_linears = supported if packed is None else packed
     pack_experts = (supported and not decodes_plain(expert_dtype)) if packed is None else packed
     store = SafetensorsExpertStore(
         pieces, dtype=expert_dtype, device=device, pack=pack_experts and not quantized, direct=direct_io
@@ -201,7 +202,7 @@ def load_offloaded(
     # 4. the buffers no file holds, then every stored non-expert tensor
     _initialise_unsaved_buffers(model)
     _load_stored(model, stored, expected)
-    if supported if packed is None else packed:
+    if pack_linears:
         pack_linear_layers(model)
     generation = directory / "generation_config.json"
     if generation.is_file():
