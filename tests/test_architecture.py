@@ -17,6 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A package may import its own modules and packages of a lower rank.
 RANKS: dict[str, int] = {
+    "compiling": 0,
     "config": 0,
     "workspace": 0,
     "threads": 0,

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from flexmoe.adapters.esft import ESFTAdapter, ESFTExperts, check_adapter_fits, experts_of_layers
 from flexmoe.adapters.woven import Groups, LoRAPart, bag_layout, woven_ffn, woven_inference
 from flexmoe.adapters.woven_offloaded import served_woven_ffn
+from flexmoe.compiling import eager_only
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute, release_rows
 from flexmoe.experts import GroupedExperts
@@ -191,7 +192,7 @@ class LayerWeave:
 
     # Eager even inside a compiled model: the per-call host work (the counts, the
     # adapters' row lists) is data-dependent; the rest of the model stays compiled.
-    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    @eager_only
     def run_adapters(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput:
         """``run`` for a call where some sequences use adapters."""
         ids_B = self.adapter_ids_B

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from flexmoe.compiling import eager_only
 from flexmoe.config import (
     BalanceConfig,
     CapacityConfig,
@@ -346,7 +347,7 @@ class MoELayer(ExpertPlacementMethods):
             return y
         return self._forward(x, **overrides)  # type: ignore[arg-type]
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    @eager_only
     def _forward_eagerly(self, x: Tensor, **overrides: object) -> Tensor:
         return self._forward(x, **overrides)  # type: ignore[arg-type]
 
