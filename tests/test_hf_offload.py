@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import flexmoe.hf
 from flexmoe.experts.store import SafetensorsExpertStore
 from flexmoe.hf import load_offloaded, offload_stats, parse_bytes
+from flexmoe.hf.offload import decode_linear_layers
 from flexmoe.layer.offloaded import offloaded_cache
 from tests.hf_tiny import MODELS, VOCAB, save_tiny_models, tiny_model
 
@@ -53,6 +54,7 @@ def test_greedy_generation_equals_the_in_memory_model(saved, family, dtype):
     reference = AutoModelForCausalLM.from_pretrained(saved[family], dtype=dtype).eval()
     each, top_k = expert_bytes(reference, dtype)
     flexmoe.hf.convert(reference)  # flexmoe's router runs in fp32: the in-memory reference in bf16
+    decode_linear_layers(reference)  # the offloaded model's linear layers decode on the row kernels
     ids = prompt()
     expected = generate(reference, ids)
     with torch.no_grad():

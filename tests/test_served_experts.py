@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 import flexmoe.hf
 from flexmoe.experts.int8 import Int8Weight
 from flexmoe.experts.packed import PackedLinear, PackedWeight, packed_inference_supported
-from flexmoe.experts.rows import decodes_plain
+from flexmoe.experts.rows import BF16_MAX_ROWS, RowsLinear, decodes_plain, rows_bf16
 from flexmoe.experts.served import served_expert_ffn, served_linear
 from flexmoe.experts.store import SafetensorsExpertStore
 from flexmoe.hf import load_offloaded, quantize_experts
-from flexmoe.hf.offload import pack_linear_layers
+from flexmoe.hf.offload import decode_linear_layers, pack_linear_layers
 from flexmoe.layer.offloaded import offloaded_cache
 from tests.hf_tiny import VOCAB, tiny_model
 
@@ -97,14 +97,22 @@ def test_offloaded_experts_are_packed_where_supported(saved, dtype):
     reference = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype).eval()
     flexmoe.hf.convert(reference)
     expected = greedy(reference, ids)
-    default = torch.Tensor if decodes_plain(dtype) else PackedWeight  # the row kernels need no packing
-    for packed, kind in ((None, default), (True, PackedWeight), (False, torch.Tensor)):
+    rows = decodes_plain(dtype)  # the row kernels decode plain weights: nothing needs packing
+    decode_linear_layers(reference)
+    expected_rows = greedy(reference, ids)
+    plain_linear = RowsLinear if rows else torch.nn.Linear
+    default = (torch.Tensor, RowsLinear) if rows else (PackedWeight, PackedLinear)
+    for packed, (kind, linear) in (
+        (None, default),
+        (True, (PackedWeight, PackedLinear)),
+        (False, (torch.Tensor, plain_linear)),
+    ):
         model = load_offloaded(saved, expert_budget=None, dtype=dtype, packed=packed)
-        assert torch.equal(greedy(model, ids), expected)
+        assert torch.equal(greedy(model, ids), expected if linear is PackedLinear else expected_rows)
         weights = served_weights(model)
         assert weights and all(isinstance(w, kind) for pair in weights for w in pair)
-        linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        assert bool(linears) is (packed is not False)
+        assert type(model.model.layers[0].self_attn.q_proj) is linear
+        assert type(model.lm_head) is linear
 
 
 def test_int8_experts_stay_int8_and_the_linear_layers_are_packed(saved, tmp_path):
@@ -139,3 +147,54 @@ def test_pack_linear_layers_equals_the_plain_layers(dtype, tied):
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
     scale = expected.abs().max().item()
     torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-head"])
+def test_decode_linear_layers_keep_the_parameters_and_the_results(dtype, tied):
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", tie_word_embeddings=tied).to(dtype)
+    linears = {name: m.weight for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    replaced = decode_linear_layers(model)
+    assert replaced == (len(linears) if decodes_plain(dtype) else 0)
+    for name, module in model.named_modules():
+        if name in linears:
+            assert module.weight is linears[name]  # the same Parameter: tied weights stay tied
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+
+
+@pytest.mark.skipif(not decodes_plain(torch.bfloat16), reason="needs the bf16 row kernels (AVX512-BF16)")
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    inputs=st.integers(1, 70),
+    outputs=st.integers(1, 40),
+    bias=st.booleans(),
+    leading=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rows_linear_equals_the_linear_layer(rows, inputs, outputs, bias, leading, seed):
+    generator = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(inputs, outputs, bias=bias).to(torch.bfloat16)
+    layer = RowsLinear.of(linear)
+    shape = (1, rows, inputs) if leading else (rows, inputs)
+    x = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    w64 = linear.weight.double()
+    expected = x.double() @ w64.t() + (0 if linear.bias is None else linear.bias.double())
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (*shape[:-1], outputs) and y.dtype == torch.bfloat16
+    # fp32 sums rounded to bf16 (a bias added after that rounding: two roundings)
+    bound = 2 * 2**-8 * (x.double().abs() @ w64.abs().t() + expected.abs()) + 1e-30
+    assert ((y.double() - expected).abs() <= bound).all()
+    if rows <= BF16_MAX_ROWS:  # decoding rows: the row kernel's own result
+        kernel = rows_bf16(x.reshape(rows, inputs), linear.weight)
+        if linear.bias is not None:
+            kernel += linear.bias
+        assert torch.equal(y.reshape(rows, outputs), kernel)
+    # with a gradient to compute it is the linear layer itself
+    x_layer, x_linear = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.testing.assert_close(layer(x_layer), linear(x_linear), rtol=0, atol=0)
+    layer(x_layer).float().sum().backward()
+    linear(x_linear).float().sum().backward()
+    assert torch.equal(x_layer.grad, x_linear.grad)

@@ -33,13 +33,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from flexmoe.logs import log_once
 
 __all__ = [
     "BF16_MAX_ROWS",
     "INT8_MAX_ROWS",
+    "RowsLinear",
     "available",
     "decodes_plain",
     "openmp_threads",
@@ -224,3 +226,32 @@ def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:
     if status != 0:
         raise MemoryError(f"rows_int8: no memory for the {rows} x {inputs} fixed-point rows")
     return y_NO
+
+
+class RowsLinear(nn.Linear):
+    """An ``nn.Linear`` whose decoding products run on the row kernels.
+
+    A few bf16 rows with no gradient to compute (``takes_bf16``) are multiplied by the
+    plain weight on ``rows_bf16``, read once; everything else (prefill, training, other
+    dtypes) is ``F.linear``. ``RowsLinear.of(linear)`` shares ``linear``'s Parameters,
+    so a weight tied to another module stays tied.
+    """
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> RowsLinear:
+        """A ``RowsLinear`` holding ``linear``'s own weight and bias."""
+        layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ W^T + b`` over the last dimension of ``x``."""
+        x_NI = x.reshape(-1, self.in_features)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if needs_grad or not takes_bf16(x_NI, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        y_NO = rows_bf16(x_NI, self.weight)
+        if self.bias is not None:
+            y_NO += self.bias
+        return y_NO.view(*x.shape[:-1], self.out_features)

@@ -37,7 +37,7 @@ from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import POLICIES, CacheStats, ExpertCache, Policy
 from flexmoe.experts.int8 import SCALE_SUFFIX
 from flexmoe.experts.packed import PackedLinear, packed_inference_supported
-from flexmoe.experts.rows import decodes_plain
+from flexmoe.experts.rows import RowsLinear, decodes_plain
 from flexmoe.experts.store import ExpertPieces, SafetensorsExpertStore, SafetensorsFile, TensorSlice
 from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
@@ -51,7 +51,14 @@ from flexmoe.layer.offloaded import (
     prefetch_experts,
 )
 
-__all__ = ["expert_tensor_names", "load_offloaded", "offload_stats", "pack_linear_layers", "parse_bytes"]
+__all__ = [
+    "decode_linear_layers",
+    "expert_tensor_names",
+    "load_offloaded",
+    "offload_stats",
+    "pack_linear_layers",
+    "parse_bytes",
+]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -122,11 +129,14 @@ def load_offloaded(
         packed: keep the float weights as oneDNN-packed copies: the experts in the cache
             (``flexmoe.experts.packed.PackedWeight``; int8 experts stay int8) and every
             untied ``nn.Linear`` (``pack_linear_layers``). Decoding computes them about
-            1.6x faster on the CPU, in about the same bytes. ``None`` (default): the
-            linear layers where the device and dtype support it (a CPU with oneDNN fp32
-            or native bf16 matmuls), and the experts too unless the row kernels decode
-            them unpacked (bf16 on a CPU with AVX512-BF16, ``flexmoe.experts.rows``):
-            an expert read from disk is then used as read, without a packing.
+            1.6x faster on the CPU than the BLAS product, in about the same bytes.
+            ``None`` (default): where the row kernels decode the plain weights (bf16 on
+            a CPU with AVX512-BF16, ``flexmoe.experts.rows``: faster still, and an
+            expert read from disk is used as read), nothing is packed and the linear
+            layers decode on the row kernels (``decode_linear_layers``); elsewhere both
+            are packed where the device and dtype support it (a CPU with oneDNN fp32 or
+            native bf16 matmuls). ``False``: plain weights, on the row kernels where
+            they apply.
         direct_io: read experts past the OS page cache (``O_DIRECT``) where the file system
             allows: the disk writes into the cache's buffers and the read costs the CPU
             almost nothing. ``False``: through the page cache, which then keeps what was
@@ -180,10 +190,10 @@ def load_offloaded(
     supported = packed_inference_supported(torch.device(device), expert_dtype)
     if packed and not supported:
         raise ValueError(f"packed: needs a CPU with oneDNN {expert_dtype} matmuls, got {device}")
-    pack_linears = supported if packed is None else packed
-    pack_experts = (supported and not decodes_plain(expert_dtype)) if packed is None else packed
+    rows = decodes_plain(expert_dtype) and torch.device(device).type == "cpu"
+    pack = (supported and not rows) if packed is None else packed
     store = SafetensorsExpertStore(
-        pieces, dtype=expert_dtype, device=device, pack=pack_experts and not quantized, direct=direct_io
+        pieces, dtype=expert_dtype, device=device, pack=pack and not quantized, direct=direct_io
     )
     _check_budget(budget, expert_budget, blocks, store)
     # 3. the cache, and every block's experts read through it
@@ -202,8 +212,10 @@ def load_offloaded(
     # 4. the buffers no file holds, then every stored non-expert tensor
     _initialise_unsaved_buffers(model)
     _load_stored(model, stored, expected)
-    if pack_linears:
+    if pack:
         pack_linear_layers(model)
+    elif rows:
+        decode_linear_layers(model)
     generation = directory / "generation_config.json"
     if generation.is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
@@ -228,6 +240,26 @@ def pack_linear_layers(model: nn.Module) -> int:
                 continue
             if packed_inference_supported(child.weight.device, child.weight.dtype):
                 setattr(module, name, PackedLinear.of(child))
+                count += 1
+    return count
+
+
+def decode_linear_layers(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` that the row kernels decode by a ``RowsLinear``.
+
+    For inference on a CPU with AVX512-BF16: a decoded token's products with the
+    attention's and the head's bf16 weights then stream the plain weights once
+    (``flexmoe.experts.rows``), faster than oneDNN's packed product (measured in
+    ``benchmarks/offload.py``); prefill keeps ``F.linear``. The layers keep their Parameters (tied weights
+    stay tied). Returns how many were replaced.
+    """
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            if child.weight.device.type == "cpu" and decodes_plain(child.weight.dtype):
+                setattr(module, name, RowsLinear.of(child))
                 count += 1
     return count
 
