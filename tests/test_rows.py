@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,10 +19,12 @@ from flexmoe.experts.rows import (
     BF16_MAX_ROWS,
     INT8_MAX_ROWS,
     available,
+    expert_bf16,
     openmp_threads,
     rows_bf16,
     rows_int8,
     takes_bf16,
+    takes_expert_bf16,
     takes_int8,
 )
 from flexmoe.experts.served import served_linear
@@ -134,14 +137,20 @@ def test_served_and_int8_linear_use_them_for_decoding_rows():
     seed=st.integers(0, 2**16),
 )
 def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts, activation, bias, seed):
-    # decoding rows (1-2 per expert) run on the row kernels, the others on the BLAS products
+    # decoding rows (1-2 per expert) run on the row kernels (the whole expert in one call
+    # without biases, each product with them), the others on the BLAS products
     torch.manual_seed(seed)
     experts = GroupedExperts(len(counts), 64, 48, activation, bias=bias, dtype=torch.bfloat16)
     x = torch.randn(sum(counts), 64).to(torch.bfloat16)
     row_weights = torch.rand(sum(counts)).to(torch.bfloat16)
-    with torch.no_grad(), mock.patch.object(backends, "rows_bf16", wraps=rows_bf16) as kernel:
+    with (
+        torch.no_grad(),
+        mock.patch.object(backends, "rows_bf16", wraps=rows_bf16) as products,
+        mock.patch.object(backends, "expert_bf16", wraps=expert_bf16) as whole,
+    ):
         y = experts(x, counts, row_weights)
-    assert kernel.call_count == 2 * sum(1 for n in counts if 1 <= n <= BF16_MAX_ROWS)
+    decoding = sum(1 for n in counts if 1 <= n <= BF16_MAX_ROWS)
+    assert (products.call_count, whole.call_count) == ((2 * decoding, 0) if bias else (0, decoding))
     params = {name: p.detach().double() for name, p in experts.named_parameters()}
     rows, start = [], 0
     for e, n in enumerate(counts):
@@ -156,6 +165,55 @@ def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts
     expected = torch.stack(rows)
     # bf16 rounds the first projection, the activation and the output: a few bf16 steps
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=0.03 * (1 + float(expected.abs().max())))
+
+
+def activated(h, activation: str):
+    """The expert's activation in fp64 (gated: of the gate half, times the up half)."""
+    if activation in ("swiglu", "geglu"):
+        gate, up = h.chunk(2, dim=-1)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation](h)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, BF16_MAX_ROWS),
+    dim=st.integers(1, 90),
+    hidden=st.integers(1, 40),
+    activation=st.sampled_from(["swiglu", "geglu", "silu", "gelu", "relu"]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_one_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, activation, weighted, seed):
+    generator = torch.Generator().manual_seed(seed)
+    H = hidden * (2 if activation in ("swiglu", "geglu") else 1)
+    x = torch.randn(rows, dim, generator=generator).to(torch.bfloat16)
+    w_in = torch.randn(H, dim, generator=generator).div(dim**0.5).to(torch.bfloat16)
+    w_out = torch.randn(dim, hidden, generator=generator).to(torch.bfloat16)
+    row_weights = torch.rand(rows, generator=generator).to(torch.bfloat16) if weighted else None
+    assert takes_expert_bf16(x, w_in, w_out, activation)
+    y = expert_bf16(x, w_in, w_out, activation, row_weights)
+    a = activated(x.double() @ w_in.double().t(), activation)
+    if row_weights is not None:
+        a = a * row_weights.double()[:, None]
+    expected = a @ w_out.double().t()
+    # fp32 sums and activation; the activation and the output each rounded to bf16 once
+    bound = 2**-7 * (a.abs() @ w_out.double().abs().t() + expected.abs()) + 1e-6
+    assert y.shape == (rows, dim) and y.dtype == torch.bfloat16
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
+def test_one_expert_in_one_call_takes_only_what_it_computes():
+    x, w_in, w_out = torch.ones(1, 8).bfloat16(), torch.ones(6, 8).bfloat16(), torch.ones(8, 3).bfloat16()
+    assert takes_expert_bf16(x, w_in, w_out, "swiglu")
+    assert not takes_expert_bf16(x, w_in, w_out, "silu")  # w_in has 2F rows: gated only
+    assert not takes_expert_bf16(x, w_in, w_out, "tanh")
+    assert not takes_expert_bf16(torch.ones(BF16_MAX_ROWS + 1, 8).bfloat16(), w_in, w_out, "swiglu")
+    assert not takes_expert_bf16(x.float(), w_in.float(), w_out.float(), "swiglu")
+    assert not takes_expert_bf16(x, w_in, w_out.t().contiguous().t(), "swiglu")
+    assert not takes_expert_bf16(x, w_in, torch.ones(8, 4).bfloat16(), "swiglu")
+    nan = torch.full((1, 8), float("nan")).bfloat16()
+    assert torch.isnan(expert_bf16(nan, w_in, w_out, "swiglu")).all()
 
 
 def test_the_kernels_run_on_pytorchs_openmp_threads(two_threads):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,19 +98,23 @@ def test_offloaded_experts_are_packed_where_supported(saved, dtype):
     ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     reference = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype).eval()
     flexmoe.hf.convert(reference)
-    expected = greedy(reference, ids)
-    rows = decodes_plain(dtype)  # the row kernels decode plain weights: nothing needs packing
+    # the in-memory model computing as each offloaded one does: packed experts, or the row kernels
+    prepared = copy.deepcopy(reference)
+    for layer in prepared.modules():
+        if isinstance(layer, flexmoe.MoELayer):
+            assert layer.prepare_for_inference()
+    expected = {"packed": greedy(prepared, ids), "plain": greedy(reference, ids)}
     decode_linear_layers(reference)
-    expected_rows = greedy(reference, ids)
-    plain_linear = RowsLinear if rows else torch.nn.Linear
-    default = (torch.Tensor, RowsLinear) if rows else (PackedWeight, PackedLinear)
-    for packed, (kind, linear) in (
-        (None, default),
-        (True, (PackedWeight, PackedLinear)),
-        (False, (torch.Tensor, plain_linear)),
+    expected["rows"] = greedy(reference, ids)
+    rows = decodes_plain(dtype)  # the row kernels decode plain weights: nothing needs packing
+    plain = ("rows", torch.Tensor, RowsLinear) if rows else ("plain", torch.Tensor, torch.nn.Linear)
+    for packed, (computed, kind, linear) in (
+        (None, plain if rows else ("packed", PackedWeight, PackedLinear)),
+        (True, ("packed", PackedWeight, PackedLinear)),
+        (False, plain),
     ):
         model = load_offloaded(saved, expert_budget=None, dtype=dtype, packed=packed)
-        assert torch.equal(greedy(model, ids), expected if linear is PackedLinear else expected_rows)
+        assert torch.equal(greedy(model, ids), expected[computed]), packed
         weights = served_weights(model)
         assert weights and all(isinstance(w, kind) for pair in weights for w in pair)
         assert type(model.model.layers[0].self_attn.q_proj) is linear

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
-from flexmoe.experts.rows import rows_bf16, takes_bf16
+from flexmoe.experts.rows import expert_bf16, rows_bf16, takes_bf16, takes_expert_bf16
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
@@ -453,9 +453,29 @@ def stacked_inference(
     # oneDNN's packed products use both cores well at any row count (see for_each_segment)
     serial_16bit_rows = 0 if any(stack.products is not None for stack in stacks) else SERIAL_16BIT_ROWS
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
+    y_ND = WORKSPACE.take((N, D), dtype, device)
+    # decoding rows of a plain bf16 expert: the whole expert in one call of the row kernels
+    whole = set()
+    if add_in is None and add_out is None:
+        for g, s, t in segments:
+            stack, e = owners[g]
+            if (
+                stack.products is None
+                and stack.b_in is None
+                and stack.b_out is None
+                and takes_expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation)
+            ):
+                weights_n = None if row_weights_N is None else row_weights_N[s:t]
+                y_ND[s:t] = expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation, weights_n)
+                whole.add(g)
+    if len(whole) == len(segments):
+        WORKSPACE.give(h_PNF)
+        return y_ND
 
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
+        if g in whole:
+            return
         h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
         if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
             h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
@@ -475,10 +495,11 @@ def stacked_inference(
     if add_in is not None:
         add_in(h_PNF)
     a_NF = weighted_activation(h_PNF, activation, row_weights_N)
-    y_ND = WORKSPACE.take((N, D), dtype, device)
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
+        if g in whole:
+            return
         y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
         if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
             y_nD = rows_bf16(a_NF[s:t], stack.w_out[e])

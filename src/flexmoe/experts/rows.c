@@ -34,49 +34,131 @@ static inline long clamp_row(long row, long rows) { return row < rows ? row : ro
 
 /* ------------------------------------------------------------------ bf16 weights */
 
-/* ROWS x rows (clamped copies past M) against the 4 weight rows starting at o0. */
-#define BF16_STEP(ROWS, MASK)                                                                       \
+/* One step of 32 columns: NW weight rows, each read once, against ROWS x rows. */
+#define BF16_STEP(ROWS, NW, MASK)                                                                   \
     do {                                                                                            \
-        __m512bh wv[OUT_BLOCK];                                                                     \
-        for (int r = 0; r < OUT_BLOCK; r++) {                                                       \
+        __m512bh wv[NW];                                                                            \
+        for (int r = 0; r < NW; r++) {                                                              \
             wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(MASK, wr[r] + i);                            \
             _mm_prefetch((const char *)(wr[r] + i) + PREFETCH, _MM_HINT_T0);                        \
         }                                                                                           \
         for (int k = 0; k < ROWS; k++) {                                                            \
             __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(MASK, xr[k] + i);                      \
-            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_dpbf16_ps(acc[k][r], wv[r], xv); \
+            for (int r = 0; r < NW; r++) acc[k][r] = _mm512_dpbf16_ps(acc[k][r], wv[r], xv);        \
         }                                                                                           \
     } while (0)
 
-/* ROWS x rows (clamped copies past M) against the 4 weight rows starting at o0. */
-#define BF16_BLOCK(ROWS)                                                                            \
-    static void bf16_block_##ROWS(const uint16_t *x, long M, long m0, const uint16_t *w, long O,   \
-                                  long o0, long I, uint16_t *y) {                                   \
-        const uint16_t *wr[OUT_BLOCK], *xr[ROWS];                                                   \
-        for (int r = 0; r < OUT_BLOCK; r++) wr[r] = w + clamp_row(o0 + r, O) * I;                   \
-        for (int k = 0; k < ROWS; k++) xr[k] = x + clamp_row(m0 + k, M) * I;                        \
-        __m512 acc[ROWS][OUT_BLOCK];                                                                \
+/* sums[k][r] = xr[k] . wr[r] over I columns, in fp32: ROWS rows against NW weight rows. */
+#define BF16_SUMS(ROWS, NW)                                                                         \
+    static void bf16_sums_##ROWS##_##NW(const uint16_t *const *xr, const uint16_t *const *wr,      \
+                                        long I, float sums[ROWS][NW]) {                             \
+        __m512 acc[ROWS][NW];                                                                       \
         for (int k = 0; k < ROWS; k++)                                                              \
-            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_setzero_ps();                   \
+            for (int r = 0; r < NW; r++) acc[k][r] = _mm512_setzero_ps();                           \
         long i = 0;                                                                                 \
-        for (; i + 32 <= I; i += 32) BF16_STEP(ROWS, (__mmask32)0xffffffffu);                       \
-        if (i < I) BF16_STEP(ROWS, (__mmask32)((1ull << (I - i)) - 1));                             \
-        for (int k = 0; k < ROWS && m0 + k < M; k++)                                                \
-            for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++)                                       \
-                y[(m0 + k) * O + o0 + r] = round_to_bf16(_mm512_reduce_add_ps(acc[k][r]));          \
+        for (; i + 32 <= I; i += 32) BF16_STEP(ROWS, NW, (__mmask32)0xffffffffu);                   \
+        if (i < I) BF16_STEP(ROWS, NW, (__mmask32)((1ull << (I - i)) - 1));                         \
+        for (int k = 0; k < ROWS; k++)                                                              \
+            for (int r = 0; r < NW; r++) sums[k][r] = _mm512_reduce_add_ps(acc[k][r]);              \
     }
 
-BF16_BLOCK(1)
-BF16_BLOCK(2)
+BF16_SUMS(1, 4)
+BF16_SUMS(2, 4)
+BF16_SUMS(1, 8)
+BF16_SUMS(2, 8)
+
+/* Row pointers of ROWS consecutive rows from `first` (copies of the last row past `count`). */
+static inline void row_pointers(const uint16_t *base, long first, long count, long stride, int rows,
+                                const uint16_t **out) {
+    for (int k = 0; k < rows; k++) out[k] = base + clamp_row(first + k, count) * stride;
+}
+
+/* y[m0.., o0..o0+3] for one or two rows m0.. of x, rounded to bf16. */
+static void bf16_block(const uint16_t *x, long M, long m0, int rows, const uint16_t *w, long O, long o0,
+                       long I, uint16_t *y) {
+    const uint16_t *xr[2], *wr[OUT_BLOCK];
+    float sums[2][OUT_BLOCK];
+    row_pointers(x, m0, M, I, rows, xr);
+    row_pointers(w, o0, O, I, OUT_BLOCK, wr);
+    if (rows == 2)
+        bf16_sums_2_4(xr, wr, I, sums);
+    else
+        bf16_sums_1_4(xr, wr, I, sums);
+    for (int k = 0; k < rows; k++)
+        for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++) y[(m0 + k) * O + o0 + r] = round_to_bf16(sums[k][r]);
+}
 
 void flexmoe_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
     long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
 #pragma omp parallel for schedule(static)
-    for (long b = 0; b < blocks; b++) {
-        long m0 = 0;
-        for (; M - m0 > 1; m0 += 2) bf16_block_2(x, M, m0, w, O, b * OUT_BLOCK, I, y);
-        for (; m0 < M; m0++) bf16_block_1(x, M, m0, w, O, b * OUT_BLOCK, I, y);
+    for (long b = 0; b < blocks; b++)
+        for (long m0 = 0; m0 < M; m0 += 2) bf16_block(x, M, m0, M - m0 > 1 ? 2 : 1, w, O, b * OUT_BLOCK, I, y);
+}
+
+/* ------------------------------------------------------------------ one expert, bf16 weights */
+
+/* The activations of flexmoe.experts.activations, in fp32. */
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_RELU = 2 };
+
+static inline float activate(float v, int kind) {
+    if (kind == ACT_SILU) return v / (1.0f + expf(-v));
+    if (kind == ACT_GELU) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    return v > 0.0f ? v : (isnan(v) ? v : 0.0f);
+}
+
+/* a[m0.., f0..f0+3] = act(gate) * up * weight (gated) or act(h) * weight, rounded to bf16. */
+static void ffn_in_block(const uint16_t *x, long M, long m0, int rows, const uint16_t *w_in, long D, long F,
+                         int gated, int kind, const float *row_weights, long f0, uint16_t *a) {
+    const uint16_t *xr[2], *wr[2 * OUT_BLOCK];
+    float sums[2][2 * OUT_BLOCK];
+    row_pointers(x, m0, M, D, rows, xr);
+    row_pointers(w_in, f0, F, D, OUT_BLOCK, wr);
+    if (gated) {
+        row_pointers(w_in + F * D, f0, F, D, OUT_BLOCK, wr + OUT_BLOCK);
+        if (rows == 2)
+            bf16_sums_2_8(xr, wr, D, sums);
+        else
+            bf16_sums_1_8(xr, wr, D, sums);
+    } else {
+        float four[2][OUT_BLOCK];
+        if (rows == 2)
+            bf16_sums_2_4(xr, wr, D, four);
+        else
+            bf16_sums_1_4(xr, wr, D, four);
+        for (int k = 0; k < rows; k++)
+            for (int r = 0; r < OUT_BLOCK; r++) sums[k][r] = four[k][r];
     }
+    for (int k = 0; k < rows; k++) {
+        float weight = row_weights == NULL ? 1.0f : row_weights[m0 + k];
+        for (int r = 0; r < OUT_BLOCK && f0 + r < F; r++) {
+            float value = activate(sums[k][r], kind);
+            if (gated) value *= sums[k][OUT_BLOCK + r];
+            a[(m0 + k) * F + f0 + r] = round_to_bf16(value * weight);
+        }
+    }
+}
+
+/* y[M, D] = (act(x @ w_in^T) * row_weights) @ w_out^T for one expert: w_in [H, D] ([gate; up]
+ * when gated, H = 2F), w_out [D, F]. The activation (and its product with up and the row's
+ * weight) is applied to the fp32 sums and rounded to bf16 once; each weight is read once,
+ * both products split over the team. Returns 0, or -1 without memory for the activations. */
+int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const uint16_t *w_out, long D, long F,
+                        int gated, int kind, const float *row_weights, uint16_t *y) {
+    uint16_t *a = malloc((size_t)(M * F) * sizeof *a);
+    if (a == NULL) return -1;
+    long f_blocks = (F + OUT_BLOCK - 1) / OUT_BLOCK, d_blocks = (D + OUT_BLOCK - 1) / OUT_BLOCK;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (long b = 0; b < f_blocks; b++)
+            for (long m0 = 0; m0 < M; m0 += 2)
+                ffn_in_block(x, M, m0, M - m0 > 1 ? 2 : 1, w_in, D, F, gated, kind, row_weights, b * OUT_BLOCK, a);
+#pragma omp for schedule(static)
+        for (long b = 0; b < d_blocks; b++)
+            for (long m0 = 0; m0 < M; m0 += 2) bf16_block(a, M, m0, M - m0 > 1 ? 2 : 1, w_out, D, b * OUT_BLOCK, F, y);
+    }
+    free(a);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ int8 weights */

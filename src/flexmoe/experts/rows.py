@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.logs import log_once
 
 __all__ = [
@@ -44,10 +45,12 @@ __all__ = [
     "RowsLinear",
     "available",
     "decodes_plain",
+    "expert_bf16",
     "openmp_threads",
     "rows_bf16",
     "rows_int8",
     "takes_bf16",
+    "takes_expert_bf16",
     "takes_int8",
 ]
 
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 # int8 against torch._weight_int8pack_mm).
 BF16_MAX_ROWS = 2
 INT8_MAX_ROWS = 16
+# The activation codes of rows.c (gated ones apply the base function to the gate half).
+_ACTIVATION_KINDS = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "relu": 2}
 _SOURCE = Path(__file__).with_name("rows.c")
 _FLAGS = (
     "-O3",
@@ -129,6 +134,19 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_rows_bf16.restype = None
     library.flexmoe_rows_int8.argtypes = [pointer, size, pointer, pointer, size, size, pointer]
     library.flexmoe_rows_int8.restype = ctypes.c_int
+    library.flexmoe_expert_bf16.argtypes = [
+        pointer,
+        size,
+        pointer,
+        pointer,
+        size,
+        size,
+        ctypes.c_int,
+        ctypes.c_int,
+        pointer,
+        pointer,
+    ]
+    library.flexmoe_expert_bf16.restype = ctypes.c_int
     library.flexmoe_rows_threads.argtypes = []
     library.flexmoe_rows_threads.restype = ctypes.c_int
     return library
@@ -193,6 +211,54 @@ def takes_int8(x_NI: Tensor, q_OI: Tensor) -> bool:
     Not fp32 ``x``: its 16-bit fixed-point rounding would be coarser than fp32 outputs.
     """
     return x_NI.dtype == torch.bfloat16 and _takes(x_NI, q_OI, torch.int8, INT8_MAX_ROWS)
+
+
+def takes_expert_bf16(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str) -> bool:
+    """Whether ``expert_bf16`` computes this expert: ``takes_bf16`` for ``w_in``, a plain bf16 ``w_out``."""
+    if activation not in _ACTIVATION_KINDS or w_out_DF.dim() != 2 or not takes_bf16(x_ND, w_in_HD):
+        return False
+    D, F = w_out_DF.shape
+    return (
+        w_in_HD.shape[0] == F * (2 if activation in GATED_ACTIVATIONS else 1)
+        and x_ND.shape[1] == D
+        and F > 0
+        and w_out_DF.dtype == torch.bfloat16
+        and w_out_DF.device.type == "cpu"
+        and w_out_DF.is_contiguous()
+    )
+
+
+def expert_bf16(
+    x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str, row_weights_N: Tensor | None = None
+) -> Tensor:
+    """One expert on a few bf16 rows in one call: ``(act(x @ w_in^T) * row_weight) @ w_out^T``.
+
+    ``w_in`` is ``[H, D]`` (``[gate; up]`` for gated activations), ``w_out`` ``[D, F]``;
+    check ``takes_expert_bf16`` first. The activation, its product with ``up`` and the
+    row weight are applied to the fp32 sums and rounded to bf16 once, before the second
+    product.
+    """
+    library = _library()
+    assert library is not None
+    x_ND = x_ND.contiguous()
+    rows, (D, F) = x_ND.shape[0], w_out_DF.shape
+    weights_N = None if row_weights_N is None else row_weights_N.to(torch.float32).contiguous()
+    y_ND = torch.empty(rows, D, dtype=torch.bfloat16)
+    status = library.flexmoe_expert_bf16(
+        x_ND.data_ptr(),
+        rows,
+        w_in_HD.data_ptr(),
+        w_out_DF.data_ptr(),
+        D,
+        F,
+        int(activation in GATED_ACTIVATIONS),
+        _ACTIVATION_KINDS[activation],
+        None if weights_N is None else weights_N.data_ptr(),
+        y_ND.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError(f"expert_bf16: no memory for the {rows} x {F} activations")
+    return y_ND
 
 
 def rows_bf16(x_NI: Tensor, w_OI: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
-from flexmoe.experts.rows import takes_bf16
+from flexmoe.experts.rows import expert_bf16, takes_expert_bf16
 from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
@@ -139,12 +139,17 @@ class OffloadedExperts(LocalExperts):
         with closing(served):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
-                # int8, packed, or plain bf16 rows the row kernels take: one expert's FFN
-                # directly (the same products and roundings as the experts' own backend);
-                # other plain weights: the experts' backend
-                if isinstance(w_in, Tensor) and isinstance(w_out, Tensor) and not takes_bf16(x_c[rows], w_in):
-                    weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
-                    outputs[e] = experts.apply_weights(x_ND[rows], [counts[e]], weights, row_weights_N[rows])
+                # plain weights: decoding rows in one call of the row kernels, others on the
+                # experts' backend (the same products and roundings as the in-memory experts);
+                # int8 or packed weights: one expert's FFN on them directly
+                if isinstance(w_in, Tensor) and isinstance(w_out, Tensor):
+                    if takes_expert_bf16(x_c[rows], w_in, w_out, experts.activation):
+                        outputs[e] = expert_bf16(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
+                    else:
+                        weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
+                        outputs[e] = experts.apply_weights(
+                            x_ND[rows], [counts[e]], weights, row_weights_N[rows]
+                        )
                     continue
                 outputs[e] = served_expert_ffn(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
