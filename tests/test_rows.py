@@ -20,11 +20,13 @@ from flexmoe.experts.rows import (
     INT8_MAX_ROWS,
     available,
     expert_bf16,
+    expert_int8,
     openmp_threads,
     rows_bf16,
     rows_int8,
     takes_bf16,
     takes_expert_bf16,
+    takes_expert_int8,
     takes_int8,
 )
 from flexmoe.experts.served import served_linear
@@ -203,6 +205,35 @@ def test_one_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, act
     assert ((y.double() - expected).abs() <= bound).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, INT8_MAX_ROWS),
+    dim=st.one_of(st.integers(1, 90), st.just(9000)),  # 9000: the integer sums move to fp32 in chunks
+    hidden=st.integers(1, 24),
+    activation=st.sampled_from(["swiglu", "geglu", "silu", "gelu", "relu"]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_one_int8_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, activation, weighted, seed):
+    generator = torch.Generator().manual_seed(seed)
+    H = hidden * (2 if activation in ("swiglu", "geglu") else 1)
+    x = torch.randn(rows, dim, generator=generator).to(torch.bfloat16)
+    w_in = Int8Weight.quantize(torch.randn(H, dim, generator=generator).div(dim**0.5))
+    w_out = Int8Weight.quantize(torch.randn(dim, hidden, generator=generator))
+    row_weights = torch.rand(rows, generator=generator).to(torch.bfloat16) if weighted else None
+    assert takes_expert_int8(x, w_in.q, w_out.q, activation)
+    y = expert_int8(x, w_in.q, w_in.scale, w_out.q, w_out.scale, activation, row_weights)
+    a = activated(x.double() @ w_in.dequantize(torch.float64).t(), activation)
+    if row_weights is not None:
+        a = a * row_weights.double()[:, None]
+    w_out64 = w_out.dequantize(torch.float64)
+    expected = a @ w_out64.t()
+    # the fixed-point rows (far below bf16's rounding), then as expert_bf16
+    bound = 2**-7 * (a.abs() @ w_out64.abs().t() + expected.abs()) + 1e-6
+    assert y.shape == (rows, dim) and y.dtype == torch.bfloat16
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
 def test_one_expert_in_one_call_takes_only_what_it_computes():
     x, w_in, w_out = torch.ones(1, 8).bfloat16(), torch.ones(6, 8).bfloat16(), torch.ones(8, 3).bfloat16()
     assert takes_expert_bf16(x, w_in, w_out, "swiglu")
@@ -214,6 +245,12 @@ def test_one_expert_in_one_call_takes_only_what_it_computes():
     assert not takes_expert_bf16(x, w_in, torch.ones(8, 4).bfloat16(), "swiglu")
     nan = torch.full((1, 8), float("nan")).bfloat16()
     assert torch.isnan(expert_bf16(nan, w_in, w_out, "swiglu")).all()
+    q_in, q_out = Int8Weight.quantize(w_in.float()), Int8Weight.quantize(w_out.float())
+    assert takes_expert_int8(torch.ones(INT8_MAX_ROWS, 8).bfloat16(), q_in.q, q_out.q, "geglu")
+    assert not takes_expert_int8(torch.ones(INT8_MAX_ROWS + 1, 8).bfloat16(), q_in.q, q_out.q, "geglu")
+    assert not takes_expert_int8(x.float(), q_in.q, q_out.q, "geglu")  # fp32 rows keep PyTorch's kernel
+    assert not takes_expert_int8(x, w_in, w_out, "geglu")
+    assert torch.isnan(expert_int8(nan, q_in.q, q_in.scale, q_out.q, q_out.scale, "swiglu")).all()
 
 
 def test_the_kernels_run_on_pytorchs_openmp_threads(two_threads):

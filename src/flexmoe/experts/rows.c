@@ -201,15 +201,12 @@ int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const u
         }                                                                                           \
     } while (0)
 
-#define INT8_BLOCK(ROWS)                                                                            \
-    static void int8_block_##ROWS(const int16_t *xi, const float *step, long M, long m0,           \
-                                  const int8_t *w, const float *scale, long O, long o0, long I,    \
-                                  uint16_t *y) {                                          \
-        const int8_t *wr[OUT_BLOCK];                                                                \
-        const int16_t *xr[ROWS];                                                                    \
-        for (int r = 0; r < OUT_BLOCK; r++) wr[r] = w + clamp_row(o0 + r, O) * I;                   \
-        for (int k = 0; k < ROWS; k++) xr[k] = xi + clamp_row(m0 + k, M) * I;                       \
-        float sum[ROWS][OUT_BLOCK] = {{0}};                                                         \
+/* sums[k][r] = xr[k] . wr[r] over I columns (integers, moved to fp32 every CHUNK columns). */
+#define INT8_SUMS(ROWS)                                                                             \
+    static void int8_sums_##ROWS(const int16_t *const *xr, const int8_t *const *wr, long I,        \
+                                 float sums[ROWS][OUT_BLOCK]) {                                     \
+        for (int k = 0; k < ROWS; k++)                                                              \
+            for (int r = 0; r < OUT_BLOCK; r++) sums[k][r] = 0.0f;                                  \
         for (long c = 0; c < I; c += CHUNK) {                                                       \
             long end = c + CHUNK < I ? c + CHUNK : I;                                               \
             __m512i acc[ROWS][OUT_BLOCK];                                                           \
@@ -220,16 +217,35 @@ int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const u
             for (; i + 32 <= end; i += 32) INT8_STEP(ROWS, (__mmask32)0xffffffffu);                 \
             if (i < end) INT8_STEP(ROWS, (__mmask32)((1ull << (end - i)) - 1));                     \
             for (int k = 0; k < ROWS; k++)                                                          \
-                for (int r = 0; r < OUT_BLOCK; r++) sum[k][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[k][r])); \
+                for (int r = 0; r < OUT_BLOCK; r++) sums[k][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[k][r])); \
         }                                                                                           \
-        for (int k = 0; k < ROWS && m0 + k < M; k++)                                                \
-            for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++) {                                     \
-                y[(m0 + k) * O + o0 + r] = round_to_bf16(sum[k][r] * step[m0 + k] * scale[o0 + r]); \
-            }                                                                                       \
     }
 
-INT8_BLOCK(1)
-INT8_BLOCK(2)
+INT8_SUMS(1)
+INT8_SUMS(2)
+
+/* The fp32 sums of one or two fixed-point rows m0.. against the 4 int8 weight rows from o0. */
+static void int8_block_sums(const int16_t *xi, long M, long m0, int rows, const int8_t *w, long O, long o0,
+                            long I, float sums[2][OUT_BLOCK]) {
+    const int16_t *xr[2];
+    const int8_t *wr[OUT_BLOCK];
+    for (int k = 0; k < rows; k++) xr[k] = xi + clamp_row(m0 + k, M) * I;
+    for (int r = 0; r < OUT_BLOCK; r++) wr[r] = w + clamp_row(o0 + r, O) * I;
+    if (rows == 2)
+        int8_sums_2(xr, wr, I, sums);
+    else
+        int8_sums_1(xr, wr, I, sums);
+}
+
+/* y[m0.., o0..o0+3] = sums * step[m] * scale[o], rounded to bf16. */
+static void int8_block(const int16_t *xi, const float *step, long M, long m0, int rows, const int8_t *w,
+                       const float *scale, long O, long o0, long I, uint16_t *y) {
+    float sums[2][OUT_BLOCK];
+    int8_block_sums(xi, M, m0, rows, w, O, o0, I, sums);
+    for (int k = 0; k < rows; k++)
+        for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++)
+            y[(m0 + k) * O + o0 + r] = round_to_bf16(sums[k][r] * step[m0 + k] * scale[o0 + r]);
+}
 
 static inline __m512 load_bf16(__mmask16 mask, const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
@@ -282,13 +298,67 @@ int flexmoe_rows_int8(const uint16_t *x, long M, const int8_t *w, const float *s
     long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < blocks; b++) {
-        long m0 = 0;
-        for (; M - m0 > 1; m0 += 2) int8_block_2(xi, step, M, m0, w, scale, O, b * OUT_BLOCK, I, y);
-        for (; m0 < M; m0++) int8_block_1(xi, step, M, m0, w, scale, O, b * OUT_BLOCK, I, y);
+        for (long m0 = 0; m0 < M; m0 += 2)
+            int8_block(xi, step, M, m0, M - m0 > 1 ? 2 : 1, w, scale, O, b * OUT_BLOCK, I, y);
     }
     free(xi);
     free(step);
     return 0;
+}
+
+/* ------------------------------------------------------------------ one expert, int8 weights */
+
+/* a[m0.., f0..f0+3] from the int8 first projection, as ffn_in_block does from bf16 weights. */
+static void ffn_in_block_int8(const int16_t *xi, const float *step, long M, long m0, int rows, const int8_t *q_in,
+                              const float *s_in, long D, long F, int gated, int kind, const float *row_weights,
+                              long f0, uint16_t *a) {
+    float gate[2][OUT_BLOCK], up[2][OUT_BLOCK];
+    int8_block_sums(xi, M, m0, rows, q_in, F, f0, D, gate);
+    if (gated) int8_block_sums(xi, M, m0, rows, q_in + F * D, F, f0, D, up);
+    for (int k = 0; k < rows; k++) {
+        float weight = row_weights == NULL ? 1.0f : row_weights[m0 + k];
+        for (int r = 0; r < OUT_BLOCK && f0 + r < F; r++) {
+            float value = activate(gate[k][r] * step[m0 + k] * s_in[f0 + r], kind);
+            if (gated) value *= up[k][r] * step[m0 + k] * s_in[F + f0 + r];
+            a[(m0 + k) * F + f0 + r] = round_to_bf16(value * weight);
+        }
+    }
+}
+
+/* flexmoe_expert_bf16 for int8 weights with one fp32 scale per output row (q_in [H, D] with
+ * s_in [H], q_out [D, F] with s_out [D]): x and the activations are rounded to 16-bit fixed
+ * point before each product, as in flexmoe_rows_int8. Returns 0, or -1 without memory. */
+int flexmoe_expert_int8(const uint16_t *x, long M, const int8_t *q_in, const float *s_in, const int8_t *q_out,
+                        const float *s_out, long D, long F, int gated, int kind, const float *row_weights,
+                        uint16_t *y) {
+    int16_t *xi = malloc((size_t)(M * D) * sizeof *xi), *ai = malloc((size_t)(M * F) * sizeof *ai);
+    uint16_t *a = malloc((size_t)(M * F) * sizeof *a);
+    float *step = malloc((size_t)(2 * M) * sizeof *step);
+    int status = xi == NULL || ai == NULL || a == NULL || step == NULL ? -1 : 0;
+    if (status == 0) {
+        float *a_step = step + M;
+        long f_blocks = (F + OUT_BLOCK - 1) / OUT_BLOCK, d_blocks = (D + OUT_BLOCK - 1) / OUT_BLOCK;
+        to_fixed_point(x, M, D, xi, step);
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (long b = 0; b < f_blocks; b++)
+                for (long m0 = 0; m0 < M; m0 += 2)
+                    ffn_in_block_int8(xi, step, M, m0, M - m0 > 1 ? 2 : 1, q_in, s_in, D, F, gated, kind, row_weights,
+                                      b * OUT_BLOCK, a);
+#pragma omp single
+            to_fixed_point(a, M, F, ai, a_step);
+#pragma omp for schedule(static)
+            for (long b = 0; b < d_blocks; b++)
+                for (long m0 = 0; m0 < M; m0 += 2)
+                    int8_block(ai, a_step, M, m0, M - m0 > 1 ? 2 : 1, q_out, s_out, D, b * OUT_BLOCK, F, y);
+        }
+    }
+    free(xi);
+    free(ai);
+    free(a);
+    free(step);
+    return status;
 }
 
 /* The OpenMP team size a parallel region of the calling thread gets: PyTorch's, when the

@@ -46,11 +46,13 @@ __all__ = [
     "available",
     "decodes_plain",
     "expert_bf16",
+    "expert_int8",
     "openmp_threads",
     "rows_bf16",
     "rows_int8",
     "takes_bf16",
     "takes_expert_bf16",
+    "takes_expert_int8",
     "takes_int8",
 ]
 
@@ -147,6 +149,21 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer,
     ]
     library.flexmoe_expert_bf16.restype = ctypes.c_int
+    library.flexmoe_expert_int8.argtypes = [
+        pointer,
+        size,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        size,
+        size,
+        ctypes.c_int,
+        ctypes.c_int,
+        pointer,
+        pointer,
+    ]
+    library.flexmoe_expert_int8.restype = ctypes.c_int
     library.flexmoe_rows_threads.argtypes = []
     library.flexmoe_rows_threads.restype = ctypes.c_int
     return library
@@ -213,19 +230,31 @@ def takes_int8(x_NI: Tensor, q_OI: Tensor) -> bool:
     return x_NI.dtype == torch.bfloat16 and _takes(x_NI, q_OI, torch.int8, INT8_MAX_ROWS)
 
 
-def takes_expert_bf16(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str) -> bool:
-    """Whether ``expert_bf16`` computes this expert: ``takes_bf16`` for ``w_in``, a plain bf16 ``w_out``."""
-    if activation not in _ACTIVATION_KINDS or w_out_DF.dim() != 2 or not takes_bf16(x_ND, w_in_HD):
+def _takes_expert(
+    x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str, dtype: torch.dtype, max_rows: int
+) -> bool:
+    if activation not in _ACTIVATION_KINDS or w_out_DF.dim() != 2 or x_ND.dtype != torch.bfloat16:
         return False
     D, F = w_out_DF.shape
     return (
-        w_in_HD.shape[0] == F * (2 if activation in GATED_ACTIVATIONS else 1)
+        _takes(x_ND, w_in_HD, dtype, max_rows)
+        and w_in_HD.shape[0] == F * (2 if activation in GATED_ACTIVATIONS else 1)
         and x_ND.shape[1] == D
         and F > 0
-        and w_out_DF.dtype == torch.bfloat16
+        and w_out_DF.dtype == dtype
         and w_out_DF.device.type == "cpu"
         and w_out_DF.is_contiguous()
     )
+
+
+def takes_expert_bf16(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str) -> bool:
+    """Whether ``expert_bf16`` computes this expert: ``takes_bf16`` for both products, a known activation."""
+    return _takes_expert(x_ND, w_in_HD, w_out_DF, activation, torch.bfloat16, BF16_MAX_ROWS)
+
+
+def takes_expert_int8(x_ND: Tensor, q_in_HD: Tensor, q_out_DF: Tensor, activation: str) -> bool:
+    """Whether ``expert_int8`` computes this expert: ``takes_int8`` for both products, a known activation."""
+    return _takes_expert(x_ND, q_in_HD, q_out_DF, activation, torch.int8, INT8_MAX_ROWS)
 
 
 def expert_bf16(
@@ -258,6 +287,46 @@ def expert_bf16(
     )
     if status != 0:
         raise MemoryError(f"expert_bf16: no memory for the {rows} x {F} activations")
+    return y_ND
+
+
+def expert_int8(
+    x_ND: Tensor,
+    q_in_HD: Tensor,
+    scale_in_H: Tensor,
+    q_out_DF: Tensor,
+    scale_out_D: Tensor,
+    activation: str,
+    row_weights_N: Tensor | None = None,
+) -> Tensor:
+    """``expert_bf16`` for int8 weights with one scale per output channel; check ``takes_expert_int8``.
+
+    ``x`` and the activations are rounded to 16-bit fixed point before each product
+    (as ``rows_int8`` does).
+    """
+    library = _library()
+    assert library is not None
+    x_ND = x_ND.contiguous()
+    rows, (D, F) = x_ND.shape[0], q_out_DF.shape
+    scales = [scale.to(torch.float32).contiguous() for scale in (scale_in_H, scale_out_D)]
+    weights_N = None if row_weights_N is None else row_weights_N.to(torch.float32).contiguous()
+    y_ND = torch.empty(rows, D, dtype=torch.bfloat16)
+    status = library.flexmoe_expert_int8(
+        x_ND.data_ptr(),
+        rows,
+        q_in_HD.data_ptr(),
+        scales[0].data_ptr(),
+        q_out_DF.data_ptr(),
+        scales[1].data_ptr(),
+        D,
+        F,
+        int(activation in GATED_ACTIVATIONS),
+        _ACTIVATION_KINDS[activation],
+        None if weights_N is None else weights_N.data_ptr(),
+        y_ND.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError(f"expert_int8: no memory for the {rows} rows' fixed-point copies")
     return y_ND
 
 

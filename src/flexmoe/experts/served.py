@@ -17,7 +17,14 @@ from torch import Tensor
 from flexmoe.experts.activations import activate
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.packed import PackedWeight, packed_linear
-from flexmoe.experts.rows import expert_bf16, rows_bf16, takes_bf16, takes_expert_bf16
+from flexmoe.experts.rows import (
+    expert_bf16,
+    expert_int8,
+    rows_bf16,
+    takes_bf16,
+    takes_expert_bf16,
+    takes_expert_int8,
+)
 
 __all__ = ["ServedWeight", "served_expert_ffn", "served_linear"]
 
@@ -49,7 +56,8 @@ def served_expert_ffn(
     """One expert on its rows: ``(act(x @ w_in^T) * row_weight) @ w_out^T``, ``[N, D] -> [N, D]``.
 
     ``w_in`` is ``[H, D]`` (``[gate; up]`` for gated activations), ``w_out`` ``[D, F]``.
-    Plain bf16 weights and decoding rows run in one call of the row kernels (``expert_bf16``).
+    Decoding rows of plain bf16 or int8 weights run in one call of the row kernels
+    (``expert_bf16``, ``expert_int8``).
     """
     if (
         isinstance(w_in, Tensor)
@@ -57,6 +65,12 @@ def served_expert_ffn(
         and takes_expert_bf16(x_ND, w_in, w_out, activation)
     ):
         return expert_bf16(x_ND, w_in, w_out, activation, row_weights_N)
+    if (
+        isinstance(w_in, Int8Weight)
+        and isinstance(w_out, Int8Weight)
+        and takes_expert_int8(x_ND, w_in.q, w_out.q, activation)
+    ):
+        return expert_int8(x_ND, w_in.q, w_in.scale, w_out.q, w_out.scale, activation, row_weights_N)
     a_NF = activate(served_linear(x_ND, w_in), activation)
     if row_weights_N is not None:  # in place: the activation is this call's own tensor
         a_NF.mul_(row_weights_N.to(a_NF.dtype).unsqueeze(1))
