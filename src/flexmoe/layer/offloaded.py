@@ -135,7 +135,8 @@ class OffloadedExperts(LocalExperts):
         outputs: dict[int, Tensor] = {}
         experts = self.grouped
         dtype = compute_dtype(x_ND)
-        x_c, rw_c = x_ND.to(dtype), row_weights_N.to(dtype)  # once, not per expert
+        # once, not per expert: the row weights rounded as the in-memory experts round them, in fp32
+        x_c, rw_c = x_ND.to(dtype), row_weights_N.to(dtype).float()
         with closing(served):
             for e, (w_in, w_out) in served:
                 rows = slice(starts[e], starts[e + 1])
