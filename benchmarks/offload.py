@@ -62,8 +62,8 @@ import flexmoe.hf
 from flexmoe.checkpoint import load_checkpoint
 from flexmoe.experts.cache import POLICIES, ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
-from flexmoe.experts.packed import PackedWeight, packed_inference_supported
-from flexmoe.experts.rows import decodes_plain
+from flexmoe.experts.packed import PackedLinear, PackedWeight, packed_inference_supported
+from flexmoe.experts.rows import RowsLinear, decodes_plain
 from flexmoe.experts.served import served_linear
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
@@ -350,6 +350,7 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
     print_large(rounds, config, args)
     rates = matrix_vector_rates(config)
     print_matrix_vector_bound(rates, config)
+    floor = print_step_floor(rounds, rates, config)
     for results in rounds:
         for result in results.values():
             result.pop("logits", None)
@@ -361,6 +362,7 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
         "matrix_vector_gb_s": rates,
         "int8_decode_bound": bound,
         "int8_roofline_bound": roofline_bound(config),
+        "bf16_step_floor_s": floor,
     }
 
 
@@ -455,11 +457,13 @@ def matrix_vector_rates(config: dict[str, Any], rounds: int = 7) -> dict[str, fl
     """GB/s of one-row products with an expert's ``w_in`` ``[2F, D]``, and of reading its bytes.
 
     Decoding is matrix-vector products. ``bf16 experts``: bf16 experts as the cache
-    serves them (plain on the row kernels where they run, else packed); ``bf16 packed``:
-    the attention's and head's packed weights; ``int8``: int8 experts; ``read``: a sum
-    over the same bytes, the rate memory delivers them at. The weights span more than the
-    CPU's caches, as the experts do. Interleaved rounds, medians. ``None`` where packed
-    bf16 products are not supported.
+    serves them (plain on the row kernels where they run, else packed); ``bf16 dense``:
+    the attention's and head's weights as ``load_offloaded`` holds them (``RowsLinear``
+    on the row kernels where they run, else ``PackedLinear``); ``bf16 packed``: oneDNN's
+    packed product, for comparison; ``int8``: int8 experts; ``read``: a sum over the same
+    bytes, the rate memory delivers them at. The weights span more than the CPU's
+    caches, as the experts do. Interleaved rounds, medians. ``None`` where packed bf16
+    products are not supported.
     """
     if not packed_inference_supported(torch.device("cpu"), torch.bfloat16):
         return None
@@ -468,8 +472,14 @@ def matrix_vector_rates(config: dict[str, Any], rounds: int = 7) -> dict[str, fl
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(out_dim, in_dim, generator=generator).to(torch.bfloat16) for _ in range(count)]
     packed = [PackedWeight.pack(w) for w in weights]
+    plain = decodes_plain(torch.bfloat16)
+    linears = [nn.Linear(in_dim, out_dim, bias=False, device="meta") for _ in weights]
+    for linear, w in zip(linears, weights, strict=True):
+        linear.weight = nn.Parameter(w, requires_grad=False)
+    dense = [RowsLinear.of(linear) if plain else PackedLinear.of(linear) for linear in linears]
     forms: dict[str, tuple[list[Any], Callable[[Tensor, Any], Any], int]] = {
-        "bf16 experts": (weights if decodes_plain(torch.bfloat16) else packed, served_linear, 2),
+        "bf16 experts": (weights if plain else packed, served_linear, 2),
+        "bf16 dense": (dense, lambda x, layer: layer(x), 2),
         "bf16 packed": (packed, served_linear, 2),
         "int8": ([Int8Weight.quantize(w.float()) for w in weights], int8_linear, 1),
         "read": ([w.view(torch.float32) for w in weights], lambda _, w: w.sum(), 2),
@@ -510,9 +520,14 @@ def decode_bound(rates: dict[str, float], config: dict[str, Any]) -> float:
     bf16. Anything else a step does (the same for both) only brings the ratio closer to 1.
     """
     experts, other = product_bytes_per_token(config)
-    bf16_s = experts / rates["bf16 experts"] + other / rates["bf16 packed"]
-    int8_s = other / rates["bf16 packed"] + experts / 2 / rates["int8"]
-    return bf16_s / int8_s
+    int8_s = other / rates["bf16 dense"] + experts / 2 / rates["int8"]
+    return products_seconds(rates, config) / int8_s
+
+
+def products_seconds(rates: dict[str, float], config: dict[str, Any]) -> float:
+    """Seconds a bf16 decode step spends in its products, each reading its weights at its kernel's rate."""
+    experts, other = product_bytes_per_token(config)
+    return experts / rates["bf16 experts"] / 1e9 + other / rates["bf16 dense"] / 1e9
 
 
 def roofline_bound(config: dict[str, Any]) -> float:
@@ -521,14 +536,74 @@ def roofline_bound(config: dict[str, Any]) -> float:
     return (experts + other) / (experts / 2 + other)
 
 
+class _NoMoE(nn.Module):
+    """A decoder layer's MoE block that does nothing: what the rest of the layer costs."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return torch.zeros_like(x)
+
+
+def model_work_seconds(config: dict[str, Any], steps: int = 40) -> float:
+    """Seconds of a decode step outside its products and its MoE blocks, in ``transformers``' modules.
+
+    The same architecture (layers, heads, norms, rotary embedding, KV cache) at hidden
+    size 64, so that its products take no time, with every MoE block doing nothing: the
+    work any MoE implementation inside this model leaves to the rest of each step.
+    Median over ``steps`` decode steps after a 64-token prompt.
+    """
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    small = {
+        "hidden_size": 64,
+        "head_dim": 8,
+        "moe_intermediate_size": 8,
+        "num_experts": 8,
+        "vocab_size": 512,
+    }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        Qwen3MoeConfig(**{**config, **small}), dtype=torch.bfloat16
+    ).eval()
+    for layer in model.model.layers:
+        layer.mlp = _NoMoE()
+    seconds = []
+    with torch.no_grad():
+        out = model(torch.randint(0, 512, (1, 64)), use_cache=True)
+        for _ in range(steps + 5):
+            token = out["logits"][:, -1:].argmax(-1)
+            start = time.perf_counter()
+            out = model(token, use_cache=True, **kv_cache(model, out))
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[5:])
+
+
+def print_step_floor(
+    rounds: list[dict[str, dict[str, Any]]], rates: dict[str, float] | None, config: dict[str, Any]
+) -> float | None:
+    """Print the least time a bf16 decode step can take here; return it (``None``: no rates)."""
+    if rates is None:
+        return None
+    products, rest = products_seconds(rates, config), model_work_seconds(config)
+    floor = products + rest
+    line = (
+        f"  a bf16 decode step takes at least {products * 1e3:.0f} ms of products (at the rates above) + "
+        f"{rest * 1e3:.0f} ms of transformers' own work besides the MoE blocks = {floor * 1e3:.0f} ms: "
+        f"at most {1 / floor:.2f} tokens/s"
+    )
+    if any("accelerate" in results for results in rounds):
+        line += f", {1 / floor / median_of(rounds, 'accelerate', 'decode_tok_s'):.2f}x accelerate's decode"
+    print(line)
+    return floor
+
+
 def print_matrix_vector_bound(rates: dict[str, float] | None, config: dict[str, Any]) -> None:
     if rates is None:
         return
     experts, other = product_bytes_per_token(config)
     print(
         f"  one-row products with w_in [{2 * config['moe_intermediate_size']}, {config['hidden_size']}]: "
-        f"bf16 experts {rates['bf16 experts']:.1f} GB/s, packed bf16 (attention, head) "
-        f"{rates['bf16 packed']:.1f} GB/s, int8 {rates['int8']:.1f} GB/s, reading the bytes "
+        f"bf16 experts {rates['bf16 experts']:.1f} GB/s, bf16 attention and head {rates['bf16 dense']:.1f} "
+        f"GB/s (packed: {rates['bf16 packed']:.1f}), int8 {rates['int8']:.1f} GB/s, reading the bytes "
         f"{rates['read']:.1f} GB/s; int8 is at most {2 * rates['int8'] / rates['bf16 experts']:.2f}x bf16 "
         f"per product. A decoded token's products read {experts / 1e9:.2f} GB of bf16 experts and "
         f"{other / 1e9:.2f} GB of bf16 attention and head, so int8 experts decode at most "

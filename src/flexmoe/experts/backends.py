@@ -454,20 +454,9 @@ def stacked_inference(
     serial_16bit_rows = 0 if any(stack.products is not None for stack in stacks) else SERIAL_16BIT_ROWS
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
     y_ND = WORKSPACE.take((N, D), dtype, device)
-    # decoding rows of a plain bf16 expert: the whole expert in one call of the row kernels
-    whole = set()
-    if add_in is None and add_out is None:
-        for g, s, t in segments:
-            stack, e = owners[g]
-            if (
-                stack.products is None
-                and stack.b_in is None
-                and stack.b_out is None
-                and takes_expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation)
-            ):
-                weights_n = None if row_weights_N is None else row_weights_N[s:t]
-                y_ND[s:t] = expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation, weights_n)
-                whole.add(g)
+    # terms added to the first projection or the output (LoRA) need them apart: no whole experts
+    separate = add_in is not None or add_out is not None
+    whole = set() if separate else _whole_experts(x_ND, segments, owners, activation, row_weights_N, y_ND)
     if len(whole) == len(segments):
         WORKSPACE.give(h_PNF)
         return y_ND
@@ -518,6 +507,31 @@ def stacked_inference(
         add_out(a_NF, y_ND)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
+
+
+def _whole_experts(
+    x_ND: Tensor,
+    segments: list[Segment],
+    owners: list[tuple[ExpertTensors, int]],
+    activation: str,
+    row_weights_N: Tensor | None,
+    y_ND: Tensor,
+) -> set[int]:
+    """The groups whose rows the row kernels compute whole (``expert_bf16``), written into ``y_ND``.
+
+    Decoding rows of a plain bf16 expert without biases: both products and the
+    activation in one call, each weight read once.
+    """
+    whole = set()
+    for g, s, t in segments:
+        stack, e = owners[g]
+        if stack.products is not None or stack.b_in is not None or stack.b_out is not None:
+            continue
+        if takes_expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation):
+            weights_n = None if row_weights_N is None else row_weights_N[s:t]
+            y_ND[s:t] = expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation, weights_n)
+            whole.add(g)
+    return whole
 
 
 def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:
