@@ -520,7 +520,7 @@ def decode_bound(rates: dict[str, float], config: dict[str, Any]) -> float:
     bf16. Anything else a step does (the same for both) only brings the ratio closer to 1.
     """
     experts, other = product_bytes_per_token(config)
-    int8_s = other / rates["bf16 dense"] + experts / 2 / rates["int8"]
+    int8_s = other / rates["bf16 dense"] / 1e9 + experts / 2 / rates["int8"] / 1e9
     return products_seconds(rates, config) / int8_s
 
 
@@ -584,15 +584,22 @@ def print_step_floor(
     if rates is None:
         return None
     products, rest = products_seconds(rates, config), model_work_seconds(config)
+    reading = sum(product_bytes_per_token(config)) / rates["read"] / 1e9
     floor = products + rest
-    line = (
+    accelerate = [results["accelerate"]["decode_tok_s"] for results in rounds if "accelerate" in results]
+
+    def versus(seconds: float) -> str:
+        speed = f"at most {1 / seconds:.2f} tokens/s"
+        if not accelerate:
+            return speed
+        return f"{speed}, {1 / seconds / statistics.median(accelerate):.2f}x accelerate's decode"
+
+    print(
         f"  a bf16 decode step takes at least {products * 1e3:.0f} ms of products (at the rates above) + "
         f"{rest * 1e3:.0f} ms of transformers' own work besides the MoE blocks = {floor * 1e3:.0f} ms: "
-        f"at most {1 / floor:.2f} tokens/s"
+        f"{versus(floor)}; with products that read as fast as memory delivers, "
+        f"{(reading + rest) * 1e3:.0f} ms: {versus(reading + rest)}"
     )
-    if any("accelerate" in results for results in rounds):
-        line += f", {1 / floor / median_of(rounds, 'accelerate', 'decode_tok_s'):.2f}x accelerate's decode"
-    print(line)
     return floor
 
 

@@ -13,6 +13,11 @@ scale per output row) on AVX512-VNNI integer ones, each row of ``x`` rounded to 
 fixed point first (an error of at most ``max|x_row| / 65534`` per element, far below
 the weights' int8 rounding and the bf16 output's).
 
+``rows_bf16`` and ``rows_int8`` are one product; ``expert_bf16`` and ``expert_int8`` one
+decoding expert in one call (both products and the activation, which is applied to the
+fp32 sums and rounded once), which spares a decode step a few Python calls per expert;
+``RowsLinear`` is an ``nn.Linear`` whose decoding products run on ``rows_bf16``.
+
 The library is compiled on first use with the system's C compiler (``$CC``, else
 ``cc``) into ``$XDG_CACHE_HOME/flexmoe/kernels`` (``~/.cache`` by default), once per
 source, compiler and flags. Where the CPU lacks AVX512-BF16, the platform is not Linux,
