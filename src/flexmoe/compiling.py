@@ -35,4 +35,8 @@ def eager_only(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
 
+    # What torch.compiler.disable marks its wrappers with, and what dynamo checks before
+    # inlining a call: it stops at `call` itself (a graph break, `call` run eagerly) as at
+    # a function torch.compiler.disable wrapped, and never traces the lazy wrapping.
+    call._torchdynamo_disable = True  # type: ignore[attr-defined]
     return call
