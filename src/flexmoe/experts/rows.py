@@ -141,33 +141,12 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_rows_bf16.restype = None
     library.flexmoe_rows_int8.argtypes = [pointer, size, pointer, pointer, size, size, pointer]
     library.flexmoe_rows_int8.restype = ctypes.c_int
-    library.flexmoe_expert_bf16.argtypes = [
-        pointer,
-        size,
-        pointer,
-        pointer,
-        size,
-        size,
-        ctypes.c_int,
-        ctypes.c_int,
-        pointer,
-        pointer,
-    ]
+    # both experts' calls end with D, F, gated, the activation, the row weights and y
+    flag = ctypes.c_int
+    expert = (size, size, flag, flag, pointer, pointer)
+    library.flexmoe_expert_bf16.argtypes = [pointer, size, pointer, pointer, *expert]
     library.flexmoe_expert_bf16.restype = ctypes.c_int
-    library.flexmoe_expert_int8.argtypes = [
-        pointer,
-        size,
-        pointer,
-        pointer,
-        pointer,
-        pointer,
-        size,
-        size,
-        ctypes.c_int,
-        ctypes.c_int,
-        pointer,
-        pointer,
-    ]
+    library.flexmoe_expert_int8.argtypes = [pointer, size, pointer, pointer, pointer, pointer, *expert]
     library.flexmoe_expert_int8.restype = ctypes.c_int
     library.flexmoe_rows_threads.argtypes = []
     library.flexmoe_rows_threads.restype = ctypes.c_int
