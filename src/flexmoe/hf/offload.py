@@ -250,8 +250,8 @@ def decode_linear_layers(model: nn.Module) -> int:
     For inference on a CPU with AVX512-BF16: a decoded token's products with the
     attention's and the head's bf16 weights then stream the plain weights once
     (``flexmoe.experts.rows``), faster than oneDNN's packed product (measured in
-    ``benchmarks/offload.py``); prefill keeps ``F.linear``. The layers keep their Parameters (tied weights
-    stay tied). Returns how many were replaced.
+    ``benchmarks/offload.py``); prefill keeps ``F.linear``. The layers keep their
+    Parameters (tied weights stay tied). Returns how many were replaced.
     """
     count = 0
     for module in list(model.modules()):
