@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -253,25 +254,8 @@ def expert_bf16(
     """
     library = _library()
     assert library is not None
-    x_ND = x_ND.contiguous()
-    rows, (D, F) = x_ND.shape[0], w_out_DF.shape
-    weights_N = None if row_weights_N is None else row_weights_N.to(torch.float32).contiguous()
-    y_ND = torch.empty(rows, D, dtype=torch.bfloat16)
-    status = library.flexmoe_expert_bf16(
-        x_ND.data_ptr(),
-        rows,
-        w_in_HD.data_ptr(),
-        w_out_DF.data_ptr(),
-        D,
-        F,
-        int(activation in GATED_ACTIVATIONS),
-        _ACTIVATION_KINDS[activation],
-        None if weights_N is None else weights_N.data_ptr(),
-        y_ND.data_ptr(),
-    )
-    if status != 0:
-        raise MemoryError(f"expert_bf16: no memory for the {rows} x {F} activations")
-    return y_ND
+    weights = [w_in_HD.data_ptr(), w_out_DF.data_ptr()]
+    return _one_expert(library.flexmoe_expert_bf16, x_ND, weights, w_out_DF.shape, activation, row_weights_N)
 
 
 def expert_int8(
@@ -290,27 +274,30 @@ def expert_int8(
     """
     library = _library()
     assert library is not None
-    x_ND = x_ND.contiguous()
-    rows, (D, F) = x_ND.shape[0], q_out_DF.shape
     scales = [scale.to(torch.float32).contiguous() for scale in (scale_in_H, scale_out_D)]
+    weights = [q_in_HD.data_ptr(), scales[0].data_ptr(), q_out_DF.data_ptr(), scales[1].data_ptr()]
+    return _one_expert(library.flexmoe_expert_int8, x_ND, weights, q_out_DF.shape, activation, row_weights_N)
+
+
+def _one_expert(
+    function: Any,
+    x_ND: Tensor,
+    weights: list[int],
+    shape_DF: torch.Size,
+    activation: str,
+    row_weights_N: Tensor | None,
+) -> Tensor:
+    """Call ``flexmoe_expert_*`` with the pointers of ``weights`` (kept alive by the caller)."""
+    x_ND = x_ND.contiguous()
+    rows, (D, F) = x_ND.shape[0], shape_DF
     weights_N = None if row_weights_N is None else row_weights_N.to(torch.float32).contiguous()
     y_ND = torch.empty(rows, D, dtype=torch.bfloat16)
-    status = library.flexmoe_expert_int8(
-        x_ND.data_ptr(),
-        rows,
-        q_in_HD.data_ptr(),
-        scales[0].data_ptr(),
-        q_out_DF.data_ptr(),
-        scales[1].data_ptr(),
-        D,
-        F,
-        int(activation in GATED_ACTIVATIONS),
-        _ACTIVATION_KINDS[activation],
-        None if weights_N is None else weights_N.data_ptr(),
-        y_ND.data_ptr(),
-    )
+    gated = int(activation in GATED_ACTIVATIONS)
+    kind = _ACTIVATION_KINDS[activation]
+    row_pointer = None if weights_N is None else weights_N.data_ptr()
+    status = function(x_ND.data_ptr(), rows, *weights, D, F, gated, kind, row_pointer, y_ND.data_ptr())
     if status != 0:
-        raise MemoryError(f"expert_int8: no memory for the {rows} rows' fixed-point copies")
+        raise MemoryError(f"{function.__name__}: no memory for the scratch copies of {rows} rows")
     return y_ND
 
 
