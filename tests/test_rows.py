@@ -177,32 +177,47 @@ def activated(h, activation: str):
     return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation](h)
 
 
+def expert_inputs(rows: int, dim: int, hidden: int, activation: str, weighted: bool, seed: int):
+    """``(x, w_in, w_out, row_weights)``: bf16 rows, fp32 weights ``[H, D]`` and ``[D, F]``."""
+    generator = torch.Generator().manual_seed(seed)
+    H = hidden * (2 if activation in ("swiglu", "geglu") else 1)
+    x = torch.randn(rows, dim, generator=generator).to(torch.bfloat16)
+    w_in = torch.randn(H, dim, generator=generator).div(dim**0.5)
+    w_out = torch.randn(dim, hidden, generator=generator)
+    row_weights = torch.rand(rows, generator=generator).to(torch.bfloat16) if weighted else None
+    return x, w_in, w_out, row_weights
+
+
+def assert_expert_matches_fp64(y, x, w_in64, w_out64, activation: str, row_weights) -> None:
+    """``y`` against the expert in fp64, within two bf16 roundings (the activation, the output)."""
+    a = activated(x.double() @ w_in64.t(), activation)
+    if row_weights is not None:
+        a = a * row_weights.double()[:, None]
+    expected = a @ w_out64.t()
+    bound = 2**-7 * (a.abs() @ w_out64.abs().t() + expected.abs()) + 1e-6
+    assert y.shape == expected.shape and y.dtype == torch.bfloat16
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
+ACTIVATION_NAMES = st.sampled_from(["swiglu", "geglu", "silu", "gelu", "relu"])
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     rows=st.integers(1, BF16_MAX_ROWS),
     dim=st.integers(1, 90),
     hidden=st.integers(1, 40),
-    activation=st.sampled_from(["swiglu", "geglu", "silu", "gelu", "relu"]),
+    activation=ACTIVATION_NAMES,
     weighted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_one_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, activation, weighted, seed):
-    generator = torch.Generator().manual_seed(seed)
-    H = hidden * (2 if activation in ("swiglu", "geglu") else 1)
-    x = torch.randn(rows, dim, generator=generator).to(torch.bfloat16)
-    w_in = torch.randn(H, dim, generator=generator).div(dim**0.5).to(torch.bfloat16)
-    w_out = torch.randn(dim, hidden, generator=generator).to(torch.bfloat16)
-    row_weights = torch.rand(rows, generator=generator).to(torch.bfloat16) if weighted else None
+    x, w_in, w_out, row_weights = expert_inputs(rows, dim, hidden, activation, weighted, seed)
+    w_in, w_out = w_in.to(torch.bfloat16), w_out.to(torch.bfloat16)
     assert takes_expert_bf16(x, w_in, w_out, activation)
     y = expert_bf16(x, w_in, w_out, activation, row_weights)
-    a = activated(x.double() @ w_in.double().t(), activation)
-    if row_weights is not None:
-        a = a * row_weights.double()[:, None]
-    expected = a @ w_out.double().t()
     # fp32 sums and activation; the activation and the output each rounded to bf16 once
-    bound = 2**-7 * (a.abs() @ w_out.double().abs().t() + expected.abs()) + 1e-6
-    assert y.shape == (rows, dim) and y.dtype == torch.bfloat16
-    assert ((y.double() - expected).abs() <= bound).all()
+    assert_expert_matches_fp64(y, x, w_in.double(), w_out.double(), activation, row_weights)
 
 
 @settings(max_examples=60, deadline=None)
@@ -210,28 +225,18 @@ def test_one_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, act
     rows=st.integers(1, INT8_MAX_ROWS),
     dim=st.one_of(st.integers(1, 90), st.just(9000)),  # 9000: the integer sums move to fp32 in chunks
     hidden=st.integers(1, 24),
-    activation=st.sampled_from(["swiglu", "geglu", "silu", "gelu", "relu"]),
+    activation=ACTIVATION_NAMES,
     weighted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_one_int8_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, activation, weighted, seed):
-    generator = torch.Generator().manual_seed(seed)
-    H = hidden * (2 if activation in ("swiglu", "geglu") else 1)
-    x = torch.randn(rows, dim, generator=generator).to(torch.bfloat16)
-    w_in = Int8Weight.quantize(torch.randn(H, dim, generator=generator).div(dim**0.5))
-    w_out = Int8Weight.quantize(torch.randn(dim, hidden, generator=generator))
-    row_weights = torch.rand(rows, generator=generator).to(torch.bfloat16) if weighted else None
-    assert takes_expert_int8(x, w_in.q, w_out.q, activation)
-    y = expert_int8(x, w_in.q, w_in.scale, w_out.q, w_out.scale, activation, row_weights)
-    a = activated(x.double() @ w_in.dequantize(torch.float64).t(), activation)
-    if row_weights is not None:
-        a = a * row_weights.double()[:, None]
-    w_out64 = w_out.dequantize(torch.float64)
-    expected = a @ w_out64.t()
+    x, w_in, w_out, row_weights = expert_inputs(rows, dim, hidden, activation, weighted, seed)
+    q_in, q_out = Int8Weight.quantize(w_in), Int8Weight.quantize(w_out)
+    assert takes_expert_int8(x, q_in.q, q_out.q, activation)
+    y = expert_int8(x, q_in.q, q_in.scale, q_out.q, q_out.scale, activation, row_weights)
     # the fixed-point rows (far below bf16's rounding), then as expert_bf16
-    bound = 2**-7 * (a.abs() @ w_out64.abs().t() + expected.abs()) + 1e-6
-    assert y.shape == (rows, dim) and y.dtype == torch.bfloat16
-    assert ((y.double() - expected).abs() <= bound).all()
+    w_in64, w_out64 = q_in.dequantize(torch.float64), q_out.dequantize(torch.float64)
+    assert_expert_matches_fp64(y, x, w_in64, w_out64, activation, row_weights)
 
 
 def test_one_expert_in_one_call_takes_only_what_it_computes():
