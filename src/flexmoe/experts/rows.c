@@ -3,7 +3,9 @@
  * y[M, O] = x[M, I] @ w[O, I]^T with the weight in PyTorch's plain row-major layout:
  *   - flexmoe_rows_bf16: bf16 x and w, products and sums in fp32 (vdpbf16ps), bf16 y;
  *   - flexmoe_rows_int8: bf16 x, int8 w with one fp32 scale per output row,
- *     y = (x @ w^T) * scale in bf16 (integer products, below).
+ *     y = (x @ w^T) * scale in bf16 (integer products, below);
+ *   - flexmoe_expert_bf16 / flexmoe_expert_int8: one expert's FFN on a few rows in one call,
+ *     y = (act(x @ w_in^T) * row_weight) @ w_out^T, both products in one OpenMP region.
  * A decode step multiplies one row by weights far larger than the caches, so the time is
  * the time to stream the weight: each block of 4 output rows is read once for every x row
  * (x stays in L1), and output blocks are split over the calling thread's OpenMP team (the
