@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from flexmoe import MoELayer, Plan, RerouteConfig
+from flexmoe.parallel import CollectiveTimeoutError
+from flexmoe.parallel.comm import Communicator
 from flexmoe.placement import Placement
 
 from .distributed import run_distributed
@@ -97,6 +99,23 @@ def test_mismatched_settings_and_bad_input_raise_on_every_rank():
 def test_collective_timeout_names_layer_and_step():
     message = run_distributed(check_timeout, 2, timeout=60)[0]
     assert "MoELayer 'blocks.3.moe' step 1" in message and "2.0 s" in message, message
+
+
+def test_a_backend_timeout_is_a_collective_timeout_and_other_failures_name_the_layer():
+    # gloo's own timeout (the layer's, passed to the process group) can fire before the wait's
+    comm = Communicator(group=None, name="blocks.3.moe", timeout=5.0)
+    comm.step = 7
+
+    def fail(message: str) -> None:
+        raise RuntimeError(message)
+
+    try:
+        with pytest.raises(CollectiveTimeoutError, match=r"step 7: all_to_all did not complete within 5.0 s"):
+            comm.run(fail, "all_to_all", "[gloo/transport/tcp] Timed out waiting 2000ms for send operation")
+        with pytest.raises(RuntimeError, match=r"'blocks.3.moe' step 7: all_to_all failed: connection reset"):
+            comm.run(fail, "all_to_all", "connection reset")
+    finally:
+        comm.close()
 
 
 def test_ddp_with_expert_parameters_excluded():

@@ -245,14 +245,18 @@ class Communicator:
 
     def wait(self, future: Future[T], what: str) -> T:
         """The result of a submitted collective; raises ``CollectiveTimeoutError`` naming it."""
+        timed_out = CollectiveTimeoutError(
+            f"MoELayer {self.name!r} step {self.step}: {what} did not complete within "
+            f"{self.timeout} s (is every rank running the same layers with the same plan?)"
+        )
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
-            raise CollectiveTimeoutError(
-                f"MoELayer {self.name!r} step {self.step}: {what} did not complete within "
-                f"{self.timeout} s (is every rank running the same layers with the same plan?)"
-            ) from None
+            raise timed_out from None
         except RuntimeError as error:
+            # the backend's own timeout (gloo's equals the layer's) may fire first: the same failure
+            if "timed out" in str(error).lower():
+                raise timed_out from error
             raise RuntimeError(f"MoELayer {self.name!r} step {self.step}: {what} failed: {error}") from error
 
     def run(self, fn: Callable[..., T], what: str, *args: Any) -> T:
