@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from unittest import mock
 
 import pytest
@@ -16,18 +18,20 @@ from hypothesis import strategies as st
 from flexmoe.experts import GroupedExperts, backends
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.rows import (
-    BF16_MAX_ROWS,
     INT8_MAX_ROWS,
     available,
+    bf16_max_rows,
     expert_bf16,
     expert_int8,
     openmp_threads,
     rows_bf16,
     rows_int8,
+    set_tile_kernels,
     takes_bf16,
     takes_expert_bf16,
     takes_expert_int8,
     takes_int8,
+    tile_kernels,
 )
 from flexmoe.experts.served import served_linear
 from tests.reference import ffn
@@ -35,6 +39,27 @@ from tests.reference import ffn
 pytestmark = pytest.mark.skipif(not available(), reason="needs a CPU with AVX512-BF16 and a C compiler")
 
 BF16_STEP = 2.0**-8  # the largest relative rounding error of a bf16 output
+TILE_ROWS = 32  # the most rows the AMX tile kernels take
+
+
+@contextlib.contextmanager
+def bf16_kernels(tiles: bool) -> Iterator[int]:
+    """The bf16 kernels on AMX tiles or on the vector units; yields the most rows they take."""
+    before = tile_kernels()
+    if set_tile_kernels(tiles) != tiles:
+        set_tile_kernels(before)
+        pytest.skip("this CPU has no AMX tiles")
+    try:
+        yield bf16_max_rows()
+    finally:
+        set_tile_kernels(before)
+
+
+def test_the_tile_kernels_take_up_to_32_rows_and_the_vector_kernels_2():
+    with bf16_kernels(tiles=False) as vector_rows:
+        assert vector_rows == 2 and not tile_kernels()
+    with bf16_kernels(tiles=True) as tile_rows:
+        assert tile_rows == TILE_ROWS and tile_kernels()
 
 
 def tensors(rows: int, outputs: int, inputs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,17 +69,20 @@ def tensors(rows: int, outputs: int, inputs: int, seed: int) -> tuple[torch.Tens
     return x, w
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["vector", "tiles"])
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, BF16_MAX_ROWS),
-    outputs=st.integers(1, 19),
-    inputs=st.integers(1, 100),  # full 32-column blocks and masked tails
+    rows=st.integers(1, TILE_ROWS),  # taken modulo what the kernels take
+    outputs=st.integers(1, 70),  # whole and short 16-row tile blocks, 4-row vector blocks
+    inputs=st.integers(1, 100),  # full 32-column blocks and tails
     seed=st.integers(0, 2**16),
 )
-def test_bf16_rows_equal_the_fp64_product(rows, outputs, inputs, seed):
-    x, w = tensors(rows, outputs, inputs, seed)
-    assert takes_bf16(x, w)
-    y = rows_bf16(x, w)
+def test_bf16_rows_equal_the_fp64_product(tiles, rows, outputs, inputs, seed):
+    with bf16_kernels(tiles) as max_rows:
+        rows = 1 + (rows - 1) % max_rows
+        x, w = tensors(rows, outputs, inputs, seed)
+        assert takes_bf16(x, w)
+        y = rows_bf16(x, w)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, outputs)
     expected = x.double() @ w.double().T
     magnitude = x.double().abs() @ w.double().abs().T  # bounds every partial sum
@@ -113,9 +141,9 @@ def test_a_row_that_is_not_finite_gives_nan_and_leaves_the_others():
 
 def test_what_the_kernels_take():
     x, w = tensors(1, 4, 64, 0)
-    many = torch.randn(BF16_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    many = torch.randn(bf16_max_rows() + 1, 64).to(torch.bfloat16)
     q = torch.ones(4, 64, dtype=torch.int8)
-    assert not takes_bf16(many, w)  # more rows: the BLAS product is as fast
+    assert not takes_bf16(many, w)  # more rows: PyTorch's product is as fast
     assert not takes_bf16(x.float(), w.float())
     assert not takes_bf16(x, w.T.contiguous().T)  # a strided weight
     assert not takes_bf16(x[:, :32], w)
@@ -151,7 +179,7 @@ def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts
         mock.patch.object(backends, "expert_bf16", wraps=expert_bf16) as whole,
     ):
         y = experts(x, counts, row_weights)
-    decoding = sum(1 for n in counts if 1 <= n <= BF16_MAX_ROWS)
+    decoding = sum(1 for n in counts if 1 <= n <= bf16_max_rows())
     assert (products.call_count, whole.call_count) == ((2 * decoding, 0) if bias else (0, decoding))
     params = {name: p.detach().double() for name, p in experts.named_parameters()}
     rows, start = [], 0
@@ -202,20 +230,25 @@ def assert_expert_matches_fp64(y, x, w_in64, w_out64, activation: str, row_weigh
 ACTIVATION_NAMES = st.sampled_from(["swiglu", "geglu", "silu", "gelu", "relu"])
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["vector", "tiles"])
 @settings(max_examples=80, deadline=None)
 @given(
-    rows=st.integers(1, BF16_MAX_ROWS),
+    rows=st.integers(1, TILE_ROWS),  # taken modulo what the kernels take
     dim=st.integers(1, 90),
-    hidden=st.integers(1, 40),
+    hidden=st.integers(1, 40),  # whole and short 16-row tile blocks, odd widths
     activation=ACTIVATION_NAMES,
     weighted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_one_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden, activation, weighted, seed):
-    x, w_in, w_out, row_weights = expert_inputs(rows, dim, hidden, activation, weighted, seed)
-    w_in, w_out = w_in.to(torch.bfloat16), w_out.to(torch.bfloat16)
-    assert takes_expert_bf16(x, w_in, w_out, activation)
-    y = expert_bf16(x, w_in, w_out, activation, row_weights)
+def test_one_expert_in_one_call_equals_the_fp64_reference(
+    tiles, rows, dim, hidden, activation, weighted, seed
+):
+    with bf16_kernels(tiles) as max_rows:
+        rows = 1 + (rows - 1) % max_rows
+        x, w_in, w_out, row_weights = expert_inputs(rows, dim, hidden, activation, weighted, seed)
+        w_in, w_out = w_in.to(torch.bfloat16), w_out.to(torch.bfloat16)
+        assert takes_expert_bf16(x, w_in, w_out, activation)
+        y = expert_bf16(x, w_in, w_out, activation, row_weights)
     # fp32 sums and activation; the activation and the output each rounded to bf16 once
     assert_expert_matches_fp64(y, x, w_in.double(), w_out.double(), activation, row_weights)
 
@@ -244,7 +277,7 @@ def test_one_expert_in_one_call_takes_only_what_it_computes():
     assert takes_expert_bf16(x, w_in, w_out, "swiglu")
     assert not takes_expert_bf16(x, w_in, w_out, "silu")  # w_in has 2F rows: gated only
     assert not takes_expert_bf16(x, w_in, w_out, "tanh")
-    assert not takes_expert_bf16(torch.ones(BF16_MAX_ROWS + 1, 8).bfloat16(), w_in, w_out, "swiglu")
+    assert not takes_expert_bf16(torch.ones(bf16_max_rows() + 1, 8).bfloat16(), w_in, w_out, "swiglu")
     assert not takes_expert_bf16(x.float(), w_in.float(), w_out.float(), "swiglu")
     assert not takes_expert_bf16(x, w_in, w_out.t().contiguous().t(), "swiglu")
     assert not takes_expert_bf16(x, w_in, torch.ones(8, 4).bfloat16(), "swiglu")
@@ -285,3 +318,10 @@ def test_without_a_compiler_or_when_turned_off_the_kernels_are_unavailable(tmp_p
     assert not list(tmp_path.rglob("*.so"))
     off = run_python(CHECK, {"FLEXMOE_CPU_KERNELS": "0"})
     assert off.returncode == 0 and off.stdout.strip() == "False"
+
+
+def test_the_tile_kernels_can_be_turned_off_at_start():
+    code = "from flexmoe.experts.rows import available, bf16_max_rows, tile_kernels\n"
+    code += "print(available(), tile_kernels(), bf16_max_rows())"
+    off = run_python(code, {"FLEXMOE_CPU_TILES": "0"})
+    assert off.returncode == 0 and off.stdout.split() == ["True", "False", "2"]

@@ -32,6 +32,13 @@ static inline uint16_t round_to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
+static inline float bf16_to_float(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
 static inline long clamp_row(long row, long rows) { return row < rows ? row : rows - 1; }
 
 /* ------------------------------------------------------------------ bf16 weights */
@@ -90,7 +97,7 @@ static void bf16_block(const uint16_t *x, long M, long m0, int rows, const uint1
         for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++) y[(m0 + k) * O + o0 + r] = round_to_bf16(sums[k][r]);
 }
 
-void flexmoe_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
+static void vector_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
     long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < blocks; b++)
@@ -140,12 +147,9 @@ static void ffn_in_block(const uint16_t *x, long M, long m0, int rows, const uin
     }
 }
 
-/* y[M, D] = (act(x @ w_in^T) * row_weights) @ w_out^T for one expert: w_in [H, D] ([gate; up]
- * when gated, H = 2F), w_out [D, F]. The activation (and its product with up and the row's
- * weight) is applied to the fp32 sums and rounded to bf16 once; each weight is read once,
- * both products split over the team. Returns 0, or -1 without memory for the activations. */
-int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const uint16_t *w_out, long D, long F,
-                        int gated, int kind, const float *row_weights, uint16_t *y) {
+/* flexmoe_expert_bf16 on the vector units: both products split over the team in one region. */
+static int vector_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const uint16_t *w_out, long D,
+                              long F, int gated, int kind, const float *row_weights, uint16_t *y) {
     uint16_t *a = malloc((size_t)(M * F) * sizeof *a);
     if (a == NULL) return -1;
     long f_blocks = (F + OUT_BLOCK - 1) / OUT_BLOCK, d_blocks = (D + OUT_BLOCK - 1) / OUT_BLOCK;
@@ -162,6 +166,261 @@ int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const u
     free(a);
     return 0;
 }
+
+/* ------------------------------------------------------------------ bf16 weights on AMX tiles */
+
+/* With AMX (Sapphire Rapids and later), one TDPBF16PS multiplies 16 weight rows by 32
+ * columns of up to 16 x rows: the tile unit keeps up with memory for any row count up to
+ * AMX_MAX_ROWS, where the vector kernels above become compute-bound past 2 rows. The
+ * weight stays as stored: a tile's A operand is 16 consecutive rows of w, 64 bytes of
+ * each; the B operand is x transposed into pairs of columns (xb[i / 2][m][i % 2], the
+ * "VNNI" layout), packed once per call. Weight rows go in groups of two 16-row blocks;
+ * while a group is multiplied, the next group of the same thread is prefetched into L2 as
+ * one sequential stream. Columns past the last whole 32 are summed in scalar fp32, and a
+ * block of fewer than 16 rows is copied into zeroed scratch first. */
+#ifndef FLEXMOE_NO_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_MAX_ROWS 32
+#define BLOCK 16
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_enabled = 0;
+
+/* Asks the kernel for the tile state (once per process); returns whether AMX is now used. */
+int flexmoe_use_amx(int enable) {
+    static int permitted = -1;
+    if (enable && permitted < 0) permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    amx_enabled = enable && permitted > 0;
+    return amx_enabled;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t columns_bytes[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3: fp32 sums of block 0 (rows 0-15, 16-31 of x) and block 1; 4, 5: the blocks'
+ * weights; 6, 7: x rows 0-15 and 16-31. */
+static void configure_tiles(long M) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    uint16_t low = (uint16_t)((M < BLOCK ? M : BLOCK) * 4), high = (uint16_t)((M > BLOCK ? M - BLOCK : 0) * 4);
+    uint16_t widths[8] = {low, high, low, high, 64, 64, low, high};
+    for (int t = 0; t < 8; t++) {
+        config.columns_bytes[t] = widths[t];
+        config.rows[t] = widths[t] ? BLOCK : 0;
+    }
+    /* the asm's input is the whole struct (gcc 12 drops stores it thinks _tile_loadconfig won't read) */
+    __asm__ volatile("ldtilecfg %0" : : "m"(config));
+}
+
+/* xb[(i / 2) * M + m][i % 2] = x[m, i], the last odd column's pair completed with zero. */
+static void pack_pairs(const uint16_t *x, long M, long I, uint16_t *xb) {
+    memset(xb, 0, (size_t)(((I + 1) / 2) * M * 2) * sizeof *xb);
+    for (long m = 0; m < M; m++)
+        for (long i = 0; i < I; i++) xb[((i >> 1) * M + m) * 2 + (i & 1)] = x[m * I + i];
+}
+
+static inline float packed_value(const uint16_t *xb, long M, long m, long i) {
+    return bf16_to_float(xb[((i >> 1) * M + m) * 2 + (i & 1)]);
+}
+
+/* Where a block's tiles read: the rows in place, or the scratch copy of a short block. */
+static const uint16_t *block_rows(const uint16_t *rows, long count, long I, uint16_t *scratch) {
+    if (count == BLOCK) return rows;
+    memset(scratch, 0, (size_t)(BLOCK * I) * sizeof *scratch);
+    if (count > 0) memcpy(scratch, rows, (size_t)(count * I) * sizeof *scratch);
+    return scratch;
+}
+
+/* sums[b][r][m] = x[m] . w_b[r] for blocks b = 0, 1 of `counts[b]` rows at `rows[b]` (16 at
+ * most; a block of 0 rows is skipped), fp32; `next[b]` is prefetched (NULL: nothing). */
+static void amx_group_sums(const uint16_t *xb, long M, long I, const uint16_t *const rows[2], const long counts[2],
+                           const uint16_t *const next[2], uint16_t *scratch, float sums[2][BLOCK][AMX_MAX_ROWS]) {
+    const uint16_t *w0 = block_rows(rows[0], counts[0], I, scratch);
+    const uint16_t *w1 = counts[1] > 0 ? block_rows(rows[1], counts[1], I, scratch + BLOCK * I) : NULL;
+    long stride = I * 2, x_stride = M * 4, whole = I / 32 * 32;
+    int high = M > BLOCK;
+    /* gcc's tile load and store intrinsics declare no memory effects: fence them in */
+    __asm__ volatile("" : : : "memory");
+    _tile_zero(0);
+    _tile_zero(2);
+    if (high) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+    for (long i = 0, line = 0; i < whole; i += 32, line += BLOCK) {
+        for (int b = 0; b < 2; b++)
+            if (next[b] != NULL)
+                for (int l = 0; l < BLOCK; l++) _mm_prefetch((const char *)next[b] + (line + l) * 64, _MM_HINT_T1);
+        _tile_loadd(6, xb + i * M, x_stride);
+        if (high) _tile_loadd(7, xb + i * M + 2 * BLOCK, x_stride);
+        _tile_loadd(4, w0 + i, stride);
+        _tile_dpbf16ps(0, 4, 6);
+        if (high) _tile_dpbf16ps(1, 4, 7);
+        if (w1 != NULL) {
+            _tile_loadd(5, w1 + i, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            if (high) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    long row_bytes = AMX_MAX_ROWS * sizeof(float);
+    _tile_stored(0, &sums[0][0][0], row_bytes);
+    _tile_stored(2, &sums[1][0][0], row_bytes);
+    if (high) {
+        _tile_stored(1, &sums[0][0][BLOCK], row_bytes);
+        _tile_stored(3, &sums[1][0][BLOCK], row_bytes);
+    }
+    __asm__ volatile("" : : : "memory");
+    for (int b = 0; b < 2; b++) /* the columns past the last whole 32 */
+        for (long r = 0; r < counts[b]; r++)
+            for (long m = 0; m < M; m++)
+                for (long i = whole; i < I; i++)
+                    sums[b][r][m] += bf16_to_float(rows[b][r * I + i]) * packed_value(xb, M, m, i);
+}
+
+/* This thread's share [*first, *end) of `count` groups, in one contiguous run (so that the
+ * next group it prefetches is its own). */
+static void thread_share(long count, long *first, long *end) {
+    long threads = omp_get_num_threads(), t = omp_get_thread_num();
+    *first = count * t / threads;
+    *end = count * (t + 1) / threads;
+}
+
+static inline long block_count(long first, long total) {
+    long left = total - first;
+    return left < 0 ? 0 : left < BLOCK ? left : BLOCK;
+}
+
+/* y[M, O] = x @ w^T on the tiles, from the packed x; run by every thread of a team. */
+static void amx_product(const uint16_t *xb, long M, const uint16_t *w, long O, long I, uint16_t *scratch,
+                        uint16_t *y) {
+    long groups = (O + 2 * BLOCK - 1) / (2 * BLOCK), first, end;
+    float sums[2][BLOCK][AMX_MAX_ROWS];
+    thread_share(groups, &first, &end);
+    for (long g = first; g < end; g++) {
+        long o0 = g * 2 * BLOCK;
+        const uint16_t *rows[2] = {w + o0 * I, w + (o0 + BLOCK) * I};
+        long counts[2] = {block_count(o0, O), block_count(o0 + BLOCK, O)};
+        const uint16_t *next[2] = {NULL, NULL};
+        if (g + 1 < end) next[0] = rows[0] + 2 * BLOCK * I, next[1] = rows[1] + 2 * BLOCK * I;
+        amx_group_sums(xb, M, I, rows, counts, next, scratch, sums);
+        for (int b = 0; b < 2; b++)
+            for (long r = 0; r < counts[b]; r++)
+                for (long m = 0; m < M; m++) y[m * O + o0 + b * BLOCK + r] = round_to_bf16(sums[b][r][m]);
+    }
+}
+
+/* Scratch memory of one call: the packed rows, then two short blocks per thread. */
+static uint16_t *amx_scratch(long M, long I, int threads) {
+    size_t packed = (size_t)(((I + 1) / 2) * M * 2), blocks = (size_t)(2 * BLOCK * I) * (size_t)threads;
+    return malloc((packed + blocks) * sizeof(uint16_t));
+}
+
+static int amx_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
+    int threads = omp_get_max_threads();
+    uint16_t *xb = amx_scratch(M, I, threads);
+    if (xb == NULL) return -1;
+    pack_pairs(x, M, I, xb);
+    uint16_t *blocks = xb + ((I + 1) / 2) * M * 2;
+#pragma omp parallel
+    {
+        configure_tiles(M);
+        amx_product(xb, M, w, O, I, blocks + (long)omp_get_thread_num() * 2 * BLOCK * I, y);
+        _tile_release();
+    }
+    free(xb);
+    return 0;
+}
+
+/* The first projection of one expert into ab, the activations packed for the second:
+ * groups of 16 gate rows with their 16 up rows (gated) or 32 rows (not gated). */
+static void amx_ffn_in(const uint16_t *xb, long M, const uint16_t *w_in, long D, long F, int gated, int kind,
+                       const float *row_weights, uint16_t *scratch, uint16_t *ab) {
+    long width = gated ? BLOCK : 2 * BLOCK, groups = (F + width - 1) / width, first, end;
+    float sums[2][BLOCK][AMX_MAX_ROWS];
+    thread_share(groups, &first, &end);
+    for (long g = first; g < end; g++) {
+        long f0 = g * width;
+        long second = gated ? F + f0 : f0 + BLOCK;
+        const uint16_t *rows[2] = {w_in + f0 * D, w_in + second * D};
+        long counts[2] = {block_count(f0, F), block_count(gated ? f0 : f0 + BLOCK, F)};
+        const uint16_t *next[2] = {NULL, NULL};
+        if (g + 1 < end) next[0] = rows[0] + width * D, next[1] = rows[1] + width * D;
+        amx_group_sums(xb, M, D, rows, counts, next, scratch, sums);
+        for (long m = 0; m < M; m++) {
+            float weight = row_weights == NULL ? 1.0f : row_weights[m];
+            for (long c = 0; c < width && f0 + c < F; c++) {
+                float value;
+                if (gated)
+                    value = activate(sums[0][c][m], kind) * sums[1][c][m];
+                else
+                    value = activate(sums[c / BLOCK][c % BLOCK][m], kind);
+                long f = f0 + c;
+                ab[((f >> 1) * M + m) * 2 + (f & 1)] = round_to_bf16(value * weight);
+            }
+        }
+    }
+}
+
+static int amx_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const uint16_t *w_out, long D, long F,
+                           int gated, int kind, const float *row_weights, uint16_t *y) {
+    int threads = omp_get_max_threads();
+    long widest = D > F ? D : F;
+    uint16_t *xb = amx_scratch(M, D, 0), *ab = amx_scratch(M, F, 0);
+    uint16_t *blocks = malloc((size_t)(2 * BLOCK * widest) * (size_t)threads * sizeof *blocks);
+    int status = xb == NULL || ab == NULL || blocks == NULL ? -1 : 0;
+    if (status == 0) {
+        pack_pairs(x, M, D, xb);
+        if (F % 2) memset(ab, 0, (size_t)(((F + 1) / 2) * M * 2) * sizeof *ab); /* the odd column's pair */
+#pragma omp parallel
+        {
+            uint16_t *scratch = blocks + (long)omp_get_thread_num() * 2 * BLOCK * widest;
+            configure_tiles(M);
+            amx_ffn_in(xb, M, w_in, D, F, gated, kind, row_weights, scratch, ab);
+#pragma omp barrier
+            amx_product(ab, M, w_out, D, F, scratch, y);
+            _tile_release();
+        }
+    }
+    free(xb);
+    free(ab);
+    free(blocks);
+    return status;
+}
+#endif
+
+/* ------------------------------------------------------------------ bf16 entry points */
+
+/* y[M, O] = x @ w^T; returns 0, or -1 without scratch memory. */
+int flexmoe_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
+#ifndef FLEXMOE_NO_AMX
+    if (amx_enabled && M <= AMX_MAX_ROWS) return amx_rows_bf16(x, M, w, O, I, y);
+#endif
+    vector_rows_bf16(x, M, w, O, I, y);
+    return 0;
+}
+
+/* y[M, D] = (act(x @ w_in^T) * row_weights) @ w_out^T for one expert: w_in [H, D] ([gate; up]
+ * when gated, H = 2F), w_out [D, F]. The activation (and its product with up and the row's
+ * weight) is applied to the fp32 sums and rounded to bf16 once; each weight is read once.
+ * Returns 0, or -1 without scratch memory. */
+int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const uint16_t *w_out, long D, long F,
+                        int gated, int kind, const float *row_weights, uint16_t *y) {
+#ifndef FLEXMOE_NO_AMX
+    if (amx_enabled && M <= AMX_MAX_ROWS) return amx_expert_bf16(x, M, w_in, w_out, D, F, gated, kind, row_weights, y);
+#endif
+    return vector_expert_bf16(x, M, w_in, w_out, D, F, gated, kind, row_weights, y);
+}
+
+#ifdef FLEXMOE_NO_AMX
+int flexmoe_use_amx(int enable) { return 0 * enable; }
+#endif
 
 /* ------------------------------------------------------------------ int8 weights */
 
@@ -251,13 +510,6 @@ static void int8_block(const int16_t *xi, const float *step, long M, long m0, in
 
 static inline __m512 load_bf16(__mmask16 mask, const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
-static inline float bf16_to_float(uint16_t value) {
-    uint32_t bits = (uint32_t)value << 16;
-    float result;
-    memcpy(&result, &bits, sizeof result);
-    return result;
 }
 
 /* x[M, I] (bf16) rounded to xi * step[m]; a row that is not finite gets step NaN (its outputs NaN). */

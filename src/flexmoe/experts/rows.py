@@ -8,10 +8,12 @@ weight repacked first (oneDNN's packed layout: a conversion whose fresh memory f
 on first touch, milliseconds per expert read from disk) or compute slower than memory
 delivers (``torch._weight_int8pack_mm``). ``rows.c`` streams the plain row-major weight
 and splits its output rows over PyTorch's own OpenMP threads. Both kernels take bf16
-rows: bf16 weights run on AVX512-BF16 dot products with fp32 sums; int8 weights (one
-scale per output row) on AVX512-VNNI integer ones, each row of ``x`` rounded to 16-bit
-fixed point first (an error of at most ``max|x_row| / 65534`` per element, far below
-the weights' int8 rounding and the bf16 output's).
+rows: bf16 weights run on AVX512-BF16 dot products with fp32 sums (up to 2 rows; beyond
+that the vector units, not memory, set the pace), or on AMX tiles where the CPU has
+them (up to 32 rows at memory speed; ``tile_kernels``); int8 weights (one scale per
+output row) on AVX512-VNNI integer ones, each row of ``x`` rounded to 16-bit fixed point
+first (an error of at most ``max|x_row| / 65534`` per element, far below the weights'
+int8 rounding and the bf16 output's).
 
 ``rows_bf16`` and ``rows_int8`` are one product; ``expert_bf16`` and ``expert_int8`` one
 decoding expert in one call (both products and the activation, which is applied to the
@@ -46,28 +48,31 @@ from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.logs import log_once
 
 __all__ = [
-    "BF16_MAX_ROWS",
     "INT8_MAX_ROWS",
     "RowsLinear",
     "available",
+    "bf16_max_rows",
     "decodes_plain",
     "expert_bf16",
     "expert_int8",
     "openmp_threads",
     "rows_bf16",
     "rows_int8",
+    "set_tile_kernels",
     "takes_bf16",
     "takes_expert_bf16",
     "takes_expert_int8",
     "takes_int8",
+    "tile_kernels",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Beyond these row counts PyTorch's kernels are as fast (measured on an AVX512-BF16 CPU
 # with weights larger than its caches: bf16 against the BLAS product on the plain weight,
-# int8 against torch._weight_int8pack_mm).
-BF16_MAX_ROWS = 2
+# int8 against torch._weight_int8pack_mm). AMX tiles keep bf16 at memory speed further.
+_VECTOR_BF16_MAX_ROWS = 2
+_TILE_BF16_MAX_ROWS = 32  # AMX_MAX_ROWS of rows.c: two tiles of 16 rows
 INT8_MAX_ROWS = 16
 # The activation codes of rows.c (gated ones apply the base function to the gate half).
 _ACTIVATION_KINDS = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "relu": 2}
@@ -83,21 +88,27 @@ _FLAGS = (
     "-shared",
     "-fPIC",
 )
+# a compiler without AMX support builds the vector kernels alone
+_TILE_FLAGS = ("-mamx-tile", "-mamx-bf16")
+_NO_TILE_FLAGS = ("-DFLEXMOE_NO_AMX",)
 _CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"})
+_CPU_TILE_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 _ENABLE_VARIABLE = "FLEXMOE_CPU_KERNELS"
+_TILES_VARIABLE = "FLEXMOE_CPU_TILES"
 
 
-def _cpu_supports() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     if not sys.platform.startswith("linux"):
-        return False
+        return frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split()) >= _CPU_FLAGS
-    return False
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def _kernel_dir() -> Path:
@@ -110,10 +121,10 @@ def _compiler_version(compiler: str) -> str:
     return done.stdout
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The compiled library, built now unless an identical build is cached."""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _compiler_version(compiler).encode())
+    key = hashlib.sha256(source + " ".join(flags).encode() + _compiler_version(compiler).encode())
     target = _kernel_dir() / f"rows-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -123,7 +134,7 @@ def _build(compiler: str) -> Path:
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", partial],
+            [compiler, *flags, str(_SOURCE), "-o", partial],
             capture_output=True,
             text=True,
             timeout=120,
@@ -139,7 +150,7 @@ def _build(compiler: str) -> Path:
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_long
     library.flexmoe_rows_bf16.argtypes = [pointer, size, pointer, size, size, pointer]
-    library.flexmoe_rows_bf16.restype = None
+    library.flexmoe_rows_bf16.restype = ctypes.c_int
     library.flexmoe_rows_int8.argtypes = [pointer, size, pointer, pointer, size, size, pointer]
     library.flexmoe_rows_int8.restype = ctypes.c_int
     # both experts' calls end with D, F, gated, the activation, the row weights and y
@@ -151,22 +162,43 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_expert_int8.restype = ctypes.c_int
     library.flexmoe_rows_threads.argtypes = []
     library.flexmoe_rows_threads.restype = ctypes.c_int
+    library.flexmoe_use_amx.argtypes = [ctypes.c_int]
+    library.flexmoe_use_amx.restype = ctypes.c_int
     return library
+
+
+def _load(compiler: str) -> ctypes.CDLL:
+    """The library with AMX tile kernels, or without them where the compiler has none."""
+    try:
+        return _declare(ctypes.CDLL(str(_build(compiler, _FLAGS + _TILE_FLAGS))))
+    except subprocess.CalledProcessError:
+        return _declare(ctypes.CDLL(str(_build(compiler, _FLAGS + _NO_TILE_FLAGS))))
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(_ENABLE_VARIABLE, "1") == "0" or not _cpu_supports():
+    if os.environ.get(_ENABLE_VARIABLE, "1") == "0" or not _cpu_flags() >= _CPU_FLAGS:
         return None
     compiler = os.environ.get("CC", "cc")
     try:
-        return _declare(ctypes.CDLL(str(_build(compiler))))
+        library = _load(compiler)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         log_once(
             logger, logging.WARNING, "CPU row kernels unavailable (%s failed): %s", compiler, detail.strip()
         )
         return None
+    _set_tiles(library, os.environ.get(_TILES_VARIABLE, "1") != "0")
+    return library
+
+
+_tiles_on = False  # mirrors rows.c's switch: takes_bf16 reads it on every decoding product
+
+
+def _set_tiles(library: ctypes.CDLL, enabled: bool) -> bool:
+    global _tiles_on
+    _tiles_on = bool(library.flexmoe_use_amx(int(enabled and _cpu_flags() >= _CPU_TILE_FLAGS)))
+    return _tiles_on
 
 
 def available() -> bool:
@@ -180,6 +212,25 @@ def openmp_threads() -> int:
     if library is None:
         raise RuntimeError("the CPU row kernels are not available here")
     return int(library.flexmoe_rows_threads())
+
+
+def tile_kernels() -> bool:
+    """Whether bf16 products run on AMX tiles (CPU, compiler and kernel permitting)."""
+    return _library() is not None and _tiles_on
+
+
+def set_tile_kernels(enabled: bool) -> bool:
+    """Use the AMX tile kernels for bf16 where possible (or not); returns ``tile_kernels()``.
+
+    On by default where the CPU has AMX; ``FLEXMOE_CPU_TILES=0`` turns them off at start.
+    """
+    library = _library()
+    return library is not None and _set_tiles(library, enabled)
+
+
+def bf16_max_rows() -> int:
+    """The most rows ``rows_bf16`` and ``expert_bf16`` take: 32 on AMX tiles, else 2."""
+    return _TILE_BF16_MAX_ROWS if tile_kernels() else _VECTOR_BF16_MAX_ROWS
 
 
 def decodes_plain(dtype: torch.dtype) -> bool:
@@ -203,8 +254,8 @@ def _takes(x_NI: Tensor, weight: Tensor, dtype: torch.dtype, max_rows: int) -> b
 
 
 def takes_bf16(x_NI: Tensor, w_OI: Tensor) -> bool:
-    """Whether ``rows_bf16`` computes ``x @ w^T``: bf16 on CPU, ``1..BF16_MAX_ROWS`` rows, plain ``w``."""
-    return x_NI.dtype == torch.bfloat16 and _takes(x_NI, w_OI, torch.bfloat16, BF16_MAX_ROWS)
+    """Whether ``rows_bf16`` computes ``x @ w^T``: bf16 on CPU, ``1..bf16_max_rows()`` rows, plain ``w``."""
+    return x_NI.dtype == torch.bfloat16 and _takes(x_NI, w_OI, torch.bfloat16, bf16_max_rows())
 
 
 def takes_int8(x_NI: Tensor, q_OI: Tensor) -> bool:
@@ -234,7 +285,7 @@ def _takes_expert(
 
 def takes_expert_bf16(x_ND: Tensor, w_in_HD: Tensor, w_out_DF: Tensor, activation: str) -> bool:
     """Whether ``expert_bf16`` computes this expert: ``takes_bf16`` for both products, a known activation."""
-    return _takes_expert(x_ND, w_in_HD, w_out_DF, activation, torch.bfloat16, BF16_MAX_ROWS)
+    return _takes_expert(x_ND, w_in_HD, w_out_DF, activation, torch.bfloat16, bf16_max_rows())
 
 
 def takes_expert_int8(x_ND: Tensor, q_in_HD: Tensor, q_out_DF: Tensor, activation: str) -> bool:
@@ -308,7 +359,10 @@ def rows_bf16(x_NI: Tensor, w_OI: Tensor) -> Tensor:
     x_NI = x_NI.contiguous()
     rows, (outputs, inputs) = x_NI.shape[0], w_OI.shape
     y_NO = torch.empty(rows, outputs, dtype=torch.bfloat16)
-    library.flexmoe_rows_bf16(x_NI.data_ptr(), rows, w_OI.data_ptr(), outputs, inputs, y_NO.data_ptr())
+    pointers = (x_NI.data_ptr(), rows, w_OI.data_ptr(), outputs, inputs, y_NO.data_ptr())
+    status = library.flexmoe_rows_bf16(*pointers)
+    if status != 0:
+        raise MemoryError(f"rows_bf16: no memory for the packed copy of {rows} x {inputs} rows")
     return y_NO
 
 
