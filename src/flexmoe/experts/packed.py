@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from flexmoe.experts.backends import ExpertTensors, stacked_inference
+from flexmoe.experts.rows import bf16_max_rows, decodes_plain
 
 __all__ = [
     "MAX_PACKED_ROWS",
@@ -69,12 +70,15 @@ MAX_PACKED_ROWS = 128  # beyond this MKL on the plain weights is as fast (and fr
 
 
 def packed_rows(rows: int, dtype: torch.dtype) -> bool:
-    """Whether a product of ``rows`` rows runs on the packed weights (else the plain GEMM).
+    """Whether a product of ``rows`` rows runs on the packed weights (else the plain weights).
 
     Up to ``MAX_PACKED_ROWS``, from one row in bf16 (the BLAS matrix-vector product reads
     about half as fast as oneDNN's packed matmul there) and from two in fp32 (where
-    ``torch.mv`` on the plain weights is as fast).
+    ``torch.mv`` on the plain weights is as fast). Not the bf16 rows that the row kernels
+    take (``flexmoe.experts.rows``: they stream the plain weights faster still).
     """
+    if dtype == torch.bfloat16 and decodes_plain(dtype) and rows <= bf16_max_rows():
+        return False
     return (1 if dtype == torch.bfloat16 else 2) <= rows <= MAX_PACKED_ROWS
 
 
