@@ -57,10 +57,14 @@ def _serve(rank: int, world_size: int, init_file: str, tasks: Any, results: Any)
         if "torch._dynamo" in sys.modules:  # no compiled code (or recompile budget) from an earlier task
             torch._dynamo.reset()
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            value = fn(rank, world_size, *args)
+            # The next task needs the group: a function that ends it belongs in run_distributed.
+            assert dist.is_initialized(), f"{fn.__name__} destroyed the pooled process group"
+            results.put((rank, "ok", value))
         except BaseException:  # report everything, including assertion failures
             results.put((rank, "error", traceback.format_exc()))
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _collect(results: Any, world_size: int, timeout: float) -> dict[int, tuple[str, Any]]:
