@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from .distributed import RankPools
+
 # derandomize: the same examples on every run (CI is deterministic); no example
 # database, so a local failure cannot change what CI sees.
 settings.register_profile(
@@ -38,3 +40,11 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def rank_pools():
+    """Gloo process groups kept for the session (one per world size): ``rank_pools.run(fn, W, *args)``."""
+    pools = RankPools()
+    yield pools
+    pools.close()

@@ -13,7 +13,6 @@ from torch import nn
 import flexmoe
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
-from .distributed import run_distributed
 from .parallel_workers import checkpoint_model, checkpoint_reshard_step, checkpoint_train_step
 
 
@@ -101,16 +100,16 @@ def test_mismatched_model_is_refused(tmp_path):
         load_checkpoint(tmp_path / "nowhere", model)
 
 
-def test_reshards_between_world_sizes(tmp_path):
+def test_reshards_between_world_sizes(rank_pools, tmp_path):
     # 1 device -> 2 ranks (2 experts each) -> 4 ranks (1 expert each) -> 1 device, training
     # one step at each stage (weights and AdamW state); every stage matches one device.
     torch.manual_seed(0)
     reference, reference_opt = checkpoint_model(num_experts=4)
     save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
     losses = [checkpoint_train_step(reference, reference_opt, 10 + s) for s in range(2)]
-    got = run_distributed(checkpoint_reshard_step, 2, str(tmp_path / "w1"), str(tmp_path / "w2"), 10)
+    got = rank_pools.run(checkpoint_reshard_step, 2, str(tmp_path / "w1"), str(tmp_path / "w2"), 10)
     assert got[0] == pytest.approx(losses[0], rel=1e-5)
-    got = run_distributed(checkpoint_reshard_step, 4, str(tmp_path / "w2"), str(tmp_path / "w4"), 11)
+    got = rank_pools.run(checkpoint_reshard_step, 4, str(tmp_path / "w2"), str(tmp_path / "w4"), 11)
     assert got[0] == pytest.approx(losses[1], rel=1e-5)
     final, final_opt = checkpoint_model(num_experts=4)
     assert load_checkpoint(tmp_path / "w4", final, final_opt)["world_size"] == 4
@@ -118,7 +117,7 @@ def test_reshards_between_world_sizes(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_reshards_sharded_experts(tmp_path):
+def test_reshards_sharded_experts(rank_pools, tmp_path):
     # 2 experts with biases on 4 ranks: each expert's hidden units split 2 ways (b_out on shard 0).
     torch.manual_seed(0)
     reference, reference_opt = checkpoint_model(num_experts=2, bias=True)
@@ -126,7 +125,7 @@ def test_reshards_sharded_experts(tmp_path):
     save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
     loss = checkpoint_train_step(reference, reference_opt, 10)
     args = (str(tmp_path / "w1"), str(tmp_path / "w4"), 10, 2, True)
-    assert run_distributed(checkpoint_reshard_step, 4, *args)[0] == pytest.approx(loss, rel=1e-5)
+    assert rank_pools.run(checkpoint_reshard_step, 4, *args)[0] == pytest.approx(loss, rel=1e-5)
     final, final_opt = checkpoint_model(num_experts=2, bias=True)
     load_checkpoint(tmp_path / "w4", final, final_opt)
     for (name, a), b in zip(reference.state_dict().items(), final.state_dict().values(), strict=True):
@@ -136,7 +135,7 @@ def test_reshards_sharded_experts(tmp_path):
             torch.testing.assert_close(final_opt.state[p_new][key], reference_opt.state[p_ref][key])
 
 
-def test_top_p_and_zero_expert_layers_round_trip_and_reshard(tmp_path):
+def test_top_p_and_zero_expert_layers_round_trip_and_reshard(rank_pools, tmp_path):
     # Top-p routing, skip and constant zero experts, an aux-loss-free selection bias: 1 device
     # -> 2 ranks -> 1 device, one training step per stage; the zero constants, the bias and
     # the AdamW state come back as the single device has them.
@@ -149,7 +148,7 @@ def test_top_p_and_zero_expert_layers_round_trip_and_reshard(tmp_path):
     save_checkpoint(tmp_path / "w1", reference, reference_opt, step=0)
     loss = checkpoint_train_step(reference, reference_opt, 10)
     args = (str(tmp_path / "w1"), str(tmp_path / "w2"), 10, 4, False, True)
-    assert run_distributed(checkpoint_reshard_step, 2, *args)[0] == pytest.approx(loss, rel=1e-5)
+    assert rank_pools.run(checkpoint_reshard_step, 2, *args)[0] == pytest.approx(loss, rel=1e-5)
     torch.manual_seed(5)
     final, final_opt = checkpoint_model(adaptive=True)
     assert load_checkpoint(tmp_path / "w2", final, final_opt)["world_size"] == 2

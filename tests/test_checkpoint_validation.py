@@ -21,7 +21,6 @@ from torch import nn
 import flexmoe
 from flexmoe.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
-from .distributed import run_distributed
 from .parallel_workers import checkpoint_model, checkpoint_train_step
 
 
@@ -470,9 +469,9 @@ def load_missing_expert(rank: int, world: int, path: str) -> str:
     return "loaded"
 
 
-def test_every_rank_refuses_a_checkpoint_missing_another_ranks_expert(tmp_path):
+def test_every_rank_refuses_a_checkpoint_missing_another_ranks_expert(rank_pools, tmp_path):
     # Expert 3 lives on rank 1; rank 0 must not load its half and carry on alone.
     path = _saved(tmp_path)
     _edit_tensors(path, lambda tensors: tensors.pop("1.experts.w_in.e3", None))
-    errors = run_distributed(load_missing_expert, 2, str(tmp_path))
+    errors = rank_pools.run(load_missing_expert, 2, str(tmp_path))
     assert all("1.experts.w_in.e3" in e for e in errors), errors

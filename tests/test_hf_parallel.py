@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers", minversion="5.0")
 
-from tests.distributed import run_distributed
+from tests.distributed import RankPools
 
 pytestmark = pytest.mark.distributed
 
@@ -68,9 +68,9 @@ def _check_expert_parallel(rank: int, world_size: int, model_type: str) -> int:
     return checked
 
 
-def test_converted_models_with_expert_parallelism_over_two_ranks() -> None:
+def test_converted_models_with_expert_parallelism_over_two_ranks(rank_pools: RankPools) -> None:
     # Mixtral (4 experts, 2 per rank) and Qwen2-MoE (8 experts, a gated shared expert).
-    checked = run_distributed(_expert_parallel_worker, 2, ["mixtral", "qwen2_moe"])
+    checked = rank_pools.run(_expert_parallel_worker, 2, ["mixtral", "qwen2_moe"])
     assert checked[0] == checked[1] and all(n > 0 for n in checked[0])
 
 
@@ -109,13 +109,13 @@ def _saving_worker(rank: int, world_size: int, directory: str) -> None:
         assert_same_state(model.state_dict(), source.state_dict())
 
 
-def test_a_converted_expert_parallel_model_saves_every_expert(tmp_path: Path) -> None:
+def test_a_converted_expert_parallel_model_saves_every_expert(rank_pools: RankPools, tmp_path: Path) -> None:
     # Mixtral (4 experts, then moved between the ranks) and DeepSeek-V3 (a selection bias).
     from transformers import AutoModelForCausalLM
 
     from tests.hf_tiny import VOCAB, tiny_model
 
-    run_distributed(_saving_worker, 2, str(tmp_path))
+    rank_pools.run(_saving_worker, 2, str(tmp_path))
     ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     for model_type in ("mixtral", "deepseek_v3"):
         loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, output_loading_info=True)
@@ -140,5 +140,7 @@ def _checkpoint_worker(rank: int, world_size: int, directory: str) -> None:
         torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_a_converted_expert_parallel_model_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
-    run_distributed(_checkpoint_worker, 2, str(tmp_path), timeout=120)
+def test_a_converted_expert_parallel_model_round_trips_through_a_checkpoint(
+    rank_pools: RankPools, tmp_path: Path
+) -> None:
+    rank_pools.run(_checkpoint_worker, 2, str(tmp_path), timeout=120)

@@ -57,18 +57,18 @@ def _cases(world: int, experts: list[int]) -> list[Case]:
     return cases
 
 
-def test_two_ranks_every_plan_equals_single_device():
+def test_two_ranks_every_plan_equals_single_device(rank_pools):
     # E = 4, 2: whole experts (2 and 1 per rank); E = 1: one expert in 2 hidden shards.
     bf16 = [
         Case(num_experts=E, top_k=min(2, E), dtype=torch.bfloat16, seed=4, capacity_factor=1.25)
         for E in (4, 1)
     ]
-    checked = run_distributed(check_equivalence, 2, [*_cases(2, [4, 2, 1]), *bf16], timeout=300)
+    checked = rank_pools.run(check_equivalence, 2, [*_cases(2, [4, 2, 1]), *bf16], timeout=300)
     assert checked[0] == 2 * 4 * 7 + 4 * 13 + 7 + 13  # plans per case: 1 + 6 (S=1) or 1 + 12 (S=2)
 
 
-def test_four_ranks_every_plan_equals_single_device():
-    checked = run_distributed(check_equivalence, 4, _cases(4, [8, 4, 2, 1]), timeout=400)
+def test_four_ranks_every_plan_equals_single_device(rank_pools):
+    checked = rank_pools.run(check_equivalence, 4, _cases(4, [8, 4, 2, 1]), timeout=400)
     assert checked[0] == 4 * (7 + 7 + 13 + 19)
 
 
@@ -80,13 +80,13 @@ def test_eight_ranks_every_plan_equals_single_device():
     run_distributed(check_eight_ranks, 8, [2, 4, 1, 8], cases, timeout=600)
 
 
-def test_hierarchical_exchange_equals_flat():
-    run_distributed(check_exchange, 4, [1, 2, 4, 2])  # 4x1, 2x2, 1x4 nodes x ranks
+def test_hierarchical_exchange_equals_flat(rank_pools):
+    rank_pools.run(check_exchange, 4, [1, 2, 4, 2])  # 4x1, 2x2, 1x4 nodes x ranks
 
 
-def test_mismatched_settings_and_bad_input_raise_on_every_rank():
+def test_mismatched_settings_and_bad_input_raise_on_every_rank(rank_pools):
     # In one set of processes: each case raises on both ranks, and the next case starts cleanly.
-    results = run_distributed(check_failures, 2)
+    results = rank_pools.run(check_failures, 2)
     for what in ("num_experts", "dim", "plan", "top_k"):
         for messages in (results[0][what], results[1][what]):
             assert "ranks disagree on" in messages and what.split("_")[0] in messages, messages
@@ -118,8 +118,8 @@ def test_a_backend_timeout_is_a_collective_timeout_and_other_failures_name_the_l
         comm.close()
 
 
-def test_ddp_with_expert_parameters_excluded():
-    run_distributed(check_ddp, 2)
+def test_ddp_with_expert_parameters_excluded(rank_pools):
+    rank_pools.run(check_ddp, 2)
 
 
 def test_placement_rejects_uneven_layouts():
@@ -181,18 +181,18 @@ def _skew_cases(world: int) -> list[Case]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_rerouting_under_extreme_skew_equals_single_device(world):
+def test_rerouting_under_extreme_skew_equals_single_device(rank_pools, world):
     # All tokens to one expert, Zipf, one expert never chosen; least-loaded and shadowing
     # forced, automatic and off; memory bounds asserted on the executed plan (see
     # parallel_workers).
-    run_distributed(check_equivalence, world, _skew_cases(world), timeout=300)
+    rank_pools.run(check_equivalence, world, _skew_cases(world), timeout=300)
 
 
-def test_compiled_model_around_a_distributed_layer():
+def test_compiled_model_around_a_distributed_layer(rank_pools):
     """torch.compile of a model with a distributed layer: exact under every plan, one break per layer."""
     cases = [Case(num_experts=4, compiled=True), Case(num_experts=2, capacity_factor=1.0, compiled=True)]
-    assert run_distributed(check_equivalence, 2, cases, timeout=300)[0] == 7 + 7
-    breaks = run_distributed(check_compiled_graph, 2)
+    assert rank_pools.run(check_equivalence, 2, cases, timeout=300)[0] == 7 + 7
+    breaks = rank_pools.run(check_compiled_graph, 2)
     assert breaks[0] == breaks[1] == ["forward: Skip inlining `torch.compiler.disable()`d function"] * 2
 
 
@@ -252,13 +252,13 @@ def _variable_k_cases(world: int) -> list[Case]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_variable_k_and_zero_experts_equal_single_device(world):
+def test_variable_k_and_zero_experts_equal_single_device(rank_pools, world):
     """Every plan: outputs, gradients (input, router, experts, zero constants) and stats
     (experts per token, zero-expert choices, drops, capacity) of the concatenated batch."""
-    checked = run_distributed(check_equivalence, world, _variable_k_cases(world), timeout=400)
+    checked = rank_pools.run(check_equivalence, world, _variable_k_cases(world), timeout=400)
     assert checked[0] > 8 * 4
 
 
-def test_ranks_disagreeing_on_top_p_raise_on_every_rank():
-    for messages in run_distributed(check_variable_k_mismatch, 2):
+def test_ranks_disagreeing_on_top_p_raise_on_every_rank(rank_pools):
+    for messages in rank_pools.run(check_variable_k_mismatch, 2):
         assert len(messages) == 1 and "ranks disagree on top_p" in messages[0], messages

@@ -32,7 +32,6 @@ from flexmoe.planner.placement import (
 )
 from flexmoe.tools.rebalance import CoactivationRecorder
 
-from .distributed import run_distributed
 from .parallel_workers import (
     Case,
     check_placement_suite,
@@ -293,7 +292,7 @@ def _check_reloaded(tmp_path, reference, reference_opt):
 
 
 @pytest.mark.distributed
-def test_two_ranks_placed_layer_training_and_checkpoints(tmp_path):
+def test_two_ranks_placed_layer_training_and_checkpoints(rank_pools, tmp_path):
     # One set of 2 processes:
     # 1. placed layers (4 experts; shuffled and planner placements) equal the single device;
     # 2. training with cross-rank moves at steps 1 and 3 (weights, gradients, AdamW
@@ -303,7 +302,7 @@ def test_two_ranks_placed_layer_training_and_checkpoints(tmp_path):
     reference, reference_opt, loss = _train_reference(tmp_path)
     checkpoint = (str(tmp_path / "w1"), str(tmp_path / "wn"), 10, [3, 0, 2, 1], [1, 2, 3, 0])
     training = (4, {1: [2, 1, 0, 3], 3: [1, 3, 2, 0]})
-    results = run_distributed(check_placement_suite, 2, _placed_cases(2), training, checkpoint, timeout=300)
+    results = rank_pools.run(check_placement_suite, 2, _placed_cases(2), training, checkpoint, timeout=300)
     checked, reports, got_loss = results[0]
     assert checked == 5 + 3 + 5 + 5
     first = reports[0]
@@ -318,12 +317,12 @@ def test_two_ranks_placed_layer_training_and_checkpoints(tmp_path):
 
 
 @pytest.mark.distributed
-def test_four_ranks_placed_layer_training_and_checkpoints(tmp_path):
+def test_four_ranks_placed_layer_training_and_checkpoints(rank_pools, tmp_path):
     # The same on 4 processes (8 experts; 4 for the checkpoint, one per rank).
     reference, reference_opt, loss = _train_reference(tmp_path)
     checkpoint = (str(tmp_path / "w1"), str(tmp_path / "wn"), 10, [2, 3, 0, 1], [3, 1, 0, 2])
     training = (8, {2: _shuffled(8, 7)})
-    results = run_distributed(check_placement_suite, 4, _placed_cases(4), training, checkpoint, timeout=300)
+    results = rank_pools.run(check_placement_suite, 4, _placed_cases(4), training, checkpoint, timeout=300)
     checked, _, got_loss = results[0]
     assert checked == 5 + 3 + 5 + 5
     assert got_loss == pytest.approx(loss, rel=1e-5)
@@ -331,8 +330,8 @@ def test_four_ranks_placed_layer_training_and_checkpoints(tmp_path):
 
 
 @pytest.mark.distributed
-def test_rebalancer_separates_hot_experts_while_training():
-    placements = run_distributed(check_rebalancer, 2, timeout=120)[0]
+def test_rebalancer_separates_hot_experts_while_training(rank_pools):
+    placements = rank_pools.run(check_rebalancer, 2, timeout=120)[0]
     assert placements[0] == [0, 1, 2, 3]  # before the first re-plan
     El = 2
     assert placements[-1][0] // El != placements[-1][1] // El  # the hot pair now on two ranks
@@ -356,8 +355,8 @@ def test_replica_placement_copies_the_hot_experts():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_replicas_serve_inference_without_transfers_and_stay_exact(world):
-    log = run_distributed(check_replicas, world, timeout=120)[0]
+def test_replicas_serve_inference_without_transfers_and_stay_exact(rank_pools, world):
+    log = rank_pools.run(check_replicas, world, timeout=120)[0]
     (fill, fill_hits), (serve, hits), (train, _), (refresh, refresh_hits), (again, again_hits) = log
     assert fill > 0 and fill_hits == 0  # first use: the copies travel and are kept
     assert serve == 0 and hits >= world - 1  # unchanged weights: no transfer at all

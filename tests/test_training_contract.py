@@ -14,8 +14,6 @@ import torch
 from flexmoe import MoELayer
 from flexmoe.parallel import all_reduce_sum_
 
-from .distributed import run_distributed
-
 
 def _router_grads_match(rank: int, world: int, tokens_per_rank: list[int], router: str) -> float:
     torch.manual_seed(0)
@@ -49,5 +47,5 @@ def _router_grads_match(rank: int, world: int, tokens_per_rank: list[int], route
     ("tokens_per_rank", "router"),
     [([37, 2], "softmax"), ([0, 23], "softmax"), ([5, 0, 40, 9], "sigmoid")],
 )
-def test_aux_loss_recipe_gives_the_single_device_router_gradient(tokens_per_rank, router):
-    run_distributed(_router_grads_match, len(tokens_per_rank), tokens_per_rank, router)
+def test_aux_loss_recipe_gives_the_single_device_router_gradient(rank_pools, tokens_per_rank, router):
+    rank_pools.run(_router_grads_match, len(tokens_per_rank), tokens_per_rank, router)

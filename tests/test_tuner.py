@@ -20,7 +20,6 @@ from flexmoe.planner import load_cluster
 from flexmoe.planner.layer_cost import CostModel
 from flexmoe.planner.tuner import Tuner, candidates_for
 
-from .distributed import run_distributed
 from .parallel_workers import Case, check_equivalence, run_tuner
 
 PLAIN = Plan(r=1, reroute=False)
@@ -285,7 +284,7 @@ def test_cost_model_scores_the_layers_own_plan_with_its_held_replicas():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_auto_equals_single_device_under_skew(world):
+def test_auto_equals_single_device_under_skew(rank_pools, world):
     E = 2 * world
     auto = ["auto"] * 14  # through the search and into the tuned phase
     cases = [
@@ -297,18 +296,18 @@ def test_auto_equals_single_device_under_skew(world):
         sharded = Case(num_experts=2, top_k=1, tokens_per_rank=[8, 0, 16, 8], plans=auto, seed=14)
         sharded.load_balance_weight = 0.0  # the ranks' mean loss is the global one only for equal batches
         cases.append(sharded)
-    checked = run_distributed(check_equivalence, world, cases, timeout=300)
+    checked = rank_pools.run(check_equivalence, world, cases, timeout=300)
     assert checked == [14 * len(cases)] * world
 
 
 @pytest.mark.distributed
-def test_auto_searches_each_bucket_once_and_agrees_on_every_rank():
+def test_auto_searches_each_bucket_once_and_agrees_on_every_rank(rank_pools):
     # drift off: millisecond steps vary by more than 30 % here; drift has its own unit test
     tuner = TunerConfig(
         cluster="a100-80gb-hdr200", measure_top=1, measure_steps=2, pipelining=(1, 2), drift=100.0
     )
     schedule = ["one"] * 9 + ["uniform"] * 6 + ["one"] * 3
-    rows = run_distributed(run_tuner, 2, 4, schedule, tuner, timeout=120)[0]
+    rows = rank_pools.run(run_tuner, 2, 4, schedule, tuner, timeout=120)[0]
     phases = [r[0] for r in rows]
     # Skewed bucket: 2 to 4 candidates (the best plan of each rerouting kind joins if
     # none of its kind is among them) x 2 calls, then tuned; a uniform bucket: its own
