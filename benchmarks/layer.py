@@ -294,10 +294,11 @@ def run_case(
     read_bandwidth = limits.read_bandwidth
     if not case.train:
         # The roofline's bandwidth, timed in the same rounds: a streaming read of every
-        # expert's weights in the compute dtype (the bytes the step must read, and more).
+        # expert's weights in the compute dtype (the bytes the step must read, and more),
+        # summed as fp32 (a bf16 sum converts every element and reads slower than memory).
         stored = [w.detach().to(compute) for w in (layer.experts.w_in, layer.experts.w_out)]
         stored_bytes = sum(w.numel() * w.element_size() for w in stored)
-        candidates["read weights"] = lambda: [w.sum() for w in stored]
+        candidates["read weights"] = lambda: [w.view(torch.float32).sum() for w in stored]
     timings = measure_interleaved(candidates, warmup=1, repeats=repeats)
     gemm_flops = 2 * size**3 * gemm_reps / timings.pop("dense GEMM").median
     if not case.train:

@@ -316,26 +316,37 @@ static void amx_product(const uint16_t *xb, long M, const uint16_t *w, long O, l
     }
 }
 
-/* Scratch memory of one call: the packed rows, then two short blocks per thread. */
-static uint16_t *amx_scratch(long M, long I, int threads) {
-    size_t packed = (size_t)(((I + 1) / 2) * M * 2), blocks = (size_t)(2 * BLOCK * I) * (size_t)threads;
-    return malloc((packed + blocks) * sizeof(uint16_t));
+/* x [M, I] packed in pairs (pack_pairs) into new memory, or NULL. */
+static uint16_t *packed_copy(const uint16_t *x, long M, long I) {
+    uint16_t *xb = malloc((size_t)(((I + 1) / 2) * M * 2) * sizeof *xb);
+    if (xb != NULL && x != NULL) pack_pairs(x, M, I, xb);
+    return xb;
+}
+
+/* Room for two short blocks of `width` columns per thread, only where a block can be short
+ * (output rows not a multiple of 16: weights of real models have none). */
+static uint16_t *short_blocks(int short_rows, long width, int threads) {
+    return short_rows ? malloc((size_t)(2 * BLOCK * width) * (size_t)threads * sizeof(uint16_t)) : NULL;
+}
+
+static uint16_t *thread_blocks(uint16_t *blocks, long width) {
+    return blocks == NULL ? NULL : blocks + (long)omp_get_thread_num() * 2 * BLOCK * width;
 }
 
 static int amx_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, long I, uint16_t *y) {
-    int threads = omp_get_max_threads();
-    uint16_t *xb = amx_scratch(M, I, threads);
-    if (xb == NULL) return -1;
-    pack_pairs(x, M, I, xb);
-    uint16_t *blocks = xb + ((I + 1) / 2) * M * 2;
+    uint16_t *xb = packed_copy(x, M, I), *blocks = short_blocks(O % BLOCK != 0, I, omp_get_max_threads());
+    int status = xb == NULL || (O % BLOCK != 0 && blocks == NULL) ? -1 : 0;
+    if (status == 0) {
 #pragma omp parallel
-    {
-        configure_tiles(M);
-        amx_product(xb, M, w, O, I, blocks + (long)omp_get_thread_num() * 2 * BLOCK * I, y);
-        _tile_release();
+        {
+            configure_tiles(M);
+            amx_product(xb, M, w, O, I, thread_blocks(blocks, I), y);
+            _tile_release();
+        }
     }
     free(xb);
-    return 0;
+    free(blocks);
+    return status;
 }
 
 /* The first projection of one expert into ab, the activations packed for the second:
@@ -370,17 +381,16 @@ static void amx_ffn_in(const uint16_t *xb, long M, const uint16_t *w_in, long D,
 
 static int amx_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const uint16_t *w_out, long D, long F,
                            int gated, int kind, const float *row_weights, uint16_t *y) {
-    int threads = omp_get_max_threads();
     long widest = D > F ? D : F;
-    uint16_t *xb = amx_scratch(M, D, 0), *ab = amx_scratch(M, F, 0);
-    uint16_t *blocks = malloc((size_t)(2 * BLOCK * widest) * (size_t)threads * sizeof *blocks);
-    int status = xb == NULL || ab == NULL || blocks == NULL ? -1 : 0;
+    int short_rows = F % BLOCK != 0 || D % BLOCK != 0;
+    uint16_t *xb = packed_copy(x, M, D), *ab = packed_copy(NULL, M, F);
+    uint16_t *blocks = short_blocks(short_rows, widest, omp_get_max_threads());
+    int status = xb == NULL || ab == NULL || (short_rows && blocks == NULL) ? -1 : 0;
     if (status == 0) {
-        pack_pairs(x, M, D, xb);
         if (F % 2) memset(ab, 0, (size_t)(((F + 1) / 2) * M * 2) * sizeof *ab); /* the odd column's pair */
 #pragma omp parallel
         {
-            uint16_t *scratch = blocks + (long)omp_get_thread_num() * 2 * BLOCK * widest;
+            uint16_t *scratch = thread_blocks(blocks, widest);
             configure_tiles(M);
             amx_ffn_in(xb, M, w_in, D, F, gated, kind, row_weights, scratch, ab);
 #pragma omp barrier
