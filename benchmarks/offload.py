@@ -15,7 +15,9 @@ decode of ``--new-tokens``, batch 1:
   layer (every expert of it) at every step;
 - ``mmap``: every tensor a view of the memory-mapped files (the OS page cache as the
   cache, free to use all free memory), ``transformers``' own experts code;
-- ``flexmoe-bf16`` and ``flexmoe-int8``: ``flexmoe.hf.load_offloaded(expert_budget=...)``.
+- ``flexmoe-bf16`` and ``flexmoe-int8``: ``flexmoe.hf.load_offloaded(expert_budget=...)``;
+  ``flexmoe-int8-linear``: the int8 copy with ``int8_linear=True`` (the attention's
+  weights int8 too).
 
 It prints tokens/s for prefill and decode, peak resident memory, bytes read from storage
 per token (``/proc/self/io``), the cache's hit rate, the int8 copy's logit error against
@@ -26,7 +28,8 @@ trained here and cached), on held-out text: its routing drives one ``ExpertCache
 budget of a quarter of its experts, one token at a time as in decoding, with the next
 layer's router predicting its experts (as ``load_offloaded`` does): hit rate and prefetch
 precision / recall for the predictive policy, LRU and LFU. Also the int8 experts' cost on
-that text: logit error and perplexity against the trained weights.
+that text (with and without int8 linear layers): logit error and perplexity against the
+trained weights.
 
     python benchmarks/offload.py --tiny                 # a check, in about a minute
     python benchmarks/offload.py --prepare-only         # generate the 30 GB model (and its int8 copy)
@@ -78,7 +81,7 @@ from flexmoe.models import TinyMoELM, TinyMoELMConfig
 from flexmoe.models.data import stdlib_corpus
 from harness import environment, write_json
 
-CONTESTANTS = ("accelerate", "mmap", "flexmoe-bf16", "flexmoe-int8")
+CONTESTANTS = ("accelerate", "mmap", "flexmoe-bf16", "flexmoe-int8", "flexmoe-int8-linear")
 QWEN3_30B_A3B = {  # the widths of Qwen3-30B-A3B; the depth follows --experts-gb
     "vocab_size": 151936,
     "hidden_size": 2048,
@@ -219,8 +222,10 @@ def load_contestant(name: str, args: argparse.Namespace, bf16: Path, int8: Path,
         ).eval()
     if name == "mmap":
         return load_mmap(bf16).eval()
-    directory = int8 if name == "flexmoe-int8" else bf16
-    return flexmoe.hf.load_offloaded(directory, expert_budget=budget, dtype=torch.bfloat16)
+    directory = bf16 if name == "flexmoe-bf16" else int8
+    return flexmoe.hf.load_offloaded(
+        directory, expert_budget=budget, dtype=torch.bfloat16, int8_linear=name == "flexmoe-int8-linear"
+    )
 
 
 def non_expert_bytes(directory: Path) -> int:
@@ -431,6 +436,9 @@ def print_large(
         ("flexmoe-int8", "accelerate"),
         ("flexmoe-int8", "mmap"),
         ("flexmoe-int8", "flexmoe-bf16"),
+        ("flexmoe-int8-linear", "accelerate"),
+        ("flexmoe-int8-linear", "mmap"),
+        ("flexmoe-int8-linear", "flexmoe-bf16"),
     ]
     print("\nratios: median over rounds of the ratio within a round (range)")
     for a, b in pairs:
@@ -442,12 +450,14 @@ def print_large(
             ratios = [results[a][key] / results[b][key] for results in both]
             parts.append(f"{label} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
         print(f"  {a} / {b}: " + ", ".join(parts))
-    both = [results for results in rounds if "flexmoe-int8" in results and "flexmoe-bf16" in results]
-    if both:
-        int8, bf16 = both[0]["flexmoe-int8"]["logits"], both[0]["flexmoe-bf16"]["logits"]
+    for name, what in (("flexmoe-int8", "int8 experts"), ("flexmoe-int8-linear", "int8 experts and linear")):
+        both = [results for results in rounds if name in results and "flexmoe-bf16" in results]
+        if not both:
+            continue
+        int8, bf16 = both[0][name]["logits"], both[0]["flexmoe-bf16"]["logits"]
         error = (int8 - bf16).abs()
         print(
-            f"  int8 vs bf16 experts, last prompt position: logits max |diff| {error.max():.4f}, "
+            f"  {what} vs bf16, last prompt position: logits max |diff| {error.max():.4f}, "
             f"mean {error.mean():.4f} (logit std {bf16.std():.3f}); "
             f"same argmax: {bool(int8.argmax() == bf16.argmax())}"
         )
@@ -731,15 +741,48 @@ def replay_decode(
     return cache.stats
 
 
-def int8_roundtrip(model: TinyMoELM) -> TinyMoELM:
-    """A copy whose expert weights are replaced by their int8 values (per output channel)."""
+def int8_roundtrip(model: TinyMoELM, linear: bool) -> TinyMoELM:
+    """A copy whose expert weights are replaced by their int8 values (per output channel).
+
+    ``linear``: its untied linear layers held as int8 too (``quantize_linear_layers``).
+    """
     quantized = copy.deepcopy(model)
     with torch.no_grad():
         for layer in quantized.moe_layers():
             for weight in (layer.experts.w_in, layer.experts.w_out):
                 q, scale = quantize_int8(weight)
                 weight.copy_(q.float() * scale.unsqueeze(-1))
+    if linear:
+        flexmoe.hf.quantize_linear_layers(quantized)
     return quantized
+
+
+def int8_quality(
+    model: TinyMoELM, tokens: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor, linear: bool
+) -> dict[str, float]:
+    """Perplexity and logit error of the int8 copy (``int8_roundtrip``) against the trained weights."""
+    with torch.no_grad():
+        int8_logits = int8_roundtrip(model, linear)(tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    int8_loss = F.cross_entropy(int8_logits.flatten(0, 1), targets.flatten()).item()
+    error = (int8_logits - logits).abs()
+    quality = {
+        "perplexity": math.exp(loss),
+        "int8_perplexity": math.exp(int8_loss),
+        "logit_max_error": error.max().item(),
+        "logit_mean_error": error.mean().item(),
+        "logit_std": logits.std().item(),
+        "same_argmax": (int8_logits.argmax(-1) == logits.argmax(-1)).float().mean().item(),
+    }
+    what = "int8 experts and linear layers" if linear else "int8 experts"
+    print(
+        f"{what} on this text: perplexity {quality['perplexity']:.4f} -> "
+        f"{quality['int8_perplexity']:.4f} "
+        f"({quality['int8_perplexity'] / quality['perplexity'] - 1:+.3%}), logits max |diff| "
+        f"{quality['logit_max_error']:.4f}, mean {quality['logit_mean_error']:.5f} "
+        f"(logit std {quality['logit_std']:.2f}), same argmax {quality['same_argmax']:.2%}"
+    )
+    return quality
 
 
 def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
@@ -781,33 +824,14 @@ def trained_routing(args: argparse.Namespace) -> dict[str, Any]:
             f"{policy:11} {stats.hit_rate:9.1%} {stats.prefetch_precision:10.1%} "
             f"{stats.prefetch_recall:7.1%} {stats.prefetch_use_rate:11.1%} {stats.reads / steps:12.2f}"
         )
-    with torch.no_grad():
-        int8_logits = int8_roundtrip(model)(tokens)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
-    int8_loss = F.cross_entropy(int8_logits.flatten(0, 1), targets.flatten()).item()
-    error = (int8_logits - logits).abs()
-    quality = {
-        "perplexity": math.exp(loss),
-        "int8_perplexity": math.exp(int8_loss),
-        "logit_max_error": error.max().item(),
-        "logit_mean_error": error.mean().item(),
-        "logit_std": logits.std().item(),
-        "same_argmax": (int8_logits.argmax(-1) == logits.argmax(-1)).float().mean().item(),
-    }
-    print(
-        f"int8 experts on this text: perplexity {quality['perplexity']:.4f} -> "
-        f"{quality['int8_perplexity']:.4f} "
-        f"({quality['int8_perplexity'] / quality['perplexity'] - 1:+.3%}), logits max |diff| "
-        f"{quality['logit_max_error']:.4f}, mean {quality['logit_mean_error']:.5f} "
-        f"(logit std {quality['logit_std']:.2f}), same argmax {quality['same_argmax']:.2%}"
-    )
     return {
         "run": str(run),
         "budget_experts": budget,
         "prefetch_confidence": args.prefetch_confidence,
         "prefetch_min_precision": args.prefetch_min_precision,
         "policies": policies,
-        "int8": quality,
+        "int8": int8_quality(model, tokens, targets, logits, linear=False),
+        "int8_linear": int8_quality(model, tokens, targets, logits, linear=True),
     }
 
 

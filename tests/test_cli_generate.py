@@ -175,6 +175,16 @@ def test_bf16_offloaded_equals_the_bf16_in_memory_model(model_dir, capsys):
     assert record["cache"]["bytes_read"] == record["cache"]["reads"] * expert_bytes() // 2
 
 
+@pytest.mark.parametrize("budget", [None, "1MiB"], ids=["in-memory", "offloaded"])
+def test_int8_linear_layers_generate_what_the_quantized_in_memory_model_does(model_dir, budget, capsys):
+    argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "8"]
+    argv += ["--dtype", "bf16", "--int8-linear"] + ([] if budget is None else ["--expert-budget", budget])
+    record = run_json(argv, capsys)
+    reference = in_memory(model_dir, dtype=torch.bfloat16)
+    assert flexmoe.hf.quantize_linear_layers(reference) > 0
+    assert record["new_ids"] == reference_ids(reference, PROMPT, 8, do_sample=False)
+
+
 def test_sampling_is_seeded_and_samples_as_transformers_does(model_dir, capsys):
     argv = ["generate", str(model_dir), "--prompt-ids", ids_argument(PROMPT), "--max-new-tokens", "10"]
     options = ["--sample", "--temperature", "1.5", "--sampling-top-p", "0.9", "--seed", "7"]

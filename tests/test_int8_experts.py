@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
-from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
+from flexmoe.experts.int8 import Int8Linear, Int8Weight, int8_linear, quantize_int8
 from flexmoe.experts.served import served_expert_ffn
-from flexmoe.hf import load_offloaded, offload_stats, quantize_experts
+from flexmoe.hf import load_offloaded, offload_stats, quantize_experts, quantize_linear_layers
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
 from flexmoe.layer.offloaded import int8_experts_in_memory
@@ -107,6 +107,62 @@ def test_int8_linear_reads_the_int8_values(tokens, width, outputs, dtype, seed):
     )
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),  # the int8 row kernel (up to 16 bf16 rows), PyTorch's int8 kernel beyond
+    width=st.sampled_from([3, 16, 17, 48]),  # 3, 17: widths PyTorch's kernel refuses (dequantized)
+    outputs=st.integers(1, 12),
+    bias=st.booleans(),
+    leading=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_linear_layer_equals_the_dequantized_fp64_layer(
+    rows, width, outputs, bias, leading, dtype, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(width, outputs, bias=bias).to(dtype)
+    layer = Int8Linear.of(linear)
+    assert (layer.in_features, layer.out_features) == (width, outputs) and layer.q.dtype == torch.int8
+    shape = (1, rows, width) if leading else (rows, width)
+    x = torch.randn(shape, generator=generator).to(dtype)
+    w64 = layer.weight.dequantize(torch.float64)
+    # the quantized weight is off by at most half a step per element
+    assert ((w64 - linear.weight.double()).abs() <= layer.scale.double()[:, None] / 2 + 1e-7).all()
+    expected = x.double() @ w64.t() + (0 if linear.bias is None else linear.bias.double())
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (*shape[:-1], outputs) and y.dtype == dtype
+    # fp32: sums in fp32; bf16: the output, a 16-bit fixed-point row and a bias each rounded once
+    step = 1e-6 if dtype == torch.float32 else 2**-7
+    bound = step * (x.double().abs() @ w64.abs().t() + expected.abs()) + 1e-6
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
+def test_int8_linear_layer_gradients_are_the_dequantized_layers():
+    linear = torch.nn.Linear(16, 5)
+    layer = Int8Linear.of(linear)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = layer(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref, layer.weight.dequantize(), linear.bias)
+    assert torch.equal(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_quantize_linear_layers_leaves_a_tied_head(tmp_path):
+    model = tiny_model("qwen3_moe").eval()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert quantize_linear_layers(model) == len(linears) - 1  # all but the head
+    assert type(model.lm_head) is torch.nn.Linear
+    assert all(type(m) is not torch.nn.Linear for m in model.model.layers.modules())
+
+
 def test_int8_weight_checks_its_shapes():
     with pytest.raises(ValueError, match="q must be a 2-d int8 tensor"):
         Int8Weight(torch.zeros(2, 3), torch.ones(2))
@@ -191,6 +247,19 @@ def test_int8_checkpoint_equals_the_dequantized_model(checkpoints, family):
         assert stats.reads > 0 and stats.bytes_read == stats.reads * int8_bytes
         if budget is not None:
             assert stats.peak_resident_bytes <= budget and stats.evictions > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_linear_layers_offloaded_equal_the_quantized_in_memory_model(checkpoints, dtype):
+    source, _ = checkpoints["qwen3_moe"]
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    flexmoe.hf.convert(reference)
+    assert quantize_linear_layers(reference) > 0
+    model = load_offloaded(source, expert_budget=None, dtype=dtype, int8_linear=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
+    assert torch.equal(generate(model, prompt()), generate(reference, prompt()))
+    with pytest.raises(ValueError, match="int8_linear must be True or False"):
+        load_offloaded(source, int8_linear=1)
 
 
 def test_int8_reads_half_the_bytes_of_bf16(checkpoints):

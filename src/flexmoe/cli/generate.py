@@ -140,6 +140,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         f"with --expert-budget (default: {DEFAULT_MIN_PRECISION}; 0: always)",
     )
     memory.add_argument(
+        "--int8-linear",
+        action="store_true",
+        help="hold every linear layer but a tied head (the attention's weights) as int8 with "
+        "per-output-channel scales: a decoded token reads half their bytes (default: off)",
+    )
+    memory.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
         default=None,
@@ -267,6 +273,7 @@ def load_model(args: argparse.Namespace, transformers: Any) -> Any:
                 prefetch=not args.no_prefetch,
                 prefetch_confidence=confidence,
                 prefetch_min_precision=min_precision,
+                int8_linear=args.int8_linear,
             )
         except ValueError as error:
             flag = "--expert-budget" if "expert_budget" in str(error) else "MODEL_DIR"
@@ -279,6 +286,8 @@ def load_model(args: argparse.Namespace, transformers: Any) -> Any:
             dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
         flexmoe.hf.convert(model)
+        if args.int8_linear:
+            flexmoe.hf.quantize_linear_layers(model)
     except (ValueError, OSError, flexmoe.hf.UnsupportedMoEError) as error:
         raise CliError(f"argument MODEL_DIR: {one_line(error)}") from None
     return model

@@ -12,7 +12,8 @@ fp32 scales). Only the weights are quantized; the activations stay in the model'
 On CPU, ``torch._weight_int8pack_mm`` multiplies bf16, fp16 or fp32 activations by the
 int8 weight directly (16-bit ones when the input width is a multiple of 16, as in every
 real model); elsewhere (CUDA, fp64, odd widths) the weight is dequantized on use. Both
-compute ``x @ (q * scale)^T``.
+compute ``x @ (q * scale)^T``. ``Int8Linear`` is an ``nn.Linear`` for inference held
+the same way (the attention's and the head's weights of a model whose experts are int8).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from flexmoe.experts.rows import rows_int8, takes_int8
 
-__all__ = ["SCALE_SUFFIX", "Int8Weight", "int8_linear", "quantize_int8"]
+__all__ = ["SCALE_SUFFIX", "Int8Linear", "Int8Weight", "int8_linear", "quantize_int8"]
 
 SCALE_SUFFIX = "_scale"  # a quantized tensor ``name`` has its scales in ``name + SCALE_SUFFIX``
 _INT8_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -106,3 +107,49 @@ def _int8_kernel_takes(x_NI: Tensor) -> bool:
     if x_NI.device.type != "cpu" or x_NI.dtype not in _INT8_MM_DTYPES or x_NI.shape[0] == 0:
         return False
     return x_NI.dtype == torch.float32 or x_NI.shape[1] % 16 == 0
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` for inference whose weight is held as int8 with per-output-channel scales.
+
+    ``Int8Linear.of(linear)`` quantizes the layer's weight (``quantize_int8``: each weight
+    off by at most half its row's scale) and keeps its bias; the float weight is then no
+    longer needed, and a decoded token reads half the bytes of a bf16 weight. Forwards
+    compute ``x @ (q * scale)^T + b`` in ``x``'s dtype with ``int8_linear``; with a
+    gradient to compute for ``x``, on the dequantized weight (no gradient reaches the
+    int8 weight).
+    """
+
+    q: Tensor
+    scale: Tensor
+
+    def __init__(self, weight: Int8Weight, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("q", weight.q)
+        self.register_buffer("scale", weight.scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Int8Linear:
+        """``linear``'s weight quantized to int8, its bias kept."""
+        with torch.no_grad():
+            return cls(Int8Weight.quantize(linear.weight), linear.bias)
+
+    @property
+    def weight(self) -> Int8Weight:
+        """The int8 weight and its scales."""
+        return Int8Weight(self.q, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ (q * scale)^T + b`` over the last dimension of ``x``."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, self.weight.dequantize(x.dtype), self.bias)
+        y_NO = int8_linear(x.reshape(-1, self.in_features), self.weight)
+        if self.bias is not None:
+            y_NO = y_NO + self.bias.to(y_NO.dtype)
+        return y_NO.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"

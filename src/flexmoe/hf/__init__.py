@@ -26,7 +26,7 @@ from flexmoe.hf.experts_impl import (
     register_experts_implementation,
 )
 from flexmoe.hf.families import REFUSED, SUPPORTED, Family, UnsupportedMoEError, family_of
-from flexmoe.hf.offload import load_offloaded, offload_stats, parse_bytes
+from flexmoe.hf.offload import load_offloaded, offload_stats, parse_bytes, quantize_linear_layers
 from flexmoe.hf.quantize import QuantizedCopy, quantize_experts
 from flexmoe.hf.routing import LayerRouting, RoutingOverride, routing_settings, set_routing
 
@@ -52,6 +52,7 @@ __all__ = [
     "offload_stats",
     "parse_bytes",
     "quantize_experts",
+    "quantize_linear_layers",
     "register_experts_implementation",
     "revert",
     "routing_settings",

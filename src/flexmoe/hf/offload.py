@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import POLICIES, CacheStats, ExpertCache, Policy
-from flexmoe.experts.int8 import SCALE_SUFFIX
+from flexmoe.experts.int8 import SCALE_SUFFIX, Int8Linear
 from flexmoe.experts.packed import PackedLinear, packed_inference_supported
 from flexmoe.experts.rows import RowsLinear, decodes_plain
 from flexmoe.experts.store import ExpertPieces, SafetensorsExpertStore, SafetensorsFile, TensorSlice
@@ -58,6 +58,7 @@ __all__ = [
     "offload_stats",
     "pack_linear_layers",
     "parse_bytes",
+    "quantize_linear_layers",
 ]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -98,6 +99,7 @@ def load_offloaded(
     direct_io: bool = True,
     prefetch_confidence: float = DEFAULT_CONFIDENCE,
     prefetch_min_precision: float = DEFAULT_MIN_PRECISION,
+    int8_linear: bool = False,
 ) -> Any:
     """A ``transformers`` causal LM from a ``save_pretrained`` directory, its experts left on disk.
 
@@ -147,6 +149,11 @@ def load_offloaded(
         prefetch_min_precision: a predicted expert is read ahead only if at least this
             fraction of its block's past predictions of it were used (counted with one
             right and one wrong guess to start; 0: always).
+        int8_linear: hold every untied ``nn.Linear`` (the attention's projections, dense
+            and shared-expert MLPs, an untied head) as int8 with per-output-channel
+            scales (``quantize_linear_layers``), as the experts of a ``quantize_experts``
+            copy are: a decoded token then reads half their bf16 bytes. A head tied to
+            the embedding stays as it is.
 
     Returns:
         The model (eval mode). Do not save or ``revert`` it: its experts are not in it.
@@ -157,6 +164,8 @@ def load_offloaded(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not isinstance(direct_io, bool):
         raise ValueError(f"direct_io must be True or False, got {direct_io!r}")
+    if not isinstance(int8_linear, bool):
+        raise ValueError(f"int8_linear must be True or False, got {int8_linear!r}")
     if isinstance(prefetch_confidence, bool) or not (
         isinstance(prefetch_confidence, int | float) and prefetch_confidence >= 0
     ):
@@ -212,6 +221,8 @@ def load_offloaded(
     # 4. the buffers no file holds, then every stored non-expert tensor
     _initialise_unsaved_buffers(model)
     _load_stored(model, stored, expected)
+    if int8_linear:
+        quantize_linear_layers(model)
     if pack:
         pack_linear_layers(model)
     elif rows:
@@ -222,6 +233,19 @@ def load_offloaded(
     return model
 
 
+def _untied_linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """``(parent, name, layer)`` of every ``nn.Linear`` whose weight no other module shares."""
+    owners = Counter(
+        p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False)
+    )
+    return [
+        (module, name, child)
+        for module in model.modules()
+        for name, child in module.named_children()
+        if type(child) is nn.Linear and owners[child.weight.untyped_storage().data_ptr()] == 1
+    ]
+
+
 def pack_linear_layers(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` whose weight no other module shares by a ``PackedLinear``.
 
@@ -230,18 +254,28 @@ def pack_linear_layers(model: nn.Module) -> int:
     matrix-vector product in bf16), in the same memory. A weight tied to another (an
     output head sharing the embedding) is left as it is. Returns how many were packed.
     """
-    owners = Counter(
-        p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False)
-    )
     count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or owners[child.weight.untyped_storage().data_ptr()] > 1:
-                continue
-            if packed_inference_supported(child.weight.device, child.weight.dtype):
-                setattr(module, name, PackedLinear.of(child))
-                count += 1
+    for module, name, child in _untied_linear_layers(model):
+        if packed_inference_supported(child.weight.device, child.weight.dtype):
+            setattr(module, name, PackedLinear.of(child))
+            count += 1
     return count
+
+
+def quantize_linear_layers(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` whose weight no other module shares by an ``Int8Linear``.
+
+    For inference: the attention's projections, dense and shared-expert MLPs and an
+    untied head then hold int8 weights with per-output-channel scales, as the experts
+    of a ``quantize_experts`` copy do, and a decoded token reads half their bf16 bytes
+    (on a CPU with AVX512-VNNI at memory speed, ``flexmoe.experts.rows``). A weight tied
+    to another (an output head sharing the embedding) is left as it is. Returns how many
+    were quantized.
+    """
+    layers = _untied_linear_layers(model)
+    for module, name, child in layers:
+        setattr(module, name, Int8Linear.of(child))
+    return len(layers)
 
 
 def decode_linear_layers(model: nn.Module) -> int:
