@@ -320,6 +320,17 @@ def test_without_a_compiler_or_when_turned_off_the_kernels_are_unavailable(tmp_p
     assert off.returncode == 0 and off.stdout.strip() == "False"
 
 
+def test_a_compiler_without_amx_builds_the_vector_kernels_alone(tmp_path):
+    compiler = tmp_path / "cc-without-amx"
+    compiler.write_text('#!/bin/sh\ncase "$*" in *-mamx-*) exit 1;; esac\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    code = "from flexmoe.experts.rows import available, bf16_max_rows, tile_kernels\n"
+    code += "print(available(), tile_kernels(), bf16_max_rows())"
+    built = run_python(code, {"CC": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert built.returncode == 0 and built.stdout.split() == ["True", "False", "2"], built.stderr
+    assert len(list((tmp_path / "cache").rglob("*.so"))) == 1
+
+
 def test_the_tile_kernels_can_be_turned_off_at_start():
     code = "from flexmoe.experts.rows import available, bf16_max_rows, tile_kernels\n"
     code += "print(available(), tile_kernels(), bf16_max_rows())"
