@@ -22,7 +22,9 @@ weights for one fp32 row (as fast there), oneDNN's matmul on the packed copy for
 ``MAX_PACKED_ROWS`` rows (one bf16 row included), and MKL on the plain weights beyond
 that (where MKL is faster again, and oneDNN would have to reorder a copy packed for few
 rows): ``packed_rows`` decides, ``flexmoe.experts.backends.stacked_inference`` runs the
-pass. Experts run on all cores at once (``for_each_segment``).
+pass. Experts run on all cores at once (``for_each_segment``). In bf16 on a CPU where
+the row kernels run (``flexmoe.experts.rows``: up to 2 rows on AVX512-BF16, up to 32 on
+AMX tiles), those rows stream the plain weights instead, faster than the packed copy.
 
 On ``benchmarks/layer.py``'s decode case (64 tokens, dim 2048, hidden 768, 128
 experts, top-8, fp32, no grad) a prepared layer runs about 1.2-1.3x faster than an
