@@ -79,7 +79,7 @@ def packed_rows(rows: int, dtype: torch.dtype) -> bool:
     ``torch.mv`` on the plain weights is as fast). Not the bf16 rows that the row kernels
     take (``flexmoe.experts.rows``: they stream the plain weights faster still).
     """
-    if dtype == torch.bfloat16 and decodes_plain(dtype) and rows <= bf16_max_rows():
+    if decodes_plain(dtype) and rows <= bf16_max_rows():
         return False
     return (1 if dtype == torch.bfloat16 else 2) <= rows <= MAX_PACKED_ROWS
 
