@@ -10,7 +10,9 @@ its own, in float64, straight from the definitions:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -49,6 +51,7 @@ class Case:
     bag_layout: bool  # factors stored as the weave stores them (summed in place on CPU)
     bag_indices: int  # woven.BAG_INDICES: small ones take the rows in several chunks
     packed_base: bool  # the base stack's products on oneDNN-packed copies (a prepared layer's)
+    lora_kernel: bool  # the CPU kernel sums LoRA terms where it takes them (else PyTorch's forms)
     seed: int
 
 
@@ -78,6 +81,7 @@ def cases(draw) -> Case:
         bag_layout=draw(st.booleans()),
         bag_indices=draw(st.sampled_from([8, woven.BAG_INDICES])),
         packed_base=draw(st.booleans()),
+        lora_kernel=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -276,7 +280,12 @@ def test_woven_inference_equals_each_row_alone(case: Case) -> None:
     if case.packed_base and packed_inference_supported(base.w_in.device, base.w_in.dtype):
         base = base._replace(products=PackedExpertWeights(base.w_in, base.w_out))
     stacks = [base, built.extra] if case.extra else [base]
-    with torch.no_grad(), GatherThreshold(case.gather_threshold, case.bag_indices):
+    kernel = (
+        contextlib.nullcontext()
+        if case.lora_kernel
+        else mock.patch.object(woven, "takes_lora", return_value=False)
+    )
+    with torch.no_grad(), GatherThreshold(case.gather_threshold, case.bag_indices), kernel:
         y = woven_inference(
             built.x, built.group_counts, stacks, case.activation, built.row_weights, parts_of(built, A_B)
         )

@@ -55,10 +55,9 @@ def served_woven_ffn(
     delta_NH: Tensor | None = None
     for part in parts:
         if part.target == "w_in":
-            delta = part.delta(x_ND, lora_backend)
             if delta_NH is None:
-                delta_NH = delta.new_zeros(x_ND.shape[0], delta.shape[1])
-            delta_NH = delta_NH.index_add(0, part.rows_n, delta)
+                delta_NH = x_ND.new_zeros(x_ND.shape[0], part.B.shape[1])
+            part.add_to(x_ND, delta_NH[None], lora_backend)
     # 2. each base expert's rows as soon as its weights are here
     keep_activations = any(part.target == "w_out" for part in parts)
     outputs: dict[int, Tensor] = {}
@@ -83,5 +82,5 @@ def served_woven_ffn(
         a_NF = torch.cat([activations[j] for j in order])
         for part in parts:
             if part.target == "w_out":
-                y_ND = y_ND.index_add(0, part.rows_n, part.delta(a_NF, lora_backend))
+                part.add_to(a_NF, y_ND[None], lora_backend)
     return y_ND

@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ __all__ = [
     "decodes_plain",
     "expert_bf16",
     "expert_int8",
+    "lora_add",
     "openmp_threads",
     "rows_bf16",
     "rows_int8",
@@ -63,6 +65,7 @@ __all__ = [
     "takes_expert_bf16",
     "takes_expert_int8",
     "takes_int8",
+    "takes_lora",
     "tile_kernels",
 ]
 
@@ -76,7 +79,9 @@ _TILE_BF16_MAX_ROWS = 32  # AMX_MAX_ROWS of rows.c: two tiles of 16 rows
 INT8_MAX_ROWS = 16
 # The activation codes of rows.c (gated ones apply the base function to the gate half).
 _ACTIVATION_KINDS = {"silu": 0, "swiglu": 0, "gelu": 1, "geglu": 1, "relu": 2}
-_SOURCE = Path(__file__).with_name("rows.c")
+# one library from both sources: the products of decoding, and the LoRA terms of adapters
+_SOURCES = (Path(__file__).with_name("rows.c"), Path(__file__).with_name("lora_rows.c"))
+_LORA_MAX_RANK = 1024  # LORA_MAX_RANK of lora_rows.c
 _FLAGS = (
     "-O3",
     "-mavx512f",
@@ -123,7 +128,7 @@ def _compiler_version(compiler: str) -> str:
 
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The compiled library, built now unless an identical build is cached."""
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join(flags).encode() + _compiler_version(compiler).encode())
     target = _kernel_dir() / f"rows-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -134,7 +139,7 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *flags, str(_SOURCE), "-o", partial],
+            [compiler, *flags, *map(str, _SOURCES), "-o", partial],
             capture_output=True,
             text=True,
             timeout=120,
@@ -164,6 +169,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_rows_threads.restype = ctypes.c_int
     library.flexmoe_use_amx.argtypes = [ctypes.c_int]
     library.flexmoe_use_amx.restype = ctypes.c_int
+    # is_bf16, x, its row stride, rows, starts, L, A^T, B^T, I, R, O, out, its row stride, width, block stride
+    library.flexmoe_lora_add.argtypes = [flag, pointer, size, pointer, pointer, size, pointer, pointer]
+    library.flexmoe_lora_add.argtypes += [size] * 3 + [pointer] + [size] * 3
+    library.flexmoe_lora_add.restype = ctypes.c_int
     return library
 
 
@@ -386,6 +395,81 @@ def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:
     if status != 0:
         raise MemoryError(f"rows_int8: no memory for the {rows} x {inputs} fixed-point rows")
     return y_NO
+
+
+def takes_lora(x_NI: Tensor, rows_n: Tensor, A_LrI: Tensor, B_LOr: Tensor, out_PNO: Tensor) -> bool:
+    """Whether ``lora_add`` adds these LoRA terms.
+
+    On CPU, fp32 or bf16 throughout, rank at most 1024, rows as int64, unit column
+    strides, and each slot's factors stored transposed (``A^T [I, r]`` and ``B^T [r, O]``
+    contiguous: ``flexmoe.adapters.woven.bag_layout``).
+    """
+    dtype = x_NI.dtype
+    tensors = (x_NI, A_LrI, B_LOr, out_PNO)
+    return (
+        dtype in (torch.float32, torch.bfloat16)
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and rows_n.device.type == "cpu"
+        and rows_n.dtype == torch.int64
+        and rows_n.dim() == 1
+        and x_NI.dim() == 2
+        and out_PNO.dim() == 3
+        and A_LrI.dim() == 3
+        and B_LOr.dim() == 3
+        and A_LrI.shape[0] == B_LOr.shape[0]
+        and 1 <= A_LrI.shape[1] == B_LOr.shape[2] <= _LORA_MAX_RANK
+        and A_LrI.shape[2] == x_NI.shape[1]
+        and B_LOr.shape[1] == out_PNO.shape[0] * out_PNO.shape[2]
+        and x_NI.stride(1) == 1
+        and out_PNO.stride(2) == 1
+        and A_LrI.transpose(1, 2).is_contiguous()
+        and B_LOr.transpose(1, 2).is_contiguous()
+        and available()
+    )
+
+
+def lora_add(
+    x_NI: Tensor, rows_n: Tensor, counts_L: np.ndarray, A_LrI: Tensor, B_LOr: Tensor, out_PNO: Tensor
+) -> None:
+    """``out[:, row] += B[l] A[l] x[row]`` for each row of each slot ``l``; check ``takes_lora`` first.
+
+    ``rows_n`` lists the rows slot by slot (``counts_L[l]`` rows of slot ``l``); each row
+    appears once and indexes both ``x_NI`` and ``out_PNO``. The ``O`` outputs of a row are
+    ``out``'s ``P`` blocks of ``O / P`` columns (``P = 1``: a plain ``[1, N, O]`` view).
+    Sums in fp32; a bf16 ``out`` is rounded once.
+    """
+    library = _library()
+    assert library is not None and takes_lora(x_NI, rows_n, A_LrI, B_LOr, out_PNO)
+    rows_n = rows_n.contiguous()
+    starts = np.zeros(len(counts_L) + 1, dtype=np.int64)
+    np.cumsum(counts_L, out=starts[1:])
+    if starts[-1] != rows_n.shape[0] or len(counts_L) != A_LrI.shape[0]:
+        raise ValueError(
+            f"counts_L: {len(counts_L)} slots of {int(starts[-1])} rows in all expected for "
+            f"{A_LrI.shape[0]} slots of factors and {rows_n.shape[0]} rows"
+        )
+    limit = min(x_NI.shape[0], out_PNO.shape[1])
+    if rows_n.numel() and not (int(rows_n.min()) >= 0 and int(rows_n.max()) < limit):
+        raise IndexError(f"rows_n: row indices in [0, {limit}) expected")
+    slots, rank, width_in = A_LrI.shape
+    status = library.flexmoe_lora_add(
+        int(x_NI.dtype == torch.bfloat16),
+        x_NI.data_ptr(),
+        x_NI.stride(0),
+        rows_n.data_ptr(),
+        starts.ctypes.data,
+        slots,
+        A_LrI.data_ptr(),
+        B_LOr.data_ptr(),
+        width_in,
+        rank,
+        B_LOr.shape[1],
+        out_PNO.data_ptr(),
+        out_PNO.stride(1),
+        out_PNO.shape[2],
+        out_PNO.stride(0),
+    )
+    assert status == 0, "takes_lora admitted a rank or block width lora_rows.c refuses"
 
 
 class RowsLinear(nn.Linear):
