@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -130,6 +131,42 @@ def forward(model: Any, tokens: torch.Tensor, ids: list[int] | None) -> Callable
     return call
 
 
+def expert_bytes(weave: ExpertWeave, model: Any, tokens: torch.Tensor, ids: list[int]) -> tuple[int, int]:
+    """Bytes of expert weights and LoRA factors one forward must read: ``(base alone, mixed batch)``.
+
+    The base alone reads each base expert some token chose; the mixed batch reads the
+    base experts its base and LoRA rows use, each ESFT expert with rows, and the factors
+    of each LoRA slot with rows (every weight once). Both from the same routing (the
+    base router serves every adapter), captured from one mixed forward.
+    """
+    chosen: dict[str, torch.Tensor] = {}
+    hooks = [
+        lw.layer.router.register_forward_hook(
+            lambda _m, _i, out, path=path: chosen.__setitem__(path, out.expert_ids_TK)
+        )
+        for path, lw in weave.layers.items()
+    ]
+    try:
+        forward(model, tokens, ids)()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    base = mixed = 0
+    for path, lw in weave.layers.items():
+        experts = lw.experts
+        one_expert = sum(t[0].numel() * t.element_size() for t in (experts.w_in, experts.w_out))
+        expert_ids_TK = chosen[path]
+        ids_T = torch.tensor(ids).repeat_interleave(expert_ids_TK.shape[0] // len(ids))
+        virtual = torch.unique(lw.expert_map[(ids_T + 1)[:, None] * lw.num_experts + expert_ids_TK]).numpy()
+        main, esft = virtual[virtual < lw.num_main], virtual[virtual >= lw.num_main]
+        base += len(torch.unique(expert_ids_TK)) * one_expert
+        mixed += (len(np.unique(lw.base_of_virtual[main])) + len(esft)) * one_expert
+        for stack in lw.lora.values():
+            used = np.isin(stack.virtual_ids, virtual)
+            mixed += int(used.sum()) * (stack.A[0].numel() + stack.B[0].numel()) * stack.A.element_size()
+    return base, mixed
+
+
 def state_bytes(model: Any) -> int:
     """Bytes of the model's parameters and buffers (each storage once)."""
     seen, total = set(), 0
@@ -182,25 +219,42 @@ def run_serving(
     # 2. latency: the base alone and the mixed batch, interleaved rounds
     generator = torch.Generator().manual_seed(123)
     ids = [b % adapters for b in range(batch)]
+    stream = torch.ones(64 * 2**20, device=device)  # 256 MiB, far past the caches: the read rate
     results: dict[str, Any] = {}
     for shape, length in (("prefill", prompt), ("decode", 1)):
         tokens = torch.randint(1, 1024, (batch, length), generator=generator).to(device)
 
-        calls = {"base": forward(model, tokens, None), "mixed": forward(model, tokens, ids)}
+        calls = {
+            "base": forward(model, tokens, None),
+            "mixed": forward(model, tokens, ids),
+            "read": lambda: stream.sum(),
+        }
         timings = measure_interleaved(calls, warmup=2, repeats=repeats, device=torch.device(device))
         overhead = timings["base"].paired_speedup(timings["mixed"]) - 1.0
         rounds = [m / b - 1.0 for m, b in zip(timings["mixed"].samples, timings["base"].samples, strict=True)]
+        # the adapters' own bytes at the streaming rate of the same rounds: what no implementation avoids
+        base_bytes_read, mixed_bytes_read = expert_bytes(weave, model, tokens, ids)
+        rate = stream.numel() * stream.element_size() / timings["read"].median
+        floor = (mixed_bytes_read - base_bytes_read) / rate / timings["base"].median
         results[shape] = {
             "base": timings["base"],
             "mixed": timings["mixed"],
             "paired_overhead": overhead,
             "round_overheads": rounds,
+            "expert_bytes": {"base": base_bytes_read, "mixed": mixed_bytes_read},
+            "read_bytes_per_s": rate,
+            "bytes_floor": floor,
         }
         print(f"{shape:8s} [{batch}, {length}]  base {timings['base']}")
         print(f"{'':8s} mixed over {adapters} adapters {timings['mixed']}")
         print(
             f"{'':8s} paired overhead {overhead * 100:+.1f} % (target <= +15 %; rounds "
             f"{min(rounds) * 100:+.1f} .. {max(rounds) * 100:+.1f} %)"
+        )
+        print(
+            f"{'':8s} expert weights and factors read: base {base_bytes_read / 1e6:.1f} MB, mixed "
+            f"{mixed_bytes_read / 1e6:.1f} MB; the difference at the streaming read of the same rounds "
+            f"({rate / 1e9:.1f} GB/s) alone adds {floor * 100:+.1f} % to the base"
         )
     esft_experts = sum(len(w.esft_slots) for w in weave.layers.values())
     print(

@@ -286,6 +286,12 @@ class LayerWeave:
         group_counts = np.bincount(self.base_of_main, weights=counts_M, minlength=E).astype(np.int64)
         n_main = int(group_counts.sum())
         parts = self.lora_parts(x_ND, counts_M, counts.counts_device[:M]) if n_main else []
+        # the base experts with LoRA rows in this call: only they need their projections apart
+        lora_groups = {
+            int(j)
+            for stack in self.lora.values()
+            for j in self.base_of_main[stack.virtual_ids[counts_M[stack.virtual_ids] > 0]]
+        }
         experts = self.experts
         # the base experts' packed copies where the layer was prepared (prepare_for_inference)
         products = experts.inference_products(x_ND)
@@ -304,6 +310,7 @@ class LayerWeave:
                 experts.activation,
                 row_weights_N.to(dtype),
                 parts,
+                lora_groups,
             )
 
     def lora_parts(self, x_ND: Tensor, counts_M: np.ndarray, counts_M_dev: Tensor) -> list[LoRAPart]:

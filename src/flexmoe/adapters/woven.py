@@ -20,7 +20,7 @@ terms in place.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -342,6 +342,7 @@ def woven_inference(
     activation: str,
     row_weights_N: Tensor,
     parts: list[LoRAPart],
+    lora_groups: Collection[int] | None = None,
 ) -> Tensor:
     """``woven_ffn`` without autograd, on the fused backend's inference layout, over several stacks.
 
@@ -349,6 +350,8 @@ def woven_inference(
     ``stacks`` (the base experts, then the ESFT experts: one pass over every row); the
     LoRA terms of ``parts`` (rows of the base groups) are computed for all their rows at
     once and added in place, into the first projection and into the output.
+    ``lora_groups``: the groups holding the parts' rows (``None``: any may), the only
+    ones that need their projections apart.
     """
 
     def add_in(h_PNF: Tensor) -> None:
@@ -357,7 +360,7 @@ def woven_inference(
     def add_out(a_NF: Tensor, y_ND: Tensor) -> None:
         add_lora_terms(parts, "w_out", a_NF, y_ND[None])
 
-    return stacked_inference(x_ND, counts, stacks, activation, row_weights_N, add_in, add_out)
+    return stacked_inference(x_ND, counts, stacks, activation, row_weights_N, add_in, add_out, lora_groups)
 
 
 def add_lora_terms(parts: list[LoRAPart], target: str, x_NI: Tensor, out_PNO: Tensor) -> None:

@@ -22,7 +22,7 @@ more ``torch._grouped_mm`` calls per projection.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -432,6 +432,7 @@ def stacked_inference(
     row_weights_N: Tensor | None,
     add_in: Callable[[Tensor], object] | None = None,
     add_out: Callable[[Tensor, Tensor], object] | None = None,
+    apart: Collection[int] | None = None,
 ) -> Tensor:
     """``fused_inference`` over the experts of several stacks taken one after the other.
 
@@ -439,7 +440,9 @@ def stacked_inference(
     ``stacks`` concatenated (the base experts, then an adapter's: one pass over every
     row, nothing copied). ``add_in(h_PNF)`` may add to the first projection before the
     activation, ``add_out(a_NF, y_ND)`` to the output (the LoRA terms of a multi-adapter
-    batch, ``flexmoe.adapters.woven``).
+    batch, ``flexmoe.adapters.woven``), into the rows of the groups ``apart`` only (all
+    groups where ``None``): those run projection by projection, the others may run
+    whole (the row kernels' one-call experts, whose pre-activation is never stored).
     """
     N, D = x_ND.shape
     if N == 0:
@@ -454,9 +457,10 @@ def stacked_inference(
     serial_16bit_rows = 0 if any(stack.products is not None for stack in stacks) else SERIAL_16BIT_ROWS
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
     y_ND = WORKSPACE.take((N, D), dtype, device)
-    # terms added to the first projection or the output (LoRA) need them apart: no whole experts
-    separate = add_in is not None or add_out is not None
-    whole = set() if separate else _whole_experts(x_ND, segments, owners, activation, row_weights_N, y_ND)
+    # rows that get terms added to the first projection or the output (LoRA) need the projections apart
+    has_terms = add_in is not None or add_out is not None
+    with_terms = set(range(len(counts)) if apart is None else apart) if has_terms else set()
+    whole = _whole_experts(x_ND, segments, owners, activation, row_weights_N, y_ND, with_terms)
     if len(whole) == len(segments):
         WORKSPACE.give(h_PNF)
         return y_ND
@@ -516,17 +520,18 @@ def _whole_experts(
     activation: str,
     row_weights_N: Tensor | None,
     y_ND: Tensor,
+    apart: set[int],
 ) -> set[int]:
     """The groups whose rows the row kernels compute whole (``expert_bf16``), written into ``y_ND``.
 
-    Decoding rows of a bf16 expert without biases: both products and the activation in
-    one call, each plain weight read once (faster than packed copies, which serve no
-    rows the row kernels take).
+    Decoding rows of a bf16 expert without biases, outside the groups ``apart``: both
+    products and the activation in one call, each plain weight read once (faster than
+    packed copies, which serve no rows the row kernels take).
     """
     whole = set()
     for g, s, t in segments:
         stack, e = owners[g]
-        if stack.b_in is not None or stack.b_out is not None:
+        if stack.b_in is not None or stack.b_out is not None or g in apart:
             continue
         if takes_expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation):
             weights_n = None if row_weights_N is None else row_weights_N[s:t]
