@@ -64,8 +64,8 @@ __all__ = [
 # 512 / 384 wide projections and 6 with 128 / 128. Without autograd on CPU (fp32, bf16),
 # factors in ``bag_layout`` go to ``flexmoe.experts.rows.lora_add`` instead (each slot's
 # factors read once for all its rows, summed into the output in place): at rank 8 over
-# 640 slots, 3.4-3.8x faster than ``bagged_lora`` plus its ``index_add_`` at 8 rows per
-# slot, 1.7x at one row.
+# 640 slots, 3.2-3.9x faster than ``bagged_lora`` plus its ``index_add_`` at 8 rows per
+# slot, 1.7-2.0x at one row (benchmarks/lora_rows.py).
 BAG_SLOT_WIDTHS = 8192
 GATHER_ROWS_PER_SLOT = 2
 GATHER_BYTES_PER_SLOT = 32 * 1024
