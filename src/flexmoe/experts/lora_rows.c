@@ -43,24 +43,138 @@ static inline void store_bf16(__mmask16 m, uint16_t *p, __m512 v) {
     _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+/* The next slot's factors, fetched into L2 a few lines per step of a slot's first loop. */
+struct ahead {
+    const char *A, *B;
+    long A_bytes, B_bytes;
+};
+
+static inline void fetch_ahead(const struct ahead *next, long step, long steps) {
+    long lines = (next->A_bytes + next->B_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
+    for (long line = step * per_step; line < (step + 1) * per_step && line < lines; line++) {
+        long offset = line * 64;
+        const char *p = offset < next->A_bytes ? next->A + offset : next->B + (offset - next->A_bytes);
+        _mm_prefetch(p, _MM_HINT_T1);
+    }
+}
+
+/* This thread's contiguous run [*first, *end) of the L slots, about its share of the rows. */
+static void share_of_rows(const int64_t *starts, long L, long *first, long *end) {
+    long threads = omp_get_num_threads(), t = omp_get_thread_num(), total = starts[L];
+    long l = 0;
+    while (l < L && starts[l] * threads < total * t) l++;
+    *first = l;
+    while (l < L && starts[l] * threads < total * (t + 1)) l++;
+    *end = t + 1 == threads ? L : l;
+}
+
+/* u[b] = A x_b for ranks R < 16 dividing 16: G = 16 / R consecutive columns of A^T fill
+ * one vector (lane k holds column i + k % G, rank k / G), so every lane works, against
+ * x_b[i .. i + G) broadcast G values at a time; the G lanes of each rank are summed at
+ * the end. Returns 0 (nothing done) for other ranks, or a bf16 x too wide for the
+ * stack copy it is widened into. */
+#define GROUPED_MAX_FLOATS 32768
+
+static inline __m512 x_group(const float *p, int G) {
+    switch (G) {
+        case 2: {
+            double pair;
+            memcpy(&pair, p, sizeof pair);
+            return _mm512_castpd_ps(_mm512_set1_pd(pair));
+        }
+        case 4: return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+        case 8: return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)p)));
+        default: return _mm512_loadu_ps(p);
+    }
+}
+
+#define GROUPED_A(T, G)                                                                             \
+    static void grouped_A_##T##_##G(const float *const *xf, const T *AT, long I, int rows,          \
+                                    float *u, const struct ahead *next) {                           \
+        const int R = 16 / G;                                                                       \
+        int index[16];                                                                              \
+        for (int k = 0; k < 16; k++) index[k] = (k % G) * R + k / G;                                \
+        __m512i lane_index = _mm512_loadu_si512(index);                                             \
+        __m512 acc[8];                                                                              \
+        for (int b = 0; b < rows; b++) acc[b] = _mm512_setzero_ps();                                \
+        long i = 0;                                                                                 \
+        for (; i + G <= I; i += G) {                                                                \
+            if (next) fetch_ahead(next, i / G, I / G);                                              \
+            __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + i * R)); \
+            for (int b = 0; b < rows; b++) acc[b] = _mm512_fmadd_ps(x_group(xf[b] + i, G), a, acc[b]); \
+        }                                                                                           \
+        for (int b = 0; b < rows; b++) {                                                            \
+            float sums[16];                                                                         \
+            _mm512_storeu_ps(sums, acc[b]);                                                         \
+            for (int j = 0; j < R; j++) {                                                           \
+                float total = 0.0f;                                                                 \
+                for (int g = 0; g < G; g++) total += sums[j * G + g];                               \
+                for (long t = i; t < I; t++) total += xf[b][t] * scalar_##T(AT + t * R + j);        \
+                u[b * R + j] = total;                                                               \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+
+#define GROUPED_A_ALL(T)                                                                            \
+    GROUPED_A(T, 2)                                                                                 \
+    GROUPED_A(T, 4)                                                                                 \
+    GROUPED_A(T, 8)                                                                                 \
+    GROUPED_A(T, 16)                                                                                \
+    static int grouped_A_##T(const T *const *xr, const T *AT, long I, long R, int rows, float *u,  \
+                             const struct ahead *next) {                                            \
+        if (R >= 16 || 16 % R || (long)rows * I > GROUPED_MAX_FLOATS) return 0;                     \
+        float widened[(long)rows * I + 1];                                                          \
+        const float *xf[8];                                                                         \
+        for (int b = 0; b < rows; b++) xf[b] = widen_##T(xr[b], I, widened + b * I);                \
+        switch (16 / R) {                                                                           \
+            case 2: grouped_A_##T##_2(xf, AT, I, rows, u, next); break;                             \
+            case 4: grouped_A_##T##_4(xf, AT, I, rows, u, next); break;                             \
+            case 8: grouped_A_##T##_8(xf, AT, I, rows, u, next); break;                             \
+            default: grouped_A_##T##_16(xf, AT, I, rows, u, next); break;                           \
+        }                                                                                           \
+        return 1;                                                                                   \
+    }
+
+/* x as fp32: an fp32 row as it is, a bf16 row widened into `scratch`. */
+static inline const float *widen_f32(const float *x, long I, float *scratch) {
+    (void)I, (void)scratch;
+    return x;
+}
+static inline const float *widen_bf16(const uint16_t *x, long I, float *scratch) {
+    for (long i = 0; i < I; i += 16) {
+        __mmask16 m = lanes(I - i);
+        _mm512_mask_storeu_ps(scratch + i, m, load_bf16(m, x + i));
+    }
+    return scratch;
+}
+
+typedef float f32;
+typedef uint16_t bf16;
+GROUPED_A_ALL(f32)
+GROUPED_A_ALL(bf16)
+
 /* ROWS rows of one slot: u = A x for each (16 ranks at a time), then out += B u (16 output
  * columns at a time), every factor vector loaded once for the ROWS rows. */
 #define LORA_BLOCK(T, ROWS)                                                                         \
     static void lora_block_##T##_##ROWS(const T *x, long x_stride, const int64_t *rows,            \
                                         const T *AT, const T *BT, long I, long R, long O, T *out,  \
-                                        long out_stride, long width, long block_stride) {          \
+                                        long out_stride, long width, long block_stride,            \
+                                        const struct ahead *next, int valid) {                      \
         float u[ROWS][R];                                                                            \
         const T *xr[ROWS];                                                                          \
         T *yr[ROWS];                                                                                \
-        for (int b = 0; b < ROWS; b++) {                                                            \
-            xr[b] = x + rows[b] * x_stride;                                                         \
-            yr[b] = out + rows[b] * out_stride;                                                     \
+        for (int b = 0; b < ROWS; b++) { /* rows past `valid` repeat the first: computed, not stored */ \
+            xr[b] = x + rows[b < valid ? b : 0] * x_stride;                                         \
+            yr[b] = out + rows[b < valid ? b : 0] * out_stride;                                     \
         }                                                                                           \
+        if (grouped_A_##T(xr, AT, I, R, ROWS, &u[0][0], next)) {                                      \
+        } else                                                                                      \
         for (long j0 = 0; j0 < R; j0 += 16) {                                                       \
             __mmask16 m = lanes(R - j0);                                                            \
             __m512 acc[ROWS];                                                                       \
             for (int b = 0; b < ROWS; b++) acc[b] = _mm512_setzero_ps();                            \
             for (long i = 0; i < I; i++) {                                                          \
+                if (next) fetch_ahead(next, i, I);                                                  \
                 __m512 a = load_##T(m, AT + i * R + j0);                                            \
                 for (int b = 0; b < ROWS; b++)                                                      \
                     acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(scalar_##T(xr[b] + i)), a, acc[b]);     \
@@ -78,11 +192,14 @@ static inline void store_bf16(__mmask16 m, uint16_t *p, __m512 v) {
                     for (int b = 0; b < ROWS; b++)                                                  \
                         acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(u[b][j]), bt, acc[b]);              \
                 }                                                                                   \
-                for (int b = 0; b < ROWS; b++) store_##T(m, yr[b] + at, acc[b]);                    \
+                for (int b = 0; b < valid; b++) store_##T(m, yr[b] + at, acc[b]);                   \
             }                                                                                       \
     }
 
-/* Every slot, over the team: blocks of 8 rows, then 4, then one at a time. */
+/* Every slot, over the team: blocks of 8 rows, then 4, then one at a time. Each thread
+ * takes a contiguous run of slots holding about its share of the rows, and while it
+ * computes a slot's first block it prefetches the next slot's factors into L2: a slot's
+ * few rows leave too little time for the hardware prefetchers to ramp up on its own. */
 #define LORA_ADD(T)                                                                                 \
     LORA_BLOCK(T, 1)                                                                                \
     LORA_BLOCK(T, 4)                                                                                \
@@ -90,24 +207,31 @@ static inline void store_bf16(__mmask16 m, uint16_t *p, __m512 v) {
     static void lora_add_##T(const T *x, long x_stride, const int64_t *rows, const int64_t *starts,  \
                              long L, const T *AT, const T *BT, long I, long R, long O, T *out,     \
                              long out_stride, long width, long block_stride) {                      \
-        _Pragma("omp parallel for schedule(dynamic, 1)")                                            \
-        for (long l = 0; l < L; l++) {                                                              \
-            const T *A = AT + l * I * R, *B = BT + l * R * O;                                       \
-            long k = starts[l], end = starts[l + 1];                                                \
-            for (; k + 8 <= end; k += 8)                                                            \
-                lora_block_##T##_8(x, x_stride, rows + k, A, B, I, R, O, out, out_stride, width,    \
-                                   block_stride);                                                   \
-            for (; k + 4 <= end; k += 4)                                                            \
-                lora_block_##T##_4(x, x_stride, rows + k, A, B, I, R, O, out, out_stride, width,    \
-                                   block_stride);                                                   \
-            for (; k < end; k++)                                                                    \
-                lora_block_##T##_1(x, x_stride, rows + k, A, B, I, R, O, out, out_stride, width,    \
-                                   block_stride);                                                   \
+        _Pragma("omp parallel") {                                                                   \
+            long first, end_slot;                                                                   \
+            share_of_rows(starts, L, &first, &end_slot);                                            \
+            for (long l = first; l < end_slot; l++) {                                               \
+                const T *A = AT + l * I * R, *B = BT + l * R * O;                                   \
+                long k = starts[l], end = starts[l + 1];                                            \
+                struct ahead next = {(const char *)(A + I * R), (const char *)(B + R * O),          \
+                                     (long)sizeof(T) * I * R, (long)sizeof(T) * R * O};             \
+                const struct ahead *pf = l + 1 < end_slot ? &next : 0;                              \
+                for (; k < end; k += 8, pf = 0) { /* a last block of 2-4 rows runs as 4, of 5-7 as 8 */ \
+                    int valid = end - k < 8 ? (int)(end - k) : 8;                                   \
+                    if (valid > 4)                                                                  \
+                        lora_block_##T##_8(x, x_stride, rows + k, A, B, I, R, O, out, out_stride,   \
+                                           width, block_stride, pf, valid);                         \
+                    else if (valid > 1)                                                             \
+                        lora_block_##T##_4(x, x_stride, rows + k, A, B, I, R, O, out, out_stride,   \
+                                           width, block_stride, pf, valid);                         \
+                    else                                                                            \
+                        lora_block_##T##_1(x, x_stride, rows + k, A, B, I, R, O, out, out_stride,   \
+                                           width, block_stride, pf, valid);                         \
+                }                                                                                   \
+            }                                                                                       \
         }                                                                                           \
     }
 
-typedef float f32;
-typedef uint16_t bf16;
 LORA_ADD(f32)
 LORA_ADD(bf16)
 
