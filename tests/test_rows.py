@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,17 @@ from flexmoe.experts.rows import (
     bf16_max_rows,
     expert_bf16,
     expert_int8,
+    experts_bf16,
     openmp_threads,
     rows_bf16,
+    rows_bf16_segments,
     rows_int8,
     set_tile_kernels,
     takes_bf16,
+    takes_bf16_segments,
     takes_expert_bf16,
     takes_expert_int8,
+    takes_experts_bf16,
     takes_int8,
     tile_kernels,
 )
@@ -176,11 +181,13 @@ def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts
     with (
         torch.no_grad(),
         mock.patch.object(backends, "rows_bf16", wraps=rows_bf16) as products,
-        mock.patch.object(backends, "expert_bf16", wraps=expert_bf16) as whole,
+        mock.patch.object(backends, "experts_bf16", wraps=experts_bf16) as whole,
     ):
         y = experts(x, counts, row_weights)
     decoding = sum(1 for n in counts if 1 <= n <= bf16_max_rows())
-    assert (products.call_count, whole.call_count) == ((2 * decoding, 0) if bias else (0, decoding))
+    whole_segments = sum(len(call.args[2]) for call in whole.call_args_list)  # counts, one per segment
+    assert whole.call_count <= 1  # every whole expert of the stack in one call
+    assert (products.call_count, whole_segments) == ((2 * decoding, 0) if bias else (0, decoding))
     params = {name: p.detach().double() for name, p in experts.named_parameters()}
     rows, start = [], 0
     for e, n in enumerate(counts):
@@ -195,6 +202,42 @@ def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts
     expected = torch.stack(rows)
     # bf16 rounds the first projection, the activation and the output: a few bf16 steps
     torch.testing.assert_close(y.double(), expected, rtol=0, atol=0.03 * (1 + float(expected.abs().max())))
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["vector", "tiles"])
+@settings(max_examples=30, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, TILE_ROWS), min_size=1, max_size=5),
+    activation=st.sampled_from(["swiglu", "gelu"]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_segments_in_one_call_equal_one_call_per_segment(tiles, counts, activation, weighted, seed):
+    with bf16_kernels(tiles) as most_rows:
+        counts = [min(n, most_rows) for n in counts]
+        generator = torch.Generator().manual_seed(seed)
+        E, D, F_ = 4, 40, 24
+        H = 2 * F_ if activation == "swiglu" else F_
+        w_in = torch.randn(E, H, D, generator=generator).to(torch.bfloat16)
+        w_out = torch.randn(E, D, F_, generator=generator).to(torch.bfloat16)
+        x = torch.randn(sum(counts), D, generator=generator).to(torch.bfloat16)
+        weights = torch.rand(sum(counts), generator=generator) if weighted else None
+        experts = torch.randint(0, E, (len(counts),), generator=generator).numpy()
+        starts = np.cumsum([0, *counts[:-1]])
+        counts_ = np.array(counts)
+        assert takes_bf16_segments(x, counts_, w_in, torch.empty(x.shape[0], H, dtype=torch.bfloat16))
+        assert takes_experts_bf16(x, counts_, w_in, w_out, activation, torch.empty_like(x))
+        h = torch.empty(x.shape[0], H, dtype=torch.bfloat16)
+        rows_bf16_segments(x, starts, counts_, w_in, experts, h)
+        y = torch.empty_like(x)
+        experts_bf16(x, starts, counts_, w_in, w_out, experts, activation, weights, y)
+        for s, n, e in zip(starts, counts, experts, strict=True):
+            rows = slice(int(s), int(s) + n)
+            assert torch.equal(h[rows], rows_bf16(x[rows], w_in[e]))
+            w_n = None if weights is None else weights[rows]
+            assert torch.equal(y[rows], expert_bf16(x[rows], w_in[e], w_out[e], activation, w_n))
+        assert not takes_bf16_segments(x, np.array([most_rows + 1]), w_in, h)  # more rows than they take
+        assert not takes_bf16_segments(x, np.array([0]), w_in, h)  # an empty segment
 
 
 def activated(h, activation: str):

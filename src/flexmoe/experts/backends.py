@@ -25,13 +25,22 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
-from flexmoe.experts.rows import expert_bf16, rows_bf16, takes_bf16, takes_expert_bf16
+from flexmoe.experts.rows import (
+    bf16_max_rows,
+    experts_bf16,
+    rows_bf16,
+    rows_bf16_segments,
+    takes_bf16,
+    takes_bf16_segments,
+    takes_experts_bf16,
+)
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.workspace import WORKSPACE
 
@@ -464,10 +473,14 @@ def stacked_inference(
     if len(whole) == len(segments):
         WORKSPACE.give(h_PNF)
         return y_ND
+    # the other decoding segments on plain bf16 weights: one call per projection and stack
+    batched = _decoding_segments(x_ND, segments, owners, whole, h_PNF, y_ND)
+    _project_in_batched(x_ND, batched, h_PNF)
+    done = whole | {g for _, picked in batched for g, *_ in picked}
 
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        if g in whole:
+        if g in done:
             return
         h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
         if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
@@ -491,7 +504,7 @@ def stacked_inference(
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        if g in whole:
+        if g in done:
             return
         y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
         if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
@@ -507,10 +520,33 @@ def stacked_inference(
                 y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
     for_each_segment(segments, project_out, device, dtype, serial_16bit_rows)
+    _project_out_batched(a_NF, batched, y_ND)
     if add_out is not None:
         add_out(a_NF, y_ND)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
+
+
+# (group, start, end, expert) of the segments one stack's batched call runs
+Picked = list[tuple[int, int, int, int]]
+
+
+def _by_stack(
+    segments: list[Segment], owners: list[tuple[ExpertTensors, int]], keep: Callable[[int, int, int], bool]
+) -> list[tuple[ExpertTensors, Picked]]:
+    """The segments ``keep(g, s, t)`` accepts, grouped by their experts' stack."""
+    stacks: dict[int, tuple[ExpertTensors, Picked]] = {}
+    for g, s, t in segments:
+        if keep(g, s, t):
+            stack, e = owners[g]
+            stacks.setdefault(id(stack), (stack, []))[1].append((g, s, t, e))
+    return list(stacks.values())
+
+
+def _columns(picked: Picked) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, counts, experts)`` of the picked segments."""
+    _, starts, ends, experts = (np.array(column, dtype=np.int64) for column in zip(*picked, strict=True))
+    return starts, ends - starts, experts
 
 
 def _whole_experts(
@@ -522,22 +558,70 @@ def _whole_experts(
     y_ND: Tensor,
     apart: set[int],
 ) -> set[int]:
-    """The groups whose rows the row kernels compute whole (``expert_bf16``), written into ``y_ND``.
+    """The groups whose rows the row kernels compute whole (``experts_bf16``), written into ``y_ND``.
 
     Decoding rows of a bf16 expert without biases, outside the groups ``apart``: both
-    products and the activation in one call, each plain weight read once (faster than
-    packed copies, which serve no rows the row kernels take).
+    products and the activation in one call per stack for all its experts, each plain
+    weight read once (faster than packed copies, which serve no rows the row kernels
+    take).
     """
-    whole = set()
-    for g, s, t in segments:
-        stack, e = owners[g]
-        if stack.b_in is not None or stack.b_out is not None or g in apart:
+    most = bf16_max_rows()
+    whole: set[int] = set()
+    for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in apart and t - s <= most):
+        if stack.b_in is not None or stack.b_out is not None:
             continue
-        if takes_expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation):
-            weights_n = None if row_weights_N is None else row_weights_N[s:t]
-            y_ND[s:t] = expert_bf16(x_ND[s:t], stack.w_in[e], stack.w_out[e], activation, weights_n)
-            whole.add(g)
+        starts, counts, experts = _columns(picked)
+        if takes_experts_bf16(x_ND, counts, stack.w_in, stack.w_out, activation, y_ND):
+            experts_bf16(
+                x_ND, starts, counts, stack.w_in, stack.w_out, experts, activation, row_weights_N, y_ND
+            )
+            whole.update(g for g, *_ in picked)
     return whole
+
+
+def _decoding_segments(
+    x_ND: Tensor,
+    segments: list[Segment],
+    owners: list[tuple[ExpertTensors, int]],
+    skip: set[int],
+    h_PNF: Tensor,
+    y_ND: Tensor,
+) -> list[tuple[ExpertTensors, Picked]]:
+    """Per stack, its segments outside ``skip`` whose projections ``rows_bf16_segments`` runs.
+
+    Decoding rows (at most ``bf16_max_rows``) of plain bf16 experts without biases or
+    packed copies: each projection of all of them in one call.
+    """
+    most, F = bf16_max_rows(), h_PNF.shape[2]
+    batched = []
+    for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in skip and t - s <= most):
+        if stack.b_in is not None or stack.b_out is not None or stack.products is not None:
+            continue
+        counts = _columns(picked)[1]
+        blocks = stack.w_in.view(-1, F, stack.w_in.shape[2]) if stack.w_in.is_contiguous() else stack.w_in
+        if takes_bf16_segments(x_ND, counts, blocks, h_PNF[0]) and takes_bf16_segments(
+            h_PNF[0], counts, stack.w_out, y_ND
+        ):
+            batched.append((stack, picked))
+    return batched
+
+
+def _project_in_batched(x_ND: Tensor, batched: list[tuple[ExpertTensors, Picked]], h_PNF: Tensor) -> None:
+    """The first projection of the ``batched`` segments, block by block of ``h_PNF`` (gate, then up)."""
+    P, _, F = h_PNF.shape
+    for stack, picked in batched:
+        starts, counts, experts = _columns(picked)
+        E, _, D = stack.w_in.shape
+        blocks = stack.w_in.view(E * P, F, D)  # expert e's block p is entry e * P + p
+        for p in range(P):
+            rows_bf16_segments(x_ND, starts, counts, blocks, experts * P + p, h_PNF[p])
+
+
+def _project_out_batched(a_NF: Tensor, batched: list[tuple[ExpertTensors, Picked]], y_ND: Tensor) -> None:
+    """The second projection of the ``batched`` segments, into their rows of ``y_ND``."""
+    for stack, picked in batched:
+        starts, counts, experts = _columns(picked)
+        rows_bf16_segments(a_NF, starts, counts, stack.w_out, experts, y_ND)
 
 
 def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:

@@ -428,6 +428,31 @@ int flexmoe_expert_bf16(const uint16_t *x, long M, const uint16_t *w_in, const u
     return vector_expert_bf16(x, M, w_in, w_out, D, F, gated, kind, row_weights, y);
 }
 
+/* Many segments in one call (a layer's experts on their decoding rows): segment k is
+ * flexmoe_rows_bf16 / flexmoe_expert_bf16 on the pointers x[k], w[k], y[k] (passed as
+ * integers) and M[k] rows, with no return to the caller in between. Returns 0, or -1
+ * if any call lacked scratch memory. */
+int flexmoe_rows_bf16_many(long n, const int64_t *x, const int64_t *M, const int64_t *w, long O, long I,
+                           const int64_t *y) {
+    int status = 0;
+    for (long k = 0; k < n; k++)
+        status |= flexmoe_rows_bf16((const uint16_t *)(intptr_t)x[k], M[k], (const uint16_t *)(intptr_t)w[k], O,
+                                    I, (uint16_t *)(intptr_t)y[k]);
+    return status;
+}
+
+/* row_weights: NULL, or one pointer per segment. */
+int flexmoe_expert_bf16_many(long n, const int64_t *x, const int64_t *M, const int64_t *w_in, const int64_t *w_out,
+                             long D, long F, int gated, int kind, const int64_t *row_weights, const int64_t *y) {
+    int status = 0;
+    for (long k = 0; k < n; k++)
+        status |= flexmoe_expert_bf16((const uint16_t *)(intptr_t)x[k], M[k], (const uint16_t *)(intptr_t)w_in[k],
+                                      (const uint16_t *)(intptr_t)w_out[k], D, F, gated, kind,
+                                      row_weights ? (const float *)(intptr_t)row_weights[k] : NULL,
+                                      (uint16_t *)(intptr_t)y[k]);
+    return status;
+}
+
 #ifdef FLEXMOE_NO_AMX
 int flexmoe_use_amx(int enable) { return 0 * enable; }
 #endif

@@ -56,14 +56,18 @@ __all__ = [
     "decodes_plain",
     "expert_bf16",
     "expert_int8",
+    "experts_bf16",
     "lora_add",
     "openmp_threads",
     "rows_bf16",
+    "rows_bf16_segments",
     "rows_int8",
     "set_tile_kernels",
     "takes_bf16",
+    "takes_bf16_segments",
     "takes_expert_bf16",
     "takes_expert_int8",
+    "takes_experts_bf16",
     "takes_int8",
     "takes_lora",
     "tile_kernels",
@@ -165,6 +169,11 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_expert_bf16.restype = ctypes.c_int
     library.flexmoe_expert_int8.argtypes = [pointer, size, pointer, pointer, pointer, pointer, *expert]
     library.flexmoe_expert_int8.restype = ctypes.c_int
+    # n, then per-segment pointers and row counts (arrays of int64)
+    library.flexmoe_rows_bf16_many.argtypes = [size, pointer, pointer, pointer, size, size, pointer]
+    library.flexmoe_rows_bf16_many.restype = ctypes.c_int
+    library.flexmoe_expert_bf16_many.argtypes = [size, pointer, pointer, pointer, pointer, *expert]
+    library.flexmoe_expert_bf16_many.restype = ctypes.c_int
     library.flexmoe_rows_threads.argtypes = []
     library.flexmoe_rows_threads.restype = ctypes.c_int
     library.flexmoe_use_amx.argtypes = [ctypes.c_int]
@@ -373,6 +382,116 @@ def rows_bf16(x_NI: Tensor, w_OI: Tensor) -> Tensor:
     if status != 0:
         raise MemoryError(f"rows_bf16: no memory for the packed copy of {rows} x {inputs} rows")
     return y_NO
+
+
+def _row_pointers(t: Tensor, first: np.ndarray) -> np.ndarray:
+    """The addresses of entries ``first`` along ``t``'s first dimension (int64)."""
+    return t.data_ptr() + first.astype(np.int64) * (t.stride(0) * t.element_size())
+
+
+def _segments_fit(x_NI: Tensor, counts: np.ndarray, y_NO: Tensor) -> bool:
+    return (
+        x_NI.dim() == 2
+        and y_NO.dim() == 2
+        and x_NI.shape[0] == y_NO.shape[0]
+        and x_NI.is_contiguous()
+        and y_NO.is_contiguous()
+        and y_NO.dtype == torch.bfloat16
+        and y_NO.device.type == "cpu"
+        and len(counts) > 0
+        and int(counts.min()) >= 1
+        and int(counts.max()) <= bf16_max_rows()
+    )
+
+
+def takes_bf16_segments(x_NI: Tensor, counts: np.ndarray, w_EOI: Tensor, y_NO: Tensor) -> bool:
+    """Whether ``rows_bf16_segments`` computes these: ``takes_bf16`` for each segment, contiguous rows."""
+    return (
+        w_EOI.dim() == 3
+        and w_EOI.is_contiguous()
+        and y_NO.shape[1:] == w_EOI.shape[1:2]
+        and _segments_fit(x_NI, counts, y_NO)
+        and takes_bf16(x_NI[: int(counts.max())], w_EOI[0])
+    )
+
+
+def rows_bf16_segments(
+    x_NI: Tensor, starts: np.ndarray, counts: np.ndarray, w_EOI: Tensor, index: np.ndarray, y_NO: Tensor
+) -> None:
+    """``y[s : s + c] = x[s : s + c] @ w[i]^T`` for every segment ``(s, c, i)``, in one call.
+
+    ``rows_bf16`` on each segment (``starts``, ``counts`` and ``index`` into ``w``'s
+    first dimension: one entry per segment), without returning to Python in between;
+    check ``takes_bf16_segments`` first.
+    """
+    library = _library()
+    assert library is not None and takes_bf16_segments(x_NI, counts, w_EOI, y_NO)
+    counts = counts.astype(np.int64)
+    x, w, y = _row_pointers(x_NI, starts), _row_pointers(w_EOI, index), _row_pointers(y_NO, starts)
+    outputs, inputs = w_EOI.shape[1:]
+    status = library.flexmoe_rows_bf16_many(
+        len(counts), x.ctypes.data, counts.ctypes.data, w.ctypes.data, outputs, inputs, y.ctypes.data
+    )
+    if status != 0:
+        raise MemoryError(f"rows_bf16_segments: no memory for the packed copies of {len(counts)} segments")
+
+
+def takes_experts_bf16(
+    x_ND: Tensor, counts: np.ndarray, w_in_EHD: Tensor, w_out_EDF: Tensor, activation: str, y_ND: Tensor
+) -> bool:
+    """Whether ``experts_bf16`` computes these: ``takes_expert_bf16`` for each segment, contiguous rows."""
+    return (
+        w_in_EHD.dim() == 3
+        and w_out_EDF.dim() == 3
+        and w_in_EHD.is_contiguous()
+        and w_out_EDF.is_contiguous()
+        and y_ND.shape == x_ND.shape
+        and _segments_fit(x_ND, counts, y_ND)
+        and takes_expert_bf16(x_ND[: int(counts.max())], w_in_EHD[0], w_out_EDF[0], activation)
+    )
+
+
+def experts_bf16(
+    x_ND: Tensor,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    w_in_EHD: Tensor,
+    w_out_EDF: Tensor,
+    index: np.ndarray,
+    activation: str,
+    row_weights_N: Tensor | None,
+    y_ND: Tensor,
+) -> None:
+    """``expert_bf16`` of expert ``i`` on rows ``[s, s + c)`` into ``y``, per segment ``(s, c, i)``: one call.
+
+    ``row_weights_N`` (or ``None``) holds every row's weight; check ``takes_experts_bf16``
+    first.
+    """
+    library = _library()
+    assert library is not None and takes_experts_bf16(x_ND, counts, w_in_EHD, w_out_EDF, activation, y_ND)
+    counts = counts.astype(np.int64)
+    x, y = _row_pointers(x_ND, starts), _row_pointers(y_ND, starts)
+    w_in, w_out = _row_pointers(w_in_EHD, index), _row_pointers(w_out_EDF, index)
+    weights = None
+    if row_weights_N is not None:
+        row_weights_N = row_weights_N.to(torch.float32).contiguous()
+        weights = _row_pointers(row_weights_N, starts)
+    D, F = w_out_EDF.shape[1:]
+    status = library.flexmoe_expert_bf16_many(
+        len(counts),
+        x.ctypes.data,
+        counts.ctypes.data,
+        w_in.ctypes.data,
+        w_out.ctypes.data,
+        D,
+        F,
+        int(activation in GATED_ACTIVATIONS),
+        _ACTIVATION_KINDS[activation],
+        None if weights is None else weights.ctypes.data,
+        y.ctypes.data,
+    )
+    if status != 0:
+        raise MemoryError(f"experts_bf16: no memory for the scratch copies of {len(counts)} segments")
 
 
 def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:
