@@ -225,8 +225,8 @@ def test_segments_in_one_call_equal_one_call_per_segment(tiles, counts, activati
         experts = torch.randint(0, E, (len(counts),), generator=generator).numpy()
         starts = np.cumsum([0, *counts[:-1]])
         counts_ = np.array(counts)
-        assert takes_bf16_segments(x, counts_, w_in, torch.empty(x.shape[0], H, dtype=torch.bfloat16))
-        assert takes_experts_bf16(x, counts_, w_in, w_out, activation, torch.empty_like(x))
+        assert takes_bf16_segments(x, counts_, w_in)
+        assert takes_experts_bf16(x, counts_, w_in, w_out, activation)
         h = torch.empty(x.shape[0], H, dtype=torch.bfloat16)
         rows_bf16_segments(x, starts, counts_, w_in, experts, h)
         y = torch.empty_like(x)
@@ -236,8 +236,14 @@ def test_segments_in_one_call_equal_one_call_per_segment(tiles, counts, activati
             assert torch.equal(h[rows], rows_bf16(x[rows], w_in[e]))
             w_n = None if weights is None else weights[rows]
             assert torch.equal(y[rows], expert_bf16(x[rows], w_in[e], w_out[e], activation, w_n))
-        assert not takes_bf16_segments(x, np.array([most_rows + 1]), w_in, h)  # more rows than they take
-        assert not takes_bf16_segments(x, np.array([0]), w_in, h)  # an empty segment
+        assert not takes_bf16_segments(x, np.array([most_rows + 1]), w_in)  # more rows than they take
+        assert not takes_bf16_segments(x, np.array([0]), w_in)  # an empty segment
+        with pytest.raises(ValueError, match="y_NO"):
+            rows_bf16_segments(x, starts, counts_, w_in, experts, h[:, :-1])
+        with pytest.raises(IndexError, match="index"):
+            experts_bf16(x, starts, counts_, w_in, w_out, experts + E, activation, weights, y)
+        with pytest.raises(IndexError, match="starts"):
+            rows_bf16_segments(x, starts + 1, counts_, w_in, experts, h)
 
 
 def activated(h, activation: str):

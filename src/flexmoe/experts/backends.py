@@ -474,7 +474,7 @@ def stacked_inference(
         WORKSPACE.give(h_PNF)
         return y_ND
     # the other decoding segments on plain bf16 weights: one call per projection and stack
-    batched = _decoding_segments(x_ND, segments, owners, whole, h_PNF, y_ND)
+    batched = _decoding_segments(x_ND, segments, owners, whole, h_PNF)
     _project_in_batched(x_ND, batched, h_PNF)
     done = whole | {g for _, picked in batched for g, *_ in picked}
 
@@ -571,7 +571,7 @@ def _whole_experts(
         if stack.b_in is not None or stack.b_out is not None:
             continue
         starts, counts, experts = _columns(picked)
-        if takes_experts_bf16(x_ND, counts, stack.w_in, stack.w_out, activation, y_ND):
+        if takes_experts_bf16(x_ND, counts, stack.w_in, stack.w_out, activation):
             experts_bf16(
                 x_ND, starts, counts, stack.w_in, stack.w_out, experts, activation, row_weights_N, y_ND
             )
@@ -585,23 +585,22 @@ def _decoding_segments(
     owners: list[tuple[ExpertTensors, int]],
     skip: set[int],
     h_PNF: Tensor,
-    y_ND: Tensor,
 ) -> list[tuple[ExpertTensors, Picked]]:
     """Per stack, its segments outside ``skip`` whose projections ``rows_bf16_segments`` runs.
 
     Decoding rows (at most ``bf16_max_rows``) of plain bf16 experts without biases or
     packed copies: each projection of all of them in one call.
     """
-    most, F = bf16_max_rows(), h_PNF.shape[2]
+    most = bf16_max_rows()
     batched = []
     for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in skip and t - s <= most):
         if stack.b_in is not None or stack.b_out is not None or stack.products is not None:
             continue
         counts = _columns(picked)[1]
-        blocks = stack.w_in.view(-1, F, stack.w_in.shape[2]) if stack.w_in.is_contiguous() else stack.w_in
-        if takes_bf16_segments(x_ND, counts, blocks, h_PNF[0]) and takes_bf16_segments(
-            h_PNF[0], counts, stack.w_out, y_ND
-        ):
+        if not stack.w_in.is_contiguous():
+            continue
+        blocks = _blocks(stack.w_in, h_PNF.shape[2])
+        if takes_bf16_segments(x_ND, counts, blocks) and takes_bf16_segments(h_PNF[0], counts, stack.w_out):
             batched.append((stack, picked))
     return batched
 
@@ -611,10 +610,13 @@ def _project_in_batched(x_ND: Tensor, batched: list[tuple[ExpertTensors, Picked]
     P, _, F = h_PNF.shape
     for stack, picked in batched:
         starts, counts, experts = _columns(picked)
-        E, _, D = stack.w_in.shape
-        blocks = stack.w_in.view(E * P, F, D)  # expert e's block p is entry e * P + p
         for p in range(P):
-            rows_bf16_segments(x_ND, starts, counts, blocks, experts * P + p, h_PNF[p])
+            rows_bf16_segments(x_ND, starts, counts, _blocks(stack.w_in, F), experts * P + p, h_PNF[p])
+
+
+def _blocks(w_in_EHD: Tensor, F: int) -> Tensor:
+    """``w_in`` as ``[E * P, F, D]``: expert ``e``'s block ``p`` (gate, then up) is entry ``e * P + p``."""
+    return w_in_EHD.view(-1, F, w_in_EHD.shape[2])
 
 
 def _project_out_batched(a_NF: Tensor, batched: list[tuple[ExpertTensors, Picked]], y_ND: Tensor) -> None:

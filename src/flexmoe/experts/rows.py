@@ -389,28 +389,45 @@ def _row_pointers(t: Tensor, first: np.ndarray) -> np.ndarray:
     return t.data_ptr() + first.astype(np.int64) * (t.stride(0) * t.element_size())
 
 
-def _segments_fit(x_NI: Tensor, counts: np.ndarray, y_NO: Tensor) -> bool:
+def _segments_fit(x_NI: Tensor, counts: np.ndarray) -> bool:
     return (
         x_NI.dim() == 2
-        and y_NO.dim() == 2
-        and x_NI.shape[0] == y_NO.shape[0]
         and x_NI.is_contiguous()
-        and y_NO.is_contiguous()
-        and y_NO.dtype == torch.bfloat16
-        and y_NO.device.type == "cpu"
         and len(counts) > 0
         and int(counts.min()) >= 1
         and int(counts.max()) <= bf16_max_rows()
+        and int(counts.sum()) <= x_NI.shape[0]
     )
 
 
-def takes_bf16_segments(x_NI: Tensor, counts: np.ndarray, w_EOI: Tensor, y_NO: Tensor) -> bool:
+def _check_output(name: str, y: Tensor, shape: tuple[int, ...]) -> None:
+    if y.shape != shape or not y.is_contiguous() or y.dtype != torch.bfloat16 or y.device.type != "cpu":
+        raise ValueError(
+            f"{name}: a contiguous bf16 CPU tensor of shape {list(shape)} expected, got "
+            f"{y.dtype} {list(y.shape)} on {y.device}"
+        )
+
+
+def _check_segments(
+    starts: np.ndarray, counts: np.ndarray, index: np.ndarray, rows: int, experts: int
+) -> None:
+    """Segments inside the rows and experts inside the stack: the C loop reads what it is given."""
+    if not len(starts) == len(counts) == len(index):
+        raise ValueError(
+            f"starts, counts, index: one entry per segment, got {len(starts)}, {len(counts)}, {len(index)}"
+        )
+    if int(starts.min()) < 0 or int((starts + counts).max()) > rows:
+        raise IndexError(f"starts: segments within the {rows} rows expected")
+    if int(index.min()) < 0 or int(index.max()) >= experts:
+        raise IndexError(f"index: experts in [0, {experts}) expected")
+
+
+def takes_bf16_segments(x_NI: Tensor, counts: np.ndarray, w_EOI: Tensor) -> bool:
     """Whether ``rows_bf16_segments`` computes these: ``takes_bf16`` for each segment, contiguous rows."""
     return (
         w_EOI.dim() == 3
         and w_EOI.is_contiguous()
-        and y_NO.shape[1:] == w_EOI.shape[1:2]
-        and _segments_fit(x_NI, counts, y_NO)
+        and _segments_fit(x_NI, counts)
         and takes_bf16(x_NI[: int(counts.max())], w_EOI[0])
     )
 
@@ -425,7 +442,9 @@ def rows_bf16_segments(
     check ``takes_bf16_segments`` first.
     """
     library = _library()
-    assert library is not None and takes_bf16_segments(x_NI, counts, w_EOI, y_NO)
+    assert library is not None and takes_bf16_segments(x_NI, counts, w_EOI)
+    _check_output("y_NO", y_NO, (x_NI.shape[0], w_EOI.shape[1]))
+    _check_segments(starts, counts, index, x_NI.shape[0], w_EOI.shape[0])
     counts = counts.astype(np.int64)
     x, w, y = _row_pointers(x_NI, starts), _row_pointers(w_EOI, index), _row_pointers(y_NO, starts)
     outputs, inputs = w_EOI.shape[1:]
@@ -437,7 +456,7 @@ def rows_bf16_segments(
 
 
 def takes_experts_bf16(
-    x_ND: Tensor, counts: np.ndarray, w_in_EHD: Tensor, w_out_EDF: Tensor, activation: str, y_ND: Tensor
+    x_ND: Tensor, counts: np.ndarray, w_in_EHD: Tensor, w_out_EDF: Tensor, activation: str
 ) -> bool:
     """Whether ``experts_bf16`` computes these: ``takes_expert_bf16`` for each segment, contiguous rows."""
     return (
@@ -445,8 +464,7 @@ def takes_experts_bf16(
         and w_out_EDF.dim() == 3
         and w_in_EHD.is_contiguous()
         and w_out_EDF.is_contiguous()
-        and y_ND.shape == x_ND.shape
-        and _segments_fit(x_ND, counts, y_ND)
+        and _segments_fit(x_ND, counts)
         and takes_expert_bf16(x_ND[: int(counts.max())], w_in_EHD[0], w_out_EDF[0], activation)
     )
 
@@ -468,7 +486,9 @@ def experts_bf16(
     first.
     """
     library = _library()
-    assert library is not None and takes_experts_bf16(x_ND, counts, w_in_EHD, w_out_EDF, activation, y_ND)
+    assert library is not None and takes_experts_bf16(x_ND, counts, w_in_EHD, w_out_EDF, activation)
+    _check_output("y_ND", y_ND, tuple(x_ND.shape))
+    _check_segments(starts, counts, index, x_ND.shape[0], w_in_EHD.shape[0])
     counts = counts.astype(np.int64)
     x, y = _row_pointers(x_ND, starts), _row_pointers(y_ND, starts)
     w_in, w_out = _row_pointers(w_in_EHD, index), _row_pointers(w_out_EDF, index)
