@@ -19,6 +19,10 @@ int8 rounding and the bf16 output's).
 decoding expert in one call (both products and the activation, which is applied to the
 fp32 sums and rounded once), which spares a decode step a few Python calls per expert;
 ``RowsLinear`` is an ``nn.Linear`` whose decoding products run on ``rows_bf16``.
+``experts_bf16`` and ``rows_bf16_segments`` run many segments (a layer's decoding
+experts) in one call, the loop over them in C. ``lora_add`` (from ``lora_rows.c``) adds
+the LoRA terms of a multi-adapter batch in place: each slot's factors read once for its
+rows (``flexmoe.adapters.woven``).
 
 The library is compiled on first use with the system's C compiler (``$CC``, else
 ``cc``) into ``$XDG_CACHE_HOME/flexmoe/kernels`` (``~/.cache`` by default), once per
