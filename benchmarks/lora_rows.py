@@ -3,7 +3,7 @@
 One LoRA stack of ``--slots`` (adapter, expert) slots at rank ``--rank`` (Poisson rows per
 slot around each ``--rows-per-slot``), for the first projection (``dim -> 2 hidden``, into a
 ``[2, N, hidden]`` pre-activation) and the second (``hidden -> dim``), in fp32 and bf16.
-Contestants, in interleaved rounds: ``flexmoe.experts.rows.lora_add`` (each slot's factors
+Contestants, in interleaved rounds: ``flexmoe.experts.lora_rows.lora_add`` (each slot's factors
 read once for its rows, summed into the output in place) and ``bagged_lora`` plus the
 ``index_add_`` that puts its terms back (the form used under autograd). Printed: median
 ms, the kernel's GFLOP/s, and the paired speedup.
@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flexmoe.adapters.woven import Groups, bag_layout, bagged_lora
-from flexmoe.experts.rows import available, lora_add
+from flexmoe.experts.kernels import available
+from flexmoe.experts.lora_rows import lora_add
 from harness import environment, measure_interleaved, write_json
 
 

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from flexmoe.experts.kernels import available, bf16_max_rows, set_tile_kernels, tile_kernels
 from flexmoe.experts.packed import PackedWeight, packed_inference_supported, packed_linear
-from flexmoe.experts.rows import available, bf16_max_rows, rows_bf16, set_tile_kernels, tile_kernels
+from flexmoe.experts.rows import rows_bf16
 from harness import environment, measure_interleaved, write_json
 
 VECTOR_ROWS = 2  # the most rows the vector kernels take

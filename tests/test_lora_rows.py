@@ -1,4 +1,4 @@
-"""flexmoe.experts.rows.lora_add: the LoRA terms of a multi-adapter batch, summed in place, against fp64."""
+"""flexmoe.experts.lora_rows.lora_add: the LoRA terms of a multi-adapter batch, summed in place, vs fp64."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexmoe.adapters.woven import bag_layout
-from flexmoe.experts.rows import available, lora_add, takes_lora
+from flexmoe.experts.kernels import available
+from flexmoe.experts.lora_rows import lora_add, takes_lora
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs a CPU with AVX512-BF16 and a C compiler")
 

@@ -18,25 +18,27 @@ from hypothesis import strategies as st
 
 from flexmoe.experts import GroupedExperts, backends
 from flexmoe.experts.int8 import Int8Weight, int8_linear
-from flexmoe.experts.rows import (
-    INT8_MAX_ROWS,
+from flexmoe.experts.kernels import (
     available,
     bf16_max_rows,
+    openmp_threads,
+    set_tile_kernels,
+    tile_kernels,
+)
+from flexmoe.experts.rows import (
+    INT8_MAX_ROWS,
     expert_bf16,
     expert_int8,
     experts_bf16,
-    openmp_threads,
     rows_bf16,
     rows_bf16_segments,
     rows_int8,
-    set_tile_kernels,
     takes_bf16,
     takes_bf16_segments,
     takes_expert_bf16,
     takes_expert_int8,
     takes_experts_bf16,
     takes_int8,
-    tile_kernels,
 )
 from flexmoe.experts.served import served_linear
 from tests.reference import ffn
@@ -355,7 +357,7 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 CHECK = """
 import logging
 logging.basicConfig(level=logging.WARNING)
-from flexmoe.experts.rows import available
+from flexmoe.experts.kernels import available
 print(available())
 """
 
@@ -373,7 +375,7 @@ def test_a_compiler_without_amx_builds_the_vector_kernels_alone(tmp_path):
     compiler = tmp_path / "cc-without-amx"
     compiler.write_text('#!/bin/sh\ncase "$*" in *-mamx-*) exit 1;; esac\nexec cc "$@"\n')
     compiler.chmod(0o755)
-    code = "from flexmoe.experts.rows import available, bf16_max_rows, tile_kernels\n"
+    code = "from flexmoe.experts.kernels import available, bf16_max_rows, tile_kernels\n"
     code += "print(available(), tile_kernels(), bf16_max_rows())"
     built = run_python(code, {"CC": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert built.returncode == 0 and built.stdout.split() == ["True", "False", "2"], built.stderr
@@ -381,7 +383,7 @@ def test_a_compiler_without_amx_builds_the_vector_kernels_alone(tmp_path):
 
 
 def test_the_tile_kernels_can_be_turned_off_at_start():
-    code = "from flexmoe.experts.rows import available, bf16_max_rows, tile_kernels\n"
+    code = "from flexmoe.experts.kernels import available, bf16_max_rows, tile_kernels\n"
     code += "print(available(), tile_kernels(), bf16_max_rows())"
     off = run_python(code, {"FLEXMOE_CPU_TILES": "0"})
     assert off.returncode == 0 and off.stdout.split() == ["True", "False", "2"]

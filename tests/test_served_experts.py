@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM
 
 import flexmoe.hf
 from flexmoe.experts.int8 import Int8Weight
+from flexmoe.experts.kernels import bf16_max_rows, decodes_plain
 from flexmoe.experts.packed import PackedLinear, PackedWeight, packed_inference_supported
-from flexmoe.experts.rows import RowsLinear, bf16_max_rows, decodes_plain, rows_bf16
+from flexmoe.experts.rows import RowsLinear, rows_bf16
 from flexmoe.experts.served import served_expert_ffn, served_linear
 from flexmoe.experts.store import SafetensorsExpertStore
 from flexmoe.hf import load_offloaded, quantize_experts

@@ -31,7 +31,7 @@ from torch import Tensor
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import ExpertTensors, contiguous_grad, stacked_inference
 from flexmoe.experts.ffn import resolve_backend
-from flexmoe.experts.rows import lora_add, takes_lora
+from flexmoe.experts.lora_rows import lora_add, takes_lora
 from flexmoe.experts.segments import for_each_segment
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
 # GATHER_ROWS_PER_SLOT rows or GATHER_BYTES_PER_SLOT bytes of gathered factors: decode
 # sizes ran 2-5x faster so, and both forms broke even at about 3 rows per slot with
 # 512 / 384 wide projections and 6 with 128 / 128. Without autograd on CPU (fp32, bf16),
-# factors in ``bag_layout`` go to ``flexmoe.experts.rows.lora_add`` instead (each slot's
+# factors in ``bag_layout`` go to ``flexmoe.experts.lora_rows.lora_add`` instead (each slot's
 # factors read once for all its rows, summed into the output in place): at rank 8 over
 # 640 slots, 3.2-3.9x faster than ``bagged_lora`` plus its ``index_add_`` at 8 rows per
 # slot, 1.7-2.0x at one row (benchmarks/lora_rows.py).
@@ -234,7 +234,7 @@ class LoRAPart:
 
         ``out_PNO``: ``[P, N, O / P]`` (a gated expert's pre-activation keeps gate and up
         apart; ``P = 1`` for a plain ``[N, O]`` output, viewed as ``[1, N, O]``). On CPU,
-        where nothing needs a gradient, ``flexmoe.experts.rows.lora_add`` sums each slot's
+        where nothing needs a gradient, ``flexmoe.experts.lora_rows.lora_add`` sums each slot's
         rows straight into ``out`` (each slot's factors read once for all its rows);
         otherwise ``delta`` with ``backend``, added with ``index_add_``.
         """
@@ -366,7 +366,7 @@ def woven_inference(
 def add_lora_terms(parts: list[LoRAPart], target: str, x_NI: Tensor, out_PNO: Tensor) -> None:
     """Add the LoRA terms of the parts of ``target`` into ``out_PNO`` in place (``LoRAPart.add_to``).
 
-    A part the CPU kernel takes (``flexmoe.experts.rows.takes_lora``), or whose rows read
+    A part the CPU kernel takes (``flexmoe.experts.lora_rows.takes_lora``), or whose rows read
     their own factors (``gathers``), is one call (threaded inside). A part of grouped
     GEMMs is one tiny GEMM per slot, which gains nothing from splitting each GEMM over
     threads (on 2 threads of a busy machine it ran 4-5x slower than on one); on CPU it is

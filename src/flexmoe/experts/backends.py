@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
+from flexmoe.experts.kernels import bf16_max_rows
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
 from flexmoe.experts.rows import (
-    bf16_max_rows,
     experts_bf16,
     rows_bf16,
     rows_bf16_segments,

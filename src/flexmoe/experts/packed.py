@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from flexmoe.experts.backends import ExpertTensors, stacked_inference
-from flexmoe.experts.rows import bf16_max_rows, decodes_plain
+from flexmoe.experts.kernels import bf16_max_rows, decodes_plain
 
 __all__ = [
     "MAX_PACKED_ROWS",

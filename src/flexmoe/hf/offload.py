@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import POLICIES, CacheStats, ExpertCache, Policy
 from flexmoe.experts.int8 import SCALE_SUFFIX, Int8Linear
+from flexmoe.experts.kernels import decodes_plain
 from flexmoe.experts.packed import PackedLinear, packed_inference_supported
-from flexmoe.experts.rows import RowsLinear, decodes_plain
+from flexmoe.experts.rows import RowsLinear
 from flexmoe.experts.store import ExpertPieces, SafetensorsExpertStore, SafetensorsFile, TensorSlice
 from flexmoe.hf import _transformers
 from flexmoe.hf.block import FlexMoEBlock
