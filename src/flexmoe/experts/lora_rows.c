@@ -50,6 +50,7 @@ struct ahead {
 };
 
 static inline void fetch_ahead(const struct ahead *next, long step, long steps) {
+    if (steps < 1) steps = 1;
     long lines = (next->A_bytes + next->B_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     for (long line = step * per_step; line < (step + 1) * per_step && line < lines; line++) {
         long offset = line * 64;
@@ -88,24 +89,37 @@ static inline __m512 x_group(const float *p, int G) {
     }
 }
 
-#define GROUPED_A(T, G)                                                                             \
-    static void grouped_A_##T##_##G(const float *const *xf, const T *AT, long I, int rows,          \
-                                    float *u, const struct ahead *next) {                           \
-        const int R = 16 / G;                                                                       \
+/* With fewer than 4 rows, SPLIT independent sums per row keep the multiply-adds from
+ * waiting on each other. */
+#define SPLIT(ROWS) ((ROWS) >= 4 ? 1 : 4)
+
+#define GROUPED_A(T, G, ROWS)                                                                       \
+    static void grouped_A_##T##_##G##_##ROWS(const float *const *xf, const T *AT, long I, float *u, \
+                                             const struct ahead *next) {                            \
+        const int R = 16 / G, S = SPLIT(ROWS);                                                      \
         int index[16];                                                                              \
         for (int k = 0; k < 16; k++) index[k] = (k % G) * R + k / G;                                \
         __m512i lane_index = _mm512_loadu_si512(index);                                             \
-        __m512 acc[8];                                                                              \
-        for (int b = 0; b < rows; b++) acc[b] = _mm512_setzero_ps();                                \
-        long i = 0;                                                                                 \
-        for (; i + G <= I; i += G) {                                                                \
-            if (next) fetch_ahead(next, i / G, I / G);                                              \
-            __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + i * R)); \
-            for (int b = 0; b < rows; b++) acc[b] = _mm512_fmadd_ps(x_group(xf[b] + i, G), a, acc[b]); \
+        __m512 acc[ROWS][SPLIT(ROWS)];                                                              \
+        for (int b = 0; b < ROWS; b++)                                                              \
+            for (int s = 0; s < S; s++) acc[b][s] = _mm512_setzero_ps();                            \
+        long i = 0, steps = I / (G * S);                                                            \
+        for (long step = 0; step < steps; step++, i += G * S) {                                     \
+            if (next) fetch_ahead(next, step, steps);                                               \
+            for (int s = 0; s < S; s++) {                                                           \
+                __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + (i + s * G) * R)); \
+                for (int b = 0; b < ROWS; b++)                                                      \
+                    acc[b][s] = _mm512_fmadd_ps(x_group(xf[b] + i + s * G, G), a, acc[b][s]);       \
+            }                                                                                       \
         }                                                                                           \
-        for (int b = 0; b < rows; b++) {                                                            \
+        for (; i + G <= I; i += G) {                                                                \
+            __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + i * R)); \
+            for (int b = 0; b < ROWS; b++) acc[b][0] = _mm512_fmadd_ps(x_group(xf[b] + i, G), a, acc[b][0]); \
+        }                                                                                           \
+        for (int b = 0; b < ROWS; b++) {                                                            \
             float sums[16];                                                                         \
-            _mm512_storeu_ps(sums, acc[b]);                                                         \
+            for (int s = 1; s < S; s++) acc[b][0] = _mm512_add_ps(acc[b][0], acc[b][s]);            \
+            _mm512_storeu_ps(sums, acc[b][0]);                                                      \
             for (int j = 0; j < R; j++) {                                                           \
                 float total = 0.0f;                                                                 \
                 for (int g = 0; g < G; g++) total += sums[j * G + g];                               \
@@ -113,13 +127,24 @@ static inline __m512 x_group(const float *p, int G) {
                 u[b * R + j] = total;                                                               \
             }                                                                                       \
         }                                                                                           \
-    }                                                                                               \
+    }
+
+#define GROUPED_A_G(T, G)                                                                           \
+    GROUPED_A(T, G, 1)                                                                              \
+    GROUPED_A(T, G, 4)                                                                              \
+    GROUPED_A(T, G, 8)                                                                              \
+    static void grouped_A_##T##_##G(const float *const *xf, const T *AT, long I, int rows, float *u, \
+                                    const struct ahead *next) {                                     \
+        if (rows == 1) grouped_A_##T##_##G##_1(xf, AT, I, u, next);                                 \
+        else if (rows == 4) grouped_A_##T##_##G##_4(xf, AT, I, u, next);                            \
+        else grouped_A_##T##_##G##_8(xf, AT, I, u, next);                                           \
+    }
 
 #define GROUPED_A_ALL(T)                                                                            \
-    GROUPED_A(T, 2)                                                                                 \
-    GROUPED_A(T, 4)                                                                                 \
-    GROUPED_A(T, 8)                                                                                 \
-    GROUPED_A(T, 16)                                                                                \
+    GROUPED_A_G(T, 2)                                                                               \
+    GROUPED_A_G(T, 4)                                                                               \
+    GROUPED_A_G(T, 8)                                                                               \
+    GROUPED_A_G(T, 16)                                                                              \
     static int grouped_A_##T(const T *const *xr, const T *AT, long I, long R, int rows, float *u,  \
                              const struct ahead *next) {                                            \
         if (R >= 16 || 16 % R || (long)rows * I > GROUPED_MAX_FLOATS) return 0;                     \
