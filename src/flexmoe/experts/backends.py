@@ -477,11 +477,10 @@ def stacked_inference(
     batched = _decoding_segments(x_ND, segments, owners, whole, h_PNF)
     _project_in_batched(x_ND, batched, h_PNF)
     done = whole | {g for _, picked in batched for g, *_ in picked}
+    segments = [segment for segment in segments if segment[0] not in done]
 
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        if g in done:
-            return
         h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
         if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
             h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
@@ -504,8 +503,6 @@ def stacked_inference(
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        if g in done:
-            return
         y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
         if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
             y_nD = rows_bf16(a_NF[s:t], stack.w_out[e])
