@@ -20,9 +20,9 @@
 #include <string.h>
 
 #define OUT_BLOCK 4
-#ifndef PREFETCH
-#define PREFETCH 1024 /* bytes ahead in each weight row: further than the hardware prefetchers go */
-#endif
+/* Each weight row asks for the same column of the next block's row (OUT_BLOCK rows, I
+ * columns further), which its thread reads next: one stream the prefetch keeps ahead of,
+ * where the hardware prefetchers lose time at the start of every short row. */
 
 static inline uint16_t round_to_bf16(float value) {
     uint32_t bits;
@@ -49,7 +49,7 @@ static inline long clamp_row(long row, long rows) { return row < rows ? row : ro
         __m512bh wv[NW];                                                                            \
         for (int r = 0; r < NW; r++) {                                                              \
             wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(MASK, wr[r] + i);                            \
-            _mm_prefetch((const char *)(wr[r] + i) + PREFETCH, _MM_HINT_T0);                        \
+            _mm_prefetch((const char *)(wr[r] + i + OUT_BLOCK * I), _MM_HINT_T0);                  \
         }                                                                                           \
         for (int k = 0; k < ROWS; k++) {                                                            \
             __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(MASK, xr[k] + i);                      \
@@ -478,13 +478,13 @@ int flexmoe_use_amx(int enable) { return 0 * enable; }
         }                                                                                           \
     } while (0)
 
-/* 64 columns: one cache line of each weight row, the one PREFETCH bytes ahead requested. */
+/* 64 columns: one cache line of each weight row, and the next block's line requested. */
 #define INT8_LINE(ROWS)                                                                             \
     do {                                                                                            \
         __m512i lo[OUT_BLOCK], hi[OUT_BLOCK];                                                       \
         for (int r = 0; r < OUT_BLOCK; r++) {                                                       \
             __m512i line = _mm512_loadu_si512(wr[r] + i);                                           \
-            _mm_prefetch((const char *)(wr[r] + i) + PREFETCH, _MM_HINT_T0);                        \
+            _mm_prefetch((const char *)(wr[r] + i + OUT_BLOCK * I), _MM_HINT_T0);                   \
             lo[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(line));                             \
             hi[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(line, 1));                       \
         }                                                                                           \
