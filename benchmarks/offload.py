@@ -65,8 +65,9 @@ import flexmoe.hf
 from flexmoe.checkpoint import load_checkpoint
 from flexmoe.experts.cache import POLICIES, ExpertCache, ExpertKey, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
+from flexmoe.experts.kernels import decodes_plain
 from flexmoe.experts.packed import PackedLinear, PackedWeight, packed_inference_supported
-from flexmoe.experts.rows import RowsLinear, decodes_plain
+from flexmoe.experts.rows import RowsLinear
 from flexmoe.experts.served import served_linear
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
