@@ -181,6 +181,22 @@ def test_load_offloaded_predicts_each_block_from_its_decoder_layers_input(tmp_pa
     assert stats.predicted == sum(len(experts) for _, experts in expected)
 
 
+def test_the_predictions_add_nothing_to_the_router_logits_a_model_returns(tmp_path):
+    tiny_model("qwen3_moe", seed=3, num_hidden_layers=3).save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    flexmoe.hf.convert(reference)
+    model = load_offloaded(tmp_path, expert_budget=None, prefetch_confidence=0.0, prefetch_min_precision=0)
+    ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids, labels=ids, output_router_logits=True)
+        got = model(ids, labels=ids, output_router_logits=True)
+    assert offload_stats(model).predicted > 0  # the layers did predict
+    assert len(got.router_logits) == len(expected.router_logits) == 3
+    for mine, theirs in zip(got.router_logits, expected.router_logits, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(got.aux_loss, expected.aux_loss)
+
+
 def test_load_offloaded_refuses_bad_prefetch_settings(tmp_path):
     tiny_model("qwen3_moe").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="prefetch_confidence must be a number >= 0, got -1"):

@@ -191,7 +191,9 @@ def predicted_experts(layer: MoELayer, h_TD: Tensor, confidence: float = DEFAULT
         raise ValueError(f"confidence must be a number >= 0, got {confidence!r}")
     config = layer.config
     with torch.no_grad():
-        route = layer.router(h_TD.reshape(-1, h_TD.shape[-1]), config.top_k, config.router.top_p)
+        # forward, not __call__: a guess must not reach the router's hooks (those that
+        # collect the router logits a model returns, for one)
+        route = layer.router.forward(h_TD.reshape(-1, h_TD.shape[-1]), config.top_k, config.router.top_p)
         ids_TK = route.expert_ids_TK
         keep_TK = route.probs_TE.gather(1, ids_TK) >= confidence / route.probs_TE.shape[1]
         if route.valid_TK is not None:
