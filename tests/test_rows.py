@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexmoe.experts import GroupedExperts, backends
+from flexmoe.experts import GroupedExperts, backends, decoding
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.kernels import (
     available,
@@ -183,13 +183,13 @@ def test_bf16_expert_inference_on_plain_weights_equals_the_fp64_reference(counts
     with (
         torch.no_grad(),
         mock.patch.object(backends, "rows_bf16", wraps=rows_bf16) as products,
-        mock.patch.object(backends, "experts_bf16", wraps=experts_bf16) as whole,
+        mock.patch.object(decoding, "experts_bf16", wraps=experts_bf16) as whole,
     ):
         y = experts(x, counts, row_weights)
-    decoding = sum(1 for n in counts if 1 <= n <= bf16_max_rows())
+    decoding_rows = sum(1 for n in counts if 1 <= n <= bf16_max_rows())
     whole_segments = sum(len(call.args[2]) for call in whole.call_args_list)  # counts, one per segment
     assert whole.call_count <= 1  # every whole expert of the stack in one call
-    assert (products.call_count, whole_segments) == ((2 * decoding, 0) if bias else (0, decoding))
+    assert (products.call_count, whole_segments) == ((2 * decoding_rows, 0) if bias else (0, decoding_rows))
     params = {name: p.detach().double() for name, p in experts.named_parameters()}
     rows, start = [], 0
     for e, n in enumerate(counts):

@@ -96,8 +96,8 @@ def served_weights(model) -> list:
 def packed_products_only() -> Iterator[None]:
     """A prepared model's experts computed on their packed copies alone, no row kernels."""
     with (
-        mock.patch("flexmoe.experts.backends.takes_experts_bf16", return_value=False),
-        mock.patch("flexmoe.experts.backends.takes_bf16_segments", return_value=False),
+        mock.patch("flexmoe.experts.decoding.takes_experts_bf16", return_value=False),
+        mock.patch("flexmoe.experts.decoding.takes_bf16_segments", return_value=False),
         mock.patch("flexmoe.experts.backends.takes_bf16", return_value=False),
         mock.patch("flexmoe.experts.packed.decodes_plain", return_value=False),
     ):

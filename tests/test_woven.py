@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from flexmoe.adapters import woven
 from flexmoe.adapters.woven import Groups, LoRAPart, woven_ffn, woven_inference
 from flexmoe.experts.activations import activate
-from flexmoe.experts.backends import ExpertTensors
 from flexmoe.experts.packed import PackedExpertWeights, packed_inference_supported
+from flexmoe.experts.stacks import ExpertTensors
 
 ACTIVATIONS = ["relu", "gelu", "silu", "swiglu", "geglu"]
 TARGETS = ("w_in", "w_out")

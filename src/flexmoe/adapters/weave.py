@@ -46,10 +46,11 @@ from flexmoe.compiling import eager_only
 from flexmoe.config import Plan
 from flexmoe.dispatch import make_layout, permute, release_rows
 from flexmoe.experts import GroupedExperts
-from flexmoe.experts.backends import ExpertTensors, StackProducts, grouped_ffn
+from flexmoe.experts.backends import grouped_ffn
 from flexmoe.experts.cache import ExpertWeights
 from flexmoe.experts.ffn import resolve_backend
 from flexmoe.experts.lora import ExpertLoRA
+from flexmoe.experts.stacks import ExpertTensors, StackProducts
 from flexmoe.layer import MoELayer
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts
 from flexmoe.layer.offloaded import OffloadedExperts, compute_dtype

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate
-from flexmoe.experts.backends import ExpertTensors, contiguous_grad, stacked_inference
+from flexmoe.experts.backends import contiguous_grad, stacked_inference
 from flexmoe.experts.ffn import resolve_backend
 from flexmoe.experts.lora_rows import lora_add, takes_lora
 from flexmoe.experts.segments import for_each_segment
+from flexmoe.experts.stacks import ExpertTensors
 
 __all__ = [
     "BAG_INDICES",

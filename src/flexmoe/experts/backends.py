@@ -23,30 +23,21 @@ more ``torch._grouped_mm`` calls per projection.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
-from flexmoe.experts.kernels import bf16_max_rows
+from flexmoe.experts.decoding import decoding_segments, project_in_batched, project_out_batched, whole_experts
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
-from flexmoe.experts.rows import (
-    experts_bf16,
-    rows_bf16,
-    rows_bf16_segments,
-    takes_bf16,
-    takes_bf16_segments,
-    takes_experts_bf16,
-)
+from flexmoe.experts.rows import rows_bf16, takes_bf16
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
+from flexmoe.experts.stacks import ExpertTensors
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
-    "ExpertTensors",
-    "StackProducts",
     "contiguous_grad",
     "fused_backward",
     "fused_forward",
@@ -409,30 +400,6 @@ def fused_inference(
     return stacked_inference(x_ND, counts, [stack], activation, row_weights_N)
 
 
-class StackProducts(Protocol):
-    """Faster products with one stack's experts where they apply (``flexmoe.experts.packed``)."""
-
-    def project_in(self, x_nD: Tensor, expert: int) -> Tensor | None:
-        """``x @ w_in[expert]^T`` (``[n, H]``, no bias), or ``None``: these rows take the plain GEMM."""
-
-    def project_out(self, a_nF: Tensor, expert: int) -> Tensor | None:
-        """``a @ w_out[expert]^T`` (``[n, D]``, no bias), or ``None``: these rows take the plain GEMM."""
-
-
-class ExpertTensors(NamedTuple):
-    """A stack of experts' weights in the backends' layout: ``w_in [G, H, D]``, ``w_out [G, D, F]``.
-
-    ``products``: faster products with these weights where they apply (the packed copies
-    of ``GroupedExperts.prepare_for_inference``); ``None``: plain GEMMs.
-    """
-
-    w_in: Tensor
-    w_out: Tensor
-    b_in: Tensor | None
-    b_out: Tensor | None
-    products: StackProducts | None = None
-
-
 def stacked_inference(
     x_ND: Tensor,
     counts: list[int],
@@ -469,13 +436,13 @@ def stacked_inference(
     # rows that get terms added to the first projection or the output (LoRA) need the projections apart
     has_terms = add_in is not None or add_out is not None
     with_terms = set(range(len(counts)) if apart is None else apart) if has_terms else set()
-    whole = _whole_experts(x_ND, segments, owners, activation, row_weights_N, y_ND, with_terms)
+    whole = whole_experts(x_ND, segments, owners, activation, row_weights_N, y_ND, with_terms)
     if len(whole) == len(segments):
         WORKSPACE.give(h_PNF)
         return y_ND
     # the other decoding segments on plain bf16 weights: one call per projection and stack
-    batched = _decoding_segments(x_ND, segments, owners, whole, h_PNF)
-    _project_in_batched(x_ND, batched, h_PNF)
+    batched = decoding_segments(x_ND, segments, owners, whole, h_PNF)
+    project_in_batched(x_ND, batched, h_PNF)
     done = whole | {g for _, picked in batched for g, *_ in picked}
     segments = [segment for segment in segments if segment[0] not in done]
 
@@ -517,110 +484,11 @@ def stacked_inference(
                 y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
     for_each_segment(segments, project_out, device, dtype, serial_16bit_rows)
-    _project_out_batched(a_NF, batched, y_ND)
+    project_out_batched(a_NF, batched, y_ND)
     if add_out is not None:
         add_out(a_NF, y_ND)
     WORKSPACE.give(a_NF, h_PNF)
     return y_ND
-
-
-# (group, start, end, expert) of the segments one stack's batched call runs
-Picked = list[tuple[int, int, int, int]]
-
-
-def _by_stack(
-    segments: list[Segment], owners: list[tuple[ExpertTensors, int]], keep: Callable[[int, int, int], bool]
-) -> list[tuple[ExpertTensors, Picked]]:
-    """The segments ``keep(g, s, t)`` accepts, grouped by their experts' stack."""
-    stacks: dict[int, tuple[ExpertTensors, Picked]] = {}
-    for g, s, t in segments:
-        if keep(g, s, t):
-            stack, e = owners[g]
-            stacks.setdefault(id(stack), (stack, []))[1].append((g, s, t, e))
-    return list(stacks.values())
-
-
-def _columns(picked: Picked) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(starts, counts, experts)`` of the picked segments."""
-    _, starts, ends, experts = (np.array(column, dtype=np.int64) for column in zip(*picked, strict=True))
-    return starts, ends - starts, experts
-
-
-def _whole_experts(
-    x_ND: Tensor,
-    segments: list[Segment],
-    owners: list[tuple[ExpertTensors, int]],
-    activation: str,
-    row_weights_N: Tensor | None,
-    y_ND: Tensor,
-    apart: set[int],
-) -> set[int]:
-    """The groups whose rows the row kernels compute whole (``experts_bf16``), written into ``y_ND``.
-
-    Decoding rows of a bf16 expert without biases, outside the groups ``apart``: both
-    products and the activation in one call per stack for all its experts, each plain
-    weight read once (faster than packed copies, which serve no rows the row kernels
-    take).
-    """
-    most = bf16_max_rows()
-    whole: set[int] = set()
-    for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in apart and t - s <= most):
-        if stack.b_in is not None or stack.b_out is not None:
-            continue
-        starts, counts, experts = _columns(picked)
-        if takes_experts_bf16(x_ND, counts, stack.w_in, stack.w_out, activation):
-            experts_bf16(
-                x_ND, starts, counts, stack.w_in, stack.w_out, experts, activation, row_weights_N, y_ND
-            )
-            whole.update(g for g, *_ in picked)
-    return whole
-
-
-def _decoding_segments(
-    x_ND: Tensor,
-    segments: list[Segment],
-    owners: list[tuple[ExpertTensors, int]],
-    skip: set[int],
-    h_PNF: Tensor,
-) -> list[tuple[ExpertTensors, Picked]]:
-    """Per stack, its segments outside ``skip`` whose projections ``rows_bf16_segments`` runs.
-
-    Decoding rows (at most ``bf16_max_rows``) of plain bf16 experts without biases or
-    packed copies: each projection of all of them in one call.
-    """
-    most = bf16_max_rows()
-    batched = []
-    for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in skip and t - s <= most):
-        if stack.b_in is not None or stack.b_out is not None or stack.products is not None:
-            continue
-        counts = _columns(picked)[1]
-        if not stack.w_in.is_contiguous():
-            continue
-        blocks = _blocks(stack.w_in, h_PNF.shape[2])
-        if takes_bf16_segments(x_ND, counts, blocks) and takes_bf16_segments(h_PNF[0], counts, stack.w_out):
-            batched.append((stack, picked))
-    return batched
-
-
-def _project_in_batched(x_ND: Tensor, batched: list[tuple[ExpertTensors, Picked]], h_PNF: Tensor) -> None:
-    """The first projection of the ``batched`` segments, block by block of ``h_PNF`` (gate, then up)."""
-    P, _, F = h_PNF.shape
-    for stack, picked in batched:
-        starts, counts, experts = _columns(picked)
-        for p in range(P):
-            rows_bf16_segments(x_ND, starts, counts, _blocks(stack.w_in, F), experts * P + p, h_PNF[p])
-
-
-def _blocks(w_in_EHD: Tensor, F: int) -> Tensor:
-    """``w_in`` as ``[E * P, F, D]``: expert ``e``'s block ``p`` (gate, then up) is entry ``e * P + p``."""
-    return w_in_EHD.view(-1, F, w_in_EHD.shape[2])
-
-
-def _project_out_batched(a_NF: Tensor, batched: list[tuple[ExpertTensors, Picked]], y_ND: Tensor) -> None:
-    """The second projection of the ``batched`` segments, into their rows of ``y_ND``."""
-    for stack, picked in batched:
-        starts, counts, experts = _columns(picked)
-        rows_bf16_segments(a_NF, starts, counts, stack.w_out, experts, y_ND)
 
 
 def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:

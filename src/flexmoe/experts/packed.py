@@ -53,8 +53,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
-from flexmoe.experts.backends import ExpertTensors, stacked_inference
+from flexmoe.experts.backends import stacked_inference
 from flexmoe.experts.kernels import bf16_max_rows, decodes_plain
+from flexmoe.experts.stacks import ExpertTensors
 
 __all__ = [
     "MAX_PACKED_ROWS",
