@@ -351,6 +351,59 @@ static int amx_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, l
 
 /* The first projection of one expert into ab, the activations packed for the second:
  * groups of 16 gate rows with their 16 up rows (gated) or 32 rows (not gated). */
+/* e^x for fp32 lanes: Cephes' expf (range reduction by ln 2, a degree-5 polynomial, the
+ * exponent put back with scalef), within 2 ulp on the range that does not overflow.
+ * NaN lanes come out finite; silu keeps them NaN through its numerator. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The activated column c of the group, rows m0..m0+15 (16 lanes): silu(gate) * up, or silu(h). */
+static inline __m512 silu_column(float sums[2][BLOCK][AMX_MAX_ROWS], long c, long m0, __mmask16 lanes, int gated) {
+    /* lanes past the rows stay zero: their stale sums could be denormals, which cost microcode assists */
+    __m512 h = _mm512_maskz_loadu_ps(lanes, gated ? sums[0][c] + m0 : sums[c / BLOCK][c % BLOCK] + m0);
+    __m512 value = _mm512_div_ps(h, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), h))));
+    return gated ? _mm512_mul_ps(value, _mm512_maskz_loadu_ps(lanes, sums[1][c] + m0)) : value;
+}
+
+/* amx_ffn_in's activation step for silu, 16 rows at a time: columns f, f + 1 (f even) of
+ * the rows are rounded to bf16 and stored as the pairs of the second product's B layout. */
+static void silu_pairs(float sums[2][BLOCK][AMX_MAX_ROWS], long M, long columns, long f0, int gated,
+                       const float *row_weights, uint16_t *ab) {
+    /* lane 2k takes the first column's row k, lane 2k + 1 the second's */
+    __m512i pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                     37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (long m0 = 0; m0 < M; m0 += 16) {
+        long rows = M - m0 < 16 ? M - m0 : 16;
+        __mmask16 lanes = rows == 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+        __m512 weight = row_weights == NULL ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(lanes, row_weights + m0);
+        for (long c = 0; c < columns; c += 2) {
+            __m256bh first = _mm512_cvtneps_pbh(_mm512_mul_ps(silu_column(sums, c, m0, lanes, gated), weight));
+            __m256bh second = c + 1 < columns
+                                  ? _mm512_cvtneps_pbh(_mm512_mul_ps(silu_column(sums, c + 1, m0, lanes, gated), weight))
+                                  : (__m256bh)_mm256_setzero_si256();
+            __m512i both = _mm512_permutex2var_epi16(_mm512_castsi256_si512((__m256i)first), pairs,
+                                                     _mm512_castsi256_si512((__m256i)second));
+            uint64_t stored = rows == 16 ? ~0ull : (1ull << (2 * rows)) - 1;
+            if (c + 1 >= columns) stored &= 0x5555555555555555ull; /* the odd column is not there */
+            long f = f0 + c;
+            _mm512_mask_storeu_epi16(ab + ((f >> 1) * M + m0) * 2, (__mmask32)stored, both);
+        }
+    }
+}
+
 static void amx_ffn_in(const uint16_t *xb, long M, const uint16_t *w_in, long D, long F, int gated, int kind,
                        const float *row_weights, uint16_t *scratch, uint16_t *ab) {
     long width = gated ? BLOCK : 2 * BLOCK, groups = (F + width - 1) / width, first, end;
@@ -364,18 +417,22 @@ static void amx_ffn_in(const uint16_t *xb, long M, const uint16_t *w_in, long D,
         const uint16_t *next[2] = {NULL, NULL};
         if (g + 1 < end) next[0] = rows[0] + width * D, next[1] = rows[1] + width * D;
         amx_group_sums(xb, M, D, rows, counts, next, scratch, sums);
-        for (long m = 0; m < M; m++) {
-            float weight = row_weights == NULL ? 1.0f : row_weights[m];
-            for (long c = 0; c < width && f0 + c < F; c++) {
-                float value;
-                if (gated)
-                    value = activate(sums[0][c][m], kind) * sums[1][c][m];
-                else
-                    value = activate(sums[c / BLOCK][c % BLOCK][m], kind);
-                long f = f0 + c;
-                ab[((f >> 1) * M + m) * 2 + (f & 1)] = round_to_bf16(value * weight);
+        long columns = F - f0 < width ? F - f0 : width;
+        if (kind == ACT_SILU)
+            silu_pairs(sums, M, columns, f0, gated, row_weights, ab);
+        else
+            for (long m = 0; m < M; m++) {
+                float weight = row_weights == NULL ? 1.0f : row_weights[m];
+                for (long c = 0; c < columns; c++) {
+                    float value;
+                    if (gated)
+                        value = activate(sums[0][c][m], kind) * sums[1][c][m];
+                    else
+                        value = activate(sums[c / BLOCK][c % BLOCK][m], kind);
+                    long f = f0 + c;
+                    ab[((f >> 1) * M + m) * 2 + (f & 1)] = round_to_bf16(value * weight);
+                }
             }
-        }
     }
 }
 
