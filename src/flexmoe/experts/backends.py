@@ -443,7 +443,7 @@ def stacked_inference(
     # the other decoding segments on plain bf16 weights: one call per projection and stack
     batched = decoding_segments(x_ND, segments, owners, whole, h_PNF)
     project_in_batched(x_ND, batched, h_PNF)
-    done = whole | {g for _, picked in batched for g, *_ in picked}
+    done = whole.union(*(part.groups for part in batched))
     segments = [segment for segment in segments if segment[0] not in done]
 
     def project_in(g: int, s: int, t: int) -> None:

@@ -13,6 +13,7 @@ stack, the loop over them in C, so no Python runs between experts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from torch import Tensor
@@ -21,31 +22,38 @@ from flexmoe.experts.kernels import bf16_max_rows
 from flexmoe.experts.rows import experts_bf16, rows_bf16_segments, takes_bf16_segments, takes_experts_bf16
 from flexmoe.experts.stacks import ExpertTensors
 
-__all__ = ["Picked", "decoding_segments", "project_in_batched", "project_out_batched", "whole_experts"]
+__all__ = ["StackSegments", "decoding_segments", "project_in_batched", "project_out_batched", "whole_experts"]
 
 Segment = tuple[int, int, int]
-Stack = object  # an ExpertTensors (w_in [E, H, D], w_out [E, D, F], b_in, b_out, products)
 
-# (group, start, end, expert) of the segments one stack's batched call runs
-Picked = list[tuple[int, int, int, int]]
+
+class StackSegments(NamedTuple):
+    """Segments of one stack's experts that one batched call runs: their groups, rows and experts."""
+
+    stack: ExpertTensors
+    groups: list[int]
+    starts: np.ndarray
+    counts: np.ndarray
+    experts: np.ndarray
 
 
 def _by_stack(
     segments: list[Segment], owners: list[tuple[ExpertTensors, int]], keep: Callable[[int, int, int], bool]
-) -> list[tuple[ExpertTensors, Picked]]:
+) -> list[StackSegments]:
     """The segments ``keep(g, s, t)`` accepts, grouped by their experts' stack."""
-    stacks: dict[int, tuple[ExpertTensors, Picked]] = {}
+    stacks: dict[int, tuple[ExpertTensors, list[tuple[int, int, int, int]]]] = {}
     for g, s, t in segments:
         if keep(g, s, t):
             stack, e = owners[g]
             stacks.setdefault(id(stack), (stack, []))[1].append((g, s, t, e))
-    return list(stacks.values())
-
-
-def _columns(picked: Picked) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(starts, counts, experts)`` of the picked segments."""
-    _, starts, ends, experts = (np.array(column, dtype=np.int64) for column in zip(*picked, strict=True))
-    return starts, ends - starts, experts
+    grouped = []
+    for stack, picked in stacks.values():
+        groups, starts, ends, experts = zip(*picked, strict=True)
+        starts_, ends_ = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+        grouped.append(
+            StackSegments(stack, list(groups), starts_, ends_ - starts_, np.array(experts, dtype=np.int64))
+        )
+    return grouped
 
 
 def whole_experts(
@@ -66,15 +74,23 @@ def whole_experts(
     """
     most = bf16_max_rows()
     whole: set[int] = set()
-    for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in apart and t - s <= most):
+    for part in _by_stack(segments, owners, lambda g, s, t: g not in apart and t - s <= most):
+        stack = part.stack
         if stack.b_in is not None or stack.b_out is not None:
             continue
-        starts, counts, experts = _columns(picked)
-        if takes_experts_bf16(x_ND, counts, stack.w_in, stack.w_out, activation):
+        if takes_experts_bf16(x_ND, part.counts, stack.w_in, stack.w_out, activation):
             experts_bf16(
-                x_ND, starts, counts, stack.w_in, stack.w_out, experts, activation, row_weights_N, y_ND
+                x_ND,
+                part.starts,
+                part.counts,
+                stack.w_in,
+                stack.w_out,
+                part.experts,
+                activation,
+                row_weights_N,
+                y_ND,
             )
-            whole.update(g for g, *_ in picked)
+            whole.update(part.groups)
     return whole
 
 
@@ -84,7 +100,7 @@ def decoding_segments(
     owners: list[tuple[ExpertTensors, int]],
     skip: set[int],
     h_PNF: Tensor,
-) -> list[tuple[ExpertTensors, Picked]]:
+) -> list[StackSegments]:
     """Per stack, its segments outside ``skip`` whose projections ``rows_bf16_segments`` runs.
 
     Decoding rows (at most ``bf16_max_rows``) of plain bf16 experts without biases or
@@ -92,25 +108,27 @@ def decoding_segments(
     """
     most = bf16_max_rows()
     batched = []
-    for stack, picked in _by_stack(segments, owners, lambda g, s, t: g not in skip and t - s <= most):
+    for part in _by_stack(segments, owners, lambda g, s, t: g not in skip and t - s <= most):
+        stack = part.stack
         if stack.b_in is not None or stack.b_out is not None or stack.products is not None:
             continue
         if not stack.w_in.is_contiguous():
             continue
-        counts = _columns(picked)[1]
         blocks = _blocks(stack.w_in, h_PNF.shape[2])
-        if takes_bf16_segments(x_ND, counts, blocks) and takes_bf16_segments(h_PNF[0], counts, stack.w_out):
-            batched.append((stack, picked))
+        if takes_bf16_segments(x_ND, part.counts, blocks) and takes_bf16_segments(
+            h_PNF[0], part.counts, stack.w_out
+        ):
+            batched.append(part)
     return batched
 
 
-def project_in_batched(x_ND: Tensor, batched: list[tuple[ExpertTensors, Picked]], h_PNF: Tensor) -> None:
+def project_in_batched(x_ND: Tensor, batched: list[StackSegments], h_PNF: Tensor) -> None:
     """The first projection of the ``batched`` segments, block by block of ``h_PNF`` (gate, then up)."""
     P, _, F = h_PNF.shape
-    for stack, picked in batched:
-        starts, counts, experts = _columns(picked)
+    for part in batched:
+        blocks = _blocks(part.stack.w_in, F)
         for p in range(P):
-            rows_bf16_segments(x_ND, starts, counts, _blocks(stack.w_in, F), experts * P + p, h_PNF[p])
+            rows_bf16_segments(x_ND, part.starts, part.counts, blocks, part.experts * P + p, h_PNF[p])
 
 
 def _blocks(w_in_EHD: Tensor, F: int) -> Tensor:
@@ -118,8 +136,7 @@ def _blocks(w_in_EHD: Tensor, F: int) -> Tensor:
     return w_in_EHD.view(-1, F, w_in_EHD.shape[2])
 
 
-def project_out_batched(a_NF: Tensor, batched: list[tuple[ExpertTensors, Picked]], y_ND: Tensor) -> None:
+def project_out_batched(a_NF: Tensor, batched: list[StackSegments], y_ND: Tensor) -> None:
     """The second projection of the ``batched`` segments, into their rows of ``y_ND``."""
-    for stack, picked in batched:
-        starts, counts, experts = _columns(picked)
-        rows_bf16_segments(a_NF, starts, counts, stack.w_out, experts, y_ND)
+    for part in batched:
+        rows_bf16_segments(a_NF, part.starts, part.counts, part.stack.w_out, part.experts, y_ND)

@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 _VECTOR_BF16_MAX_ROWS = 2
 _TILE_BF16_MAX_ROWS = 32  # AMX_MAX_ROWS of rows.c: two tiles of 16 rows
 _SOURCES = (Path(__file__).with_name("rows.c"), Path(__file__).with_name("lora_rows.c"))
-_LORA_MAX_RANK = 1024  # LORA_MAX_RANK of lora_rows.c
 _FLAGS = (
     "-O3",
     "-mavx512f",
