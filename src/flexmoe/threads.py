@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["one_thread_worker", "set_thread_intraop_threads"]
+__all__ = ["one_thread_worker", "set_thread_intraop_threads", "uses_openmp"]
 
 
 @functools.cache
@@ -38,6 +38,11 @@ def _openmp_setter() -> Callable[[int], object] | None:
     except (OSError, AttributeError, TypeError):
         return None
     return setter
+
+
+def uses_openmp() -> bool:
+    """Whether PyTorch's CPU ops run on an OpenMP runtime this process can reach."""
+    return _openmp_setter() is not None
 
 
 def set_thread_intraop_threads(threads: int) -> None:

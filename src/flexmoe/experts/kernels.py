@@ -2,7 +2,7 @@
 
 ``rows.c`` (the few-row products of decoding, ``flexmoe.experts.rows``) and
 ``lora_rows.c`` (the LoRA terms of a multi-adapter batch, ``flexmoe.experts.lora_rows``)
-are compiled together with the system's C compiler (``$CC``, else ``cc``) into
+and ``team.c`` (``on_team``: Python work on PyTorch's OpenMP threads) are compiled together with the system's C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/flexmoe/kernels`` (``~/.cache`` by default), once per source,
 compiler and flags (built under a private name, then renamed, so that processes
 building at once never see half a file). The library is linked against ``libgomp.so.1``,
@@ -23,17 +23,20 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from flexmoe.logs import log_once
+from flexmoe.threads import uses_openmp
 
 __all__ = [
     "available",
     "bf16_max_rows",
     "decodes_plain",
     "library",
+    "on_team",
     "openmp_threads",
     "set_tile_kernels",
     "tile_kernels",
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 # AMX tiles keep bf16 at memory speed further.
 _VECTOR_BF16_MAX_ROWS = 2
 _TILE_BF16_MAX_ROWS = 32  # AMX_MAX_ROWS of rows.c: two tiles of 16 rows
-_SOURCES = (Path(__file__).with_name("rows.c"), Path(__file__).with_name("lora_rows.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("rows.c", "lora_rows.c", "team.c"))
 _FLAGS = (
     "-O3",
     "-mavx512f",
@@ -65,6 +68,7 @@ _CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx51
 _CPU_TILE_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 _ENABLE_VARIABLE = "FLEXMOE_CPU_KERNELS"
 _TILES_VARIABLE = "FLEXMOE_CPU_TILES"
+TEAM_WORK = ctypes.CFUNCTYPE(None)  # team.c's flexmoe_work
 
 
 @functools.cache
@@ -143,6 +147,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_lora_add.argtypes = [flag, pointer, size, pointer, pointer, size, pointer, pointer]
     library.flexmoe_lora_add.argtypes += [size] * 3 + [pointer] + [size] * 3
     library.flexmoe_lora_add.restype = ctypes.c_int
+    library.flexmoe_on_team.argtypes = [TEAM_WORK, flag]
+    library.flexmoe_on_team.restype = ctypes.c_int
     return library
 
 
@@ -188,6 +194,33 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the row kernels run here (built, or cached from an earlier build)."""
     return _library() is not None
+
+
+def on_team(work: Callable[[], object], threads: int) -> bool:
+    """Call ``work()`` on each of ``threads`` of PyTorch's OpenMP threads (the caller's team), then return.
+
+    The caller runs one of the calls. Returns ``False``, having called nothing, where
+    this cannot be done here (no kernel library, or a PyTorch not built on OpenMP):
+    the caller then spreads its work some other way. The first exception a call raised
+    is raised here, after all calls have returned.
+    """
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    library = _library()
+    if library is None or not uses_openmp():
+        return False
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            work()
+        except BaseException as error:  # a ctypes callback cannot raise: carried to the caller
+            errors.append(error)
+
+    library.flexmoe_on_team(TEAM_WORK(call), threads)
+    if errors:
+        raise errors[0]
+    return True
 
 
 def openmp_threads() -> int:

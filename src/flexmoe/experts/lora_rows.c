@@ -89,6 +89,10 @@ static inline __m512 x_group(const float *p, int G) {
     }
 }
 
+/* Loops over a block's rows, unrolled: a sum vector indexed at run time would live in
+ * memory, and GCC then stores every vector sum at every step of the loops around it. */
+#define EACH_ROW(b, ROWS) _Pragma("GCC unroll 8") for (int b = 0; b < (ROWS); b++)
+
 /* With fewer than 4 rows, SPLIT independent sums per row keep the multiply-adds from
  * waiting on each other. */
 #define SPLIT(ROWS) ((ROWS) >= 4 ? 1 : 4)
@@ -101,28 +105,30 @@ static inline __m512 x_group(const float *p, int G) {
         for (int k = 0; k < 16; k++) index[k] = (k % G) * R + k / G;                                \
         __m512i lane_index = _mm512_loadu_si512(index);                                             \
         __m512 acc[ROWS][SPLIT(ROWS)];                                                              \
-        for (int b = 0; b < ROWS; b++)                                                              \
-            for (int s = 0; s < S; s++) acc[b][s] = _mm512_setzero_ps();                            \
+        EACH_ROW(b, ROWS)                                                                           \
+            _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) acc[b][s] = _mm512_setzero_ps();    \
         long i = 0, steps = I / (G * S);                                                            \
         for (long step = 0; step < steps; step++, i += G * S) {                                     \
             if (next) fetch_ahead(next, step, steps);                                               \
-            for (int s = 0; s < S; s++) {                                                           \
+            _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                   \
                 __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + (i + s * G) * R)); \
-                for (int b = 0; b < ROWS; b++)                                                      \
+                EACH_ROW(b, ROWS)                                                                   \
                     acc[b][s] = _mm512_fmadd_ps(x_group(xf[b] + i + s * G, G), a, acc[b][s]);       \
             }                                                                                       \
         }                                                                                           \
         for (; i + G <= I; i += G) {                                                                \
-            __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + i * R)); \
-            for (int b = 0; b < ROWS; b++) acc[b][0] = _mm512_fmadd_ps(x_group(xf[b] + i, G), a, acc[b][0]); \
+            __m512 a = _mm512_permutexvar_ps(lane_index, load_##T((__mmask16)0xffff, AT + i * R));  \
+            EACH_ROW(b, ROWS) acc[b][0] = _mm512_fmadd_ps(x_group(xf[b] + i, G), a, acc[b][0]);     \
+        }                                                                                           \
+        float sums[ROWS][16];                                                                       \
+        EACH_ROW(b, ROWS) {                                                                         \
+            _Pragma("GCC unroll 4") for (int s = 1; s < S; s++) acc[b][0] = _mm512_add_ps(acc[b][0], acc[b][s]); \
+            _mm512_storeu_ps(sums[b], acc[b][0]);                                                   \
         }                                                                                           \
         for (int b = 0; b < ROWS; b++) {                                                            \
-            float sums[16];                                                                         \
-            for (int s = 1; s < S; s++) acc[b][0] = _mm512_add_ps(acc[b][0], acc[b][s]);            \
-            _mm512_storeu_ps(sums, acc[b][0]);                                                      \
             for (int j = 0; j < R; j++) {                                                           \
                 float total = 0.0f;                                                                 \
-                for (int g = 0; g < G; g++) total += sums[j * G + g];                               \
+                for (int g = 0; g < G; g++) total += sums[b][j * G + g];                            \
                 for (long t = i; t < I; t++) total += xf[b][t] * scalar_##T(AT + t * R + j);        \
                 u[b * R + j] = total;                                                               \
             }                                                                                       \
@@ -145,7 +151,7 @@ static inline __m512 x_group(const float *p, int G) {
     GROUPED_A_G(T, 4)                                                                               \
     GROUPED_A_G(T, 8)                                                                               \
     GROUPED_A_G(T, 16)                                                                              \
-    static int grouped_A_##T(const T *const *xr, const T *AT, long I, long R, int rows, float *u,  \
+    static int grouped_A_##T(const T *const *xr, const T *AT, long I, long R, int rows, float *u,   \
                              const struct ahead *next) {                                            \
         if (R >= 16 || 16 % R || (long)rows * I > GROUPED_MAX_FLOATS) return 0;                     \
         float widened[(long)rows * I + 1];                                                          \
@@ -181,66 +187,69 @@ GROUPED_A_ALL(bf16)
 /* ROWS rows of one slot: u = A x for each (16 ranks at a time), then out += B u (16 output
  * columns at a time), every factor vector loaded once for the ROWS rows. */
 #define LORA_BLOCK(T, ROWS)                                                                         \
-    static void lora_block_##T##_##ROWS(const T *x, long x_stride, const int64_t *rows,            \
-                                        const T *AT, const T *BT, long I, long R, long O, T *out,  \
-                                        long out_stride, long width, long block_stride,            \
+    static void lora_block_##T##_##ROWS(const T *x, long x_stride, const int64_t *rows,             \
+                                        const T *AT, const T *BT, long I, long R, long O, T *out,   \
+                                        long out_stride, long width, long block_stride,             \
                                         const struct ahead *next, int valid) {                      \
-        float u[ROWS][R];                                                                            \
+        float u[ROWS][R];                                                                           \
         const T *xr[ROWS];                                                                          \
         T *yr[ROWS];                                                                                \
         for (int b = 0; b < ROWS; b++) { /* rows past `valid` repeat the first: computed, not stored */ \
             xr[b] = x + rows[b < valid ? b : 0] * x_stride;                                         \
             yr[b] = out + rows[b < valid ? b : 0] * out_stride;                                     \
         }                                                                                           \
-        if (grouped_A_##T(xr, AT, I, R, ROWS, &u[0][0], next)) {                                      \
+        if (grouped_A_##T(xr, AT, I, R, ROWS, &u[0][0], next)) {                                    \
         } else                                                                                      \
         for (long j0 = 0; j0 < R; j0 += 16) {                                                       \
             __mmask16 m = lanes(R - j0);                                                            \
             __m512 acc[ROWS];                                                                       \
-            for (int b = 0; b < ROWS; b++) acc[b] = _mm512_setzero_ps();                            \
+            EACH_ROW(b, ROWS) acc[b] = _mm512_setzero_ps();                                         \
             for (long i = 0; i < I; i++) {                                                          \
                 if (next) fetch_ahead(next, i, I);                                                  \
                 __m512 a = load_##T(m, AT + i * R + j0);                                            \
-                for (int b = 0; b < ROWS; b++)                                                      \
+                EACH_ROW(b, ROWS)                                                                   \
                     acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(scalar_##T(xr[b] + i)), a, acc[b]);     \
             }                                                                                       \
-            for (int b = 0; b < ROWS; b++) _mm512_mask_storeu_ps(u[b] + j0, m, acc[b]);             \
+            EACH_ROW(b, ROWS) _mm512_mask_storeu_ps(u[b] + j0, m, acc[b]);                          \
         }                                                                                           \
         for (long o0 = 0; o0 < O; o0 += width)                                                      \
             for (long c0 = 0; c0 < width; c0 += 16) {                                               \
                 __mmask16 m = lanes(width - c0);                                                    \
                 long at = (o0 / width) * block_stride + c0;                                         \
                 __m512 acc[ROWS];                                                                   \
-                for (int b = 0; b < ROWS; b++) acc[b] = load_##T(m, yr[b] + at);                    \
+                EACH_ROW(b, ROWS) acc[b] = load_##T(m, yr[b] + at);                                 \
                 for (long j = 0; j < R; j++) {                                                      \
                     __m512 bt = load_##T(m, BT + j * O + o0 + c0);                                  \
-                    for (int b = 0; b < ROWS; b++)                                                  \
+                    EACH_ROW(b, ROWS)                                                               \
                         acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(u[b][j]), bt, acc[b]);              \
                 }                                                                                   \
-                for (int b = 0; b < valid; b++) store_##T(m, yr[b] + at, acc[b]);                   \
+                EACH_ROW(b, ROWS) if (b < valid) store_##T(m, yr[b] + at, acc[b]);                  \
             }                                                                                       \
     }
 
 /* Every slot, over the team: blocks of 8 rows, then 4, then one at a time. Each thread
  * takes a contiguous run of slots holding about its share of the rows, and while it
- * computes a slot's first block it prefetches the next slot's factors into L2: a slot's
+ * computes a slot's first block it prefetches the factors of its next slot with rows into L2: a slot's
  * few rows leave too little time for the hardware prefetchers to ramp up on its own. */
 #define LORA_ADD(T)                                                                                 \
     LORA_BLOCK(T, 1)                                                                                \
     LORA_BLOCK(T, 4)                                                                                \
     LORA_BLOCK(T, 8)                                                                                \
-    static void lora_add_##T(const T *x, long x_stride, const int64_t *rows, const int64_t *starts,  \
-                             long L, const T *AT, const T *BT, long I, long R, long O, T *out,     \
+    static void lora_add_##T(const T *x, long x_stride, const int64_t *rows, const int64_t *starts, \
+                             long L, const T *AT, const T *BT, long I, long R, long O, T *out,      \
                              long out_stride, long width, long block_stride) {                      \
         _Pragma("omp parallel") {                                                                   \
             long first, end_slot;                                                                   \
             share_of_rows(starts, L, &first, &end_slot);                                            \
             for (long l = first; l < end_slot; l++) {                                               \
-                const T *A = AT + l * I * R, *B = BT + l * R * O;                                   \
                 long k = starts[l], end = starts[l + 1];                                            \
-                struct ahead next = {(const char *)(A + I * R), (const char *)(B + R * O),          \
+                if (k == end) continue;                                                             \
+                const T *A = AT + l * I * R, *B = BT + l * R * O;                                   \
+                long n = l + 1; /* the next slot with rows: in decode most slots have none */       \
+                while (n < end_slot && starts[n] == starts[n + 1]) n++;                             \
+                struct ahead next = {(const char *)(AT + n * I * R), (const char *)(BT + n * R * O), \
                                      (long)sizeof(T) * I * R, (long)sizeof(T) * R * O};             \
-                const struct ahead *pf = l + 1 < end_slot ? &next : 0;                              \
+                const struct ahead *pf = n < end_slot ? &next : 0;                                  \
                 for (; k < end; k += 8, pf = 0) { /* a last block of 2-4 rows runs as 4, of 5-7 as 8 */ \
                     int valid = end - k < 8 ? (int)(end - k) : 8;                                   \
                     if (valid > 4)                                                                  \

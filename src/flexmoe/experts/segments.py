@@ -16,6 +16,12 @@ CPU, bf16 training steps of ``benchmarks/layer.py`` run 9-13 % faster one GEMM a
 time, measured paired). Decode-sized 16-bit segments on plain weights still gain from
 the threads; on oneDNN-packed weights they do not (the packed path asks for
 ``serial_16bit_rows=0``: 8-12 % faster).
+
+The threads are PyTorch's own OpenMP threads (``flexmoe.experts.kernels.on_team``) where
+the kernel library runs, else a pool of Python threads. Threads of our own would share
+the cores with OpenMP workers that keep spinning after each parallel op: on a 2-core
+CPU an fp32 decode step of a small MoE model (many short ops) ran 40 % faster on the
+OpenMP threads, a prefill 10-15 % faster (``benchmarks/adapters_serving.py``'s base).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from flexmoe.experts.kernels import on_team
 from flexmoe.threads import set_thread_intraop_threads
 
 __all__ = ["SERIAL_16BIT_ROWS", "for_each_segment", "segments_of"]
@@ -106,10 +113,14 @@ def for_each_segment(
                     return
                 work(*segment)
 
-    helpers = [_executor(threads - 1).submit(drain) for _ in range(threads - 1)]
     try:
-        drain()
+        if on_team(drain, threads):
+            return
+        helpers = [_executor(threads - 1).submit(drain) for _ in range(threads - 1)]
+        try:
+            drain()
+        finally:
+            for helper in helpers:
+                helper.result()
     finally:
         set_thread_intraop_threads(threads)
-        for helper in helpers:
-            helper.result()
