@@ -6,8 +6,12 @@ import time
 import pytest
 import torch
 
+from flexmoe.experts import kernels
+from flexmoe.experts import segments as segments_module
 from flexmoe.experts.backends import grouped_ffn
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, _balances, for_each_segment, segments_of
+
+OPENMP = "OpenMP" in torch.__config__.parallel_info()
 
 
 def test_segments_of_skips_empty_experts():
@@ -29,8 +33,9 @@ def test_every_segment_runs_once_in_parallel(two_threads):
     assert torch.get_num_threads() == 2  # restored
 
 
+@pytest.mark.parametrize("team", [True, False], ids=["openmp-team", "python-pool"])
 @pytest.mark.parametrize(
-    ("dtype", "rows", "serial_rows", "threaded"),
+    ("dtype", "rows", "serial_rows", "threaded_on_pool"),
     [
         (torch.float32, 32, SERIAL_16BIT_ROWS, True),
         (torch.bfloat16, 32, SERIAL_16BIT_ROWS, False),  # large 16-bit segments: one at a time
@@ -39,7 +44,14 @@ def test_every_segment_runs_once_in_parallel(two_threads):
         (torch.bfloat16, 4, 0, False),  # unless the caller asks (the packed weights)
     ],
 )
-def test_which_segments_are_spread_over_threads(two_threads, dtype, rows, serial_rows, threaded):
+def test_which_segments_are_spread_over_threads(
+    two_threads, monkeypatch, team, dtype, rows, serial_rows, threaded_on_pool
+):
+    """On the OpenMP team every balanced set of segments is spread; the pool keeps the 16-bit rule."""
+    if team and not (kernels.available() and OPENMP):
+        pytest.skip("no kernel library or no OpenMP here: the Python pool is the only path")
+    if not team:
+        monkeypatch.setattr(segments_module, "on_team", lambda work, threads: False)
     segments = segments_of([rows] * 16)
     threads = set()
 
@@ -48,7 +60,7 @@ def test_which_segments_are_spread_over_threads(two_threads, dtype, rows, serial
         time.sleep(0.002)  # long enough for the other thread to take a segment too
 
     for_each_segment(segments, work, torch.device("cpu"), dtype, serial_16bit_rows=serial_rows)
-    assert (len(threads) > 1) is threaded
+    assert (len(threads) > 1) is (team or threaded_on_pool)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

@@ -429,7 +429,7 @@ def stacked_inference(
     device, dtype = x_ND.device, x_ND.dtype
     owners = [(stack, e) for stack in stacks for e in range(stack.w_in.shape[0])]
     segments = segments_of(counts)
-    # oneDNN's packed products use both cores well at any row count (see for_each_segment)
+    # beside a pool of Python threads, oneDNN's packed products run best one at a time (see for_each_segment)
     serial_16bit_rows = 0 if any(stack.products is not None for stack in stacks) else SERIAL_16BIT_ROWS
     h_PNF = WORKSPACE.take((P, N, F), dtype, device)
     y_ND = WORKSPACE.take((N, D), dtype, device)

@@ -1,16 +1,16 @@
 """The CPU kernel library: built from C on first use, loaded with ctypes, and its switches.
 
-``rows.c`` (the few-row products of decoding, ``flexmoe.experts.rows``) and
-``lora_rows.c`` (the LoRA terms of a multi-adapter batch, ``flexmoe.experts.lora_rows``)
-and ``team.c`` (``on_team``: Python work on PyTorch's OpenMP threads) are compiled together with the system's C compiler (``$CC``, else ``cc``) into
-``$XDG_CACHE_HOME/flexmoe/kernels`` (``~/.cache`` by default), once per source,
-compiler and flags (built under a private name, then renamed, so that processes
-building at once never see half a file). The library is linked against ``libgomp.so.1``,
-so its parallel loops run on PyTorch's own OpenMP threads. Where the CPU lacks
-AVX512-BF16, the platform is not Linux, no compiler works, or ``FLEXMOE_CPU_KERNELS=0``
-is set, ``available()`` is false and the callers keep PyTorch's kernels. AMX tiles (for
-bf16 products of up to 32 rows) are used where the CPU and compiler have them, unless
-``FLEXMOE_CPU_TILES=0``.
+``rows.c`` (the few-row products of decoding, ``flexmoe.experts.rows``), ``lora_rows.c``
+(the LoRA terms of a multi-adapter batch, ``flexmoe.experts.lora_rows``) and ``team.c``
+(``on_team``: Python work on PyTorch's OpenMP threads) are compiled together with the
+system's C compiler (``$CC``, else ``cc``) into ``$XDG_CACHE_HOME/flexmoe/kernels``
+(``~/.cache`` by default), once per source, compiler and flags (built under a private
+name, then renamed, so that processes building at once never see half a file). The
+library is linked against ``libgomp.so.1``, so its parallel loops run on PyTorch's own
+OpenMP threads. Where the CPU lacks AVX512-BF16, the platform is not Linux, no compiler
+works, or ``FLEXMOE_CPU_KERNELS=0`` is set, ``available()`` is false and the callers
+keep PyTorch's kernels. AMX tiles (for bf16 products of up to 32 rows) are used where
+the CPU and compiler have them, unless ``FLEXMOE_CPU_TILES=0``.
 """
 
 from __future__ import annotations

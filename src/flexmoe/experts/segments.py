@@ -6,22 +6,20 @@ On a multi-core CPU, many small GEMMs run faster as whole GEMMs on separate core
 (each single-threaded) than one after another with every GEMM split across the
 cores: no per-GEMM synchronisation, and each core streams its own weights (on a
 2-core CPU, 64 experts of 256 rows: 113 -> 134 GFLOP/s; decode-sized segments of about
-4 rows: 8 -> 12 GB/s of weights; ``benchmarks/layer.py``). With few or
-very uneven segments the per-GEMM parallelism of the BLAS library is better, so the
-runner only spreads work over threads when the segments balance well. In bf16 and fp16
-it does not either once the segments average ``SERIAL_16BIT_ROWS`` rows or more:
-oneDNN's 16-bit GEMMs use both cores well there, and a second thread running GEMMs
-competes with the OpenMP workers that keep spinning after each elementwise op (on this
-CPU, bf16 training steps of ``benchmarks/layer.py`` run 9-13 % faster one GEMM at a
-time, measured paired). Decode-sized 16-bit segments on plain weights still gain from
-the threads; on oneDNN-packed weights they do not (the packed path asks for
-``serial_16bit_rows=0``: 8-12 % faster).
+4 rows: 8 -> 12 GB/s of weights; ``benchmarks/layer.py``). With few or very uneven
+segments the per-GEMM parallelism of the BLAS library is better, so the runner only
+spreads work over threads when the segments balance well.
 
 The threads are PyTorch's own OpenMP threads (``flexmoe.experts.kernels.on_team``) where
-the kernel library runs, else a pool of Python threads. Threads of our own would share
-the cores with OpenMP workers that keep spinning after each parallel op: on a 2-core
-CPU an fp32 decode step of a small MoE model (many short ops) ran 40 % faster on the
-OpenMP threads, a prefill 10-15 % faster (``benchmarks/adapters_serving.py``'s base).
+the kernel library runs. Threads of our own would share the cores with the OpenMP
+workers, which keep spinning after each parallel op. Measured paired on a 2-core CPU,
+against a pool of Python threads: an fp32 decode step of a small MoE model (many short
+ops) 40 % faster, its prefill 10-15 % faster; bf16 training steps (``benchmarks/layer.py``
+A and B) 4-7 % and 19 % faster, spread rather than one GEMM at a time over both
+cores; a bf16 forward of B on oneDNN-packed weights 32 % faster. Where the team cannot
+run, the pool of Python threads does the work; in bf16 and fp16 it leaves segments
+averaging ``serial_16bit_rows`` rows or more to run one after another on both cores,
+which is faster there than sharing the cores with the spinning workers.
 """
 
 from __future__ import annotations
@@ -72,7 +70,7 @@ def _balances(segments: list[Segment], threads: int) -> bool:
 
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-SERIAL_16BIT_ROWS = 16  # see the module docstring
+SERIAL_16BIT_ROWS = 16  # without the OpenMP team only: see the module docstring
 
 
 def for_each_segment(
@@ -85,16 +83,12 @@ def for_each_segment(
     """Call ``work(expert, start, end)`` for every segment; in parallel where it pays.
 
     ``work`` must only write rows ``[start, end)`` or expert ``e``'s own outputs, so
-    that segments are independent. ``dtype``: what its GEMMs compute in; in 16 bits,
-    segments averaging ``serial_16bit_rows`` rows or more run one after another.
+    that segments are independent. ``dtype``: what its GEMMs compute in;
+    ``serial_16bit_rows``: where the work cannot run on PyTorch's OpenMP team, 16-bit
+    segments averaging this many rows or more run one after another.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads < 2 or len(segments) < 2 * threads or not _balances(segments, threads):
-        serial = True
-    else:
-        rows = sum(t - s for _, s, t in segments)
-        serial = dtype in _SIXTEEN_BIT and rows >= serial_16bit_rows * len(segments)
-    if serial:
         for segment in segments:
             work(*segment)
         return
@@ -115,6 +109,11 @@ def for_each_segment(
 
     try:
         if on_team(drain, threads):
+            return
+        rows = sum(t - s for _, s, t in segments)
+        if dtype in _SIXTEEN_BIT and rows >= serial_16bit_rows * len(segments):
+            for segment in segments:
+                work(*segment)
             return
         helpers = [_executor(threads - 1).submit(drain) for _ in range(threads - 1)]
         try:
