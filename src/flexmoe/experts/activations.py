@@ -13,12 +13,17 @@ from torch import Tensor
 
 from flexmoe.config import GATED_ACTIVATIONS
 
-__all__ = ["activate", "activation_backward_into", "activation_into", "base_activation"]
+__all__ = ["activate", "activation_backward_into", "activation_into", "base_activation", "is_gated_silu"]
 
 
 def base_activation(activation: str) -> str:
     """The pointwise function of an activation: ``swiglu -> silu``, ``geglu -> gelu``."""
     return {"swiglu": "silu", "geglu": "gelu"}.get(activation, activation)
+
+
+def is_gated_silu(activation: str) -> bool:
+    """Whether ``activation`` is ``silu(gate) * up`` (SwiGLU)."""
+    return activation in GATED_ACTIVATIONS and base_activation(activation) == "silu"
 
 
 def activate(h_NH: Tensor, activation: str) -> Tensor:

@@ -29,12 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexmoe.experts.activations import activate, activation_backward_into, activation_into, base_activation
+from flexmoe.experts.activations import (
+    activate,
+    activation_backward_into,
+    activation_into,
+    base_activation,
+    is_gated_silu,
+)
 from flexmoe.experts.decoding import decoding_segments, project_in_batched, project_out_batched, whole_experts
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
 from flexmoe.experts.rows import rows_bf16, takes_bf16
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.experts.stacks import ExpertTensors
+from flexmoe.experts.swiglu import swiglu_backward_into, swiglu_into, takes_swiglu
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
@@ -139,11 +146,15 @@ def fused_forward(
             lora.add_in(e, s, t, h_HN)
 
     for_each_segment(segments, project_in, device, dtype)
-    a_FN = activation_into(base_activation(activation), h_HN[:F], WORKSPACE.take((F, N), dtype, device))
-    if h_HN.shape[0] == 2 * F:
-        a_FN.mul_(h_HN[F:])
-    if row_weights_N is not None:
-        a_FN.mul_(row_weights_N)
+    a_FN = WORKSPACE.take((F, N), dtype, device)
+    if one_pass_swiglu(activation, h_HN, a_FN):
+        swiglu_into(h_HN[:F], h_HN[F:], row_weights_N, a_FN, None if row_weights_N is None else "column")
+    else:
+        activation_into(base_activation(activation), h_HN[:F], a_FN)
+        if h_HN.shape[0] == 2 * F:
+            a_FN.mul_(h_HN[F:])
+        if row_weights_N is not None:
+            a_FN.mul_(row_weights_N)
 
     def project_out(e: int, s: int, t: int) -> None:
         if b_out is None:
@@ -193,14 +204,21 @@ def fused_backward(
     device, dtype = x_ND.device, x_ND.dtype
     base = base_activation(activation)
 
+    grad_a_FN = WORKSPACE.take((F, N), dtype, device)
+    # one pass for silu-gated units on CPU: the weighted activation, the row weights'
+    # gradient and the first projection's gradient together, after the down projection
+    one_pass = one_pass_swiglu(activation, h_HN, grad_a_FN)
+    grad_h_HN = WORKSPACE.take((H, N), dtype, device) if one_pass else None
+    a_FN: Tensor | None = None
+
     # 1. Recompute the activation: a = act(gate) * up (gated) or act(h).
-    act_gate_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
-    a_FN = act_gate_FN
-    if gated:
-        a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
+    if not one_pass:
+        act_gate_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
+        a_FN = act_gate_FN
+        if gated:
+            a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
 
     # 2. Through the down projection: the gradient of the (weighted) activation.
-    grad_a_FN = WORKSPACE.take((F, N), dtype, device)
     if lora is not None:
         lora.start_backward(grad_y_ND)
 
@@ -213,7 +231,21 @@ def fused_backward(
     if lora is not None:
         lora.finish_backward_out(grad_a_FN)
     grad_rw = None
-    if row_weights_N is not None:
+    if one_pass:
+        # the weighted activation is what the output projection's weight gradient reads
+        a_FN = WORKSPACE.take((F, N), dtype, device) if need_w_out or lora is not None else None
+        grad_rw32 = None if row_weights_N is None or not need_rw else torch.empty(N, device=device)
+        assert grad_h_HN is not None
+        swiglu_backward_into(
+            h_HN[:F], h_HN[F:], grad_a_FN, row_weights_N, grad_h_HN[:F], grad_h_HN[F:], a_FN, grad_rw32
+        )
+        if grad_rw32 is not None:
+            grad_rw = grad_rw32.to(dtype)
+            if b_out is not None:
+                for e, s, t in segments:
+                    grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
+    elif row_weights_N is not None:
+        assert a_FN is not None
         if need_rw:
             # d/dw of w * (a @ W^T + b) = <grad_a, a> + <grad_y, b>.
             product = torch.mul(grad_a_FN, a_FN, out=WORKSPACE.take((F, N), dtype, device))
@@ -225,11 +257,13 @@ def fused_backward(
         a_FN.mul_(row_weights_N)
         grad_a_FN.mul_(row_weights_N)
     if lora is not None:
+        assert a_FN is not None
         lora.set_activation(a_FN)
         for_each_segment(segments, lora.backward_out_A, device, dtype)
         lora.release_activation()
     grad_w_out = None
     if need_w_out:
+        assert a_FN is not None
         grad_w_out = _empty_grad_like(w_out, segments)
         weighted_a_FN = a_FN
         for_each_segment(
@@ -238,18 +272,23 @@ def fused_backward(
             device,
             dtype,
         )
-    if gated:
-        WORKSPACE.give(a_FN)
-
-    # 3. Through the activation, into the [H, N] gradient of the first projection.
-    grad_h_HN = WORKSPACE.take((H, N), dtype, device)
-    if gated:
-        torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
-        torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
-        activation_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
+    if one_pass:
+        if a_FN is not None:
+            WORKSPACE.give(a_FN)
+        WORKSPACE.give(grad_a_FN)
     else:
-        activation_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
-    WORKSPACE.give(grad_a_FN, act_gate_FN)
+        if gated:
+            WORKSPACE.give(a_FN)
+        # 3. Through the activation, into the [H, N] gradient of the first projection.
+        grad_h_HN = WORKSPACE.take((H, N), dtype, device)
+        if gated:
+            torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
+            torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
+            activation_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
+        else:
+            activation_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
+        WORKSPACE.give(grad_a_FN, act_gate_FN)
+    assert grad_h_HN is not None
 
     # 4. Through the first projection: one GEMM per expert for each gradient.
     grad_w_in = _empty_grad_like(w_in, segments) if need_w_in else None
@@ -491,6 +530,15 @@ def stacked_inference(
     return y_ND
 
 
+def one_pass_swiglu(activation: str, h_HN: Tensor, *grids: Tensor) -> bool:
+    """Whether the fused backend's silu-gated activation of ``h_HN`` runs in one pass.
+
+    ``flexmoe.experts.swiglu`` on the gate and up halves and the ``[F, N]`` ``grids``.
+    """
+    F = h_HN.shape[0] // 2
+    return is_gated_silu(activation) and takes_swiglu(h_HN[:F], h_HN[F:], *grids)
+
+
 def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:
     """``act(h[0]) * h[1]`` (gated) or ``act(h[0])``, times the row weights, into a pooled buffer.
 
@@ -499,6 +547,11 @@ def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | 
     """
     _, N, F = h_PNF.shape
     out_NF = WORKSPACE.take((N, F), h_PNF.dtype, h_PNF.device)
+    if (
+        h_PNF.shape[0] == 2 and is_gated_silu(activation) and takes_swiglu(h_PNF[0], h_PNF[1], out_NF)
+    ):  # one pass (flexmoe.experts.swiglu)
+        per = None if row_weights_N is None else "row"
+        return swiglu_into(h_PNF[0], h_PNF[1], row_weights_N, out_NF, per)
     a_NF = activation_into(base_activation(activation), h_PNF[0], out_NF)
     if h_PNF.shape[0] == 2:
         a_NF.mul_(h_PNF[1])

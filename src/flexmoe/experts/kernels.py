@@ -1,7 +1,8 @@
 """The CPU kernel library: built from C on first use, loaded with ctypes, and its switches.
 
 ``rows.c`` (the few-row products of decoding, ``flexmoe.experts.rows``), ``lora_rows.c``
-(the LoRA terms of a multi-adapter batch, ``flexmoe.experts.lora_rows``) and ``team.c``
+(the LoRA terms of a multi-adapter batch, ``flexmoe.experts.lora_rows``), ``swiglu.c``
+(the experts' gated SiLU in one pass, ``flexmoe.experts.swiglu``) and ``team.c``
 (``on_team``: Python work on PyTorch's OpenMP threads) are compiled together with the
 system's C compiler (``$CC``, else ``cc``) into ``$XDG_CACHE_HOME/flexmoe/kernels``
 (``~/.cache`` by default), once per source, compiler and flags (built under a private
@@ -49,7 +50,8 @@ logger = logging.getLogger(__name__)
 # AMX tiles keep bf16 at memory speed further.
 _VECTOR_BF16_MAX_ROWS = 2
 _TILE_BF16_MAX_ROWS = 32  # AMX_MAX_ROWS of rows.c: two tiles of 16 rows
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("rows.c", "lora_rows.c", "team.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("rows.c", "lora_rows.c", "swiglu.c", "team.c"))
+_HEADERS = (Path(__file__).with_name("vector_math.h"),)
 _FLAGS = (
     "-O3",
     "-mavx512f",
@@ -97,7 +99,7 @@ def _compiler_version(compiler: str) -> str:
 
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The compiled library, built now unless an identical build is cached."""
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(source + " ".join(flags).encode() + _compiler_version(compiler).encode())
     target = _kernel_dir() / f"rows-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -147,6 +149,14 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_lora_add.argtypes = [flag, pointer, size, pointer, pointer, size, pointer, pointer]
     library.flexmoe_lora_add.argtypes += [size] * 3 + [pointer] + [size] * 3
     library.flexmoe_lora_add.restype = ctypes.c_int
+    # is_bf16, gate, up, their row stride, rows, cols, then the forward's w, per, out, its row stride;
+    # the backward's d, its row stride, rows, cols, w, a_w, its row stride, grad_w, d_gate, d_up, their stride
+    library.flexmoe_swiglu_forward.argtypes = [flag, pointer, pointer, size, size, size, pointer, flag]
+    library.flexmoe_swiglu_forward.argtypes += [pointer, size]
+    library.flexmoe_swiglu_forward.restype = ctypes.c_int
+    library.flexmoe_swiglu_backward.argtypes = [flag, pointer, pointer, size, pointer, size, size, size]
+    library.flexmoe_swiglu_backward.argtypes += [pointer, pointer, size, pointer, pointer, pointer, size]
+    library.flexmoe_swiglu_backward.restype = ctypes.c_int
     library.flexmoe_on_team.argtypes = [TEAM_WORK, flag]
     library.flexmoe_on_team.restype = ctypes.c_int
     return library

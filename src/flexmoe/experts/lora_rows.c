@@ -21,26 +21,17 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vector_math.h"
+
 #define LORA_MAX_RANK 1024
 
-static inline __mmask16 lanes(long left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
-
-static inline __m512 load_f32(__mmask16 m, const float *p) { return _mm512_maskz_loadu_ps(m, p); }
 static inline float scalar_f32(const float *p) { return *p; }
-static inline void store_f32(__mmask16 m, float *p, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
 
-static inline __m512 load_bf16(__mmask16 m, const uint16_t *p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
 static inline float scalar_bf16(const uint16_t *p) {
     uint32_t bits = (uint32_t)*p << 16;
     float value;
     memcpy(&value, &bits, sizeof value);
     return value;
-}
-static inline void store_bf16(__mmask16 m, uint16_t *p, __m512 v) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 /* The next slot's factors, fetched into L2 a few lines per step of a slot's first loop. */
@@ -173,7 +164,7 @@ static inline const float *widen_f32(const float *x, long I, float *scratch) {
 }
 static inline const float *widen_bf16(const uint16_t *x, long I, float *scratch) {
     for (long i = 0; i < I; i += 16) {
-        __mmask16 m = lanes(I - i);
+        __mmask16 m = mask16(I - i);
         _mm512_mask_storeu_ps(scratch + i, m, load_bf16(m, x + i));
     }
     return scratch;
@@ -201,7 +192,7 @@ GROUPED_A_ALL(bf16)
         if (grouped_A_##T(xr, AT, I, R, ROWS, &u[0][0], next)) {                                    \
         } else                                                                                      \
         for (long j0 = 0; j0 < R; j0 += 16) {                                                       \
-            __mmask16 m = lanes(R - j0);                                                            \
+            __mmask16 m = mask16(R - j0);                                                            \
             __m512 acc[ROWS];                                                                       \
             EACH_ROW(b, ROWS) acc[b] = _mm512_setzero_ps();                                         \
             for (long i = 0; i < I; i++) {                                                          \
@@ -214,7 +205,7 @@ GROUPED_A_ALL(bf16)
         }                                                                                           \
         for (long o0 = 0; o0 < O; o0 += width)                                                      \
             for (long c0 = 0; c0 < width; c0 += 16) {                                               \
-                __mmask16 m = lanes(width - c0);                                                    \
+                __mmask16 m = mask16(width - c0);                                                    \
                 long at = (o0 / width) * block_stride + c0;                                         \
                 __m512 acc[ROWS];                                                                   \
                 EACH_ROW(b, ROWS) acc[b] = load_##T(m, yr[b] + at);                                 \

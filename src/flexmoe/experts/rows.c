@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vector_math.h"
+
 #define OUT_BLOCK 4
 /* Each weight row asks for the same column of the next block's row (OUT_BLOCK rows, I
  * columns further), which its thread reads next: one stream the prefetch keeps ahead of,
@@ -349,27 +351,6 @@ static int amx_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long O, l
     return status;
 }
 
-/* The first projection of one expert into ab, the activations packed for the second:
- * groups of 16 gate rows with their 16 up rows (gated) or 32 rows (not gated). */
-/* e^x for fp32 lanes: Cephes' expf (range reduction by ln 2, a degree-5 polynomial, the
- * exponent put back with scalef), within 2 ulp on the range that does not overflow.
- * NaN lanes come out finite; silu keeps them NaN through its numerator. */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* The activated column c of the group, rows m0..m0+15 (16 lanes): silu(gate) * up, or silu(h). */
 static inline __m512 silu_column(float sums[2][BLOCK][AMX_MAX_ROWS], long c, long m0, __mmask16 lanes, int gated) {
     /* lanes past the rows stay zero: their stale sums could be denormals, which cost microcode assists */
@@ -404,6 +385,8 @@ static void silu_pairs(float sums[2][BLOCK][AMX_MAX_ROWS], long M, long columns,
     }
 }
 
+/* The first projection of one expert into ab, the activations packed for the second:
+ * groups of 16 gate rows with their 16 up rows (gated) or 32 rows (not gated). */
 static void amx_ffn_in(const uint16_t *xb, long M, const uint16_t *w_in, long D, long F, int gated, int kind,
                        const float *row_weights, uint16_t *scratch, uint16_t *ab) {
     long width = gated ? BLOCK : 2 * BLOCK, groups = (F + width - 1) / width, first, end;
@@ -598,10 +581,6 @@ static void int8_block(const int16_t *xi, const float *step, long M, long m0, in
     for (int k = 0; k < rows; k++)
         for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++)
             y[(m0 + k) * O + o0 + r] = round_to_bf16(sums[k][r] * step[m0 + k] * scale[o0 + r]);
-}
-
-static inline __m512 load_bf16(__mmask16 mask, const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
 /* x[M, I] (bf16) rounded to xi * step[m]; a row that is not finite gets step NaN (its outputs NaN). */

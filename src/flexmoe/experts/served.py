@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexmoe.experts.activations import activate
+from flexmoe.experts.activations import activate, is_gated_silu
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.packed import PackedWeight, packed_linear
 from flexmoe.experts.rows import (
@@ -25,6 +25,7 @@ from flexmoe.experts.rows import (
     takes_expert_bf16,
     takes_expert_int8,
 )
+from flexmoe.experts.swiglu import swiglu_into, takes_swiglu
 
 __all__ = ["ServedWeight", "served_expert_ffn", "served_linear"]
 
@@ -71,7 +72,15 @@ def served_expert_ffn(
         and takes_expert_int8(x_ND, w_in.q, w_out.q, activation)
     ):
         return expert_int8(x_ND, w_in.q, w_in.scale, w_out.q, w_out.scale, activation, row_weights_N)
-    a_NF = activate(served_linear(x_ND, w_in), activation)
+    h_NH = served_linear(x_ND, w_in)
+    hidden = h_NH.shape[1] // 2
+    gate_NF, up_NF = h_NH[:, :hidden], h_NH[:, hidden:]
+    if is_gated_silu(activation) and takes_swiglu(gate_NF, up_NF):
+        # one pass, rounded once: as the in-memory experts' weighted_activation computes it
+        per = None if row_weights_N is None else "row"
+        a_NF = swiglu_into(gate_NF, up_NF, row_weights_N, h_NH.new_empty(h_NH.shape[0], hidden), per)
+        return served_linear(a_NF, w_out)
+    a_NF = activate(h_NH, activation)
     if row_weights_N is not None:  # in place: the activation is this call's own tensor
         a_NF.mul_(row_weights_N.to(a_NF.dtype).unsqueeze(1))
     return served_linear(a_NF, w_out)
