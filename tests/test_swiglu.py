@@ -53,32 +53,35 @@ def test_forward_equals_the_elementwise_ops(rows, cols, dtype, per, seed):
     close(out, expected, dtype)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     rows=st.integers(1, 40),
     cols=st.integers(1, 70),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    weighted=st.booleans(),
+    per=st.sampled_from([None, "row", "column"]),
     outputs=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_backward_equals_autograd(rows, cols, dtype, weighted, outputs, seed):
+def test_backward_equals_autograd(rows, cols, dtype, per, outputs, seed):
     gate, up = halves(rows, cols, dtype, seed)
     grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    weights = torch.rand(cols) if weighted else None
+    length = rows if per == "row" else cols
+    weights = None if per is None else torch.rand(length)
     g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
-    w64 = (weights.double() if weighted else torch.ones(cols, dtype=torch.float64)).requires_grad_()
-    a64 = F.silu(g64) * u64 * w64
+    w64 = (torch.ones(length, dtype=torch.float64) if per is None else weights.double()).requires_grad_()
+    a64 = F.silu(g64) * u64 * (w64[:, None] if per == "row" else w64)
     a64.backward(grad.double())
-    grad_h = torch.full((2 * rows, cols), float("nan"), dtype=dtype)  # both gradients in one grid
+    grad_h = torch.full((rows, 2 * cols), float("nan"), dtype=dtype)  # both gradients as one grid's halves
     a_w = torch.full((rows, cols), float("nan"), dtype=dtype) if outputs else None
-    grad_w = torch.full((cols,), float("nan")) if outputs else None
-    swiglu_backward_into(gate, up, grad, weights, grad_h[:rows], grad_h[rows:], a_w, grad_w)
-    close(grad_h[:rows], g64.grad, dtype)
-    close(grad_h[rows:], u64.grad, dtype)
-    if outputs:
+    grad_w = torch.full((length,), float("nan")) if outputs and per else None
+    swiglu_backward_into(gate, up, grad, weights, grad_h[:, :cols], grad_h[:, cols:], a_w, grad_w, per=per)
+    close(grad_h[:, :cols], g64.grad, dtype)
+    close(grad_h[:, cols:], u64.grad, dtype)
+    if a_w is not None:
         close(a_w, a64.detach(), dtype)
-        torch.testing.assert_close(grad_w.double(), w64.grad, rtol=1e-4, atol=1e-4 * rows)
+    if grad_w is not None:
+        summed = cols if per == "row" else rows
+        torch.testing.assert_close(grad_w.double(), w64.grad, rtol=1e-4, atol=1e-4 * summed)
 
 
 def test_nan_stays_nan_and_large_gates_stay_finite():
@@ -94,9 +97,8 @@ def test_grids_without_rows_or_columns():
     gate, up = torch.empty(0, 5), torch.empty(0, 5)
     swiglu_into(gate, up, torch.ones(5), torch.empty(0, 5), per="column")
     grad_w = torch.full((5,), 7.0)
-    swiglu_backward_into(
-        gate, up, torch.empty(0, 5), torch.ones(5), torch.empty(0, 5), torch.empty(0, 5), None, grad_w
-    )
+    empty = torch.empty(0, 5)
+    swiglu_backward_into(gate, up, empty, torch.ones(5), empty, empty.clone(), None, grad_w, per="column")
     assert grad_w.eq(0).all()  # a sum over no rows
 
 
@@ -115,4 +117,8 @@ def test_what_the_kernels_refuse():
     with pytest.raises(ValueError, match="swiglu: expected CPU fp32 or bf16 grids"):
         swiglu_into(gate, up, None, torch.empty(4, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="grad_weights: expected a contiguous fp32"):
-        swiglu_backward_into(gate, up, gate, None, gate.clone(), up.clone(), None, torch.empty(8).double())
+        swiglu_backward_into(
+            gate, up, gate, torch.ones(8), gate.clone(), up.clone(), None, torch.empty(8).double(), "column"
+        )
+    with pytest.raises(ValueError, match="grad_weights: there are no weights"):
+        swiglu_backward_into(gate, up, gate, None, gate.clone(), up.clone(), None, torch.empty(8))

@@ -119,17 +119,16 @@ def fused_forward(
     segments: list[Segment],
     activation: str,
     y_ND: Tensor,
-    h_HN: Tensor,
+    h_NH: Tensor,
     lora: SegmentLoRA | None = None,
 ) -> None:
-    """The fused forward over a transposed hidden layout, into ``y_ND`` and ``h_HN``.
+    """The fused forward, into ``y_ND`` and ``h_NH``.
 
-    The hidden activations live as ``[H, N]`` (hidden unit major): expert ``e``'s first
-    projection is one GEMM ``w_in[e] @ x_e^T`` written into the column block
-    ``[:, s:t]``. For gated units the gate and up halves are then the contiguous row
-    blocks ``[:F]`` and ``[F:]``, so every elementwise op runs on contiguous memory
-    (strided half-views run 4x slower on CPU), while each projection and its
-    gradients stay one GEMM per expert. ``h_HN`` (the pre-activation) is what the
+    Each expert's first projection is one GEMM ``x_e @ w_in[e]^T`` into the rows
+    ``[s:t]`` of ``h_NH`` (gated units: gate columns ``[:F]``, up ``[F:]``), its second
+    one GEMM from the rows of the activation, all row-major (every GEMM form and its
+    gradients at its fastest; the activation runs in one pass over the two halves,
+    ``flexmoe.experts.swiglu``, where it can). ``h_NH`` (the pre-activation) is what the
     backward needs besides ``x``; the activation output is recomputed there. ``lora``
     adds its terms segment by segment next to each projection.
     """
@@ -139,46 +138,46 @@ def fused_forward(
 
     def project_in(e: int, s: int, t: int) -> None:
         if b_in is None:
-            torch.mm(w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
+            torch.mm(x_ND[s:t], w_in[e].t(), out=h_NH[s:t])
         else:
-            torch.addmm(b_in[e, :, None], w_in[e], x_ND[s:t].t(), out=h_HN[:, s:t])
+            torch.addmm(b_in[e], x_ND[s:t], w_in[e].t(), out=h_NH[s:t])
         if lora is not None:
-            lora.add_in(e, s, t, h_HN)
+            lora.add_in(e, s, t, h_NH)
 
     for_each_segment(segments, project_in, device, dtype)
-    a_FN = WORKSPACE.take((F, N), dtype, device)
-    if one_pass_swiglu(activation, h_HN, a_FN):
-        swiglu_into(h_HN[:F], h_HN[F:], row_weights_N, a_FN, None if row_weights_N is None else "column")
+    a_NF = WORKSPACE.take((N, F), dtype, device)
+    if one_pass_swiglu(activation, h_NH, a_NF):
+        swiglu_into(h_NH[:, :F], h_NH[:, F:], row_weights_N, a_NF, None if row_weights_N is None else "row")
     else:
-        activation_into(base_activation(activation), h_HN[:F], a_FN)
-        if h_HN.shape[0] == 2 * F:
-            a_FN.mul_(h_HN[F:])
+        activation_into(base_activation(activation), h_NH[:, :F], a_NF)
+        if h_NH.shape[1] == 2 * F:
+            a_NF.mul_(h_NH[:, F:])
         if row_weights_N is not None:
-            a_FN.mul_(row_weights_N)
+            a_NF.mul_(row_weights_N[:, None])
 
     def project_out(e: int, s: int, t: int) -> None:
         if b_out is None:
-            torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
+            torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
         elif row_weights_N is None:
-            torch.addmm(b_out[e], a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
+            torch.addmm(b_out[e], a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
         else:
-            torch.mm(a_FN[:, s:t].t(), w_out[e].t(), out=y_ND[s:t])
+            torch.mm(a_NF[s:t], w_out[e].t(), out=y_ND[s:t])
             y_ND[s:t].addcmul_(row_weights_N[s:t, None], b_out[e])
         if lora is not None:
             lora.add_out(e, s, t, y_ND)
 
     if lora is not None:
-        lora.set_activation(a_FN)
+        lora.set_activation(a_NF)
     for_each_segment(segments, project_out, device, dtype)
     if lora is not None:
         lora.release_activation()
-    WORKSPACE.give(a_FN)
+    WORKSPACE.give(a_NF)
 
 
 def fused_backward(
     grad_y_ND: Tensor,
     x_ND: Tensor,
-    h_HN: Tensor,
+    h_NH: Tensor,
     w_in: Tensor,
     w_out: Tensor,
     b_out: Tensor | None,
@@ -198,97 +197,96 @@ def fused_backward(
     """
     need_x, need_w_in, need_w_out, need_b_in, need_b_out, need_rw = needs
     grad_y_ND = grad_y_ND.contiguous()
-    H, N = h_HN.shape
+    N, H = h_NH.shape
     F = w_out.shape[2]
     gated = H == 2 * F
     device, dtype = x_ND.device, x_ND.dtype
     base = base_activation(activation)
+    rw_N1 = None if row_weights_N is None else row_weights_N[:, None]
 
-    grad_a_FN = WORKSPACE.take((F, N), dtype, device)
+    grad_a_NF = WORKSPACE.take((N, F), dtype, device)
     # one pass for silu-gated units on CPU: the weighted activation, the row weights'
     # gradient and the first projection's gradient together, after the down projection
-    one_pass = one_pass_swiglu(activation, h_HN, grad_a_FN)
-    grad_h_HN = WORKSPACE.take((H, N), dtype, device) if one_pass else None
-    a_FN: Tensor | None = None
+    one_pass = one_pass_swiglu(activation, h_NH, grad_a_NF)
+    grad_h_NH = WORKSPACE.take((N, H), dtype, device) if one_pass else None
+    a_NF: Tensor | None = None
 
     # 1. Recompute the activation: a = act(gate) * up (gated) or act(h).
     if not one_pass:
-        act_gate_FN = activation_into(base, h_HN[:F], WORKSPACE.take((F, N), dtype, device))
-        a_FN = act_gate_FN
+        act_gate_NF = activation_into(base, h_NH[:, :F], WORKSPACE.take((N, F), dtype, device))
+        a_NF = act_gate_NF
         if gated:
-            a_FN = torch.mul(act_gate_FN, h_HN[F:], out=WORKSPACE.take((F, N), dtype, device))
+            a_NF = torch.mul(act_gate_NF, h_NH[:, F:], out=WORKSPACE.take((N, F), dtype, device))
 
     # 2. Through the down projection: the gradient of the (weighted) activation.
     if lora is not None:
         lora.start_backward(grad_y_ND)
 
     def project_out_backward(e: int, s: int, t: int) -> None:
-        torch.mm(w_out[e].t(), grad_y_ND[s:t].t(), out=grad_a_FN[:, s:t])
+        torch.mm(grad_y_ND[s:t], w_out[e], out=grad_a_NF[s:t])
         if lora is not None:
-            lora.backward_out(e, s, t, grad_y_ND, grad_a_FN)
+            lora.backward_out(e, s, t, grad_y_ND, grad_a_NF)
 
     for_each_segment(segments, project_out_backward, device, dtype)
     if lora is not None:
-        lora.finish_backward_out(grad_a_FN)
+        lora.finish_backward_out(grad_a_NF)
     grad_rw = None
     if one_pass:
+        assert grad_h_NH is not None
         # the weighted activation is what the output projection's weight gradient reads
-        a_FN = WORKSPACE.take((F, N), dtype, device) if need_w_out or lora is not None else None
+        a_NF = WORKSPACE.take((N, F), dtype, device) if need_w_out or lora is not None else None
         grad_rw32 = None if row_weights_N is None or not need_rw else torch.empty(N, device=device)
-        assert grad_h_HN is not None
         swiglu_backward_into(
-            h_HN[:F], h_HN[F:], grad_a_FN, row_weights_N, grad_h_HN[:F], grad_h_HN[F:], a_FN, grad_rw32
-        )
+            h_NH[:, :F], h_NH[:, F:], grad_a_NF, row_weights_N, grad_h_NH[:, :F], grad_h_NH[:, F:], a_NF,
+            grad_rw32, None if row_weights_N is None else "row",
+        )  # fmt: skip
         if grad_rw32 is not None:
             grad_rw = grad_rw32.to(dtype)
-            if b_out is not None:
-                for e, s, t in segments:
-                    grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
-    elif row_weights_N is not None:
-        assert a_FN is not None
+    elif rw_N1 is not None:
+        assert a_NF is not None
         if need_rw:
             # d/dw of w * (a @ W^T + b) = <grad_a, a> + <grad_y, b>.
-            product = torch.mul(grad_a_FN, a_FN, out=WORKSPACE.take((F, N), dtype, device))
-            grad_rw = product.sum(0)
+            product = torch.mul(grad_a_NF, a_NF, out=WORKSPACE.take((N, F), dtype, device))
+            grad_rw = product.sum(1)
             WORKSPACE.give(product)
-            if b_out is not None:
-                for e, s, t in segments:
-                    grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
-        a_FN.mul_(row_weights_N)
-        grad_a_FN.mul_(row_weights_N)
+        a_NF.mul_(rw_N1)
+        grad_a_NF.mul_(rw_N1)
+    if grad_rw is not None and b_out is not None:
+        for e, s, t in segments:
+            grad_rw[s:t] += grad_y_ND[s:t] @ b_out[e]
     if lora is not None:
-        assert a_FN is not None
-        lora.set_activation(a_FN)
+        assert a_NF is not None
+        lora.set_activation(a_NF)
         for_each_segment(segments, lora.backward_out_A, device, dtype)
         lora.release_activation()
     grad_w_out = None
     if need_w_out:
-        assert a_FN is not None
+        assert a_NF is not None
         grad_w_out = _empty_grad_like(w_out, segments)
-        weighted_a_FN = a_FN
+        weighted_a_NF = a_NF
         for_each_segment(
             segments,
-            lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), weighted_a_FN[:, s:t].t(), out=grad_w_out[e]),
+            lambda e, s, t: torch.mm(grad_y_ND[s:t].t(), weighted_a_NF[s:t], out=grad_w_out[e]),
             device,
             dtype,
         )
     if one_pass:
-        if a_FN is not None:
-            WORKSPACE.give(a_FN)
-        WORKSPACE.give(grad_a_FN)
+        if a_NF is not None:
+            WORKSPACE.give(a_NF)
+        WORKSPACE.give(grad_a_NF)
     else:
         if gated:
-            WORKSPACE.give(a_FN)
-        # 3. Through the activation, into the [H, N] gradient of the first projection.
-        grad_h_HN = WORKSPACE.take((H, N), dtype, device)
+            WORKSPACE.give(a_NF)
+        # 3. Through the activation, into the [N, H] gradient of the first projection.
+        grad_h_NH = WORKSPACE.take((N, H), dtype, device)
         if gated:
-            torch.mul(grad_a_FN, act_gate_FN, out=grad_h_HN[F:])
-            torch.mul(grad_a_FN, h_HN[F:], out=grad_h_HN[:F])
-            activation_backward_into(base, grad_h_HN[:F], h_HN[:F], grad_h_HN[:F])
+            torch.mul(grad_a_NF, act_gate_NF, out=grad_h_NH[:, F:])
+            torch.mul(grad_a_NF, h_NH[:, F:], out=grad_h_NH[:, :F])
+            activation_backward_into(base, grad_h_NH[:, :F], h_NH[:, :F], grad_h_NH[:, :F])
         else:
-            activation_backward_into(base, grad_a_FN, h_HN, grad_h_HN)
-        WORKSPACE.give(grad_a_FN, act_gate_FN)
-    assert grad_h_HN is not None
+            activation_backward_into(base, grad_a_NF, h_NH, grad_h_NH)
+        WORKSPACE.give(grad_a_NF, act_gate_NF)
+    assert grad_h_NH is not None
 
     # 4. Through the first projection: one GEMM per expert for each gradient.
     grad_w_in = _empty_grad_like(w_in, segments) if need_w_in else None
@@ -299,23 +297,23 @@ def fused_backward(
 
     def project_in_backward(e: int, s: int, t: int) -> None:
         if grad_w_in is not None:
-            torch.mm(grad_h_HN[:, s:t], x_ND[s:t], out=grad_w_in[e])
+            torch.mm(grad_h_NH[s:t].t(), x_ND[s:t], out=grad_w_in[e])
         if grad_x_ND is not None:
-            torch.mm(grad_h_HN[:, s:t].t(), w_in[e], out=grad_x_ND[s:t])
+            torch.mm(grad_h_NH[s:t], w_in[e], out=grad_x_ND[s:t])
         if lora is not None:
-            lora.backward_in(e, s, t, grad_h_HN, grad_x_ND)
+            lora.backward_in(e, s, t, grad_h_NH, grad_x_ND)
 
     for_each_segment(segments, project_in_backward, device, dtype)
     grad_b_in = None
     if need_b_in:
         grad_b_in = w_in.new_zeros(w_in.shape[:2])
         for e, s, t in segments:
-            grad_b_in[e] = grad_h_HN[:, s:t].sum(1)
+            grad_b_in[e] = grad_h_NH[s:t].sum(0)
     grad_b_out = None
     if b_out is not None and need_b_out:
         weighted = grad_y_ND if row_weights_N is None else grad_y_ND * row_weights_N[:, None]
         grad_b_out = _segment_sums(weighted, segments, w_out.shape[:2])
-    WORKSPACE.give(grad_h_HN)
+    WORKSPACE.give(grad_h_NH)
     return grad_x_ND, grad_w_in, grad_w_out, grad_b_in, grad_b_out, grad_rw
 
 
@@ -346,18 +344,18 @@ class _FusedGroupedFFN(torch.autograd.Function):
         segments = segments_of(counts)
         N, D = x_ND.shape
         H = w_in.shape[1]
-        h_HN = WORKSPACE.take((H, N), x_ND.dtype, x_ND.device)
+        h_NH = WORKSPACE.take((N, H), x_ND.dtype, x_ND.device)
         y_ND = WORKSPACE.take((N, D), x_ND.dtype, x_ND.device)
         lora = None
         if lora_terms is not None:
             lora = SegmentLoRA(lora_terms.with_tensors((A_in, B_in, A_out, B_out)), x_ND, w_out.shape[2])
-        fused_forward(x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_HN, lora)
+        fused_forward(x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_NH, lora)
         ctx.lora = lora
         # x is kept as an attribute, not through save_for_backward, so that backward can
         # hand its buffer back to the pool once done (nothing else modifies it: it is the
         # dispatcher's private expert-major copy).
         ctx.x_ND = x_ND
-        ctx.save_for_backward(h_HN, w_in, w_out, b_out, row_weights_N)
+        ctx.save_for_backward(h_NH, w_in, w_out, b_out, row_weights_N)
         ctx.segments = segments
         ctx.activation = activation
         ctx.has_b_in = b_in is not None
@@ -371,7 +369,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
                 "the fused expert backend frees its saved buffers after one backward; "
                 "use backend='loop' to backpropagate through the same graph twice"
             )
-        h_HN, w_in, w_out, b_out, row_weights_N = ctx.saved_tensors
+        h_NH, w_in, w_out, b_out, row_weights_N = ctx.saved_tensors
         x_ND = ctx.x_ND
         needs = ctx.needs_input_grad[:6]
         needs = (needs[0], needs[1], needs[2], needs[3] and ctx.has_b_in, needs[4], needs[5])
@@ -379,7 +377,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
         grads = fused_backward(
             grad_y_ND,
             x_ND,
-            h_HN,
+            h_NH,
             w_in,
             w_out,
             b_out,
@@ -391,7 +389,7 @@ class _FusedGroupedFFN(torch.autograd.Function):
         )
         lora_grads = (None, None, None, None) if lora is None else tuple(lora.grads)
         del ctx.x_ND, ctx.lora
-        WORKSPACE.give(h_HN, grad_y_ND, x_ND)
+        WORKSPACE.give(h_NH, grad_y_ND, x_ND)
         ctx.released = True
         return (*grads, *lora_grads, None, None, None)
 
@@ -530,13 +528,13 @@ def stacked_inference(
     return y_ND
 
 
-def one_pass_swiglu(activation: str, h_HN: Tensor, *grids: Tensor) -> bool:
-    """Whether the fused backend's silu-gated activation of ``h_HN`` runs in one pass.
+def one_pass_swiglu(activation: str, h_NH: Tensor, *grids: Tensor) -> bool:
+    """Whether the fused backend's silu-gated activation of ``h_NH`` runs in one pass.
 
-    ``flexmoe.experts.swiglu`` on the gate and up halves and the ``[F, N]`` ``grids``.
+    ``flexmoe.experts.swiglu`` on the gate and up halves and the ``[N, F]`` ``grids``.
     """
-    F = h_HN.shape[0] // 2
-    return is_gated_silu(activation) and takes_swiglu(h_HN[:F], h_HN[F:], *grids)
+    F = h_NH.shape[1] // 2
+    return is_gated_silu(activation) and takes_swiglu(h_NH[:, :F], h_NH[:, F:], *grids)
 
 
 def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:
@@ -605,14 +603,14 @@ def _fused_forward_only(
 ) -> Tensor:
     """``fused_forward`` without autograd, into a pooled output (its scratch goes back to the pool)."""
     N, D = x_ND.shape
-    h_HN = WORKSPACE.take((w_in.shape[1], N), x_ND.dtype, x_ND.device)
+    h_NH = WORKSPACE.take((N, w_in.shape[1]), x_ND.dtype, x_ND.device)
     y_ND = WORKSPACE.take((N, D), x_ND.dtype, x_ND.device)
     segment_lora = None if lora is None else SegmentLoRA(lora, x_ND, w_out.shape[2])
     segments = segments_of(counts)
     fused_forward(
-        x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_HN, segment_lora
+        x_ND, w_in, w_out, b_in, b_out, row_weights_N, segments, activation, y_ND, h_NH, segment_lora
     )
-    WORKSPACE.give(h_HN)
+    WORKSPACE.give(h_NH)
     return y_ND
 
 

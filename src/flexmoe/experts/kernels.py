@@ -150,12 +150,14 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_lora_add.argtypes += [size] * 3 + [pointer] + [size] * 3
     library.flexmoe_lora_add.restype = ctypes.c_int
     # is_bf16, gate, up, their row stride, rows, cols, then the forward's w, per, out, its row stride;
-    # the backward's d, its row stride, rows, cols, w, a_w, its row stride, grad_w, d_gate, d_up, their stride
+    # the backward's d, its row stride, rows, cols, w, per, a_w, its row stride, grad_w, d_gate, d_up,
+    # their row stride
     library.flexmoe_swiglu_forward.argtypes = [flag, pointer, pointer, size, size, size, pointer, flag]
     library.flexmoe_swiglu_forward.argtypes += [pointer, size]
     library.flexmoe_swiglu_forward.restype = ctypes.c_int
     library.flexmoe_swiglu_backward.argtypes = [flag, pointer, pointer, size, pointer, size, size, size]
-    library.flexmoe_swiglu_backward.argtypes += [pointer, pointer, size, pointer, pointer, pointer, size]
+    library.flexmoe_swiglu_backward.argtypes += [pointer, flag, pointer, size, pointer, pointer, pointer]
+    library.flexmoe_swiglu_backward.argtypes += [size]
     library.flexmoe_swiglu_backward.restype = ctypes.c_int
     library.flexmoe_on_team.argtypes = [TEAM_WORK, flag]
     library.flexmoe_on_team.restype = ctypes.c_int

@@ -275,32 +275,31 @@ class SegmentLoRA:
     The fused backend calls ``add_in`` / ``add_out`` from its forward segment loops and
     ``backward_out`` / ``backward_out_A`` / ``backward_in`` from its backward loops; each
     writes only its segment's rows and its expert's slot, so segments stay independent.
-    Kept for backward: ``u [r, N] = A_in x^T`` and ``v [N, r] = a A_out^T`` (and the
+    Kept for backward: ``u [N, r] = x A_in^T`` and ``v [N, r] = a A_out^T`` (and the
     dropout masks), ``2 r N`` values besides the masks.
     """
 
     def __init__(
-        self, terms: LoRATerms, x_ND: Tensor, F: int, u_rN: Tensor | None = None, v_Nr: Tensor | None = None
+        self, terms: LoRATerms, x_ND: Tensor, F: int, u_Nr: Tensor | None = None, v_Nr: Tensor | None = None
     ) -> None:
         self.terms = terms
         N, D = x_ND.shape
         r = terms.rank()
-        self.mask_in_ND, mask_out_NF = lora_masks(terms, N, D, F, x_ND)
-        self.mask_out_FN = None if mask_out_NF is None else mask_out_NF.t()
+        self.mask_in_ND, self.mask_out_NF = lora_masks(terms, N, D, F, x_ND)
         self.x_ND = x_ND if self.mask_in_ND is None else x_ND * self.mask_in_ND
-        # ``u_rN`` / ``v_Nr``: where to keep them (the compiled operator's outputs), else new.
+        # ``u_Nr`` / ``v_Nr``: where to keep them (the compiled operator's outputs), else new.
         if terms.A_in is None:
-            u_rN = None
-        elif u_rN is None:
-            u_rN = x_ND.new_empty(r, N)
+            u_Nr = None
+        elif u_Nr is None:
+            u_Nr = x_ND.new_empty(N, r)
         if terms.A_out is None:
             v_Nr = None
         elif v_Nr is None:
             v_Nr = x_ND.new_empty(N, r)
-        self.u_rN, self.v_Nr = u_rN, v_Nr
-        self.a_FN: Tensor | None = None  # the (weighted, dropped) activation, during a pass
+        self.u_Nr, self.v_Nr = u_Nr, v_Nr
+        self.a_NF: Tensor | None = None  # the (weighted, dropped) activation, during a pass
         self.grad_v_Nr: Tensor | None = None
-        self.grad_a_dropped_FN: Tensor | None = None
+        self.grad_a_dropped_NF: Tensor | None = None
         self.grads: list[Tensor | None] = [None, None, None, None]
 
     def slot(self, e: int) -> int:
@@ -308,29 +307,29 @@ class SegmentLoRA:
         return self.terms.slot_of_expert[e]
 
     # ------------------------------------------------------------------ forward
-    def add_in(self, e: int, s: int, t: int, h_HN: Tensor) -> None:
-        """``h[:, s:t] += s * B_in (A_in x^T)`` for expert ``e``'s rows."""
+    def add_in(self, e: int, s: int, t: int, h_NH: Tensor) -> None:
+        """``h[s:t] += s * (x A_in^T) B_in^T`` for expert ``e``'s rows."""
         k, A, B = self.slot(e), self.terms.A_in, self.terms.B_in
-        if k < 0 or A is None or B is None or self.u_rN is None:
+        if k < 0 or A is None or B is None or self.u_Nr is None:
             return
-        u = torch.mm(A[k], self.x_ND[s:t].t(), out=self.u_rN[:, s:t])
-        h_HN[:, s:t].addmm_(B[k], u, alpha=self.terms.scaling)
+        u = torch.mm(self.x_ND[s:t], A[k].t(), out=self.u_Nr[s:t])
+        h_NH[s:t].addmm_(u, B[k].t(), alpha=self.terms.scaling)
 
-    def set_activation(self, a_FN: Tensor) -> None:
+    def set_activation(self, a_NF: Tensor) -> None:
         """The (routing-weighted) activation the second projection reads (``add_out``, ``backward_out_A``)."""
-        self.a_FN = a_FN if self.mask_out_FN is None else a_FN * self.mask_out_FN
+        self.a_NF = a_NF if self.mask_out_NF is None else a_NF * self.mask_out_NF
 
     def add_out(self, e: int, s: int, t: int, y_ND: Tensor) -> None:
         """``y[s:t] += s * (a A_out^T) B_out^T`` for expert ``e``'s rows."""
         k, A, B = self.slot(e), self.terms.A_out, self.terms.B_out
-        if k < 0 or A is None or B is None or self.v_Nr is None or self.a_FN is None:
+        if k < 0 or A is None or B is None or self.v_Nr is None or self.a_NF is None:
             return
-        v = torch.mm(self.a_FN[:, s:t].t(), A[k].t(), out=self.v_Nr[s:t])
+        v = torch.mm(self.a_NF[s:t], A[k].t(), out=self.v_Nr[s:t])
         y_ND[s:t].addmm_(v, B[k].t(), alpha=self.terms.scaling)
 
     def release_activation(self) -> None:
         """Drop the reference to the activation buffer (it goes back to the pool)."""
-        self.a_FN = None
+        self.a_NF = None
 
     # ----------------------------------------------------------------- backward
     def start_backward(self, like: Tensor) -> None:
@@ -338,9 +337,9 @@ class SegmentLoRA:
         self.grads = [None if t is None else torch.zeros_like(t) for t in self.terms.tensors]
         if self.v_Nr is not None:
             self.grad_v_Nr = torch.empty_like(self.v_Nr)
-        self.grad_a_dropped_FN = None if self.mask_out_FN is None else like.new_zeros(self.mask_out_FN.shape)
+        self.grad_a_dropped_NF = None if self.mask_out_NF is None else like.new_zeros(self.mask_out_NF.shape)
 
-    def backward_out(self, e: int, s: int, t: int, grad_y_ND: Tensor, grad_a_FN: Tensor) -> None:
+    def backward_out(self, e: int, s: int, t: int, grad_y_ND: Tensor, grad_a_NF: Tensor) -> None:
         """``B_out``'s gradient, and the LoRA path's part of the activation's gradient, for one segment."""
         k, A, B = self.slot(e), self.terms.A_out, self.terms.B_out
         if k < 0 or A is None or B is None or self.v_Nr is None or self.grad_v_Nr is None:
@@ -350,35 +349,35 @@ class SegmentLoRA:
         assert grad_B is not None
         torch.mm(grad_y_ND[s:t].t(), self.v_Nr[s:t], out=grad_B[k]).mul_(scaling)
         grad_v = torch.mm(grad_y_ND[s:t], B[k], out=self.grad_v_Nr[s:t]).mul_(scaling)
-        target = grad_a_FN if self.grad_a_dropped_FN is None else self.grad_a_dropped_FN
-        target[:, s:t].addmm_(A[k].t(), grad_v.t())
+        target = grad_a_NF if self.grad_a_dropped_NF is None else self.grad_a_dropped_NF
+        target[s:t].addmm_(grad_v, A[k])
 
-    def finish_backward_out(self, grad_a_FN: Tensor) -> None:
+    def finish_backward_out(self, grad_a_NF: Tensor) -> None:
         """Through the output dropout: add the masked LoRA-path gradient to the activation's."""
-        if self.grad_a_dropped_FN is not None and self.mask_out_FN is not None:
-            grad_a_FN.addcmul_(self.grad_a_dropped_FN, self.mask_out_FN)
-            self.grad_a_dropped_FN = None
+        if self.grad_a_dropped_NF is not None and self.mask_out_NF is not None:
+            grad_a_NF.addcmul_(self.grad_a_dropped_NF, self.mask_out_NF)
+            self.grad_a_dropped_NF = None
 
     def backward_out_A(self, e: int, s: int, t: int) -> None:
         """``A_out``'s gradient for one segment (after ``set_activation`` with the weighted activation)."""
         k, grad_A = self.slot(e), self.grads[2]
-        if k < 0 or grad_A is None or self.grad_v_Nr is None or self.a_FN is None:
+        if k < 0 or grad_A is None or self.grad_v_Nr is None or self.a_NF is None:
             return
-        torch.mm(self.grad_v_Nr[s:t].t(), self.a_FN[:, s:t].t(), out=grad_A[k])
+        torch.mm(self.grad_v_Nr[s:t].t(), self.a_NF[s:t], out=grad_A[k])
 
-    def backward_in(self, e: int, s: int, t: int, grad_h_HN: Tensor, grad_x_ND: Tensor | None) -> None:
+    def backward_in(self, e: int, s: int, t: int, grad_h_NH: Tensor, grad_x_ND: Tensor | None) -> None:
         """``A_in``'s and ``B_in``'s gradients, and the LoRA path's part of ``x``'s, for one segment."""
         k, A, B = self.slot(e), self.terms.A_in, self.terms.B_in
         grad_A, grad_B = self.grads[0], self.grads[1]
-        if k < 0 or A is None or B is None or grad_A is None or grad_B is None or self.u_rN is None:
+        if k < 0 or A is None or B is None or grad_A is None or grad_B is None or self.u_Nr is None:
             return
         scaling = self.terms.scaling
-        torch.mm(grad_h_HN[:, s:t], self.u_rN[:, s:t].t(), out=grad_B[k]).mul_(scaling)
-        grad_u = torch.mm(B[k].t(), grad_h_HN[:, s:t]).mul_(scaling)
-        torch.mm(grad_u, self.x_ND[s:t], out=grad_A[k])
+        torch.mm(grad_h_NH[s:t].t(), self.u_Nr[s:t], out=grad_B[k]).mul_(scaling)
+        grad_u = torch.mm(grad_h_NH[s:t], B[k]).mul_(scaling)
+        torch.mm(grad_u.t(), self.x_ND[s:t], out=grad_A[k])
         if grad_x_ND is None:
             return
         if self.mask_in_ND is None:
-            grad_x_ND[s:t].addmm_(grad_u.t(), A[k])
+            grad_x_ND[s:t].addmm_(grad_u, A[k])
         else:
-            grad_x_ND[s:t].addcmul_(grad_u.t() @ A[k], self.mask_in_ND[s:t])
+            grad_x_ND[s:t].addcmul_(grad_u @ A[k], self.mask_in_ND[s:t])

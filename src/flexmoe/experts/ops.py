@@ -88,8 +88,8 @@ def _routed_experts(
     For backward: the kept rows, the pre-activation and the LoRA terms' ``u = A_in x^T``
     and ``v = a A_out^T``.
 
-    ``x``, ``h``, ``u`` and ``v`` are flat buffers holding ``[n, D]``, ``[H, n]``,
-    ``[r, n]`` and ``[n, r]`` at their front (``u``/``v`` empty without those factors);
+    ``x``, ``h``, ``u`` and ``v`` are flat buffers holding ``[n, D]``, ``[n, H]``,
+    ``[n, r]`` and ``[n, r]`` at their front (``u``/``v`` empty without those factors);
     ``x`` and ``h`` return to the workspace pool once the graph frees them.
     """
     segments, n = _segments(counts_E)
@@ -105,7 +105,7 @@ def _routed_experts(
         rw = row_weights_S[:n]
         lora = _segment_lora(factors, slot_of_expert, scaling, x_nD, w_out.shape[2], u_flat, v_flat)
         fused_forward(
-            x_nD, w_in, w_out, b_in, b_out, rw, segments, activation, y_SD[:n], _front(h_flat, H, n), lora
+            x_nD, w_in, w_out, b_in, b_out, rw, segments, activation, y_SD[:n], _front(h_flat, n, H), lora
         )
         y_TD = _sum_per_token(y_SD, n, inverse_S, _top_k(x_TD, S))
     return y_TD, x_flat, h_flat, u_flat, v_flat
@@ -131,7 +131,7 @@ def _segment_lora(
         return None
     terms = LoRATerms(*factors, tuple(slot_of_expert), scaling, 0.0)
     n, r = x_nD.shape[0], terms.rank()
-    u = None if A_in is None else _front(u_flat, r, n)
+    u = None if A_in is None else _front(u_flat, n, r)
     v = None if A_out is None else _front(v_flat, n, r)
     return SegmentLoRA(terms, x_nD, F, u, v)
 
@@ -215,7 +215,7 @@ def _routed_experts_backward(
         grads = fused_backward(
             grad_y_nD,
             x_nD,
-            _front(h_flat, H, n),
+            _front(h_flat, n, H),
             w_in,
             w_out,
             b_out,

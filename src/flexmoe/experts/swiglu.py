@@ -7,8 +7,8 @@ about eight. These calls compute each in one pass, in fp32, rounding once:
 - ``swiglu_into(gate, up, weights, out, per=...)``: ``out = silu(gate) * up * w``, with
   ``w`` one weight per row (``per="row"``), per column (``"column"``) or none;
 - ``swiglu_backward_into(gate, up, grad, ...)``: from the gradient of the weighted
-  activation (column weights), the gate's and up's gradients, and optionally the
-  weighted activation and the weights' gradient (summed over the rows, fp32).
+  activation, the gate's and up's gradients, and optionally the weighted activation
+  and the weights' gradient (fp32).
 
 ``takes_swiglu`` says where they run: CPU tensors in fp32 or bf16 alike, each a grid of
 contiguous rows, with the kernel library available (``flexmoe.experts.kernels``).
@@ -99,27 +99,34 @@ def swiglu_backward_into(
     grad_up: Tensor,
     weighted: Tensor | None = None,
     grad_weights: Tensor | None = None,
+    per: str | None = None,
 ) -> None:
-    """The gradients of ``a = silu(gate) * up * w`` (``w`` per column) from ``grad``, the gradient of ``a``.
+    """The gradients of ``a = silu(gate) * up * w`` from ``grad``, the gradient of ``a``.
 
-    Writes ``grad_gate`` and ``grad_up`` (rows as far apart as each other); where given,
-    ``weighted`` gets ``a`` itself and ``grad_weights`` (fp32, one per column) the
-    weights' gradient ``sum_rows grad * silu(gate) * up``.
+    ``w``: ``weights`` per ``"row"`` or ``"column"`` (``per``), or none. Writes
+    ``grad_gate`` and ``grad_up`` (rows as far apart as each other); where given,
+    ``weighted`` gets ``a`` itself and ``grad_weights`` (fp32, one per weight) the
+    weights' gradient: ``grad * silu(gate) * up`` summed over each weight's row or column.
     """
+    if per not in _PER or (weights is None) != (per is None):
+        raise ValueError(f"per: expected 'row' or 'column' with weights, None without, got {per!r}")
+    if grad_weights is not None and weights is None:
+        raise ValueError("grad_weights: there are no weights to take a gradient of")
     _check(gate, up, grad, grad_gate, grad_up, weighted)
     rows, cols = gate.shape
+    length = rows if per == "row" else cols
     if grad_gate.stride(0) != grad_up.stride(0):
         raise ValueError("swiglu: grad_gate and grad_up rows must be equally far apart")
     if grad_weights is not None and (
         grad_weights.dtype != torch.float32
-        or grad_weights.shape != (cols,)
+        or grad_weights.shape != (length,)
         or not grad_weights.is_contiguous()
     ):
         raise ValueError(
-            f"grad_weights: expected a contiguous fp32 [{cols}], "
+            f"grad_weights: expected a contiguous fp32 [{length}], "
             f"got {grad_weights.dtype} {tuple(grad_weights.shape)}"
         )
-    w = _weights(weights, cols, "weights")
+    w = _weights(weights, length, "weights")
     if grad_weights is not None:
         grad_weights.zero_()  # a grid without rows sums to zero (the kernel adds nothing to it then)
     if gate.numel() == 0:
@@ -128,7 +135,7 @@ def swiglu_backward_into(
     assert kernels is not None
     status = kernels.flexmoe_swiglu_backward(
         int(gate.dtype == torch.bfloat16), gate.data_ptr(), up.data_ptr(), gate.stride(0), grad.data_ptr(),
-        grad.stride(0), rows, cols, _pointer(w), _pointer(weighted),
+        grad.stride(0), rows, cols, _pointer(w), _PER[per], _pointer(weighted),
         0 if weighted is None else weighted.stride(0), _pointer(grad_weights), grad_gate.data_ptr(),
         grad_up.data_ptr(), grad_gate.stride(0),
     )  # fmt: skip
