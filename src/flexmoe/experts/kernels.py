@@ -70,7 +70,7 @@ _CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx51
 _CPU_TILE_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 _ENABLE_VARIABLE = "FLEXMOE_CPU_KERNELS"
 _TILES_VARIABLE = "FLEXMOE_CPU_TILES"
-TEAM_WORK = ctypes.CFUNCTYPE(None)  # team.c's flexmoe_work
+_TEAM_WORK = ctypes.CFUNCTYPE(None)  # team.c's flexmoe_work
 
 
 @functools.cache
@@ -159,7 +159,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_swiglu_backward.argtypes += [pointer, flag, pointer, size, pointer, pointer, pointer]
     library.flexmoe_swiglu_backward.argtypes += [size]
     library.flexmoe_swiglu_backward.restype = ctypes.c_int
-    library.flexmoe_on_team.argtypes = [TEAM_WORK, flag]
+    library.flexmoe_on_team.argtypes = [_TEAM_WORK, flag]
     library.flexmoe_on_team.restype = ctypes.c_int
     return library
 
@@ -229,7 +229,7 @@ def on_team(work: Callable[[], object], threads: int) -> bool:
         except BaseException as error:  # a ctypes callback cannot raise: carried to the caller
             errors.append(error)
 
-    library.flexmoe_on_team(TEAM_WORK(call), threads)
+    library.flexmoe_on_team(_TEAM_WORK(call), threads)
     if errors:
         raise errors[0]
     return True
