@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
@@ -268,6 +269,15 @@ def test_every_backend_matches_reference(case: Case) -> None:
         backend_case = dataclasses.replace(case, config=config)
         check_against_reference(backend_case, torch.float32, rel=2e-5, floor=1e-5)
         check_against_reference(backend_case, torch.bfloat16, rel=4e-2, floor=1e-2)
+
+
+@settings(max_examples=20)
+@given(case=cases(backends=("fused",)))
+def test_fused_backend_without_the_one_pass_activation_matches_reference(case: Case) -> None:
+    """Where the one-pass SwiGLU kernel does not run, the elementwise ops on the row-major halves do."""
+    with mock.patch("flexmoe.experts.backends.takes_swiglu", return_value=False):
+        check_against_reference(case, torch.float32, rel=2e-5, floor=1e-5)
+        check_against_reference(case, torch.bfloat16, rel=4e-2, floor=1e-2)
 
 
 @settings(max_examples=30)
