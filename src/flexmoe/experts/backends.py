@@ -545,9 +545,8 @@ def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | 
     """
     _, N, F = h_PNF.shape
     out_NF = WORKSPACE.take((N, F), h_PNF.dtype, h_PNF.device)
-    if (
-        h_PNF.shape[0] == 2 and is_gated_silu(activation) and takes_swiglu(h_PNF[0], h_PNF[1], out_NF)
-    ):  # one pass (flexmoe.experts.swiglu)
+    gated_silu = h_PNF.shape[0] == 2 and is_gated_silu(activation)
+    if gated_silu and takes_swiglu(h_PNF[0], h_PNF[1], out_NF):  # one pass: flexmoe.experts.swiglu
         per = None if row_weights_N is None else "row"
         return swiglu_into(h_PNF[0], h_PNF[1], row_weights_N, out_NF, per)
     a_NF = activation_into(base_activation(activation), h_PNF[0], out_NF)
