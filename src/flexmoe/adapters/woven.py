@@ -379,7 +379,7 @@ def add_lora_terms(parts: list[LoRAPart], target: str, x_NI: Tensor, out_PNO: Te
     for part in parts:
         if part.target != target:
             continue
-        if part.gathers() or takes_lora(x_NI, part.rows_n, part.A, part.B, out_PNO):
+        if takes_lora(x_NI, part.rows_n, part.A, part.B, out_PNO) or part.gathers():
             part.add_to(x_NI, out_PNO)
         else:
             pieces += part.split(4 * threads)
