@@ -275,7 +275,10 @@ def test_every_backend_matches_reference(case: Case) -> None:
 @given(case=cases(backends=("fused",)))
 def test_fused_backend_without_the_one_pass_activation_matches_reference(case: Case) -> None:
     """Where the one-pass SwiGLU kernel does not run, the elementwise ops on the row-major halves do."""
-    with mock.patch("flexmoe.experts.backends.takes_swiglu", return_value=False):
+    with (
+        mock.patch("flexmoe.experts.backends.takes_swiglu", return_value=False),
+        mock.patch("flexmoe.experts.activations.takes_swiglu", return_value=False),
+    ):
         check_against_reference(case, torch.float32, rel=2e-5, floor=1e-5)
         check_against_reference(case, torch.bfloat16, rel=4e-2, floor=1e-2)
 

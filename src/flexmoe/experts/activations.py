@@ -12,8 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexmoe.config import GATED_ACTIVATIONS
+from flexmoe.experts.swiglu import swiglu_into, takes_swiglu
 
-__all__ = ["activate", "activation_backward_into", "activation_into", "base_activation", "is_gated_silu"]
+__all__ = [
+    "activate",
+    "activation_backward_into",
+    "activation_into",
+    "base_activation",
+    "is_gated_silu",
+    "weighted_activation_into",
+]
 
 
 def base_activation(activation: str) -> str:
@@ -49,6 +57,24 @@ def activation_into(name: str, h: Tensor, out: Tensor) -> Tensor:
     if name == "gelu":
         return torch.ops.aten.gelu.out(h, out=out)  # type: ignore[no-any-return]
     return torch.ops.aten.silu.out(h, out=out)  # type: ignore[no-any-return]
+
+
+def weighted_activation_into(
+    activation: str, gate_NF: Tensor, up_NF: Tensor | None, row_weights_N: Tensor | None, out_NF: Tensor
+) -> Tensor:
+    """``out = act(gate) * up`` (``up_NF=None``: ``act(gate)``), times the row weights; returns ``out``.
+
+    SwiGLU runs in one pass where the CPU kernel takes the grids (``flexmoe.experts.swiglu``,
+    rounded once), else as PyTorch's elementwise ops.
+    """
+    if up_NF is not None and is_gated_silu(activation) and takes_swiglu(gate_NF, up_NF, out_NF):
+        return swiglu_into(gate_NF, up_NF, row_weights_N, out_NF, None if row_weights_N is None else "row")
+    activation_into(base_activation(activation), gate_NF, out_NF)
+    if up_NF is not None:
+        out_NF.mul_(up_NF)
+    if row_weights_N is not None:
+        out_NF.mul_(row_weights_N[:, None])
+    return out_NF
 
 
 def activation_backward_into(name: str, grad: Tensor, h: Tensor, out: Tensor) -> Tensor:

@@ -35,13 +35,14 @@ from flexmoe.experts.activations import (
     activation_into,
     base_activation,
     is_gated_silu,
+    weighted_activation_into,
 )
 from flexmoe.experts.decoding import decoding_segments, project_in_batched, project_out_batched, whole_experts
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
 from flexmoe.experts.rows import rows_bf16, takes_bf16
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.experts.stacks import ExpertTensors
-from flexmoe.experts.swiglu import swiglu_backward_into, swiglu_into, takes_swiglu
+from flexmoe.experts.swiglu import swiglu_backward_into, takes_swiglu
 from flexmoe.workspace import WORKSPACE
 
 __all__ = [
@@ -145,15 +146,10 @@ def fused_forward(
             lora.add_in(e, s, t, h_NH)
 
     for_each_segment(segments, project_in, device, dtype)
-    a_NF = WORKSPACE.take((N, F), dtype, device)
-    if one_pass_swiglu(activation, h_NH, a_NF):
-        swiglu_into(h_NH[:, :F], h_NH[:, F:], row_weights_N, a_NF, None if row_weights_N is None else "row")
-    else:
-        activation_into(base_activation(activation), h_NH[:, :F], a_NF)
-        if h_NH.shape[1] == 2 * F:
-            a_NF.mul_(h_NH[:, F:])
-        if row_weights_N is not None:
-            a_NF.mul_(row_weights_N[:, None])
+    up_NF = h_NH[:, F:] if h_NH.shape[1] == 2 * F else None
+    a_NF = weighted_activation_into(
+        activation, h_NH[:, :F], up_NF, row_weights_N, WORKSPACE.take((N, F), dtype, device)
+    )
 
     def project_out(e: int, s: int, t: int) -> None:
         if b_out is None:
@@ -545,16 +541,9 @@ def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | 
     """
     _, N, F = h_PNF.shape
     out_NF = WORKSPACE.take((N, F), h_PNF.dtype, h_PNF.device)
-    gated_silu = h_PNF.shape[0] == 2 and is_gated_silu(activation)
-    if gated_silu and takes_swiglu(h_PNF[0], h_PNF[1], out_NF):  # one pass: flexmoe.experts.swiglu
-        per = None if row_weights_N is None else "row"
-        return swiglu_into(h_PNF[0], h_PNF[1], row_weights_N, out_NF, per)
-    a_NF = activation_into(base_activation(activation), h_PNF[0], out_NF)
-    if h_PNF.shape[0] == 2:
-        a_NF.mul_(h_PNF[1])
-    if row_weights_N is not None:
-        a_NF.mul_(row_weights_N[:, None])
-    return a_NF
+    return weighted_activation_into(
+        activation, h_PNF[0], h_PNF[1] if h_PNF.shape[0] == 2 else None, row_weights_N, out_NF
+    )
 
 
 def grouped_ffn_fused(

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexmoe.experts.activations import activate, is_gated_silu
+from flexmoe.config import GATED_ACTIVATIONS
+from flexmoe.experts.activations import weighted_activation_into
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.packed import PackedWeight, packed_linear
 from flexmoe.experts.rows import (
@@ -25,7 +26,6 @@ from flexmoe.experts.rows import (
     takes_expert_bf16,
     takes_expert_int8,
 )
-from flexmoe.experts.swiglu import swiglu_into, takes_swiglu
 
 __all__ = ["ServedWeight", "served_expert_ffn", "served_linear"]
 
@@ -73,14 +73,15 @@ def served_expert_ffn(
     ):
         return expert_int8(x_ND, w_in.q, w_in.scale, w_out.q, w_out.scale, activation, row_weights_N)
     h_NH = served_linear(x_ND, w_in)
-    hidden = h_NH.shape[1] // 2
-    gate_NF, up_NF = h_NH[:, :hidden], h_NH[:, hidden:]
-    if is_gated_silu(activation) and takes_swiglu(gate_NF, up_NF):
-        # one pass, rounded once: as the in-memory experts' weighted_activation computes it
-        per = None if row_weights_N is None else "row"
-        a_NF = swiglu_into(gate_NF, up_NF, row_weights_N, h_NH.new_empty(h_NH.shape[0], hidden), per)
-        return served_linear(a_NF, w_out)
-    a_NF = activate(h_NH, activation)
-    if row_weights_N is not None:  # in place: the activation is this call's own tensor
-        a_NF.mul_(row_weights_N.to(a_NF.dtype).unsqueeze(1))
+    gated = activation in GATED_ACTIVATIONS
+    hidden = h_NH.shape[1] // 2 if gated else h_NH.shape[1]
+    # the row weights rounded to the activation's dtype, as the in-memory experts round them
+    rw_N = None if row_weights_N is None else row_weights_N.to(h_NH.dtype)
+    a_NF = weighted_activation_into(
+        activation,
+        h_NH[:, :hidden],
+        h_NH[:, hidden:] if gated else None,
+        rw_N,
+        h_NH.new_empty(h_NH.shape[0], hidden),
+    )
     return served_linear(a_NF, w_out)
