@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,13 @@ def test_docs_have_examples():
 
 
 @pytest.mark.parametrize(("name", "mark", "code"), BLOCKS, ids=[name for name, _, _ in BLOCKS])
-def test_docs_example_runs(name, mark, code):
+def test_docs_example_runs(name, mark, code, tmp_path, monkeypatch):
     if mark.startswith("skip:"):
         reason = mark.removeprefix("skip:").strip()
         needs = re.search(r"\b(GPU|CUDA|network)\b", reason)
         assert needs, f"{name}: only an example that needs a GPU or the network may be skipped"
         pytest.skip(reason)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what examples write goes with the test
     exec(compile(code, name, "exec"), {"__name__": "__main__"})
 
 

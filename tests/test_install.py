@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def _build_wheel(work: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """``(venv bin folder, an empty working directory)`` with the built wheel installed."""
     work = tmp_path_factory.mktemp("install")
     wheel = _build_wheel(work)
@@ -72,7 +73,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     _run([*pip, "-c", ROOT / "requirements" / "tested.txt", f"{wheel}[hf]"], work)
     elsewhere = work / "elsewhere"
     elsewhere.mkdir()
-    return venv / "bin", elsewhere
+    yield venv / "bin", elsewhere
+    shutil.rmtree(work, ignore_errors=True)  # the venv holds a torch install: over a gigabyte
 
 
 def test_the_commands_run_from_the_wheel(installed):
