@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from flexmoe import MoELayer, RouterConfig
 from flexmoe.dispatch import combine, compute_capacity, make_layout, permute
+from flexmoe.dispatch import layout as layout_module
 from flexmoe.dispatch.permute import sums_in_place
 from tests.reference import kept_assignments
 
@@ -75,6 +76,38 @@ def test_layout_properties(routing) -> None:
     expected_kept, expected_capacity, _ = kept_assignments(rows, weights, E, cf, batch_prioritized)
     assert layout.capacity == expected_capacity
     assert dropped_of(layout, T, K) == {(t, k) for t in range(T) for k in range(K)} - expected_kept
+
+
+@settings(max_examples=200)
+@given(routing=routings(), valid=st.none() | st.lists(st.booleans(), min_size=72, max_size=72))
+def test_the_host_layout_equals_the_tensor_layout(routing, valid) -> None:
+    # make_layout builds small layouts with numpy: field for field what the tensor ops give
+    E, K, rows, weights, cf, _ = routing
+    T = len(rows)
+    ids, w = as_tensors(K, rows, weights)
+    valid_TK = None if valid is None else torch.tensor(valid[: T * K], dtype=torch.bool).reshape(T, K)
+    assert layout_module.takes_host_layout(ids, batch_prioritized=False)
+    host = make_layout(ids, w, E, cf, False, valid_TK)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layout_module, "HOST_LAYOUT_SLOTS", -1)
+        assert not layout_module.takes_host_layout(ids, batch_prioritized=False)
+        tensors = make_layout(ids, w, E, cf, False, valid_TK)
+    for field in ("slot_ids_N", "token_ids_N", "tokens_per_expert_E", "routed_per_expert_E", "inverse_S"):
+        a, b = getattr(host, field), getattr(tensors, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+    for field in ("counts", "capacity", "num_tokens", "top_k", "num_unused", "num_dropped"):
+        assert getattr(host, field) == getattr(tensors, field), field
+
+
+def test_the_host_layout_is_for_few_slots_in_the_default_order_on_the_cpu() -> None:
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    assert layout_module.takes_host_layout(ids, batch_prioritized=False)
+    assert not layout_module.takes_host_layout(ids, batch_prioritized=True)
+    many = torch.zeros(layout_module.HOST_LAYOUT_SLOTS + 1, 1, dtype=torch.int64)
+    assert not layout_module.takes_host_layout(many, batch_prioritized=False)
+    assert not layout_module.takes_host_layout(ids.to("meta"), batch_prioritized=False)
 
 
 @settings(max_examples=100)

@@ -182,6 +182,51 @@ def test_budget_and_stats_hold_with_prefetching(capacity, policy, calls):
     assert stats.reads == stats.evictions + len(cache.resident())  # every read expert is held or was evicted
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(3, 6),
+    policy=st.sampled_from(["predictive", "lru", "lfu"]),
+    calls=st.lists(
+        st.tuples(st.integers(0, 3), st.lists(st.integers(0, 7), min_size=1, max_size=3)),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_groups_serve_what_use_serves_resident_experts_together(capacity, policy, calls):
+    singles = ExpertCache(FakeStore(), 4, capacity * EXPERT_BYTES, policy=policy, prefetch=False)
+    store = FakeStore()
+    grouped = ExpertCache(store, 4, capacity * EXPERT_BYTES, policy=policy, prefetch=False)
+    for layer, experts in calls:
+        resident = {e for layer_of, e in grouped.resident() if layer_of == layer}
+        lists = []
+        for group in grouped.use_groups(layer, experts):
+            held = {e for layer_of, e in grouped.resident() if layer_of == layer}
+            assert {e for e, _ in group} <= held, "an expert of the list being used was evicted"
+            assert len(grouped.resident()) * EXPERT_BYTES <= capacity * EXPERT_BYTES
+            for e, (w_in, _) in group:
+                assert float(w_in[0, 0]) == 100 * layer + e
+            lists.append([e for e, _ in group])
+        wanted = set(experts)
+        if wanted & resident:
+            assert set(lists[0]) == wanted & resident, "the resident experts come first, together"
+            lists = lists[1:]
+        assert all(len(group) == 1 for group in lists)
+        assert sorted(e for (e,) in lists) == sorted(wanted - resident)
+        assert sorted(serve(singles, layer, experts)) == sorted(wanted)
+    assert grouped.stats == singles.stats
+    assert grouped.resident() == singles.resident()
+
+
+def test_a_group_left_early_unpins_its_experts():
+    cache = ExpertCache(FakeStore(), 1, 2 * EXPERT_BYTES, prefetch=False)
+    assert serve(cache, 0, [0, 1]) == [0, 1]
+    groups = cache.use_groups(0, [0, 1])
+    assert [e for e, _ in next(groups)] == [0, 1]
+    groups.close()
+    assert serve(cache, 0, [2, 3]) == [2, 3]  # both had to be evicted: nothing stayed pinned
+    assert cache.resident() == {(0, 2), (0, 3)}
+
+
 def predictive_reference(
     calls: list[tuple[int, list[int], list[int]]], capacity: int
 ) -> tuple[int, list[set[ExpertKey]]]:

@@ -42,6 +42,7 @@ import threading
 import weakref
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, runtime_checkable
 
@@ -267,6 +268,24 @@ class ExpertCache:
         without evicting experts this call still needs), before the first expert is
         yielded. Use one call at a time, from one thread.
         """
+        order, _ = self._begin_use(layer, experts)
+        return self._serve(order)
+
+    def use_groups(
+        self, layer: int, experts: Sequence[int]
+    ) -> Generator[list[tuple[int, ExpertWeights]], None, None]:
+        """``use``, with the experts resident at the call yielded first, together, in one list.
+
+        Then each of the others alone, in a list of one, as its weights arrive. The
+        experts of a list stay pinned until the caller asks for the next list: a decode
+        step computes all its resident experts in one call.
+        """
+        order, landed = self._begin_use(layer, experts)
+        groups = [order[:landed]] if landed else []
+        return self._serve_groups(groups + [[key] for key in order[landed:]])
+
+    def _begin_use(self, layer: int, experts: Sequence[int]) -> tuple[list[ExpertKey], int]:
+        """Score the prediction, count, start the misses' reads: the keys to serve, how many landed."""
         keys = [(layer, int(e)) for e in dict.fromkeys(experts)]
         with self._cond:
             self._score_prediction(layer, [key[1] for key in keys])
@@ -280,7 +299,8 @@ class ExpertCache:
                     break
             # resident first, then those being read, then the rest (read when reached)
             order = sorted(keys, key=lambda k: 0 if self._landed(k) else 1 if k in self._entries else 2)
-        return self._serve(order)
+            landed = sum(1 for key in order if self._landed(key))
+        return order, landed
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         """Record that ``layer`` is predicted to use ``experts`` and read them in the background.
@@ -306,20 +326,51 @@ class ExpertCache:
             self._pending.pop(0)
 
     def _serve(self, order: list[ExpertKey]) -> Generator[tuple[int, ExpertWeights], None, None]:
+        with closing(self._serve_groups([[key] for key in order])) as groups:
+            for (served,) in groups:
+                yield served
+
+    def _serve_groups(
+        self, groups: list[list[ExpertKey]]
+    ) -> Generator[list[tuple[int, ExpertWeights]], None, None]:
         try:
-            for key in order:
-                weights = self._acquire(key)
+            for group in groups:
+                served: list[tuple[ExpertKey, ExpertWeights]] = []
                 try:
-                    yield key[1], weights
+                    served += self._acquire_resident(group)
+                    for key in group[len(served) :]:
+                        served.append((key, self._acquire(key)))
+                    yield [(key[1], weights) for key, weights in served]
                 finally:
                     with self._cond:
-                        self._entries[key].pins -= 1
-                        self._needed.discard(key)
-                        self._continue_prefetch()  # the served expert may make room for them
+                        for key, _ in served:
+                            self._entries[key].pins -= 1
+                            self._needed.discard(key)
+                        self._continue_prefetch()  # the served experts may make room for them
                         self._cond.notify_all()
         finally:
             with self._cond:
                 self._needed.clear()
+
+    def _acquire_resident(self, keys: list[ExpertKey]) -> list[tuple[ExpertKey, ExpertWeights]]:
+        """``_acquire`` of the leading ``keys`` that are resident and ready, under one hold of the lock."""
+        acquired = []
+        with self._cond:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.weights is None or not entry.converted:
+                    break
+                self._tick += 1
+                entry.pins += 1
+                entry.uses += 1
+                entry.last_use = self._tick
+                acquired.append((key, entry.weights))
+            used = [self._entries[key] for key, _ in acquired if self._entries[key].prefetched]
+            for entry in used:
+                entry.prefetched = False
+            if used:
+                self._count(prefetch_used=len(used))
+        return acquired
 
     def _acquire(self, key: ExpertKey) -> ExpertWeights:
         """The weights of ``key``, pinned: resident, waited for, or read here."""

@@ -28,6 +28,7 @@ not run here (``available()`` is false) the callers keep PyTorch's kernels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "expert_bf16",
     "expert_int8",
     "experts_bf16",
+    "experts_bf16_at",
     "rows_bf16",
     "rows_bf16_segments",
     "rows_int8",
@@ -52,6 +54,7 @@ __all__ = [
     "takes_expert_bf16",
     "takes_expert_int8",
     "takes_experts_bf16",
+    "takes_experts_bf16_at",
     "takes_int8",
 ]
 
@@ -291,18 +294,79 @@ def experts_bf16(
     ``row_weights_N`` (or ``None``) holds every row's weight; check ``takes_experts_bf16``
     first.
     """
-    kernels = library()
-    assert kernels is not None and takes_experts_bf16(x_ND, counts, w_in_EHD, w_out_EDF, activation)
-    _check_output("y_ND", y_ND, tuple(x_ND.shape))
+    assert takes_experts_bf16(x_ND, counts, w_in_EHD, w_out_EDF, activation)
     _check_segments(starts, counts, index, x_ND.shape[0], w_in_EHD.shape[0])
+    w_in, w_out = _row_pointers(w_in_EHD, index), _row_pointers(w_out_EDF, index)
+    _experts_bf16_call(
+        x_ND, starts, counts, w_in, w_out, w_out_EDF.shape[1:], activation, row_weights_N, y_ND
+    )
+
+
+def takes_experts_bf16_at(
+    x_ND: Tensor, counts: np.ndarray, weights: Sequence[tuple[Tensor, Tensor]], activation: str
+) -> bool:
+    """Whether ``experts_bf16_at`` computes these: ``takes_expert_bf16`` for each pair, one shape."""
+    if not weights or len(weights) != len(counts) or not _segments_fit(x_ND, counts):
+        return False
+    w_in, w_out = weights[0]
+    if not takes_expert_bf16(x_ND[: int(counts.max())], w_in, w_out, activation):
+        return False
+    return all(
+        a.shape == w_in.shape and b.shape == w_out.shape and _same_kind(a, w_in) and _same_kind(b, w_out)
+        for a, b in weights[1:]
+    )
+
+
+def _same_kind(t: Tensor, like: Tensor) -> bool:
+    return t.dtype == like.dtype and t.device == like.device and t.is_contiguous()
+
+
+def experts_bf16_at(
+    x_ND: Tensor,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    weights: Sequence[tuple[Tensor, Tensor]],
+    activation: str,
+    row_weights_N: Tensor | None,
+    y_ND: Tensor,
+) -> None:
+    """``experts_bf16`` for experts held apart: segment ``k`` runs on ``weights[k] = (w_in, w_out)``.
+
+    The experts of an offloaded layer live in separate cache entries, not in one stack;
+    check ``takes_experts_bf16_at`` first.
+    """
+    assert takes_experts_bf16_at(x_ND, counts, weights, activation)
+    if int(starts.min()) < 0 or int((starts + counts).max()) > x_ND.shape[0]:
+        raise IndexError(f"starts: segments within the {x_ND.shape[0]} rows expected")
+    w_in = np.array([a.data_ptr() for a, _ in weights], dtype=np.int64)
+    w_out = np.array([b.data_ptr() for _, b in weights], dtype=np.int64)
+    _experts_bf16_call(
+        x_ND, starts, counts, w_in, w_out, weights[0][1].shape, activation, row_weights_N, y_ND
+    )
+
+
+def _experts_bf16_call(
+    x_ND: Tensor,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    w_in: np.ndarray,
+    w_out: np.ndarray,
+    shape_DF: torch.Size,
+    activation: str,
+    row_weights_N: Tensor | None,
+    y_ND: Tensor,
+) -> None:
+    """``flexmoe_expert_bf16_many`` on the segments, with the experts' weight addresses given."""
+    kernels = library()
+    assert kernels is not None
+    _check_output("y_ND", y_ND, tuple(x_ND.shape))
     counts = counts.astype(np.int64)
     x, y = _row_pointers(x_ND, starts), _row_pointers(y_ND, starts)
-    w_in, w_out = _row_pointers(w_in_EHD, index), _row_pointers(w_out_EDF, index)
     weights = None
     if row_weights_N is not None:
         row_weights_N = row_weights_N.to(torch.float32).contiguous()
         weights = _row_pointers(row_weights_N, starts)
-    D, F = w_out_EDF.shape[1:]
+    D, F = shape_DF
     status = kernels.flexmoe_expert_bf16_many(
         len(counts),
         x.ctypes.data,

@@ -32,12 +32,13 @@ from __future__ import annotations
 from collections.abc import Generator
 from contextlib import closing
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
-from flexmoe.experts.rows import expert_bf16, takes_expert_bf16
+from flexmoe.experts.rows import expert_bf16, experts_bf16_at, takes_expert_bf16, takes_experts_bf16_at
 from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
@@ -125,36 +126,70 @@ class OffloadedExperts(LocalExperts):
         self.check_budget(call.top_k)
         layout, x_ND, row_weights_N = self.dispatch(x_TD, route, call)
         counts = layout.counts
-        starts = [0]
-        for count in counts:
-            starts.append(starts[-1] + count)
+        starts = np.cumsum([0, *counts])
         active = [e for e, count in enumerate(counts) if count > 0]
-        # 1. this layer's experts: the misses start reading now
-        served = self.fetch(active)
+        # 1. this layer's experts: the misses start reading now, the resident ones come first
+        self._score_candidates(active)
+        groups = self.cache.use_groups(self.layer_index, active)
         # 2. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
-        experts = self.grouped
         dtype = compute_dtype(x_ND)
         # once, not per expert: the row weights rounded as the in-memory experts round them, in fp32
         x_c, rw_c = x_ND.to(dtype), row_weights_N.to(dtype).float()
-        with closing(served):
-            for e, (w_in, w_out) in served:
-                rows = slice(starts[e], starts[e + 1])
-                # plain weights: decoding rows in one call of the row kernels, others on the
-                # experts' backend (the same products and roundings as the in-memory experts);
-                # int8 or packed weights: one expert's FFN on them directly
-                if isinstance(w_in, Tensor) and isinstance(w_out, Tensor):
-                    if takes_expert_bf16(x_c[rows], w_in, w_out, experts.activation):
-                        outputs[e] = expert_bf16(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
-                    else:
-                        weights = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
-                        outputs[e] = experts.apply_weights(
-                            x_ND[rows], [counts[e]], weights, row_weights_N[rows]
-                        )
+        with closing(groups):
+            for group in groups:
+                if len(group) > 1 and self._run_together(x_c, rw_c, starts, group, outputs):
                     continue
-                outputs[e] = served_expert_ffn(x_c[rows], w_in, w_out, experts.activation, rw_c[rows])
+                for e, weights in group:
+                    rows = slice(int(starts[e]), int(starts[e + 1]))
+                    outputs[e] = self._run_one(
+                        x_ND[rows], x_c[rows], rw_c[rows], weights, row_weights_N[rows]
+                    )
         y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
+
+    def _run_together(
+        self,
+        x_c: Tensor,
+        rw_c: Tensor,
+        starts: np.ndarray,
+        group: list[tuple[int, ExpertWeights]],
+        outputs: dict[int, Tensor],
+    ) -> bool:
+        """Plain bf16 experts on decoding rows: all of ``group`` in one call of the row kernels.
+
+        False (nothing computed) where the kernels do not take them all.
+        """
+        experts = [e for e, _ in group]
+        weights = [w for _, w in group]
+        plain = [
+            (w_in, w_out) for w_in, w_out in weights if isinstance(w_in, Tensor) and isinstance(w_out, Tensor)
+        ]
+        first = starts[experts]
+        counts = starts[[e + 1 for e in experts]] - first
+        if len(plain) < len(group) or not takes_experts_bf16_at(x_c, counts, plain, self.grouped.activation):
+            return False
+        y_c = torch.empty_like(x_c)
+        experts_bf16_at(x_c, first, counts, plain, self.grouped.activation, rw_c, y_c)
+        for e in experts:
+            outputs[e] = y_c[int(starts[e]) : int(starts[e + 1])]
+        return True
+
+    def _run_one(
+        self, x_ND: Tensor, x_c: Tensor, rw_c: Tensor, weights: ExpertWeights, row_weights_N: Tensor
+    ) -> Tensor:
+        """One expert on its rows (``x_c``, ``rw_c``: in the compute dtype)."""
+        experts = self.grouped
+        w_in, w_out = weights
+        # plain weights: decoding rows in one call of the row kernels, others on the
+        # experts' backend (the same products and roundings as the in-memory experts);
+        # int8 or packed weights: one expert's FFN on them directly
+        if isinstance(w_in, Tensor) and isinstance(w_out, Tensor):
+            if takes_expert_bf16(x_c, w_in, w_out, experts.activation):
+                return expert_bf16(x_c, w_in, w_out, experts.activation, rw_c)
+            stacked = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
+            return experts.apply_weights(x_ND, [x_ND.shape[0]], stacked, row_weights_N)
+        return served_expert_ffn(x_c, w_in, w_out, experts.activation, rw_c)
 
     def fetch(self, active: list[int]) -> Generator[tuple[int, ExpertWeights], None, None]:
         """Ask the cache for this layer's ``active`` experts: ``(expert, weights)`` once each, resident first.
