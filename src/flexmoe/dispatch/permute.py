@@ -94,7 +94,14 @@ class _Combine(torch.autograd.Function):
 
 def permute(x_TD: Tensor, layout: DispatchLayout) -> Tensor:
     """Gather the rows of the kept slots, expert-major: ``x_ND[n] = x_TD[token_ids_N[n]]``."""
+    if not _needs_grad(x_TD):  # inference: no autograd node to build (a decode step's layers add up)
+        x_ND = WORKSPACE.take((len(layout.token_ids_N), x_TD.shape[-1]), x_TD.dtype, x_TD.device)
+        return torch.index_select(x_TD, 0, layout.token_ids_N, out=x_ND)
     return _Permute.apply(x_TD, layout)  # type: ignore[no-any-return]
+
+
+def _needs_grad(t: Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
 
 
 def release_rows(x_ND: Tensor) -> None:
@@ -114,4 +121,6 @@ def combine(y_ND: Tensor, layout: DispatchLayout) -> Tensor:
 
     Dropped slots contribute nothing.
     """
+    if not _needs_grad(y_ND):
+        return slots_to_tokens(y_ND, layout)
     return _Combine.apply(y_ND, layout)  # type: ignore[no-any-return]
