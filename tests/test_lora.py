@@ -10,6 +10,8 @@ the masks every backend draws in the same order from the same seed).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -27,6 +29,7 @@ from flexmoe.adapters import (
     unmerge_lora,
 )
 from flexmoe.experts import GroupedExperts
+from flexmoe.experts import lora as lora_module
 from flexmoe.experts.lora import ExpertLoRA, lora_masks
 from tests.reference import activation_fn
 
@@ -213,14 +216,28 @@ def assert_close_grads(got: dict, want: dict) -> None:
         torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=1e-4, msg=name)
 
 
+@contextmanager
+def lora_form(form: str) -> Iterator[None]:
+    """Make the cost model pick ``form``: the terms per segment, or the dense updated weights."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora_module, "SEGMENT_TERM_S", FORMS[form])
+        yield
+
+
+# SEGMENT_TERM_S for each form: per-segment terms that cost nothing, or a second each
+FORMS = {"segments": 0.0, "dense": 1.0}
+
+
 # ------------------------------------------------------------------ reference tests
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=40, deadline=None)
 @given(case=cases())
-def test_lora_matches_dense_reference(backend: str, case: Case) -> None:
+def test_lora_matches_dense_reference(backend: str, form: str, case: Case) -> None:
     experts = make_experts(case, backend)
     x, rw, grad_y = inputs(case)
-    y, grads = run(experts, case, x, rw, grad_y, backend)
+    with lora_form(form):
+        y, grads = run(experts, case, x, rw, grad_y, backend)
     want_y, want = reference_grads(experts, case, x, rw, grad_y)
     torch.testing.assert_close(y.double(), want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(
@@ -250,14 +267,15 @@ def test_lora_dropout_matches_reference_with_the_same_masks(backend: str, case: 
     torch.testing.assert_close(y_eval.double(), reference(experts, x, case.counts, rw), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
 @given(case=cases())
-def test_merged_equals_unmerged_and_unmerge_restores(backend: str, case: Case) -> None:
+def test_merged_equals_unmerged_and_unmerge_restores(backend: str, form: str, case: Case) -> None:
     experts = make_experts(case, backend)
     x, rw, _ = inputs(case)
     w_in, w_out = experts.w_in.detach().clone(), experts.w_out.detach().clone()
-    with torch.no_grad():
+    with torch.no_grad(), lora_form(form):
         unmerged = experts(x, case.counts, rw, backend=backend)
         assert experts.lora is not None
         experts.lora.merge_into(experts.w_in, experts.w_out)
@@ -269,6 +287,44 @@ def test_merged_equals_unmerged_and_unmerge_restores(backend: str, case: Case) -
     torch.testing.assert_close(again, unmerged, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(experts.w_in.detach(), w_in, rtol=0, atol=1e-5)
     torch.testing.assert_close(experts.w_out.detach(), w_out, rtol=0, atol=1e-5)
+
+
+def test_the_dense_updates_where_the_experts_are_narrow_and_never_with_dropout() -> None:
+    def pays(E: int, D: int, F: int, rows: int, grad: bool, dropout: float = 0.0) -> bool:
+        lora = ExpertLoRA(E, D, 2 * F, F, 8, alpha=16.0, dropout=dropout)
+        terms = lora.terms()
+        assert terms is not None
+        w_in, w_out = torch.empty(E, 2 * F, D), torch.empty(E, D, F)
+        return lora_module.dense_updates_pay(terms, rows, w_in, w_out, grad)
+
+    # the fine-tuning benchmark's two shapes (64 experts, 4 x 128 tokens top-8)
+    assert pays(64, 128, 64, 4096, grad=True)
+    assert not pays(64, 512, 192, 4096, grad=True)
+    assert not pays(64, 128, 64, 4096, grad=True, dropout=0.1)
+    # decoding a Qwen3-30B-shaped layer: never rewrite 128 experts' weights for 8 rows
+    assert not pays(128, 2048, 768, 8, grad=False)
+
+
+@pytest.mark.parametrize("adapted", [None, [0, 2]])
+def test_dense_updates_add_the_delta_to_the_adapted_experts_only(adapted) -> None:
+    torch.manual_seed(0)
+    lora = ExpertLoRA(3, 5, 8, 4, 2, alpha=3.0, experts=adapted)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_()
+    w_in, w_out = torch.randn(3, 8, 5), torch.randn(3, 5, 4)
+    terms = lora.terms()
+    assert terms is not None
+    new_in, new_out = lora_module.with_dense_updates(terms, w_in, w_out)
+    ids = list(lora.experts)
+    for new, old, target in ((new_in, w_in, "w_in"), (new_out, w_out, "w_out")):
+        expected = old.clone()
+        expected[ids] += lora.delta(target).detach()
+        torch.testing.assert_close(new.detach(), expected)
+    with pytest.raises(ValueError, match="dropout"):
+        dropped = ExpertLoRA(3, 5, 8, 4, 2, alpha=3.0, dropout=0.5).terms()
+        assert dropped is not None
+        lora_module.with_dense_updates(dropped, w_in, w_out)
 
 
 def test_no_grad_forward_equals_training_forward() -> None:

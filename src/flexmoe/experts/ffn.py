@@ -26,7 +26,7 @@ from flexmoe.config import GATED_ACTIVATIONS
 from flexmoe.experts.activations import activate
 from flexmoe.experts.backends import grouped_ffn, grouped_ffn_grouped_mm_rows, grouped_mm_available
 from flexmoe.experts.cast_cache import CastCache
-from flexmoe.experts.lora import ExpertLoRA, LoRATerms
+from flexmoe.experts.lora import ExpertLoRA, LoRATerms, dense_updates_pay, with_dense_updates
 from flexmoe.experts.ops import routed_experts
 from flexmoe.experts.packed import PackedExpertWeights, packed_ffn_inference, packed_inference_supported
 
@@ -173,6 +173,13 @@ class GroupedExperts(nn.Module):
         widths: tuple[int, ...] = (w_in.shape[2], w_in.shape[1], w_out.shape[2])
         if lora is not None:
             lora = lora.to(x_ND.dtype)
+            needs_grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x_ND, w_in, w_out, *lora.tensors)
+            )
+            if dense_updates_pay(lora, x_ND.shape[0], w_in, w_out, needs_grad):
+                w_in, w_out = with_dense_updates(lora, w_in, w_out)
+                lora = None
+        if lora is not None:
             widths = (*widths, lora.rank())  # torch._grouped_mm's alignment holds for r too
         name = resolve_backend(backend or self.backend, x_ND.device, x_ND.dtype, widths)
         with torch.autocast(x_ND.device.type, enabled=False):
