@@ -355,8 +355,8 @@ def woven_inference(
     ones that need their projections apart.
     """
 
-    def add_in(h_PNF: Tensor) -> None:
-        add_lora_terms(parts, "w_in", x_ND, h_PNF)
+    def add_in(h_1NH: Tensor) -> None:
+        add_lora_terms(parts, "w_in", x_ND, h_1NH)
 
     def add_out(a_NF: Tensor, y_ND: Tensor) -> None:
         add_lora_terms(parts, "w_out", a_NF, y_ND[None])

@@ -57,7 +57,6 @@ __all__ = [
     "grouped_ffn_loop",
     "grouped_mm_available",
     "stacked_inference",
-    "weighted_activation",
 ]
 
 
@@ -425,9 +424,9 @@ def fused_inference(
     """The forward without autograd, in token-major layout (``stacked_inference`` on one stack).
 
     Decode-sized segments (a few rows per expert) stream each expert's weights once;
-    BLAS does that best as ``x_e @ W^T`` into contiguous rows, measured 1.5x faster than
-    the transposed layout the training path uses. Gate and up halves are separate
-    GEMMs into a ``[P, N, F]`` buffer so the elementwise work stays contiguous.
+    BLAS does that best as ``x_e @ W^T`` into contiguous rows: each expert's first
+    projection is one GEMM into the row-major ``[N, H]`` pre-activation (gate and up side
+    by side, as the training path keeps them).
     """
     stack = ExpertTensors(w_in, w_out, b_in, b_out)
     return stacked_inference(x_ND, counts, [stack], activation, row_weights_N)
@@ -447,35 +446,37 @@ def stacked_inference(
 
     Group ``g`` (``counts[g]`` consecutive rows) runs on the ``g``-th expert of
     ``stacks`` concatenated (the base experts, then an adapter's: one pass over every
-    row, nothing copied). ``add_in(h_PNF)`` may add to the first projection before the
-    activation, ``add_out(a_NF, y_ND)`` to the output (the LoRA terms of a multi-adapter
-    batch, ``flexmoe.adapters.woven``), into the rows of the groups ``apart`` only (all
-    groups where ``None``): those run projection by projection, the others may run
-    whole (the row kernels' one-call experts, whose pre-activation is never stored).
+    row, nothing copied). ``add_in(h_1NH)`` may add to the first projection (``[1, N, H]``:
+    each row's ``[gate; up]``) before the activation, ``add_out(a_NF, y_ND)`` to the
+    output (the LoRA terms of a multi-adapter batch, ``flexmoe.adapters.woven``), into
+    the rows of the groups ``apart`` only (all groups where ``None``): those run
+    projection by projection, the others may run whole (the row kernels' one-call
+    experts, whose pre-activation is never stored).
     """
     N, D = x_ND.shape
     if N == 0:
         return x_ND.new_zeros(0, D)
     x_ND = x_ND.contiguous()
     F = stacks[0].w_out.shape[2]
-    P = stacks[0].w_in.shape[1] // F
+    H = stacks[0].w_in.shape[1]
     device, dtype = x_ND.device, x_ND.dtype
     owners = [(stack, e) for stack in stacks for e in range(stack.w_in.shape[0])]
     segments = segments_of(counts)
     # beside a pool of Python threads, oneDNN's packed products run best one at a time (see for_each_segment)
     serial_16bit_rows = 0 if any(stack.products is not None for stack in stacks) else SERIAL_16BIT_ROWS
-    h_PNF = WORKSPACE.take((P, N, F), dtype, device)
     y_ND = WORKSPACE.take((N, D), dtype, device)
     # rows that get terms added to the first projection or the output (LoRA) need the projections apart
     has_terms = add_in is not None or add_out is not None
     with_terms = set(range(len(counts)) if apart is None else apart) if has_terms else set()
     whole = whole_experts(x_ND, segments, owners, activation, row_weights_N, y_ND, with_terms)
     if len(whole) == len(segments):
-        WORKSPACE.give(h_PNF)
         return y_ND
+    # one GEMM per segment for the first projection, gate and up together: row-major [N, H]
+    h_NH = WORKSPACE.take((N, H), dtype, device)
+    a_NF = WORKSPACE.take((N, F), dtype, device)
     # the other decoding segments on plain bf16 weights: one call per projection and stack
-    batched = decoding_segments(x_ND, segments, owners, whole, h_PNF)
-    project_in_batched(x_ND, batched, h_PNF)
+    batched = decoding_segments(x_ND, segments, owners, whole, a_NF)
+    project_in_batched(x_ND, batched, h_NH)
     done = whole.union(*(part.groups for part in batched))
     segments = [segment for segment in segments if segment[0] not in done]
 
@@ -485,21 +486,19 @@ def stacked_inference(
         if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
             h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
         if h_nH is not None:
-            h_PNF[:, s:t].copy_(h_nH.view(t - s, P, F).transpose(0, 1))
+            h_NH[s:t] = h_nH
             if stack.b_in is not None:
-                h_PNF[:, s:t] += stack.b_in[e].view(P, 1, F)
-            return
-        for p in range(P):
-            rows = slice(p * F, (p + 1) * F)
-            if stack.b_in is None:
-                torch.mm(x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
-            else:
-                torch.addmm(stack.b_in[e, rows], x_ND[s:t], stack.w_in[e, rows].t(), out=h_PNF[p, s:t])
+                h_NH[s:t] += stack.b_in[e]
+        elif stack.b_in is None:
+            torch.mm(x_ND[s:t], stack.w_in[e].t(), out=h_NH[s:t])
+        else:
+            torch.addmm(stack.b_in[e], x_ND[s:t], stack.w_in[e].t(), out=h_NH[s:t])
 
     for_each_segment(segments, project_in, device, dtype, serial_16bit_rows)
     if add_in is not None:
-        add_in(h_PNF)
-    a_NF = weighted_activation(h_PNF, activation, row_weights_N)
+        add_in(h_NH[None])
+    gated = H == 2 * F
+    weighted_activation_into(activation, h_NH[:, :F], h_NH[:, F:] if gated else None, row_weights_N, a_NF)
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
@@ -520,7 +519,7 @@ def stacked_inference(
     project_out_batched(a_NF, batched, y_ND)
     if add_out is not None:
         add_out(a_NF, y_ND)
-    WORKSPACE.give(a_NF, h_PNF)
+    WORKSPACE.give(a_NF, h_NH)
     return y_ND
 
 
@@ -531,19 +530,6 @@ def one_pass_swiglu(activation: str, h_NH: Tensor, *grids: Tensor) -> bool:
     """
     F = h_NH.shape[1] // 2
     return is_gated_silu(activation) and takes_swiglu(h_NH[:, :F], h_NH[:, F:], *grids)
-
-
-def weighted_activation(h_PNF: Tensor, activation: str, row_weights_N: Tensor | None) -> Tensor:
-    """``act(h[0]) * h[1]`` (gated) or ``act(h[0])``, times the row weights, into a pooled buffer.
-
-    ``h_PNF`` holds the first projection as ``P`` contiguous ``[N, F]`` blocks (``P = 2``
-    for gated activations: gate, then up).
-    """
-    _, N, F = h_PNF.shape
-    out_NF = WORKSPACE.take((N, F), h_PNF.dtype, h_PNF.device)
-    return weighted_activation_into(
-        activation, h_PNF[0], h_PNF[1] if h_PNF.shape[0] == 2 else None, row_weights_N, out_NF
-    )
 
 
 def grouped_ffn_fused(

@@ -1,7 +1,7 @@
 """Decoding segments on the row kernels, a stack's experts at a time (``flexmoe.experts.rows``).
 
-Legend: N rows, D model dim, F expert hidden dim, P first-projection blocks (2 gated, else
-1), a segment ``(group, start, end)``: a group's consecutive rows.
+Legend: N rows, D model dim, F expert hidden dim, H first-projection width (2F gated, else
+F), a segment ``(group, start, end)``: a group's consecutive rows.
 
 ``stacked_inference`` hands its decoding segments here first: the experts whose rows need
 nothing added between the projections run whole (``whole_experts``: both products and the
@@ -99,12 +99,13 @@ def decoding_segments(
     segments: list[Segment],
     owners: list[tuple[ExpertTensors, int]],
     skip: set[int],
-    h_PNF: Tensor,
+    a_NF: Tensor,
 ) -> list[StackSegments]:
     """Per stack, its segments outside ``skip`` whose projections ``rows_bf16_segments`` runs.
 
     Decoding rows (at most ``bf16_max_rows``) of plain bf16 experts without biases or
-    packed copies: each projection of all of them in one call.
+    packed copies: each projection of all of them in one call (``a_NF``: the buffer the
+    activations go to, the second projection's input).
     """
     most = bf16_max_rows()
     batched = []
@@ -112,28 +113,17 @@ def decoding_segments(
         stack = part.stack
         if stack.b_in is not None or stack.b_out is not None or stack.products is not None:
             continue
-        if not stack.w_in.is_contiguous():
-            continue
-        blocks = _blocks(stack.w_in, h_PNF.shape[2])
-        if takes_bf16_segments(x_ND, part.counts, blocks) and takes_bf16_segments(
-            h_PNF[0], part.counts, stack.w_out
+        if takes_bf16_segments(x_ND, part.counts, stack.w_in) and takes_bf16_segments(
+            a_NF, part.counts, stack.w_out
         ):
             batched.append(part)
     return batched
 
 
-def project_in_batched(x_ND: Tensor, batched: list[StackSegments], h_PNF: Tensor) -> None:
-    """The first projection of the ``batched`` segments, block by block of ``h_PNF`` (gate, then up)."""
-    P, _, F = h_PNF.shape
+def project_in_batched(x_ND: Tensor, batched: list[StackSegments], h_NH: Tensor) -> None:
+    """The first projection of the ``batched`` segments into their rows of ``h_NH`` (gate and up together)."""
     for part in batched:
-        blocks = _blocks(part.stack.w_in, F)
-        for p in range(P):
-            rows_bf16_segments(x_ND, part.starts, part.counts, blocks, part.experts * P + p, h_PNF[p])
-
-
-def _blocks(w_in_EHD: Tensor, F: int) -> Tensor:
-    """``w_in`` as ``[E * P, F, D]``: expert ``e``'s block ``p`` (gate, then up) is entry ``e * P + p``."""
-    return w_in_EHD.view(-1, F, w_in_EHD.shape[2])
+        rows_bf16_segments(x_ND, part.starts, part.counts, part.stack.w_in, part.experts, h_NH)
 
 
 def project_out_batched(a_NF: Tensor, batched: list[StackSegments], y_ND: Tensor) -> None:
