@@ -356,21 +356,25 @@ class ExpertCache:
         """``_acquire`` of the leading ``keys`` that are resident and ready, under one hold of the lock."""
         acquired = []
         with self._cond:
+            prefetch_used = 0
             for key in keys:
                 entry = self._entries.get(key)
                 if entry is None or entry.weights is None or not entry.converted:
                     break
-                self._tick += 1
-                entry.pins += 1
-                entry.uses += 1
-                entry.last_use = self._tick
+                prefetch_used += self._pin(entry)
                 acquired.append((key, entry.weights))
-            used = [self._entries[key] for key, _ in acquired if self._entries[key].prefetched]
-            for entry in used:
-                entry.prefetched = False
-            if used:
-                self._count(prefetch_used=len(used))
+            if prefetch_used:
+                self._count(prefetch_used=prefetch_used)
         return acquired
+
+    def _pin(self, entry: _Entry) -> bool:
+        """Pin a resident entry and count its use (lock held); whether a prefetch read it for this use."""
+        self._tick += 1
+        entry.pins += 1
+        entry.uses += 1
+        entry.last_use = self._tick
+        prefetched, entry.prefetched = entry.prefetched, False
+        return prefetched
 
     def _acquire(self, key: ExpertKey) -> ExpertWeights:
         """The weights of ``key``, pinned: resident, waited for, or read here."""
@@ -378,12 +382,7 @@ class ExpertCache:
             while True:
                 entry = self._entries.get(key)
                 if entry is not None and entry.weights is not None:
-                    self._tick += 1
-                    entry.pins += 1
-                    entry.uses += 1
-                    entry.last_use = self._tick
-                    if entry.prefetched:
-                        entry.prefetched = False
+                    if self._pin(entry):
                         self._count(prefetch_used=1)
                     if entry.converted:
                         return entry.weights
