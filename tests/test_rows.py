@@ -30,6 +30,7 @@ from flexmoe.experts.rows import (
     expert_bf16,
     expert_int8,
     experts_bf16,
+    experts_bf16_at,
     rows_bf16,
     rows_bf16_segments,
     rows_int8,
@@ -38,6 +39,7 @@ from flexmoe.experts.rows import (
     takes_expert_bf16,
     takes_expert_int8,
     takes_experts_bf16,
+    takes_experts_bf16_at,
     takes_int8,
 )
 from flexmoe.experts.served import served_linear
@@ -246,6 +248,17 @@ def test_segments_in_one_call_equal_one_call_per_segment(tiles, counts, activati
             experts_bf16(x, starts, counts_, w_in, w_out, experts + E, activation, weights, y)
         with pytest.raises(IndexError, match="starts"):
             rows_bf16_segments(x, starts + 1, counts_, w_in, experts, h)
+        # the same experts held apart (an offloaded layer's cache entries): the same bits
+        apart = [(w_in[e].clone(), w_out[e].clone()) for e in experts]
+        assert takes_experts_bf16_at(x, counts_, apart, activation)
+        y_apart = torch.empty_like(x)
+        experts_bf16_at(x, starts, counts_, apart, activation, weights, y_apart)
+        assert torch.equal(y_apart, y)
+        mixed = [*apart[:-1], (apart[-1][0].float(), apart[-1][1])]
+        assert not takes_experts_bf16_at(x, counts_, mixed, activation)  # one expert not bf16
+        assert not takes_experts_bf16_at(x, counts_, apart[1:] or [], activation)  # a pair per segment
+        with pytest.raises(IndexError, match="starts"):
+            experts_bf16_at(x, starts + 1, counts_, apart, activation, weights, y_apart)
 
 
 def activated(h, activation: str):
