@@ -20,6 +20,7 @@ from flexmoe.experts.served import served_expert_ffn
 from flexmoe.hf import load_offloaded, offload_stats, quantize_experts, quantize_linear_layers
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
 from flexmoe.layer import MoELayer
+from flexmoe.layer import offloaded as offloaded_module
 from flexmoe.layer.offloaded import int8_experts_in_memory
 from flexmoe.models import TinyMoELM, TinyMoELMConfig
 from tests.hf_tiny import VOCAB, tiny_model
@@ -260,6 +261,31 @@ def test_int8_linear_layers_offloaded_equal_the_quantized_in_memory_model(checkp
     assert torch.equal(generate(model, prompt()), generate(reference, prompt()))
     with pytest.raises(ValueError, match="int8_linear must be True or False"):
         load_offloaded(source, int8_linear=1)
+
+
+def test_int8_experts_decode_in_one_call_as_one_at_a_time(checkpoints, monkeypatch):
+    # a decode step's resident int8 experts run in one call of the row kernels: the same bits
+    _, target = checkpoints["qwen3_moe"]
+    ids = prompt()
+    calls = []
+    together_call = offloaded_module.experts_int8_at
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return together_call(*args, **kwargs)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        model = load_offloaded(target, expert_budget=None, dtype=torch.bfloat16)
+        with torch.no_grad():
+            return generate(model, ids), model(ids).logits
+
+    monkeypatch.setattr(offloaded_module, "experts_int8_at", counted)
+    together = run()
+    assert calls, "no step ran its int8 experts in one call"
+    monkeypatch.setattr(offloaded_module, "takes_experts_int8_at", lambda *args: False)
+    one_at_a_time = run()
+    assert torch.equal(together[0], one_at_a_time[0])
+    assert torch.equal(together[1], one_at_a_time[1])
 
 
 def test_int8_reads_half_the_bytes_of_bf16(checkpoints):

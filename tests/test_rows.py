@@ -31,6 +31,7 @@ from flexmoe.experts.rows import (
     expert_int8,
     experts_bf16,
     experts_bf16_at,
+    experts_int8_at,
     rows_bf16,
     rows_bf16_segments,
     rows_int8,
@@ -40,6 +41,7 @@ from flexmoe.experts.rows import (
     takes_expert_int8,
     takes_experts_bf16,
     takes_experts_bf16_at,
+    takes_experts_int8_at,
     takes_int8,
 )
 from flexmoe.experts.served import served_linear
@@ -334,6 +336,43 @@ def test_one_int8_expert_in_one_call_equals_the_fp64_reference(rows, dim, hidden
     # the fixed-point rows (far below bf16's rounding), then as expert_bf16
     w_in64, w_out64 = q_in.dequantize(torch.float64), q_out.dequantize(torch.float64)
     assert_expert_matches_fp64(y, x, w_in64, w_out64, activation, row_weights)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, INT8_MAX_ROWS), min_size=1, max_size=5),
+    activation=st.sampled_from(["swiglu", "gelu"]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_experts_held_apart_in_one_call_equal_one_call_each(counts, activation, weighted, seed):
+    generator = torch.Generator().manual_seed(seed)
+    D, F_ = 40, 24
+    H = 2 * F_ if activation == "swiglu" else F_
+    experts = [
+        (
+            Int8Weight.quantize(torch.randn(H, D, generator=generator)),
+            Int8Weight.quantize(torch.randn(D, F_, generator=generator)),
+        )
+        for _ in counts
+    ]
+    weights = [(a.q, a.scale, b.q, b.scale) for a, b in experts]
+    x = torch.randn(sum(counts), D, generator=generator).to(torch.bfloat16)
+    row_weights = torch.rand(sum(counts), generator=generator) if weighted else None
+    starts, counts_ = np.cumsum([0, *counts[:-1]]), np.array(counts)
+    assert takes_experts_int8_at(x, counts_, weights, activation)
+    y = torch.empty_like(x)
+    experts_int8_at(x, starts, counts_, weights, activation, row_weights, y)
+    for s, n, (a, b) in zip(starts, counts, experts, strict=True):
+        rows = slice(int(s), int(s) + n)
+        w_n = None if row_weights is None else row_weights[rows]
+        assert torch.equal(y[rows], expert_int8(x[rows], a.q, a.scale, b.q, b.scale, activation, w_n))
+    assert not takes_experts_int8_at(x.float(), counts_, weights, activation)  # fp32 rows
+    assert not takes_experts_int8_at(x, np.array([INT8_MAX_ROWS + 1]), weights[:1], activation)
+    wider = [*weights[:-1], (weights[-1][0][:, :-1].contiguous(), *weights[-1][1:])]
+    assert not takes_experts_int8_at(x, counts_, wider, activation)  # one expert of another shape
+    with pytest.raises(IndexError, match="starts"):
+        experts_int8_at(x, starts + 1, counts_, weights, activation, row_weights, y)
 
 
 def test_one_expert_in_one_call_takes_only_what_it_computes():

@@ -141,6 +141,17 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.flexmoe_rows_bf16_many.restype = ctypes.c_int
     library.flexmoe_expert_bf16_many.argtypes = [size, pointer, pointer, pointer, pointer, *expert]
     library.flexmoe_expert_bf16_many.restype = ctypes.c_int
+    library.flexmoe_expert_int8_many.argtypes = [
+        size,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        *expert,
+    ]
+    library.flexmoe_expert_int8_many.restype = ctypes.c_int
     library.flexmoe_rows_threads.argtypes = []
     library.flexmoe_rows_threads.restype = ctypes.c_int
     library.flexmoe_use_amx.argtypes = [ctypes.c_int]

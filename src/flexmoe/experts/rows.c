@@ -686,6 +686,21 @@ int flexmoe_expert_int8(const uint16_t *x, long M, const int8_t *q_in, const flo
     return status;
 }
 
+/* flexmoe_expert_int8 on many segments in one call, as flexmoe_expert_bf16_many: segment k
+ * on x[k], M[k] rows, q_in[k] with s_in[k], q_out[k] with s_out[k], into y[k]. */
+int flexmoe_expert_int8_many(long n, const int64_t *x, const int64_t *M, const int64_t *q_in, const int64_t *s_in,
+                             const int64_t *q_out, const int64_t *s_out, long D, long F, int gated, int kind,
+                             const int64_t *row_weights, const int64_t *y) {
+    int status = 0;
+    for (long k = 0; k < n; k++)
+        status |= flexmoe_expert_int8((const uint16_t *)(intptr_t)x[k], M[k], (const int8_t *)(intptr_t)q_in[k],
+                                      (const float *)(intptr_t)s_in[k], (const int8_t *)(intptr_t)q_out[k],
+                                      (const float *)(intptr_t)s_out[k], D, F, gated, kind,
+                                      row_weights ? (const float *)(intptr_t)row_weights[k] : NULL,
+                                      (uint16_t *)(intptr_t)y[k]);
+    return status;
+}
+
 /* The OpenMP team size a parallel region of the calling thread gets: PyTorch's, when the
  * runtime is shared (what the tests check). */
 int flexmoe_rows_threads(void) { return omp_get_max_threads(); }

@@ -46,6 +46,7 @@ __all__ = [
     "expert_int8",
     "experts_bf16",
     "experts_bf16_at",
+    "experts_int8_at",
     "rows_bf16",
     "rows_bf16_segments",
     "rows_int8",
@@ -55,6 +56,7 @@ __all__ = [
     "takes_expert_int8",
     "takes_experts_bf16",
     "takes_experts_bf16_at",
+    "takes_experts_int8_at",
     "takes_int8",
 ]
 
@@ -296,9 +298,12 @@ def experts_bf16(
     """
     assert takes_experts_bf16(x_ND, counts, w_in_EHD, w_out_EDF, activation)
     _check_segments(starts, counts, index, x_ND.shape[0], w_in_EHD.shape[0])
-    w_in, w_out = _row_pointers(w_in_EHD, index), _row_pointers(w_out_EDF, index)
-    _experts_bf16_call(
-        x_ND, starts, counts, w_in, w_out, w_out_EDF.shape[1:], activation, row_weights_N, y_ND
+    kernels = library()
+    assert kernels is not None
+    weights = [_row_pointers(w_in_EHD, index), _row_pointers(w_out_EDF, index)]
+    function = kernels.flexmoe_expert_bf16_many
+    _experts_call(
+        function, x_ND, starts, counts, weights, w_out_EDF.shape[1:], activation, row_weights_N, y_ND
     )
 
 
@@ -336,52 +341,105 @@ def experts_bf16_at(
     check ``takes_experts_bf16_at`` first.
     """
     assert takes_experts_bf16_at(x_ND, counts, weights, activation)
-    if int(starts.min()) < 0 or int((starts + counts).max()) > x_ND.shape[0]:
-        raise IndexError(f"starts: segments within the {x_ND.shape[0]} rows expected")
-    w_in = np.array([a.data_ptr() for a, _ in weights], dtype=np.int64)
-    w_out = np.array([b.data_ptr() for _, b in weights], dtype=np.int64)
-    _experts_bf16_call(
-        x_ND, starts, counts, w_in, w_out, weights[0][1].shape, activation, row_weights_N, y_ND
+    kernels = library()
+    assert kernels is not None
+    _check_starts(starts, counts, x_ND.shape[0])
+    function = kernels.flexmoe_expert_bf16_many
+    pointers = _addresses(weights)
+    _experts_call(
+        function, x_ND, starts, counts, pointers, weights[0][1].shape, activation, row_weights_N, y_ND
     )
 
 
-def _experts_bf16_call(
+def takes_experts_int8_at(
+    x_ND: Tensor,
+    counts: np.ndarray,
+    weights: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],
+    activation: str,
+) -> bool:
+    """Whether ``experts_int8_at`` computes these: ``takes_expert_int8`` for each expert, one shape."""
+    if not weights or len(weights) != len(counts) or not _segments_fit(x_ND, counts):
+        return False
+    q_in, _, q_out, _ = weights[0]
+    if not takes_expert_int8(x_ND[: int(counts.max())], q_in, q_out, activation):
+        return False
+    return all(
+        a.shape == q_in.shape and b.shape == q_out.shape and _same_kind(a, q_in) and _same_kind(b, q_out)
+        for a, _, b, _ in weights[1:]
+    )
+
+
+def experts_int8_at(
     x_ND: Tensor,
     starts: np.ndarray,
     counts: np.ndarray,
-    w_in: np.ndarray,
-    w_out: np.ndarray,
+    weights: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],
+    activation: str,
+    row_weights_N: Tensor | None,
+    y_ND: Tensor,
+) -> None:
+    """``expert_int8`` of segment ``k`` on ``weights[k] = (q_in, scale_in, q_out, scale_out)``: one call.
+
+    Check ``takes_experts_int8_at`` first.
+    """
+    assert takes_experts_int8_at(x_ND, counts, weights, activation)
+    kernels = library()
+    assert kernels is not None
+    _check_starts(starts, counts, x_ND.shape[0])
+    fp32 = [
+        tuple(t if i % 2 == 0 else t.to(torch.float32).contiguous() for i, t in enumerate(w)) for w in weights
+    ]
+    function = kernels.flexmoe_expert_int8_many
+    pointers = _addresses(fp32)  # fp32 holds the scales' copies alive through the call
+    _experts_call(
+        function, x_ND, starts, counts, pointers, weights[0][2].shape, activation, row_weights_N, y_ND
+    )
+
+
+def _addresses(weights: Sequence[Sequence[Tensor]]) -> list[np.ndarray]:
+    """Per position of the tuples in ``weights``, the tensors' addresses (int64), one per expert."""
+    return [np.array([w[i].data_ptr() for w in weights], dtype=np.int64) for i in range(len(weights[0]))]
+
+
+def _check_starts(starts: np.ndarray, counts: np.ndarray, rows: int) -> None:
+    if int(starts.min()) < 0 or int((starts + counts).max()) > rows:
+        raise IndexError(f"starts: segments within the {rows} rows expected")
+
+
+def _experts_call(
+    function: Any,
+    x_ND: Tensor,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    weights: list[np.ndarray],
     shape_DF: torch.Size,
     activation: str,
     row_weights_N: Tensor | None,
     y_ND: Tensor,
 ) -> None:
-    """``flexmoe_expert_bf16_many`` on the segments, with the experts' weight addresses given."""
-    kernels = library()
-    assert kernels is not None
+    """``flexmoe_expert_*_many`` on the segments, given the experts' weight addresses (one array each)."""
     _check_output("y_ND", y_ND, tuple(x_ND.shape))
     counts = counts.astype(np.int64)
     x, y = _row_pointers(x_ND, starts), _row_pointers(y_ND, starts)
-    weights = None
+    rows = None
     if row_weights_N is not None:
         row_weights_N = row_weights_N.to(torch.float32).contiguous()
-        weights = _row_pointers(row_weights_N, starts)
+        rows = _row_pointers(row_weights_N, starts)
     D, F = shape_DF
-    status = kernels.flexmoe_expert_bf16_many(
+    status = function(
         len(counts),
         x.ctypes.data,
         counts.ctypes.data,
-        w_in.ctypes.data,
-        w_out.ctypes.data,
+        *(w.ctypes.data for w in weights),
         D,
         F,
         int(activation in GATED_ACTIVATIONS),
         _ACTIVATION_KINDS[activation],
-        None if weights is None else weights.ctypes.data,
+        None if rows is None else rows.ctypes.data,
         y.ctypes.data,
     )
     if status != 0:
-        raise MemoryError(f"experts_bf16: no memory for the scratch copies of {len(counts)} segments")
+        raise MemoryError(f"{function.__name__}: no memory for the scratch copies of {len(counts)} segments")
 
 
 def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:

@@ -38,7 +38,15 @@ from torch import Tensor, nn
 
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
-from flexmoe.experts.rows import expert_bf16, experts_bf16_at, takes_expert_bf16, takes_experts_bf16_at
+from flexmoe.experts.int8 import Int8Weight
+from flexmoe.experts.rows import (
+    expert_bf16,
+    experts_bf16_at,
+    experts_int8_at,
+    takes_expert_bf16,
+    takes_experts_bf16_at,
+    takes_experts_int8_at,
+)
 from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
@@ -156,21 +164,27 @@ class OffloadedExperts(LocalExperts):
         group: list[tuple[int, ExpertWeights]],
         outputs: dict[int, Tensor],
     ) -> bool:
-        """Plain bf16 experts on decoding rows: all of ``group`` in one call of the row kernels.
+        """Plain bf16 or int8 experts on decoding rows: all of ``group`` in one call of the row kernels.
 
         False (nothing computed) where the kernels do not take them all.
         """
         experts = [e for e, _ in group]
-        weights = [w for _, w in group]
-        plain = [
-            (w_in, w_out) for w_in, w_out in weights if isinstance(w_in, Tensor) and isinstance(w_out, Tensor)
-        ]
         first = starts[experts]
         counts = starts[[e + 1 for e in experts]] - first
-        if len(plain) < len(group) or not takes_experts_bf16_at(x_c, counts, plain, self.grouped.activation):
-            return False
+        activation = self.grouped.activation
+        plain = [(a, b) for a, b in (w for _, w in group) if isinstance(a, Tensor) and isinstance(b, Tensor)]
+        int8 = [
+            (a.q, a.scale, b.q, b.scale)
+            for a, b in (w for _, w in group)
+            if isinstance(a, Int8Weight) and isinstance(b, Int8Weight)
+        ]
         y_c = torch.empty_like(x_c)
-        experts_bf16_at(x_c, first, counts, plain, self.grouped.activation, rw_c, y_c)
+        if len(plain) == len(group) and takes_experts_bf16_at(x_c, counts, plain, activation):
+            experts_bf16_at(x_c, first, counts, plain, activation, rw_c, y_c)
+        elif len(int8) == len(group) and takes_experts_int8_at(x_c, counts, int8, activation):
+            experts_int8_at(x_c, first, counts, int8, activation, rw_c, y_c)
+        else:
+            return False
         for e in experts:
             outputs[e] = y_c[int(starts[e]) : int(starts[e + 1])]
         return True
