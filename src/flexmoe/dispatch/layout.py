@@ -50,6 +50,15 @@ def compute_capacity(
     return min(max_load, cap)
 
 
+def _call_capacity(
+    capacity_factor: float, T: int, K: int, E: int, max_load: int, routed: int, some_unused: bool
+) -> int | None:
+    """One call's capacity: over its ``T * K`` slots, or over the ``routed`` assignments (top-p)."""
+    if some_unused:
+        return compute_capacity(capacity_factor, routed, 1, E, max_load)
+    return compute_capacity(capacity_factor, T, K, E, max_load)
+
+
 def capacity_limit(capacity_factor: float, num_tokens: float, top_k: int, num_experts: int) -> int | None:
     """``ceil(|cf| * T * K / E)``: the most rows an expert may keep (``None`` when dropless).
 
@@ -126,10 +135,7 @@ def make_layout(
     routed_counts: list[int] = routed_per_expert_E.tolist()
     max_load = max(routed_counts) if routed_counts else 0
     routed = sum(routed_counts)
-    if valid_TK is None:
-        capacity = compute_capacity(capacity_factor, T, K, num_experts, max_load)
-    else:
-        capacity = compute_capacity(capacity_factor, routed, 1, num_experts, max_load)
+    capacity = _call_capacity(capacity_factor, T, K, num_experts, max_load, routed, valid_TK is not None)
     keep_S = None if valid_TK is None else experts_sorted < num_experts
     if capacity is not None and capacity < max_load:
         # Position of each slot inside its expert; keep the first `capacity`.
@@ -175,10 +181,7 @@ def host_layout(
     routed_E = np.bincount(experts_sorted, minlength=E + 1)[:E]
     max_load = int(routed_E.max()) if E else 0
     routed = int(routed_E.sum())
-    if valid_TK is None:
-        capacity = compute_capacity(capacity_factor, T, K, E, max_load)
-    else:
-        capacity = compute_capacity(capacity_factor, routed, 1, E, max_load)
+    capacity = _call_capacity(capacity_factor, T, K, E, max_load, routed, valid_TK is not None)
     keep_S = None if valid_TK is None else experts_sorted < E
     if capacity is not None and capacity < max_load:
         starts_E = np.cumsum(routed_E) - routed_E
