@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexmoe.experts import GroupedExperts, backends, decoding
+from flexmoe.experts import rows as rows_module
 from flexmoe.experts.int8 import Int8Weight, int8_linear
 from flexmoe.experts.kernels import (
     available,
@@ -26,6 +27,8 @@ from flexmoe.experts.kernels import (
     tile_kernels,
 )
 from flexmoe.experts.rows import (
+    FP32_MAX_ROWS,
+    FP32_MAX_ROWS_LARGE,
     INT8_MAX_ROWS,
     expert_bf16,
     expert_int8,
@@ -34,6 +37,7 @@ from flexmoe.experts.rows import (
     experts_int8_at,
     rows_bf16,
     rows_bf16_segments,
+    rows_fp32,
     rows_int8,
     takes_bf16,
     takes_bf16_segments,
@@ -42,6 +46,7 @@ from flexmoe.experts.rows import (
     takes_experts_bf16,
     takes_experts_bf16_at,
     takes_experts_int8_at,
+    takes_fp32,
     takes_int8,
 )
 from flexmoe.experts.served import served_linear
@@ -127,6 +132,45 @@ def test_int8_rows_equal_the_fp64_product_within_the_fixed_point_bound(rows, out
     assert bool(((y.double() - expected).abs() <= bound).all())
     if zero_row:
         assert not y[0].any()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, FP32_MAX_ROWS_LARGE),
+    outputs=st.integers(1, 19),
+    inputs=st.integers(1, 150),  # whole 16-column steps and masked tails
+    seed=st.integers(0, 2**16),
+)
+def test_fp32_rows_equal_the_fp64_product(rows, outputs, inputs, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inputs, generator=generator)
+    weight = torch.randn(outputs, inputs, generator=generator)
+    with pytest.MonkeyPatch.context() as patch:  # every row count the kernel has paths for
+        patch.setattr(rows_module, "FP32_MAX_ROWS", FP32_MAX_ROWS_LARGE)
+        assert takes_fp32(x, weight)
+        y = rows_fp32(x, weight)
+        out = torch.full((rows, outputs), float("nan"))
+        assert rows_fp32(x, weight, out=out) is out and torch.equal(out, y)
+    assert y.dtype == torch.float32 and y.shape == (rows, outputs)
+    expected = x.double() @ weight.double().T
+    # fp32 sums of `inputs` products: within (inputs + 2) fp32 unit roundoffs of the sum of magnitudes
+    bound = (inputs + 2) * 2.0**-24 * (x.double().abs() @ weight.double().abs().T) + 1e-30
+    assert bool(((y.double() - expected).abs() <= bound).all())
+
+
+def test_fp32_rows_take_a_few_rows_of_plain_fp32_weights():
+    small, large = torch.ones(8, 16), torch.ones(1024, 1024)  # 512 B, 4 MiB
+    assert takes_fp32(torch.ones(FP32_MAX_ROWS, 16), small)
+    assert not takes_fp32(torch.ones(FP32_MAX_ROWS + 1, 16), small)
+    assert takes_fp32(torch.ones(FP32_MAX_ROWS_LARGE, 1024), large)
+    assert not takes_fp32(torch.ones(FP32_MAX_ROWS_LARGE + 1, 1024), large)
+    assert not takes_fp32(torch.ones(2, 16).bfloat16(), small.bfloat16())
+    assert not takes_fp32(torch.ones(2, 32)[:, ::2], small)  # strided rows
+    assert not takes_fp32(torch.ones(2, 16), small.t().contiguous().t())
+    with pytest.raises(ValueError, match="out"):
+        rows_fp32(torch.ones(2, 16), small, out=torch.empty(2, 9))
+    nan = torch.full((1, 16), float("nan"))
+    assert torch.isnan(rows_fp32(nan, small)).all()
 
 
 def test_int8_sums_longer_than_a_chunk_do_not_overflow():

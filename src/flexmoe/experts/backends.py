@@ -39,7 +39,7 @@ from flexmoe.experts.activations import (
 )
 from flexmoe.experts.decoding import decoding_segments, project_in_batched, project_out_batched, whole_experts
 from flexmoe.experts.lora import LoRATerms, SegmentLoRA, lora_masks
-from flexmoe.experts.rows import rows_bf16, takes_bf16
+from flexmoe.experts.rows import rows_bf16, rows_fp32, takes_bf16, takes_fp32
 from flexmoe.experts.segments import SERIAL_16BIT_ROWS, for_each_segment, segments_of
 from flexmoe.experts.stacks import ExpertTensors
 from flexmoe.experts.swiglu import swiglu_backward_into, takes_swiglu
@@ -485,8 +485,11 @@ def stacked_inference(
         h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
         if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
             h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
+        if h_nH is None and takes_fp32(x_ND[s:t], stack.w_in[e]):
+            h_nH = rows_fp32(x_ND[s:t], stack.w_in[e], out=h_NH[s:t])
         if h_nH is not None:
-            h_NH[s:t] = h_nH
+            if h_nH.data_ptr() != h_NH[s:t].data_ptr():
+                h_NH[s:t] = h_nH
             if stack.b_in is not None:
                 h_NH[s:t] += stack.b_in[e]
         elif stack.b_in is None:
@@ -505,9 +508,11 @@ def stacked_inference(
         y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
         if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
             y_nD = rows_bf16(a_NF[s:t], stack.w_out[e])
+        if y_nD is None and takes_fp32(a_NF[s:t], stack.w_out[e]):
+            y_nD = rows_fp32(a_NF[s:t], stack.w_out[e], out=y_ND[s:t])
         if y_nD is None:
             torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
-        else:
+        elif y_nD.data_ptr() != y_ND[s:t].data_ptr():
             y_ND[s:t] = y_nD
         if stack.b_out is not None:
             if row_weights_N is None:

@@ -127,6 +127,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_long
     library.flexmoe_rows_bf16.argtypes = [pointer, size, pointer, size, size, pointer]
     library.flexmoe_rows_bf16.restype = ctypes.c_int
+    library.flexmoe_rows_fp32.argtypes = [pointer, size, pointer, size, size, pointer]
+    library.flexmoe_rows_fp32.restype = ctypes.c_int
     library.flexmoe_rows_int8.argtypes = [pointer, size, pointer, pointer, size, size, pointer]
     library.flexmoe_rows_int8.restype = ctypes.c_int
     # both experts' calls end with D, F, gated, the activation, the row weights and y

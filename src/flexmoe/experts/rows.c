@@ -106,6 +106,76 @@ static void vector_rows_bf16(const uint16_t *x, long M, const uint16_t *w, long 
         for (long m0 = 0; m0 < M; m0 += 2) bf16_block(x, M, m0, M - m0 > 1 ? 2 : 1, w, O, b * OUT_BLOCK, I, y);
 }
 
+/* ------------------------------------------------------------------ fp32 weights */
+
+/* One step of 16 columns: OUT_BLOCK weight rows, each read once, against ROWS x rows. */
+#define FP32_STEP(ROWS, MASK)                                                                        \
+    do {                                                                                             \
+        __m512 wv[OUT_BLOCK];                                                                        \
+        for (int r = 0; r < OUT_BLOCK; r++) {                                                        \
+            wv[r] = _mm512_maskz_loadu_ps(MASK, wr[r] + i);                                          \
+            _mm_prefetch((const char *)(wr[r] + i + OUT_BLOCK * I), _MM_HINT_T0);                   \
+        }                                                                                            \
+        for (int k = 0; k < ROWS; k++) {                                                             \
+            __m512 xv = _mm512_maskz_loadu_ps(MASK, xr[k] + i);                                      \
+            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_fmadd_ps(wv[r], xv, acc[k][r]);   \
+        }                                                                                            \
+    } while (0)
+
+/* sums[k][r] = xr[k] . wr[r] over I columns, in fp32: ROWS rows against OUT_BLOCK weight rows. */
+#define FP32_SUMS(ROWS)                                                                              \
+    static void fp32_sums_##ROWS(const float *const *xr, const float *const *wr, long I,            \
+                                 float sums[][OUT_BLOCK]) {                                          \
+        __m512 acc[ROWS][OUT_BLOCK];                                                                 \
+        for (int k = 0; k < ROWS; k++)                                                               \
+            for (int r = 0; r < OUT_BLOCK; r++) acc[k][r] = _mm512_setzero_ps();                     \
+        long i = 0;                                                                                  \
+        for (; i + 16 <= I; i += 16) FP32_STEP(ROWS, (__mmask16)0xffffu);                            \
+        if (i < I) FP32_STEP(ROWS, (__mmask16)((1u << (I - i)) - 1));                                \
+        for (int k = 0; k < ROWS; k++)                                                               \
+            for (int r = 0; r < OUT_BLOCK; r++) sums[k][r] = _mm512_reduce_add_ps(acc[k][r]);        \
+    }
+
+FP32_SUMS(1)
+FP32_SUMS(2)
+FP32_SUMS(3)
+FP32_SUMS(4)
+
+/* y[m0..m0+rows, o0..o0+3] for 1 to 4 rows of x. */
+static void fp32_block(const float *x, long M, long m0, int rows, const float *w, long O, long o0, long I,
+                       float *y) {
+    const float *xr[4], *wr[OUT_BLOCK];
+    float sums[4][OUT_BLOCK];
+    for (int k = 0; k < rows; k++) xr[k] = x + clamp_row(m0 + k, M) * I;
+    for (int r = 0; r < OUT_BLOCK; r++) wr[r] = w + clamp_row(o0 + r, O) * I;
+    if (rows == 4)
+        fp32_sums_4(xr, wr, I, sums);
+    else if (rows == 3)
+        fp32_sums_3(xr, wr, I, sums);
+    else if (rows == 2)
+        fp32_sums_2(xr, wr, I, sums);
+    else
+        fp32_sums_1(xr, wr, I, sums);
+    for (int k = 0; k < rows; k++)
+        for (int r = 0; r < OUT_BLOCK && o0 + r < O; r++) y[(m0 + k) * O + o0 + r] = sums[k][r];
+}
+
+/* y = x @ w^T in fp32 for a few rows of x [M, I] and w [O, I]: each block of OUT_BLOCK weight rows
+ * is read once for all rows (x stays in the cache), blocks split over the calling thread's team. */
+int flexmoe_rows_fp32(const float *x, long M, const float *w, long O, long I, float *y) {
+    long blocks = (O + OUT_BLOCK - 1) / OUT_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        long m0 = 0;
+        while (m0 < M) {
+            int rows = M - m0 >= 4 ? 4 : (int)(M - m0);
+            fp32_block(x, M, m0, rows, w, O, b * OUT_BLOCK, I, y);
+            m0 += rows;
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ one expert, bf16 weights */
 
 /* The activations of flexmoe.experts.activations, in fp32. */
