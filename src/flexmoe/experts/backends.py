@@ -482,11 +482,14 @@ def stacked_inference(
 
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        h_nH = None if stack.products is None else stack.products.project_in(x_ND[s:t], e)
+        h_nH = None
+        # few fp32 rows: the row kernel streams the plain weight faster than the packed copy
+        if takes_fp32(x_ND[s:t], stack.w_in[e]):
+            h_nH = rows_fp32(x_ND[s:t], stack.w_in[e], out=h_NH[s:t])
+        elif stack.products is not None:
+            h_nH = stack.products.project_in(x_ND[s:t], e)
         if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
             h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
-        if h_nH is None and takes_fp32(x_ND[s:t], stack.w_in[e]):
-            h_nH = rows_fp32(x_ND[s:t], stack.w_in[e], out=h_NH[s:t])
         if h_nH is not None:
             if h_nH.data_ptr() != h_NH[s:t].data_ptr():
                 h_NH[s:t] = h_nH
@@ -505,11 +508,13 @@ def stacked_inference(
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        y_nD = None if stack.products is None else stack.products.project_out(a_NF[s:t], e)
+        y_nD = None
+        if takes_fp32(a_NF[s:t], stack.w_out[e]):
+            y_nD = rows_fp32(a_NF[s:t], stack.w_out[e], out=y_ND[s:t])
+        elif stack.products is not None:
+            y_nD = stack.products.project_out(a_NF[s:t], e)
         if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
             y_nD = rows_bf16(a_NF[s:t], stack.w_out[e])
-        if y_nD is None and takes_fp32(a_NF[s:t], stack.w_out[e]):
-            y_nD = rows_fp32(a_NF[s:t], stack.w_out[e], out=y_ND[s:t])
         if y_nD is None:
             torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
         elif y_nD.data_ptr() != y_ND[s:t].data_ptr():
