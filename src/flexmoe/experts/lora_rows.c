@@ -13,7 +13,7 @@
  * slots are different rows, so threads never write the same output.
  *
  * The output row's O columns may lie in blocks of `width` columns, `block_stride` apart
- * (the pre-activation [P, N, F] of a gated expert keeps gate and up apart). Sums are fp32;
+ * (P blocks of `width` columns: a caller may keep a gated expert's gate and up apart). Sums are fp32;
  * bf16 data is widened on load and the output rounded to nearest even once.
  */
 #include <immintrin.h>
