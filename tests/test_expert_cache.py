@@ -217,6 +217,31 @@ def test_groups_serve_what_use_serves_resident_experts_together(capacity, policy
     assert grouped.resident() == singles.resident()
 
 
+@pytest.mark.parametrize("policy", ["predictive", "lru", "lfu"])
+def test_groups_hold_their_experts_while_reads_land_in_the_background(policy):
+    store = FakeStore(delay=0.001)
+    cache = ExpertCache(store, num_layers=3, budget_bytes=4 * EXPERT_BYTES, policy=policy, prefetch=True)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(15):
+        for layer in range(3):
+            wanted = torch.randperm(8, generator=generator)[: 1 + step % 4].tolist()
+            served = []
+            for group in cache.use_groups(layer, wanted):
+                held = cache.resident()
+                assert all((layer, e) in held for e, _ in group), (
+                    "an expert of the list being used was evicted"
+                )
+                assert len(held) * EXPERT_BYTES <= cache.budget_bytes
+                for e, (w_in, _) in group:
+                    assert float(w_in[0, 0]) == 100 * layer + e
+                served += [e for e, _ in group]
+            assert sorted(served) == sorted(wanted)
+            cache.prefetch((layer + 1) % 3, torch.randperm(8, generator=generator)[:3].tolist())
+    cache.close()
+    check_stats(cache)
+    assert any(name.startswith("flexmoe-expert-io") for name in store.threads)
+
+
 def test_a_group_left_early_unpins_its_experts():
     cache = ExpertCache(FakeStore(), 1, 2 * EXPERT_BYTES, prefetch=False)
     assert serve(cache, 0, [0, 1]) == [0, 1]
