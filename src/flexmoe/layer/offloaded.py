@@ -137,8 +137,7 @@ class OffloadedExperts(LocalExperts):
         starts = np.cumsum([0, *counts])
         active = [e for e, count in enumerate(counts) if count > 0]
         # 1. this layer's experts: the misses start reading now, the resident ones come first
-        self._score_candidates(active)
-        groups = self.cache.use_groups(self.layer_index, active)
+        groups = self.fetch_groups(active)
         # 2. each expert's rows as soon as its weights are here
         outputs: dict[int, Tensor] = {}
         dtype = compute_dtype(x_ND)
@@ -178,10 +177,11 @@ class OffloadedExperts(LocalExperts):
             for a, b in (w for _, w in group)
             if isinstance(a, Int8Weight) and isinstance(b, Int8Weight)
         ]
-        y_c = torch.empty_like(x_c)
         if len(plain) == len(group) and takes_experts_bf16_at(x_c, counts, plain, activation):
+            y_c = torch.empty_like(x_c)
             experts_bf16_at(x_c, first, counts, plain, activation, rw_c, y_c)
         elif len(int8) == len(group) and takes_experts_int8_at(x_c, counts, int8, activation):
+            y_c = torch.empty_like(x_c)
             experts_int8_at(x_c, first, counts, int8, activation, rw_c, y_c)
         else:
             return False
@@ -210,11 +210,16 @@ class OffloadedExperts(LocalExperts):
 
         The misses start reading at once, and the layer's predictions are scored against
         ``active``. Each expert stays pinned until the next is asked for: close the
-        generator when done (``contextlib.closing``). Used by ``run`` and by expert
-        resolvers that compute this layer's experts themselves (``flexmoe.adapters``).
+        generator when done (``contextlib.closing``). Used by expert resolvers that
+        compute this layer's experts themselves (``flexmoe.adapters``).
         """
         self._score_candidates(active)
         return self.cache.use(self.layer_index, active)
+
+    def fetch_groups(self, active: list[int]) -> Generator[list[tuple[int, ExpertWeights]], None, None]:
+        """``fetch``, with the experts resident now handed over together (``ExpertCache.use_groups``)."""
+        self._score_candidates(active)
+        return self.cache.use_groups(self.layer_index, active)
 
     def check_budget(self, top_k: int) -> None:
         """Raise ``ValueError`` if the cache's budget cannot hold the ``top_k`` experts one token needs."""
