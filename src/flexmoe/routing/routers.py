@@ -8,6 +8,7 @@ top-k choice is discrete and bf16 logits flip it for nearly tied experts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,17 @@ class RouterOutput:
         if self.valid_TK is None:
             return self.expert_ids_TK.new_full((T,), K)
         return self.valid_TK.sum(dim=1)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context with autocast off on ``device_type``: ``torch.autocast(enabled=False)`` where it is on.
+
+    Entering that context costs more than a decode step's router math; where autocast is
+    already off (outside ``torch.compile``, which traces the context as it is) nothing is entered.
+    """
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def select_top_k(
@@ -140,7 +152,7 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, top_k: int, top_p: float | None = None) -> RouterOutput:
         """Route ``x_TD`` to ``top_k`` experts per token (fewer under ``top_p``: see ``RouterConfig``)."""
         cfg = self.config
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        with _autocast_off(x_TD.device.type):
             x32_TD = x_TD.float()
             if self.training and cfg.input_jitter > 0:
                 x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(
