@@ -23,6 +23,7 @@ more ``torch._grouped_mm`` calls per projection.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from flexmoe.workspace import WORKSPACE
 
 __all__ = [
     "contiguous_grad",
+    "few_row_product",
     "fused_backward",
     "fused_forward",
     "fused_inference",
@@ -482,23 +484,15 @@ def stacked_inference(
 
     def project_in(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        h_nH = None
-        # few fp32 rows: the row kernel streams the plain weight faster than the packed copy
-        if takes_fp32(x_ND[s:t], stack.w_in[e]):
-            h_nH = rows_fp32(x_ND[s:t], stack.w_in[e], out=h_NH[s:t])
-        elif stack.products is not None:
-            h_nH = stack.products.project_in(x_ND[s:t], e)
-        if h_nH is None and takes_bf16(x_ND[s:t], stack.w_in[e]):  # decoding rows, at memory speed
-            h_nH = rows_bf16(x_ND[s:t], stack.w_in[e])
-        if h_nH is not None:
-            if h_nH.data_ptr() != h_NH[s:t].data_ptr():
-                h_NH[s:t] = h_nH
+        x_nD, h_nH, w = x_ND[s:t], h_NH[s:t], stack.w_in[e]
+        packed = None if stack.products is None else partial(stack.products.project_in, x_nD, e)
+        if few_row_product(x_nD, w, packed, h_nH):
             if stack.b_in is not None:
-                h_NH[s:t] += stack.b_in[e]
+                h_nH += stack.b_in[e]
         elif stack.b_in is None:
-            torch.mm(x_ND[s:t], stack.w_in[e].t(), out=h_NH[s:t])
+            torch.mm(x_nD, w.t(), out=h_nH)
         else:
-            torch.addmm(stack.b_in[e], x_ND[s:t], stack.w_in[e].t(), out=h_NH[s:t])
+            torch.addmm(stack.b_in[e], x_nD, w.t(), out=h_nH)
 
     for_each_segment(segments, project_in, device, dtype, serial_16bit_rows)
     if add_in is not None:
@@ -508,22 +502,15 @@ def stacked_inference(
 
     def project_out(g: int, s: int, t: int) -> None:
         stack, e = owners[g]
-        y_nD = None
-        if takes_fp32(a_NF[s:t], stack.w_out[e]):
-            y_nD = rows_fp32(a_NF[s:t], stack.w_out[e], out=y_ND[s:t])
-        elif stack.products is not None:
-            y_nD = stack.products.project_out(a_NF[s:t], e)
-        if y_nD is None and takes_bf16(a_NF[s:t], stack.w_out[e]):
-            y_nD = rows_bf16(a_NF[s:t], stack.w_out[e])
-        if y_nD is None:
-            torch.mm(a_NF[s:t], stack.w_out[e].t(), out=y_ND[s:t])
-        elif y_nD.data_ptr() != y_ND[s:t].data_ptr():
-            y_ND[s:t] = y_nD
+        a_nF, y_nD, w = a_NF[s:t], y_ND[s:t], stack.w_out[e]
+        packed = None if stack.products is None else partial(stack.products.project_out, a_nF, e)
+        if not few_row_product(a_nF, w, packed, y_nD):
+            torch.mm(a_nF, w.t(), out=y_nD)
         if stack.b_out is not None:
             if row_weights_N is None:
-                y_ND[s:t] += stack.b_out[e]
+                y_nD += stack.b_out[e]
             else:
-                y_ND[s:t].addcmul_(row_weights_N[s:t, None], stack.b_out[e])
+                y_nD.addcmul_(row_weights_N[s:t, None], stack.b_out[e])
 
     for_each_segment(segments, project_out, device, dtype, serial_16bit_rows)
     project_out_batched(a_NF, batched, y_ND)
@@ -531,6 +518,27 @@ def stacked_inference(
         add_out(a_NF, y_ND)
     WORKSPACE.give(a_NF, h_NH)
     return y_ND
+
+
+def few_row_product(
+    x_nI: Tensor, w_OI: Tensor, packed: Callable[[], Tensor | None] | None, out_nO: Tensor
+) -> bool:
+    """``x @ w^T`` into ``out`` on a few-row path; False (nothing written) where none takes it.
+
+    Few fp32 rows go to the fp32 row kernel, which streams the plain weight faster than
+    BLAS or the packed copy; then the packed copy (``packed()``: ``None`` where it does
+    not pay); then the bf16 row kernels.
+    """
+    if takes_fp32(x_nI, w_OI):
+        rows_fp32(x_nI, w_OI, out=out_nO)
+        return True
+    y_nO = None if packed is None else packed()
+    if y_nO is None and takes_bf16(x_nI, w_OI):
+        y_nO = rows_bf16(x_nI, w_OI)
+    if y_nO is None:
+        return False
+    out_nO.copy_(y_nO)
+    return True
 
 
 def one_pass_swiglu(activation: str, h_NH: Tensor, *grids: Tensor) -> bool:
