@@ -62,3 +62,36 @@ def test_cosine_temperature_is_floored_at_one_hundredth():
     with torch.no_grad():
         router.log_temperature.fill_(math.log(0.5))  # above the floor: the learned value
     assert float(router.logits(x).detach()[0, 0]) == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"kind": "sigmoid", "selection_bias": True, "num_groups": 4, "topk_groups": 2},
+        {"kind": "cosine"},
+        {"top_p": 0.6, "min_k": 1},
+        {"kind": "sigmoid", "top_p": 0.5, "routed_scaling_factor": 2.5},
+    ],
+)
+def test_choose_picks_what_forward_routes(fields):
+    router = _router(**fields).eval()
+    if router.expert_bias_E is not None:
+        router.expert_bias_E.copy_(torch.randn(8))
+    x = torch.randn(11, 16).bfloat16()
+    top_p = fields.get("top_p")
+    route = router(x, 3, top_p)
+    choice = router.choose(x, 3, top_p)
+    assert torch.equal(choice.expert_ids_TK, route.expert_ids_TK)
+    assert torch.equal(choice.probs_TE, route.probs_TE)
+    assert torch.equal(choice.logits_TE, route.logits_TE)
+    assert (choice.valid_TK is None) == (top_p is None)
+    if top_p is not None:
+        assert torch.equal(choice.valid_TK, route.valid_TK)
+    # the weights forward reads are the scores of the chosen experts
+    weights = choice.scores_TE.gather(1, choice.expert_ids_TK)
+    if choice.valid_TK is not None:
+        weights = weights * choice.valid_TK
+    if fields.get("kind") != "sigmoid" or top_p is None:
+        normalized = weights / weights.sum(-1, keepdim=True)
+        torch.testing.assert_close(normalized * fields.get("routed_scaling_factor", 1.0), route.weights_TK)

@@ -245,15 +245,16 @@ def predicted_experts(layer: MoELayer, h_TD: Tensor, confidence: float = DEFAULT
         raise ValueError(f"confidence must be a number >= 0, got {confidence!r}")
     config = layer.config
     with torch.no_grad():
-        # forward, not __call__: a guess must not reach the router's hooks (those that
-        # collect the router logits a model returns, for one)
-        route = layer.router.forward(h_TD.reshape(-1, h_TD.shape[-1]), config.top_k, config.router.top_p)
-        ids_TK = route.expert_ids_TK
-        keep_TK = route.probs_TE.gather(1, ids_TK) >= confidence / route.probs_TE.shape[1]
-        if route.valid_TK is not None:
-            keep_TK &= route.valid_TK
-        ids = ids_TK[keep_TK & (ids_TK < config.num_experts)]
-        predicted: list[int] = torch.unique(ids).tolist()  # NOTE: host sync (the expert ids to read)
+        choice = layer.router.choose(h_TD.reshape(-1, h_TD.shape[-1]), config.top_k, config.router.top_p)
+        # the rest on the host, where the expert ids are going anyway: for the few tokens
+        # of a decode step numpy's calls cost less than the tensor ops' dispatch
+        ids_TK = choice.expert_ids_TK.cpu().numpy()  # NOTE: host sync (the expert ids to read)
+        probs_TE = choice.probs_TE.cpu().numpy()
+        keep_TK = np.take_along_axis(probs_TE, ids_TK, axis=1) >= confidence / probs_TE.shape[1]
+        if choice.valid_TK is not None:
+            keep_TK &= choice.valid_TK.cpu().numpy()
+        keep_TK &= ids_TK < config.num_experts
+    predicted: list[int] = np.unique(ids_TK[keep_TK]).tolist()
     return predicted
 
 

@@ -5,6 +5,7 @@ from flexmoe.routing.losses import aux_free_bias_update, load_balance_loss, rout
 from flexmoe.routing.routers import (
     CosineRouter,
     Router,
+    RouterChoice,
     RouterOutput,
     SigmoidRouter,
     SoftmaxRouter,
@@ -15,6 +16,7 @@ from flexmoe.routing.routers import (
 __all__ = [
     "CosineRouter",
     "Router",
+    "RouterChoice",
     "RouterOutput",
     "SigmoidRouter",
     "SoftmaxRouter",

@@ -22,6 +22,7 @@ from flexmoe.config import RouterConfig
 __all__ = [
     "CosineRouter",
     "Router",
+    "RouterChoice",
     "RouterOutput",
     "SigmoidRouter",
     "SoftmaxRouter",
@@ -57,6 +58,25 @@ class RouterOutput:
         if self.valid_TK is None:
             return self.expert_ids_TK.new_full((T,), K)
         return self.valid_TK.sum(dim=1)
+
+
+@dataclass
+class RouterChoice:
+    """The experts a router picks for ``T`` tokens, before their weights (``Router.choose``).
+
+    Attributes:
+        expert_ids_TK: chosen experts, as in ``RouterOutput``.
+        scores_TE: the affinities the weights are read from, fp32.
+        logits_TE: raw router logits, fp32.
+        probs_TE: a per-token distribution over experts, fp32.
+        valid_TK: the top-p mask, as in ``RouterOutput``; ``None`` without top-p.
+    """
+
+    expert_ids_TK: Tensor
+    scores_TE: Tensor
+    logits_TE: Tensor
+    probs_TE: Tensor
+    valid_TK: Tensor | None = None
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -153,23 +173,10 @@ class Router(nn.Module):
         """Route ``x_TD`` to ``top_k`` experts per token (fewer under ``top_p``: see ``RouterConfig``)."""
         cfg = self.config
         with _autocast_off(x_TD.device.type):
-            x32_TD = x_TD.float()
-            if self.training and cfg.input_jitter > 0:
-                x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(
-                    1 - cfg.input_jitter, 1 + cfg.input_jitter
-                )
-            logits_TE = self.logits(x32_TD)
-            if self.training and cfg.noise_std > 0:
-                logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
-            scores_TE, probs_TE = self.scores(logits_TE)
-            choice_TE = scores_TE.detach()
-            if self.expert_bias_E is not None:
-                choice_TE = choice_TE + self.expert_bias_E
-            expert_ids_TK = select_top_k(choice_TE, top_k, cfg.num_groups, cfg.topk_groups, self.group_reduce)
-            weights_TK = scores_TE.gather(1, expert_ids_TK)
-            valid_TK = None
-            if top_p is not None and top_k > 1:
-                valid_TK = top_p_mask(probs_TE.detach().gather(1, expert_ids_TK), top_p, cfg.min_k)
+            choice = self._choose(x_TD, top_k, top_p)
+            weights_TK = choice.scores_TE.gather(1, choice.expert_ids_TK)
+            valid_TK = choice.valid_TK
+            if valid_TK is not None:
                 weights_TK = weights_TK * valid_TK
             if cfg.normalize_weights and (top_k > 1 or cfg.normalize_single):
                 normalized_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -180,7 +187,34 @@ class Router(nn.Module):
                     weights_TK = torch.where(several_T1, normalized_TK, weights_TK)
             if cfg.routed_scaling_factor != 1.0:
                 weights_TK = weights_TK * cfg.routed_scaling_factor
-        return RouterOutput(expert_ids_TK, weights_TK, logits_TE, probs_TE, valid_TK)
+        return RouterOutput(choice.expert_ids_TK, weights_TK, choice.logits_TE, choice.probs_TE, valid_TK)
+
+    def choose(self, x_TD: Tensor, top_k: int, top_p: float | None = None) -> RouterChoice:
+        """The experts ``forward`` picks for ``x_TD``, without computing their weights.
+
+        For callers that only need the choice (a prediction of which experts a later
+        call will use); a plain method, so the module's hooks do not see it.
+        """
+        with _autocast_off(x_TD.device.type):
+            return self._choose(x_TD, top_k, top_p)
+
+    def _choose(self, x_TD: Tensor, top_k: int, top_p: float | None) -> RouterChoice:
+        cfg = self.config
+        x32_TD = x_TD.float()
+        if self.training and cfg.input_jitter > 0:
+            x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1 - cfg.input_jitter, 1 + cfg.input_jitter)
+        logits_TE = self.logits(x32_TD)
+        if self.training and cfg.noise_std > 0:
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
+        scores_TE, probs_TE = self.scores(logits_TE)
+        choice_TE = scores_TE.detach()
+        if self.expert_bias_E is not None:
+            choice_TE = choice_TE + self.expert_bias_E
+        expert_ids_TK = select_top_k(choice_TE, top_k, cfg.num_groups, cfg.topk_groups, self.group_reduce)
+        valid_TK = None
+        if top_p is not None and top_k > 1:
+            valid_TK = top_p_mask(probs_TE.detach().gather(1, expert_ids_TK), top_p, cfg.min_k)
+        return RouterChoice(expert_ids_TK, scores_TE, logits_TE, probs_TE, valid_TK)
 
 
 class SoftmaxRouter(Router):
