@@ -138,21 +138,29 @@ class OffloadedExperts(LocalExperts):
         active = [e for e, count in enumerate(counts) if count > 0]
         # 1. this layer's experts: the misses start reading now, the resident ones come first
         groups = self.fetch_groups(active)
-        # 2. each expert's rows as soon as its weights are here
-        outputs: dict[int, Tensor] = {}
+        # 2. each expert's rows as soon as its weights are here: decoding rows into y_c
+        #    in place, by the row kernels; other rows one expert at a time
         dtype = compute_dtype(x_ND)
         # once, not per expert: the row weights rounded as the in-memory experts round them, in fp32
         x_c, rw_c = x_ND.to(dtype), row_weights_N.to(dtype).float()
+        y_c = torch.empty_like(x_c)
+        outputs: dict[int, Tensor] = {}  # the experts not computed into y_c
         with closing(groups):
             for group in groups:
-                if len(group) > 1 and self._run_together(x_c, rw_c, starts, group, outputs):
+                if self._run_together(x_c, rw_c, starts, group, y_c):
                     continue
                 for e, weights in group:
                     rows = slice(int(starts[e]), int(starts[e + 1]))
                     outputs[e] = self._run_one(
                         x_ND[rows], x_c[rows], rw_c[rows], weights, row_weights_N[rows]
                     )
-        y_ND = torch.cat([outputs[e] for e in active]) if outputs else x_ND.new_zeros(0, x_ND.shape[1])
+        if not active:
+            y_ND = x_ND.new_zeros(0, x_ND.shape[1])
+        elif not outputs:
+            y_ND = y_c
+        else:
+            rows_of = {e: y_c[int(starts[e]) : int(starts[e + 1])] for e in active if e not in outputs}
+            y_ND = torch.cat([outputs[e] if e in outputs else rows_of[e] for e in active])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
     def _run_together(
@@ -161,11 +169,12 @@ class OffloadedExperts(LocalExperts):
         rw_c: Tensor,
         starts: np.ndarray,
         group: list[tuple[int, ExpertWeights]],
-        outputs: dict[int, Tensor],
+        y_c: Tensor,
     ) -> bool:
         """Plain bf16 or int8 experts on decoding rows: all of ``group`` in one call of the row kernels.
 
-        False (nothing computed) where the kernels do not take them all.
+        Their rows of ``y_c`` are written; False (nothing computed) where the kernels do
+        not take them all.
         """
         experts = [e for e, _ in group]
         first = starts[experts]
@@ -178,15 +187,11 @@ class OffloadedExperts(LocalExperts):
             if isinstance(a, Int8Weight) and isinstance(b, Int8Weight)
         ]
         if len(plain) == len(group) and takes_experts_bf16_at(x_c, counts, plain, activation):
-            y_c = torch.empty_like(x_c)
             experts_bf16_at(x_c, first, counts, plain, activation, rw_c, y_c)
         elif len(int8) == len(group) and takes_experts_int8_at(x_c, counts, int8, activation):
-            y_c = torch.empty_like(x_c)
             experts_int8_at(x_c, first, counts, int8, activation, rw_c, y_c)
         else:
             return False
-        for e in experts:
-            outputs[e] = y_c[int(starts[e]) : int(starts[e + 1])]
         return True
 
     def _run_one(
