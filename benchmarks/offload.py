@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,7 +68,7 @@ from flexmoe.experts.cache import POLICIES, ExpertCache, ExpertKey, ExpertWeight
 from flexmoe.experts.int8 import Int8Weight, int8_linear, quantize_int8
 from flexmoe.experts.kernels import decodes_plain
 from flexmoe.experts.packed import PackedLinear, PackedWeight, packed_inference_supported
-from flexmoe.experts.rows import RowsLinear
+from flexmoe.experts.rows import RowsLinear, experts_bf16_at, takes_experts_bf16_at
 from flexmoe.experts.served import served_linear
 from flexmoe.experts.store import SafetensorsFile
 from flexmoe.hf.quantize import TensorSpec, write_safetensors
@@ -360,6 +361,8 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
     rates = median_rates(round_rates)
     print_matrix_vector_bound(rates, config)
     floor = print_step_floor(rounds, round_rates, config)
+    products_only = products_only_step_seconds(bf16, config)
+    print_products_only(rounds, products_only)
     for results in rounds:
         for result in results.values():
             result.pop("logits", None)
@@ -373,6 +376,7 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
         "int8_decode_bound": bound,
         "int8_roofline_bound": roofline_bound(config),
         "bf16_step_floor_s": floor,
+        "bf16_products_only_step_s": products_only,
     }
 
 
@@ -590,6 +594,87 @@ def model_work_seconds(config: dict[str, Any], steps: int = 40) -> float:
             out = model(token, use_cache=True, **kv_cache(model, out))
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds[5:])
+
+
+class _ProductsOnly(nn.Module):
+    """A decoder layer's MoE block that computes ``k`` fixed experts' products and nothing else.
+
+    A decoding token's row goes to each of its experts in one call of the row kernels,
+    and the outputs are summed: the least any MoE block does per token (no routing, no
+    cache, the experts in memory). A prompt gets zeros (only decode steps are timed).
+    """
+
+    def __init__(self, experts: list[tuple[Tensor, Tensor]], activation: str) -> None:
+        super().__init__()
+        self.experts, self.activation = experts, activation
+        self.starts = np.arange(len(experts), dtype=np.int64)
+        self.counts = np.ones(len(experts), dtype=np.int64)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if x.numel() != x.shape[-1]:
+            return torch.zeros_like(x)
+        rows = x.reshape(1, -1).expand(len(self.experts), -1).contiguous()
+        y = torch.empty_like(rows)
+        experts_bf16_at(rows, self.starts, self.counts, self.experts, self.activation, None, y)
+        return y.sum(0).reshape(x.shape)
+
+
+def products_only_step_seconds(bf16: Path, config: dict[str, Any], steps: int = 30) -> float | None:
+    """Seconds of a decode step of the large model whose MoE blocks only compute their experts' products.
+
+    The model as ``load_offloaded`` builds it (the same attention and head products),
+    each MoE block replaced by a ``_ProductsOnly`` of ``k`` random bf16 experts held in
+    memory (as many bytes per token as a real step reads), no prediction: every other
+    part of the step (``transformers``' own work) runs as it does between the kernels,
+    which is slower than alone. ``None`` where the row kernels do not run here.
+    """
+    D, F, k = config["hidden_size"], config["moe_intermediate_size"], config["num_experts_per_tok"]
+    model = flexmoe.hf.load_offloaded(bf16, expert_budget="1GiB", dtype=torch.bfloat16)
+    layers = model.model.layers
+    activation = layers[0].mlp.moe.experts.activation
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(k, D, dtype=torch.bfloat16)
+    for layer in layers:
+        shapes = ((2 * F, D), (D, F))
+        experts = [
+            (
+                torch.randn(shapes[0], generator=generator).bfloat16(),
+                torch.randn(shapes[1], generator=generator).bfloat16(),
+            )
+            for _ in range(k)
+        ]
+        if not takes_experts_bf16_at(x, np.ones(k, dtype=np.int64), experts, activation):
+            return None
+        layer._forward_pre_hooks.clear()  # the predictions of the replaced blocks' experts
+        layer.mlp = _ProductsOnly(experts, activation)
+    seconds = []
+    with torch.no_grad():
+        out = model(torch.randint(0, 1000, (1, 64), generator=generator), use_cache=True)
+        for _ in range(steps + 5):
+            token = out["logits"][:, -1:].argmax(-1)
+            start = time.perf_counter()
+            out = model(token, use_cache=True, **kv_cache(model, out))
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[5:])
+
+
+def print_products_only(rounds: list[dict[str, dict[str, Any]]], seconds: float | None) -> None:
+    """Print the products-only step against ``accelerate``'s and flexmoe bf16's decode rates."""
+    if seconds is None:
+        return
+    print(
+        f"  a decode step whose MoE blocks only compute their experts' products (no routing, no "
+        f"cache), the rest of the model as it runs between the kernels: {seconds * 1e3:.0f} ms"
+    )
+    for name in ("accelerate", "flexmoe-bf16"):
+        speeds = [results[name]["decode_tok_s"] for results in rounds if name in results]
+        if not speeds:
+            continue
+        if name == "accelerate":
+            print(f"    at most {1 / seconds / statistics.median(speeds):.2f}x accelerate's median rate")
+        else:
+            share = 100 * statistics.median(speeds) * seconds
+            print(f"    flexmoe bf16 decodes at {share:.0f} % of its rate")
 
 
 def median_rates(round_rates: list[dict[str, float] | None]) -> dict[str, float] | None:
