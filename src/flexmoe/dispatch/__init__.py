@@ -7,7 +7,7 @@ from flexmoe.dispatch.layout import (
     count_per_expert,
     make_layout,
 )
-from flexmoe.dispatch.permute import combine, permute, release_rows
+from flexmoe.dispatch.permute import combine, permute, release_rows, sum_slots
 from flexmoe.dispatch.static import StaticLayout, combine_static, make_static_layout, permute_static
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "permute",
     "permute_static",
     "release_rows",
+    "sum_slots",
 ]

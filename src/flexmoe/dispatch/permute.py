@@ -20,26 +20,41 @@ from torch import Tensor
 from flexmoe.dispatch.layout import DispatchLayout
 from flexmoe.workspace import WORKSPACE
 
-__all__ = ["combine", "permute", "release_rows", "slots_to_tokens", "sums_in_place"]
+__all__ = ["combine", "permute", "release_rows", "slots_to_tokens", "sum_slots", "sums_in_place"]
 
 
 def slots_to_tokens(rows_ND: Tensor, layout: DispatchLayout) -> Tensor:
     """``out[t] = sum_k rows[n(t, k)]`` over the kept slots of token ``t`` (no autograd)."""
     T, K = layout.num_tokens, layout.top_k
-    D = rows_ND.shape[-1]
-    if K == 1 and layout.inverse_S is not None:
-        return rows_ND.index_select(0, layout.inverse_S)
-    if layout.inverse_S is not None and sums_in_place(rows_ND, K):
-        # each token reads its K rows where they lie: no [T*K, D] gather, no strided sum
-        return F.embedding_bag(layout.inverse_S.view(T, K), rows_ND, mode="sum")
-    rows_SD = WORKSPACE.take((T * K, D), rows_ND.dtype, rows_ND.device)
     if layout.inverse_S is not None:
-        torch.index_select(rows_ND, 0, layout.inverse_S, out=rows_SD)
-    else:
-        rows_SD.zero_().index_copy_(0, layout.slot_ids_N, rows_ND)
+        return sum_slots(rows_ND, layout.inverse_S.view(T, K))
+    rows_SD = WORKSPACE.take((T * K, rows_ND.shape[-1]), rows_ND.dtype, rows_ND.device)
+    rows_SD.zero_().index_copy_(0, layout.slot_ids_N, rows_ND)
+    return _sum_slot_grid(rows_SD, T, K)
+
+
+def sum_slots(rows_ND: Tensor, rows_TK: Tensor) -> Tensor:
+    """``out[t] = sum_k rows[rows_TK[t, k]]``, in slot order (no autograd): how every token's rows are summed.
+
+    ``slots_to_tokens`` sums a layout's rows with it, so rows laid out another way (one
+    token's rows in slot order: ``rows_TK = [[0, ..., K-1]]``) sum to the same bits.
+    """
+    T, K = rows_TK.shape
+    if K == 1:
+        return rows_ND.index_select(0, rows_TK.view(T))
+    if sums_in_place(rows_ND, K):
+        # each token reads its K rows where they lie: no [T*K, D] gather, no strided sum
+        return F.embedding_bag(rows_TK, rows_ND, mode="sum")
+    rows_SD = WORKSPACE.take((T * K, rows_ND.shape[-1]), rows_ND.dtype, rows_ND.device)
+    torch.index_select(rows_ND, 0, rows_TK.reshape(T * K), out=rows_SD)
+    return _sum_slot_grid(rows_SD, T, K)
+
+
+def _sum_slot_grid(rows_SD: Tensor, T: int, K: int) -> Tensor:
+    """The sums over ``K`` of slot-ordered rows ``[T * K, D]`` (a workspace buffer, given back)."""
     if K == 1:
         return rows_SD
-    rows_TKD = rows_SD.view(T, K, D)
+    rows_TKD = rows_SD.view(T, K, rows_SD.shape[-1])
     # Two rows: one add, the same result as sum(1) (one rounding either way), and in bf16
     # several times faster than the reduction over a strided axis.
     out_TD = rows_TKD[:, 0] + rows_TKD[:, 1] if K == 2 else rows_TKD.sum(1)

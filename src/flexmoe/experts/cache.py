@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -162,6 +162,14 @@ class CacheStats:
         return self.predicted_used / self.used_after_prediction if self.used_after_prediction else 0.0
 
 
+# the CacheStats fields an ExpertCache counts up (the others: the budget, the bytes held)
+_COUNTED = tuple(
+    f.name
+    for f in fields(CacheStats)
+    if f.name not in ("budget_bytes", "resident_bytes", "peak_resident_bytes")
+)
+
+
 @dataclass
 class _Entry:
     nbytes: int
@@ -218,7 +226,9 @@ class ExpertCache:
         self._pending: list[ExpertKey] = []  # predicted experts waiting for room to be prefetched
         self._tick = 0
         self._held = 0
-        self._stats = CacheStats(budget_bytes)
+        self._peak = 0  # the most held since the statistics started
+        # counted as plain ints (a decode step counts on every layer); `stats` builds the snapshot
+        self._counts = dict.fromkeys(_COUNTED, 0)
         self._executor: ThreadPoolExecutor | None = None
         if prefetch:
             self._executor = ThreadPoolExecutor(
@@ -231,14 +241,15 @@ class ExpertCache:
     def stats(self) -> CacheStats:
         """A snapshot of the statistics."""
         with self._cond:
-            return self._stats
+            return CacheStats(
+                self.budget_bytes, **self._counts, resident_bytes=self._held, peak_resident_bytes=self._peak
+            )
 
     def reset_stats(self) -> None:
         """Start the statistics afresh (the cache's contents stay)."""
         with self._cond:
-            self._stats = CacheStats(
-                self.budget_bytes, resident_bytes=self._held, peak_resident_bytes=self._held
-            )
+            self._counts = dict.fromkeys(_COUNTED, 0)
+            self._peak = self._held
 
     def resident(self) -> set[ExpertKey]:
         """The keys held now (reads in flight included)."""
@@ -289,17 +300,22 @@ class ExpertCache:
         keys = [(layer, int(e)) for e in dict.fromkeys(experts)]
         with self._cond:
             self._score_prediction(layer, [key[1] for key in keys])
-            self._pending = [key for key in self._pending if key[0] != layer]  # needed now, or not at all
-            hits = sum(1 for key in keys if self._landed(key))
-            late = sum(1 for key in keys if key in self._entries and not self._landed(key))
-            self._count(lookups=len(keys), hits=hits, misses=len(keys) - hits, late_prefetches=late)
+            if self._pending:
+                self._pending = [key for key in self._pending if key[0] != layer]  # needed now, or not at all
+            order = [key for key in keys if self._landed(key)]
+            landed = len(order)
+            late = sum(1 for key in keys if key in self._entries) - landed
+            self._count(lookups=len(keys), hits=landed, misses=len(keys) - landed, late_prefetches=late)
             self._needed = set(keys)
-            for key in keys:
-                if key not in self._entries and not self._start_background_read(key, prefetched=False):
-                    break
-            # resident first, then those being read, then the rest (read when reached)
-            order = sorted(keys, key=lambda k: 0 if self._landed(k) else 1 if k in self._entries else 2)
-            landed = sum(1 for key in order if self._landed(key))
+            if landed < len(keys):
+                for key in keys:
+                    if key not in self._entries and not self._start_background_read(key, prefetched=False):
+                        break
+                # resident first (no read lands while the lock is held, and none of these is
+                # evicted: they are needed), then those being read, then the rest (read when reached)
+                waiting = [key for key in keys if not self._landed(key)]
+                order += [key for key in waiting if key in self._entries]
+                order += [key for key in waiting if key not in self._entries]
         return order, landed
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
@@ -469,8 +485,7 @@ class ExpertCache:
             self._count(evictions=len(victims))
         self._entries[key] = _Entry(nbytes)
         self._held += nbytes
-        peak = max(self._stats.peak_resident_bytes, self._held)
-        self._stats = replace(self._stats, resident_bytes=self._held, peak_resident_bytes=peak)
+        self._peak = max(self._peak, self._held)
         return True
 
     def _eviction_order(self, demand: bool) -> list[ExpertKey]:
@@ -504,7 +519,6 @@ class ExpertCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self._held -= entry.nbytes
-            self._stats = replace(self._stats, resident_bytes=self._held)
 
     def _landed(self, key: ExpertKey) -> bool:
         entry = self._entries.get(key)
@@ -518,5 +532,6 @@ class ExpertCache:
         self._count(predicted=len(predicted), predicted_used=right, used_after_prediction=len(used))
 
     def _count(self, **increments: int) -> None:
-        stats = self._stats
-        self._stats = replace(stats, **{name: getattr(stats, name) + n for name, n in increments.items()})
+        counts = self._counts
+        for name, n in increments.items():
+            counts[name] += n

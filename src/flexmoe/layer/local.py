@@ -53,7 +53,7 @@ class ExpertsOutput:
     """What a strategy returns: weighted expert rows in this rank's expert-major order, and the facts."""
 
     y_ND: Tensor
-    layout: DispatchLayout | StaticLayout
+    layout: DispatchLayout | StaticLayout | None  # None: only where combined
     step: ExpertStep
     combined: bool = False  # y_ND is already the per-token sum (the compiled expert operator)
 
@@ -61,6 +61,7 @@ class ExpertsOutput:
         """The per-token sum of the weighted expert rows (``y_TD``)."""
         if self.combined:
             return self.y_ND
+        assert self.layout is not None
         if isinstance(self.layout, StaticLayout):
             return combine_static(self.y_ND, self.layout)
         y_TD = combine(self.y_ND, self.layout)

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flexmoe.config import Plan
+from flexmoe.dispatch import compute_capacity, sum_slots
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight
@@ -51,6 +53,7 @@ from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
 from flexmoe.layer.moe_layer import MoELayer
+from flexmoe.layer.stats import ExpertStep
 from flexmoe.routing import RouterOutput
 
 __all__ = [
@@ -107,6 +110,7 @@ class OffloadedExperts(LocalExperts):
         self._candidates: list[int] | None = None  # of the coming call, scored when it runs
         self._candidate_counts = [0] * num_experts  # times each expert was a candidate
         self._candidate_used = [0] * num_experts  # ... and the layer then used it
+        self._slot_orders: dict[int, Tensor] = {}  # _slot_order's, per top-k
 
     def trusted(self, candidates: list[int]) -> list[int]:
         """The ``candidates`` for the coming call whose past predictions were right often enough.
@@ -132,6 +136,8 @@ class OffloadedExperts(LocalExperts):
     def run(self, x_TD: Tensor, route: RouterOutput, call: Call, header: object) -> ExpertsOutput:
         """Dispatch, fetch the active experts through the cache, compute each one's rows."""
         self.check_budget(call.top_k)
+        if self._takes_token(x_TD, route):
+            return self._run_token(x_TD, route, call)
         layout, x_ND, row_weights_N = self.dispatch(x_TD, route, call)
         counts = layout.counts
         starts = np.cumsum([0, *counts])
@@ -147,7 +153,9 @@ class OffloadedExperts(LocalExperts):
         outputs: dict[int, Tensor] = {}  # the experts not computed into y_c
         with closing(groups):
             for group in groups:
-                if self._run_together(x_c, rw_c, starts, group, y_c):
+                first = starts[[e for e, _ in group]]
+                counts_g = starts[[e + 1 for e, _ in group]] - first
+                if self._run_together(x_c, rw_c, first, counts_g, group, y_c):
                     continue
                 for e, weights in group:
                     rows = slice(int(starts[e]), int(starts[e + 1]))
@@ -163,22 +171,75 @@ class OffloadedExperts(LocalExperts):
             y_ND = torch.cat([outputs[e] if e in outputs else rows_of[e] for e in active])
         return ExpertsOutput(y_ND, layout, local_step(x_TD.shape[0], layout, call))
 
+    def _takes_token(self, x_TD: Tensor, route: RouterOutput) -> bool:
+        """Whether ``_run_token`` runs this call: one CPU token, every slot used, no autograd or autocast."""
+        device = x_TD.device.type
+        return (
+            x_TD.shape[0] == 1
+            and device == "cpu"
+            and route.valid_TK is None
+            and not torch.is_autocast_enabled(device)
+            and not (torch.is_grad_enabled() and x_TD.requires_grad)
+            and not torch.compiler.is_compiling()
+        )
+
+    def _run_token(self, x_TD: Tensor, route: RouterOutput, call: Call) -> ExpertsOutput:
+        """A call of one token (a decode step of one sequence), its experts' outputs summed here.
+
+        The token's ``K`` distinct experts each take the token's row, no capacity can drop
+        one, and their weighted outputs land in slot order, so they are summed as
+        ``combine`` sums a token's rows (``sum_slots``): the same bits as ``run``'s
+        dispatch, expert-major rows and combine, without building them.
+        """
+        ids: list[int] = route.expert_ids_TK[0].tolist()  # NOTE: host sync (the experts to fetch)
+        K, E = len(ids), self.num_experts
+        slot_of = {e: k for k, e in enumerate(ids)}
+        x_KD = x_TD.expand(K, -1).contiguous()  # the token's row once per slot
+        rw_K = route.weights_TK[0]
+        rw_c = rw_K.to(x_TD.dtype).float()  # rounded as the in-memory experts round them, in fp32
+        y_KD = torch.empty_like(x_KD)
+        with closing(self.fetch_groups(sorted(ids))) as groups:
+            for group in groups:
+                slots = np.array([slot_of[e] for e, _ in group], dtype=np.int64)
+                if self._run_together(x_KD, rw_c, slots, np.ones_like(slots), group, y_KD):
+                    continue
+                for (_, weights), k in zip(group, slots.tolist(), strict=True):
+                    one = slice(k, k + 1)
+                    y_KD[one] = self._run_one(x_TD, x_KD[one], rw_c[one], weights, rw_K[one])
+        routed_E = np.bincount(ids, minlength=E)
+        step = ExpertStep(
+            num_tokens=1,
+            capacity=compute_capacity(call.capacity_factor, 1, K, E, 1),
+            routed_per_expert_E=torch.from_numpy(routed_E),
+            tokens_per_expert_E=torch.from_numpy(routed_E.copy()),
+            dropped=0,
+            plan=Plan() if call.plan == "auto" else call.plan,
+            world_size=1,
+        )
+        return ExpertsOutput(sum_slots(y_KD, self._slot_order(K)), None, step, combined=True)
+
+    def _slot_order(self, K: int) -> Tensor:
+        """``[[0, ..., K-1]]``: one token's rows, in slot order (kept per ``K``)."""
+        order = self._slot_orders.get(K)
+        if order is None:
+            order = self._slot_orders[K] = torch.arange(K).view(1, K)
+        return order
+
     def _run_together(
         self,
         x_c: Tensor,
         rw_c: Tensor,
-        starts: np.ndarray,
+        first: np.ndarray,
+        counts: np.ndarray,
         group: list[tuple[int, ExpertWeights]],
         y_c: Tensor,
     ) -> bool:
         """Plain bf16 or int8 experts on decoding rows: all of ``group`` in one call of the row kernels.
 
-        Their rows of ``y_c`` are written; False (nothing computed) where the kernels do
-        not take them all.
+        Expert ``i`` of ``group`` runs on the ``counts[i]`` rows from ``first[i]`` of
+        ``x_c`` into the same rows of ``y_c``; False (nothing computed) where the kernels
+        do not take them all.
         """
-        experts = [e for e, _ in group]
-        first = starts[experts]
-        counts = starts[[e + 1 for e in experts]] - first
         activation = self.grouped.activation
         plain = [(a, b) for a, b in (w for _, w in group) if isinstance(a, Tensor) and isinstance(b, Tensor)]
         int8 = [
