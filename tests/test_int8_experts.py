@@ -282,7 +282,7 @@ def test_int8_experts_decode_in_one_call_as_one_at_a_time(checkpoints, monkeypat
     monkeypatch.setattr(offloaded_module, "experts_int8_at", counted)
     together = run()
     assert calls, "no step ran its int8 experts in one call"
-    monkeypatch.setattr(offloaded_module, "takes_experts_int8_at", lambda *args: False)
+    monkeypatch.setattr(offloaded_module, "experts_int8_at", lambda *args: False)  # each expert alone
     one_at_a_time = run()
     assert torch.equal(together[0], one_at_a_time[0])
     assert torch.equal(together[1], one_at_a_time[1])

@@ -298,10 +298,13 @@ def test_segments_in_one_call_equal_one_call_per_segment(tiles, counts, activati
         apart = [(w_in[e].clone(), w_out[e].clone()) for e in experts]
         assert takes_experts_bf16_at(x, counts_, apart, activation)
         y_apart = torch.empty_like(x)
-        experts_bf16_at(x, starts, counts_, apart, activation, weights, y_apart)
+        assert experts_bf16_at(x, starts, counts_, apart, activation, weights, y_apart)
         assert torch.equal(y_apart, y)
         mixed = [*apart[:-1], (apart[-1][0].float(), apart[-1][1])]
         assert not takes_experts_bf16_at(x, counts_, mixed, activation)  # one expert not bf16
+        untouched = y_apart.clone()
+        assert not experts_bf16_at(x, starts, counts_, mixed, activation, weights, y_apart)  # nothing written
+        assert torch.equal(y_apart, untouched)
         assert not takes_experts_bf16_at(x, counts_, apart[1:] or [], activation)  # a pair per segment
         with pytest.raises(IndexError, match="starts"):
             experts_bf16_at(x, starts + 1, counts_, apart, activation, weights, y_apart)
@@ -406,7 +409,7 @@ def test_int8_experts_held_apart_in_one_call_equal_one_call_each(counts, activat
     starts, counts_ = np.cumsum([0, *counts[:-1]]), np.array(counts)
     assert takes_experts_int8_at(x, counts_, weights, activation)
     y = torch.empty_like(x)
-    experts_int8_at(x, starts, counts_, weights, activation, row_weights, y)
+    assert experts_int8_at(x, starts, counts_, weights, activation, row_weights, y)
     for s, n, (a, b) in zip(starts, counts, experts, strict=True):
         rows = slice(int(s), int(s) + n)
         w_n = None if row_weights is None else row_weights[rows]
@@ -415,6 +418,9 @@ def test_int8_experts_held_apart_in_one_call_equal_one_call_each(counts, activat
     assert not takes_experts_int8_at(x, np.array([INT8_MAX_ROWS + 1]), weights[:1], activation)
     wider = [*weights[:-1], (weights[-1][0][:, :-1].contiguous(), *weights[-1][1:])]
     assert not takes_experts_int8_at(x, counts_, wider, activation)  # one expert of another shape
+    untouched = y.clone()
+    assert not experts_int8_at(x, starts, counts_, wider, activation, row_weights, y)  # nothing written
+    assert torch.equal(y, untouched)
     with pytest.raises(IndexError, match="starts"):
         experts_int8_at(x, starts + 1, counts_, weights, activation, row_weights, y)
 

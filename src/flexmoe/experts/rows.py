@@ -368,13 +368,15 @@ def experts_bf16_at(
     activation: str,
     row_weights_N: Tensor | None,
     y_ND: Tensor,
-) -> None:
+) -> bool:
     """``experts_bf16`` for experts held apart: segment ``k`` runs on ``weights[k] = (w_in, w_out)``.
 
-    The experts of an offloaded layer live in separate cache entries, not in one stack;
-    check ``takes_experts_bf16_at`` first.
+    The experts of an offloaded layer live in separate cache entries, not in one stack.
+    Returns False, computing nothing, where the kernels do not take these
+    (``takes_experts_bf16_at``): checked here once, not by the caller first.
     """
-    assert takes_experts_bf16_at(x_ND, counts, weights, activation)
+    if not takes_experts_bf16_at(x_ND, counts, weights, activation):
+        return False
     kernels = library()
     assert kernels is not None
     _check_starts(starts, counts, x_ND.shape[0])
@@ -383,6 +385,7 @@ def experts_bf16_at(
     _experts_call(
         function, x_ND, starts, counts, pointers, weights[0][1].shape, activation, row_weights_N, y_ND
     )
+    return True
 
 
 def takes_experts_int8_at(
@@ -411,12 +414,14 @@ def experts_int8_at(
     activation: str,
     row_weights_N: Tensor | None,
     y_ND: Tensor,
-) -> None:
+) -> bool:
     """``expert_int8`` of segment ``k`` on ``weights[k] = (q_in, scale_in, q_out, scale_out)``: one call.
 
-    Check ``takes_experts_int8_at`` first.
+    Returns False, computing nothing, where the kernels do not take these
+    (``takes_experts_int8_at``), as ``experts_bf16_at`` does.
     """
-    assert takes_experts_int8_at(x_ND, counts, weights, activation)
+    if not takes_experts_int8_at(x_ND, counts, weights, activation):
+        return False
     kernels = library()
     assert kernels is not None
     _check_starts(starts, counts, x_ND.shape[0])
@@ -428,6 +433,7 @@ def experts_int8_at(
     _experts_call(
         function, x_ND, starts, counts, pointers, weights[0][2].shape, activation, row_weights_N, y_ND
     )
+    return True
 
 
 def _addresses(weights: Sequence[Sequence[Tensor]]) -> list[np.ndarray]:

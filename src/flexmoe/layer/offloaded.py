@@ -46,8 +46,6 @@ from flexmoe.experts.rows import (
     experts_bf16_at,
     experts_int8_at,
     takes_expert_bf16,
-    takes_experts_bf16_at,
-    takes_experts_int8_at,
 )
 from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
@@ -247,13 +245,9 @@ class OffloadedExperts(LocalExperts):
             for a, b in (w for _, w in group)
             if isinstance(a, Int8Weight) and isinstance(b, Int8Weight)
         ]
-        if len(plain) == len(group) and takes_experts_bf16_at(x_c, counts, plain, activation):
-            experts_bf16_at(x_c, first, counts, plain, activation, rw_c, y_c)
-        elif len(int8) == len(group) and takes_experts_int8_at(x_c, counts, int8, activation):
-            experts_int8_at(x_c, first, counts, int8, activation, rw_c, y_c)
-        else:
-            return False
-        return True
+        if len(plain) == len(group):
+            return experts_bf16_at(x_c, first, counts, plain, activation, rw_c, y_c)
+        return len(int8) == len(group) and experts_int8_at(x_c, first, counts, int8, activation, rw_c, y_c)
 
     def _run_one(
         self, x_ND: Tensor, x_c: Tensor, rw_c: Tensor, weights: ExpertWeights, row_weights_N: Tensor
