@@ -391,7 +391,10 @@ class MoELayer(ExpertPlacementMethods):
         # 5. what the call routed over the whole batch, the balance terms, the stats
         per_token, choices = self._tally(route, routed, call.top_k, out.step)
         terms = self._balance(route, out.step, choices)
-        source = StatsSource(out.step, call.top_k, call.capacity_factor, backend, terms, per_token)
+        fixed_k = per_token is None
+        source = StatsSource(
+            out.step, call.top_k, call.capacity_factor, backend, terms, per_token, every_token_k=fixed_k
+        )
         if choices is not None:
             source = dataclasses.replace(source, zero_expert_choices=choices[self.config.num_experts :])
         self._record(source)
@@ -433,13 +436,16 @@ class MoELayer(ExpertPlacementMethods):
 
     def _tally(
         self, route: RouterOutput, routed: RouterOutput, top_k: int, step: ExpertStep
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The whole batch's experts per token (``[K + 1]``) and choices per router choice (``[E + Z]``).
 
         The choices are counted (used slots only) with zero-computation experts, else ``None``.
         Distributed with a per-token number of experts, the ranks' tallies are summed (one
-        small all-reduce); with a fixed ``k`` every token of the batch used ``k`` experts.
+        small all-reduce). With a fixed ``k`` every token of the batch used ``k`` experts:
+        nothing to count (``None``; the stats say so when built).
         """
+        if routed.valid_TK is None:  # no top-p and no zero-computation experts, on every rank
+            return None, None
         per_token = count_per_expert(routed.experts_per_token(), top_k + 1)
         choices = None
         if self.config.experts.zero_experts:
@@ -449,10 +455,6 @@ class MoELayer(ExpertPlacementMethods):
                 ids = ids.masked_fill(~route.valid_TK, C)
             choices = count_per_expert(ids, C + 1)[:C]
         if step.world_size == 1:
-            return per_token, choices
-        if routed.valid_TK is None:  # no collective needed: all K for every token
-            per_token = torch.zeros_like(per_token)
-            per_token[top_k] = step.num_tokens
             return per_token, choices
         parts = [per_token] if choices is None else [per_token, choices]
         assert isinstance(self.strategy, ExpertParallelExperts)

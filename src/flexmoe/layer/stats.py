@@ -138,11 +138,15 @@ class StatsSource:
     loss_terms: tuple[Tensor | None, Tensor | None] = (None, None)
     experts_per_token: Tensor | None = None
     zero_expert_choices: Tensor | None = None
+    every_token_k: bool = False  # every token used top_k experts: experts_per_token is [0, ..., T]
 
     def build(self) -> MoEStats:
         """The call's ``MoEStats`` (a host sync)."""
         stats = build_stats(self.step, self.top_k, self.capacity_factor, self.backend, self.loss_terms)
-        if self.experts_per_token is not None:
+        if self.every_token_k:
+            stats.experts_per_token = torch.zeros(self.top_k + 1, dtype=torch.int64)
+            stats.experts_per_token[self.top_k] = self.step.num_tokens
+        elif self.experts_per_token is not None:
             stats.experts_per_token = self.experts_per_token.detach().cpu()
         if self.zero_expert_choices is not None:
             stats.zero_expert_choices = self.zero_expert_choices.detach().cpu()
