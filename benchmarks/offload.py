@@ -84,6 +84,7 @@ from flexmoe.models.data import stdlib_corpus
 from harness import environment, write_json
 
 CONTESTANTS = ("accelerate", "mmap", "flexmoe-bf16", "flexmoe-int8", "flexmoe-int8-linear")
+PRODUCTS_ONLY = "products-only"  # the bound: MoE blocks that only compute their experts' products
 QWEN3_30B_A3B = {  # the widths of Qwen3-30B-A3B; the depth follows --experts-gb
     "vocab_size": 151936,
     "hidden_size": 2048,
@@ -224,6 +225,8 @@ def load_contestant(name: str, args: argparse.Namespace, bf16: Path, int8: Path,
         ).eval()
     if name == "mmap":
         return load_mmap(bf16).eval()
+    if name == PRODUCTS_ONLY:
+        return products_only_model(bf16, budget)
     directory = bf16 if name == "flexmoe-bf16" else int8
     return flexmoe.hf.load_offloaded(
         directory, expert_budget=budget, dtype=torch.bfloat16, int8_linear=name == "flexmoe-int8-linear"
@@ -354,6 +357,10 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
                 result = run_in_process(name, args, bf16, int8, Path(scratch) / f"{name}-{r}")
                 if result is not None:
                     results[name] = result
+            # the least any MoE implementation inside the model takes, timed in this round too
+            products = run_in_process(PRODUCTS_ONLY, args, bf16, int8, Path(scratch) / f"{PRODUCTS_ONLY}-{r}")
+            if products is not None:
+                results[PRODUCTS_ONLY] = products
             rounds.append(results)
             # the kernels' rates of this round, for its own floor: the host's bandwidth moves
             round_rates.append(matrix_vector_rates(config, rounds=3))
@@ -361,8 +368,7 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
     rates = median_rates(round_rates)
     print_matrix_vector_bound(rates, config)
     floor = print_step_floor(rounds, round_rates, config)
-    products_only = products_only_step_seconds(bf16, config)
-    print_products_only(rounds, products_only)
+    print_products_only(rounds)
     for results in rounds:
         for result in results.values():
             result.pop("logits", None)
@@ -376,7 +382,6 @@ def large_model(args: argparse.Namespace) -> dict[str, Any]:
         "int8_decode_bound": bound,
         "int8_roofline_bound": roofline_bound(config),
         "bf16_step_floor_s": floor,
-        "bf16_products_only_step_s": products_only,
     }
 
 
@@ -619,62 +624,65 @@ class _ProductsOnly(nn.Module):
         return y.sum(0).reshape(x.shape)
 
 
-def products_only_step_seconds(bf16: Path, config: dict[str, Any], steps: int = 30) -> float | None:
-    """Seconds of a decode step of the large model whose MoE blocks only compute their experts' products.
+def products_only_model(bf16: Path, budget: int | None) -> nn.Module:
+    """The large model as ``load_offloaded`` builds it, each MoE block replaced by a ``_ProductsOnly``.
 
-    The model as ``load_offloaded`` builds it (the same attention and head products),
-    each MoE block replaced by a ``_ProductsOnly`` of ``k`` random bf16 experts held in
-    memory (as many bytes per token as a real step reads), no prediction: every other
-    part of the step (``transformers``' own work) runs as it does between the kernels,
-    which is slower than alone. ``None`` where the row kernels do not run here.
+    The same attention and head products; ``k`` random bf16 experts per block held in
+    memory (as many bytes per token as a real step reads) and no prediction: every
+    other part of a decode step (``transformers``' own work) runs as it does between
+    the kernels, which is slower than alone.
     """
-    D, F, k = config["hidden_size"], config["moe_intermediate_size"], config["num_experts_per_tok"]
-    model = flexmoe.hf.load_offloaded(bf16, expert_budget="1GiB", dtype=torch.bfloat16)
+    model = flexmoe.hf.load_offloaded(bf16, expert_budget=budget, dtype=torch.bfloat16)
+    config = model.config
+    D, F, k = config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
     layers = model.model.layers
     activation = layers[0].mlp.moe.experts.activation
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(k, D, dtype=torch.bfloat16)
     for layer in layers:
-        shapes = ((2 * F, D), (D, F))
         experts = [
             (
-                torch.randn(shapes[0], generator=generator).bfloat16(),
-                torch.randn(shapes[1], generator=generator).bfloat16(),
+                torch.randn(2 * F, D, generator=generator).bfloat16(),
+                torch.randn(D, F, generator=generator).bfloat16(),
             )
             for _ in range(k)
         ]
-        if not takes_experts_bf16_at(x, np.ones(k, dtype=np.int64), experts, activation):
-            return None
+        if not takes_experts_bf16_at(
+            torch.empty(k, D, dtype=torch.bfloat16), np.ones(k, np.int64), experts, activation
+        ):
+            raise RuntimeError("products-only: the row kernels do not run here")
         layer._forward_pre_hooks.clear()  # the predictions of the replaced blocks' experts
         layer.mlp = _ProductsOnly(experts, activation)
-    seconds = []
-    with torch.no_grad():
-        out = model(torch.randint(0, 1000, (1, 64), generator=generator), use_cache=True)
-        for _ in range(steps + 5):
-            token = out["logits"][:, -1:].argmax(-1)
-            start = time.perf_counter()
-            out = model(token, use_cache=True, **kv_cache(model, out))
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds[5:])
+    return model
 
 
-def print_products_only(rounds: list[dict[str, dict[str, Any]]], seconds: float | None) -> None:
-    """Print the products-only step against ``accelerate``'s and flexmoe bf16's decode rates."""
-    if seconds is None:
+def print_products_only(rounds: list[dict[str, dict[str, Any]]]) -> None:
+    """Print each round's products-only step against that round's ``accelerate`` and flexmoe bf16."""
+    timed = [results for results in rounds if PRODUCTS_ONLY in results]
+    if not timed:
         return
+
+    def spread(values: list[float], unit: str = "x") -> str:
+        return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+
+    seconds = [1 / results[PRODUCTS_ONLY]["decode_tok_s"] for results in timed]
     print(
-        f"  a decode step whose MoE blocks only compute their experts' products (no routing, no "
-        f"cache), the rest of the model as it runs between the kernels: {seconds * 1e3:.0f} ms"
+        f"  a decode step whose MoE blocks only compute their experts' products (no routing, no cache), "
+        f"the rest of the model as it runs between the kernels: {statistics.median(seconds) * 1e3:.0f} ms "
+        f"({min(seconds) * 1e3:.0f}-{max(seconds) * 1e3:.0f} over the rounds)"
     )
     for name in ("accelerate", "flexmoe-bf16"):
-        speeds = [results[name]["decode_tok_s"] for results in rounds if name in results]
-        if not speeds:
+        pairs = [
+            (results[name]["decode_tok_s"], results[PRODUCTS_ONLY]["decode_tok_s"])
+            for results in timed
+            if name in results
+        ]
+        if not pairs:
             continue
         if name == "accelerate":
-            print(f"    at most {1 / seconds / statistics.median(speeds):.2f}x accelerate's median rate")
+            print(f"    at most {spread([bound / speed for speed, bound in pairs])} accelerate's rate")
         else:
-            share = 100 * statistics.median(speeds) * seconds
-            print(f"    flexmoe bf16 decodes at {share:.0f} % of its rate")
+            shares = [100 * speed / bound for speed, bound in pairs]
+            print(f"    flexmoe bf16 decodes at {spread(shares, ' %')} of it")
 
 
 def median_rates(round_rates: list[dict[str, float] | None]) -> dict[str, float] | None:
