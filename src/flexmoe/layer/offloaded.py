@@ -9,7 +9,8 @@ K top-k, N kept routed slots.
 rows as soon as that expert is in memory (resident experts first, while the I/O
 thread reads the others). Inference only: the cached weights take no gradient. Experts
 the cache holds as int8 (``Int8Weight``) or packed (``PackedWeight``) are computed from
-those directly.
+those directly. A call of one token (a decode step of one sequence) builds no dispatch:
+each expert runs on the token's row and the outputs are summed as the combine would.
 
 Prediction (ExpertFlow, as Mixtral-offloading does it): ``prefetch_experts(layer, h)``
 applies ``layer``'s router to hidden states ``h`` that come before it, the residual
