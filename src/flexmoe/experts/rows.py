@@ -167,7 +167,7 @@ def expert_int8(
     """
     kernels = library()
     assert kernels is not None
-    scales = [scale.to(torch.float32).contiguous() for scale in (scale_in_H, scale_out_D)]
+    scales = [_fp32(scale) for scale in (scale_in_H, scale_out_D)]
     weights = [q_in_HD.data_ptr(), scales[0].data_ptr(), q_out_DF.data_ptr(), scales[1].data_ptr()]
     return _one_expert(kernels.flexmoe_expert_int8, x_ND, weights, q_out_DF.shape, activation, row_weights_N)
 
@@ -183,7 +183,7 @@ def _one_expert(
     """Call ``flexmoe_expert_*`` with the pointers of ``weights`` (kept alive by the caller)."""
     x_ND = x_ND.contiguous()
     rows, (D, F) = x_ND.shape[0], shape_DF
-    weights_N = None if row_weights_N is None else row_weights_N.to(torch.float32).contiguous()
+    weights_N = None if row_weights_N is None else _fp32(row_weights_N)
     y_ND = torch.empty(rows, D, dtype=torch.bfloat16)
     gated = int(activation in GATED_ACTIVATIONS)
     kind = _ACTIVATION_KINDS[activation]
@@ -425,15 +425,18 @@ def experts_int8_at(
     kernels = library()
     assert kernels is not None
     _check_starts(starts, counts, x_ND.shape[0])
-    fp32 = [
-        tuple(t if i % 2 == 0 else t.to(torch.float32).contiguous() for i, t in enumerate(w)) for w in weights
-    ]
+    fp32 = [tuple(t if i % 2 == 0 else _fp32(t) for i, t in enumerate(w)) for w in weights]
     function = kernels.flexmoe_expert_int8_many
     pointers = _addresses(fp32)  # fp32 holds the scales' copies alive through the call
     _experts_call(
         function, x_ND, starts, counts, pointers, weights[0][2].shape, activation, row_weights_N, y_ND
     )
     return True
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """``t`` as contiguous fp32: itself where it is (checked, not dispatched: it runs per expert per call)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
 def _addresses(weights: Sequence[Sequence[Tensor]]) -> list[np.ndarray]:
@@ -463,7 +466,7 @@ def _experts_call(
     x, y = _row_pointers(x_ND, starts), _row_pointers(y_ND, starts)
     rows = None
     if row_weights_N is not None:
-        row_weights_N = row_weights_N.to(torch.float32).contiguous()
+        row_weights_N = _fp32(row_weights_N)
         rows = _row_pointers(row_weights_N, starts)
     D, F = shape_DF
     status = function(
@@ -487,7 +490,7 @@ def rows_int8(x_NI: Tensor, q_OI: Tensor, scale_O: Tensor) -> Tensor:
     kernels = library()
     assert kernels is not None and takes_int8(x_NI, q_OI)
     x_NI = x_NI.contiguous()
-    scale32_O = scale_O.to(torch.float32).contiguous()
+    scale32_O = _fp32(scale_O)
     rows, (outputs, inputs) = x_NI.shape[0], q_OI.shape
     y_NO = torch.empty(rows, outputs, dtype=torch.bfloat16)
     status = kernels.flexmoe_rows_int8(
