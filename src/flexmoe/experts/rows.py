@@ -350,14 +350,20 @@ def takes_experts_bf16_at(
     w_in, w_out = weights[0]
     if not takes_expert_bf16(x_ND[: int(counts.max())], w_in, w_out, activation):
         return False
+    return _like_the_first(weights, (0, 1))
+
+
+def _like_the_first(weights: Sequence[Sequence[Tensor]], positions: tuple[int, ...]) -> bool:
+    """Whether every expert's tensors at ``positions`` match the first expert's in shape, dtype, device."""
+    first = weights[0]
     return all(
-        a.shape == w_in.shape and b.shape == w_out.shape and _same_kind(a, w_in) and _same_kind(b, w_out)
-        for a, b in weights[1:]
+        w[i].shape == first[i].shape
+        and w[i].dtype == first[i].dtype
+        and w[i].device == first[i].device
+        and w[i].is_contiguous()
+        for w in weights[1:]
+        for i in positions
     )
-
-
-def _same_kind(t: Tensor, like: Tensor) -> bool:
-    return t.dtype == like.dtype and t.device == like.device and t.is_contiguous()
 
 
 def experts_bf16_at(
@@ -400,10 +406,7 @@ def takes_experts_int8_at(
     q_in, _, q_out, _ = weights[0]
     if not takes_expert_int8(x_ND[: int(counts.max())], q_in, q_out, activation):
         return False
-    return all(
-        a.shape == q_in.shape and b.shape == q_out.shape and _same_kind(a, q_in) and _same_kind(b, q_out)
-        for a, _, b, _ in weights[1:]
-    )
+    return _like_the_first(weights, (0, 2))
 
 
 def experts_int8_at(

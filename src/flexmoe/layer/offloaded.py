@@ -42,12 +42,7 @@ from flexmoe.dispatch import compute_capacity, sum_slots
 from flexmoe.experts import GroupedExperts
 from flexmoe.experts.cache import ExpertCache, ExpertWeights
 from flexmoe.experts.int8 import Int8Weight
-from flexmoe.experts.rows import (
-    expert_bf16,
-    experts_bf16_at,
-    experts_int8_at,
-    takes_expert_bf16,
-)
+from flexmoe.experts.rows import experts_bf16_at, experts_int8_at
 from flexmoe.experts.served import served_expert_ffn
 from flexmoe.experts.store import Int8MemoryStore
 from flexmoe.layer.local import Call, ExpertsOutput, LocalExperts, local_step
@@ -253,15 +248,12 @@ class OffloadedExperts(LocalExperts):
     def _run_one(
         self, x_ND: Tensor, x_c: Tensor, rw_c: Tensor, weights: ExpertWeights, row_weights_N: Tensor
     ) -> Tensor:
-        """One expert on its rows (``x_c``, ``rw_c``: in the compute dtype)."""
+        """One expert on rows the row kernels did not take (``x_c``, ``rw_c``: in the compute dtype)."""
         experts = self.grouped
         w_in, w_out = weights
-        # plain weights: decoding rows in one call of the row kernels, others on the
-        # experts' backend (the same products and roundings as the in-memory experts);
-        # int8 or packed weights: one expert's FFN on them directly
+        # plain weights on the experts' backend (the same products and roundings as the
+        # in-memory experts); int8 or packed weights: one expert's FFN on them directly
         if isinstance(w_in, Tensor) and isinstance(w_out, Tensor):
-            if takes_expert_bf16(x_c, w_in, w_out, experts.activation):
-                return expert_bf16(x_c, w_in, w_out, experts.activation, rw_c)
             stacked = (w_in.unsqueeze(0), w_out.unsqueeze(0), None, None)
             return experts.apply_weights(x_ND, [x_ND.shape[0]], stacked, row_weights_N)
         return served_expert_ffn(x_c, w_in, w_out, experts.activation, rw_c)
